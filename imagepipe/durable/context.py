@@ -1,0 +1,306 @@
+"""The run context: ``begin_run(fn, *args)`` turns a call into a durable child promise.
+
+A workflow is an ordinary ``async def`` that receives a :class:`RunContext`. Every
+``begin_run`` gets the next deterministic id ``<run>.<n>``, writes the promise to the store
+(or finds it there), and returns a :class:`Handle` at once, so a loop can fan out before
+anything has finished. Awaiting a handle gives the value or raises
+:class:`~imagepipe.errors.PromiseRejected`.
+
+Replay is re-execution: to resume a run, call the same workflow again with a fresh
+context on the same store. Children already settled are returned from the store without
+running; pending ones run, continuing their durable attempt count. If the code now asks
+for a different call at some position than the store holds, that is
+:class:`~imagepipe.errors.NonDeterminism`, never a silent mix of results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from imagepipe.durable.commit import GroupCommit
+from imagepipe.durable.events import (
+    AttemptFailed,
+    AttemptStarted,
+    Event,
+    PromiseQueued,
+    PromiseRejectedEvent,
+    PromiseReplayed,
+    PromiseResolved,
+)
+from imagepipe.durable.store import ErrorInfo, PromiseRecord, Store, canonical_json
+from imagepipe.errors import NonDeterminism, PromiseRejected, StoreError
+
+__all__ = ["AttemptTimeout", "Handle", "RetryPolicy", "RunContext", "Step"]
+
+D = TypeVar("D")
+T = TypeVar("T")
+
+
+class AttemptTimeout(Exception):
+    """An attempt ran longer than the per-attempt timeout. Retryable."""
+
+    retryable = True
+
+
+class RetryPolicy(Protocol):
+    """How a failed attempt is retried. Implemented with tenacity in :mod:`imagepipe.retry`."""
+
+    def allows(self, failures: int) -> bool:
+        """Whether a branch that already failed ``failures`` times may try again."""
+        ...
+
+    async def call(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        *,
+        failures: int,
+        last_attempt: Callable[[], int],
+        before_sleep: Callable[[BaseException, float], None],
+    ) -> T:
+        """Run ``attempt`` until it succeeds or the policy gives up; re-raise the real error.
+
+        ``failures`` is the count already in the store; ``last_attempt()`` is the durable
+        number of the attempt that just failed, which sets the back-off."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Step(Generic[D]):
+    """What a step function receives: its durable id (the idempotency key), the attempt
+    number (durable: it continues across processes) and the invocation's dependencies."""
+
+    id: str
+    attempt: int
+    deps: D
+
+
+class Handle(Generic[T]):
+    """The awaitable result of :meth:`RunContext.begin_run`."""
+
+    __slots__ = ("_record", "_task", "id")
+
+    def __init__(
+        self,
+        promise_id: str,
+        *,
+        task: asyncio.Task[T] | None = None,
+        record: PromiseRecord | None = None,
+    ) -> None:
+        self.id = promise_id
+        self._task = task
+        self._record = record
+
+    @property
+    def replayed(self) -> bool:
+        """True when the outcome was already in the store and nothing runs."""
+        return self._task is None
+
+    def __await__(self) -> Generator[Any, None, T]:
+        if self._task is not None:
+            return self._task.__await__()
+        return self._stored().__await__()
+
+    async def _stored(self) -> T:
+        record = self._record
+        assert record is not None
+        if record.state == "resolved":
+            value: T = record.value
+            return value
+        error = record.error or ErrorInfo("Error", "rejected")
+        raise PromiseRejected(record.id, error.type, error.message)
+
+
+class RunContext(Generic[D]):
+    """Creates and runs the child promises of one run."""
+
+    def __init__(
+        self,
+        store: Store,
+        run_id: str,
+        deps: D,
+        *,
+        retry: RetryPolicy,
+        on_event: Callable[[Event], None] | None = None,
+        concurrency: int | None = None,
+        attempt_timeout: float | None = None,
+    ) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.deps = deps
+        self._retry = retry
+        self._emit = on_event or (lambda event: None)
+        self._slots = asyncio.Semaphore(concurrency) if concurrency else None
+        self._attempt_timeout = attempt_timeout
+        self._commit = GroupCommit(store)
+        self._next_seq = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+        #: ids of the children settled by this invocation (the rest were replayed)
+        self.computed: set[str] = set()
+
+    # -- fan-out -------------------------------------------------------------------
+
+    def begin_run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> Handle[T]:
+        """Create (or find) the next child promise and start it; return its handle."""
+        seq = self._next_seq
+        self._next_seq += 1
+        promise_id = f"{self.run_id}.{seq}"
+        func = fn.__name__
+        record, created = self.store.create(
+            promise_id, func=func, args=args, parent_id=self.run_id, seq=seq
+        )
+        if not created:
+            self._check_replay(record, func, args)
+        if record.settled:
+            self._emit(
+                PromiseReplayed(
+                    promise_id,
+                    func,
+                    record.args,
+                    record.state,
+                    record.value,
+                    record.error,
+                    record.attempts,
+                )
+            )
+            return Handle(promise_id, record=record)
+        self._emit(PromiseQueued(promise_id, func, record.args, record.attempts))
+        task = asyncio.create_task(self._execute(record, fn, args), name=promise_id)
+        self._tasks.append(task)
+        return Handle(promise_id, task=task)
+
+    def _check_replay(self, record: PromiseRecord, func: str, args: tuple[Any, ...]) -> None:
+        given = canonical_json(list(args))
+        stored = canonical_json(record.args)
+        if record.func != func or given != stored:
+            raise NonDeterminism(
+                f"replay mismatch at {record.id}: the store has {record.func}{stored} but the "
+                f"code now calls {func}{given}; this run cannot be resumed by this version"
+            )
+
+    def check_no_leftovers(self) -> None:
+        """After the workflow returns: the store must hold no child the code did not ask for."""
+        counts = self.store.child_counts([self.run_id])[self.run_id]
+        stored = sum(counts.values())
+        if stored > self._next_seq:
+            raise NonDeterminism(
+                f"replay mismatch at {self.run_id}.{self._next_seq}: the store has {stored} "
+                f"branches but the code now launches {self._next_seq}"
+            )
+
+    # -- execution -----------------------------------------------------------------
+
+    async def _execute(
+        self, record: PromiseRecord, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]
+    ) -> T:
+        promise_id, func = record.id, record.func
+        current = record.attempts
+
+        async def attempt() -> T:
+            nonlocal current
+            async with self._slot():
+                current = self.store.start_attempt(promise_id)
+                await self._commit.durable()  # the attempt count is durable before the call
+                self._emit(AttemptStarted(promise_id, func, current))
+                try:
+                    return await self._call(fn, Step(promise_id, current, self.deps), args)
+                except StoreError:
+                    raise
+                except Exception as exc:
+                    self.store.fail_attempt(promise_id, current, ErrorInfo.from_exception(exc))
+                    await self._commit.durable()
+                    raise
+
+        def before_sleep(exc: BaseException, delay: float) -> None:
+            error = ErrorInfo.from_exception(exc)
+            self._emit(AttemptFailed(promise_id, func, current, error, delay))
+
+        try:
+            if not self._retry.allows(record.failures):
+                raise _exhausted(self.store, promise_id)
+            value = await self._retry.call(
+                attempt,
+                failures=record.failures,
+                last_attempt=lambda: current,
+                before_sleep=before_sleep,
+            )
+        except StoreError:
+            raise
+        except Exception as exc:
+            error = ErrorInfo.from_exception(exc)
+            self._emit(AttemptFailed(promise_id, func, current, error, None))
+            settled = self.store.reject(promise_id, error)
+            await self._commit.durable()
+            self.computed.add(promise_id)
+            self._emit(PromiseRejectedEvent(promise_id, error, settled.attempts))
+            raise PromiseRejected(promise_id, error.type, error.message) from exc
+        settled = self.store.resolve(promise_id, value)
+        await self._commit.durable()  # durable before anyone hears of it
+        self.computed.add(promise_id)
+        self._emit(PromiseResolved(promise_id, settled.value, settled.attempts))
+        result: T = settled.value
+        return result
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], step: Step[D], args: Any) -> T:
+        if self._attempt_timeout is None:
+            return await fn(step, *args)
+        try:
+            async with asyncio.timeout(self._attempt_timeout) as deadline:
+                return await fn(step, *args)
+        except TimeoutError:
+            if deadline.expired():
+                raise AttemptTimeout(
+                    f"attempt timed out after {self._attempt_timeout:g} s"
+                ) from None
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        if self._slots is None:
+            yield
+        else:
+            async with self._slots:
+                yield
+
+    # -- fan-in helpers for the runner ---------------------------------------------
+
+    async def settle_all(self) -> None:
+        """Wait until every started child has settled (errors are in the store)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in self._tasks:
+            if not task.cancelled():
+                exc = task.exception()
+                if isinstance(exc, StoreError):
+                    raise exc
+
+    async def cancel_all(self) -> None:
+        """Cancel unfinished children; they stay pending in the store, resumable."""
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def flush(self) -> None:
+        await self._commit.durable()
+
+
+def _exhausted(store: Store, promise_id: str) -> Exception:
+    """The error to reject with when the stored failures already use up the budget."""
+    history = store.attempts(promise_id)
+    last = next((a.error for a in reversed(history) if a.error is not None), None)
+    if last is None:
+        return RuntimeError("no attempts left")
+    exc = _StoredError(last.message)
+    exc.type_name, exc.retryable = last.type, last.retryable
+    return exc
+
+
+class _StoredError(Exception):
+    """A stored error re-raised as it was (its type name is kept for the record)."""
+
+    type_name = "Error"
+    retryable = True

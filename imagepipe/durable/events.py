@@ -1,0 +1,83 @@
+"""What the durable core tells its observers. Plain data; renderers live elsewhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from imagepipe.durable.store import ErrorInfo
+
+__all__ = [
+    "AttemptFailed",
+    "AttemptStarted",
+    "Event",
+    "PromiseQueued",
+    "PromiseRejectedEvent",
+    "PromiseReplayed",
+    "PromiseResolved",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PromiseQueued:
+    """A child promise exists in the store and its task waits to run."""
+
+    id: str
+    func: str
+    args: list[Any]
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class PromiseReplayed:
+    """A child was already settled in the store: its outcome is read, not recomputed."""
+
+    id: str
+    func: str
+    args: list[Any]
+    state: str
+    value: Any
+    error: ErrorInfo | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptStarted:
+    id: str
+    func: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptFailed:
+    """An attempt failed; ``retry_in`` is the back-off in seconds, None if it gives up."""
+
+    id: str
+    func: str
+    attempt: int
+    error: ErrorInfo
+    retry_in: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PromiseResolved:
+    id: str
+    value: Any
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class PromiseRejectedEvent:
+    id: str
+    error: ErrorInfo
+    attempts: int
+
+
+Event = (
+    PromiseQueued
+    | PromiseReplayed
+    | AttemptStarted
+    | AttemptFailed
+    | PromiseResolved
+    | PromiseRejectedEvent
+)

@@ -1,0 +1,52 @@
+"""Every test gets its own real SQLite file and a fast clock.
+
+``IMAGEPIPE_TIME_SCALE=0.01`` (the documented setting) shrinks the simulated durations
+and retry back-off a hundredfold, so the crash path (300 ms + 2 s + 1 s) takes ~35 ms.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagepipe.durable import SQLiteStore
+
+FAST = "0.01"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    db = tmp_path / "imagepipe.db"
+    monkeypatch.setenv("IMAGEPIPE_DB", str(db))
+    monkeypatch.setenv("IMAGEPIPE_TIME_SCALE", FAST)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    return db
+
+
+@pytest.fixture
+def db_path(isolated: Path) -> Path:
+    return isolated
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SQLiteStore]:
+    s = SQLiteStore.open(db_path)
+    yield s
+    s.close()
+
+
+def cli_env(db: Path, **extra: str) -> dict[str, str]:
+    """Environment for a real ``imagepipe`` subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEPIPE_")}
+    env.update(IMAGEPIPE_DB=str(db), PYTHONUNBUFFERED="1", NO_COLOR="1", TERM="dumb")
+    env.update(extra)
+    return env
+
+
+def cli_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "imagepipe", *args]

@@ -1,0 +1,126 @@
+"""The SQLite store: idempotent create, first settle wins, durable attempts, schema checks."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from imagepipe.durable import ErrorInfo, SQLiteStore
+from imagepipe.durable.sqlite import SCHEMA_VERSION
+from imagepipe.errors import StoreError, UnusableStore
+
+
+def test_create_is_idempotent_and_returns_the_stored_promise(store: SQLiteStore) -> None:
+    first, created = store.create("r.0", func="f", args=["a", 1], parent_id="r", seq=0)
+    again, created_again = store.create("r.0", func="g", args=["other"], parent_id="r", seq=0)
+    assert created is True
+    assert created_again is False
+    assert again == first
+    assert again.func == "f"
+    assert again.args == ["a", 1]
+
+
+def test_first_settle_wins(store: SQLiteStore) -> None:
+    store.create("p", func="f", args=[])
+    resolved = store.resolve("p", {"url": "u"})
+    rejected = store.reject("p", ErrorInfo("E", "late"))
+    resolved_again = store.resolve("p", {"url": "other"})
+    assert resolved.state == rejected.state == resolved_again.state == "resolved"
+    assert rejected.value == {"url": "u"}
+    assert rejected.error is None
+
+
+def test_writes_are_durable_only_after_commit(store: SQLiteStore, db_path: Path) -> None:
+    store.create("p", func="f", args=[])
+    other = sqlite3.connect(db_path)
+    assert other.execute("SELECT count(*) FROM promises").fetchone()[0] == 0
+    store.commit()
+    assert other.execute("SELECT count(*) FROM promises").fetchone()[0] == 1
+
+
+def test_attempts_are_counted_and_failures_kept(store: SQLiteStore, db_path: Path) -> None:
+    store.create("p", func="f", args=[])
+    assert store.start_attempt("p") == 1
+    store.fail_attempt("p", 1, ErrorInfo("Timeout", "slow"))
+    assert store.start_attempt("p") == 2
+    store.resolve("p", 42)
+    store.commit()
+    store.close()
+    reopened = SQLiteStore.open(db_path)
+    record = reopened.get("p")
+    assert record is not None
+    assert (record.attempts, record.failures, record.value) == (2, 1, 42)
+    history = reopened.attempts("p")
+    assert [a.attempt for a in history] == [1, 2]
+    assert history[0].error == ErrorInfo("Timeout", "slow")
+    assert history[1].error is None
+    assert history[1].finished_at is not None
+    reopened.close()
+
+
+def test_error_round_trips_intact(store: SQLiteStore) -> None:
+    error = ErrorInfo("InvalidRequest", "l'image « refusée »\nsecond line", retryable=False)
+    store.create("p", func="f", args=[])
+    assert store.reject("p", error).error == error
+
+
+def test_children_come_in_launch_order(store: SQLiteStore) -> None:
+    store.create("r", func="wf", args=[])
+    for seq in (2, 0, 1):
+        store.create(f"r.{seq}", func="f", args=[seq], parent_id="r", seq=seq)
+    assert [c.id for c in store.children("r")] == ["r.0", "r.1", "r.2"]
+    assert [r.id for r in store.roots()] == ["r"]
+    assert store.child_counts(["r"]) == {"r": {"pending": 3}}
+
+
+def test_reopen_sets_a_rejected_promise_pending_and_keeps_history(store: SQLiteStore) -> None:
+    store.create("p", func="f", args=[])
+    store.start_attempt("p")
+    store.fail_attempt("p", 1, ErrorInfo("E", "boom"))
+    store.reject("p", ErrorInfo("E", "boom"))
+    store.reopen("p")
+    record = store.get("p")
+    assert record is not None
+    assert (record.state, record.attempts, record.failures) == ("pending", 1, 0)
+    assert store.attempts("p")[0].error == ErrorInfo("E", "boom")
+
+
+def test_schema_is_versioned(store: SQLiteStore, db_path: Path) -> None:
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_newer_schema_is_refused(db_path: Path) -> None:
+    SQLiteStore.open(db_path).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this imagepipe"):
+        SQLiteStore.open(db_path)
+
+
+def test_not_sqlite_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("my notes\n")
+    with pytest.raises(UnusableStore, match="not a SQLite database"):
+        SQLiteStore.open(path)
+    assert path.read_text() == "my notes\n"
+
+
+def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(UnusableStore, match="another program"):
+        SQLiteStore.open(path)
+
+
+def test_missing_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UnusableStore, match="does not exist"):
+        SQLiteStore.open(tmp_path / "nope" / "x.db")
+    assert not (tmp_path / "nope").exists()
