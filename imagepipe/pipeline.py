@@ -1,0 +1,60 @@
+"""The workflow: fan out one durable branch per style (and variation), fan in, return.
+
+It reads like the reference's ``runImagePipeline``: no retries, no try/except, no
+storage here. Parallelism, per-branch retry, replay after a crash and failure isolation
+all live below, in :mod:`imagepipe.durable` and :mod:`imagepipe.retry`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+from imagepipe.durable import Handle, RunContext, Step
+from imagepipe.providers import GeneratedImage, ImageRequest, Provider
+
+__all__ = ["Deps", "PipelineResult", "branch_label", "generate_image", "image_pipeline"]
+
+
+@dataclass(frozen=True)
+class Deps:
+    """What branches need from this invocation (not part of the run's identity)."""
+
+    provider: Provider
+
+
+class PipelineResult(TypedDict):
+    prompt: str
+    images: list[GeneratedImage]
+    total_ms: int
+
+
+async def generate_image(
+    step: Step[Deps], prompt: str, style: str, variation: int, crash: bool
+) -> GeneratedImage:
+    """One branch: one image from the provider, keyed by the branch's durable id."""
+    request = ImageRequest(prompt, style, variation, step.id, step.attempt, crash)
+    return await step.deps.provider.generate(request)
+
+
+async def image_pipeline(
+    ctx: RunContext[Deps], prompt: str, styles: list[str], crash: bool, variations: int = 1
+) -> PipelineResult:
+    # Fan-out: start every generation at once; begin_run returns a handle immediately.
+    handles: list[Handle[GeneratedImage]] = []
+    for style in styles:
+        for variation in range(variations):
+            handles.append(ctx.begin_run(generate_image, prompt, style, variation, crash))
+
+    # Fan-in: wait for each result. A failing branch is retried on its own meanwhile.
+    images: list[GeneratedImage] = []
+    for handle in handles:
+        images.append(await handle)
+
+    return {"prompt": prompt, "images": images, "total_ms": sum(i["duration_ms"] for i in images)}
+
+
+def branch_label(args: list[Any]) -> str:
+    """How a ``generate_image`` branch is named on screen: its style (``#n`` for n > 0)."""
+    style, variation = str(args[1]), int(args[2])
+    return style if variation == 0 else f"{style}#{variation}"
