@@ -1,0 +1,123 @@
+"""Static output: a run's results, a stored run (``show``) and the run list (``list``)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from imagepipe.service import RunOutcome, RunSummary
+from imagepipe.ui import Board, Row, board_renderable
+
+__all__ = ["print_outcome", "print_run_list", "print_show", "speedup_line"]
+
+RUN_STATE_STYLE = {"resolved": "green", "failed": "bold red", "pending": "magenta"}
+
+
+def speedup_line(wall_ms: int, sequential_ms: int) -> str | None:
+    if wall_ms <= 0 or sequential_ms <= 0:
+        return None
+    ratio = sequential_ms / wall_ms
+    if ratio < 1:
+        return f"{1 / ratio:.1f}× the sequential time: retry back-off outweighed the parallelism"
+    return f"{ratio:.1f}× faster than sequential"
+
+
+def print_outcome(console: Console, outcome: RunOutcome) -> None:
+    """Results in style order, then wall time against the sequential sum."""
+    if not outcome.executed:
+        console.print(
+            f"Run {outcome.id} is already {outcome.state}; showing its stored result "
+            "(nothing was executed).",
+            markup=False,
+        )
+    rows: list[tuple[str, ...]] = [("style", "result", "duration", "attempts", "source")]
+    for b in outcome.branches:
+        label = b.style if b.variation == 0 else f"{b.style}#{b.variation}"
+        if b.state == "resolved" and b.value:
+            url, duration = str(b.value["url"]), f"{b.value['duration_ms']}ms"
+        elif b.state == "rejected" and b.error:
+            url, duration = f"failed: {b.error.type}: {b.error.message}", "-"
+        else:
+            url, duration = "pending", "-"
+        source = "replayed" if b.replayed else "computed"
+        rows.append((label, url, duration, str(b.attempts), source))
+    # Plain aligned lines, never truncated: URLs must stay whole in any terminal width.
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    console.print(f"Results of {outcome.id}:", markup=False)
+    for n, row in enumerate(rows):
+        line = "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
+        console.print(
+            line + "  " + row[-1], markup=False, soft_wrap=True, style="bold" if n == 0 else ""
+        )
+    if outcome.executed:
+        console.print(f"Wall time: {outcome.wall_ms}ms (parallel execution)", markup=False)
+    console.print(f"Sequential would: {outcome.sequential_ms}ms", markup=False)
+    replayed = sum(b.replayed for b in outcome.images)
+    if outcome.executed and replayed:
+        console.print(
+            f"{replayed} of {len(outcome.branches)} branches replayed from the store, "
+            "not recomputed",
+            markup=False,
+        )
+    elif outcome.executed and (speedup := speedup_line(outcome.wall_ms, outcome.sequential_ms)):
+        console.print(speedup, markup=False)
+    if outcome.state == "failed":
+        failed = outcome.failures
+        console.print(
+            Text(
+                f"Run {outcome.id} failed: {len(failed)} of {len(outcome.branches)} "
+                "branches rejected.",
+                style="bold red",
+            )
+        )
+
+
+def print_show(console: Console, outcome: RunOutcome) -> None:
+    """The live table, frozen: the run and every branch with its durable id."""
+    board = Board()
+    for b in outcome.branches:
+        state = {"resolved": "resolved", "rejected": "rejected"}.get(b.state, "pending")
+        board.rows[b.id] = Row(
+            b.id,
+            b.style if b.variation == 0 else f"{b.style}#{b.variation}",
+            state=state,
+            attempt=b.attempts,
+            url=str(b.value["url"]) if b.value else None,
+            error=None if b.error is None else f"{b.error.type}: {b.error.message}",
+        )
+        board.counts[state] += 1
+    state_style = RUN_STATE_STYLE.get(outcome.state, "")
+    console.print(
+        Text.assemble(
+            (outcome.id, "bold"),
+            "  ",
+            (outcome.state, state_style),
+            f"  created {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(outcome.created_at))}",
+        )
+    )
+    console.print(Text(f"prompt: {outcome.spec.prompt}"))
+    console.print(board_renderable(board, show_wall=False))
+
+
+def print_run_list(console: Console, runs: list[RunSummary]) -> None:
+    if not runs:
+        console.print('No runs yet. Start one with: imagepipe run "a prompt"', markup=False)
+        return
+    table = Table(box=None, header_style="bold")
+    for name in ("id", "state", "branches", "created", "prompt"):
+        table.add_column(name, no_wrap=name != "prompt", overflow="ellipsis")
+    for run in runs:
+        total = sum(run.counts.values())
+        done = run.counts.get("resolved", 0)
+        failed = run.counts.get("rejected", 0)
+        branches = f"{done}/{total}" + (f" ({failed} failed)" if failed else "")
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.created_at))
+        prompt = " ".join(run.prompt.split())
+        prompt = prompt if len(prompt) <= 50 else prompt[:49] + "…"
+        table.add_row(
+            run.id, Text(run.state, RUN_STATE_STYLE.get(run.state, "")), branches, created, prompt
+        )
+    console.print(table)

@@ -1,0 +1,331 @@
+"""Watching a run: reporters fed by the core's events.
+
+- :class:`Board` folds events into one row per branch (O(1) per event); it is the model.
+- :class:`LiveReporter` draws the board as a ``rich.live`` table at a fixed refresh rate,
+  never per event, so thousands of events cost nothing on screen. Past
+  ``FULL_TABLE_LIMIT`` branches it shows a summary, a progress bar with rate and ETA,
+  and only the rows that are running, retrying or rejected.
+- :class:`PlainReporter` writes one line per event, like the reference transcript, for
+  pipes, CI and ``TERM=dumb``: no redraws, no escape codes.
+- :class:`QuietReporter` prints nothing while the run works.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markup import escape
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from imagepipe.durable import (
+    AttemptFailed,
+    AttemptStarted,
+    ErrorInfo,
+    Event,
+    PromiseQueued,
+    PromiseRejectedEvent,
+    PromiseReplayed,
+    PromiseResolved,
+)
+from imagepipe.pipeline import branch_label
+from imagepipe.service import RunInfo
+
+__all__ = [
+    "FULL_TABLE_LIMIT",
+    "Board",
+    "LiveReporter",
+    "PlainReporter",
+    "QuietReporter",
+    "Row",
+    "board_renderable",
+]
+
+FULL_TABLE_LIMIT = 20
+ACTIVE_ROWS_SHOWN = 12
+STATE_STYLE = {
+    "queued": "dim",
+    "running": "cyan",
+    "retrying": "yellow",
+    "resolved": "green",
+    "replayed": "blue",
+    "rejected": "bold red",
+    "pending": "magenta",  # in a stored run: neither settled nor running now
+}
+STATES = tuple(STATE_STYLE)
+
+
+def failure_line(func: str, error: ErrorInfo, delay: float) -> str:
+    """The reference's log line for a retry."""
+    return f"Function '{func}' failed with '{error.message}' (retrying in {delay:g} secs)"
+
+
+@dataclass
+class Row:
+    id: str
+    label: str
+    state: str = "queued"
+    attempt: int = 0
+    since: float = 0.0  # monotonic start of the current attempt or back-off
+    retry_at: float | None = None
+    error: str | None = None
+    url: str | None = None
+
+
+@dataclass
+class Board:
+    """Every branch's current state, folded from events."""
+
+    info: RunInfo | None = None
+    rows: dict[str, Row] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    # (time, settled count) samples for the rate and ETA
+    settled_log: list[tuple[float, int]] = field(default_factory=list)
+
+    def _move(self, row: Row, state: str) -> None:
+        self.counts[row.state] -= 1
+        self.counts[state] += 1
+        row.state = state
+
+    def _add(self, promise_id: str, args: list[object], state: str) -> Row:
+        row = Row(promise_id, branch_label(list(args)))
+        self.rows[promise_id] = row
+        self.counts["queued"] += 1
+        self._move(row, state)
+        return row
+
+    @property
+    def settled(self) -> int:
+        return self.counts["resolved"] + self.counts["replayed"] + self.counts["rejected"]
+
+    def apply(self, event: Event, now: float | None = None) -> Row:
+        now = time.monotonic() if now is None else now
+        if isinstance(event, PromiseQueued):
+            row = self._add(event.id, event.args, "queued")
+            row.attempt = event.attempts
+            return row
+        if isinstance(event, PromiseReplayed):
+            state = "replayed" if event.state == "resolved" else "rejected"
+            row = self._add(event.id, event.args, state)
+            row.attempt = event.attempts
+            row.url = _url(event.value)
+            row.error = None if event.error is None else event.error.message
+            return row
+        row = self.rows[event.id]
+        if isinstance(event, AttemptStarted):
+            self._move(row, "running")
+            row.attempt, row.since, row.retry_at = event.attempt, now, None
+        elif isinstance(event, AttemptFailed):
+            row.error = event.error.message
+            if event.retry_in is not None:
+                self._move(row, "retrying")
+                row.since, row.retry_at = now, now + event.retry_in
+        elif isinstance(event, PromiseResolved):
+            self._move(row, "resolved")
+            row.url, row.attempt, row.error = _url(event.value), event.attempts, None
+            self.settled_log.append((now, self.settled))
+        elif isinstance(event, PromiseRejectedEvent):
+            self._move(row, "rejected")
+            row.error, row.attempt = event.error.message, event.attempts
+            self.settled_log.append((now, self.settled))
+        return row
+
+    def rate(self, now: float) -> float:
+        """Branches settled per second over the last few seconds."""
+        log = self.settled_log
+        if len(log) < 2:
+            return 0.0
+        recent = [entry for entry in log[-500:] if now - entry[0] <= 5.0] or log[-2:]
+        (t0, n0), (t1, n1) = recent[0], recent[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def _url(value: object) -> str | None:
+    return str(value["url"]) if isinstance(value, dict) and "url" in value else None
+
+
+def _detail(row: Row, now: float) -> Text:
+    if row.state == "retrying" and row.retry_at is not None:
+        left = max(0.0, row.retry_at - now)
+        return Text(f"retry in {left:.1f} s — {row.error}", style="yellow")
+    if row.state in ("resolved", "replayed") and row.url:
+        return Text(row.url)
+    if row.state == "rejected":
+        return Text(row.error or "rejected", style="red")
+    return Text("")
+
+
+def _row_cells(row: Row, now: float) -> tuple[RenderableType, ...]:
+    elapsed = f"{now - row.since:.1f} s" if row.state == "running" else ""
+    return (
+        row.label,
+        Text(row.id, style="dim"),
+        Text(row.state, style=STATE_STYLE[row.state]),
+        str(row.attempt) if row.attempt else "",
+        elapsed,
+        _detail(row, now),
+    )
+
+
+def _table(rows: list[Row], now: float) -> Table:
+    table = Table(expand=False, box=None, pad_edge=False, header_style="bold")
+    for name in ("style", "id", "state", "attempt", "elapsed", ""):
+        table.add_column(name, no_wrap=name != "")
+    for row in rows:
+        table.add_row(*_row_cells(row, now))
+    return table
+
+
+def _footer(board: Board, now: float, show_wall: bool) -> Text:
+    text = " · ".join(f"{board.counts[s]} {s}" for s in STATES if board.counts[s])
+    if show_wall:
+        end = board.finished or now
+        text += f"  —  wall {end - board.started:.1f} s"
+    return Text(text, style="dim")
+
+
+def board_renderable(
+    board: Board, now: float | None = None, *, show_wall: bool = True
+) -> RenderableType:
+    """The whole live view: header, table (or summary past the limit), footer."""
+    now = time.monotonic() if now is None else now
+    parts: list[RenderableType] = []
+    info = board.info
+    if info is not None:
+        mode = "resume" if info.resumed else ("crash mode" if info.spec.crash else "run")
+        parts.append(
+            Text.from_markup(
+                f"[bold]{escape(info.id)}[/]  {escape(_short(info.spec.prompt, 60))!r}  "
+                f"[dim]{mode} · {len(board.rows)} branches · max {info.max_attempts} attempts[/]"
+            )
+        )
+    total = len(board.rows)
+    if total <= FULL_TABLE_LIMIT:
+        parts.append(_table(list(board.rows.values()), now))
+    else:
+        parts.append(_summary(board, now))
+    parts.append(_footer(board, now, show_wall))
+    return Group(*parts)
+
+
+def _summary(board: Board, now: float) -> RenderableType:
+    total = len(board.rows)
+    done = board.settled
+    rate = board.rate(now)
+    eta = f"ETA {(total - done) / rate:.0f} s" if rate > 0 and done < total else ""
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(
+        ProgressBar(total=total, completed=done, width=40),
+        f"{done}/{total}",
+        f"{rate:.0f}/s" if rate else "",
+        eta,
+    )
+    active = [r for r in board.rows.values() if r.state in ("running", "retrying", "rejected")]
+    # Failures first, then the longest-running: what a user most wants to see.
+    active.sort(key=lambda r: (r.state != "rejected", r.state != "retrying", r.since))
+    shown = active[:ACTIVE_ROWS_SHOWN]
+    parts: list[RenderableType] = [bar]
+    if shown:
+        parts.append(_table(shown, now))
+    if len(active) > len(shown):
+        parts.append(Text(f"… and {len(active) - len(shown)} more active", style="dim"))
+    return Group(*parts)
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+class QuietReporter:
+    def run_started(self, info: RunInfo) -> None:
+        pass
+
+    def on_event(self, event: Event) -> None:
+        pass
+
+
+class PlainReporter:
+    """One line per event, no escape codes: ``[cartoon]   Done: https://...``."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.labels: dict[str, str] = {}
+        self.funcs: dict[str, str] = {}
+        self.width = 0
+
+    def run_started(self, info: RunInfo) -> None:
+        what = "Resuming" if info.resumed else "Started"
+        self._say(f"{what} run {info.id}: {info.spec.prompt!r}")
+        self._say(f"If interrupted, resume with: imagepipe resume {info.id}")
+
+    def _say(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def _tagged(self, promise_id: str, message: str) -> None:
+        label = f"[{self.labels[promise_id]}]"
+        self._say(f"{label:<{self.width + 3}} {message}")
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, PromiseQueued | PromiseReplayed):
+            self.labels[event.id] = branch_label(event.args)
+            self.funcs[event.id] = event.func
+            self.width = max(self.width, len(self.labels[event.id]))
+        if isinstance(event, PromiseReplayed):
+            if event.state == "resolved":
+                self._tagged(event.id, f"Replayed from the store: {_url(event.value)}")
+            else:
+                error = event.error.message if event.error else "rejected"
+                self._tagged(event.id, f"Replayed from the store: rejected: {error}")
+        elif isinstance(event, AttemptStarted):
+            self._tagged(event.id, f"Generating image (attempt {event.attempt})...")
+        elif isinstance(event, AttemptFailed):
+            if event.retry_in is not None:
+                self._tagged(event.id, failure_line(event.func, event.error, event.retry_in))
+            else:
+                self._tagged(event.id, f"Attempt {event.attempt} failed: {event.error.message}")
+        elif isinstance(event, PromiseResolved):
+            self._tagged(event.id, f"Done: {_url(event.value)}")
+        elif isinstance(event, PromiseRejectedEvent):
+            self._tagged(event.id, f"Rejected after {event.attempts} attempts")
+
+
+class LiveReporter:
+    """A ``rich.live`` table redrawn a few times a second from the :class:`Board`."""
+
+    def __init__(self, console: Console, refresh_per_second: float = 8) -> None:
+        self.console = console
+        self.board = Board()
+        self.live = Live(
+            console=console,
+            refresh_per_second=refresh_per_second,
+            get_renderable=lambda: board_renderable(self.board),
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+
+    def __enter__(self) -> LiveReporter:
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.board.finished = time.monotonic()
+        self.live.refresh()
+        self.live.stop()
+
+    def run_started(self, info: RunInfo) -> None:
+        self.board.info = info
+        self.board.started = time.monotonic()
+
+    def on_event(self, event: Event) -> None:
+        self.board.apply(event)
+        if isinstance(event, AttemptFailed) and event.retry_in is not None:
+            line = failure_line(event.func, event.error, event.retry_in)
+            self.console.print(Text(line, style="yellow"))

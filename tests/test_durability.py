@@ -1,0 +1,151 @@
+"""Durability with real processes: start the CLI, kill it, resume, check store and output."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from conftest import cli_argv, cli_env
+
+pytestmark = pytest.mark.slow
+
+
+def start(db: Path, *args: str, scale: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        cli_argv(*args),
+        env=cli_env(db, IMAGEPIPE_TIME_SCALE=scale),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_until(stream: IO[str], done: Callable[[list[str]], bool]) -> list[str]:
+    """Read lines as the process prints them until ``done`` says so (no sleeping)."""
+    lines: list[str] = []
+    for line in iter(stream.readline, ""):
+        lines.append(line.rstrip("\n"))
+        if done(lines):
+            return lines
+    raise AssertionError("process ended before the expected output:\n" + "\n".join(lines))
+
+
+def branches(db: Path, run_id: str) -> dict[str, dict[str, Any]]:
+    conn = sqlite3.connect(db)
+    rows = conn.execute(
+        "SELECT id, state, value, attempts, failures FROM promises WHERE parent_id = ?",
+        (run_id,),
+    ).fetchall()
+    conn.close()
+    return {r[0]: {"state": r[1], "value": r[2], "attempts": r[3], "failures": r[4]} for r in rows}
+
+
+def resume_json(db: Path, run_id: str, scale: str = "0.01") -> dict[str, Any]:
+    proc = subprocess.run(
+        cli_argv("resume", run_id, "--json"),
+        env=cli_env(db, IMAGEPIPE_TIME_SCALE=scale),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data: dict[str, Any] = json.loads(proc.stdout)
+    return data
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_sigkill_during_backoff_then_resume(
+    db_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    # Scale 0.5: abstract fails at 150 ms and backs off 1 s; the others finish meanwhile.
+    proc = start(db_path, "run", "A futuristic city skyline", "--crash", "--id", "k1", scale="0.5")
+    procs.append(proc)
+    assert proc.stdout is not None
+    read_until(
+        proc.stdout,
+        lambda lines: (
+            sum("Done:" in line for line in lines) == 2
+            and any("retrying in" in line for line in lines)
+        ),
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = branches(db_path, "k1")
+    assert before["k1.0"]["state"] == before["k1.1"]["state"] == "resolved"
+    assert before["k1.2"] == {"state": "pending", "value": None, "attempts": 1, "failures": 1}
+
+    result = resume_json(db_path, "k1")
+    after = branches(db_path, "k1")
+    assert result["state"] == "resolved"
+    by_style = {i["style"]: i for i in result["images"]}
+    for promise_id, style in (("k1.0", "photorealistic"), ("k1.1", "cartoon")):
+        assert by_style[style]["replayed"] is True
+        assert after[promise_id] == before[promise_id]  # value and attempts unchanged
+        assert json.loads(before[promise_id]["value"])["url"] == by_style[style]["url"]
+    assert by_style["abstract"]["replayed"] is False
+    assert by_style["abstract"]["attempts"] == 2  # the attempt count survived the kill
+    assert after["k1.2"]["state"] == "resolved"
+
+
+def test_sigkill_during_an_attempt_continues_with_the_next_attempt_number(
+    db_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    # Scale 1: cartoon is done at 0.8 s while photorealistic is still in its attempt (1.2 s).
+    proc = start(db_path, "run", "a lighthouse", "--id", "k2", scale="1")
+    procs.append(proc)
+    assert proc.stdout is not None
+    read_until(proc.stdout, lambda lines: any("[cartoon]" in x and "Done:" in x for x in lines))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = branches(db_path, "k2")
+    assert before["k2.1"]["state"] == "resolved"
+    assert before["k2.0"]["state"] == "pending"
+    assert before["k2.0"]["attempts"] == 1
+
+    # Another run in the same store is not disturbed by the dead one.
+    result = resume_json(db_path, "k2")
+    by_style = {i["style"]: i for i in result["images"]}
+    assert by_style["cartoon"]["replayed"] is True
+    assert by_style["cartoon"]["attempts"] == 1
+    assert by_style["photorealistic"]["replayed"] is False
+    assert by_style["photorealistic"]["attempts"] == 2  # attempt 1 was cut off by the kill
+    assert branches(db_path, "k2")["k2.1"] == before["k2.1"]
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+def test_ctrl_c_leaves_a_resumable_run_and_says_how(
+    db_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    proc = start(db_path, "run", "a lighthouse", "--id", "k3", scale="1")
+    procs.append(proc)
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    read_until(proc.stdout, lambda lines: any("[cartoon]" in x and "Done:" in x for x in lines))
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    err = proc.stderr.read()
+    assert "Resume with: imagepipe resume k3" in err
+    assert "Traceback" not in err
+    state = branches(db_path, "k3")
+    assert state["k3.1"]["state"] == "resolved"
+    assert state["k3.0"]["state"] == "pending"
+    result = resume_json(db_path, "k3")
+    assert result["state"] == "resolved"
