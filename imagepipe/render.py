@@ -99,7 +99,18 @@ def print_show(console: Console, outcome: RunOutcome) -> None:
         )
     )
     console.print(Text(f"prompt: {outcome.spec.prompt}"))
-    console.print(board_renderable(board, show_wall=False))
+    console.print(board_renderable(board, live=False))
+    if outcome.history:
+        console.print(Text("Failed attempts:", style="bold"))
+        for attempt in outcome.history:
+            assert attempt.error is not None
+            when = time.strftime("%H:%M:%S", time.localtime(attempt.started_at))
+            console.print(
+                f"  {attempt.promise_id} attempt {attempt.attempt} at {when}: "
+                f"{attempt.error.type}: {attempt.error.message}",
+                markup=False,
+                highlight=False,
+            )
 
 
 def print_run_list(console: Console, runs: list[RunSummary]) -> None:

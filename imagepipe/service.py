@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import signal
 import time
@@ -18,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from imagepipe.durable import ErrorInfo, Event, PromiseRecord, RunContext, SQLiteStore
+from imagepipe.durable import (
+    AttemptRecord,
+    ErrorInfo,
+    Event,
+    PromiseRecord,
+    RunContext,
+    SQLiteStore,
+)
 from imagepipe.durable.lease import hold_lease
 from imagepipe.durable.sqlite import check_store_path
 from imagepipe.errors import (
@@ -33,6 +41,7 @@ from imagepipe.providers import KNOWN_STYLES, Faults, SimulatedProvider
 from imagepipe.retry import DEFAULT_MAX_ATTEMPTS, ExponentialRetry
 
 __all__ = [
+    "DEFAULT_CONCURRENCY",
     "Branch",
     "Invocation",
     "Reporter",
@@ -48,7 +57,12 @@ __all__ = [
 ]
 
 WORKFLOW = "image_pipeline"
+#: Provider calls in flight by default. Image APIs limit concurrent requests per key (a
+#: handful to a few dozen); 16 keeps a burst within common tiers while the default three
+#: styles, and any few variations, still all run at once.
+DEFAULT_CONCURRENCY = 16
 MAX_PROMPT = 4000
+MAX_VARIATIONS = 100_000
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
 _CHILD_SUFFIX = re.compile(r"\.\d+$")
 
@@ -87,8 +101,10 @@ class RunSpec:
             if style in seen:
                 raise BadInput(f"style {style!r} is given twice")
             seen.add(style)
-        if self.variations < 1:
-            raise BadInput(f"--variations must be at least 1, not {self.variations}")
+        if not 1 <= self.variations <= MAX_VARIATIONS:
+            raise BadInput(
+                f"--variations must be between 1 and {MAX_VARIATIONS}, not {self.variations}"
+            )
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,11 @@ class Invocation:
             raise BadInput(f"--sim-latency must be 0 or more, not {self.sim_latency_ms}")
         if self.attempt_timeout is not None and self.attempt_timeout <= 0:
             raise BadInput(f"--attempt-timeout must be positive, not {self.attempt_timeout}")
+        for style in sorted(self.faults.fail_styles):
+            if style not in KNOWN_STYLES:
+                raise BadInput(
+                    f"unknown --fail-style {style!r}; choose from {', '.join(KNOWN_STYLES)}"
+                )
         for name, rate in (
             ("--fail-rate", self.faults.fail_rate),
             ("--hang-rate", self.faults.hang_rate),
@@ -172,6 +193,8 @@ class RunOutcome:
     created_at: float
     #: False when the run was already settled and only read from the store
     executed: bool = True
+    #: failed attempts of every branch, oldest first (filled in by ``show``)
+    history: list[AttemptRecord] = field(default_factory=list)
 
     @property
     def images(self) -> list[Branch]:
@@ -334,13 +357,28 @@ def start_run(
 
 
 def resume_run(
-    db_path: Path, run_id: str, invocation: Invocation, reporter: Reporter
+    db_path: Path,
+    run_id: str,
+    invocation: Invocation,
+    reporter: Reporter,
+    *,
+    retry_failed: bool = False,
 ) -> RunOutcome:
-    """Finish an interrupted run; settled branches are read from the store, not redone."""
+    """Finish an interrupted run; settled branches are read from the store, not redone.
+
+    With ``retry_failed``, a failed run's rejected branches are set back to pending first
+    (their attempt history stays) and run again."""
     invocation.validate()
     with _open(db_path, create=False) as store:
         root = _root(store, run_id, db_path)
         assert store is not None
+        if retry_failed and root.state == "rejected":
+            for child in store.children(run_id):
+                if child.state == "rejected":
+                    store.reopen(child.id)
+            store.reopen(run_id)
+            store.commit()
+            root = _root(store, run_id, db_path)
         if root.settled:
             return _outcome(store, root)
         return _drive(store, root, invocation, reporter, resumed=True)
@@ -350,7 +388,8 @@ def show_run(db_path: Path, run_id: str) -> RunOutcome:
     with _open(db_path, create=False) as store:
         root = _root(store, run_id, db_path)
         assert store is not None
-        return _outcome(store, root)
+        outcome = _outcome(store, root)
+        return dataclasses.replace(outcome, history=store.failed_attempts(run_id))
 
 
 def list_runs(db_path: Path, limit: int | None = None) -> list[RunSummary]:

@@ -146,6 +146,10 @@ class Board:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
 
+def _attempts(n: int) -> str:
+    return f"{n} attempt" if n == 1 else f"{n} attempts"
+
+
 def _url(value: object) -> str | None:
     return str(value["url"]) if isinstance(value, dict) and "url" in value else None
 
@@ -161,37 +165,40 @@ def _detail(row: Row, now: float) -> Text:
     return Text("")
 
 
-def _row_cells(row: Row, now: float) -> tuple[RenderableType, ...]:
-    elapsed = f"{now - row.since:.1f} s" if row.state == "running" else ""
-    return (
+def _row_cells(row: Row, now: float, live: bool) -> list[RenderableType]:
+    cells: list[RenderableType] = [
         row.label,
         Text(row.id, style="dim"),
         Text(row.state, style=STATE_STYLE[row.state]),
         str(row.attempt) if row.attempt else "",
-        elapsed,
-        _detail(row, now),
-    )
+    ]
+    if live:
+        cells.append(f"{now - row.since:.1f} s" if row.state == "running" else "")
+    cells.append(_detail(row, now))
+    return cells
 
 
-def _table(rows: list[Row], now: float) -> Table:
+def _table(rows: list[Row], now: float, live: bool) -> Table:
+    """One line per branch; the result column is cut with … rather than wrapped."""
     table = Table(expand=False, box=None, pad_edge=False, header_style="bold")
-    for name in ("style", "id", "state", "attempt", "elapsed", ""):
-        table.add_column(name, no_wrap=name != "")
+    names = ["style", "id", "state", "attempt", *(["elapsed"] if live else []), "result"]
+    for name in names:
+        table.add_column(name, no_wrap=True, overflow="ellipsis")
     for row in rows:
-        table.add_row(*_row_cells(row, now))
+        table.add_row(*_row_cells(row, now, live))
     return table
 
 
-def _footer(board: Board, now: float, show_wall: bool) -> Text:
+def _footer(board: Board, now: float, live: bool) -> Text:
     text = " · ".join(f"{board.counts[s]} {s}" for s in STATES if board.counts[s])
-    if show_wall:
+    if live:
         end = board.finished or now
         text += f"  —  wall {end - board.started:.1f} s"
     return Text(text, style="dim")
 
 
 def board_renderable(
-    board: Board, now: float | None = None, *, show_wall: bool = True
+    board: Board, now: float | None = None, *, live: bool = True
 ) -> RenderableType:
     """The whole live view: header, table (or summary past the limit), footer."""
     now = time.monotonic() if now is None else now
@@ -207,10 +214,10 @@ def board_renderable(
         )
     total = len(board.rows)
     if total <= FULL_TABLE_LIMIT:
-        parts.append(_table(list(board.rows.values()), now))
+        parts.append(_table(list(board.rows.values()), now, live))
     else:
         parts.append(_summary(board, now))
-    parts.append(_footer(board, now, show_wall))
+    parts.append(_footer(board, now, live))
     return Group(*parts)
 
 
@@ -232,7 +239,7 @@ def _summary(board: Board, now: float) -> RenderableType:
     shown = active[:ACTIVE_ROWS_SHOWN]
     parts: list[RenderableType] = [bar]
     if shown:
-        parts.append(_table(shown, now))
+        parts.append(_table(shown, now, live=True))
     if len(active) > len(shown):
         parts.append(Text(f"… and {len(active) - len(shown)} more active", style="dim"))
     return Group(*parts)
@@ -293,7 +300,7 @@ class PlainReporter:
         elif isinstance(event, PromiseResolved):
             self._tagged(event.id, f"Done: {_url(event.value)}")
         elif isinstance(event, PromiseRejectedEvent):
-            self._tagged(event.id, f"Rejected after {event.attempts} attempts")
+            self._tagged(event.id, f"Rejected after {_attempts(event.attempts)}")
 
 
 class LiveReporter:

@@ -140,6 +140,17 @@ def _record(row: tuple[Any, ...]) -> PromiseRecord:
     )
 
 
+def _attempt(row: tuple[Any, ...]) -> AttemptRecord:
+    promise_id, attempt, started, finished, error = row
+    return AttemptRecord(
+        promise_id,
+        attempt,
+        started,
+        finished,
+        None if error is None else ErrorInfo.from_json(error),
+    )
+
+
 def check_store_path(path: Path, *, must_exist: bool) -> None:
     """Refuse a path that cannot be an imagepipe store, before anything touches it."""
     if path.exists():
@@ -346,16 +357,21 @@ class SQLiteStore:
     @_guarded
     def attempts(self, promise_id: str) -> list[AttemptRecord]:
         rows = self._db.execute(
-            "SELECT attempt, started_at, finished_at, error FROM attempts"
+            "SELECT promise_id, attempt, started_at, finished_at, error FROM attempts"
             " WHERE promise_id = ? ORDER BY attempt",
             (promise_id,),
         )
-        return [
-            AttemptRecord(
-                promise_id, n, started, finished, None if err is None else ErrorInfo.from_json(err)
-            )
-            for n, started, finished, err in rows
-        ]
+        return [_attempt(row) for row in rows]
+
+    @_guarded
+    def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
+        rows = self._db.execute(
+            "SELECT a.promise_id, a.attempt, a.started_at, a.finished_at, a.error"
+            " FROM attempts a JOIN promises p ON p.id = a.promise_id"
+            " WHERE p.parent_id = ? AND a.error IS NOT NULL ORDER BY p.seq, a.attempt",
+            (parent_id,),
+        )
+        return [_attempt(row) for row in rows]
 
     def _settle(self, promise_id: str, state: str, value: str | None, error: str | None) -> None:
         now = time.time()

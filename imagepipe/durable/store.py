@@ -142,6 +142,10 @@ class Store(Protocol):
 
     def attempts(self, promise_id: str) -> list[AttemptRecord]: ...
 
+    def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
+        """Every failed attempt of the children of ``parent_id``, in launch order."""
+        ...
+
     def resolve(self, promise_id: str, value: Any) -> PromiseRecord:
         """Settle as resolved. The first settle wins: a settled promise is returned as is."""
         ...

@@ -1,0 +1,259 @@
+"""What every command shares: the app, the error handler, consoles and options."""
+
+import functools
+import inspect
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
+
+import typer
+
+from imagepipe.errors import ImagepipeError, RunFailed
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from imagepipe.service import Invocation, Reporter, RunOutcome
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+app = typer.Typer(
+    name="imagepipe",
+    help=(
+        "Ask an image provider for several style variations of one prompt, in parallel. "
+        "Every branch is a durable promise in a SQLite store: a run killed at any moment "
+        "is finished by `imagepipe resume ID` without redoing what already succeeded."
+    ),
+    epilog=(
+        'Example: imagepipe run "A futuristic city skyline"   '
+        "Settings: IMAGEPIPE_DB (the store), IMAGEPIPE_TIME_SCALE (e.g. 0.01 for a fast demo)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DbOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        metavar="PATH",
+        envvar="IMAGEPIPE_DB",
+        help="SQLite store to use [env: IMAGEPIPE_DB; default: imagepipe.db in the user "
+        "data directory, see `imagepipe db-path`].",
+        show_default=False,
+        show_envvar=False,
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout and nothing live.")
+]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No live output; print only the final result.")
+]
+NoColorOption = Annotated[
+    bool, typer.Option("--no-color", help="No colours (NO_COLOR=1 does the same).")
+]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """The one place an :class:`ImagepipeError` becomes a line on stderr and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except ImagepipeError as exc:
+            raise _fail(exc.message, exc.exit_code) from None
+
+    return wrapper
+
+
+# -- execution options: how this invocation runs, not what the run is -----------------
+
+_EXECUTION_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "max_attempts": (
+        int | None,
+        typer.Option(
+            "--max-attempts",
+            metavar="N",
+            help="Failed attempts a branch may have before it is rejected [default: 5; on "
+            "resume: the run's own].",
+            show_default=False,
+        ),
+    ),
+    "concurrency": (
+        int | None,
+        typer.Option(
+            "--concurrency",
+            "-c",
+            metavar="K",
+            help="At most this many provider calls in flight; the rest wait as queued "
+            "[default: 16].",
+            show_default=False,
+        ),
+    ),
+    "attempt_timeout": (
+        float | None,
+        typer.Option(
+            "--attempt-timeout",
+            metavar="SECONDS",
+            help="Seconds one attempt may take; a timeout is a retryable failure [default: none].",
+            show_default=False,
+        ),
+    ),
+    "sim_latency": (
+        int | None,
+        typer.Option(
+            "--sim-latency",
+            metavar="MS",
+            help="Simulated provider latency in ms for every style (0 = no sleep), for "
+            "benchmarks [default: the style's own: 1200/800/1000].",
+            show_default=False,
+        ),
+    ),
+    "fail_rate": (
+        float,
+        typer.Option(
+            "--fail-rate",
+            metavar="P",
+            help="Simulate transient provider failures in this share of attempts.",
+        ),
+    ),
+    "hang_rate": (
+        float,
+        typer.Option(
+            "--hang-rate",
+            metavar="P",
+            help="Simulate a provider that never answers in this share of attempts "
+            "(use with --attempt-timeout).",
+        ),
+    ),
+    "seed": (int, typer.Option("--seed", metavar="N", help="Seed of the simulated faults.")),
+    "fail_style": (
+        list[str] | None,
+        typer.Option(
+            "--fail-style",
+            metavar="STYLE",
+            help="Simulate a provider that refuses this style (non-retryable); repeatable.",
+            show_default=False,
+        ),
+    ),
+}
+_EXECUTION_DEFAULTS: dict[str, Any] = {"fail_rate": 0.0, "hang_rate": 0.0, "seed": 0}
+
+
+def execution_options(command: Callable[..., R]) -> Callable[..., R]:
+    """Give a command the execution options above, delivered as ``invocation=``."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "invocation"]
+    extra = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=_EXECUTION_DEFAULTS.get(name),
+            annotation=Annotated[kind, option],
+        )
+        for name, (kind, option) in _EXECUTION_OPTIONS.items()
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> R:
+        chosen = {name: kwargs.pop(name) for name in _EXECUTION_OPTIONS}
+        return command(*args, invocation=make_invocation(**chosen), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    return wrapper
+
+
+def make_invocation(
+    *,
+    max_attempts: int | None = None,
+    concurrency: int | None = None,
+    attempt_timeout: float | None = None,
+    sim_latency: int | None = None,
+    fail_rate: float = 0.0,
+    hang_rate: float = 0.0,
+    seed: int = 0,
+    fail_style: list[str] | None = None,
+) -> "Invocation":
+    from imagepipe.providers import Faults
+    from imagepipe.service import DEFAULT_CONCURRENCY, Invocation
+    from imagepipe.settings import time_scale
+
+    invocation = Invocation(
+        max_attempts=max_attempts,
+        concurrency=DEFAULT_CONCURRENCY if concurrency is None else concurrency,
+        time_scale=time_scale(),
+        sim_latency_ms=sim_latency,
+        attempt_timeout=attempt_timeout,
+        faults=Faults(fail_rate, seed, frozenset(fail_style or ()), hang_rate),
+    )
+    invocation.validate()
+    return invocation
+
+
+# -- where things go -----------------------------------------------------------------
+
+
+def db_file(db: Path | None) -> Path:
+    from imagepipe.settings import default_db_path
+
+    if db is not None:
+        return db.expanduser()
+    path = default_db_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def make_console(no_color: bool) -> "Console":
+    from rich.console import Console
+
+    console = Console(no_color=True if no_color else None, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 200  # piped: do not cut URLs at rich's default of 80 columns
+    return console
+
+
+@contextmanager
+def reporter_for(console: "Console", *, json_out: bool, quiet: bool) -> Iterator["Reporter"]:
+    """Live table in a terminal, plain lines elsewhere, nothing for --json and --quiet."""
+    from imagepipe.ui import LiveReporter, PlainReporter, QuietReporter
+
+    if json_out or quiet:
+        yield QuietReporter()
+    elif console.is_terminal and not console.is_dumb_terminal:
+        with LiveReporter(console) as live:
+            yield live
+    else:
+        yield PlainReporter(console)
+
+
+def finish(console: "Console", outcome: "RunOutcome", *, json_out: bool) -> None:
+    """Print the outcome; a failed run then exits 1 with its first rejected branch."""
+    from imagepipe.render import print_outcome
+
+    if json_out:
+        print(json.dumps(outcome.result_json()))
+    else:
+        print_outcome(console, outcome)
+    if outcome.state == "failed":
+        failed = outcome.failures
+        first = failed[0]
+        detail = f"{first.style} ({first.id}): {first.error.message}" if first.error else first.id
+        raise RunFailed(
+            f"run {outcome.id} failed: {len(failed)} of {len(outcome.branches)} branches "
+            f"rejected, first {detail}; retry them with: imagepipe retry {outcome.id}"
+        )

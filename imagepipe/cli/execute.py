@@ -1,0 +1,132 @@
+"""Commands that execute a run: ``run``, ``resume`` and ``retry``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from imagepipe.cli.common import (
+    DbOption,
+    JsonOption,
+    NoColorOption,
+    QuietOption,
+    db_file,
+    execution_options,
+    finish,
+    make_console,
+    reporter_for,
+    reports_errors,
+)
+from imagepipe.service import Invocation
+
+IdArgument = Annotated[str, typer.Argument(metavar="ID", help="The run's id.")]
+
+
+def run(
+    prompt: Annotated[
+        str,
+        typer.Argument(metavar="PROMPT", help='What to draw, e.g. "A futuristic city skyline".'),
+    ],
+    style: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--style",
+            "-s",
+            metavar="STYLE",
+            help="A style to generate; repeat for several [default: photorealistic, cartoon, "
+            "abstract; also known: watercolor, pixel-art, sketch].",
+            show_default=False,
+        ),
+    ] = None,
+    variations: Annotated[
+        int,
+        typer.Option(
+            "--variations",
+            "-n",
+            metavar="N",
+            help="Images per style; each is its own durable branch.",
+        ),
+    ] = 1,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            "--id",
+            metavar="ID",
+            help="Name the run [default: pipeline-<unix ms>]. Reusing the id of a finished run "
+            "shows it; of an unfinished one, resumes it.",
+            show_default=False,
+        ),
+    ] = None,
+    crash: Annotated[
+        bool,
+        typer.Option("--crash", help="Demo: the abstract branch fails its first attempt."),
+    ] = False,
+    db: DbOption = None,
+    json_out: JsonOption = False,
+    quiet: QuietOption = False,
+    no_color: NoColorOption = False,
+    *,
+    invocation: Invocation,
+) -> None:
+    """Generate the styles of PROMPT in parallel, each branch a durable promise."""
+    from imagepipe.providers import DEFAULT_STYLES
+    from imagepipe.service import RunSpec, new_run_id, start_run
+
+    spec = RunSpec(prompt, tuple(style) if style else DEFAULT_STYLES, crash, variations)
+    spec.validate()
+    console = make_console(no_color)
+    with reporter_for(console, json_out=json_out, quiet=quiet) as reporter:
+        outcome = start_run(db_file(db), run_id or new_run_id(), spec, invocation, reporter)
+    finish(console, outcome, json_out=json_out)
+
+
+def resume(
+    run_id: IdArgument,
+    db: DbOption = None,
+    retry_failed: Annotated[
+        bool,
+        typer.Option("--retry-failed", help="If the run failed, re-run its rejected branches."),
+    ] = False,
+    json_out: JsonOption = False,
+    quiet: QuietOption = False,
+    no_color: NoColorOption = False,
+    *,
+    invocation: Invocation,
+) -> None:
+    """Finish an interrupted run: settled branches are read from the store, not redone."""
+    from imagepipe.service import resume_run
+
+    console = make_console(no_color)
+    with reporter_for(console, json_out=json_out, quiet=quiet) as reporter:
+        outcome = resume_run(db_file(db), run_id, invocation, reporter, retry_failed=retry_failed)
+    finish(console, outcome, json_out=json_out)
+
+
+def retry(
+    run_id: IdArgument,
+    db: DbOption = None,
+    json_out: JsonOption = False,
+    quiet: QuietOption = False,
+    no_color: NoColorOption = False,
+    *,
+    invocation: Invocation,
+) -> None:
+    """Re-run only the rejected branches of a failed run; resolved ones stay untouched.
+
+    Same as `imagepipe resume ID --retry-failed`. The branches continue their attempt
+    numbers with a fresh budget; `imagepipe show ID` keeps the earlier failures."""
+    resume(
+        run_id,
+        db=db,
+        retry_failed=True,
+        json_out=json_out,
+        quiet=quiet,
+        no_color=no_color,
+        invocation=invocation,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    for command in (run, resume, retry):
+        app.command(name=command.__name__)(reports_errors(execution_options(command)))

@@ -1,0 +1,61 @@
+"""Commands that only read the store: ``list``, ``show`` and ``db-path``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from imagepipe.cli.common import DbOption, NoColorOption, db_file, make_console, reports_errors
+
+
+def list_runs(
+    db: DbOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", "-n", metavar="N", help="Show at most N runs.", show_default=False),
+    ] = None,
+    no_color: NoColorOption = False,
+) -> None:
+    """List the runs in the store, newest first."""
+    from imagepipe.errors import BadInput
+    from imagepipe.render import print_run_list
+    from imagepipe.service import list_runs as listing
+
+    if limit is not None and limit < 1:
+        raise BadInput(f"--limit must be at least 1, not {limit}")
+    runs = listing(db_file(db), limit)
+    if json_out:
+        print(json.dumps([r.to_json() for r in runs]))
+    else:
+        print_run_list(make_console(no_color), runs)
+
+
+def show(
+    run_id: Annotated[str, typer.Argument(metavar="ID", help="The run to show.")],
+    db: DbOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    no_color: NoColorOption = False,
+) -> None:
+    """Show a stored run and each branch: durable id, state, attempts, value or error."""
+    from imagepipe.render import print_show
+    from imagepipe.service import show_run
+
+    outcome = show_run(db_file(db), run_id)
+    if json_out:
+        print(json.dumps(outcome.show_json()))
+    else:
+        print_show(make_console(no_color), outcome)
+
+
+def db_path(db: DbOption = None) -> None:
+    """Print the store's path; open it with: sqlite3 "$(imagepipe db-path)"."""
+    print(db_file(db))
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="list")(reports_errors(list_runs))
+    app.command(name="show")(reports_errors(show))
+    app.command(name="db-path")(reports_errors(db_path))
