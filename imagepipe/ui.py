@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ __all__ = [
 
 FULL_TABLE_LIMIT = 20
 ACTIVE_ROWS_SHOWN = 12
+REJECTED_ROWS_SHOWN = 4
 STATE_STYLE = {
     "queued": "dim",
     "running": "cyan",
@@ -157,12 +159,16 @@ def _url(value: object) -> str | None:
 def _detail(row: Row, now: float) -> Text:
     if row.state == "retrying" and row.retry_at is not None:
         left = max(0.0, row.retry_at - now)
-        return Text(f"retry in {left:.1f} s — {row.error}", style="yellow")
-    if row.state in ("resolved", "replayed") and row.url:
-        return Text(row.url)
-    if row.state == "rejected":
-        return Text(row.error or "rejected", style="red")
-    return Text("")
+        text = Text(f"retry in {left:.1f} s — {row.error}", style="yellow")
+    elif row.state in ("resolved", "replayed") and row.url:
+        text = Text(row.url)
+    elif row.state == "rejected":
+        text = Text(row.error or "rejected", style="red")
+    else:
+        text = Text("")
+    text.overflow = "ellipsis"
+    text.no_wrap = True
+    return text
 
 
 def _row_cells(row: Row, now: float, live: bool) -> list[RenderableType]:
@@ -181,9 +187,17 @@ def _row_cells(row: Row, now: float, live: bool) -> list[RenderableType]:
 def _table(rows: list[Row], now: float, live: bool) -> Table:
     """One line per branch; the result column is cut with … rather than wrapped."""
     table = Table(expand=False, box=None, pad_edge=False, header_style="bold")
-    names = ["style", "id", "state", "attempt", *(["elapsed"] if live else []), "result"]
-    for name in names:
-        table.add_column(name, no_wrap=True, overflow="ellipsis")
+    # Fixed columns keep their width; only the result column gives way in a narrow terminal.
+    widths = {
+        "style": max((len(r.label) for r in rows), default=5),
+        "id": max((len(r.id) for r in rows), default=2),
+        "state": 8,
+        "attempt": 7,
+        "elapsed": 7,
+    }
+    for name in ["style", "id", "state", "attempt", *(["elapsed"] if live else [])]:
+        table.add_column(name, no_wrap=True, min_width=widths[name])
+    table.add_column("result", overflow="ellipsis")  # wrapable, so the table may shrink it
     for row in rows:
         table.add_row(*_row_cells(row, now, live))
     return table
@@ -233,15 +247,21 @@ def _summary(board: Board, now: float) -> RenderableType:
         f"{rate:.0f}/s" if rate else "",
         eta,
     )
-    active = [r for r in board.rows.values() if r.state in ("running", "retrying", "rejected")]
-    # Failures first, then the longest-running: what a user most wants to see.
-    active.sort(key=lambda r: (r.state != "rejected", r.state != "retrying", r.since))
-    shown = active[:ACTIVE_ROWS_SHOWN]
+    by_state: dict[str, list[Row]] = {"rejected": [], "retrying": [], "running": []}
+    for row in board.rows.values():
+        if row.state in by_state:
+            by_state[row.state].append(row)
+    # A few failures, then what is happening now, the longest-waiting first.
+    shown = heapq.nsmallest(REJECTED_ROWS_SHOWN, by_state["rejected"], key=lambda r: r.since)
+    current = by_state["retrying"] + by_state["running"]
+    room = ACTIVE_ROWS_SHOWN - len(shown)
+    shown += heapq.nsmallest(room, current, key=lambda r: (r.state != "retrying", r.since))
     parts: list[RenderableType] = [bar]
     if shown:
         parts.append(_table(shown, now, live=True))
-    if len(active) > len(shown):
-        parts.append(Text(f"… and {len(active) - len(shown)} more active", style="dim"))
+    hidden = sum(len(rows) for rows in by_state.values()) - len(shown)
+    if hidden > 0:
+        parts.append(Text(f"… and {hidden} more running, retrying or rejected", style="dim"))
     return Group(*parts)
 
 
