@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from imagepipe import settings
 from imagepipe.durable import (
     AttemptRecord,
     ErrorInfo,
@@ -32,6 +33,7 @@ from imagepipe.durable.sqlite import check_store_path
 from imagepipe.errors import (
     BadInput,
     Interrupted,
+    NonDeterminism,
     PromiseRejected,
     RunConflict,
     UnknownRun,
@@ -296,7 +298,9 @@ def _open(db_path: Path, *, create: bool) -> Iterator[SQLiteStore | None]:
     if not create and not db_path.exists():
         yield None
         return
-    store = SQLiteStore.open(db_path)
+    store = SQLiteStore.open(
+        db_path, busy_timeout=settings.busy_timeout(), max_pages=settings.simulated_max_pages()
+    )
     try:
         yield store
     finally:
@@ -372,16 +376,10 @@ def resume_run(
     with _open(db_path, create=False) as store:
         root = _root(store, run_id, db_path)
         assert store is not None
-        if retry_failed and root.state == "rejected":
-            for child in store.children(run_id):
-                if child.state == "rejected":
-                    store.reopen(child.id)
-            store.reopen(run_id)
-            store.commit()
-            root = _root(store, run_id, db_path)
-        if root.settled:
+        reopen = retry_failed and root.state == "rejected"
+        if root.settled and not reopen:
             return _outcome(store, root)
-        return _drive(store, root, invocation, reporter, resumed=True)
+        return _drive(store, root, invocation, reporter, resumed=True, reopen=reopen)
 
 
 def show_run(db_path: Path, run_id: str) -> RunOutcome:
@@ -423,6 +421,7 @@ def _drive(
     reporter: Reporter,
     *,
     resumed: bool,
+    reopen: bool = False,
 ) -> RunOutcome:
     """Run the workflow on an event loop; turn Ctrl-C and SIGTERM into :class:`Interrupted`."""
     received = "SIGINT"
@@ -440,7 +439,7 @@ def _drive(
         # Not available off the main thread (tests) or on Windows: Ctrl-C still works.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-        return await _execute(store, root, invocation, reporter, resumed=resumed)
+        return await _execute(store, root, invocation, reporter, resumed=resumed, reopen=reopen)
 
     try:
         return asyncio.run(main())
@@ -457,6 +456,7 @@ async def _execute(
     reporter: Reporter,
     *,
     resumed: bool,
+    reopen: bool = False,
 ) -> RunOutcome:
     spec = RunSpec.from_args(root.args)
     max_attempts = invocation.max_attempts or int(
@@ -478,14 +478,19 @@ async def _execute(
     )
     started = time.perf_counter()
     async with hold_lease(store, root.id):
+        if reopen:  # under the lease: no other process is running these branches
+            _reopen_rejected(store, root.id)
         reporter.run_started(RunInfo(root.id, spec, resumed, store.path, max_attempts))
         try:
-            result = await image_pipeline(ctx, *spec.args())
-            ctx.check_no_leftovers()
+            result = await ctx.run_workflow(image_pipeline, *spec.args())
             store.resolve(root.id, result)
         except PromiseRejected as exc:
             await ctx.settle_all()  # every other branch still finishes
             store.reject(root.id, ErrorInfo("BranchRejected", str(exc), retryable=False))
+        except NonDeterminism:
+            await ctx.cancel_all()
+            store.rollback()  # nothing of this invocation (e.g. a retry's reopen) is kept
+            raise
         except BaseException:
             await ctx.cancel_all()  # interrupted or broken: pending branches stay resumable
             raise
@@ -494,3 +499,11 @@ async def _execute(
     settled_root = store.get(root.id)
     assert settled_root is not None
     return _outcome(store, settled_root, computed=ctx.computed, wall_ms=wall_ms)
+
+
+def _reopen_rejected(store: SQLiteStore, run_id: str) -> None:
+    """Set a failed run and its rejected branches back to pending (history stays)."""
+    for child in store.children(run_id):
+        if child.state == "rejected":
+            store.reopen(child.id)
+    store.reopen(run_id)  # committed with the first branch's write, or rolled back

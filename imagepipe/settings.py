@@ -4,6 +4,10 @@
   user data directory (``platformdirs``), e.g. ``~/.local/share/imagepipe/imagepipe.db``.
 - ``IMAGEPIPE_TIME_SCALE``: a positive number multiplying every simulated duration and
   retry delay. ``0.01`` makes a 2 s back-off take 20 ms; tests and demos use it.
+- ``IMAGEPIPE_BUSY_TIMEOUT``: seconds to wait for another process's write lock on the
+  store before giving up with exit 75 (default 5).
+- ``IMAGEPIPE_SIMULATE_MAX_PAGES``: fault injection for tests: cap the store at this many
+  pages (SQLite ``max_page_count``) so that growing it fails as a full disk would.
 """
 
 from __future__ import annotations
@@ -16,21 +20,34 @@ import platformdirs
 
 from imagepipe.errors import BadInput
 
-__all__ = ["default_db_path", "time_scale"]
+__all__ = ["busy_timeout", "default_db_path", "simulated_max_pages", "time_scale"]
 
 
 def default_db_path() -> Path:
     return Path(platformdirs.user_data_dir("imagepipe", appauthor=False)) / "imagepipe.db"
 
 
-def time_scale() -> float:
-    raw = os.environ.get("IMAGEPIPE_TIME_SCALE", "").strip()
+def _number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return 1.0
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise BadInput(f"IMAGEPIPE_TIME_SCALE must be a number >= 0, not {raw!r}")
+        raise BadInput(f"{name} must be a number >= 0, not {raw!r}")
     return value
+
+
+def time_scale() -> float:
+    return _number("IMAGEPIPE_TIME_SCALE", 1.0)
+
+
+def busy_timeout() -> float:
+    return _number("IMAGEPIPE_BUSY_TIMEOUT", 5.0)
+
+
+def simulated_max_pages() -> int | None:
+    pages = _number("IMAGEPIPE_SIMULATE_MAX_PAGES", 0)
+    return int(pages) or None

@@ -6,6 +6,8 @@ and retry back-off a hundredfold, so the crash path (300 ms + 2 s + 1 s) takes ~
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -26,6 +28,16 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("NO_COLOR", raising=False)
     return db
+
+
+@pytest.fixture(autouse=True)
+def no_lost_task_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail a test that leaves an asyncio task's exception unretrieved (a swallowed error)."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    yield
+    gc.collect()
+    lost = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert not lost, [r.getMessage() for r in lost]
 
 
 @pytest.fixture

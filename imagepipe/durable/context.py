@@ -136,10 +136,40 @@ class RunContext(Generic[D]):
         self._slots = asyncio.Semaphore(concurrency) if concurrency else None
         self._attempt_timeout = attempt_timeout
         self._commit = GroupCommit(store)
+        #: set to the first store failure seen by any branch: the run stops at once
+        self._fatal: asyncio.Future[StoreError] | None = None
         self._next_seq = 0
         self._tasks: list[asyncio.Task[Any]] = []
         #: ids of the children settled by this invocation (the rest were replayed)
         self.computed: set[str] = set()
+
+    # -- the workflow --------------------------------------------------------------
+
+    async def run_workflow(self, workflow: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``workflow(self, *args)`` and check that replay matched the store.
+
+        A store failure in any branch (disk full, read-only, corrupt) stops the workflow
+        at once instead of letting it wait on siblings that can no longer be recorded."""
+        self._fatal = asyncio.get_running_loop().create_future()
+        main: asyncio.Future[T] = asyncio.ensure_future(workflow(self, *args))
+        watch: set[asyncio.Future[Any]] = {main, self._fatal}
+        try:
+            await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not main.done():
+                main.cancel()
+                await asyncio.gather(main, return_exceptions=True)
+        if self._fatal.done():
+            if not main.cancelled():
+                main.exception()  # retrieved: the store failure below is the one to report
+            raise self._fatal.result()
+        result: T = main.result()
+        self.check_no_leftovers()
+        return result
+
+    def _fail_fast(self, exc: StoreError) -> None:
+        if self._fatal is not None and not self._fatal.done():
+            self._fatal.set_result(exc)
 
     # -- fan-out -------------------------------------------------------------------
 
@@ -227,18 +257,27 @@ class RunContext(Generic[D]):
                 last_attempt=lambda: current,
                 before_sleep=before_sleep,
             )
-        except StoreError:
+        except StoreError as exc:
+            self._fail_fast(exc)
             raise
         except Exception as exc:
             error = ErrorInfo.from_exception(exc)
             self._emit(AttemptFailed(promise_id, func, current, error, None))
-            settled = self.store.reject(promise_id, error)
-            await self._commit.durable()
+            try:
+                settled = self.store.reject(promise_id, error)
+                await self._commit.durable()
+            except StoreError as store_exc:
+                self._fail_fast(store_exc)
+                raise
             self.computed.add(promise_id)
             self._emit(PromiseRejectedEvent(promise_id, error, settled.attempts))
             raise PromiseRejected(promise_id, error.type, error.message) from exc
-        settled = self.store.resolve(promise_id, value)
-        await self._commit.durable()  # durable before anyone hears of it
+        try:
+            settled = self.store.resolve(promise_id, value)
+            await self._commit.durable()  # durable before anyone hears of it
+        except StoreError as exc:
+            self._fail_fast(exc)
+            raise
         self.computed.add(promise_id)
         self._emit(PromiseResolved(promise_id, settled.value, settled.attempts))
         result: T = settled.value

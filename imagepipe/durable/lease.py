@@ -69,9 +69,8 @@ async def hold_lease(store: Store, run_id: str) -> AsyncIterator[Lease]:
         heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat
-        with contextlib.suppress(StoreError):
+        with contextlib.suppress(StoreError):  # then a dead pid frees it for the next run
             store.release_lease(run_id, lease.owner)
-            store.commit()
 
 
 async def _renew(store: Store, lease: Lease) -> None:

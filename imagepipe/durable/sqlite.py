@@ -181,8 +181,17 @@ class SQLiteStore:
     # -- opening -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> SQLiteStore:
-        """Open (creating if needed) the store at ``path`` and bring its schema up to date."""
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 5.0,
+        max_pages: int | None = None,
+    ) -> SQLiteStore:
+        """Open (creating if needed) the store at ``path`` and bring its schema up to date.
+
+        ``busy_timeout``: seconds to wait for another writer. ``max_pages``: fault
+        injection; the file may not grow past this many pages (as if the disk were full)."""
         file = Path(path)
         check_store_path(file, must_exist=False)
         try:
@@ -192,6 +201,8 @@ class SQLiteStore:
         store = cls(conn, str(file))
         try:
             store._prepare()
+            if max_pages is not None:
+                conn.execute(f"PRAGMA max_page_count = {int(max_pages)}")
         except BaseException:
             conn.close()
             raise
@@ -234,6 +245,8 @@ class SQLiteStore:
     # -- transactions --------------------------------------------------------------
 
     def _write(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        if self._lost is not None:  # earlier writes were rolled back: refuse to go on
+            raise self._lost
         if not self._db.in_transaction:
             self._db.execute("BEGIN IMMEDIATE")
         return self._db.execute(sql, params)
@@ -253,9 +266,11 @@ class SQLiteStore:
     def _abandon(self, error: StoreError | None = None) -> None:
         """After an error, drop the half-done transaction so nothing partial commits, and
         remember that writes were lost so that the next commit fails instead of lying."""
+        # Set even when no transaction is open any more: on SQLITE_FULL and some I/O
+        # errors SQLite has already rolled the whole transaction back by itself.
+        self._lost = self._lost or error
         try:
             if self._db.in_transaction:
-                self._lost = self._lost or error
                 self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass
@@ -448,4 +463,13 @@ class SQLiteStore:
 
     @_guarded
     def release_lease(self, run_id: str, owner: str) -> None:
-        self._write("DELETE FROM leases WHERE run_id = ? AND owner = ?", (run_id, owner))
+        """Delete our lease row and commit, even after a failed transaction was lost:
+        the row is independent of those writes, and leaving it would block a resume."""
+        if self._lost is None:
+            self._write("DELETE FROM leases WHERE run_id = ? AND owner = ?", (run_id, owner))
+            self.commit()
+            return
+        self._abandon()
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("DELETE FROM leases WHERE run_id = ? AND owner = ?", (run_id, owner))
+        self._db.execute("COMMIT")

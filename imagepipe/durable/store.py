@@ -165,7 +165,9 @@ class Store(Protocol):
 
     def renew_lease(self, run_id: str, owner: str, now: float) -> bool: ...
 
-    def release_lease(self, run_id: str, owner: str) -> None: ...
+    def release_lease(self, run_id: str, owner: str) -> None:
+        """Delete the lease and commit, even after a failed transaction."""
+        ...
 
     def commit(self) -> None:
         """Make every write so far durable."""
