@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from imagepipe.service import RunOutcome, RunSummary
+from imagepipe.service import Branch, RunOutcome, RunSummary
 from imagepipe.ui import Board, Row, board_renderable
 
 __all__ = ["print_outcome", "print_run_list", "print_show", "speedup_line"]
@@ -25,6 +25,22 @@ def speedup_line(wall_ms: int, sequential_ms: int) -> str | None:
     return f"{ratio:.1f}× faster than sequential"
 
 
+RESULTS_SHOWN = 20
+
+
+def _results_shown(branches: list[Branch]) -> list[Branch]:
+    """All results of a small run; of a large one, the failures first, then the first few."""
+    if len(branches) <= RESULTS_SHOWN:
+        return branches
+    failed = [b for b in branches if b.state == "rejected"][: RESULTS_SHOWN // 2]
+    rest = [b for b in branches if b.state != "rejected"][: RESULTS_SHOWN - len(failed)]
+    return sorted(failed + rest, key=_seq)
+
+
+def _seq(branch: Branch) -> int:
+    return int(branch.id.rsplit(".", 1)[1])
+
+
 def print_outcome(console: Console, outcome: RunOutcome) -> None:
     """Results in style order, then wall time against the sequential sum."""
     if not outcome.executed:
@@ -34,7 +50,8 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
             markup=False,
         )
     rows: list[tuple[str, ...]] = [("style", "result", "duration", "attempts", "source")]
-    for b in outcome.branches:
+    shown = _results_shown(outcome.branches)
+    for b in shown:
         label = b.style if b.variation == 0 else f"{b.style}#{b.variation}"
         if b.state == "resolved" and b.value:
             url, duration = str(b.value["url"]), f"{b.value['duration_ms']}ms"
@@ -46,11 +63,21 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
         rows.append((label, url, duration, str(b.attempts), source))
     # Plain aligned lines, never truncated: URLs must stay whole in any terminal width.
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = [
+        "  "
+        + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
+        + "  "
+        + row[-1]
+        for row in rows
+    ]
     console.print(f"Results of {outcome.id}:", markup=False)
-    for n, row in enumerate(rows):
-        line = "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
+    console.print(Text(lines[0], style="bold"))
+    console.print("\n".join(lines[1:]), markup=False, soft_wrap=True)
+    hidden = len(outcome.branches) - len(shown)
+    if hidden:
         console.print(
-            line + "  " + row[-1], markup=False, soft_wrap=True, style="bold" if n == 0 else ""
+            f"  … and {hidden:,} more: imagepipe show {outcome.id} --json lists them all",
+            markup=False,
         )
     if outcome.executed:
         console.print(f"Wall time: {outcome.wall_ms}ms (parallel execution)", markup=False)

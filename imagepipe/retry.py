@@ -10,6 +10,7 @@
   retried. Anything that is not an ``Exception`` (``CancelledError``, Ctrl-C) is never
   retried: tenacity's custom predicates would otherwise retry cancellation (jd/tenacity#529).
 - A fresh ``AsyncRetrying`` per branch: a shared one miscounts across tasks (jd/tenacity#93).
+  It is built only once a first attempt has failed: see :meth:`ExponentialRetry.call`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,25 @@ class ExponentialRetry:
         last_attempt: Callable[[], int],
         before_sleep: Callable[[BaseException, float], None],
     ) -> T:
+        # Fast path: most branches succeed at once, and building and driving an
+        # AsyncRetrying costs ~0.2 ms per branch (measured), which at 10,000 branches is
+        # most of the run. Only a failed first attempt goes through tenacity.
+        try:
+            return await attempt()
+        except Exception as exc:
+            if not is_retryable(exc) or failures + 1 >= self.max_attempts:
+                raise
+            delay = self.delay(last_attempt())
+            before_sleep(exc, delay)
+        await self.sleep(delay)
+        return await self._retrying(failures + 1, last_attempt, before_sleep)(attempt)
+
+    def _retrying(
+        self,
+        failures: int,
+        last_attempt: Callable[[], int],
+        before_sleep: Callable[[BaseException, float], None],
+    ) -> AsyncRetrying:
         def wait(state: RetryCallState) -> float:
             return self.delay(last_attempt())
 
@@ -71,12 +91,11 @@ class ExponentialRetry:
             assert exc is not None
             before_sleep(exc, state.next_action.sleep)
 
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(max(1, self.max_attempts - failures)),
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.max_attempts - failures),
             wait=wait,
             retry=retry_if_exception(is_retryable),
             sleep=self.sleep,
             before_sleep=announce,
             reraise=True,
         )
-        return await retrying(attempt)

@@ -13,7 +13,7 @@ import dataclasses
 import re
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +185,7 @@ def run_state(record: PromiseRecord) -> str:
     return {"resolved": "resolved", "rejected": "failed"}.get(record.state, "pending")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RunOutcome:
     id: str
     state: str
@@ -197,6 +197,11 @@ class RunOutcome:
     executed: bool = True
     #: failed attempts of every branch, oldest first (filled in by ``show``)
     history: list[AttemptRecord] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        # Short on purpose: asyncio formats the main task's result (this object) while
+        # shutting down, and a 10,000-branch repr cost ~0.1 s there.
+        return f"RunOutcome(id={self.id!r}, state={self.state!r}, branches={len(self.branches)})"
 
     @property
     def images(self) -> list[Branch]:
@@ -286,7 +291,10 @@ class RunInfo:
 class Reporter(Protocol):
     def run_started(self, info: RunInfo) -> None: ...
 
-    def on_event(self, event: Event) -> None: ...
+    @property
+    def on_event(self) -> Callable[[Event], None] | None:
+        """Where the core's events go; None for a reporter that ignores them."""
+        ...
 
 
 # -- the store -----------------------------------------------------------------------

@@ -93,8 +93,9 @@ async def test_a_result_is_committed_before_it_is_reported(
             row = other.execute("SELECT value FROM promises WHERE id = ?", (event.id,)).fetchone()
             seen_in_db.append(row[0])
 
-    ctx = make_ctx(store)
-    ctx._emit = on_event
+    store.create("run", func="wf", args=[])
+    store.commit()
+    ctx = RunContext(store, "run", None, retry=ExponentialRetry(), on_event=on_event)
     assert await ctx.begin_run(rec.double, 21) == 42
     assert seen_in_db == ["42"]
 

@@ -91,8 +91,19 @@ def test_non_retryable_error_rejects_at_once_and_the_rest_finish(db_path: Path) 
 
 
 def test_exhausted_branch_is_rejected_with_its_last_error(db_path: Path) -> None:
-    result = invoke("run", "a cat", "-s", "abstract", "--id", "ex", "--fail-rate", "1",
-                    "--max-attempts", "3", "--json")  # fmt: skip
+    result = invoke(
+        "run",
+        "a cat",
+        "-s",
+        "abstract",
+        "--id",
+        "ex",
+        "--fail-rate",
+        "1",
+        "--max-attempts",
+        "3",
+        "--json",
+    )
     assert result.exit_code == 1
     shown = json.loads(invoke("show", "ex", "--json").stdout)
     branch = shown["branches"][0]
@@ -103,8 +114,21 @@ def test_exhausted_branch_is_rejected_with_its_last_error(db_path: Path) -> None
 
 
 def test_a_hang_is_a_retryable_timeout(db_path: Path) -> None:
-    result = invoke("run", "a cat", "-s", "cartoon", "--id", "hg", "--hang-rate", "1",
-                    "--attempt-timeout", "0.05", "--max-attempts", "2", "--json")  # fmt: skip
+    result = invoke(
+        "run",
+        "a cat",
+        "-s",
+        "cartoon",
+        "--id",
+        "hg",
+        "--hang-rate",
+        "1",
+        "--attempt-timeout",
+        "0.05",
+        "--max-attempts",
+        "2",
+        "--json",
+    )
     assert result.exit_code == 1
     branch = json.loads(invoke("show", "hg", "--json").stdout)["branches"][0]
     assert (branch["state"], branch["attempts"]) == ("rejected", 2)
@@ -198,16 +222,19 @@ def test_second_executor_is_refused_and_a_dead_one_is_taken_over_at_once(
     assert second.stdout == ""
     assert f"run 'busy' is being executed by process {owner.pid}" in second.stderr
     rerun = subprocess.run(
-        cli_argv("run", "a cat", "--crash", "--id", "busy"), env=env, capture_output=True,
+        cli_argv("run", "a cat", "--crash", "--id", "busy"),
+        env=env,
+        capture_output=True,
         text=True,
-    )  # fmt: skip
+    )
     assert rerun.returncode == 75
 
     owner.send_signal(signal.SIGKILL)
     owner.wait()
     fast = cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01")
-    taken = subprocess.run(cli_argv("resume", "busy", "--json"), env=fast, capture_output=True,
-                           text=True, timeout=30)  # fmt: skip
+    taken = subprocess.run(
+        cli_argv("resume", "busy", "--json"), env=fast, capture_output=True, text=True, timeout=30
+    )
     assert taken.returncode == 0, taken.stderr
     assert json.loads(taken.stdout)["state"] == "resolved"
 
@@ -217,8 +244,9 @@ def test_two_resumes_at_once_exactly_one_executes(
 ) -> None:
     # Leave a pending run behind: kill it before it can finish.
     env = cli_env(db_path, IMAGEPIPE_TIME_SCALE="1")
-    first = subprocess.Popen(cli_argv("run", "a cat", "--id", "twin"), env=env,
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        cli_argv("run", "a cat", "--id", "twin"), env=env, stdout=subprocess.PIPE, text=True
+    )
     procs.append(first)
     assert first.stdout is not None
     for line in first.stdout:
@@ -227,10 +255,15 @@ def test_two_resumes_at_once_exactly_one_executes(
     first.kill()
     first.wait()
     pair = [
-        subprocess.Popen(cli_argv("resume", "twin", "--json"), env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            cli_argv("resume", "twin", "--json"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
-    ]  # fmt: skip
+    ]
     procs.extend(pair)
     results = [(p.wait(timeout=60), p.stdout.read(), p.stderr.read()) for p in pair]  # type: ignore[union-attr]
     codes = sorted(code for code, _, _ in results)

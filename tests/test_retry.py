@@ -99,7 +99,8 @@ async def test_budget_and_backoff_continue_from_the_store_after_resume(
         store.start_attempt("run.0")
         from imagepipe.durable import ErrorInfo
 
-        store.fail_attempt("run.0", n, ErrorInfo("TransientProviderError", f"failure {n}"))
+        error = ErrorInfo("TransientProviderError", f"failure {n}")
+        store.fail_attempt("run.0", n, error, started_at=0.0)
     store.commit()
 
     sleep = FakeSleep()

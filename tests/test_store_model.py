@@ -40,7 +40,7 @@ class Model:
     error: ErrorInfo | None = None
     attempts: int = 0
     failures: int = 0
-    history: dict[int, ErrorInfo | None] = field(default_factory=dict)
+    history: dict[int, ErrorInfo] = field(default_factory=dict)
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -94,9 +94,8 @@ class StoreMachine(RuleBasedStateMachine):
         number = self.store.start_attempt(promise_id)
         model.attempts += 1
         assert number == model.attempts
-        model.history[number] = None
         if error is not None:
-            self.store.fail_attempt(promise_id, number, error)
+            self.store.fail_attempt(promise_id, number, error, started_at=1.0)
             model.failures += 1
             model.history[number] = error
 

@@ -19,27 +19,30 @@ __all__ = ["GroupCommit"]
 class GroupCommit:
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._pending: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
         self.commits = 0
 
     async def durable(self) -> None:
         """Return once every write made so far by this process is committed."""
-        if self._pending is None:
-            loop = asyncio.get_running_loop()
-            self._pending = loop.create_future()
+        loop = asyncio.get_running_loop()
+        if not self._waiters:
             loop.call_soon(self._flush)
-        # shield: one waiter being cancelled must not cancel the flush for the others.
-        await asyncio.shield(self._pending)
+        # One future per waiter (cheaper than shielding a shared one): a waiter that is
+        # cancelled cancels only its own future, never the flush the others wait for.
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        await waiter
 
     def _flush(self) -> None:
-        pending, self._pending = self._pending, None
-        assert pending is not None
+        waiters, self._waiters = self._waiters, []
         try:
             self._store.commit()
         except Exception as exc:
-            pending.set_exception(exc)
-            # Retrieve it here so an abandoned flush does not warn "never retrieved".
-            pending.exception()
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
         else:
             self.commits += 1
-            pending.set_result(None)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+import time
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -133,6 +134,8 @@ class RunContext(Generic[D]):
         self.deps = deps
         self._retry = retry
         self._emit = on_event or (lambda event: None)
+        #: False when nobody listens: then events are not even built (hot path at scale)
+        self._listening = on_event is not None
         self._slots = asyncio.Semaphore(concurrency) if concurrency else None
         self._attempt_timeout = attempt_timeout
         self._commit = GroupCommit(store)
@@ -197,7 +200,8 @@ class RunContext(Generic[D]):
                 )
             )
             return Handle(promise_id, record=record)
-        self._emit(PromiseQueued(promise_id, func, record.args, record.attempts))
+        if self._listening:
+            self._emit(PromiseQueued(promise_id, func, record.args, record.attempts))
         task = asyncio.create_task(self._execute(record, fn, args), name=promise_id)
         self._tasks.append(task)
         return Handle(promise_id, task=task)
@@ -233,14 +237,17 @@ class RunContext(Generic[D]):
             nonlocal current
             async with self._slot():
                 current = self.store.start_attempt(promise_id)
+                started_at = time.time()
                 await self._commit.durable()  # the attempt count is durable before the call
-                self._emit(AttemptStarted(promise_id, func, current))
+                if self._listening:
+                    self._emit(AttemptStarted(promise_id, func, current))
                 try:
                     return await self._call(fn, Step(promise_id, current, self.deps), args)
                 except StoreError:
                     raise
                 except Exception as exc:
-                    self.store.fail_attempt(promise_id, current, ErrorInfo.from_exception(exc))
+                    error = ErrorInfo.from_exception(exc)
+                    self.store.fail_attempt(promise_id, current, error, started_at)
                     await self._commit.durable()
                     raise
 
@@ -279,7 +286,8 @@ class RunContext(Generic[D]):
             self._fail_fast(exc)
             raise
         self.computed.add(promise_id)
-        self._emit(PromiseResolved(promise_id, settled.value, settled.attempts))
+        if self._listening:
+            self._emit(PromiseResolved(promise_id, settled.value, settled.attempts))
         result: T = settled.value
         return result
 
@@ -296,13 +304,8 @@ class RunContext(Generic[D]):
                 ) from None
             raise
 
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        if self._slots is None:
-            yield
-        else:
-            async with self._slots:
-                yield
+    def _slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        return _NO_LIMIT if self._slots is None else self._slots
 
     # -- fan-in helpers for the runner ---------------------------------------------
 
@@ -343,3 +346,16 @@ class _StoredError(Exception):
 
     type_name = "Error"
     retryable = True
+
+
+class _NoLimit:
+    """An async context manager that does nothing (cheaper than a generator-based one)."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LIMIT = _NoLimit()

@@ -4,7 +4,7 @@ Schema (version 1)::
 
     promises(id PK, parent_id, seq, func, args JSON, options JSON, state, value JSON,
              error JSON, attempts, failures, created_at, settled_at)
-    attempts(promise_id, attempt, started_at, finished_at, error JSON)   -- history
+    attempts(promise_id, attempt, started_at, finished_at, error JSON)   -- failed ones
     leases(run_id PK, owner, pid, host, heartbeat_at)                     -- who executes
 
 Writes open a ``BEGIN IMMEDIATE`` transaction that stays open until :meth:`commit`, so a
@@ -136,7 +136,7 @@ def _record(row: tuple[Any, ...]) -> PromiseRecord:
         failures=row[9],
         created_at=row[10],
         settled_at=row[11],
-        options=json.loads(row[12]),
+        options={} if row[12] == "{}" else json.loads(row[12]),
     )
 
 
@@ -295,22 +295,31 @@ class SQLiteStore:
         seq: int | None = None,
         options: dict[str, Any] | None = None,
     ) -> tuple[PromiseRecord, bool]:
+        args_json = canonical_json(list(args))
+        now = time.time()
         cur = self._write(
             "INSERT INTO promises (id, parent_id, seq, func, args, options, state, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT (id) DO NOTHING",
-            (
-                promise_id,
-                parent_id,
-                seq,
-                func,
-                canonical_json(list(args)),
-                canonical_json(options or {}),
-                time.time(),
-            ),
+            (promise_id, parent_id, seq, func, args_json, canonical_json(options or {}), now),
         )
-        record = self.get(promise_id)
-        assert record is not None
-        return record, cur.rowcount == 1
+        if cur.rowcount == 1:  # new: the record is what we wrote, no need to read it back
+            record = PromiseRecord(
+                id=promise_id,
+                parent_id=parent_id,
+                seq=seq,
+                func=func,
+                args=list(args),
+                state="pending",
+                value=None,
+                error=None,
+                attempts=0,
+                failures=0,
+                created_at=now,
+                settled_at=None,
+                options=dict(options or {}),
+            )
+            return record, True
+        return self._must_get(promise_id), False
 
     @_guarded
     def get(self, promise_id: str) -> PromiseRecord | None:
@@ -355,17 +364,16 @@ class SQLiteStore:
         if row is None:
             raise StoreError(f"promise {promise_id!r} vanished from {self.path}")
         attempt: int = row[0]
-        self._db.execute(
-            "INSERT OR REPLACE INTO attempts (promise_id, attempt, started_at) VALUES (?, ?, ?)",
-            (promise_id, attempt, time.time()),
-        )
         return attempt
 
     @_guarded
-    def fail_attempt(self, promise_id: str, attempt: int, error: ErrorInfo) -> None:
+    def fail_attempt(
+        self, promise_id: str, attempt: int, error: ErrorInfo, started_at: float
+    ) -> None:
         self._write(
-            "UPDATE attempts SET finished_at = ?, error = ? WHERE promise_id = ? AND attempt = ?",
-            (time.time(), error.to_json(), promise_id, attempt),
+            "INSERT OR REPLACE INTO attempts (promise_id, attempt, started_at, finished_at, error)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (promise_id, attempt, started_at, time.time(), error.to_json()),
         )
         self._db.execute("UPDATE promises SET failures = failures + 1 WHERE id = ?", (promise_id,))
 
@@ -388,29 +396,34 @@ class SQLiteStore:
         )
         return [_attempt(row) for row in rows]
 
-    def _settle(self, promise_id: str, state: str, value: str | None, error: str | None) -> None:
+    def _settle(
+        self, promise_id: str, state: str, value: Any, error: ErrorInfo | None
+    ) -> PromiseRecord:
+        """Settle if still pending (the first settle wins) and return the record."""
         now = time.time()
-        cur = self._write(
+        row = self._write(
             "UPDATE promises SET state = ?, value = ?, error = ?, settled_at = ?"
-            " WHERE id = ? AND state = 'pending'",
-            (state, value, error, now, promise_id),
-        )
-        if cur.rowcount == 1 and state == "resolved":
-            self._db.execute(
-                "UPDATE attempts SET finished_at = ? WHERE promise_id = ? AND attempt ="
-                " (SELECT attempts FROM promises WHERE id = ?) AND finished_at IS NULL",
-                (now, promise_id, promise_id),
-            )
+            f" WHERE id = ? AND state = 'pending' RETURNING {_COLUMNS}",
+            (
+                state,
+                None if value is None else canonical_json(value),
+                None if error is None else error.to_json(),
+                now,
+                promise_id,
+            ),
+        ).fetchone()
+        if row is None:  # settled before, or unknown
+            return self._must_get(promise_id)
+        # Decoded from what was stored, so a live run and a replay see the same value.
+        return _record(row)
 
     @_guarded
     def resolve(self, promise_id: str, value: Any) -> PromiseRecord:
-        self._settle(promise_id, "resolved", canonical_json(value), None)
-        return self._must_get(promise_id)
+        return self._settle(promise_id, "resolved", value, None)
 
     @_guarded
     def reject(self, promise_id: str, error: ErrorInfo) -> PromiseRecord:
-        self._settle(promise_id, "rejected", None, error.to_json())
-        return self._must_get(promise_id)
+        return self._settle(promise_id, "rejected", None, error)
 
     def _must_get(self, promise_id: str) -> PromiseRecord:
         record = self.get(promise_id)

@@ -136,11 +136,16 @@ class Store(Protocol):
         """Count one more started attempt and return its number (1, 2, ...)."""
         ...
 
-    def fail_attempt(self, promise_id: str, attempt: int, error: ErrorInfo) -> None:
+    def fail_attempt(
+        self, promise_id: str, attempt: int, error: ErrorInfo, started_at: float
+    ) -> None:
         """Record that an attempt ended with an error (the promise stays pending)."""
         ...
 
-    def attempts(self, promise_id: str) -> list[AttemptRecord]: ...
+    def attempts(self, promise_id: str) -> list[AttemptRecord]:
+        """The failed attempts of a promise, oldest first. (Attempts that succeeded or
+        were cut off by a crash are counted in ``PromiseRecord.attempts`` only.)"""
+        ...
 
     def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
         """Every failed attempt of the children of ``parent_id``, in launch order."""

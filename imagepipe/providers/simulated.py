@@ -88,17 +88,31 @@ class SimulatedProvider:
         if ms > 0 and self.time_scale > 0:
             await self.sleep(ms / 1000 * self.time_scale)
 
+    def fault_for(self, request: ImageRequest) -> str | None:
+        """Which fault this attempt meets, if any: ``crash`` (the demo's first-attempt
+        timeout), ``refuse`` (non-retryable), ``hang`` or ``transient``. Deterministic."""
+        if request.fail_first_attempt and request.style == "abstract" and request.attempt == 1:
+            return "crash"
+        if request.style in self.faults.fail_styles:
+            return "refuse"
+        if self.faults.hangs(request):
+            return "hang"
+        if self.faults.fails(request):
+            return "transient"
+        return None
+
     async def generate(self, request: ImageRequest) -> GeneratedImage:
         style = request.style
         duration = nominal_duration_ms(style) if self.latency_ms is None else self.latency_ms
-        if request.fail_first_attempt and style == "abstract" and request.attempt == 1:
+        fault = self.fault_for(request)
+        if fault == "crash":
             await self._pause(CRASH_AFTER_MS)
             raise ProviderTimeout(f"Image generation service timeout for style '{style}'")
-        if style in self.faults.fail_styles:
+        if fault == "refuse":
             raise InvalidRequest(f"the provider refuses style '{style}' (simulated bad request)")
-        if self.faults.hangs(request):
+        if fault == "hang":
             await asyncio.Event().wait()  # never answers; only the attempt timeout ends it
-        if self.faults.fails(request):
+        if fault == "transient":
             await self._pause(duration / 2)
             raise TransientProviderError(
                 f"simulated transient failure for style '{style}' (attempt {request.attempt})"

@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""Benchmark imagepipe against the floor: a raw SQLite loop, measured in the same run.
+
+The machine is shared and noisy, so every target is a ratio of figures taken in this
+one run, each the median of ``--repeat`` interleaved measurements:
+
+- happy path: wall time of the three reference styles / the slowest branch (<= 1.03)
+- 10,000 branches at --sim-latency 0 through the real CLI (--json): branches/s, against
+  a raw SQLite loop doing one INSERT and one UPDATE per branch, a commit each (WAL,
+  synchronous=NORMAL) (>= 0.5x), both end to end (process start to exit) and in-run
+  (the run's own wall_ms)
+- the same with the live UI in a pseudo-terminal (<= 1.2x the --json time)
+- resume of a fully resolved 10,000-branch run (< 1 s); peak RSS at 10,000 (< 150 MB)
+- imagepipe --help (< 300 ms)
+- branches/s at 100, 1,000, 10,000 and 100,000 branches (linear growth)
+
+    python scripts/bench.py [--repeat 3] [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pexpect
+
+CLI = [sys.executable, "-m", "imagepipe"]
+SLOWEST_MS = 1200  # photorealistic, the slowest reference style
+
+
+def env_for(db: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEPIPE_")}
+    env.update(IMAGEPIPE_DB=str(db), NO_COLOR="1", **extra)
+    return env
+
+
+def fresh(db: Path) -> Path:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    return db
+
+
+def timed_process(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """Run to completion; return (wall seconds, stdout)."""
+    start = time.perf_counter()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr[-500:]}")
+    return wall, proc.stdout
+
+
+def peak_rss(argv: list[str], env: dict[str, str]) -> int:
+    """Peak resident memory of one process, in KiB (from wait4's rusage)."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if status != 0:
+        raise SystemExit(f"{' '.join(argv)} failed with status {status}")
+    return int(usage.ru_maxrss)
+
+
+def baseline(db: Path, n: int) -> float:
+    """The floor: one INSERT and one UPDATE per branch, each committed. Branches/s."""
+    conn = sqlite3.connect(fresh(db), isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE promises (id TEXT PRIMARY KEY, state TEXT, value TEXT)")
+    start = time.perf_counter()
+    for i in range(n):
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO promises VALUES (?, 'pending', NULL)", (f"run.{i}",))
+        conn.execute("COMMIT")
+        value = json.dumps({"url": f"https://images.example.com/cartoon-{i}.png"})
+        conn.execute("BEGIN")
+        conn.execute(
+            "UPDATE promises SET state = 'resolved', value = ? WHERE id = ?", (value, f"run.{i}")
+        )
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return n / elapsed
+
+
+def run_args(n: int, run_id: str) -> list[str]:
+    return [
+        *CLI,
+        "run",
+        "cats",
+        "-s",
+        "cartoon",
+        "-n",
+        str(n),
+        "--sim-latency",
+        "0",
+        "--id",
+        run_id,
+    ]
+
+
+def cli_json(db: Path, n: int) -> tuple[float, float]:
+    """(end-to-end branches/s, in-run branches/s) of one --json run."""
+    env = env_for(fresh(db))
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [*run_args(n, "bench"), "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"imagepipe run failed: {err.decode()[-500:]}")
+    data = json.loads(out)
+    if data["state"] != "resolved" or len(data["images"]) != n:
+        raise SystemExit(f"the benchmark run did not resolve {n} images")
+    return n / wall, n / max(data["wall_ms"] / 1000, 1e-9)
+
+
+def cli_live(db: Path, n: int) -> float:
+    """Seconds for the same run with the live table, in a pseudo-terminal."""
+    env = env_for(fresh(db), TERM="xterm-256color")
+    env.pop("NO_COLOR")
+    start = time.perf_counter()
+    child = pexpect.spawn(
+        CLI[0], [*run_args(n, "bench")[1:]], env=env, dimensions=(40, 140), timeout=600
+    )
+    child.expect(pexpect.EOF)
+    child.close()
+    if child.exitstatus != 0:
+        raise SystemExit(f"live run failed: {child.before!r}")
+    return time.perf_counter() - start
+
+
+def median(fn: Callable[[], float], repeat: int) -> float:
+    return statistics.median(fn() for _ in range(repeat))
+
+
+def measure(repeat: int, quick: bool) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="imagepipe-bench-"))
+    db = work / "bench.db"
+    n = 10_000
+    figures: dict[str, Any] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
+
+    # Happy path at the reference durations.
+    walls = []
+    for i in range(repeat):
+        out = timed_process(
+            [*CLI, "run", "A futuristic city skyline", "--json", "--id", f"happy-{i}"], env_for(db)
+        )[1]
+        walls.append(json.loads(out)["wall_ms"])
+    figures["happy_wall_ms"] = statistics.median(walls)
+    figures["happy_ratio"] = figures["happy_wall_ms"] / SLOWEST_MS
+
+    # Throughput, interleaved with the baseline so both see the same machine.
+    base, e2e, inrun, json_secs, live_secs = [], [], [], [], []
+    for _ in range(repeat):
+        base.append(baseline(work / "baseline.db", n))
+        end_to_end, in_run = cli_json(db, n)
+        e2e.append(end_to_end)
+        inrun.append(in_run)
+        json_secs.append(n / end_to_end)
+        live_secs.append(cli_live(db, n))
+    figures["baseline_branches_per_s"] = statistics.median(base)
+    figures["cli_json_branches_per_s"] = statistics.median(e2e)
+    figures["cli_json_in_run_branches_per_s"] = statistics.median(inrun)
+    figures["cli_vs_baseline"] = (
+        figures["cli_json_branches_per_s"] / figures["baseline_branches_per_s"]
+    )
+    figures["cli_in_run_vs_baseline"] = (
+        figures["cli_json_in_run_branches_per_s"] / figures["baseline_branches_per_s"]
+    )
+    figures["cli_json_s"] = statistics.median(json_secs)
+    figures["cli_live_s"] = statistics.median(live_secs)
+    figures["live_vs_json"] = figures["cli_live_s"] / figures["cli_json_s"]
+
+    # Resume of a fully resolved 10,000-branch run, and peak memory.
+    env = env_for(fresh(db))
+    figures["peak_rss_mb_10k"] = peak_rss([*run_args(n, "full"), "--json"], env) / 1024
+    figures["resume_resolved_10k_s"] = median(
+        lambda: timed_process([*CLI, "resume", "full", "--json"], env)[0], repeat
+    )
+    figures["help_s"] = median(lambda: timed_process([*CLI, "--help"], env)[0], max(repeat, 5))
+
+    # Linear growth.
+    sizes = [100, 1_000, 10_000] + ([] if quick else [100_000])
+    figures["scaling"] = {}
+    for size in sizes:
+        rate = median(lambda size=size: cli_json(db, size)[1], 1 if size >= 100_000 else repeat)
+        figures["scaling"][str(size)] = rate
+    return figures
+
+
+def table(f: dict[str, Any]) -> str:
+    def row(what: str, value: str, target: str, ok: bool | None) -> str:
+        mark = "" if ok is None else ("ok" if ok else "MISSED")
+        return f"| {what} | {value} | {target} | {mark} |"
+
+    lines = [
+        f"Machine: {f['cores']} cores, Python {f['python']}; medians of interleaved runs.",
+        "",
+        "| measure | value | target | |",
+        "|---|---|---|---|",
+        row(
+            "happy path wall / slowest branch",
+            f"{f['happy_wall_ms']:.0f} ms / 1200 ms = {f['happy_ratio']:.3f}",
+            "<= 1.03",
+            f["happy_ratio"] <= 1.03,
+        ),
+        row(
+            "raw SQLite baseline (INSERT + UPDATE, commit each)",
+            f"{f['baseline_branches_per_s']:,.0f} branches/s",
+            "",
+            None,
+        ),
+        row(
+            "CLI --json, 10,000 branches, end to end",
+            f"{f['cli_json_branches_per_s']:,.0f} branches/s = {f['cli_vs_baseline']:.2f}x",
+            ">= 0.5x",
+            f["cli_vs_baseline"] >= 0.5,
+        ),
+        row(
+            "CLI --json, 10,000 branches, in-run (wall_ms)",
+            f"{f['cli_json_in_run_branches_per_s']:,.0f} branches/s = "
+            f"{f['cli_in_run_vs_baseline']:.2f}x",
+            ">= 0.5x",
+            f["cli_in_run_vs_baseline"] >= 0.5,
+        ),
+        row(
+            "live UI (pty) / --json, 10,000 branches",
+            f"{f['cli_live_s']:.2f} s / {f['cli_json_s']:.2f} s = {f['live_vs_json']:.2f}",
+            "<= 1.2",
+            f["live_vs_json"] <= 1.2,
+        ),
+        row(
+            "resume of a resolved 10,000-branch run",
+            f"{f['resume_resolved_10k_s']:.2f} s",
+            "< 1 s",
+            f["resume_resolved_10k_s"] < 1,
+        ),
+        row(
+            "peak RSS, 10,000 branches",
+            f"{f['peak_rss_mb_10k']:.0f} MB",
+            "< 150 MB",
+            f["peak_rss_mb_10k"] < 150,
+        ),
+        row("imagepipe --help", f"{f['help_s'] * 1000:.0f} ms", "< 300 ms", f["help_s"] < 0.3),
+    ]
+    for size, rate in f["scaling"].items():
+        lines.append(row(f"in-run branches/s at {int(size):,}", f"{rate:,.0f}", "linear", None))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=3, help="measurements per figure")
+    parser.add_argument("--quick", action="store_true", help="skip the 100,000-branch run")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    figures = measure(max(1, args.repeat), args.quick)
+    print(json.dumps(figures, indent=2) if args.json else table(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
