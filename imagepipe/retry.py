@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from typing import TYPE_CHECKING, TypeVar
 
 from imagepipe.errors import ImagepipeError
+
+if TYPE_CHECKING:  # imported when first needed: most runs never retry
+    from tenacity import AsyncRetrying, RetryCallState
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "ExponentialRetry", "is_retryable"]
 
@@ -81,6 +82,8 @@ class ExponentialRetry:
         last_attempt: Callable[[], int],
         before_sleep: Callable[[BaseException, float], None],
     ) -> AsyncRetrying:
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
         def wait(state: RetryCallState) -> float:
             return self.delay(last_attempt())
 

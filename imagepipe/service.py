@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import re
 import signal
 import time
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_CONCURRENCY",
     "Branch",
     "Invocation",
+    "QuietReporter",
     "Reporter",
     "RunInfo",
     "RunOutcome",
@@ -297,6 +299,15 @@ class Reporter(Protocol):
         ...
 
 
+class QuietReporter:
+    """Reports nothing; ``on_event`` is None so the core does not even build events."""
+
+    on_event = None
+
+    def run_started(self, info: RunInfo) -> None:
+        pass
+
+
 # -- the store -----------------------------------------------------------------------
 
 
@@ -449,12 +460,21 @@ def _drive(
             loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         return await _execute(store, root, invocation, reporter, resumed=resumed, reopen=reopen)
 
+    # Thousands of branches allocate many short-lived objects; the default collector
+    # threshold (700) makes CPython rescan them thousands of times. Freeze what exists
+    # (modules, the store) and collect young objects less often.
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     try:
         return asyncio.run(main())
     except KeyboardInterrupt:
         raise Interrupted(root.id, "SIGINT") from None
     except asyncio.CancelledError:
         raise Interrupted(root.id, received) from None
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 async def _execute(

@@ -7,7 +7,7 @@
   and only the rows that are running, retrying or rejected.
 - :class:`PlainReporter` writes one line per event, like the reference transcript, for
   pipes, CI and ``TERM=dumb``: no redraws, no escape codes.
-- :class:`QuietReporter` prints nothing while the run works.
+- :class:`~imagepipe.service.QuietReporter` (no rich needed) prints nothing while it works.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ __all__ = [
     "Board",
     "LiveReporter",
     "PlainReporter",
-    "QuietReporter",
     "Row",
     "board_renderable",
 ]
@@ -268,15 +267,6 @@ def _summary(board: Board, now: float) -> RenderableType:
 def _short(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-class QuietReporter:
-    """Reports nothing; ``on_event`` is None so the core does not even build events."""
-
-    on_event = None
-
-    def run_started(self, info: RunInfo) -> None:
-        pass
 
 
 class PlainReporter:

@@ -5,8 +5,7 @@ import inspect
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
@@ -227,27 +226,30 @@ def make_console(no_color: bool) -> "Console":
     return console
 
 
-@contextmanager
-def reporter_for(console: "Console", *, json_out: bool, quiet: bool) -> Iterator["Reporter"]:
-    """Live table in a terminal, plain lines elsewhere, nothing for --json and --quiet."""
-    from imagepipe.ui import LiveReporter, PlainReporter, QuietReporter
+def execute_and_report(
+    call: Callable[["Reporter"], "RunOutcome"], *, json_out: bool, quiet: bool, no_color: bool
+) -> None:
+    """Run ``call`` with the right reporter, then print its outcome (rich only if needed).
 
-    if json_out or quiet:
-        yield QuietReporter()
-    elif console.is_terminal and not console.is_dumb_terminal:
-        with LiveReporter(console) as live:
-            yield live
-    else:
-        yield PlainReporter(console)
-
-
-def finish(console: "Console", outcome: "RunOutcome", *, json_out: bool) -> None:
-    """Print the outcome; a failed run then exits 1 with its first rejected branch."""
-    from imagepipe.render import print_outcome
+    Live table in a terminal, plain lines elsewhere, nothing for --json and --quiet. A
+    failed run then exits 1 naming its first rejected branch."""
+    from imagepipe.service import QuietReporter
 
     if json_out:
+        outcome = call(QuietReporter())
         print(json.dumps(outcome.result_json()))
     else:
+        from imagepipe.render import print_outcome
+        from imagepipe.ui import LiveReporter, PlainReporter
+
+        console = make_console(no_color)
+        if quiet:
+            outcome = call(QuietReporter())
+        elif console.is_terminal and not console.is_dumb_terminal:
+            with LiveReporter(console) as live:
+                outcome = call(live)
+        else:
+            outcome = call(PlainReporter(console))
         print_outcome(console, outcome)
     if outcome.state == "failed":
         failed = outcome.failures

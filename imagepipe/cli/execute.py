@@ -12,10 +12,8 @@ from imagepipe.cli.common import (
     NoColorOption,
     QuietOption,
     db_file,
+    execute_and_report,
     execution_options,
-    finish,
-    make_console,
-    reporter_for,
     reports_errors,
 )
 from imagepipe.service import Invocation
@@ -75,10 +73,13 @@ def run(
 
     spec = RunSpec(prompt, tuple(style) if style else DEFAULT_STYLES, crash, variations)
     spec.validate()
-    console = make_console(no_color)
-    with reporter_for(console, json_out=json_out, quiet=quiet) as reporter:
-        outcome = start_run(db_file(db), run_id or new_run_id(), spec, invocation, reporter)
-    finish(console, outcome, json_out=json_out)
+    path, chosen_id = db_file(db), run_id or new_run_id()
+    execute_and_report(
+        lambda reporter: start_run(path, chosen_id, spec, invocation, reporter),
+        json_out=json_out,
+        quiet=quiet,
+        no_color=no_color,
+    )
 
 
 def resume(
@@ -97,10 +98,13 @@ def resume(
     """Finish an interrupted run: settled branches are read from the store, not redone."""
     from imagepipe.service import resume_run
 
-    console = make_console(no_color)
-    with reporter_for(console, json_out=json_out, quiet=quiet) as reporter:
-        outcome = resume_run(db_file(db), run_id, invocation, reporter, retry_failed=retry_failed)
-    finish(console, outcome, json_out=json_out)
+    path = db_file(db)
+    execute_and_report(
+        lambda reporter: resume_run(path, run_id, invocation, reporter, retry_failed=retry_failed),
+        json_out=json_out,
+        quiet=quiet,
+        no_color=no_color,
+    )
 
 
 def retry(

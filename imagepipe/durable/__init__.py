@@ -25,6 +25,7 @@ from imagepipe.durable.store import (
     Lease,
     PromiseRecord,
     PromiseState,
+    Settled,
     Store,
 )
 
@@ -46,6 +47,7 @@ __all__ = [
     "RetryPolicy",
     "RunContext",
     "SQLiteStore",
+    "Settled",
     "Step",
     "Store",
 ]

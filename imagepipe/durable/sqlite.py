@@ -27,6 +27,8 @@ from imagepipe.durable.store import (
     ErrorInfo,
     Lease,
     PromiseRecord,
+    PromiseState,
+    Settled,
     canonical_json,
 )
 from imagepipe.errors import StoreBusy, StoreError, UnusableStore
@@ -300,7 +302,15 @@ class SQLiteStore:
         cur = self._write(
             "INSERT INTO promises (id, parent_id, seq, func, args, options, state, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT (id) DO NOTHING",
-            (promise_id, parent_id, seq, func, args_json, canonical_json(options or {}), now),
+            (
+                promise_id,
+                parent_id,
+                seq,
+                func,
+                args_json,
+                canonical_json(options) if options else "{}",
+                now,
+            ),
         )
         if cur.rowcount == 1:  # new: the record is what we wrote, no need to read it back
             record = PromiseRecord(
@@ -397,32 +407,34 @@ class SQLiteStore:
         return [_attempt(row) for row in rows]
 
     def _settle(
-        self, promise_id: str, state: str, value: Any, error: ErrorInfo | None
-    ) -> PromiseRecord:
-        """Settle if still pending (the first settle wins) and return the record."""
-        now = time.time()
+        self, promise_id: str, state: PromiseState, value: Any, error: ErrorInfo | None
+    ) -> Settled:
+        """Settle if still pending (the first settle wins) and return the outcome."""
+        value_json = None if value is None else canonical_json(value)
         row = self._write(
             "UPDATE promises SET state = ?, value = ?, error = ?, settled_at = ?"
-            f" WHERE id = ? AND state = 'pending' RETURNING {_COLUMNS}",
+            " WHERE id = ? AND state = 'pending' RETURNING attempts",
             (
                 state,
-                None if value is None else canonical_json(value),
+                value_json,
                 None if error is None else error.to_json(),
-                now,
+                time.time(),
                 promise_id,
             ),
         ).fetchone()
-        if row is None:  # settled before, or unknown
-            return self._must_get(promise_id)
-        # Decoded from what was stored, so a live run and a replay see the same value.
-        return _record(row)
+        if row is None:  # settled before (its outcome stands), or unknown
+            record = self._must_get(promise_id)
+            return Settled(record.state, record.value, record.error, record.attempts)
+        # The value as stored, decoded, so a live run and a replay see the same thing.
+        stored = None if value_json is None else json.loads(value_json)
+        return Settled(state, stored, error, row[0])
 
     @_guarded
-    def resolve(self, promise_id: str, value: Any) -> PromiseRecord:
+    def resolve(self, promise_id: str, value: Any) -> Settled:
         return self._settle(promise_id, "resolved", value, None)
 
     @_guarded
-    def reject(self, promise_id: str, error: ErrorInfo) -> PromiseRecord:
+    def reject(self, promise_id: str, error: ErrorInfo) -> Settled:
         return self._settle(promise_id, "rejected", None, error)
 
     def _must_get(self, promise_id: str) -> PromiseRecord:

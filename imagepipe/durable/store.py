@@ -22,6 +22,7 @@ __all__ = [
     "Lease",
     "PromiseRecord",
     "PromiseState",
+    "Settled",
     "Store",
     "canonical_json",
 ]
@@ -29,9 +30,12 @@ __all__ = [
 PromiseState = Literal["pending", "resolved", "rejected"]
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(value: Any) -> str:
     """One stable text per JSON value, so stored and replayed arguments compare equal."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,16 @@ class PromiseRecord:
     @property
     def settled(self) -> bool:
         return self.state != "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The outcome of a promise as stored after ``resolve`` or ``reject``."""
+
+    state: PromiseState
+    value: Any
+    error: ErrorInfo | None
+    attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,11 +165,11 @@ class Store(Protocol):
         """Every failed attempt of the children of ``parent_id``, in launch order."""
         ...
 
-    def resolve(self, promise_id: str, value: Any) -> PromiseRecord:
-        """Settle as resolved. The first settle wins: a settled promise is returned as is."""
+    def resolve(self, promise_id: str, value: Any) -> Settled:
+        """Settle as resolved. The first settle wins: a settled promise's outcome stays."""
         ...
 
-    def reject(self, promise_id: str, error: ErrorInfo) -> PromiseRecord:
+    def reject(self, promise_id: str, error: ErrorInfo) -> Settled:
         """Settle as rejected. The first settle wins."""
         ...
 
