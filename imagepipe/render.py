@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from imagepipe.service import Branch, RunOutcome, RunSummary
+from imagepipe.runs import Branch, RunOutcome, RunSummary
 from imagepipe.ui import Board, Row, board_renderable
 
 __all__ = ["print_outcome", "print_run_list", "print_show", "speedup_line"]

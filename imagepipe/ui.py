@@ -34,7 +34,7 @@ from imagepipe.durable import (
     PromiseResolved,
 )
 from imagepipe.pipeline import branch_label
-from imagepipe.service import RunInfo
+from imagepipe.runs import RunInfo
 
 __all__ = [
     "FULL_TABLE_LIMIT",

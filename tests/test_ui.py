@@ -18,7 +18,7 @@ from imagepipe.durable import (
     PromiseRejectedEvent,
     PromiseResolved,
 )
-from imagepipe.service import RunInfo, RunSpec
+from imagepipe.runs import RunInfo, RunSpec
 from imagepipe.ui import FULL_TABLE_LIMIT, Board, board_renderable
 
 from conftest import cli_argv, cli_env

@@ -16,7 +16,7 @@ from imagepipe.errors import ImagepipeError, RunFailed
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from imagepipe.service import Invocation, Reporter, RunOutcome
+    from imagepipe.runs import Invocation, Reporter, RunOutcome
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -189,7 +189,7 @@ def make_invocation(
     fail_style: list[str] | None = None,
 ) -> "Invocation":
     from imagepipe.providers import Faults
-    from imagepipe.service import DEFAULT_CONCURRENCY, Invocation
+    from imagepipe.runs import DEFAULT_CONCURRENCY, Invocation
     from imagepipe.settings import time_scale
 
     invocation = Invocation(
@@ -233,7 +233,7 @@ def execute_and_report(
 
     Live table in a terminal, plain lines elsewhere, nothing for --json and --quiet. A
     failed run then exits 1 naming its first rejected branch."""
-    from imagepipe.service import QuietReporter
+    from imagepipe.runs import QuietReporter
 
     if json_out:
         outcome = call(QuietReporter())

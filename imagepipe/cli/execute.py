@@ -16,7 +16,7 @@ from imagepipe.cli.common import (
     execution_options,
     reports_errors,
 )
-from imagepipe.service import Invocation
+from imagepipe.runs import Invocation
 
 IdArgument = Annotated[str, typer.Argument(metavar="ID", help="The run's id.")]
 
@@ -69,7 +69,8 @@ def run(
 ) -> None:
     """Generate the styles of PROMPT in parallel, each branch a durable promise."""
     from imagepipe.providers import DEFAULT_STYLES
-    from imagepipe.service import RunSpec, new_run_id, start_run
+    from imagepipe.runs import RunSpec, new_run_id
+    from imagepipe.service import start_run
 
     spec = RunSpec(prompt, tuple(style) if style else DEFAULT_STYLES, crash, variations)
     spec.validate()

@@ -230,6 +230,15 @@ class RunContext(Generic[D]):
     async def _execute(
         self, record: PromiseRecord, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]
     ) -> T:
+        try:
+            return await self._run_branch(record, fn, args)
+        except StoreError as exc:
+            self._fail_fast(exc)  # this branch's outcome cannot be recorded: stop the run
+            raise
+
+    async def _run_branch(
+        self, record: PromiseRecord, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]
+    ) -> T:
         promise_id, func = record.id, record.func
         current = record.attempts
 
@@ -264,27 +273,18 @@ class RunContext(Generic[D]):
                 last_attempt=lambda: current,
                 before_sleep=before_sleep,
             )
-        except StoreError as exc:
-            self._fail_fast(exc)
-            raise
+        except StoreError:
+            raise  # not the branch's failure: the run stops (see _execute)
         except Exception as exc:
             error = ErrorInfo.from_exception(exc)
             self._emit(AttemptFailed(promise_id, func, current, error, None))
-            try:
-                settled = self.store.reject(promise_id, error)
-                await self._commit.durable()
-            except StoreError as store_exc:
-                self._fail_fast(store_exc)
-                raise
+            settled = self.store.reject(promise_id, error)
+            await self._commit.durable()
             self.computed.add(promise_id)
             self._emit(PromiseRejectedEvent(promise_id, error, settled.attempts))
             raise PromiseRejected(promise_id, error.type, error.message) from exc
-        try:
-            settled = self.store.resolve(promise_id, value)
-            await self._commit.durable()  # durable before anyone hears of it
-        except StoreError as exc:
-            self._fail_fast(exc)
-            raise
+        settled = self.store.resolve(promise_id, value)
+        await self._commit.durable()  # durable before anyone hears of it
         self.computed.add(promise_id)
         if self._listening:
             self._emit(PromiseResolved(promise_id, settled.value, settled.attempts))

@@ -1,0 +1,280 @@
+"""What a run is and what it produced: plain data, validated, with its JSON shapes.
+
+- :class:`RunSpec` — the identity of a run (prompt, styles, crash, variations)
+- :class:`Invocation` — how this process executes it (budget, concurrency, faults)
+- :class:`RunOutcome` / :class:`Branch` — the stored result, as ``run``/``show`` print it
+- :class:`Reporter` — what the commands tell while they work
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from imagepipe.durable import AttemptRecord, ErrorInfo, Event, PromiseRecord
+from imagepipe.errors import BadInput
+from imagepipe.providers import KNOWN_STYLES, Faults
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "Branch",
+    "Invocation",
+    "QuietReporter",
+    "Reporter",
+    "RunInfo",
+    "RunOutcome",
+    "RunSpec",
+    "RunSummary",
+    "new_run_id",
+    "run_state",
+    "validate_run_id",
+]
+
+#: Provider calls in flight by default. Image APIs limit concurrent requests per key (a
+#: handful to a few dozen); 16 keeps a burst within common tiers while the default three
+#: styles, and any few variations, still all run at once.
+DEFAULT_CONCURRENCY = 16
+MAX_PROMPT = 4000
+MAX_VARIATIONS = 100_000
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
+_CHILD_SUFFIX = re.compile(r"\.\d+$")
+
+
+# -- what a run is -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The identity of a run: reusing an id with a different spec is refused."""
+
+    prompt: str
+    styles: tuple[str, ...]
+    crash: bool = False
+    variations: int = 1
+
+    def args(self) -> list[Any]:
+        return [self.prompt, list(self.styles), self.crash, self.variations]
+
+    @classmethod
+    def from_args(cls, args: Sequence[Any]) -> RunSpec:
+        prompt, styles, crash, variations = args
+        return cls(str(prompt), tuple(styles), bool(crash), int(variations))
+
+    def validate(self) -> None:
+        if not self.prompt.strip():
+            raise BadInput('the prompt is empty; say what to draw: imagepipe run "a lighthouse"')
+        if len(self.prompt) > MAX_PROMPT:
+            raise BadInput(f"the prompt has {len(self.prompt)} characters; at most {MAX_PROMPT}")
+        if not self.styles:
+            raise BadInput("no style chosen; pass --style at least once")
+        seen: set[str] = set()
+        for style in self.styles:
+            if style not in KNOWN_STYLES:
+                raise BadInput(f"unknown style {style!r}; choose from {', '.join(KNOWN_STYLES)}")
+            if style in seen:
+                raise BadInput(f"style {style!r} is given twice")
+            seen.add(style)
+        if not 1 <= self.variations <= MAX_VARIATIONS:
+            raise BadInput(
+                f"--variations must be between 1 and {MAX_VARIATIONS}, not {self.variations}"
+            )
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """How this process executes a run. Not part of the run's identity."""
+
+    max_attempts: int | None = None  # None: the value stored with the run (default 5)
+    concurrency: int | None = None
+    time_scale: float = 1.0
+    sim_latency_ms: int | None = None
+    attempt_timeout: float | None = None
+    faults: Faults = field(default_factory=Faults)
+
+    def validate(self) -> None:
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise BadInput(f"--max-attempts must be at least 1, not {self.max_attempts}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise BadInput(f"--concurrency must be at least 1, not {self.concurrency}")
+        if self.sim_latency_ms is not None and self.sim_latency_ms < 0:
+            raise BadInput(f"--sim-latency must be 0 or more, not {self.sim_latency_ms}")
+        if self.attempt_timeout is not None and self.attempt_timeout <= 0:
+            raise BadInput(f"--attempt-timeout must be positive, not {self.attempt_timeout}")
+        for style in sorted(self.faults.fail_styles):
+            if style not in KNOWN_STYLES:
+                raise BadInput(
+                    f"unknown --fail-style {style!r}; choose from {', '.join(KNOWN_STYLES)}"
+                )
+        for name, rate in (
+            ("--fail-rate", self.faults.fail_rate),
+            ("--hang-rate", self.faults.hang_rate),
+        ):
+            if not 0 <= rate <= 1:
+                raise BadInput(f"{name} must be between 0 and 1, not {rate}")
+
+
+def validate_run_id(run_id: str) -> None:
+    if not _RUN_ID.fullmatch(run_id):
+        raise BadInput(f"run id {run_id!r} is not valid: use up to 200 letters, digits and _ . : -")
+    if _CHILD_SUFFIX.search(run_id):
+        raise BadInput(f"run id {run_id!r} ends like a branch id (.N); choose another")
+
+
+def new_run_id() -> str:
+    return f"pipeline-{int(time.time() * 1000)}"
+
+
+# -- what a run produced -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Branch:
+    id: str
+    style: str
+    variation: int
+    state: str
+    attempts: int
+    value: dict[str, Any] | None
+    error: ErrorInfo | None
+    replayed: bool
+
+    @classmethod
+    def from_record(cls, record: PromiseRecord, *, replayed: bool) -> Branch:
+        return cls(
+            id=record.id,
+            style=str(record.args[1]),
+            variation=int(record.args[2]),
+            state=record.state,
+            attempts=record.attempts,
+            value=record.value,
+            error=record.error,
+            replayed=replayed,
+        )
+
+
+def run_state(record: PromiseRecord) -> str:
+    return {"resolved": "resolved", "rejected": "failed"}.get(record.state, "pending")
+
+
+@dataclass(frozen=True, repr=False)
+class RunOutcome:
+    id: str
+    state: str
+    spec: RunSpec
+    branches: list[Branch]
+    wall_ms: int
+    created_at: float
+    #: False when the run was already settled and only read from the store
+    executed: bool = True
+    #: failed attempts of every branch, oldest first (filled in by ``show``)
+    history: list[AttemptRecord] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        # Short on purpose: asyncio formats the main task's result (this object) while
+        # shutting down, and a 10,000-branch repr cost ~0.1 s there.
+        return f"RunOutcome(id={self.id!r}, state={self.state!r}, branches={len(self.branches)})"
+
+    @property
+    def images(self) -> list[Branch]:
+        return [b for b in self.branches if b.state == "resolved"]
+
+    @property
+    def failures(self) -> list[Branch]:
+        return [b for b in self.branches if b.state == "rejected"]
+
+    @property
+    def sequential_ms(self) -> int:
+        return sum(int(b.value["duration_ms"]) for b in self.images if b.value)
+
+    def result_json(self) -> dict[str, Any]:
+        """The ``run --json`` / ``resume --json`` shape."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "prompt": self.spec.prompt,
+            "images": [
+                {
+                    "style": b.style,
+                    "url": b.value["url"],
+                    "duration_ms": b.value["duration_ms"],
+                    "attempts": b.attempts,
+                    "replayed": b.replayed,
+                }
+                for b in self.images
+                if b.value
+            ],
+            "wall_ms": self.wall_ms,
+            "sequential_ms": self.sequential_ms,
+        }
+
+    def show_json(self) -> dict[str, Any]:
+        """The ``show --json`` shape."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "prompt": self.spec.prompt,
+            "branches": [
+                {
+                    "id": b.id,
+                    "style": b.style,
+                    "state": b.state,
+                    "attempts": b.attempts,
+                    "value": b.value,
+                    "error": None if b.error is None else f"{b.error.type}: {b.error.message}",
+                }
+                for b in self.branches
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    id: str
+    state: str
+    prompt: str
+    created_at: float
+    counts: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "prompt": self.prompt,
+            "created_at": _iso(self.created_at),
+        }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a reporter is told when execution starts."""
+
+    id: str
+    spec: RunSpec
+    resumed: bool
+    db_path: str
+    max_attempts: int
+
+
+class Reporter(Protocol):
+    def run_started(self, info: RunInfo) -> None: ...
+
+    @property
+    def on_event(self) -> Callable[[Event], None] | None:
+        """Where the core's events go; None for a reporter that ignores them."""
+        ...
+
+
+class QuietReporter:
+    """Reports nothing; ``on_event`` is None so the core does not even build events."""
+
+    on_event = None
+
+    def run_started(self, info: RunInfo) -> None:
+        pass
