@@ -107,15 +107,16 @@ def print_show(console: Console, outcome: RunOutcome) -> None:
     board = Board()
     for b in outcome.branches:
         state = {"resolved": "resolved", "rejected": "rejected"}.get(b.state, "pending")
-        board.rows[b.id] = Row(
-            b.id,
-            b.style if b.variation == 0 else f"{b.style}#{b.variation}",
-            state=state,
-            attempt=b.attempts,
-            url=str(b.value["url"]) if b.value else None,
-            error=None if b.error is None else f"{b.error.type}: {b.error.message}",
+        board.add(
+            Row(
+                b.id,
+                b.style if b.variation == 0 else f"{b.style}#{b.variation}",
+                state=state,
+                attempt=b.attempts,
+                url=str(b.value["url"]) if b.value else None,
+                error=None if b.error is None else f"{b.error.type}: {b.error.message}",
+            )
         )
-        board.counts[state] += 1
     state_style = RUN_STATE_STYLE.get(outcome.state, "")
     console.print(
         Text.assemble(

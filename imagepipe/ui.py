@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -79,31 +80,39 @@ class Row:
 
 @dataclass
 class Board:
-    """Every branch's current state, folded from events."""
+    """Every branch's current state, folded from events.
+
+    Rows are also kept per state (in arrival order), so that a frame of a huge run only
+    touches the few rows that are running, retrying or rejected."""
 
     info: RunInfo | None = None
     rows: dict[str, Row] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    by_state: dict[str, dict[str, Row]] = field(default_factory=lambda: {s: {} for s in STATES})
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     # (time, settled count) samples for the rate and ETA
     settled_log: list[tuple[float, int]] = field(default_factory=list)
 
+    @property
+    def counts(self) -> dict[str, int]:
+        return {state: len(rows) for state, rows in self.by_state.items()}
+
     def _move(self, row: Row, state: str) -> None:
-        self.counts[row.state] -= 1
-        self.counts[state] += 1
+        del self.by_state[row.state][row.id]
+        self.by_state[state][row.id] = row
         row.state = state
 
-    def _add(self, promise_id: str, args: list[object], state: str) -> Row:
-        row = Row(promise_id, branch_label(list(args)))
-        self.rows[promise_id] = row
-        self.counts["queued"] += 1
-        self._move(row, state)
+    def add(self, row: Row) -> Row:
+        self.rows[row.id] = row
+        self.by_state[row.state][row.id] = row
         return row
+
+    def _add(self, promise_id: str, args: list[object], state: str) -> Row:
+        return self.add(Row(promise_id, branch_label(list(args)), state=state))
 
     @property
     def settled(self) -> int:
-        return self.counts["resolved"] + self.counts["replayed"] + self.counts["rejected"]
+        return sum(len(self.by_state[s]) for s in ("resolved", "replayed", "rejected"))
 
     def apply(self, event: Event, now: float | None = None) -> Row:
         now = time.monotonic() if now is None else now
@@ -203,7 +212,8 @@ def _table(rows: list[Row], now: float, live: bool) -> Table:
 
 
 def _footer(board: Board, now: float, live: bool) -> Text:
-    text = " · ".join(f"{board.counts[s]} {s}" for s in STATES if board.counts[s])
+    counts = board.counts
+    text = " · ".join(f"{counts[s]} {s}" for s in STATES if counts[s])
     if live:
         end = board.finished or now
         text += f"  —  wall {end - board.started:.1f} s"
@@ -246,19 +256,16 @@ def _summary(board: Board, now: float) -> RenderableType:
         f"{rate:.0f}/s" if rate else "",
         eta,
     )
-    by_state: dict[str, list[Row]] = {"rejected": [], "retrying": [], "running": []}
-    for row in board.rows.values():
-        if row.state in by_state:
-            by_state[row.state].append(row)
+    by_state = board.by_state
     # A few failures, then what is happening now, the longest-waiting first.
-    shown = heapq.nsmallest(REJECTED_ROWS_SHOWN, by_state["rejected"], key=lambda r: r.since)
-    current = by_state["retrying"] + by_state["running"]
+    shown = list(itertools.islice(by_state["rejected"].values(), REJECTED_ROWS_SHOWN))
+    current = [*by_state["retrying"].values(), *by_state["running"].values()]
     room = ACTIVE_ROWS_SHOWN - len(shown)
     shown += heapq.nsmallest(room, current, key=lambda r: (r.state != "retrying", r.since))
     parts: list[RenderableType] = [bar]
     if shown:
         parts.append(_table(shown, now, live=True))
-    hidden = sum(len(rows) for rows in by_state.values()) - len(shown)
+    hidden = sum(len(by_state[s]) for s in ("rejected", "retrying", "running")) - len(shown)
     if hidden > 0:
         parts.append(Text(f"… and {hidden} more running, retrying or rejected", style="dim"))
     return Group(*parts)
@@ -317,7 +324,7 @@ class PlainReporter:
 class LiveReporter:
     """A ``rich.live`` table redrawn a few times a second from the :class:`Board`."""
 
-    def __init__(self, console: Console, refresh_per_second: float = 8) -> None:
+    def __init__(self, console: Console, refresh_per_second: float = 5) -> None:
         self.console = console
         self.board = Board()
         self.live = Live(
