@@ -193,7 +193,7 @@ def _drive(
         # Not available off the main thread (tests) or on Windows: Ctrl-C still works.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-        return await _execute(store, root, invocation, reporter, resumed=resumed, reopen=reopen)
+        return await _execute(store, root, invocation, reporter, resumed, reopen)
 
     # Thousands of branches allocate many short-lived objects; the default collector
     # threshold (700) makes CPython rescan them thousands of times. Freeze what exists
@@ -217,10 +217,10 @@ async def _execute(
     root: PromiseRecord,
     invocation: Invocation,
     reporter: Reporter,
-    *,
     resumed: bool,
-    reopen: bool = False,
+    reopen: bool,
 ) -> RunOutcome:
+    """The run itself, under the lease: the workflow, then the root's settlement."""
     spec = RunSpec.from_args(root.args)
     max_attempts = invocation.max_attempts or int(
         root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,3 +63,14 @@ def cli_env(db: Path, **extra: str) -> dict[str, str]:
 
 def cli_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "imagepipe", *args]
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts; any still running at the end is killed and reaped."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -7,7 +7,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,16 +186,6 @@ def test_non_determinism_is_refused_naming_the_first_mismatch(db_path: Path) -> 
 
 
 # -- one executor at a time ---------------------------------------------------------
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
 
 
 def test_second_executor_is_refused_and_a_dead_one_is_taken_over_at_once(
