@@ -13,7 +13,14 @@ from typing import Any, TypedDict
 from imagepipe.durable import Handle, RunContext, Step
 from imagepipe.providers import GeneratedImage, ImageRequest, Provider
 
-__all__ = ["Deps", "PipelineResult", "branch_label", "generate_image", "image_pipeline"]
+__all__ = [
+    "Deps",
+    "PipelineResult",
+    "branch_label",
+    "generate_image",
+    "image_pipeline",
+    "variation_label",
+]
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,11 @@ async def image_pipeline(
     return {"prompt": prompt, "images": images, "total_ms": sum(i["duration_ms"] for i in images)}
 
 
-def branch_label(args: list[Any]) -> str:
-    """How a ``generate_image`` branch is named on screen: its style (``#n`` for n > 0)."""
-    style, variation = str(args[1]), int(args[2])
+def variation_label(style: str, variation: int) -> str:
+    """How a branch is named on screen: its style, with ``#n`` for variations n > 0."""
     return style if variation == 0 else f"{style}#{variation}"
+
+
+def branch_label(args: list[Any]) -> str:
+    """The on-screen name of a ``generate_image`` branch, from its stored arguments."""
+    return variation_label(str(args[1]), int(args[2]))

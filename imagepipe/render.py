@@ -52,7 +52,6 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
     rows: list[tuple[str, ...]] = [("style", "result", "duration", "attempts", "source")]
     shown = _results_shown(outcome.branches)
     for b in shown:
-        label = b.style if b.variation == 0 else f"{b.style}#{b.variation}"
         if b.state == "resolved" and b.value:
             url, duration = str(b.value["url"]), f"{b.value['duration_ms']}ms"
         elif b.state == "rejected" and b.error:
@@ -60,7 +59,7 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
         else:
             url, duration = "pending", "-"
         source = "replayed" if b.replayed else "computed"
-        rows.append((label, url, duration, str(b.attempts), source))
+        rows.append((b.label, url, duration, str(b.attempts), source))
     # Plain aligned lines, never truncated: URLs must stay whole in any terminal width.
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = [
@@ -110,7 +109,7 @@ def print_show(console: Console, outcome: RunOutcome) -> None:
         board.add(
             Row(
                 b.id,
-                b.style if b.variation == 0 else f"{b.style}#{b.variation}",
+                b.label,
                 state=state,
                 attempt=b.attempts,
                 url=str(b.value["url"]) if b.value else None,

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from imagepipe.durable import AttemptRecord, ErrorInfo, Event, PromiseRecord
 from imagepipe.errors import BadInput
+from imagepipe.pipeline import variation_label
 from imagepipe.providers import KNOWN_STYLES, Faults
 
 __all__ = [
@@ -140,6 +141,10 @@ class Branch:
     value: dict[str, Any] | None
     error: ErrorInfo | None
     replayed: bool
+
+    @property
+    def label(self) -> str:
+        return variation_label(self.style, self.variation)
 
     @classmethod
     def from_record(cls, record: PromiseRecord, *, replayed: bool) -> Branch:
