@@ -5,6 +5,10 @@
 - :mod:`.inspect` — ``list``, ``show``, ``db-path``: commands that only read
 """
 
+from typing import Annotated
+
+import typer
+
 from imagepipe.cli import execute, inspect
 from imagepipe.cli.common import app
 
@@ -12,6 +16,24 @@ __all__ = ["app", "main"]
 
 execute.register(app)
 inspect.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from imagepipe import __version__
+
+        print(f"imagepipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Ask an image provider for several style variations of one prompt, in parallel."""
 
 
 def main() -> None:
