@@ -195,3 +195,29 @@ async def test_concurrency_bounds_calls_in_flight(store: SQLiteStore) -> None:
     handles = [ctx.begin_run(step, i) for i in range(20)]
     assert [await h for h in handles] == list(range(20))
     assert peak == 3
+
+
+async def test_a_failing_heartbeat_does_not_hide_the_runs_own_error(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagepipe.durable import lease as lease_module
+    from imagepipe.errors import StoreError
+
+    failed = asyncio.Event()
+
+    def broken_renew(*args: object) -> bool:
+        failed.set()
+        raise StoreError("heartbeat write failed")
+
+    monkeypatch.setattr(lease_module, "HEARTBEAT", 0)
+    monkeypatch.setattr(store, "renew_lease", broken_renew)
+
+    async def run_that_fails() -> None:
+        async with lease_module.hold_lease(store, "run"):
+            await failed.wait()  # the heartbeat has died of its store error
+            raise ValueError("the run's own failure")
+
+    # The run's error comes out, and (autouse fixture) the heartbeat's is not left
+    # unretrieved.
+    with pytest.raises(ValueError, match="the run's own failure"):
+        await run_that_fails()

@@ -67,8 +67,9 @@ async def hold_lease(store: Store, run_id: str) -> AsyncIterator[Lease]:
         yield lease
     finally:
         heartbeat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await heartbeat
+        # return_exceptions: a heartbeat that died of a store error must neither replace
+        # the error this block is propagating nor be left unretrieved.
+        await asyncio.gather(heartbeat, return_exceptions=True)
         with contextlib.suppress(StoreError):  # then a dead pid frees it for the next run
             store.release_lease(run_id, lease.owner)
 
