@@ -282,7 +282,6 @@ class PlainReporter:
     def __init__(self, console: Console) -> None:
         self.console = console
         self.labels: dict[str, str] = {}
-        self.funcs: dict[str, str] = {}
         self.width = 0
 
     def run_started(self, info: RunInfo) -> None:
@@ -300,7 +299,6 @@ class PlainReporter:
     def on_event(self, event: Event) -> None:
         if isinstance(event, PromiseQueued | PromiseReplayed):
             self.labels[event.id] = branch_label(event.args)
-            self.funcs[event.id] = event.func
             self.width = max(self.width, len(self.labels[event.id]))
         if isinstance(event, PromiseReplayed):
             if event.state == "resolved":

@@ -192,7 +192,7 @@ def make_invocation(
     from imagepipe.runs import DEFAULT_CONCURRENCY, Invocation
     from imagepipe.settings import time_scale
 
-    invocation = Invocation(
+    return Invocation(  # validated by the service before it opens the store
         max_attempts=max_attempts,
         concurrency=DEFAULT_CONCURRENCY if concurrency is None else concurrency,
         time_scale=time_scale(),
@@ -200,8 +200,6 @@ def make_invocation(
         attempt_timeout=attempt_timeout,
         faults=Faults(fail_rate, seed, frozenset(fail_style or ()), hang_rate),
     )
-    invocation.validate()
-    return invocation
 
 
 # -- where things go -----------------------------------------------------------------

@@ -73,7 +73,6 @@ def run(
     from imagepipe.service import start_run
 
     spec = RunSpec(prompt, tuple(style) if style else DEFAULT_STYLES, crash, variations)
-    spec.validate()
     path, chosen_id = db_file(db), run_id or new_run_id()
     execute_and_report(
         lambda reporter: start_run(path, chosen_id, spec, invocation, reporter),
