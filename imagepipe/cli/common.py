@@ -156,8 +156,16 @@ _EXECUTION_DEFAULTS: dict[str, Any] = {"fail_rate": 0.0, "hang_rate": 0.0, "seed
 
 def execution_options(command: Callable[..., R]) -> Callable[..., R]:
     """Give a command the execution options above, delivered as ``invocation=``."""
-    signature = inspect.signature(command, eval_str=True)
-    own = [p for p in signature.parameters.values() if p.name != "invocation"]
+    # Resolve the command's own annotations but not ``invocation``'s, so that --help
+    # need not import the run model (and the durable core and asyncio behind it).
+    signature = inspect.signature(command)
+    own = [
+        p.replace(annotation=eval(p.annotation, command.__globals__))
+        if isinstance(p.annotation, str)
+        else p
+        for p in signature.parameters.values()
+        if p.name != "invocation"
+    ]
     extra = [
         inspect.Parameter(
             name,
@@ -173,7 +181,10 @@ def execution_options(command: Callable[..., R]) -> Callable[..., R]:
         chosen = {name: kwargs.pop(name) for name in _EXECUTION_OPTIONS}
         return command(*args, invocation=make_invocation(**chosen), **kwargs)
 
-    wrapper.__signature__ = signature.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    parameters = own + extra
+    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    # typer also reads type hints; give it the resolved ones, without ``invocation``.
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": None}
     return wrapper
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,7 +16,9 @@ from imagepipe.cli.common import (
     execution_options,
     reports_errors,
 )
-from imagepipe.runs import Invocation
+
+if TYPE_CHECKING:
+    from imagepipe.runs import Invocation
 
 IdArgument = Annotated[str, typer.Argument(metavar="ID", help="The run's id.")]
 
