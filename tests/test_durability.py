@@ -121,21 +121,22 @@ def test_sigkill_during_an_attempt_continues_with_the_next_attempt_number(
     conn.close()
 
 
-def test_ctrl_c_leaves_a_resumable_run_and_says_how(
-    db_path: Path, procs: list[subprocess.Popen[str]]
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_polite_signal_leaves_a_resumable_run_and_says_how(
+    db_path: Path, procs: list[subprocess.Popen[str]], sig: signal.Signals, code: int
 ) -> None:
-    proc = start(db_path, "run", "a lighthouse", "--id", "k3", scale="1")
+    proc = start(db_path, "run", "a lighthouse", "--id", "sig", scale="1")
     procs.append(proc)
     assert proc.stdout is not None
     assert proc.stderr is not None
     read_until(proc.stdout, lambda lines: any("[cartoon]" in x and "Done:" in x for x in lines))
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 130
+    proc.send_signal(sig)
+    assert proc.wait(timeout=30) == code
     err = proc.stderr.read()
-    assert "Resume with: imagepipe resume k3" in err
+    assert f"interrupted by {sig.name}" in err
+    assert "Resume with: imagepipe resume sig" in err
     assert "Traceback" not in err
-    state = branches(db_path, "k3")
-    assert state["k3.1"]["state"] == "resolved"
-    assert state["k3.0"]["state"] == "pending"
-    result = resume_json(db_path, "k3")
-    assert result["state"] == "resolved"
+    state = branches(db_path, "sig")
+    assert state["sig.1"]["state"] == "resolved"
+    assert state["sig.0"]["state"] == "pending"
+    assert resume_json(db_path, "sig")["state"] == "resolved"
