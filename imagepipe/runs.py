@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from imagepipe.durable import AttemptRecord, ErrorInfo, Event, PromiseRecord
+from imagepipe.durable import AttemptRecord, ErrorInfo, Event, PromiseRecord, Settled
 from imagepipe.errors import BadInput
 from imagepipe.pipeline import variation_label
 from imagepipe.providers import KNOWN_STYLES, Faults
@@ -145,6 +145,20 @@ class Branch:
     @property
     def label(self) -> str:
         return variation_label(self.style, self.variation)
+
+    @classmethod
+    def settled_now(cls, record: PromiseRecord, settled: Settled) -> Branch:
+        """A branch this invocation settled: ``record`` as launched, ``settled`` as committed."""
+        return cls(
+            id=record.id,
+            style=str(record.args[1]),
+            variation=int(record.args[2]),
+            state=settled.state,
+            attempts=settled.attempts,
+            value=settled.value,
+            error=settled.error,
+            replayed=False,
+        )
 
     @classmethod
     def from_record(cls, record: PromiseRecord, *, replayed: bool) -> Branch:

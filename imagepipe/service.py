@@ -68,16 +68,28 @@ def _root(store: SQLiteStore | None, run_id: str, db_path: Path) -> PromiseRecor
     return record
 
 
-def _outcome(
-    store: SQLiteStore, root: PromiseRecord, *, computed: set[str] | None = None, wall_ms: int = 0
-) -> RunOutcome:
-    """The run as stored; ``computed`` holds the branches settled by this invocation
-    (None: nothing was executed, everything is replayed)."""
-    executed = computed is not None
-    computed = computed or set()
+def _outcome(store: SQLiteStore, root: PromiseRecord) -> RunOutcome:
+    """A run that nothing executed in this invocation, as stored."""
+    branches = [Branch.from_record(r, replayed=True) for r in store.children(root.id)]
+    return _run_outcome(root, branches, wall_ms=0, executed=False)
+
+
+def _executed_outcome(root: PromiseRecord, ctx: RunContext[Deps], wall_ms: int) -> RunOutcome:
+    """A run this invocation executed. Every branch is known without reading the store
+    back: replayed ones were read when launched, the others' outcomes were committed
+    before the context recorded them (re-reading 10,000 rows cost ~0.1 s)."""
     branches = [
-        Branch.from_record(r, replayed=r.id not in computed) for r in store.children(root.id)
+        Branch.settled_now(record, ctx.outcomes[record.id])
+        if record.id in ctx.outcomes
+        else Branch.from_record(record, replayed=True)
+        for record in ctx.launched
     ]
+    return _run_outcome(root, branches, wall_ms=wall_ms, executed=True)
+
+
+def _run_outcome(
+    root: PromiseRecord, branches: list[Branch], *, wall_ms: int, executed: bool
+) -> RunOutcome:
     return RunOutcome(
         id=root.id,
         state=run_state(root),
@@ -261,7 +273,7 @@ async def _execute(
     wall_ms = round((time.perf_counter() - started) * 1000)
     settled_root = store.get(root.id)
     assert settled_root is not None
-    return _outcome(store, settled_root, computed=ctx.computed, wall_ms=wall_ms)
+    return _executed_outcome(settled_root, ctx, wall_ms)
 
 
 def _reopen_rejected(store: SQLiteStore, run_id: str) -> None:

@@ -32,7 +32,7 @@ from imagepipe.durable.events import (
     PromiseReplayed,
     PromiseResolved,
 )
-from imagepipe.durable.store import ErrorInfo, PromiseRecord, Store, canonical_json
+from imagepipe.durable.store import ErrorInfo, PromiseRecord, Settled, Store, canonical_json
 from imagepipe.errors import NonDeterminism, PromiseRejected, StoreError
 
 __all__ = ["AttemptTimeout", "Handle", "RetryPolicy", "RunContext", "Step"]
@@ -143,8 +143,10 @@ class RunContext(Generic[D]):
         self._fatal: asyncio.Future[StoreError] | None = None
         self._next_seq = 0
         self._tasks: list[asyncio.Task[Any]] = []
-        #: ids of the children settled by this invocation (the rest were replayed)
-        self.computed: set[str] = set()
+        #: every child launched, as it was when launched (settled ones: as stored)
+        self.launched: list[PromiseRecord] = []
+        #: how the children settled by this invocation settled, as committed
+        self.outcomes: dict[str, Settled] = {}
 
     # -- the workflow --------------------------------------------------------------
 
@@ -187,6 +189,7 @@ class RunContext(Generic[D]):
         )
         if not created:
             self._check_replay(record, func, args)
+        self.launched.append(record)
         if record.settled:
             self._emit(
                 PromiseReplayed(
@@ -280,12 +283,12 @@ class RunContext(Generic[D]):
             self._emit(AttemptFailed(promise_id, func, current, error, None))
             settled = self.store.reject(promise_id, error)
             await self._commit.durable()
-            self.computed.add(promise_id)
+            self.outcomes[promise_id] = settled
             self._emit(PromiseRejectedEvent(promise_id, error, settled.attempts))
             raise PromiseRejected(promise_id, error.type, error.message) from exc
         settled = self.store.resolve(promise_id, value)
         await self._commit.durable()  # durable before anyone hears of it
-        self.computed.add(promise_id)
+        self.outcomes[promise_id] = settled
         if self._listening:
             self._emit(PromiseResolved(promise_id, settled.value, settled.attempts))
         result: T = settled.value
@@ -308,6 +311,11 @@ class RunContext(Generic[D]):
         return _NO_LIMIT if self._slots is None else self._slots
 
     # -- fan-in helpers for the runner ---------------------------------------------
+
+    @property
+    def computed(self) -> set[str]:
+        """Ids of the children settled by this invocation (the others were replayed)."""
+        return set(self.outcomes)
 
     async def settle_all(self) -> None:
         """Wait until every started child has settled (errors are in the store)."""
