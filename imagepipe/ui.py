@@ -15,7 +15,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -48,6 +50,7 @@ __all__ = [
 
 FULL_TABLE_LIMIT = 20
 ACTIVE_ROWS_SHOWN = 12
+RATE_SAMPLE = 0.05  # seconds between samples of the settled count, for rate and ETA
 REJECTED_ROWS_SHOWN = 4
 STATE_STYLE = {
     "queued": "dim",
@@ -90,7 +93,7 @@ class Board:
     by_state: dict[str, dict[str, Row]] = field(default_factory=lambda: {s: {} for s in STATES})
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
-    # (time, settled count) samples for the rate and ETA
+    # (time, settled count) samples for the rate and ETA, at most one per RATE_SAMPLE
     settled_log: list[tuple[float, int]] = field(default_factory=list)
 
     @property
@@ -115,45 +118,75 @@ class Board:
         return sum(len(self.by_state[s]) for s in ("resolved", "replayed", "rejected"))
 
     def apply(self, event: Event, now: float | None = None) -> Row:
+        """Fold one event in. Called for every event of every branch, so it stays cheap."""
         now = time.monotonic() if now is None else now
-        if isinstance(event, PromiseQueued):
-            row = self._add(event.id, event.args, "queued")
-            row.attempt = event.attempts
-            return row
-        if isinstance(event, PromiseReplayed):
-            state = "replayed" if event.state == "resolved" else "rejected"
-            row = self._add(event.id, event.args, state)
-            row.attempt = event.attempts
-            row.url = _url(event.value)
-            row.error = None if event.error is None else event.error.message
-            return row
-        row = self.rows[event.id]
-        if isinstance(event, AttemptStarted):
-            self._move(row, "running")
-            row.attempt, row.since, row.retry_at = event.attempt, now, None
-        elif isinstance(event, AttemptFailed):
-            row.error = event.error.message
-            if event.retry_in is not None:
-                self._move(row, "retrying")
-                row.since, row.retry_at = now, now + event.retry_in
-        elif isinstance(event, PromiseResolved):
-            self._move(row, "resolved")
-            row.url, row.attempt, row.error = _url(event.value), event.attempts, None
-            self.settled_log.append((now, self.settled))
-        elif isinstance(event, PromiseRejectedEvent):
-            self._move(row, "rejected")
-            row.error, row.attempt = event.error.message, event.attempts
-            self.settled_log.append((now, self.settled))
+        handler: Callable[[Board, Any, float], Row] = _HANDLERS[type(event)]
+        return handler(self, event, now)
+
+    def _on_queued(self, event: PromiseQueued, now: float) -> Row:
+        row = self._add(event.id, event.args, "queued")
+        row.attempt = event.attempts
         return row
+
+    def _on_replayed(self, event: PromiseReplayed, now: float) -> Row:
+        row = self._add(
+            event.id, event.args, "replayed" if event.state == "resolved" else "rejected"
+        )
+        row.attempt = event.attempts
+        row.url = _url(event.value)
+        row.error = None if event.error is None else event.error.message
+        return row
+
+    def _on_started(self, event: AttemptStarted, now: float) -> Row:
+        row = self.rows[event.id]
+        self._move(row, "running")
+        row.attempt, row.since, row.retry_at = event.attempt, now, None
+        return row
+
+    def _on_failed(self, event: AttemptFailed, now: float) -> Row:
+        row = self.rows[event.id]
+        row.error = event.error.message
+        if event.retry_in is not None:
+            self._move(row, "retrying")
+            row.since, row.retry_at = now, now + event.retry_in
+        return row
+
+    def _on_resolved(self, event: PromiseResolved, now: float) -> Row:
+        row = self.rows[event.id]
+        self._settle(row, "resolved", now)
+        row.url, row.attempt, row.error = _url(event.value), event.attempts, None
+        return row
+
+    def _on_rejected(self, event: PromiseRejectedEvent, now: float) -> Row:
+        row = self.rows[event.id]
+        self._settle(row, "rejected", now)
+        row.error, row.attempt = event.error.message, event.attempts
+        return row
+
+    def _settle(self, row: Row, state: str, now: float) -> None:
+        self._move(row, state)
+        if not self.settled_log or now - self.settled_log[-1][0] >= RATE_SAMPLE:
+            self.settled_log.append((now, self.settled))
 
     def rate(self, now: float) -> float:
         """Branches settled per second over the last few seconds."""
         log = self.settled_log
-        if len(log) < 2:
+        if not log:
             return 0.0
-        recent = [entry for entry in log[-500:] if now - entry[0] <= 5.0] or log[-2:]
-        (t0, n0), (t1, n1) = recent[0], recent[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+        # the oldest sample of the last five seconds, against the count right now
+        t0, n0 = next((s for s in log[-200:] if now - s[0] <= 5.0), log[-1])
+        done = self.settled
+        return (done - n0) / (now - t0) if now > t0 and done > n0 else 0.0
+
+
+_HANDLERS: dict[type, Callable[[Board, Any, float], Row]] = {
+    PromiseQueued: Board._on_queued,
+    PromiseReplayed: Board._on_replayed,
+    AttemptStarted: Board._on_started,
+    AttemptFailed: Board._on_failed,
+    PromiseResolved: Board._on_resolved,
+    PromiseRejectedEvent: Board._on_rejected,
+}
 
 
 def _attempts(n: int) -> str:
