@@ -147,30 +147,19 @@ class Branch:
         return variation_label(self.style, self.variation)
 
     @classmethod
-    def settled_now(cls, record: PromiseRecord, settled: Settled) -> Branch:
-        """A branch this invocation settled: ``record`` as launched, ``settled`` as committed."""
+    def from_record(cls, record: PromiseRecord, settled: Settled | None = None) -> Branch:
+        """A branch as stored (``replayed``), or as launched and then ``settled`` by this
+        invocation."""
+        outcome = record if settled is None else settled
         return cls(
             id=record.id,
             style=str(record.args[1]),
             variation=int(record.args[2]),
-            state=settled.state,
-            attempts=settled.attempts,
-            value=settled.value,
-            error=settled.error,
-            replayed=False,
-        )
-
-    @classmethod
-    def from_record(cls, record: PromiseRecord, *, replayed: bool) -> Branch:
-        return cls(
-            id=record.id,
-            style=str(record.args[1]),
-            variation=int(record.args[2]),
-            state=record.state,
-            attempts=record.attempts,
-            value=record.value,
-            error=record.error,
-            replayed=replayed,
+            state=outcome.state,
+            attempts=outcome.attempts,
+            value=outcome.value,
+            error=outcome.error,
+            replayed=settled is None,
         )
 
 
@@ -277,7 +266,6 @@ class RunInfo:
     id: str
     spec: RunSpec
     resumed: bool
-    db_path: str
     max_attempts: int
 
 

@@ -70,7 +70,7 @@ def _root(store: SQLiteStore | None, run_id: str, db_path: Path) -> PromiseRecor
 
 def _outcome(store: SQLiteStore, root: PromiseRecord) -> RunOutcome:
     """A run that nothing executed in this invocation, as stored."""
-    branches = [Branch.from_record(r, replayed=True) for r in store.children(root.id)]
+    branches = [Branch.from_record(r) for r in store.children(root.id)]
     return _run_outcome(root, branches, wall_ms=0, executed=False)
 
 
@@ -78,12 +78,7 @@ def _executed_outcome(root: PromiseRecord, ctx: RunContext[Deps], wall_ms: int) 
     """A run this invocation executed. Every branch is known without reading the store
     back: replayed ones were read when launched, the others' outcomes were committed
     before the context recorded them (re-reading 10,000 rows cost ~0.1 s)."""
-    branches = [
-        Branch.settled_now(record, ctx.outcomes[record.id])
-        if record.id in ctx.outcomes
-        else Branch.from_record(record, replayed=True)
-        for record in ctx.launched
-    ]
+    branches = [Branch.from_record(r, ctx.outcomes.get(r.id)) for r in ctx.launched]
     return _run_outcome(root, branches, wall_ms=wall_ms, executed=True)
 
 
@@ -255,7 +250,7 @@ async def _execute(
     async with hold_lease(store, root.id):
         if reopen:  # under the lease: no other process is running these branches
             _reopen_rejected(store, root.id)
-        reporter.run_started(RunInfo(root.id, spec, resumed, store.path, max_attempts))
+        reporter.run_started(RunInfo(root.id, spec, resumed, max_attempts))
         try:
             result = await ctx.run_workflow(image_pipeline, *spec.args())
             store.resolve(root.id, result)

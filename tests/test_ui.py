@@ -122,7 +122,7 @@ def test_quiet_prints_only_the_final_result(db_path: Path) -> None:
 def fake_board(n: int) -> Board:
     """A board fed with the events of ``n`` branches in every state."""
     board = Board(started=100.0)
-    board.info = RunInfo("big", RunSpec("many cats", ("cartoon",), False, n), False, "db", 5)
+    board.info = RunInfo("big", RunSpec("many cats", ("cartoon",), False, n), False, 5)
     for i in range(n):
         args = ["p", "cartoon", i, False]
         board.apply(PromiseQueued(f"big.{i}", "generate_image", args, 0), 100.0)

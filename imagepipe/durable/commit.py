@@ -20,7 +20,6 @@ class GroupCommit:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._waiters: list[asyncio.Future[None]] = []
-        self.commits = 0
 
     async def durable(self) -> None:
         """Return once every write made so far by this process is committed."""
@@ -42,7 +41,6 @@ class GroupCommit:
                 if not waiter.done():
                     waiter.set_exception(exc)
         else:
-            self.commits += 1
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
