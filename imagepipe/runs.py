@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from imagepipe.durable import AttemptRecord, ErrorInfo, Event, PromiseRecord, Settled
 from imagepipe.errors import BadInput
@@ -131,8 +131,7 @@ def new_run_id() -> str:
 # -- what a run produced -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Branch:
+class Branch(NamedTuple):
     id: str
     style: str
     variation: int

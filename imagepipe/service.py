@@ -259,6 +259,7 @@ async def _execute(
             store.reject(root.id, ErrorInfo("BranchRejected", str(exc), retryable=False))
         except NonDeterminism:
             await ctx.cancel_all()
+            ctx.discard()
             store.rollback()  # nothing of this invocation (e.g. a retry's reopen) is kept
             raise
         except BaseException:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from imagepipe.durable import ErrorInfo, SQLiteStore
-from imagepipe.durable.sqlite import SCHEMA_VERSION
+from imagepipe.durable.sqlite import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from imagepipe.errors import StoreError, UnusableStore
 
 
@@ -91,6 +91,37 @@ def test_schema_is_versioned(store: SQLiteStore, db_path: Path) -> None:
     conn = sqlite3.connect(db_path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_version_1_store_is_migrated_with_its_runs_kept(db_path: Path) -> None:
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    MIGRATIONS[0](conn)  # a store as imagepipe 0.1.0 left it
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute(
+        "INSERT INTO promises (id, func, args, state, value, attempts, created_at)"
+        " VALUES ('r', 'wf', '[]', 'resolved', '42', 2, 1.5)"
+    )
+    conn.close()
+
+    store = SQLiteStore.open(db_path)
+    record = store.get("r")
+    assert record is not None
+    assert (record.state, record.value, record.attempts, record.created_at) == (
+        "resolved",
+        42,
+        2,
+        1.5,
+    )
+    assert [r.id for r in store.roots()] == ["r"]
+    store.close()
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):  # the state is still checked
+        conn.execute(
+            "INSERT INTO promises (id, func, args, state, created_at) VALUES (?, ?, ?, ?, ?)",
+            ("x", "f", "[]", "done", 0),
+        )
 
 
 def test_newer_schema_is_refused(db_path: Path) -> None:

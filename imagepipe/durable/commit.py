@@ -1,40 +1,108 @@
 """Group commit: many writes, one ``COMMIT``, and nobody hears of a write before it.
 
-Each branch writes into the store's open transaction and then awaits :meth:`durable`.
-The first waiter schedules one flush on the event loop; every write made before that
-flush runs is covered by its ``COMMIT``, and only then are the waiters released. So
-thousands of branches that settle in the same loop turn share one commit, and a result
-is still never reported before it is on disk.
+Branches hand their writes (a new child, a started attempt, a settlement) to a
+:class:`GroupCommit` and await it. The first write schedules one flush on the event loop;
+every write made before that flush runs is applied in one batch (:meth:`Store.apply`)
+and covered by one ``COMMIT``, and only then are the waiters released. So thousands of
+branches that move in the same loop turn share one commit, and a result is still never
+reported before it is on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from typing import Any
 
-from imagepipe.durable.store import Store
+from imagepipe.durable.store import (
+    AttemptStart,
+    ErrorInfo,
+    NewPromise,
+    PromiseState,
+    Settled,
+    Settlement,
+    Store,
+    WriteBatch,
+    canonical_json,
+)
+from imagepipe.errors import StoreError
 
 __all__ = ["GroupCommit"]
+
+_NOTHING_LOST: frozenset[str] = frozenset()
 
 
 class GroupCommit:
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._waiters: list[asyncio.Future[None]] = []
+        self._batch = WriteBatch()
+        self._waiters: list[asyncio.Future[frozenset[str]]] = []
+        self._scheduled = False
 
-    async def durable(self) -> None:
-        """Return once every write made so far by this process is committed."""
-        loop = asyncio.get_running_loop()
-        if not self._waiters:
-            loop.call_soon(self._flush)
+    def create(self, promise: NewPromise) -> None:
+        """Create a child with the next flush. Nothing waits for it: the promise is
+        applied before any attempt of it can start (see :class:`WriteBatch`)."""
+        self._batch.creates.append(promise)
+        self._schedule()
+
+    def start_attempt(self, promise_id: str, attempt: int) -> asyncio.Future[frozenset[str]]:
+        """Record that ``attempt`` started; await the result to know it is durable."""
+        self._batch.starts.append(AttemptStart(attempt, promise_id))
+        return self.durable()
+
+    async def settle(
+        self, promise_id: str, *, value: Any, error: ErrorInfo | None, attempts: int
+    ) -> Settled:
+        """Resolve with ``value`` (or reject with ``error``) after ``attempts`` attempts;
+        return the outcome as stored, once durable. If the promise was settled before,
+        that outcome stands."""
+        value_json = None if value is None else canonical_json(value)
+        state: PromiseState = "rejected" if error is not None else "resolved"
+        error_json = None if error is None else error.to_json()
+        self._batch.settlements.append(
+            Settlement(state, value_json, error_json, time.time(), promise_id)
+        )
+        lost = await self.durable()
+        if promise_id in lost:
+            record = self._store.get(promise_id)
+            if record is None:
+                raise StoreError(f"promise {promise_id!r} vanished from {self._store.path}")
+            return Settled(record.state, record.value, record.error, record.attempts)
+        # The value as stored, decoded, so a live run and a replay see the same thing.
+        stored = None if value_json is None else json.loads(value_json)
+        return Settled(state, stored, error, attempts)
+
+    def durable(self) -> asyncio.Future[frozenset[str]]:
+        """A future done once every write made so far is committed. Its result: the ids
+        of the settlements in that commit that found their promise settled already."""
+        self._schedule()
         # One future per waiter (cheaper than shielding a shared one): a waiter that is
         # cancelled cancels only its own future, never the flush the others wait for.
-        waiter = loop.create_future()
+        waiter: asyncio.Future[frozenset[str]] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        await waiter
+        return waiter
+
+    def discard(self) -> None:
+        """Drop writes not flushed yet (the run is being rolled back)."""
+        self._batch = WriteBatch()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_next_turn)
+
+    def _flush_next_turn(self) -> None:
+        # One more loop turn: the tasks this turn's writes woke (a freed concurrency slot
+        # starting the next attempt) add their writes to the same commit (halves commits).
+        asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
+        batch, self._batch = self._batch, WriteBatch()
         waiters, self._waiters = self._waiters, []
+        self._scheduled = False
         try:
+            lost = self._store.apply(batch) if batch else _NOTHING_LOST
             self._store.commit()
         except Exception as exc:
             for waiter in waiters:
@@ -43,4 +111,4 @@ class GroupCommit:
         else:
             for waiter in waiters:
                 if not waiter.done():
-                    waiter.set_result(None)
+                    waiter.set_result(lost)

@@ -16,11 +16,9 @@ for a different call at some position than the store holds, that is
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from imagepipe.durable.commit import GroupCommit
 from imagepipe.durable.events import (
@@ -32,7 +30,14 @@ from imagepipe.durable.events import (
     PromiseReplayed,
     PromiseResolved,
 )
-from imagepipe.durable.store import ErrorInfo, PromiseRecord, Settled, Store, canonical_json
+from imagepipe.durable.store import (
+    ErrorInfo,
+    NewPromise,
+    PromiseRecord,
+    Settled,
+    Store,
+    canonical_json,
+)
 from imagepipe.errors import NonDeterminism, PromiseRejected, StoreError
 
 __all__ = ["AttemptTimeout", "Handle", "RetryPolicy", "RunContext", "Step"]
@@ -54,23 +59,26 @@ class RetryPolicy(Protocol):
         """Whether a branch that already failed ``failures`` times may try again."""
         ...
 
-    async def call(
+    async def retry(
         self,
         attempt: Callable[[], Awaitable[T]],
+        error: Exception,
         *,
         failures: int,
         last_attempt: Callable[[], int],
         before_sleep: Callable[[BaseException, float], None],
     ) -> T:
-        """Run ``attempt`` until it succeeds or the policy gives up; re-raise the real error.
+        """``attempt`` just failed with ``error``: run it again until it succeeds or the
+        policy gives up, then re-raise the real error.
 
-        ``failures`` is the count already in the store; ``last_attempt()`` is the durable
-        number of the attempt that just failed, which sets the back-off."""
+        ``failures`` counts the failed attempts so far, this one included;
+        ``last_attempt()`` is the durable number of the attempt that just failed, which
+        sets the back-off. Only failed branches get here: the first attempt is awaited
+        directly, so the retry machinery costs nothing when nothing fails."""
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class Step(Generic[D]):
+class Step(NamedTuple, Generic[D]):
     """What a step function receives: its durable id (the idempotency key), the attempt
     number (durable: it continues across processes) and the invocation's dependencies."""
 
@@ -142,6 +150,9 @@ class RunContext(Generic[D]):
         #: set to the first store failure seen by any branch: the run stops at once
         self._fatal: asyncio.Future[StoreError] | None = None
         self._next_seq = 0
+        #: the children already in the store, by seq: read at the first begin_run (under
+        #: the run's lease, which keeps other processes from writing them), then replayed
+        self._stored: dict[int | None, PromiseRecord] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         #: every child launched, as it was when launched (settled ones: as stored)
         self.launched: list[PromiseRecord] = []
@@ -182,13 +193,15 @@ class RunContext(Generic[D]):
         """Create (or find) the next child promise and start it; return its handle."""
         seq = self._next_seq
         self._next_seq += 1
-        promise_id = f"{self.run_id}.{seq}"
         func = fn.__name__
-        record, created = self.store.create(
-            promise_id, func=func, args=args, parent_id=self.run_id, seq=seq
-        )
-        if not created:
+        if self._stored is None:
+            self._stored = {r.seq: r for r in self.store.children(self.run_id)}
+        record = self._stored.get(seq)
+        if record is None:
+            record = self._create(seq, func, args)
+        else:
             self._check_replay(record, func, args)
+        promise_id = record.id
         self.launched.append(record)
         if record.settled:
             self._emit(
@@ -209,6 +222,29 @@ class RunContext(Generic[D]):
         self._tasks.append(task)
         return Handle(promise_id, task=task)
 
+    def _create(self, seq: int, func: str, args: tuple[Any, ...]) -> PromiseRecord:
+        """A new pending child, written with the next group commit (before it can start)."""
+        promise_id = f"{self.run_id}.{seq}"
+        now = time.time()
+        self._commit.create(
+            NewPromise(promise_id, self.run_id, seq, func, canonical_json(list(args)), now)
+        )
+        return PromiseRecord(
+            id=promise_id,
+            parent_id=self.run_id,
+            seq=seq,
+            func=func,
+            args=list(args),
+            state="pending",
+            value=None,
+            error=None,
+            attempts=0,
+            failures=0,
+            created_at=now,
+            settled_at=None,
+            options={},
+        )
+
     def _check_replay(self, record: PromiseRecord, func: str, args: tuple[Any, ...]) -> None:
         given = canonical_json(list(args))
         stored = canonical_json(record.args)
@@ -220,8 +256,7 @@ class RunContext(Generic[D]):
 
     def check_no_leftovers(self) -> None:
         """After the workflow returns: the store must hold no child the code did not ask for."""
-        counts = self.store.child_counts([self.run_id])[self.run_id]
-        stored = sum(counts.values())
+        stored = len(self._stored or ())
         if stored > self._next_seq:
             raise NonDeterminism(
                 f"replay mismatch at {self.run_id}.{self._next_seq}: the store has {stored} "
@@ -244,17 +279,24 @@ class RunContext(Generic[D]):
     ) -> T:
         promise_id, func = record.id, record.func
         current = record.attempts
+        slots = self._slots
 
         async def attempt() -> T:
             nonlocal current
-            async with self._slot():
-                current = self.store.start_attempt(promise_id)
+            if slots is not None:
+                await slots.acquire()
+            try:
+                current += 1
                 started_at = time.time()
-                await self._commit.durable()  # the attempt count is durable before the call
+                # the attempt count is durable before the call
+                await self._commit.start_attempt(promise_id, current)
                 if self._listening:
                     self._emit(AttemptStarted(promise_id, func, current))
+                step = Step(promise_id, current, self.deps)
                 try:
-                    return await self._call(fn, Step(promise_id, current, self.deps), args)
+                    if self._attempt_timeout is None:
+                        return await fn(step, *args)
+                    return await self._call_with_timeout(fn(step, *args))
                 except StoreError:
                     raise
                 except Exception as exc:
@@ -262,6 +304,9 @@ class RunContext(Generic[D]):
                     self.store.fail_attempt(promise_id, current, error, started_at)
                     await self._commit.durable()
                     raise
+            finally:
+                if slots is not None:
+                    slots.release()
 
         def before_sleep(exc: BaseException, delay: float) -> None:
             error = ErrorInfo.from_exception(exc)
@@ -270,45 +315,47 @@ class RunContext(Generic[D]):
         try:
             if not self._retry.allows(record.failures):
                 raise _exhausted(self.store, promise_id)
-            value = await self._retry.call(
-                attempt,
-                failures=record.failures,
-                last_attempt=lambda: current,
-                before_sleep=before_sleep,
-            )
+            try:
+                value = await attempt()
+            except StoreError:
+                raise
+            except Exception as exc:
+                value = await self._retry.retry(
+                    attempt,
+                    exc,
+                    failures=record.failures + 1,
+                    last_attempt=lambda: current,
+                    before_sleep=before_sleep,
+                )
         except StoreError:
             raise  # not the branch's failure: the run stops (see _execute)
         except Exception as exc:
             error = ErrorInfo.from_exception(exc)
             self._emit(AttemptFailed(promise_id, func, current, error, None))
-            settled = self.store.reject(promise_id, error)
-            await self._commit.durable()
+            settled = await self._commit.settle(
+                promise_id, value=None, error=error, attempts=current
+            )
             self.outcomes[promise_id] = settled
             self._emit(PromiseRejectedEvent(promise_id, error, settled.attempts))
             raise PromiseRejected(promise_id, error.type, error.message) from exc
-        settled = self.store.resolve(promise_id, value)
-        await self._commit.durable()  # durable before anyone hears of it
+        # durable before anyone hears of it
+        settled = await self._commit.settle(promise_id, value=value, error=None, attempts=current)
         self.outcomes[promise_id] = settled
         if self._listening:
             self._emit(PromiseResolved(promise_id, settled.value, settled.attempts))
         result: T = settled.value
         return result
 
-    async def _call(self, fn: Callable[..., Awaitable[T]], step: Step[D], args: Any) -> T:
-        if self._attempt_timeout is None:
-            return await fn(step, *args)
+    async def _call_with_timeout(self, call: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self._attempt_timeout) as deadline:
-                return await fn(step, *args)
+                return await call
         except TimeoutError:
             if deadline.expired():
                 raise AttemptTimeout(
                     f"attempt timed out after {self._attempt_timeout:g} s"
                 ) from None
             raise
-
-    def _slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        return _NO_LIMIT if self._slots is None else self._slots
 
     # -- fan-in helpers for the runner ---------------------------------------------
 
@@ -337,6 +384,10 @@ class RunContext(Generic[D]):
     async def flush(self) -> None:
         await self._commit.durable()
 
+    def discard(self) -> None:
+        """Drop this invocation's writes not yet flushed (before a rollback)."""
+        self._commit.discard()
+
 
 def _exhausted(store: Store, promise_id: str) -> Exception:
     """The error to reject with when the stored failures already use up the budget."""
@@ -354,16 +405,3 @@ class _StoredError(Exception):
 
     type_name = "Error"
     retryable = True
-
-
-class _NoLimit:
-    """An async context manager that does nothing (cheaper than a generator-based one)."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LIMIT = _NoLimit()

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from imagepipe.durable.store import ErrorInfo
 
@@ -18,8 +17,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class PromiseQueued:
+class PromiseQueued(NamedTuple):
     """A child promise exists in the store and its task waits to run."""
 
     id: str
@@ -28,8 +26,7 @@ class PromiseQueued:
     attempts: int
 
 
-@dataclass(frozen=True, slots=True)
-class PromiseReplayed:
+class PromiseReplayed(NamedTuple):
     """A child was already settled in the store: its outcome is read, not recomputed."""
 
     id: str
@@ -41,15 +38,13 @@ class PromiseReplayed:
     attempts: int
 
 
-@dataclass(frozen=True, slots=True)
-class AttemptStarted:
+class AttemptStarted(NamedTuple):
     id: str
     func: str
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
-class AttemptFailed:
+class AttemptFailed(NamedTuple):
     """An attempt failed; ``retry_in`` is the back-off in seconds, None if it gives up."""
 
     id: str
@@ -59,15 +54,13 @@ class AttemptFailed:
     retry_in: float | None
 
 
-@dataclass(frozen=True, slots=True)
-class PromiseResolved:
+class PromiseResolved(NamedTuple):
     id: str
     value: Any
     attempts: int
 
 
-@dataclass(frozen=True, slots=True)
-class PromiseRejectedEvent:
+class PromiseRejectedEvent(NamedTuple):
     id: str
     error: ErrorInfo
     attempts: int

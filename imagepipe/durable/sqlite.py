@@ -1,6 +1,6 @@
 """The SQLite store: one file, WAL mode, numbered migrations, readable with ``sqlite3``.
 
-Schema (version 1)::
+Schema (version 2)::
 
     promises(id PK, parent_id, seq, func, args JSON, options JSON, state, value JSON,
              error JSON, attempts, failures, created_at, settled_at)
@@ -29,11 +29,12 @@ from imagepipe.durable.store import (
     PromiseRecord,
     PromiseState,
     Settled,
+    WriteBatch,
     canonical_json,
 )
 from imagepipe.errors import StoreBusy, StoreError, UnusableStore
 
-__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SQLiteStore"]
+__all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
 
 APPLICATION_ID = 0x696D6770  # "imgp": marks a SQLite file as an imagepipe store
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -83,8 +84,37 @@ def _migration_1(db: sqlite3.Connection) -> None:
     )
 
 
+def _migration_2(db: sqlite3.Connection) -> None:
+    """Same table, with ``state`` checked by comparisons instead of ``IN (...)``: SQLite
+    builds an ephemeral table for the list on every row written, which cost ~2 µs per
+    insert and per settle (a third of the store's work per branch, measured)."""
+    db.execute(
+        """CREATE TABLE promises_v2 (
+            id TEXT PRIMARY KEY,
+            parent_id TEXT,
+            seq INTEGER,
+            func TEXT NOT NULL,
+            args TEXT NOT NULL,
+            options TEXT NOT NULL DEFAULT '{}',
+            state TEXT NOT NULL
+                CHECK (state = 'pending' OR state = 'resolved' OR state = 'rejected'),
+            value TEXT,
+            error TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            failures INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            settled_at REAL
+        )"""
+    )
+    db.execute("INSERT INTO promises_v2 SELECT * FROM promises")
+    db.execute("DROP TABLE promises")  # drops its indexes too
+    db.execute("ALTER TABLE promises_v2 RENAME TO promises")
+    db.execute("CREATE INDEX promises_by_parent ON promises (parent_id, seq)")
+    db.execute("CREATE INDEX promises_roots ON promises (created_at) WHERE parent_id IS NULL")
+
+
 #: Migration N turns schema version N-1 into N. Append only; never edit a released one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -246,12 +276,16 @@ class SQLiteStore:
 
     # -- transactions --------------------------------------------------------------
 
-    def _write(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+    def _begin(self) -> sqlite3.Connection:
+        """The connection, inside a write transaction."""
         if self._lost is not None:  # earlier writes were rolled back: refuse to go on
             raise self._lost
         if not self._db.in_transaction:
             self._db.execute("BEGIN IMMEDIATE")
-        return self._db.execute(sql, params)
+        return self._db
+
+    def _write(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self._begin().execute(sql, params)
 
     @_guarded
     def commit(self) -> None:
@@ -442,6 +476,54 @@ class SQLiteStore:
         if record is None:
             raise StoreError(f"promise {promise_id!r} is not in {self.path}")
         return record
+
+    @_guarded
+    def apply(self, batch: WriteBatch) -> frozenset[str]:
+        # One executemany per kind of write: at thousands of branches, per-statement
+        # overhead in the sqlite3 module costs more than SQLite's own work (~3x, measured).
+        db = self._begin()
+        if batch.creates:
+            cur = db.executemany(
+                "INSERT INTO promises (id, parent_id, seq, func, args, created_at, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'pending') ON CONFLICT (id) DO NOTHING",
+                batch.creates,
+            )
+            if cur.rowcount != len(batch.creates):
+                self._conflict("created children of", batch.creates[0].parent_id)
+        if batch.starts:
+            cur = db.executemany(
+                "UPDATE promises SET attempts = ? WHERE id = ? AND state = 'pending'",
+                batch.starts,
+            )
+            if cur.rowcount != len(batch.starts):
+                self._conflict("settled a branch of", batch.starts[0].id.rpartition(".")[0])
+        if not batch.settlements:
+            return frozenset()
+        cur = db.executemany(
+            "UPDATE promises SET state = ?, value = ?, error = ?, settled_at = ?"
+            " WHERE id = ? AND state = 'pending'",
+            batch.settlements,
+        )
+        if cur.rowcount == len(batch.settlements):
+            return frozenset()
+        # Some promises were settled before (rare: never under the lease). A row this
+        # batch settled holds exactly what it wrote; any other outcome is an earlier one.
+        lost = set()
+        for item in batch.settlements:
+            row = db.execute(
+                "SELECT state, value, error, settled_at FROM promises WHERE id = ?", (item.id,)
+            ).fetchone()
+            if row is None or tuple(row) != item[:4]:
+                lost.add(item.id)
+        return frozenset(lost)
+
+    def _conflict(self, what: str, run_id: str) -> None:
+        error = StoreError(
+            f"another process {what} run {run_id} in {self.path} while this one held it;"
+            " nothing of this batch was kept"
+        )
+        self._abandon(error)
+        raise error
 
     @_guarded
     def reopen(self, promise_id: str) -> None:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, TypedDict
+from typing import NamedTuple, Protocol, TypedDict
 
 __all__ = [
     "GeneratedImage",
@@ -16,8 +15,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class ImageRequest:
+class ImageRequest(NamedTuple):
     prompt: str
     style: str
     variation: int

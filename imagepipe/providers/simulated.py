@@ -117,7 +117,8 @@ class SimulatedProvider:
             raise TransientProviderError(
                 f"simulated transient failure for style '{style}' (attempt {request.attempt})"
             )
-        await self._pause(duration)
+        if duration > 0:  # skip even creating the coroutine at --sim-latency 0
+            await self._pause(duration)
         return {
             "style": style,
             "variation": request.variation,
