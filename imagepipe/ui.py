@@ -69,7 +69,7 @@ def failure_line(func: str, error: ErrorInfo, delay: float) -> str:
     return f"Function '{func}' failed with '{error.message}' (retrying in {delay:g} secs)"
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     id: str
     label: str
@@ -111,7 +111,7 @@ class Board:
         return row
 
     def _add(self, promise_id: str, args: list[object], state: str) -> Row:
-        return self.add(Row(promise_id, branch_label(list(args)), state=state))
+        return self.add(Row(promise_id, branch_label(args), state))
 
     @property
     def settled(self) -> int:
@@ -297,11 +297,31 @@ def _summary(board: Board, now: float) -> RenderableType:
     shown += heapq.nsmallest(room, current, key=lambda r: (r.state != "retrying", r.since))
     parts: list[RenderableType] = [bar]
     if shown:
-        parts.append(_table(shown, now, live=True))
+        parts.append(_lines(shown, now))
     hidden = sum(len(by_state[s]) for s in ("rejected", "retrying", "running")) - len(shown)
     if hidden > 0:
         parts.append(Text(f"… and {hidden} more running, retrying or rejected", style="dim"))
     return Group(*parts)
+
+
+def _lines(rows: list[Row], now: float) -> Text:
+    """The active rows of a large run as aligned lines, with the table's columns but no
+    header. Drawn ~5 times a second beside thousands of branches: a rich Table took
+    ~6 ms more per frame (measured), time taken from the run."""
+    label_width = max(len(r.label) for r in rows)
+    id_width = max(len(r.id) for r in rows)
+    lines = []
+    for row in rows:
+        elapsed = f"{now - row.since:.1f} s" if row.state == "running" else ""
+        line = Text.assemble(
+            f"{row.label:<{label_width}}  ",
+            (f"{row.id:<{id_width}}  ", "dim"),
+            (f"{row.state:<8}", STATE_STYLE[row.state]),
+            f"  {row.attempt or '':>2}  {elapsed:>6}  ",
+            _detail(row, now),
+        )
+        lines.append(line)
+    return Text("\n", no_wrap=True, overflow="ellipsis").join(lines)
 
 
 def _short(text: str, width: int) -> str:
