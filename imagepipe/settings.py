@@ -16,14 +16,14 @@ import math
 import os
 from pathlib import Path
 
-import platformdirs
-
 from imagepipe.errors import BadInput
 
 __all__ = ["busy_timeout", "default_db_path", "simulated_max_pages", "time_scale"]
 
 
 def default_db_path() -> Path:
+    import platformdirs  # only when no --db or IMAGEPIPE_DB says where
+
     return Path(platformdirs.user_data_dir("imagepipe", appauthor=False)) / "imagepipe.db"
 
 

@@ -5,6 +5,7 @@
 - :mod:`.inspect` — ``list``, ``show``, ``db-path``: commands that only read
 """
 
+import gc
 from typing import Annotated
 
 import typer
@@ -37,4 +38,10 @@ def _options(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        # The process ends right after the command: spare it the collector's last pass
+        # over everything the run allocated (~25 ms at 10,000 branches, measured). The
+        # store and the terminal are closed by then; no finalizer here depends on it.
+        gc.freeze()
