@@ -30,6 +30,7 @@ from imagepipe.durable.events import (
     PromiseReplayed,
     PromiseResolved,
 )
+from imagepipe.durable.slots import Slots
 from imagepipe.durable.store import (
     ErrorInfo,
     NewPromise,
@@ -88,30 +89,44 @@ class Step(NamedTuple, Generic[D]):
 
 
 class Handle(Generic[T]):
-    """The awaitable result of :meth:`RunContext.begin_run`."""
+    """The awaitable result of :meth:`RunContext.begin_run`.
 
-    __slots__ = ("_record", "_task", "id")
+    A handle is replayed (its outcome was in the store), queued (waiting for a
+    concurrency slot: it has no task yet) or started (its task runs or has finished)."""
 
-    def __init__(
-        self,
-        promise_id: str,
-        *,
-        task: asyncio.Task[T] | None = None,
-        record: PromiseRecord | None = None,
-    ) -> None:
+    __slots__ = ("_awaiting_start", "_record", "_task", "id")
+
+    def __init__(self, promise_id: str, *, record: PromiseRecord | None = None) -> None:
         self.id = promise_id
-        self._task = task
         self._record = record
+        self._task: asyncio.Task[T] | None = None
+        self._awaiting_start: list[asyncio.Future[None]] = []
 
     @property
     def replayed(self) -> bool:
         """True when the outcome was already in the store and nothing runs."""
-        return self._task is None
+        return self._record is not None
 
     def __await__(self) -> Generator[Any, None, T]:
         if self._task is not None:
             return self._task.__await__()
-        return self._stored().__await__()
+        if self._record is not None:
+            return self._stored().__await__()
+        return self._after_start().__await__()
+
+    def _started(self, task: asyncio.Task[T]) -> None:
+        self._task = task
+        for waiter in self._awaiting_start:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._awaiting_start.clear()
+
+    async def _after_start(self) -> T:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._awaiting_start.append(waiter)
+        await waiter
+        assert self._task is not None
+        return await self._task
 
     async def _stored(self) -> T:
         record = self._record
@@ -144,7 +159,7 @@ class RunContext(Generic[D]):
         self._emit = on_event or (lambda event: None)
         #: False when nobody listens: then events are not even built (hot path at scale)
         self._listening = on_event is not None
-        self._slots = asyncio.Semaphore(concurrency) if concurrency else None
+        self._slots = Slots(concurrency or None)
         self._attempt_timeout = attempt_timeout
         self._commit = GroupCommit(store)
         #: set to the first store failure seen by any branch: the run stops at once
@@ -218,9 +233,25 @@ class RunContext(Generic[D]):
             return Handle(promise_id, record=record)
         if self._listening:
             self._emit(PromiseQueued(promise_id, func, record.args, record.attempts))
-        task = asyncio.create_task(self._execute(record, fn, args), name=promise_id)
+        handle: Handle[T] = Handle(promise_id)
+        if self._slots.try_take():
+            self._start(handle, record, fn, args)
+        else:  # its task is created when a slot is handed to it
+            self._slots.when_free(lambda: self._start(handle, record, fn, args))
+        return handle
+
+    def _start(
+        self,
+        handle: Handle[T],
+        record: PromiseRecord,
+        fn: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+    ) -> bool:
+        """Start a branch that holds a concurrency slot (given back by its first attempt)."""
+        task = asyncio.create_task(self._execute(record, fn, args), name=record.id)
         self._tasks.append(task)
-        return Handle(promise_id, task=task)
+        handle._started(task)
+        return True
 
     def _create(self, seq: int, func: str, args: tuple[Any, ...]) -> PromiseRecord:
         """A new pending child, written with the next group commit (before it can start)."""
@@ -280,11 +311,13 @@ class RunContext(Generic[D]):
         promise_id, func = record.id, record.func
         current = record.attempts
         slots = self._slots
+        holding = True  # a branch starts with the slot it was started with
 
         async def attempt() -> T:
-            nonlocal current
-            if slots is not None:
-                await slots.acquire()
+            nonlocal current, holding
+            if not holding:
+                await slots.take()
+            holding = False  # given back below, whatever happens
             try:
                 current += 1
                 started_at = time.time()
@@ -305,8 +338,7 @@ class RunContext(Generic[D]):
                     await self._commit.durable()
                     raise
             finally:
-                if slots is not None:
-                    slots.release()
+                slots.give_back()
 
         def before_sleep(exc: BaseException, delay: float) -> None:
             error = ErrorInfo.from_exception(exc)
@@ -314,6 +346,8 @@ class RunContext(Generic[D]):
 
         try:
             if not self._retry.allows(record.failures):
+                holding = False
+                slots.give_back()  # no attempt to make
                 raise _exhausted(self.store, promise_id)
             try:
                 value = await attempt()
@@ -365,9 +399,10 @@ class RunContext(Generic[D]):
         return set(self.outcomes)
 
     async def settle_all(self) -> None:
-        """Wait until every started child has settled (errors are in the store)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Wait until every child has settled (errors are in the store). Queued children
+        start as slots free up, so wait until no task is left running."""
+        while pending := [task for task in self._tasks if not task.done()]:
+            await asyncio.wait(pending)
         for task in self._tasks:
             if not task.cancelled():
                 exc = task.exception()
@@ -376,6 +411,7 @@ class RunContext(Generic[D]):
 
     async def cancel_all(self) -> None:
         """Cancel unfinished children; they stay pending in the store, resumable."""
+        self._slots.forget_waiters()  # queued children never start
         for task in self._tasks:
             task.cancel()
         if self._tasks:

@@ -1,0 +1,74 @@
+"""The concurrency limit: FIFO hand-over, queued branches without tasks, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+from imagepipe.durable import RunContext, SQLiteStore, Step
+from imagepipe.durable.slots import Slots
+from imagepipe.retry import ExponentialRetry
+
+
+async def test_slots_are_handed_over_first_come_first_served() -> None:
+    slots = Slots(1)
+    assert slots.try_take()
+    order: list[str] = []
+
+    def start(name: str) -> bool:
+        order.append(name)
+        return True
+
+    slots.when_free(lambda: start("queued"))
+    waiter = asyncio.create_task(slots.take())
+    await asyncio.sleep(0)  # one loop turn: the task is now waiting
+    assert not slots.try_take(), "a free slot goes to the waiters first"
+    slots.give_back()
+    assert order == ["queued"]
+    assert not waiter.done()
+    slots.give_back()
+    await waiter
+    slots.give_back()
+    assert slots.try_take(), "nobody waits: the slot is free again"
+
+
+async def test_a_waiter_cancelled_after_it_was_handed_a_slot_passes_it_on() -> None:
+    slots = Slots(1)
+    assert slots.try_take()
+    first = asyncio.create_task(slots.take())
+    second = asyncio.create_task(slots.take())
+    await asyncio.sleep(0)
+    slots.give_back()  # handed to `first`...
+    first.cancel()  # ...which is cancelled before it could use it
+    await asyncio.gather(first, return_exceptions=True)
+    await asyncio.wait_for(second, timeout=5)
+    assert first.cancelled()
+
+
+async def test_a_waiter_cancelled_while_waiting_refuses_the_slot() -> None:
+    slots = Slots(1)
+    assert slots.try_take()
+    gone = asyncio.create_task(slots.take())
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)
+    slots.give_back()
+    assert slots.try_take(), "the slot was not lost to the cancelled waiter"
+
+
+async def test_queued_branches_get_a_task_only_when_a_slot_frees(store: SQLiteStore) -> None:
+    store.create("run", func="wf", args=[])
+    store.commit()
+    ctx = RunContext(store, "run", None, retry=ExponentialRetry(), concurrency=2)
+    gate = asyncio.Event()
+
+    async def step(s: Step[None], i: int) -> int:
+        await gate.wait()
+        return i
+
+    before = len(asyncio.all_tasks())
+    handles = [ctx.begin_run(step, i) for i in range(50)]
+    assert len(asyncio.all_tasks()) - before == 2, "48 queued branches, no task for them"
+    gate.set()
+    # The last handle is awaited before its branch has started, and still gets its value.
+    assert await handles[-1] == 49
+    assert [await h for h in handles] == list(range(50))
