@@ -231,7 +231,10 @@ class Store(Protocol):
         ...
 
     def resolve(self, promise_id: str, value: Any) -> Settled:
-        """Settle as resolved. The first settle wins: a settled promise's outcome stays."""
+        """Settle as resolved. The first settle wins: a settled promise's outcome stays.
+
+        Returns the outcome: ``value`` itself if this call settled the promise, else the
+        stored outcome, decoded from JSON."""
         ...
 
     def reject(self, promise_id: str, error: ErrorInfo) -> Settled:
