@@ -124,8 +124,9 @@ class Board:
         return handler(self, event, now)
 
     def _on_queued(self, event: PromiseQueued, now: float) -> Row:
-        row = self._add(event.id, event.args, "queued")
-        row.attempt = event.attempts
+        # The hot one: every branch of a fan-out arrives at once (helpers inlined).
+        row = Row(event.id, branch_label(event.args), "queued", event.attempts)
+        self.rows[row.id] = self.by_state["queued"][row.id] = row
         return row
 
     def _on_replayed(self, event: PromiseReplayed, now: float) -> Row:
@@ -139,8 +140,9 @@ class Board:
 
     def _on_started(self, event: AttemptStarted, now: float) -> Row:
         row = self.rows[event.id]
-        self._move(row, "running")
-        row.attempt, row.since, row.retry_at = event.attempt, now, None
+        del self.by_state[row.state][row.id]
+        self.by_state["running"][row.id] = row
+        row.state, row.attempt, row.since, row.retry_at = "running", event.attempt, now, None
         return row
 
     def _on_failed(self, event: AttemptFailed, now: float) -> Row:
@@ -393,8 +395,7 @@ class LiveReporter:
 
     def __exit__(self, *exc: object) -> None:
         self.board.finished = time.monotonic()
-        self.live.refresh()
-        self.live.stop()
+        self.live.stop()  # draws the final frame
 
     def run_started(self, info: RunInfo) -> None:
         self.board.info = info
