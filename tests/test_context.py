@@ -155,6 +155,10 @@ async def test_fewer_branches_than_stored_is_non_determinism(store: SQLiteStore)
     await replay.begin_run(rec.double, 1)
     with pytest.raises(NonDeterminism, match="store has 2 branches but the code now launches 1"):
         replay.check_no_leftovers()
+    # ...and a workflow that now launches nothing at all
+    empty = RunContext(store, "run", None, retry=ExponentialRetry())
+    with pytest.raises(NonDeterminism, match="store has 2 branches but the code now launches 0"):
+        empty.check_no_leftovers()
 
 
 async def test_cancelled_child_stays_pending_and_resumes_with_next_attempt(

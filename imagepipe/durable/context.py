@@ -209,9 +209,7 @@ class RunContext(Generic[D]):
         seq = self._next_seq
         self._next_seq += 1
         func = fn.__name__
-        if self._stored is None:
-            self._stored = {r.seq: r for r in self.store.children(self.run_id)}
-        record = self._stored.get(seq)
+        record = self._stored_children().get(seq)
         if record is None:
             record = self._create(seq, func, args)
         else:
@@ -276,6 +274,11 @@ class RunContext(Generic[D]):
             options={},
         )
 
+    def _stored_children(self) -> dict[int | None, PromiseRecord]:
+        if self._stored is None:
+            self._stored = {r.seq: r for r in self.store.children(self.run_id)}
+        return self._stored
+
     def _check_replay(self, record: PromiseRecord, func: str, args: tuple[Any, ...]) -> None:
         given = canonical_json(list(args))
         stored = canonical_json(record.args)
@@ -287,7 +290,7 @@ class RunContext(Generic[D]):
 
     def check_no_leftovers(self) -> None:
         """After the workflow returns: the store must hold no child the code did not ask for."""
-        stored = len(self._stored or ())
+        stored = len(self._stored_children())
         if stored > self._next_seq:
             raise NonDeterminism(
                 f"replay mismatch at {self.run_id}.{self._next_seq}: the store has {stored} "
