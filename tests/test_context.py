@@ -225,3 +225,28 @@ async def test_a_failing_heartbeat_does_not_hide_the_runs_own_error(
     # unretrieved.
     with pytest.raises(ValueError, match="the run's own failure"):
         await run_that_fails()
+
+
+@pytest.mark.parametrize(
+    ("returned", "seen"),
+    [
+        ({"url": "u", "n": 1, "ok": True, "x": None}, {"url": "u", "n": 1, "ok": True, "x": None}),
+        ((1, 2), [1, 2]),  # a tuple is stored as a JSON array
+        ({1: "one"}, {"1": "one"}),  # JSON keys are strings
+        ({"nested": {"a": (1,)}}, {"nested": {"a": [1]}}),
+    ],
+)
+async def test_a_live_result_is_what_a_replay_will_read(
+    store: SQLiteStore, returned: Any, seen: Any
+) -> None:
+    kept: list[Any] = []
+
+    async def step(s: Step[None]) -> Any:
+        kept.append(returned)
+        return returned
+
+    live = await make_ctx(store).begin_run(step)
+    replayed = await RunContext(store, "run", None, retry=ExponentialRetry()).begin_run(step)
+    assert live == replayed == seen
+    assert type(live) is type(seen)
+    assert len(kept) == 1, "the replay read the store"

@@ -33,6 +33,20 @@ __all__ = ["GroupCommit"]
 _NOTHING_LOST: frozenset[str] = frozenset()
 
 
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _read_back(value: Any, value_json: str | None) -> Any:
+    """``value`` as a replay will read it from the store, so that a live run and a replay
+    see the same thing. A flat dict of JSON scalars with string keys (most step results)
+    reads back as an equal dict: copy it rather than decode the JSON again."""
+    if type(value) is dict and all(
+        type(k) is str and type(v) in _JSON_SCALARS for k, v in value.items()
+    ):
+        return dict(value)
+    return None if value_json is None else json.loads(value_json)
+
+
 class GroupCommit:
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -69,9 +83,7 @@ class GroupCommit:
             if record is None:
                 raise StoreError(f"promise {promise_id!r} vanished from {self._store.path}")
             return Settled(record.state, record.value, record.error, record.attempts)
-        # The value as stored, decoded, so a live run and a replay see the same thing.
-        stored = None if value_json is None else json.loads(value_json)
-        return Settled(state, stored, error, attempts)
+        return Settled(state, _read_back(value, value_json), error, attempts)
 
     def durable(self) -> asyncio.Future[frozenset[str]]:
         """A future done once every write made so far is committed. Its result: the ids

@@ -256,23 +256,14 @@ class RunContext(Generic[D]):
         promise_id = f"{self.run_id}.{seq}"
         now = time.time()
         self._commit.create(
-            NewPromise(promise_id, self.run_id, seq, func, canonical_json(list(args)), now)
+            NewPromise(promise_id, self.run_id, seq, func, canonical_json(args), now)
         )
+        # id, parent_id, seq, func, args, state, value, error, attempts, failures,
+        # created_at, settled_at, options (positional: once per branch, it shows)
         return PromiseRecord(
-            id=promise_id,
-            parent_id=self.run_id,
-            seq=seq,
-            func=func,
-            args=list(args),
-            state="pending",
-            value=None,
-            error=None,
-            attempts=0,
-            failures=0,
-            created_at=now,
-            settled_at=None,
-            options={},
-        )
+            promise_id, self.run_id, seq, func, list(args), "pending", None, None, 0, 0,
+            now, None, {},
+        )  # fmt: skip
 
     def _stored_children(self) -> dict[int | None, PromiseRecord]:
         if self._stored is None:
