@@ -142,7 +142,10 @@ class Board:
         row = self.rows[event.id]
         del self.by_state[row.state][row.id]
         self.by_state["running"][row.id] = row
-        row.state, row.attempt, row.since, row.retry_at = "running", event.attempt, now, None
+        row.state = "running"
+        row.attempt = event.attempt
+        row.since = now
+        row.retry_at = None
         return row
 
     def _on_failed(self, event: AttemptFailed, now: float) -> Row:
@@ -402,7 +405,8 @@ class LiveReporter:
         self.board.started = time.monotonic()
 
     def on_event(self, event: Event) -> None:
-        self.board.apply(event)
-        if isinstance(event, AttemptFailed) and event.retry_in is not None:
+        # Board.apply without its extra call: this runs three times per branch.
+        _HANDLERS[type(event)](self.board, event, time.monotonic())
+        if type(event) is AttemptFailed and event.retry_in is not None:
             line = failure_line(event.func, event.error, event.retry_in)
             self.console.print(Text(line, style="yellow"))
