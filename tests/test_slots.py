@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from imagepipe.durable import RunContext, SQLiteStore, Step
 from imagepipe.durable.slots import Slots
+from imagepipe.errors import PromiseRejected
 from imagepipe.retry import ExponentialRetry
 
 
@@ -72,3 +75,33 @@ async def test_queued_branches_get_a_task_only_when_a_slot_frees(store: SQLiteSt
     # The last handle is awaited before its branch has started, and still gets its value.
     assert await handles[-1] == 49
     assert [await h for h in handles] == list(range(50))
+
+
+async def test_after_a_rejection_queued_branches_still_run_to_the_end(
+    store: SQLiteStore,
+) -> None:
+    store.create("run", func="wf", args=[])
+    store.commit()
+    ctx = RunContext(store, "run", None, retry=ExponentialRetry(), concurrency=1)
+
+    class Refused(Exception):
+        retryable = False
+
+    async def step(s: Step[None], i: int) -> int:
+        if i == 0:
+            raise Refused("no")
+        return i
+
+    handles = [ctx.begin_run(step, i) for i in range(5)]
+    with pytest.raises(PromiseRejected):
+        await handles[0]
+    # Branches 1-4 were still queued behind the single slot when 0 failed.
+    await ctx.settle_all()
+    states = {c.id: c.state for c in store.children("run")}
+    assert states == {
+        "run.0": "rejected",
+        "run.1": "resolved",
+        "run.2": "resolved",
+        "run.3": "resolved",
+        "run.4": "resolved",
+    }
