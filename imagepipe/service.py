@@ -253,10 +253,11 @@ async def _execute(
         reporter.run_started(RunInfo(root.id, spec, resumed, max_attempts))
         try:
             result = await ctx.run_workflow(image_pipeline, *spec.args())
-            store.resolve(root.id, result)
+            settled = store.resolve(root.id, result)
         except PromiseRejected as exc:
             await ctx.settle_all()  # every other branch still finishes
-            store.reject(root.id, ErrorInfo("BranchRejected", str(exc), retryable=False))
+            error = ErrorInfo("BranchRejected", str(exc), retryable=False)
+            settled = store.reject(root.id, error)
         except NonDeterminism:
             await ctx.cancel_all()
             ctx.discard()
@@ -267,9 +268,8 @@ async def _execute(
             raise
         await ctx.flush()
     wall_ms = round((time.perf_counter() - started) * 1000)
-    settled_root = store.get(root.id)
-    assert settled_root is not None
-    return _executed_outcome(settled_root, ctx, wall_ms)
+    # Not read back: the root's value holds every image again (~15 ms to decode at 10,000).
+    return _executed_outcome(root._replace(state=settled.state), ctx, wall_ms)
 
 
 def _reopen_rejected(store: SQLiteStore, run_id: str) -> None:
