@@ -405,8 +405,7 @@ class LiveReporter:
         self.board.started = time.monotonic()
 
     def on_event(self, event: Event) -> None:
-        # Board.apply without its extra call: this runs three times per branch.
-        _HANDLERS[type(event)](self.board, event, time.monotonic())
-        if type(event) is AttemptFailed and event.retry_in is not None:
+        self.board.apply(event)
+        if isinstance(event, AttemptFailed) and event.retry_in is not None:
             line = failure_line(event.func, event.error, event.retry_in)
             self.console.print(Text(line, style="yellow"))
