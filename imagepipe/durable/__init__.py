@@ -4,6 +4,7 @@
 - :mod:`.sqlite` — the SQLite store (WAL, numbered migrations)
 - :mod:`.commit` — group commit: many writes, one ``COMMIT``, nothing reported early
 - :mod:`.context` — :class:`RunContext` with ``begin_run(fn, *args)`` and replay
+- :mod:`.slots` — the concurrency limit; a queued branch gets its task when a slot frees
 - :mod:`.lease` — one process executes a run at a time; a dead one is taken over at once
 - :mod:`.events` — what the core tells observers
 """
