@@ -394,9 +394,13 @@ class RunContext(Generic[D]):
 
     async def settle_all(self) -> None:
         """Wait until every child has settled (errors are in the store). Queued children
-        start as slots free up, so wait until no task is left running."""
-        while pending := [task for task in self._tasks if not task.done()]:
-            await asyncio.wait(pending)
+        start as slots free up, so each round waits for the tasks started during the one
+        before; every task is looked at once (a rescan per round would be O(n²/limit))."""
+        seen = 0
+        while seen < len(self._tasks):
+            started, seen = self._tasks[seen:], len(self._tasks)
+            if pending := [task for task in started if not task.done()]:
+                await asyncio.wait(pending)
         for task in self._tasks:
             if not task.cancelled():
                 exc = task.exception()
