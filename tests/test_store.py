@@ -9,6 +9,7 @@ import pytest
 
 from imagepipe.durable import ErrorInfo, SQLiteStore
 from imagepipe.durable.sqlite import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
+from imagepipe.durable.store import AttemptStart, NewPromise, Settlement, WriteBatch
 from imagepipe.errors import StoreError, UnusableStore
 
 
@@ -30,6 +31,42 @@ def test_first_settle_wins(store: SQLiteStore) -> None:
     assert resolved.state == rejected.state == resolved_again.state == "resolved"
     assert rejected.value == {"url": "u"}
     assert rejected.error is None
+
+
+def test_a_batch_applies_in_order_and_first_settle_wins_inside_it(store: SQLiteStore) -> None:
+    store.create("r", func="wf", args=[])
+    store.create("r.1", func="f", args=[1], parent_id="r", seq=1)
+    store.resolve("r.1", {"url": "first"})
+    batch = WriteBatch(
+        creates=[NewPromise("r.0", "r", 0, "f", "[0]", 1.0)],
+        starts=[AttemptStart(1, "r.0")],
+        settlements=[
+            Settlement("resolved", '{"url":"zero"}', None, 2.0, "r.0"),
+            Settlement("rejected", None, '{"message":"m","type":"E"}', 2.0, "r.1"),
+        ],
+    )
+    lost = store.apply(batch)
+    store.commit()
+    assert lost == {"r.1"}, "r.1 was settled before: its outcome stands"
+    zero, one = store.children("r")
+    assert (zero.state, zero.value, zero.attempts) == ("resolved", {"url": "zero"}, 1)
+    assert (one.state, one.value) == ("resolved", {"url": "first"})
+
+
+def test_a_batch_that_would_create_an_existing_branch_is_refused_whole(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    store.create("r", func="wf", args=[])
+    store.create("r.0", func="f", args=[0], parent_id="r", seq=0)
+    store.commit()
+    store.create("r.9", func="f", args=[9], parent_id="r", seq=9)  # same transaction
+    batch = WriteBatch(creates=[NewPromise("r.0", "r", 0, "f", "[0]", 1.0)])
+    with pytest.raises(StoreError, match="already holds branches of run r"):
+        store.apply(batch)
+    with pytest.raises(StoreError):  # what the transaction held is gone: no commit lies
+        store.commit()
+    ids = sqlite3.connect(db_path).execute("SELECT id FROM promises ORDER BY id").fetchall()
+    assert ids == [("r",), ("r.0",)]
 
 
 def test_writes_are_durable_only_after_commit(store: SQLiteStore, db_path: Path) -> None:

@@ -488,14 +488,14 @@ class SQLiteStore:
                 batch.creates,
             )
             if cur.rowcount != len(batch.creates):
-                self._conflict("created children of", batch.creates[0].parent_id)
+                self._conflict("branches of", batch.creates[0].parent_id)
         if batch.starts:
             cur = db.executemany(
                 "UPDATE promises SET attempts = ? WHERE id = ? AND state = 'pending'",
                 batch.starts,
             )
             if cur.rowcount != len(batch.starts):
-                self._conflict("settled a branch of", batch.starts[0].id.rpartition(".")[0])
+                self._conflict("settled branches of", batch.starts[0].id.rpartition(".")[0])
         if not batch.settlements:
             return frozenset()
         cur = db.executemany(
@@ -518,8 +518,9 @@ class SQLiteStore:
 
     def _conflict(self, what: str, run_id: str) -> None:
         error = StoreError(
-            f"another process {what} run {run_id} in {self.path} while this one held it;"
-            " nothing of this batch was kept"
+            f"the store {self.path} already holds {what} run {run_id} that this process"
+            " was about to write (written by another process, or replayed wrongly); its"
+            " uncommitted writes were rolled back"
         )
         self._abandon(error)
         raise error
