@@ -17,7 +17,7 @@ gives every sample of the 10,000-branch figures, to show the spread:
 - imagepipe --help (< 300 ms)
 - branches/s at 100, 1,000, 10,000 and 100,000 branches (linear growth)
 
-    python scripts/bench.py [--repeat 3] [--quick] [--json]
+    python scripts/bench.py [--repeat 7] [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ def table(f: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="measurements per figure")
+    parser.add_argument("--repeat", type=int, default=7, help="measurements per figure")
     parser.add_argument("--quick", action="store_true", help="skip the 100,000-branch run")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
