@@ -124,9 +124,8 @@ class Board:
         return handler(self, event, now)
 
     def _on_queued(self, event: PromiseQueued, now: float) -> Row:
-        # The hot one: every branch of a fan-out arrives at once (helpers inlined).
-        row = Row(event.id, branch_label(event.args), "queued", event.attempts)
-        self.rows[row.id] = self.by_state["queued"][row.id] = row
+        row = self._add(event.id, event.args, "queued")
+        row.attempt = event.attempts
         return row
 
     def _on_replayed(self, event: PromiseReplayed, now: float) -> Row:
@@ -140,12 +139,8 @@ class Board:
 
     def _on_started(self, event: AttemptStarted, now: float) -> Row:
         row = self.rows[event.id]
-        del self.by_state[row.state][row.id]
-        self.by_state["running"][row.id] = row
-        row.state = "running"
-        row.attempt = event.attempt
-        row.since = now
-        row.retry_at = None
+        self._move(row, "running")
+        row.attempt, row.since, row.retry_at = event.attempt, now, None
         return row
 
     def _on_failed(self, event: AttemptFailed, now: float) -> Row:
