@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from imagepipe.durable.store import (
@@ -26,11 +28,10 @@ from imagepipe.durable.store import (
     WriteBatch,
     canonical_json,
 )
-from imagepipe.errors import StoreError
 
 __all__ = ["GroupCommit"]
 
-_NOTHING_LOST: frozenset[str] = frozenset()
+_NOTHING_LOST: Mapping[str, Settled] = MappingProxyType({})
 
 
 _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
@@ -51,7 +52,7 @@ class GroupCommit:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._batch = WriteBatch()
-        self._waiters: list[asyncio.Future[frozenset[str]]] = []
+        self._waiters: list[asyncio.Future[Mapping[str, Settled]]] = []
         self._scheduled = False
 
     def create(self, promise: NewPromise) -> None:
@@ -60,7 +61,7 @@ class GroupCommit:
         self._batch.creates.append(promise)
         self._schedule()
 
-    def start_attempt(self, promise_id: str, attempt: int) -> asyncio.Future[frozenset[str]]:
+    def start_attempt(self, promise_id: str, attempt: int) -> asyncio.Future[Mapping[str, Settled]]:
         """Record that ``attempt`` started; await the result to know it is durable."""
         self._batch.starts.append(AttemptStart(attempt, promise_id))
         return self.durable()
@@ -77,21 +78,19 @@ class GroupCommit:
         self._batch.settlements.append(
             Settlement(state, value_json, error_json, time.time(), promise_id)
         )
-        lost = await self.durable()
-        if promise_id in lost:
-            record = self._store.get(promise_id)
-            if record is None:
-                raise StoreError(f"promise {promise_id!r} vanished from {self._store.path}")
-            return Settled(record.state, record.value, record.error, record.attempts)
+        stored = (await self.durable()).get(promise_id)
+        if stored is not None:  # settled before: that outcome stands
+            return stored
         return Settled(state, _read_back(value, value_json), error, attempts)
 
-    def durable(self) -> asyncio.Future[frozenset[str]]:
-        """A future done once every write made so far is committed. Its result: the ids
-        of the settlements in that commit that found their promise settled already."""
+    def durable(self) -> asyncio.Future[Mapping[str, Settled]]:
+        """A future done once every write made so far is committed. Its result: the
+        stored outcomes of the settlements in that commit that found their promise
+        settled already, by promise id."""
         self._schedule()
         # One future per waiter (cheaper than shielding a shared one): a waiter that is
         # cancelled cancels only its own future, never the flush the others wait for.
-        waiter: asyncio.Future[frozenset[str]] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Mapping[str, Settled]] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         return waiter
 

@@ -20,7 +20,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from imagepipe.durable.store import (
     AttemptRecord,
@@ -477,7 +477,7 @@ class SQLiteStore:
         return record
 
     @_guarded
-    def apply(self, batch: WriteBatch) -> frozenset[str]:
+    def apply(self, batch: WriteBatch) -> dict[str, Settled]:
         # One executemany per kind of write: at thousands of branches, per-statement
         # overhead in the sqlite3 module costs more than SQLite's own work (~3x, measured).
         db = self._begin()
@@ -497,31 +497,44 @@ class SQLiteStore:
             if cur.rowcount != len(batch.starts):
                 self._conflict("settled branches of", batch.starts[0].id.rpartition(".")[0])
         if not batch.settlements:
-            return frozenset()
+            return {}
         cur = db.executemany(
             "UPDATE promises SET state = ?, value = ?, error = ?, settled_at = ?"
             " WHERE id = ? AND state = 'pending'",
             batch.settlements,
         )
         if cur.rowcount == len(batch.settlements):
-            return frozenset()
+            return {}
         # Some promises were settled before (rare: never under the lease). A row this
         # batch settled holds exactly what it wrote; any other outcome is an earlier one.
-        lost = set()
+        lost = {}
         for item in batch.settlements:
             row = db.execute(
-                "SELECT state, value, error, settled_at FROM promises WHERE id = ?", (item.id,)
+                "SELECT state, value, error, settled_at, attempts FROM promises WHERE id = ?",
+                (item.id,),
             ).fetchone()
-            if row is None or tuple(row) != item[:4]:
-                lost.add(item.id)
-        return frozenset(lost)
+            if row is None:
+                self._refuse(f"promise {item.id!r} vanished from {self.path}")
+            if tuple(row[:4]) != item[:4]:
+                state, value, error, _, attempts = row
+                lost[item.id] = Settled(
+                    state,
+                    None if value is None else json.loads(value),
+                    None if error is None else ErrorInfo.from_json(error),
+                    attempts,
+                )
+        return lost
 
-    def _conflict(self, what: str, run_id: str) -> None:
-        error = StoreError(
+    def _conflict(self, what: str, run_id: str) -> NoReturn:
+        self._refuse(
             f"the store {self.path} already holds {what} run {run_id} that this process"
             " was about to write (written by another process, or replayed wrongly); its"
             " uncommitted writes were rolled back"
         )
+
+    def _refuse(self, message: str) -> NoReturn:
+        """Fail the batch: nothing of the open transaction may commit after this."""
+        error = StoreError(message)
         self._abandon(error)
         raise error
 

@@ -241,11 +241,11 @@ class Store(Protocol):
         """Settle as rejected. The first settle wins."""
         ...
 
-    def apply(self, batch: WriteBatch) -> frozenset[str]:
+    def apply(self, batch: WriteBatch) -> dict[str, Settled]:
         """Apply a batch of writes in the current transaction (durable at the next commit).
 
-        Returns the ids of the settlements that did not take effect because the promise
-        was settled before: for those, the stored outcome stands. A create whose id exists
+        Returns, by promise id, the stored outcome of each settlement that did not take
+        effect because the promise was settled before: that outcome stands. A create whose id exists
         already, or a start for a promise that is not pending, means another process
         writes the same run: that is a :class:`~imagepipe.errors.StoreError`."""
         ...
