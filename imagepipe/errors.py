@@ -19,19 +19,25 @@ Exit codes (also in the README):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from imagepipe.durable.errors import DurableError
+
 __all__ = [
     "BadInput",
     "ImagepipeError",
     "Interrupted",
     "NonDeterminism",
-    "PromiseRejected",
     "RunBusy",
     "RunConflict",
     "RunFailed",
+    "RunLost",
     "StoreBusy",
-    "StoreError",
+    "StoreFailed",
     "UnknownRun",
     "UnusableStore",
+    "from_core",
 ]
 
 
@@ -72,14 +78,14 @@ class UnusableStore(BadInput):
     """The ``--db`` path cannot hold an imagepipe store (missing dir, not SQLite, ...)."""
 
 
-class StoreError(ImagepipeError):
-    """The store failed while reading or writing (read-only, full, corrupt, newer)."""
+class StoreFailed(ImagepipeError):
+    """The store cannot be read or written (read-only, disk full, corrupt, newer)."""
 
     exit_code = 74
 
 
-class StoreBusy(StoreError):
-    """Another process holds the database's write lock for too long."""
+class StoreBusy(StoreFailed):
+    """Another process holds the store's write lock for too long."""
 
     exit_code = 75
 
@@ -97,25 +103,24 @@ class RunBusy(ImagepipeError):
         self.run_id = run_id
 
 
+class RunLost(ImagepipeError):
+    """This process was taken over (it was stopped or silent for too long): fencing refuses
+    its writes, and it stops."""
+
+    exit_code = 75
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            f"lost run {run_id!r}: another process took it over while this one was stopped "
+            "or could not reach the store; this process wrote nothing more and stops"
+        )
+        self.run_id = run_id
+
+
 class NonDeterminism(ImagepipeError):
     """Replay produced a different branch list than the one in the store."""
 
     exit_code = 65
-
-
-class PromiseRejected(ImagepipeError):
-    """Awaiting a durable promise that was rejected.
-
-    ``error_type`` and ``error`` are the original exception's type name and message, as
-    they were stored; the original exception is chained as ``__cause__`` when it was
-    raised in this process.
-    """
-
-    def __init__(self, promise_id: str, error_type: str, error: str) -> None:
-        super().__init__(f"{promise_id} rejected: {error_type}: {error}")
-        self.promise_id = promise_id
-        self.error_type = error_type
-        self.error = error
 
 
 class RunFailed(ImagepipeError):
@@ -134,3 +139,42 @@ class Interrupted(ImagepipeError):
         )
         self.run_id = run_id
         self.exit_code = 143 if signal_name == "SIGTERM" else 130
+
+
+def from_core(exc: DurableError, run_id: str | None = None) -> ImagepipeError:
+    """The one place where an error of the durable core becomes imagepipe's: its exit code
+    and the words that tell a user what to do."""
+    from imagepipe.durable import errors as core  # loaded already: ``exc`` is one of them
+
+    again = f"imagepipe resume {run_id}" if run_id else "resume the run"
+    if isinstance(exc, core.StoreUnusable):
+        return UnusableStore(f"cannot use --db: {exc}")
+    if isinstance(exc, core.StoreBusy):
+        return StoreBusy(f"{exc}; try again")
+    if isinstance(exc, core.StoreReadOnly):
+        return StoreFailed(f"{exc}; check its permissions")
+    if isinstance(exc, core.StoreFull):
+        return StoreFailed(f"the disk holding {exc.where} is full; free space and resume")
+    if isinstance(exc, core.StoreWriteFailed):
+        return StoreFailed(
+            f"{exc}: the disk may be full or failing, or a quota or file-size limit "
+            f"(ulimit -f) reached; free space or raise the limit, then {again}"
+        )
+    if isinstance(exc, core.StoreCorrupt):
+        return StoreFailed(f"{exc}; restore it from a backup")
+    if isinstance(exc, core.StoreNewer):
+        return StoreFailed(
+            f"the store {exc.where} has schema version {exc.found}, newer than this "
+            f"imagepipe knows ({exc.known}); upgrade imagepipe"
+        )
+    if isinstance(exc, core.StoreConflict):
+        return RunBusy(run_id or "?", "another process writing the same run")
+    if isinstance(exc, core.StoreError):
+        return StoreFailed(str(exc))
+    if isinstance(exc, core.LeaseHeld):
+        return RunBusy(exc.key, f"process {exc.holder.pid} on {exc.holder.host}")
+    if isinstance(exc, core.LeaseLost):
+        return RunLost(exc.key)
+    if isinstance(exc, core.NonDeterminism):
+        return NonDeterminism(f"{exc}; this run cannot be resumed by this version")
+    return ImagepipeError(str(exc))

@@ -2,7 +2,8 @@
 
 A run is a root promise whose arguments are its identity (:class:`RunSpec`); how this
 invocation executes it (retry budget, concurrency, simulated faults) is an
-:class:`Invocation` and may differ from one ``resume`` to the next.
+:class:`Invocation` and may differ from one ``resume`` to the next. The store is named by
+a URL (a plain path is a SQLite file) and opened through :func:`open_store`.
 """
 
 from __future__ import annotations
@@ -10,22 +11,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from imagepipe import settings
-from imagepipe.durable import ErrorInfo, PromiseRecord, RunContext, SQLiteStore
-from imagepipe.durable.lease import hold_lease
-from imagepipe.durable.sqlite import check_store_path
-from imagepipe.errors import Interrupted, NonDeterminism, PromiseRejected, RunConflict, UnknownRun
+from imagepipe.durable import (
+    DurableError,
+    ErrorInfo,
+    LeaseKeeper,
+    NewPromise,
+    NonDeterminism,
+    PromiseRecord,
+    PromiseRejected,
+    RetryPolicy,
+    RunContext,
+    Store,
+    StoreConflict,
+    StoreMissing,
+    StoreOptions,
+    WriteBatch,
+    encode_args,
+    open_store,
+)
+from imagepipe.errors import Interrupted, RunConflict, UnknownRun, from_core
 from imagepipe.pipeline import Deps, image_pipeline
 from imagepipe.providers import SimulatedProvider
-from imagepipe.retry import DEFAULT_MAX_ATTEMPTS, ExponentialRetry
 from imagepipe.runs import (
+    DEFAULT_MAX_ATTEMPTS,
     Branch,
     Invocation,
     Reporter,
@@ -39,6 +53,8 @@ from imagepipe.runs import (
 
 __all__ = ["list_runs", "resume_run", "show_run", "start_run"]
 
+T = TypeVar("T")
+
 #: the function name a run's root promise is stored under
 WORKFLOW = "image_pipeline"
 
@@ -46,40 +62,33 @@ WORKFLOW = "image_pipeline"
 # -- the store -----------------------------------------------------------------------
 
 
-@contextmanager
-def _open(db_path: Path, *, create: bool) -> Iterator[SQLiteStore | None]:
-    check_store_path(db_path, must_exist=not create)
-    if not create and not db_path.exists():
-        yield None
-        return
-    store = SQLiteStore.open(
-        db_path, busy_timeout=settings.busy_timeout(), max_pages=settings.simulated_max_pages()
+@contextlib.asynccontextmanager
+async def _opened(url: str, *, create: bool, write: bool) -> AsyncIterator[Store]:
+    """The store at ``url``; opened to ``write``, its integrity is checked first."""
+    options = StoreOptions(
+        create=create,
+        verify=write,
+        busy_timeout=settings.busy_timeout(),
+        max_pages=settings.simulated_max_pages(),
     )
+    store = await open_store(url, options)
     try:
         yield store
     finally:
-        store.close()
+        await store.close()
 
 
-def _root(store: SQLiteStore | None, run_id: str, db_path: Path) -> PromiseRecord:
-    record = None if store is None else store.get(run_id)
+async def _root(store: Store, run_id: str) -> PromiseRecord:
+    record = await store.get(run_id)
     if record is None or record.parent_id is not None or record.func != WORKFLOW:
-        raise UnknownRun(run_id, str(db_path))
+        raise UnknownRun(run_id, store.where)
     return record
 
 
-def _outcome(store: SQLiteStore, root: PromiseRecord) -> RunOutcome:
+async def _stored_outcome(store: Store, root: PromiseRecord) -> RunOutcome:
     """A run that nothing executed in this invocation, as stored."""
-    branches = [Branch.from_record(r) for r in store.children(root.id)]
+    branches = [Branch.from_record(r) for r in await store.children(root.id)]
     return _run_outcome(root, branches, wall_ms=0, executed=False)
-
-
-def _executed_outcome(root: PromiseRecord, ctx: RunContext[Deps], wall_ms: int) -> RunOutcome:
-    """A run this invocation executed. Every branch is known without reading the store
-    back: replayed ones were read when launched, the others' outcomes were committed
-    before the context recorded them (re-reading 10,000 rows cost ~0.1 s)."""
-    branches = [Branch.from_record(r, ctx.outcomes.get(r.id)) for r in ctx.launched]
-    return _run_outcome(root, branches, wall_ms=wall_ms, executed=True)
 
 
 def _run_outcome(
@@ -87,8 +96,8 @@ def _run_outcome(
 ) -> RunOutcome:
     return RunOutcome(
         id=root.id,
-        state=run_state(root),
-        spec=RunSpec.from_args(root.args),
+        state=run_state(root.state),
+        spec=RunSpec.from_stored(root.args),
         branches=branches,
         wall_ms=wall_ms,
         created_at=root.created_at,
@@ -100,29 +109,52 @@ def _run_outcome(
 
 
 def start_run(
-    db_path: Path, run_id: str, spec: RunSpec, invocation: Invocation, reporter: Reporter
+    url: str, run_id: str, spec: RunSpec, invocation: Invocation, reporter: Reporter
 ) -> RunOutcome:
     """Start a run, or pick up the stored run with this id (refused if its spec differs)."""
     validate_run_id(run_id)
     spec.validate()
     invocation.validate()
-    with _open(db_path, create=True) as store:
-        assert store is not None
-        existing = store.get(run_id)
-        if existing is None:
-            options = {"max_attempts": invocation.max_attempts or DEFAULT_MAX_ATTEMPTS}
-            root, _ = store.create(run_id, func=WORKFLOW, args=spec.args(), options=options)
-            store.commit()
-            return _drive(store, root, invocation, reporter, resumed=False)
-        root = _root(store, run_id, db_path)
-        _check_same_spec(run_id, RunSpec.from_args(root.args), spec)
-        if root.settled:
-            return _outcome(store, root)
-        return _drive(store, root, invocation, reporter, resumed=True)
+
+    async def start() -> RunOutcome:
+        async with _opened(url, create=True, write=True) as store:
+            root = await store.get(run_id)
+            created = False
+            if root is None:
+                created = await _create_root(store, run_id, spec, invocation)
+                root = await _root(store, run_id)
+            if root.parent_id is not None or root.func != WORKFLOW:
+                raise UnknownRun(run_id, store.where)
+            _check_same_spec(run_id, RunSpec.from_stored(root.args), spec)
+            if root.settled:
+                return await _stored_outcome(store, root)
+            return await _execute(store, root, invocation, reporter, resumed=not created)
+
+    return _run(start, run_id)
+
+
+async def _create_root(store: Store, run_id: str, spec: RunSpec, invocation: Invocation) -> bool:
+    """Write the run's root; False if another process created it first (then the spec
+    stored by that process is the one to check)."""
+    options = {"max_attempts": invocation.max_attempts or DEFAULT_MAX_ATTEMPTS}
+    root = NewPromise(
+        id=run_id,
+        parent_id=None,
+        seq=None,
+        func=WORKFLOW,
+        args_json=encode_args(spec.kwargs()),
+        created_at=time.time(),
+        options_json=_json(options),
+    )
+    try:
+        await store.apply(WriteBatch(creates=[root]))
+    except StoreConflict:
+        return False
+    return True
 
 
 def resume_run(
-    db_path: Path,
+    url: str,
     run_id: str,
     invocation: Invocation,
     reporter: Reporter,
@@ -134,33 +166,56 @@ def resume_run(
     With ``retry_failed``, a failed run's rejected branches are set back to pending first
     (their attempt history stays) and run again."""
     invocation.validate()
-    with _open(db_path, create=False) as store:
-        root = _root(store, run_id, db_path)
-        assert store is not None
-        reopen = retry_failed and root.state == "rejected"
-        if root.settled and not reopen:
-            return _outcome(store, root)
-        return _drive(store, root, invocation, reporter, resumed=True, reopen=reopen)
+
+    async def resume() -> RunOutcome:
+        try:
+            async with _opened(url, create=False, write=True) as store:
+                root = await _root(store, run_id)
+                reopen = retry_failed and root.state == "rejected"
+                if root.settled and not reopen:
+                    return await _stored_outcome(store, root)
+                return await _execute(
+                    store, root, invocation, reporter, resumed=True, reopen=reopen
+                )
+        except StoreMissing:
+            raise UnknownRun(run_id, url) from None
+
+    return _run(resume, run_id)
 
 
-def show_run(db_path: Path, run_id: str) -> RunOutcome:
-    with _open(db_path, create=False) as store:
-        root = _root(store, run_id, db_path)
-        assert store is not None
-        outcome = _outcome(store, root)
-        return dataclasses.replace(outcome, history=store.failed_attempts(run_id))
+def show_run(url: str, run_id: str) -> RunOutcome:
+    async def show() -> RunOutcome:
+        try:
+            async with _opened(url, create=False, write=False) as store:
+                root = await _root(store, run_id)
+                outcome = await _stored_outcome(store, root)
+                history = await store.failed_attempts(run_id)
+                return dataclasses.replace(outcome, history=history)
+        except StoreMissing:
+            raise UnknownRun(run_id, url) from None
+
+    return _run(show, run_id)
 
 
-def list_runs(db_path: Path, limit: int | None = None) -> list[RunSummary]:
-    with _open(db_path, create=False) as store:
-        if store is None:
+def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
+    async def listing() -> list[RunSummary]:
+        try:
+            async with _opened(url, create=False, write=False) as store:
+                roots = [r for r in await store.roots(limit) if r.func == WORKFLOW]
+        except StoreMissing:
             return []
-        roots = [r for r in store.roots(limit) if r.func == WORKFLOW]
-        counts = store.child_counts([r.id for r in roots])
         return [
-            RunSummary(r.id, run_state(r), str(r.args[0]), r.created_at, counts[r.id])
+            RunSummary(
+                r.id,
+                run_state(r.state),
+                RunSpec.from_stored(r.args).prompt,
+                r.created_at,
+                r.counts,
+            )
             for r in roots
         ]
+
+    return _run(listing, None)
 
 
 def _check_same_spec(run_id: str, stored: RunSpec, given: RunSpec) -> None:
@@ -175,19 +230,12 @@ def _check_same_spec(run_id: str, stored: RunSpec, given: RunSpec) -> None:
 # -- execution -----------------------------------------------------------------------
 
 
-def _drive(
-    store: SQLiteStore,
-    root: PromiseRecord,
-    invocation: Invocation,
-    reporter: Reporter,
-    *,
-    resumed: bool,
-    reopen: bool = False,
-) -> RunOutcome:
-    """Run the workflow on an event loop; turn Ctrl-C and SIGTERM into :class:`Interrupted`."""
+def _run(command: Callable[[], Awaitable[T]], run_id: str | None) -> T:
+    """Run a command on an event loop: the core's errors become imagepipe's, and Ctrl-C
+    and SIGTERM become :class:`Interrupted` (the run stays resumable)."""
     received = "SIGINT"
 
-    async def main() -> RunOutcome:
+    async def main() -> T:
         task = asyncio.current_task()
         assert task is not None
 
@@ -200,35 +248,34 @@ def _drive(
         # Not available off the main thread (tests) or on Windows: Ctrl-C still works.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-        return await _execute(store, root, invocation, reporter, resumed, reopen)
+        return await command()
 
-    # Thousands of branches allocate many short-lived objects; the default collector
-    # threshold (700) makes CPython rescan them thousands of times. Freeze what exists
-    # (modules, the store) and collect young objects less often.
-    thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
     try:
         return asyncio.run(main())
+    except DurableError as exc:
+        raise from_core(exc, run_id) from exc
     except KeyboardInterrupt:
-        raise Interrupted(root.id, "SIGINT") from None
+        if run_id is None:
+            raise
+        raise Interrupted(run_id, "SIGINT") from None
     except asyncio.CancelledError:
-        raise Interrupted(root.id, received) from None
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
+        if run_id is None:
+            raise
+        raise Interrupted(run_id, received) from None
 
 
 async def _execute(
-    store: SQLiteStore,
+    store: Store,
     root: PromiseRecord,
     invocation: Invocation,
     reporter: Reporter,
+    *,
     resumed: bool,
-    reopen: bool,
+    reopen: bool = False,
 ) -> RunOutcome:
-    """The run itself, under the lease: the workflow, then the root's settlement."""
-    spec = RunSpec.from_args(root.args)
+    """The run itself: the workflow, then the root's settlement, under the run's lease
+    (taken with the first write, after the replay check)."""
+    spec = RunSpec.from_stored(root.args)
     max_attempts = invocation.max_attempts or int(
         root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
     )
@@ -237,44 +284,50 @@ async def _execute(
         latency_ms=invocation.sim_latency_ms,
         faults=invocation.faults,
     )
+    # The simulated provider has no shared rate limit to spread retries over: no jitter,
+    # so that the demo's back-off is the reference's 2 s, 4 s, 8 s ...
+    policy = RetryPolicy(max_attempts=max_attempts, jitter=False, time_scale=invocation.time_scale)
+    lease = LeaseKeeper(store, root.id, stale_after=settings.lease_timeout())
+    await lease.check_free()
     ctx = RunContext(
         store,
         root.id,
         Deps(provider),
-        retry=ExponentialRetry(max_attempts=max_attempts, time_scale=invocation.time_scale),
+        retry=policy,
+        lease=lease,
         on_event=reporter.on_event,
         concurrency=invocation.concurrency,
         attempt_timeout=invocation.attempt_timeout,
     )
     started = time.perf_counter()
-    async with hold_lease(store, root.id):
-        if reopen:  # under the lease: no other process is running these branches
-            _reopen_rejected(store, root.id)
+    try:
+        await ctx.load(reopen_rejected=reopen)
         reporter.run_started(RunInfo(root.id, spec, resumed, max_attempts))
         try:
-            result = await ctx.run_workflow(image_pipeline, *spec.args())
-            settled = store.resolve(root.id, result)
+            result = await ctx.run_workflow(image_pipeline, **spec.kwargs())
+            summary = {"images": len(result["images"]), "total_ms": result["total_ms"]}
+            settled = await ctx.settle_run(value=summary)
         except PromiseRejected as exc:
             await ctx.settle_all()  # every other branch still finishes
             error = ErrorInfo("BranchRejected", str(exc), retryable=False)
-            settled = store.reject(root.id, error)
+            settled = await ctx.settle_run(error=error)
         except NonDeterminism:
             await ctx.cancel_all()
-            ctx.discard()
-            store.rollback()  # nothing of this invocation (e.g. a retry's reopen) is kept
+            ctx.discard()  # nothing of this invocation is written
             raise
         except BaseException:
             await ctx.cancel_all()  # interrupted or broken: pending branches stay resumable
             raise
-        await ctx.flush()
+    finally:
+        await lease.release()
     wall_ms = round((time.perf_counter() - started) * 1000)
-    # Not read back: the root's value holds every image again (~15 ms to decode at 10,000).
-    return _executed_outcome(root._replace(state=settled.state), ctx, wall_ms)
+    branches = [Branch.from_handle(h) for h in ctx.launched]
+    # Not read back: every branch is known to the context, as committed.
+    executed_root = dataclasses.replace(root, state=settled.state)
+    return _run_outcome(executed_root, branches, wall_ms=wall_ms, executed=True)
 
 
-def _reopen_rejected(store: SQLiteStore, run_id: str) -> None:
-    """Set a failed run and its rejected branches back to pending (history stays)."""
-    for child in store.children(run_id):
-        if child.state == "rejected":
-            store.reopen(child.id)
-    store.reopen(run_id)  # committed with the first branch's write, or rolled back
+def _json(value: object) -> str:
+    from imagepipe.durable.records import canonical_json
+
+    return canonical_json(value)

@@ -6,6 +6,8 @@
   retry delay. ``0.01`` makes a 2 s back-off take 20 ms; tests and demos use it.
 - ``IMAGEPIPE_BUSY_TIMEOUT``: seconds to wait for another process's write lock on the
   store before giving up with exit 75 (default 5).
+- ``IMAGEPIPE_LEASE_TIMEOUT``: seconds of silence (no heartbeat) after which another
+  process may take a run over (default 10); the owner renews every tenth of it.
 - ``IMAGEPIPE_SIMULATE_MAX_PAGES``: fault injection for tests: cap the store at this many
   pages (SQLite ``max_page_count``) so that growing it fails as a full disk would.
 """
@@ -18,7 +20,13 @@ from pathlib import Path
 
 from imagepipe.errors import BadInput
 
-__all__ = ["busy_timeout", "default_db_path", "simulated_max_pages", "time_scale"]
+__all__ = [
+    "busy_timeout",
+    "default_db_path",
+    "lease_timeout",
+    "simulated_max_pages",
+    "time_scale",
+]
 
 
 def default_db_path() -> Path:
@@ -51,3 +59,11 @@ def busy_timeout() -> float:
 def simulated_max_pages() -> int | None:
     pages = _number("IMAGEPIPE_SIMULATE_MAX_PAGES", 0)
     return int(pages) or None
+
+
+def lease_timeout() -> float:
+    """Seconds of silence after which another process may take a run over."""
+    seconds = _number("IMAGEPIPE_LEASE_TIMEOUT", 10.0)
+    if seconds <= 0:
+        raise BadInput(f"IMAGEPIPE_LEASE_TIMEOUT must be a number > 0, not {seconds:g}")
+    return seconds

@@ -36,7 +36,7 @@ from imagepipe.durable import (
     PromiseReplayed,
     PromiseResolved,
 )
-from imagepipe.pipeline import branch_label
+from imagepipe.pipeline import BranchArgs
 from imagepipe.runs import RunInfo
 
 __all__ = [
@@ -110,8 +110,8 @@ class Board:
         self.by_state[row.state][row.id] = row
         return row
 
-    def _add(self, promise_id: str, args: list[object], state: str) -> Row:
-        return self.add(Row(promise_id, branch_label(args), state))
+    def _add(self, promise_id: str, args: dict[str, Any], state: str) -> Row:
+        return self.add(Row(promise_id, BranchArgs.read(args).label, state))
 
     @property
     def settled(self) -> int:
@@ -351,7 +351,7 @@ class PlainReporter:
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, PromiseQueued | PromiseReplayed):
-            self.labels[event.id] = branch_label(event.args)
+            self.labels[event.id] = BranchArgs.read(event.args).label
             self.width = max(self.width, len(self.labels[event.id]))
         if isinstance(event, PromiseReplayed):
             if event.state == "resolved":

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagepipe.pipeline import BranchArgs
 from imagepipe.providers import KNOWN_STYLES, Faults, ImageRequest, SimulatedProvider
 
 PROMPT = "A futuristic city skyline"
@@ -271,7 +272,8 @@ class Trial:
             self.result.fail(f"{len(stored)} branches stored, {expected_count} expected")
         any_rejected = False
         for promise_id, branch in stored.items():
-            prompt, style, variation, crash = branch["args"]
+            args = BranchArgs.read(branch["args"])
+            prompt, style, variation, crash = args.prompt, args.style, args.variation, args.crash
             tried = history.get(promise_id, [])
             # Only failed attempts have a row; the others succeeded or were cut off.
             failed_at = dict(tried)

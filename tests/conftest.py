@@ -11,12 +11,12 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from imagepipe.durable import SQLiteStore
+from imagepipe.durable import Store, open_store
 
 FAST = "0.01"
 
@@ -47,10 +47,10 @@ def db_path(isolated: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SQLiteStore]:
-    s = SQLiteStore.open(db_path)
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    s = await open_store(str(db_path))
     yield s
-    s.close()
+    await s.close()
 
 
 def cli_env(db: Path, **extra: str) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""The run context: deterministic ids, create-before-start, replay, cancellation."""
+"""The run context: deterministic ids, create-before-start, replay by name, nested steps,
+cancellation, and nothing written before the replay check."""
 
 from __future__ import annotations
 
@@ -12,17 +13,24 @@ import pytest
 from imagepipe.durable import (
     AttemptStarted,
     Event,
+    LeaseKeeper,
+    NewPromise,
+    NonDeterminism,
     PromiseQueued,
+    PromiseRejected,
     PromiseReplayed,
     PromiseResolved,
+    RetryPolicy,
     RunContext,
-    SQLiteStore,
     Step,
+    Store,
+    WriteBatch,
+    encode_args,
 )
-from imagepipe.errors import NonDeterminism, PromiseRejected
-from imagepipe.retry import ExponentialRetry
 
 Calls = list[tuple[str, int]]
+_keepers: list[LeaseKeeper] = []
+NO_WAIT = RetryPolicy(jitter=False, time_scale=0)
 
 
 class Recorder:
@@ -46,44 +54,58 @@ class Recorder:
         return x * 2
 
 
-async def no_sleep(seconds: float) -> None:
-    return None
+@pytest.fixture(autouse=True)
+async def released() -> Any:
+    yield
+    while _keepers:
+        await _keepers.pop().release()
 
 
-def make_ctx(
-    store: SQLiteStore, events: list[Event] | None = None, **kwargs: Any
+async def context(
+    store: Store, events: list[Event] | None = None, *, lease: bool = True, **kwargs: Any
 ) -> RunContext[None]:
-    store.create("run", func="wf", args=[])
-    store.commit()
-    sink = events.append if events is not None else None
-    return RunContext(
-        store, "run", None, retry=ExponentialRetry(sleep=no_sleep), on_event=sink, **kwargs
+    """A context for run ``run`` (created if new), loaded from the store like a resume.
+    The previous context's lease is released first, as its process would on exit."""
+    while _keepers:
+        await _keepers.pop().release()
+    if await store.get("run") is None:
+        root = NewPromise("run", None, None, "wf", encode_args({}), 1.0)
+        await store.apply(WriteBatch(creates=[root]))
+    keeper = LeaseKeeper(store, "run") if lease else None
+    if keeper is not None:
+        _keepers.append(keeper)
+    ctx: RunContext[None] = RunContext(
+        store,
+        "run",
+        None,
+        retry=kwargs.pop("retry", NO_WAIT),
+        lease=keeper,
+        on_event=events.append if events is not None else None,
+        **kwargs,
     )
+    await ctx.load()
+    return ctx
 
 
 async def test_children_get_deterministic_ids_and_are_stored_before_they_start(
-    store: SQLiteStore, db_path: Path
+    store: Store, db_path: Path
 ) -> None:
     rec = Recorder()
     rec.gate = asyncio.Event()
-    ctx = make_ctx(store)
-    handles = [ctx.begin_run(rec.double, x) for x in (1, 2, 3)]
+    ctx = await context(store)
+    handles = [ctx.begin_run(rec.double, x=x) for x in (1, 2, 3)]
     assert [h.id for h in handles] == ["run.0", "run.1", "run.2"]
-    # begin_run returned without running anything: the promises go to the store with
-    # the next group commit, which comes before any of them can start.
-    assert rec.calls == []
+    assert rec.calls == []  # begin_run returned without running anything
     await rec.wait_calls(3)
     # Before any step is called, its promise and started attempt are committed.
-    other = sqlite3.connect(db_path)
-    rows = other.execute("SELECT id, attempts FROM promises WHERE parent_id = 'run'").fetchall()
+    with sqlite3.connect(db_path) as other:
+        rows = other.execute("SELECT id, attempts FROM promises WHERE parent_id = 'run'").fetchall()
     assert sorted(rows) == [("run.0", 1), ("run.1", 1), ("run.2", 1)]
     rec.gate.set()
     assert [await h for h in handles] == [2, 4, 6]
 
 
-async def test_a_result_is_committed_before_it_is_reported(
-    store: SQLiteStore, db_path: Path
-) -> None:
+async def test_a_result_is_committed_before_it_is_reported(store: Store, db_path: Path) -> None:
     rec = Recorder()
     other = sqlite3.connect(db_path)
     seen_in_db: list[str | None] = []
@@ -93,97 +115,116 @@ async def test_a_result_is_committed_before_it_is_reported(
             row = other.execute("SELECT value FROM promises WHERE id = ?", (event.id,)).fetchone()
             seen_in_db.append(row[0])
 
-    store.create("run", func="wf", args=[])
-    store.commit()
-    ctx = RunContext(store, "run", None, retry=ExponentialRetry(), on_event=on_event)
-    assert await ctx.begin_run(rec.double, 21) == 42
+    ctx = await context(store)
+    ctx._emit, ctx._listening = on_event, True
+    assert await ctx.begin_run(rec.double, x=21) == 42
     assert seen_in_db == ["42"]
+    other.close()
 
 
-async def test_replay_reads_settled_children_without_running_them(store: SQLiteStore) -> None:
+async def test_replay_reads_settled_children_without_running_them(store: Store) -> None:
     rec = Recorder()
-    ctx = make_ctx(store)
-    assert await ctx.begin_run(rec.double, 5) == 10
+    ctx = await context(store)
+    assert await ctx.begin_run(rec.double, x=5) == 10
     assert rec.calls == [("run.0", 1)]
 
     events: list[Event] = []
-    replay = RunContext(store, "run", None, retry=ExponentialRetry(), on_event=events.append)
-    handle = replay.begin_run(rec.double, 5)
+    replay = await context(store, events)
+    handle = replay.begin_run(rec.double, x=5)
     assert handle.replayed
     assert await handle == 10
     assert rec.calls == [("run.0", 1)]
     assert isinstance(events[0], PromiseReplayed)
     assert events[0].attempts == 1
-    assert replay.computed == set()
 
 
-async def test_a_rejected_child_raises_on_await_and_on_replay(store: SQLiteStore) -> None:
+async def test_a_rejected_child_raises_on_await_and_on_replay(store: Store) -> None:
     async def bad(step: Step[None]) -> None:
         raise ValueError("no such thing")
 
-    ctx = make_ctx(store)
-    ctx._retry = ExponentialRetry(max_attempts=2, sleep=no_sleep)
+    ctx = await context(store, retry=RetryPolicy(max_attempts=2, time_scale=0))
     with pytest.raises(PromiseRejected, match="ValueError: no such thing"):
         await ctx.begin_run(bad)
-    record = store.get("run.0")
+    record = await store.get("run.0")
     assert record is not None
     assert (record.state, record.attempts, record.failures) == ("rejected", 2, 2)
 
-    replay = RunContext(store, "run", None, retry=ExponentialRetry())
+    replay = await context(store)
     with pytest.raises(PromiseRejected) as info:
         await replay.begin_run(bad)
-    assert (info.value.error_type, info.value.error) == ("ValueError", "no such thing")
+    assert (info.value.error.type, info.value.error.message) == ("ValueError", "no such thing")
 
 
-async def test_different_call_at_a_stored_position_is_non_determinism(
-    store: SQLiteStore,
-) -> None:
+async def test_a_different_call_at_a_stored_position_is_non_determinism(store: Store) -> None:
     rec = Recorder()
-    ctx = make_ctx(store)
-    await ctx.begin_run(rec.double, 1)
-    replay = RunContext(store, "run", None, retry=ExponentialRetry())
-    with pytest.raises(NonDeterminism, match=r"run\.0.*double\[1\].*double\[2\]"):
-        replay.begin_run(rec.double, 2)
+    await (await context(store)).begin_run(rec.double, x=1)
+    replay = await context(store)
+    with pytest.raises(NonDeterminism, match=r'run\.0.*"x":1.*"x":2'):
+        replay.begin_run(rec.double, x=2)
 
 
-async def test_fewer_branches_than_stored_is_non_determinism(store: SQLiteStore) -> None:
-    rec = Recorder()
-    ctx = make_ctx(store)
-    await ctx.begin_run(rec.double, 1)
-    await ctx.begin_run(rec.double, 2)
-    replay = RunContext(store, "run", None, retry=ExponentialRetry())
-    await replay.begin_run(rec.double, 1)
-    with pytest.raises(NonDeterminism, match="store has 2 branches but the code now launches 1"):
-        replay.check_no_leftovers()
-    # ...and a workflow that now launches nothing at all
-    empty = RunContext(store, "run", None, retry=ExponentialRetry())
-    with pytest.raises(NonDeterminism, match="store has 2 branches but the code now launches 0"):
-        empty.check_no_leftovers()
+async def test_an_argument_added_with_a_default_keeps_old_runs_replayable(store: Store) -> None:
+    async def old(step: Step[None], x: int) -> int:
+        return x
+
+    async def step_fn(step: Step[None], x: int, scale: int = 1) -> int:
+        return x * scale
+
+    step_fn.__name__ = old.__name__
+    await (await context(store)).begin_run(old, x=3)
+    replay = await context(store)
+    handle = replay.begin_run(step_fn, x=3, scale=1)
+    assert handle.replayed
+    assert await handle == 3
+    with pytest.raises(NonDeterminism):
+        (await context(store)).begin_run(step_fn, x=3, scale=2)
 
 
-async def test_cancelled_child_stays_pending_and_resumes_with_next_attempt(
-    store: SQLiteStore,
+async def test_waiting_before_every_stored_child_is_launched_is_non_determinism_and_writes_nothing(
+    store: Store, db_path: Path
 ) -> None:
     rec = Recorder()
     rec.gate = asyncio.Event()
-    ctx = make_ctx(store)
-    ctx.begin_run(rec.double, 7)
+    ctx = await context(store)
+    first, second = ctx.begin_run(rec.double, x=1), ctx.begin_run(rec.double, x=2)
+    await rec.wait_calls(2)
+    await ctx.cancel_all()  # both stay pending, attempt 1 started
+    with sqlite3.connect(db_path) as db:
+        before = db.execute("SELECT * FROM promises ORDER BY id").fetchall()
+    replay = await context(store)
+    handle = replay.begin_run(rec.double, x=1)  # the code now launches one, then waits
+    with pytest.raises(NonDeterminism, match="store has 2 children but the code launched 1"):
+        await handle
+    await replay.cancel_all()
+    replay.discard()
+    await asyncio.sleep(0.05)
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT * FROM promises ORDER BY id").fetchall() == before
+        assert db.execute("SELECT count(*) FROM leases WHERE epoch > 1").fetchone() == (0,)
+    assert rec.calls == [("run.0", 1), ("run.1", 1)], "nothing ran again"
+    del first, second
+
+
+async def test_cancelled_child_stays_pending_and_resumes_with_next_attempt(store: Store) -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    ctx = await context(store)
+    ctx.begin_run(rec.double, x=7)
     await rec.wait_calls(1)
-    assert rec.calls == [("run.0", 1)]
     await ctx.cancel_all()  # as Ctrl-C does
-    record = store.get("run.0")
+    record = await store.get("run.0")
     assert record is not None
     assert (record.state, record.attempts) == ("pending", 1)
 
     rec.gate.set()
     events: list[Event] = []
-    resumed = RunContext(store, "run", None, retry=ExponentialRetry(), on_event=events.append)
-    assert await resumed.begin_run(rec.double, 7) == 14
+    resumed = await context(store, events)
+    assert await resumed.begin_run(rec.double, x=7) == 14
     assert rec.calls == [("run.0", 1), ("run.0", 2)]
     assert [type(e) for e in events] == [PromiseQueued, AttemptStarted, PromiseResolved]
 
 
-async def test_concurrency_bounds_calls_in_flight(store: SQLiteStore) -> None:
+async def test_concurrency_bounds_calls_in_flight(store: Store) -> None:
     in_flight = 0
     peak = 0
 
@@ -195,36 +236,20 @@ async def test_concurrency_bounds_calls_in_flight(store: SQLiteStore) -> None:
         in_flight -= 1
         return i
 
-    ctx = make_ctx(store, concurrency=3)
-    handles = [ctx.begin_run(step, i) for i in range(20)]
+    ctx = await context(store, concurrency=3)
+    handles = [ctx.begin_run(step, i=i) for i in range(20)]
     assert [await h for h in handles] == list(range(20))
     assert peak == 3
 
 
-async def test_a_failing_heartbeat_does_not_hide_the_runs_own_error(
-    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from imagepipe.durable import lease as lease_module
-    from imagepipe.errors import StoreError
-
-    failed = asyncio.Event()
-
-    def broken_renew(*args: object) -> bool:
-        failed.set()
-        raise StoreError("heartbeat write failed")
-
-    monkeypatch.setattr(lease_module, "HEARTBEAT", 0)
-    monkeypatch.setattr(store, "renew_lease", broken_renew)
-
-    async def run_that_fails() -> None:
-        async with lease_module.hold_lease(store, "run"):
-            await failed.wait()  # the heartbeat has died of its store error
-            raise ValueError("the run's own failure")
-
-    # The run's error comes out, and (autouse fixture) the heartbeat's is not left
-    # unretrieved.
-    with pytest.raises(ValueError, match="the run's own failure"):
-        await run_that_fails()
+async def test_a_finished_branch_keeps_no_task_alive(store: Store) -> None:
+    ctx = await context(store)
+    handles = [ctx.begin_run(Recorder().double, x=i) for i in range(10)]
+    for handle in handles:
+        await handle
+    await asyncio.sleep(0)
+    assert all(h._task is None for h in handles)
+    assert not ctx._running
 
 
 @pytest.mark.parametrize(
@@ -237,7 +262,7 @@ async def test_a_failing_heartbeat_does_not_hide_the_runs_own_error(
     ],
 )
 async def test_a_live_result_is_what_a_replay_will_read(
-    store: SQLiteStore, returned: Any, seen: Any
+    store: Store, returned: Any, seen: Any
 ) -> None:
     kept: list[Any] = []
 
@@ -245,8 +270,96 @@ async def test_a_live_result_is_what_a_replay_will_read(
         kept.append(returned)
         return returned
 
-    live = await make_ctx(store).begin_run(step)
-    replayed = await RunContext(store, "run", None, retry=ExponentialRetry()).begin_run(step)
+    live = await (await context(store)).begin_run(step)
+    replayed = await (await context(store)).begin_run(step)
     assert live == replayed == seen
     assert type(live) is type(seen)
     assert len(kept) == 1, "the replay read the store"
+
+
+# -- nested durable steps ---------------------------------------------------------------
+
+
+class Jobs:
+    """A job API: ``create`` is paid for; ``poll`` fails the first ``flaky`` times."""
+
+    def __init__(self, flaky: int = 0) -> None:
+        self.created = 0
+        self.polls = 0
+        self.flaky = flaky
+
+    async def create(self, prompt: str) -> dict[str, str]:
+        self.created += 1
+        return {"job": f"job-{self.created}", "prompt": prompt}
+
+    async def poll(self, job: str) -> str:
+        self.polls += 1
+        if self.polls <= self.flaky:
+            raise ConnectionError("poll dropped")
+        return f"image of {job}"
+
+    async def generate(self, step: Step[None], prompt: str) -> str:
+        created = await step.run(self.create, prompt=prompt)
+        return await self.poll(created["job"])
+
+
+async def test_a_sub_step_is_stored_as_a_child_and_a_retry_reuses_it(store: Store) -> None:
+    jobs = Jobs(flaky=2)
+    ctx = await context(store)
+    assert await ctx.begin_run(jobs.generate, prompt="fox") == "image of job-1"
+    assert (jobs.created, jobs.polls) == (1, 3), "three attempts, one paid create"
+    [sub] = await store.children("run.0")
+    assert (sub.id, sub.func, sub.state, sub.value) == (
+        "run.0.0",
+        "create",
+        "resolved",
+        {"job": "job-1", "prompt": "fox"},
+    )
+
+
+async def test_a_resumed_branch_replays_its_sub_steps(store: Store) -> None:
+    jobs = Jobs()
+    gate = asyncio.Event()
+
+    async def generate(step: Step[None], prompt: str) -> str:
+        created = await step.run(jobs.create, prompt=prompt)
+        await gate.wait()  # the process dies here, after the create was stored
+        return await jobs.poll(created["job"])
+
+    ctx = await context(store)
+    ctx.begin_run(generate, prompt="fox")
+    while not await store.children("run.0"):  # noqa: ASYNC110 (the store is the event)
+        await asyncio.sleep(0.01)
+    await ctx.cancel_all()
+    gate.set()
+    resumed = await context(store)
+    assert await resumed.begin_run(generate, prompt="fox") == "image of job-1"
+    assert jobs.created == 1, "the resume polled the stored job, it did not pay again"
+
+
+async def test_a_sub_step_called_differently_on_replay_is_non_determinism(store: Store) -> None:
+    jobs = Jobs()
+    await (await context(store)).begin_run(jobs.generate, prompt="fox")
+    record = await store.get("run.0")
+    assert record is not None
+
+    # Reopen the branch as if it had been cut off, then replay with another prompt for
+    # the sub-step: the stored create does not match.
+    async def other(step: Step[None], prompt: str) -> str:
+        await step.run(jobs.create, prompt="whale")
+        return "x"
+
+    other.__name__ = "generate"
+    await store.apply(WriteBatch(reopens=[]))
+    with sqlite3.connect(store.where) as db:
+        db.execute("UPDATE promises SET state = 'pending', value = NULL WHERE id = 'run.0'")
+    ctx = await context(store)
+    with pytest.raises(NonDeterminism, match=r"run\.0\.0"):
+        await ctx.run_workflow(_one(other))
+
+
+def _one(fn: Any) -> Any:
+    async def workflow(ctx: RunContext[None]) -> Any:
+        return await ctx.begin_run(fn, prompt="fox")
+
+    return workflow

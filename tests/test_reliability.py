@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from imagepipe.cli import app
-from imagepipe.durable.sqlite import SCHEMA_VERSION
+from imagepipe.durable import encode_args
+from imagepipe.durable.sqlite_schema import SCHEMA_VERSION
 from imagepipe.providers import Faults, ImageRequest
 
 from conftest import cli_argv, cli_env
@@ -170,7 +171,8 @@ def test_non_determinism_is_refused_naming_the_first_mismatch(db_path: Path) -> 
     invoke("run", "a cat", "--id", "nd", "--fail-style", "abstract", "--json")
     conn = sqlite3.connect(db_path)
     conn.execute(
-        """UPDATE promises SET args = '["a cat","watercolor",0,false]' WHERE id = 'nd.1'"""
+        "UPDATE promises SET args = ? WHERE id = 'nd.1'",
+        (encode_args({"crash": False, "prompt": "a cat", "style": "watercolor", "variation": 0}),),
     )
     conn.commit()
     conn.close()
@@ -182,7 +184,7 @@ def test_non_determinism_is_refused_naming_the_first_mismatch(db_path: Path) -> 
     assert '"watercolor"' in result.stderr
     assert '"cartoon"' in result.stderr
     assert branches(db_path, "nd") == before
-    assert rows(db_path, "SELECT count(*) FROM leases") == [(0,)]
+    assert rows(db_path, "SELECT count(*) FROM leases WHERE owner IS NOT NULL") == [(0,)]
 
 
 # -- one executor at a time ---------------------------------------------------------

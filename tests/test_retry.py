@@ -1,15 +1,27 @@
-"""The retry policy, with a fake sleep that records the waits instead of sleeping."""
+"""The retry policy as data, run by tenacity, with a fake sleep that records the waits."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
+from test_context import context
 
-from imagepipe.durable import AttemptFailed, Event, RunContext, SQLiteStore, Step
-from imagepipe.errors import PromiseRejected
+from imagepipe.durable import (
+    AttemptFailed,
+    ErrorInfo,
+    Event,
+    NewPromise,
+    PromiseRejected,
+    RetryPolicy,
+    Step,
+    Store,
+    WriteBatch,
+    encode_args,
+)
+from imagepipe.durable.records import AttemptFailure, AttemptStart
 from imagepipe.providers import InvalidRequest, TransientProviderError
-from imagepipe.retry import ExponentialRetry, is_retryable
 
 
 class FakeSleep:
@@ -21,17 +33,40 @@ class FakeSleep:
 
 
 def test_delays_double_from_two_seconds_and_cap_at_thirty() -> None:
-    policy = ExponentialRetry()
+    policy = RetryPolicy(jitter=False)
     assert [policy.delay(n) for n in range(1, 8)] == [2, 4, 8, 16, 30, 30, 30]
-    assert ExponentialRetry(time_scale=0.01).delay(1) == pytest.approx(0.02)
+    assert RetryPolicy(jitter=False, time_scale=0.01).delay(1) == pytest.approx(0.02)
+    assert RetryPolicy(jitter=False, initial=1, multiplier=3, cap=100).delay(3) == 9
+
+
+def test_full_jitter_spreads_the_waits_below_the_backoff() -> None:
+    policy = RetryPolicy(random=random.Random(7).random)
+    waits = [policy.delay(3) for _ in range(200)]
+    assert all(0 <= w <= 8 for w in waits)
+    assert len({round(w, 3) for w in waits}) > 150, "not in lockstep"
+    assert 3 < sum(waits) / len(waits) < 5  # uniform on [0, 8]
+
+
+def test_retry_after_lengthens_a_wait_but_never_shortens_it() -> None:
+    class RateLimited(Exception):
+        retry_after = 20.0
+
+    policy = RetryPolicy(jitter=False)
+    assert policy.delay(1, RateLimited()) == 20
+    RateLimited.retry_after = 0.5
+    assert policy.delay(2, RateLimited()) == 4
 
 
 def test_what_is_retried() -> None:
-    assert is_retryable(TransientProviderError("busy"))
-    assert is_retryable(RuntimeError("anything"))
-    assert not is_retryable(InvalidRequest("bad prompt"))
-    assert not is_retryable(asyncio.CancelledError())
-    assert not is_retryable(KeyboardInterrupt())
+    policy = RetryPolicy()
+    assert policy.should_retry(TransientProviderError("busy"))
+    assert policy.should_retry(RuntimeError("anything"))
+    assert not policy.should_retry(InvalidRequest("bad prompt"))
+    assert not policy.should_retry(asyncio.CancelledError())
+    assert not policy.should_retry(KeyboardInterrupt())
+    only_timeouts = RetryPolicy(retryable=lambda e: isinstance(e, TimeoutError))
+    assert only_timeouts.should_retry(TimeoutError())
+    assert not only_timeouts.should_retry(RuntimeError("x"))
 
 
 def failing(times: int, error: type[Exception] = TransientProviderError) -> object:
@@ -47,62 +82,60 @@ def failing(times: int, error: type[Exception] = TransientProviderError) -> obje
     return step
 
 
-async def run_one(store: SQLiteStore, step: object, policy: ExponentialRetry) -> object:
-    store.create("run", func="wf", args=[])
+async def run_one(store: Store, step: object, policy: RetryPolicy, sleep: FakeSleep) -> object:
     events: list[Event] = []
-    ctx = RunContext(store, "run", None, retry=policy, on_event=events.append)
-    try:
-        return await ctx.begin_run(step)  # type: ignore[arg-type]
-    finally:
-        run_one.events = events  # type: ignore[attr-defined]
+    run_one.events = events  # type: ignore[attr-defined]
+    ctx = await context(store, events, retry=policy, sleep=sleep)
+    return await ctx.begin_run(step)  # type: ignore[arg-type]
 
 
-async def test_retries_with_exponential_waits_until_success(store: SQLiteStore) -> None:
+async def test_retries_with_exponential_waits_until_success(store: Store) -> None:
     sleep = FakeSleep()
     step = failing(3)
-    assert await run_one(store, step, ExponentialRetry(sleep=sleep)) == "ok"
+    assert await run_one(store, step, RetryPolicy(jitter=False), sleep) == "ok"
     assert sleep.waits == [2, 4, 8]
     assert step.calls == [1, 2, 3, 4]  # type: ignore[attr-defined]
     failed = [e for e in run_one.events if isinstance(e, AttemptFailed)]  # type: ignore[attr-defined]
     assert [(e.attempt, e.retry_in) for e in failed] == [(1, 2), (2, 4), (3, 8)]
 
 
-async def test_gives_up_after_max_attempts_with_the_real_error(store: SQLiteStore) -> None:
+async def test_gives_up_after_max_attempts_with_the_real_error(store: Store) -> None:
     sleep = FakeSleep()
     with pytest.raises(PromiseRejected) as info:
-        await run_one(store, failing(10), ExponentialRetry(max_attempts=3, sleep=sleep))
-    assert info.value.error_type == "TransientProviderError"
-    assert info.value.error == "failure 3"
+        await run_one(store, failing(10), RetryPolicy(max_attempts=3, jitter=False), sleep)
+    assert (info.value.error.type, info.value.error.message) == (
+        "TransientProviderError",
+        "failure 3",
+    )
     assert isinstance(info.value.__cause__, TransientProviderError)
     assert sleep.waits == [2, 4]
-    record = store.get("run.0")
+    record = await store.get("run.0")
     assert record is not None
     assert (record.state, record.attempts, record.failures) == ("rejected", 3, 3)
 
 
-async def test_non_retryable_error_rejects_at_once(store: SQLiteStore) -> None:
+async def test_non_retryable_error_rejects_at_once(store: Store) -> None:
     sleep = FakeSleep()
     step = failing(10, InvalidRequest)
     with pytest.raises(PromiseRejected, match="InvalidRequest"):
-        await run_one(store, step, ExponentialRetry(sleep=sleep))
+        await run_one(store, step, RetryPolicy(), sleep)
     assert sleep.waits == []
     assert step.calls == [1]  # type: ignore[attr-defined]
 
 
-async def test_budget_and_backoff_continue_from_the_store_after_resume(
-    store: SQLiteStore,
-) -> None:
+async def test_budget_and_backoff_continue_from_the_store_after_resume(store: Store) -> None:
     # A previous process made two failed attempts, then died.
-    store.create("run", func="wf", args=[])
-    store.create("run.0", func="step", args=[], parent_id="run", seq=0)
-    for n in (1, 2):
-        store.start_attempt("run.0")
-        from imagepipe.durable import ErrorInfo
-
-        error = ErrorInfo("TransientProviderError", f"failure {n}")
-        store.fail_attempt("run.0", n, error, started_at=0.0)
-    store.commit()
-
+    errors = [ErrorInfo("TransientProviderError", f"failure {n}").to_json() for n in (1, 2)]
+    await store.apply(
+        WriteBatch(
+            creates=[
+                NewPromise("run", None, None, "wf", encode_args({}), 0.0),
+                NewPromise("run.0", "run", 0, "step", encode_args({}), 0.0),
+            ],
+            starts=[AttemptStart("run.0", 2)],
+            failures=[AttemptFailure("run.0", n, 0.0, 0.0, errors[n - 1]) for n in (1, 2)],
+        )
+    )
     sleep = FakeSleep()
     calls: list[int] = []
 
@@ -110,14 +143,14 @@ async def test_budget_and_backoff_continue_from_the_store_after_resume(
         calls.append(s.attempt)
         raise TransientProviderError("still down")
 
-    ctx = RunContext(store, "run", None, retry=ExponentialRetry(max_attempts=4, sleep=sleep))
+    ctx = await context(store, retry=RetryPolicy(max_attempts=4, jitter=False), sleep=sleep)
     with pytest.raises(PromiseRejected):
         await ctx.begin_run(step)
     assert calls == [3, 4]  # attempt numbers continue; only 2 of the 4 remain
     assert sleep.waits == [8]  # the wait after attempt 3, not tenacity's first (2 s)
 
 
-async def test_cancellation_is_not_retried(store: SQLiteStore) -> None:
+async def test_cancellation_is_not_retried(store: Store) -> None:
     sleep = FakeSleep()
     started = asyncio.Event()
 
@@ -125,12 +158,11 @@ async def test_cancellation_is_not_retried(store: SQLiteStore) -> None:
         started.set()
         await asyncio.Event().wait()
 
-    store.create("run", func="wf", args=[])
-    ctx = RunContext(store, "run", None, retry=ExponentialRetry(sleep=sleep))
+    ctx = await context(store, sleep=sleep)
     ctx.begin_run(hangs)
     await started.wait()
     await ctx.cancel_all()
-    record = store.get("run.0")
+    record = await store.get("run.0")
     assert record is not None
     assert (record.state, record.attempts, record.failures) == ("pending", 1, 0)
     assert sleep.waits == []

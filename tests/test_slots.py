@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from test_context import context
 
-from imagepipe.durable import RunContext, SQLiteStore, Step
+from imagepipe.durable import PromiseRejected, Step, Store
 from imagepipe.durable.slots import Slots
-from imagepipe.errors import PromiseRejected
-from imagepipe.retry import ExponentialRetry
 
 
 async def test_slots_are_handed_over_first_come_first_served() -> None:
@@ -58,10 +57,8 @@ async def test_a_waiter_cancelled_while_waiting_refuses_the_slot() -> None:
     assert slots.try_take(), "the slot was not lost to the cancelled waiter"
 
 
-async def test_queued_branches_get_a_task_only_when_a_slot_frees(store: SQLiteStore) -> None:
-    store.create("run", func="wf", args=[])
-    store.commit()
-    ctx = RunContext(store, "run", None, retry=ExponentialRetry(), concurrency=2)
+async def test_queued_branches_get_a_task_only_when_a_slot_frees(store: Store) -> None:
+    ctx = await context(store, lease=False, concurrency=2)
     gate = asyncio.Event()
 
     async def step(s: Step[None], i: int) -> int:
@@ -69,7 +66,7 @@ async def test_queued_branches_get_a_task_only_when_a_slot_frees(store: SQLiteSt
         return i
 
     before = len(asyncio.all_tasks())
-    handles = [ctx.begin_run(step, i) for i in range(50)]
+    handles = [ctx.begin_run(step, i=i) for i in range(50)]
     assert len(asyncio.all_tasks()) - before == 2, "48 queued branches, no task for them"
     gate.set()
     # The last handle is awaited before its branch has started, and still gets its value.
@@ -78,11 +75,9 @@ async def test_queued_branches_get_a_task_only_when_a_slot_frees(store: SQLiteSt
 
 
 async def test_after_a_rejection_queued_branches_still_run_to_the_end(
-    store: SQLiteStore,
+    store: Store,
 ) -> None:
-    store.create("run", func="wf", args=[])
-    store.commit()
-    ctx = RunContext(store, "run", None, retry=ExponentialRetry(), concurrency=1)
+    ctx = await context(store, lease=False, concurrency=1)
 
     class Refused(Exception):
         retryable = False
@@ -92,12 +87,12 @@ async def test_after_a_rejection_queued_branches_still_run_to_the_end(
             raise Refused("no")
         return i
 
-    handles = [ctx.begin_run(step, i) for i in range(5)]
+    handles = [ctx.begin_run(step, i=i) for i in range(5)]
     with pytest.raises(PromiseRejected):
         await handles[0]
     # Branches 1-4 were still queued behind the single slot when 0 failed.
     await ctx.settle_all()
-    states = {c.id: c.state for c in store.children("run")}
+    states = {c.id: c.state for c in await store.children("run")}
     assert states == {
         "run.0": "rejected",
         "run.1": "resolved",

@@ -124,7 +124,7 @@ def fake_board(n: int) -> Board:
     board = Board(started=100.0)
     board.info = RunInfo("big", RunSpec("many cats", ("cartoon",), False, n), False, 5)
     for i in range(n):
-        args = ["p", "cartoon", i, False]
+        args = {"prompt": "p", "style": "cartoon", "variation": i, "crash": False}
         board.apply(PromiseQueued(f"big.{i}", "generate_image", args, 0), 100.0)
     for i in range(n):
         t = 100.0 + 2 * i / n  # events arrive over two seconds

@@ -40,13 +40,13 @@ app = typer.Typer(
 )
 
 DbOption = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--db",
-        metavar="PATH",
+        metavar="URL",
         envvar="IMAGEPIPE_DB",
-        help="SQLite store to use [env: IMAGEPIPE_DB; default: imagepipe.db in the user "
-        "data directory, see `imagepipe db-path`].",
+        help="The store: a SQLite file path or sqlite:///path URL [env: IMAGEPIPE_DB; "
+        "default: imagepipe.db in the user data directory, see `imagepipe db-path`].",
         show_default=False,
         show_envvar=False,
     ),
@@ -76,6 +76,14 @@ def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
             return command(*args, **kwargs)
         except ImagepipeError as exc:
             raise _fail(exc.message, exc.exit_code) from None
+        except Exception as exc:
+            from imagepipe.durable import DurableError
+            from imagepipe.errors import from_core
+
+            if not isinstance(exc, DurableError):
+                raise
+            error = from_core(exc)
+            raise _fail(error.message, error.exit_code) from None
 
     return wrapper
 
@@ -216,14 +224,15 @@ def make_invocation(
 # -- where things go -----------------------------------------------------------------
 
 
-def db_file(db: Path | None) -> Path:
+def store_url(db: str | None) -> str:
+    """The store the command uses: ``--db`` / ``IMAGEPIPE_DB``, else the default file."""
     from imagepipe.settings import default_db_path
 
-    if db is not None:
-        return db.expanduser()
+    if db:
+        return str(Path(db).expanduser()) if "://" not in db else db
     path = default_db_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    return str(path)
 
 
 def make_console(no_color: bool) -> "Console":

@@ -11,10 +11,10 @@ from imagepipe.cli.common import (
     JsonOption,
     NoColorOption,
     QuietOption,
-    db_file,
     execute_and_report,
     execution_options,
     reports_errors,
+    store_url,
 )
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def run(
     from imagepipe.service import start_run
 
     spec = RunSpec(prompt, tuple(style) if style else DEFAULT_STYLES, crash, variations)
-    path, chosen_id = db_file(db), run_id or new_run_id()
+    path, chosen_id = store_url(db), run_id or new_run_id()
     execute_and_report(
         lambda reporter: start_run(path, chosen_id, spec, invocation, reporter),
         json_out=json_out,
@@ -100,7 +100,7 @@ def resume(
     """Finish an interrupted run: settled branches are read from the store, not redone."""
     from imagepipe.service import resume_run
 
-    path = db_file(db)
+    path = store_url(db)
     execute_and_report(
         lambda reporter: resume_run(path, run_id, invocation, reporter, retry_failed=retry_failed),
         json_out=json_out,

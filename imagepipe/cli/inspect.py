@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from imagepipe.cli.common import DbOption, NoColorOption, db_file, make_console, reports_errors
+from imagepipe.cli.common import DbOption, NoColorOption, make_console, reports_errors, store_url
 
 
 def list_runs(
@@ -26,7 +26,7 @@ def list_runs(
 
     if limit is not None and limit < 1:
         raise BadInput(f"--limit must be at least 1, not {limit}")
-    runs = listing(db_file(db), limit)
+    runs = listing(store_url(db), limit)
     if json_out:
         print(json.dumps([r.to_json() for r in runs]))
     else:
@@ -43,7 +43,7 @@ def show(
     from imagepipe.render import print_show
     from imagepipe.service import show_run
 
-    outcome = show_run(db_file(db), run_id)
+    outcome = show_run(store_url(db), run_id)
     if json_out:
         print(json.dumps(outcome.show_json()))
     else:
@@ -52,7 +52,7 @@ def show(
 
 def db_path(db: DbOption = None) -> None:
     """Print the store's path; open it with: sqlite3 "$(imagepipe db-path)"."""
-    print(db_file(db))
+    print(store_url(db))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,15 +1,37 @@
-"""Durable promises on a store: the core of imagepipe. Knows nothing about images.
+"""Durable promises on a store: the core of imagepipe, a library that knows nothing of
+images, screens or exit codes, and imports nothing else from imagepipe.
 
-- :mod:`.store` — the promise model and the :class:`Store` protocol
-- :mod:`.sqlite` — the SQLite store (WAL, numbered migrations)
-- :mod:`.commit` — group commit: many writes, one ``COMMIT``, nothing reported early
-- :mod:`.context` — :class:`RunContext` with ``begin_run(fn, *args)`` and replay
+- :mod:`.store` — the async :class:`Store` interface and :func:`open_store` (by URL)
+- :mod:`.sqlite` — the SQLite backend (WAL, numbered migrations in :mod:`.sqlite_schema`)
+- :mod:`.records` — promises, errors as stored, write batches, fences; arguments by name
+- :mod:`.commit` — group commit: many writes, one transaction, nothing reported early
+- :mod:`.context` — :class:`RunContext` with ``begin_run(fn, **kwargs)`` and replay
+- :mod:`.steps` — handles, steps and durable sub-steps (``await step.run(fn, **kwargs)``)
+- :mod:`.retry` — the retry policy as data, run by tenacity
 - :mod:`.slots` — the concurrency limit; a queued branch gets its task when a slot frees
-- :mod:`.lease` — one process executes a run at a time; a dead one is taken over at once
+- :mod:`.lease` — one owner executes a run at a time, fenced by an epoch
 - :mod:`.events` — what the core tells observers
+- :mod:`.errors` — the core's own errors
 """
 
-from imagepipe.durable.context import AttemptTimeout, Handle, RetryPolicy, RunContext, Step
+from imagepipe.durable.context import AttemptTimeout, RunContext
+from imagepipe.durable.errors import (
+    DurableError,
+    LeaseHeld,
+    LeaseLost,
+    NonDeterminism,
+    PromiseRejected,
+    StoreBusy,
+    StoreConflict,
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    StoreMissing,
+    StoreNewer,
+    StoreReadOnly,
+    StoreUnusable,
+    StoreWriteFailed,
+)
 from imagepipe.durable.events import (
     AttemptFailed,
     AttemptStarted,
@@ -19,36 +41,66 @@ from imagepipe.durable.events import (
     PromiseReplayed,
     PromiseResolved,
 )
-from imagepipe.durable.sqlite import SQLiteStore
-from imagepipe.durable.store import (
+from imagepipe.durable.lease import DEFAULT_STALE_AFTER, LeaseKeeper
+from imagepipe.durable.records import (
     AttemptRecord,
     ErrorInfo,
     Lease,
+    NewPromise,
     PromiseRecord,
     PromiseState,
+    RootRecord,
     Settled,
-    Store,
+    WriteBatch,
+    bind_args,
+    encode_args,
 )
+from imagepipe.durable.retry import RetryPolicy
+from imagepipe.durable.steps import Handle, Step
+from imagepipe.durable.store import Store, StoreOptions, open_store
 
 __all__ = [
+    "DEFAULT_STALE_AFTER",
     "AttemptFailed",
     "AttemptRecord",
     "AttemptStarted",
     "AttemptTimeout",
+    "DurableError",
     "ErrorInfo",
     "Event",
     "Handle",
     "Lease",
+    "LeaseHeld",
+    "LeaseKeeper",
+    "LeaseLost",
+    "NewPromise",
+    "NonDeterminism",
     "PromiseQueued",
     "PromiseRecord",
+    "PromiseRejected",
     "PromiseRejectedEvent",
     "PromiseReplayed",
     "PromiseResolved",
     "PromiseState",
     "RetryPolicy",
+    "RootRecord",
     "RunContext",
-    "SQLiteStore",
     "Settled",
     "Step",
     "Store",
+    "StoreBusy",
+    "StoreConflict",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreFull",
+    "StoreMissing",
+    "StoreNewer",
+    "StoreOptions",
+    "StoreReadOnly",
+    "StoreUnusable",
+    "StoreWriteFailed",
+    "WriteBatch",
+    "bind_args",
+    "encode_args",
+    "open_store",
 ]

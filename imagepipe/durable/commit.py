@@ -1,11 +1,16 @@
-"""Group commit: many writes, one ``COMMIT``, and nobody hears of a write before it.
+"""Group commit: many writes, one transaction, and nobody hears of a write before it.
 
-Branches hand their writes (a new child, a started attempt, a settlement) to a
-:class:`GroupCommit` and await it. The first write schedules one flush on the event loop;
-every write made before that flush runs is applied in one batch (:meth:`Store.apply`)
-and covered by one ``COMMIT``, and only then are the waiters released. So thousands of
-branches that move in the same loop turn share one commit, and a result is still never
-reported before it is on disk.
+Branches hand their writes (a new child, a started attempt, a failed one, a settlement) to
+a :class:`GroupCommit` and await the future it returns. The first write of a batch
+schedules one flush, two event-loop turns later; every write made before the flush runs
+joins that batch, which ``Store.apply`` writes in one transaction under the run's fence.
+Every writer of the batch awaits the same future, done once the batch is committed. So
+thousands of branches that move in the same loop turn share one commit, and a result is
+still never reported before it is durable. Batches are applied one at a time, in order.
+
+The first flush acquires the run's lease (through ``acquire``): nothing is written before
+the run is known to be this process's. While the group commit is *held* (a resumed run
+whose replay is not yet checked) writes wait in the batch and nothing is flushed.
 """
 
 from __future__ import annotations
@@ -13,31 +18,33 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from imagepipe.durable.store import (
+from imagepipe.durable.records import (
+    AttemptFailure,
     AttemptStart,
     ErrorInfo,
+    Fence,
     NewPromise,
     PromiseState,
     Settled,
     Settlement,
-    Store,
     WriteBatch,
     canonical_json,
 )
+from imagepipe.durable.store import Store
 
-__all__ = ["GroupCommit"]
+__all__ = ["Committed", "GroupCommit"]
 
+#: what a flush tells its writers: the settlements that lost to an earlier one, by id
+Committed = asyncio.Future[Mapping[str, Settled]]
 _NOTHING_LOST: Mapping[str, Settled] = MappingProxyType({})
-
-
 _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
-def _read_back(value: Any, value_json: str | None) -> Any:
+def read_back(value: Any, value_json: str | None) -> Any:
     """``value`` as a replay will read it from the store, so that a live run and a replay
     see the same thing. A flat dict of JSON scalars with string keys (most step results)
     reads back as an equal dict: copy it rather than decode the JSON again."""
@@ -49,22 +56,40 @@ def _read_back(value: Any, value_json: str | None) -> Any:
 
 
 class GroupCommit:
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self, store: Store, *, acquire: Callable[[], Awaitable[Fence]] | None = None
+    ) -> None:
         self._store = store
+        self._acquire = acquire
+        self._fence: Fence | None = None
         self._batch = WriteBatch()
-        self._waiters: list[asyncio.Future[Mapping[str, Settled]]] = []
-        self._scheduled = False
+        #: the future of the batch being collected; None while it is empty
+        self._committed: Committed | None = None
+        self._flushing = False
+        self._held = False
 
-    def create(self, promise: NewPromise) -> None:
-        """Create a child with the next flush. Nothing waits for it: the promise is
-        applied before any attempt of it can start (see :class:`WriteBatch`)."""
+    # -- writes ------------------------------------------------------------------------
+
+    def create(self, promise: NewPromise) -> Committed:
         self._batch.creates.append(promise)
-        self._schedule()
+        return self._next_commit()
 
-    def start_attempt(self, promise_id: str, attempt: int) -> asyncio.Future[Mapping[str, Settled]]:
-        """Record that ``attempt`` started; await the result to know it is durable."""
-        self._batch.starts.append(AttemptStart(attempt, promise_id))
-        return self.durable()
+    def reopen(self, promise_id: str) -> Committed:
+        """Set a rejected promise back to pending (its history stays)."""
+        self._batch.reopens.append(promise_id)
+        return self._next_commit()
+
+    def start_attempt(self, promise_id: str, attempt: int) -> Committed:
+        self._batch.starts.append(AttemptStart(promise_id, attempt))
+        return self._next_commit()
+
+    def fail_attempt(
+        self, promise_id: str, attempt: int, started_at: float, error: ErrorInfo
+    ) -> Committed:
+        self._batch.failures.append(
+            AttemptFailure(promise_id, attempt, started_at, time.time(), error.to_json())
+        )
+        return self._next_commit()
 
     async def settle(
         self, promise_id: str, *, value: Any, error: ErrorInfo | None, attempts: int
@@ -76,50 +101,73 @@ class GroupCommit:
         state: PromiseState = "rejected" if error is not None else "resolved"
         error_json = None if error is None else error.to_json()
         self._batch.settlements.append(
-            Settlement(state, value_json, error_json, time.time(), promise_id)
+            Settlement(promise_id, state, value_json, error_json, time.time())
         )
-        stored = (await self.durable()).get(promise_id)
-        if stored is not None:  # settled before: that outcome stands
-            return stored
-        return Settled(state, _read_back(value, value_json), error, attempts)
+        earlier = (await self._next_commit()).get(promise_id)
+        if earlier is not None:
+            return earlier
+        return Settled(state, read_back(value, value_json), error, attempts)
 
-    def durable(self) -> asyncio.Future[Mapping[str, Settled]]:
-        """A future done once every write made so far is committed. Its result: the
-        stored outcomes of the settlements in that commit that found their promise
-        settled already, by promise id."""
-        self._schedule()
-        # One future per waiter (cheaper than shielding a shared one): a waiter that is
-        # cancelled cancels only its own future, never the flush the others wait for.
-        waiter: asyncio.Future[Mapping[str, Settled]] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        return waiter
+    # -- flushing ------------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """Keep every write in the batch until :meth:`release`."""
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+        if self._committed is not None:
+            self._schedule()
 
     def discard(self) -> None:
-        """Drop writes not flushed yet (the run is being rolled back)."""
+        """Drop the writes not flushed yet (the invocation is abandoned)."""
         self._batch = WriteBatch()
+        if self._committed is not None:
+            self._committed.cancel()
+            self._committed = None
+
+    def _next_commit(self) -> Committed:
+        if self._committed is None:
+            self._committed = asyncio.get_running_loop().create_future()
+            self._schedule()
+        return self._committed
 
     def _schedule(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
+        if not self._flushing and not self._held:
+            self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush_next_turn)
 
     def _flush_next_turn(self) -> None:
         # One more loop turn: the tasks this turn's writes woke (a freed concurrency slot
         # starting the next attempt) add their writes to the same commit (halves commits).
-        asyncio.get_running_loop().call_soon(self._flush)
+        asyncio.get_running_loop().call_soon(self._start_flush)
 
-    def _flush(self) -> None:
-        batch, self._batch = self._batch, WriteBatch()
-        waiters, self._waiters = self._waiters, []
-        self._scheduled = False
+    def _start_flush(self) -> None:
+        flush = asyncio.ensure_future(self._flush())
+        flush.add_done_callback(_retrieved)
+
+    async def _flush(self) -> None:
         try:
-            lost = self._store.apply(batch) if batch else _NOTHING_LOST
-            self._store.commit()
-        except Exception as exc:
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(exc)
-        else:
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(lost)
+            while self._committed is not None and not self._held:
+                batch, committed = self._batch, self._committed
+                self._batch, self._committed = WriteBatch(), None
+                try:
+                    if self._fence is None and self._acquire is not None:
+                        self._fence = await self._acquire()
+                    batch.fence = self._fence
+                    lost = await self._store.apply(batch) if batch else _NOTHING_LOST
+                except Exception as exc:
+                    if not committed.done():
+                        committed.set_exception(exc)
+                        committed.add_done_callback(_retrieved)
+                else:
+                    if not committed.done():
+                        committed.set_result(lost)
+        finally:
+            self._flushing = False
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen: its writers were told, or were cancelled."""
+    if not future.cancelled():
+        future.exception()

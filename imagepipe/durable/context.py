@@ -1,26 +1,36 @@
-"""The run context: ``begin_run(fn, *args)`` turns a call into a durable child promise.
+"""The run context: ``begin_run(fn, **kwargs)`` turns a call into a durable child promise.
 
 A workflow is an ordinary ``async def`` that receives a :class:`RunContext`. Every
-``begin_run`` gets the next deterministic id ``<run>.<n>``, writes the promise to the store
-(or finds it there), and returns a :class:`Handle` at once, so a loop can fan out before
-anything has finished. Awaiting a handle gives the value or raises
-:class:`~imagepipe.errors.PromiseRejected`.
+``begin_run`` gets the next deterministic id ``<run>.<n>``, hands the promise to the group
+commit (or finds it in the store), and returns a :class:`Handle` at once, so a loop can
+fan out before anything has finished. Awaiting a handle gives the value or raises
+:class:`~.errors.PromiseRejected`. Inside a child, ``await step.run(fn, **kwargs)`` is a
+durable sub-step ``<child>.<n>`` (see :mod:`.steps`).
 
 Replay is re-execution: to resume a run, call the same workflow again with a fresh
 context on the same store. Children already settled are returned from the store without
-running; pending ones run, continuing their durable attempt count. If the code now asks
-for a different call at some position than the store holds, that is
-:class:`~imagepipe.errors.NonDeterminism`, never a silent mix of results.
+running; pending ones run, continuing their durable attempt count. Arguments are compared
+by name; a call that differs from the stored one at its position is
+:class:`~.errors.NonDeterminism`, and so is a workflow that waits for a result before it
+has launched every child the store holds. Nothing of the invocation is written before
+that check has passed: until then the group commit is held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Generator
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 from imagepipe.durable.commit import GroupCommit
+from imagepipe.durable.errors import (
+    DurableError,
+    LeaseLost,
+    NonDeterminism,
+    PromiseRejected,
+    StoreError,
+)
 from imagepipe.durable.events import (
     AttemptFailed,
     AttemptStarted,
@@ -30,18 +40,20 @@ from imagepipe.durable.events import (
     PromiseReplayed,
     PromiseResolved,
 )
-from imagepipe.durable.slots import Slots
-from imagepipe.durable.store import (
+from imagepipe.durable.lease import LeaseKeeper
+from imagepipe.durable.records import (
     ErrorInfo,
     NewPromise,
     PromiseRecord,
     Settled,
-    Store,
-    canonical_json,
+    encode_args,
 )
-from imagepipe.errors import NonDeterminism, PromiseRejected, StoreError
+from imagepipe.durable.retry import RetryPolicy, retry_failed
+from imagepipe.durable.slots import Slots
+from imagepipe.durable.steps import Handle, Step, SubSteps, check_replay
+from imagepipe.durable.store import Store
 
-__all__ = ["AttemptTimeout", "Handle", "RetryPolicy", "RunContext", "Step"]
+__all__ = ["AttemptTimeout", "RunContext"]
 
 D = TypeVar("D")
 T = TypeVar("T")
@@ -53,93 +65,8 @@ class AttemptTimeout(Exception):
     retryable = True
 
 
-class RetryPolicy(Protocol):
-    """How a failed attempt is retried. Implemented with tenacity in :mod:`imagepipe.retry`."""
-
-    def allows(self, failures: int) -> bool:
-        """Whether a branch that already failed ``failures`` times may try again."""
-        ...
-
-    async def retry(
-        self,
-        attempt: Callable[[], Awaitable[T]],
-        error: Exception,
-        *,
-        failures: int,
-        last_attempt: Callable[[], int],
-        before_sleep: Callable[[BaseException, float], None],
-    ) -> T:
-        """``attempt`` just failed with ``error``: run it again until it succeeds or the
-        policy gives up, then re-raise the real error.
-
-        ``failures`` counts the failed attempts so far, this one included;
-        ``last_attempt()`` is the durable number of the attempt that just failed, which
-        sets the back-off. Only failed branches get here: the first attempt is awaited
-        directly, so the retry machinery costs nothing when nothing fails."""
-        ...
-
-
-class Step(NamedTuple, Generic[D]):
-    """What a step function receives: its durable id (the idempotency key), the attempt
-    number (durable: it continues across processes) and the invocation's dependencies."""
-
-    id: str
-    attempt: int
-    deps: D
-
-
-class Handle(Generic[T]):
-    """The awaitable result of :meth:`RunContext.begin_run`.
-
-    A handle is replayed (its outcome was in the store), queued (waiting for a
-    concurrency slot: it has no task yet) or started (its task runs or has finished)."""
-
-    __slots__ = ("_awaiting_start", "_record", "_task", "id")
-
-    def __init__(self, promise_id: str, *, record: PromiseRecord | None = None) -> None:
-        self.id = promise_id
-        self._record = record
-        self._task: asyncio.Task[T] | None = None
-        self._awaiting_start: list[asyncio.Future[None]] = []
-
-    @property
-    def replayed(self) -> bool:
-        """True when the outcome was already in the store and nothing runs."""
-        return self._record is not None
-
-    def __await__(self) -> Generator[Any, None, T]:
-        if self._task is not None:
-            return self._task.__await__()
-        if self._record is not None:
-            return self._stored().__await__()
-        return self._after_start().__await__()
-
-    def _started(self, task: asyncio.Task[T]) -> None:
-        self._task = task
-        for waiter in self._awaiting_start:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._awaiting_start.clear()
-
-    async def _after_start(self) -> T:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._awaiting_start.append(waiter)
-        await waiter
-        assert self._task is not None
-        return await self._task
-
-    async def _stored(self) -> T:
-        record = self._record
-        assert record is not None
-        if record.state == "resolved":
-            value: T = record.value
-            return value
-        error = record.error or ErrorInfo("Error", "rejected")
-        raise PromiseRejected(record.id, error.type, error.message)
-
-
 class RunContext(Generic[D]):
-    """Creates and runs the child promises of one run."""
+    """Creates, runs and replays the child promises of one run."""
 
     def __init__(
         self,
@@ -148,162 +75,186 @@ class RunContext(Generic[D]):
         deps: D,
         *,
         retry: RetryPolicy,
+        lease: LeaseKeeper | None = None,
         on_event: Callable[[Event], None] | None = None,
         concurrency: int | None = None,
         attempt_timeout: float | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.store = store
         self.run_id = run_id
         self.deps = deps
         self._retry = retry
+        self._lease = lease
         self._emit = on_event or (lambda event: None)
         #: False when nobody listens: then events are not even built (hot path at scale)
         self._listening = on_event is not None
         self._slots = Slots(concurrency or None)
         self._attempt_timeout = attempt_timeout
-        self._commit = GroupCommit(store)
+        self._sleep = sleep
+        self._commit = GroupCommit(store, acquire=None if lease is None else lease.acquire)
+        self._sub_steps = SubSteps(self)
         #: set to the first store failure seen by any branch: the run stops at once
-        self._fatal: asyncio.Future[StoreError] | None = None
+        self._fatal: asyncio.Future[DurableError] = asyncio.get_running_loop().create_future()
         self._next_seq = 0
-        #: the children already in the store, by seq: read at the first begin_run (under
-        #: the run's lease, which keeps other processes from writing them), then replayed
-        self._stored: dict[int | None, PromiseRecord] | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
-        #: every child launched, as it was when launched (settled ones: as stored)
-        self.launched: list[PromiseRecord] = []
-        #: how the children settled by this invocation settled, as committed
-        self.outcomes: dict[str, Settled] = {}
+        #: the children in the store, by seq, until launched (read by :meth:`load`)
+        self._stored: dict[int, PromiseRecord] = {}
+        self._stored_count = 0
+        #: branch tasks not finished yet
+        self._running: set[asyncio.Task[Any]] = set()
+        #: every child launched, in order; each holds its outcome once settled
+        self.launched: list[Handle[Any]] = []
+
+    # -- before the workflow -------------------------------------------------------
+
+    async def load(self, *, reopen_rejected: bool = False) -> None:
+        """Read the children the store holds, to replay them. Until every one of them is
+        launched again, nothing is written. With ``reopen_rejected``, a failed run's
+        rejected children (and the run) are set back to pending first (``retry``)."""
+        children = await self.store.children(self.run_id)
+        self._stored = {r.seq: r for r in children if r.seq is not None}
+        self._stored_count = len(self._stored)
+        if self._stored_count:
+            self._commit.hold()
+        if reopen_rejected:
+            for seq, record in self._stored.items():
+                if record.state == "rejected":
+                    self._commit.reopen(record.id)
+                    self._stored[seq] = _reopened(record)
+            self._commit.reopen(self.run_id)
 
     # -- the workflow --------------------------------------------------------------
 
-    async def run_workflow(self, workflow: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run ``workflow(self, *args)`` and check that replay matched the store.
+    async def run_workflow(self, workflow: Callable[..., Awaitable[T]], **kwargs: Any) -> T:
+        """Run ``workflow(self, **kwargs)`` and check that replay matched the store.
 
-        A store failure in any branch (disk full, read-only, corrupt) stops the workflow
-        at once instead of letting it wait on siblings that can no longer be recorded."""
-        self._fatal = asyncio.get_running_loop().create_future()
-        main: asyncio.Future[T] = asyncio.ensure_future(workflow(self, *args))
+        A store failure in any branch (disk full, read-only, corrupt) or the loss of the
+        lease stops the workflow at once instead of letting it wait on siblings whose
+        outcomes can no longer be recorded."""
+        main: asyncio.Future[T] = asyncio.ensure_future(workflow(self, **kwargs))
         watch: set[asyncio.Future[Any]] = {main, self._fatal}
+        if self._lease is not None:
+            watch.add(self._lease.lost)
         try:
             await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not main.done():
                 main.cancel()
                 await asyncio.gather(main, return_exceptions=True)
+        if self._lease is not None and self._lease.lost.done():
+            raise self._lease.lost.result()
         if self._fatal.done():
             if not main.cancelled():
                 main.exception()  # retrieved: the store failure below is the one to report
             raise self._fatal.result()
         result: T = main.result()
-        self.check_no_leftovers()
+        self._check_all_launched()
         return result
 
-    def _fail_fast(self, exc: StoreError) -> None:
-        if self._fatal is not None and not self._fatal.done():
+    def _fail_fast(self, exc: DurableError) -> None:
+        if not self._fatal.done():
             self._fatal.set_result(exc)
+
+    @property
+    def replay_checked(self) -> bool:
+        """True once every stored child has been launched again (writes may flow)."""
+        return self._next_seq >= self._stored_count
+
+    def _check_all_launched(self) -> None:
+        if not self.replay_checked:
+            raise NonDeterminism(
+                f"replay mismatch at {self.run_id}.{self._next_seq}: the store has "
+                f"{self._stored_count} children but the code launched {self._next_seq} "
+                "before it waited for a result"
+            )
 
     # -- fan-out -------------------------------------------------------------------
 
-    def begin_run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> Handle[T]:
+    def begin_run(self, fn: Callable[..., Awaitable[T]], /, **kwargs: Any) -> Handle[T]:
         """Create (or find) the next child promise and start it; return its handle."""
         seq = self._next_seq
         self._next_seq += 1
         func = fn.__name__
-        record = self._stored_children().get(seq)
+        record = self._stored.pop(seq, None)
         if record is None:
-            record = self._create(seq, func, args)
+            handle: Handle[T] = self._create(seq, func, kwargs)
+            failures = 0
         else:
-            self._check_replay(record, func, args)
-        promise_id = record.id
-        self.launched.append(record)
-        if record.settled:
+            check_replay(record, fn, kwargs)
+            handle = Handle.from_record(self, record, fn)
+            failures = record.failures
+        self.launched.append(handle)
+        if seq + 1 == self._stored_count:
+            self._commit.release()  # every stored child is matched: the replay is checked
+        if handle.settled:
             self._emit(
                 PromiseReplayed(
-                    promise_id,
+                    handle.id,
                     func,
-                    record.args,
-                    record.state,
-                    record.value,
-                    record.error,
-                    record.attempts,
+                    handle.args,
+                    handle.state,
+                    handle.value,
+                    handle.error,
+                    handle.attempts,
                 )
             )
-            return Handle(promise_id, record=record)
+            return handle
         if self._listening:
-            self._emit(PromiseQueued(promise_id, func, record.args, record.attempts))
-        handle: Handle[T] = Handle(promise_id)
+            self._emit(PromiseQueued(handle.id, func, handle.args, handle.attempts))
         if self._slots.try_take():
-            self._start(handle, record, fn, args)
+            self._start(handle, fn, kwargs, failures)
         else:  # its task is created when a slot is handed to it
-            self._slots.when_free(lambda: self._start(handle, record, fn, args))
+            self._slots.when_free(lambda: self._start(handle, fn, kwargs, failures))
         return handle
+
+    def _create(self, seq: int, func: str, kwargs: dict[str, Any]) -> Handle[T]:
+        """A new pending child, written with the next group commit (before it can start)."""
+        promise_id = f"{self.run_id}.{seq}"
+        self._commit.create(
+            NewPromise(promise_id, self.run_id, seq, func, encode_args(kwargs), time.time())
+        )
+        return Handle(self, promise_id, func, kwargs, stored=False)
 
     def _start(
         self,
         handle: Handle[T],
-        record: PromiseRecord,
         fn: Callable[..., Awaitable[T]],
-        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        failures: int,
     ) -> bool:
         """Start a branch that holds a concurrency slot (given back by its first attempt)."""
-        task = asyncio.create_task(self._execute(record, fn, args), name=record.id)
-        self._tasks.append(task)
-        handle._started(task)
+        task = asyncio.create_task(self._execute(handle, fn, kwargs, failures), name=handle.id)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        handle.started(task)
         return True
-
-    def _create(self, seq: int, func: str, args: tuple[Any, ...]) -> PromiseRecord:
-        """A new pending child, written with the next group commit (before it can start)."""
-        promise_id = f"{self.run_id}.{seq}"
-        now = time.time()
-        self._commit.create(
-            NewPromise(promise_id, self.run_id, seq, func, canonical_json(args), now)
-        )
-        # id, parent_id, seq, func, args, state, value, error, attempts, failures,
-        # created_at, settled_at, options (positional: once per branch, it shows)
-        return PromiseRecord(
-            promise_id, self.run_id, seq, func, list(args), "pending", None, None, 0, 0,
-            now, None, {},
-        )  # fmt: skip
-
-    def _stored_children(self) -> dict[int | None, PromiseRecord]:
-        if self._stored is None:
-            self._stored = {r.seq: r for r in self.store.children(self.run_id)}
-        return self._stored
-
-    def _check_replay(self, record: PromiseRecord, func: str, args: tuple[Any, ...]) -> None:
-        given = canonical_json(list(args))
-        stored = canonical_json(record.args)
-        if record.func != func or given != stored:
-            raise NonDeterminism(
-                f"replay mismatch at {record.id}: the store has {record.func}{stored} but the "
-                f"code now calls {func}{given}; this run cannot be resumed by this version"
-            )
-
-    def check_no_leftovers(self) -> None:
-        """After the workflow returns: the store must hold no child the code did not ask for."""
-        stored = len(self._stored_children())
-        if stored > self._next_seq:
-            raise NonDeterminism(
-                f"replay mismatch at {self.run_id}.{self._next_seq}: the store has {stored} "
-                f"branches but the code now launches {self._next_seq}"
-            )
 
     # -- execution -----------------------------------------------------------------
 
     async def _execute(
-        self, record: PromiseRecord, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]
+        self,
+        handle: Handle[T],
+        fn: Callable[..., Awaitable[T]],
+        kwargs: dict[str, Any],
+        failures: int,
     ) -> T:
         try:
-            return await self._run_branch(record, fn, args)
-        except StoreError as exc:
+            return await self._run_branch(handle, fn, kwargs, failures)
+        except (StoreError, LeaseLost, NonDeterminism) as exc:
             self._fail_fast(exc)  # this branch's outcome cannot be recorded: stop the run
             raise
+        finally:
+            self._sub_steps.forget(handle.id)
 
     async def _run_branch(
-        self, record: PromiseRecord, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]
+        self,
+        handle: Handle[T],
+        fn: Callable[..., Awaitable[T]],
+        kwargs: dict[str, Any],
+        failures: int,
     ) -> T:
-        promise_id, func = record.id, record.func
-        current = record.attempts
+        promise_id, func = handle.id, handle.func
+        current = handle.attempts
         slots = self._slots
         holding = True  # a branch starts with the slot it was started with
 
@@ -319,17 +270,16 @@ class RunContext(Generic[D]):
                 await self._commit.start_attempt(promise_id, current)
                 if self._listening:
                     self._emit(AttemptStarted(promise_id, func, current))
-                step = Step(promise_id, current, self.deps)
+                step = Step(promise_id, current, self.deps, self._sub_steps, handle.stored)
                 try:
                     if self._attempt_timeout is None:
-                        return await fn(step, *args)
-                    return await self._call_with_timeout(fn(step, *args))
-                except StoreError:
+                        return await fn(step, **kwargs)
+                    return await self._call_with_timeout(fn(step, **kwargs))
+                except DurableError:
                     raise
                 except Exception as exc:
                     error = ErrorInfo.from_exception(exc)
-                    self.store.fail_attempt(promise_id, current, error, started_at)
-                    await self._commit.durable()
+                    await self._commit.fail_attempt(promise_id, current, started_at, error)
                     raise
             finally:
                 slots.give_back()
@@ -339,23 +289,25 @@ class RunContext(Generic[D]):
             self._emit(AttemptFailed(promise_id, func, current, error, delay))
 
         try:
-            if not self._retry.allows(record.failures):
+            if not self._retry.allows(failures):
                 holding = False
                 slots.give_back()  # no attempt to make
-                raise _exhausted(self.store, promise_id)
+                raise await self._exhausted(promise_id)
             try:
                 value = await attempt()
-            except StoreError:
+            except DurableError:
                 raise
             except Exception as exc:
-                value = await self._retry.retry(
+                value = await retry_failed(
+                    self._retry,
                     attempt,
                     exc,
-                    failures=record.failures + 1,
+                    failures=failures + 1,
                     last_attempt=lambda: current,
                     before_sleep=before_sleep,
+                    sleep=self._sleep,
                 )
-        except StoreError:
+        except DurableError:
             raise  # not the branch's failure: the run stops (see _execute)
         except Exception as exc:
             error = ErrorInfo.from_exception(exc)
@@ -363,12 +315,12 @@ class RunContext(Generic[D]):
             settled = await self._commit.settle(
                 promise_id, value=None, error=error, attempts=current
             )
-            self.outcomes[promise_id] = settled
-            self._emit(PromiseRejectedEvent(promise_id, error, settled.attempts))
-            raise PromiseRejected(promise_id, error.type, error.message) from exc
+            handle.settle(settled)
+            self._emit(PromiseRejectedEvent(promise_id, settled.error or error, settled.attempts))
+            raise PromiseRejected(promise_id, settled.error or error) from exc
         # durable before anyone hears of it
         settled = await self._commit.settle(promise_id, value=value, error=None, attempts=current)
-        self.outcomes[promise_id] = settled
+        handle.settle(settled)
         if self._listening:
             self._emit(PromiseResolved(promise_id, settled.value, settled.attempts))
         result: T = settled.value
@@ -385,53 +337,58 @@ class RunContext(Generic[D]):
                 ) from None
             raise
 
-    # -- fan-in helpers for the runner ---------------------------------------------
+    async def _exhausted(self, promise_id: str) -> Exception:
+        """The error to reject with when the stored failures already use up the budget."""
+        history = await self.store.failed_attempts(promise_id)
+        last = next((a.error for a in reversed(history) if a.error is not None), None)
+        if last is None:
+            return RuntimeError("no attempts left")
+        exc = _StoredError(last.message)
+        exc.type_name, exc.retryable = last.type, last.retryable
+        return exc
 
-    @property
-    def computed(self) -> set[str]:
-        """Ids of the children settled by this invocation (the others were replayed)."""
-        return set(self.outcomes)
+    # -- the run's own promise and fan-in helpers ----------------------------------
+
+    async def settle_run(self, *, value: Any = None, error: ErrorInfo | None = None) -> Settled:
+        """Settle the run's root promise, through the same fenced write path."""
+        return await self._commit.settle(self.run_id, value=value, error=error, attempts=0)
 
     async def settle_all(self) -> None:
-        """Wait until every child has settled (errors are in the store). Queued children
-        start as slots free up, so each round waits for the tasks started during the one
-        before; every task is looked at once (a rescan per round would be O(n²/limit))."""
-        seen = 0
-        while seen < len(self._tasks):
-            started, seen = self._tasks[seen:], len(self._tasks)
-            if pending := [task for task in started if not task.done()]:
-                await asyncio.wait(pending)
-        for task in self._tasks:
-            if not task.cancelled():
-                exc = task.exception()
-                if isinstance(exc, StoreError):
-                    raise exc
+        """Wait until every started child has finished and no queued one is left (their
+        errors are in the store). A store failure in any of them is raised."""
+        stops: set[asyncio.Future[Any]] = {self._fatal}
+        if self._lease is not None:
+            stops.add(self._lease.lost)
+        while self._running and not any(stop.done() for stop in stops):
+            await asyncio.wait(self._running | stops, return_when=asyncio.FIRST_COMPLETED)
+        if self._lease is not None and self._lease.lost.done():
+            raise self._lease.lost.result()
+        if self._fatal.done():
+            raise self._fatal.result()
 
     async def cancel_all(self) -> None:
         """Cancel unfinished children; they stay pending in the store, resumable."""
         self._slots.forget_waiters()  # queued children never start
-        for task in self._tasks:
+        running = list(self._running)
+        for task in running:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def flush(self) -> None:
-        await self._commit.durable()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
 
     def discard(self) -> None:
-        """Drop this invocation's writes not yet flushed (before a rollback)."""
+        """Drop this invocation's writes not yet flushed (nothing of it is kept)."""
         self._commit.discard()
 
+    # used by :class:`~.steps.SubSteps`
+    @property
+    def group_commit(self) -> GroupCommit:
+        return self._commit
 
-def _exhausted(store: Store, promise_id: str) -> Exception:
-    """The error to reject with when the stored failures already use up the budget."""
-    history = store.attempts(promise_id)
-    last = next((a.error for a in reversed(history) if a.error is not None), None)
-    if last is None:
-        return RuntimeError("no attempts left")
-    exc = _StoredError(last.message)
-    exc.type_name, exc.retryable = last.type, last.retryable
-    return exc
+
+def _reopened(record: PromiseRecord) -> PromiseRecord:
+    from dataclasses import replace
+
+    return replace(record, state="pending", error=None, settled_at=None, failures=0)
 
 
 class _StoredError(Exception):

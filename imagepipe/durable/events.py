@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
-from imagepipe.durable.store import ErrorInfo
+from imagepipe.durable.records import ErrorInfo
 
 __all__ = [
     "AttemptFailed",
@@ -17,34 +18,38 @@ __all__ = [
 ]
 
 
-class PromiseQueued(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class PromiseQueued:
     """A child promise exists in the store and its task waits to run."""
 
     id: str
     func: str
-    args: list[Any]
+    args: dict[str, Any]
     attempts: int
 
 
-class PromiseReplayed(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class PromiseReplayed:
     """A child was already settled in the store: its outcome is read, not recomputed."""
 
     id: str
     func: str
-    args: list[Any]
+    args: dict[str, Any]
     state: str
     value: Any
     error: ErrorInfo | None
     attempts: int
 
 
-class AttemptStarted(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class AttemptStarted:
     id: str
     func: str
     attempt: int
 
 
-class AttemptFailed(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class AttemptFailed:
     """An attempt failed; ``retry_in`` is the back-off in seconds, None if it gives up."""
 
     id: str
@@ -54,13 +59,15 @@ class AttemptFailed(NamedTuple):
     retry_in: float | None
 
 
-class PromiseResolved(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class PromiseResolved:
     id: str
     value: Any
     attempts: int
 
 
-class PromiseRejectedEvent(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class PromiseRejectedEvent:
     id: str
     error: ErrorInfo
     attempts: int

@@ -1,10 +1,17 @@
-"""One process executes a run at a time.
+"""One owner executes a run at a time: a lease in the store, fenced by an epoch.
 
-The executing process holds a lease row (owner, pid, host, heartbeat) and renews it every
-``HEARTBEAT`` seconds. Another process may take the lease over when the holder is gone:
-at once if the holder's pid is dead on this host (so a run killed with ``kill -9`` resumes
-immediately), or when its heartbeat is older than ``STALE_AFTER`` seconds (another host,
-or a recycled pid).
+Every acquisition increments the key's epoch, and every write batch carries the epoch it
+was made under (:class:`~.records.Fence`): the store refuses a batch whose epoch is stale
+in the same transaction that would write it. So an owner that was stopped (SIGSTOP, a
+long pause, a lost network) and taken over writes nothing more once it wakes up.
+
+The owner renews its heartbeat every ``stale_after / 10`` seconds. Another process may take
+the lease over when the heartbeat is older than ``stale_after`` seconds by the store's
+clock, or at once when the holder's pid is dead on this host (a run killed with
+``kill -9`` resumes immediately). A renewal that finds the lease taken sets :attr:`lost`,
+and the owner stops executing at once; a renewal that meets a busy store tries again at
+the next beat (fencing keeps the data safe meanwhile), until it has been silent for
+``stale_after``: then it must assume it was taken over, and stops too.
 """
 
 from __future__ import annotations
@@ -13,18 +20,16 @@ import asyncio
 import contextlib
 import os
 import socket
-import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-from imagepipe.durable.store import Lease, Store
-from imagepipe.errors import RunBusy, StoreBusy, StoreError
+from imagepipe.durable.errors import LeaseHeld, LeaseLost, StoreError
+from imagepipe.durable.records import Fence, Lease
+from imagepipe.durable.store import Store
 
-__all__ = ["HEARTBEAT", "STALE_AFTER", "hold_lease", "is_stale", "pid_alive"]
+__all__ = ["DEFAULT_STALE_AFTER", "LeaseKeeper", "holder_gone", "pid_alive"]
 
-HEARTBEAT = 1.0
-STALE_AFTER = 10.0
+DEFAULT_STALE_AFTER = 10.0
 
 
 def pid_alive(pid: int) -> bool:
@@ -42,41 +47,69 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def is_stale(holder: Lease, *, now: float | None = None) -> bool:
-    now = time.time() if now is None else now
-    if holder.host == socket.gethostname() and not pid_alive(holder.pid):
-        return True
-    return now - holder.heartbeat_at > STALE_AFTER
+def holder_gone(holder: Lease) -> bool:
+    """A holder on this host whose process is dead has certainly gone."""
+    return holder.host == socket.gethostname() and not pid_alive(holder.pid)
 
 
-@contextlib.asynccontextmanager
-async def hold_lease(store: Store, run_id: str) -> AsyncIterator[Lease]:
-    """Hold the run's lease for the duration of the block, or raise :class:`RunBusy`."""
-    lease = Lease(
-        run_id=run_id,
-        owner=uuid.uuid4().hex,
-        pid=os.getpid(),
-        host=socket.gethostname(),
-        heartbeat_at=time.time(),
-    )
-    holder = store.acquire_lease(lease, is_stale=is_stale)
-    if holder is not None:
-        raise RunBusy(run_id, f"process {holder.pid} on {holder.host}")
-    heartbeat = asyncio.create_task(_renew(store, lease), name=f"lease:{run_id}")
-    try:
-        yield lease
-    finally:
-        heartbeat.cancel()
-        # return_exceptions: a heartbeat that died of a store error must neither replace
-        # the error this block is propagating nor be left unretrieved.
-        await asyncio.gather(heartbeat, return_exceptions=True)
-        with contextlib.suppress(StoreError):  # then a dead pid frees it for the next run
-            store.release_lease(run_id, lease.owner)
+class LeaseKeeper:
+    """Holds the lease on ``key`` for this process: acquire, heartbeat, release."""
 
+    def __init__(self, store: Store, key: str, *, stale_after: float = DEFAULT_STALE_AFTER):
+        self.store = store
+        self.key = key
+        self.stale_after = stale_after
+        self.lease: Lease | None = None
+        #: set (to the :class:`LeaseLost`) when another owner took the lease over
+        self.lost: asyncio.Future[LeaseLost] = asyncio.get_running_loop().create_future()
+        self._heartbeat: asyncio.Task[None] | None = None
 
-async def _renew(store: Store, lease: Lease) -> None:
-    while True:
-        await asyncio.sleep(HEARTBEAT)
-        with contextlib.suppress(StoreBusy):  # a busy store: the next beat tries again
-            store.renew_lease(lease.run_id, lease.owner, time.time())
-            store.commit()
+    @property
+    def fence(self) -> Fence | None:
+        return None if self.lease is None else Fence(self.key, self.lease.epoch)
+
+    async def check_free(self) -> None:
+        """Raise :class:`LeaseHeld` if a live owner holds the key (writes nothing)."""
+        holder = await self.store.lease_holder(self.key)
+        if holder is not None and holder.age <= self.stale_after and not holder_gone(holder):
+            raise LeaseHeld(self.key, holder)
+
+    async def acquire(self) -> Fence:
+        """Take the lease with the next epoch and start the heartbeat."""
+        claim = Lease(self.key, uuid.uuid4().hex, os.getpid(), socket.gethostname())
+        self.lease = await self.store.acquire_lease(
+            claim, stale_after=self.stale_after, holder_gone=holder_gone
+        )
+        self._heartbeat = asyncio.create_task(self._renew(self.lease), name=f"lease:{self.key}")
+        return Fence(self.key, self.lease.epoch)
+
+    async def release(self) -> None:
+        """Stop the heartbeat and give the lease up, unless it was lost."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if self.lease is not None and not self.lost.done():
+            # A store that fails now leaves the lease to expire, or to a dead-pid takeover.
+            with contextlib.suppress(StoreError):
+                await self.store.release_lease(self.lease)
+        self.lease = None
+
+    async def _renew(self, lease: Lease) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.stale_after / 10
+        renewed = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.store.renew_lease(lease)
+                renewed = loop.time()
+            except LeaseLost as exc:
+                self.lost.set_result(exc)
+                return
+            except StoreError:
+                # Busy or failing for a moment: the next beat tries again. Silent for
+                # longer than a takeover needs, this owner must assume it was taken over.
+                if loop.time() - renewed > self.stale_after:
+                    self.lost.set_result(LeaseLost(lease.key, lease.epoch))
+                    return

@@ -1,149 +1,89 @@
-"""The SQLite store: one file, WAL mode, numbered migrations, readable with ``sqlite3``.
+"""The SQLite store: one file in WAL mode, readable with ``sqlite3``; schema in
+:mod:`.sqlite_schema`.
 
-Schema (version 2)::
-
-    promises(id PK, parent_id, seq, func, args JSON, options JSON, state, value JSON,
-             error JSON, attempts, failures, created_at, settled_at)
-    attempts(promise_id, attempt, started_at, finished_at, error JSON)   -- failed ones
-    leases(run_id PK, owner, pid, host, heartbeat_at)                     -- who executes
-
-Writes open a ``BEGIN IMMEDIATE`` transaction that stays open until :meth:`commit`, so a
-caller can group many writes into one commit (see :mod:`imagepipe.durable.commit`).
+Every write is one ``BEGIN IMMEDIATE`` ... ``COMMIT`` inside a single method call, so no
+transaction stays open across an ``await`` and nobody commits another's writes. The short
+SQLite work runs synchronously inside the ``async`` methods. Time for leases is the store's
+clock: ``julianday('now')`` in SQL, never the caller's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import os
 import sqlite3
-import time
-from collections.abc import Callable, Sequence
+import stat
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NoReturn, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from imagepipe.durable.store import (
+from imagepipe.durable.errors import (
+    LeaseHeld,
+    LeaseLost,
+    StoreBusy,
+    StoreConflict,
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    StoreMissing,
+    StoreNewer,
+    StoreReadOnly,
+    StoreUnusable,
+    StoreWriteFailed,
+)
+from imagepipe.durable.records import (
     AttemptRecord,
     ErrorInfo,
+    Fence,
     Lease,
     PromiseRecord,
-    PromiseState,
+    RootRecord,
     Settled,
     WriteBatch,
-    canonical_json,
+    decode_json,
 )
-from imagepipe.errors import StoreBusy, StoreError, UnusableStore
+from imagepipe.durable.sqlite_schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
+from imagepipe.durable.store import Store, StoreOptions
 
-__all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
+__all__ = ["SQLiteStore", "check_store_file"]
 
-APPLICATION_ID = 0x696D6770  # "imgp": marks a SQLite file as an imagepipe store
 SQLITE_HEADER = b"SQLite format 3\x00"
+#: the store's clock, in Unix seconds
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+_STATES = frozenset({"pending", "resolved", "rejected"})
 
+S = TypeVar("S", bound="SQLiteStore")
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _migration_1(db: sqlite3.Connection) -> None:
-    db.execute(
-        """CREATE TABLE promises (
-            id TEXT PRIMARY KEY,
-            parent_id TEXT,
-            seq INTEGER,
-            func TEXT NOT NULL,
-            args TEXT NOT NULL,
-            options TEXT NOT NULL DEFAULT '{}',
-            state TEXT NOT NULL CHECK (state IN ('pending', 'resolved', 'rejected')),
-            value TEXT,
-            error TEXT,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            failures INTEGER NOT NULL DEFAULT 0,
-            created_at REAL NOT NULL,
-            settled_at REAL
-        )"""
-    )
-    db.execute("CREATE INDEX promises_by_parent ON promises (parent_id, seq)")
-    db.execute("CREATE INDEX promises_roots ON promises (created_at) WHERE parent_id IS NULL")
-    db.execute(
-        """CREATE TABLE attempts (
-            promise_id TEXT NOT NULL,
-            attempt INTEGER NOT NULL,
-            started_at REAL NOT NULL,
-            finished_at REAL,
-            error TEXT,
-            PRIMARY KEY (promise_id, attempt)
-        ) WITHOUT ROWID"""
-    )
-    db.execute(
-        """CREATE TABLE leases (
-            run_id TEXT PRIMARY KEY,
-            owner TEXT NOT NULL,
-            pid INTEGER NOT NULL,
-            host TEXT NOT NULL,
-            heartbeat_at REAL NOT NULL
-        )"""
-    )
-
-
-def _migration_2(db: sqlite3.Connection) -> None:
-    """Same table, with ``state`` checked by comparisons instead of ``IN (...)``: SQLite
-    builds an ephemeral table for the list on every row written, which cost ~2 µs per
-    insert and per settle (a third of the store's work per branch, measured)."""
-    db.execute(
-        """CREATE TABLE promises_v2 (
-            id TEXT PRIMARY KEY,
-            parent_id TEXT,
-            seq INTEGER,
-            func TEXT NOT NULL,
-            args TEXT NOT NULL,
-            options TEXT NOT NULL DEFAULT '{}',
-            state TEXT NOT NULL
-                CHECK (state = 'pending' OR state = 'resolved' OR state = 'rejected'),
-            value TEXT,
-            error TEXT,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            failures INTEGER NOT NULL DEFAULT 0,
-            created_at REAL NOT NULL,
-            settled_at REAL
-        )"""
-    )
-    db.execute("INSERT INTO promises_v2 SELECT * FROM promises")
-    db.execute("DROP TABLE promises")  # drops its indexes too
-    db.execute("ALTER TABLE promises_v2 RENAME TO promises")
-    db.execute("CREATE INDEX promises_by_parent ON promises (parent_id, seq)")
-    db.execute("CREATE INDEX promises_roots ON promises (created_at) WHERE parent_id IS NULL")
-
-
-#: Migration N turns schema version N-1 into N. Append only; never edit a released one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def _translate(exc: sqlite3.Error, path: str) -> StoreError:
+def _translate(exc: sqlite3.Error, where: str) -> StoreError:
     text = str(exc).lower()
     if "locked" in text or "busy" in text:
-        return StoreBusy(f"the store {path} is locked by another process; try again")
+        return StoreBusy(where, "is locked by another process")
     if "readonly" in text or "read-only" in text:
-        return StoreError(f"the store {path} is read-only; check its permissions")
+        return StoreReadOnly(where, "is read-only")
     if "full" in text:
-        return StoreError(f"the disk holding {path} is full; free space and resume")
+        return StoreFull(where, "cannot grow: the disk is full")
+    if "disk i/o error" in text:
+        return StoreWriteFailed(where, "could not be written (disk I/O error)")
     if "not a database" in text or "malformed" in text or "corrupt" in text:
-        return StoreError(f"the store {path} is corrupt ({exc}); restore it from a backup")
-    return StoreError(f"the store {path} failed: {exc}")
+        return StoreCorrupt(where, "is corrupt")
+    return StoreError(where, f"failed: {str(exc)!r}")
 
 
-def _guarded(method: Callable[P, R]) -> Callable[P, R]:
-    """Turn any sqlite3 error into a one-line :class:`StoreError`."""
+def _guarded(
+    method: Callable[Concatenate[S, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
+    """Turn any ``sqlite3`` error into a one-line :class:`StoreError`."""
 
     @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return method(*args, **kwargs)
+            return await method(self, *args, **kwargs)
         except sqlite3.Error as exc:
-            store = args[0]
-            assert isinstance(store, SQLiteStore)
-            error = _translate(exc, store.path)
-            store._abandon(error)
-            raise error from exc
+            raise _translate(exc, self.where) from exc
 
     return wrapper
 
@@ -154,359 +94,178 @@ _COLUMNS = (
 )
 
 
-def _record(row: tuple[Any, ...]) -> PromiseRecord:
-    return PromiseRecord(
-        id=row[0],
-        parent_id=row[1],
-        seq=row[2],
-        func=row[3],
-        args=json.loads(row[4]),
-        state=row[5],
-        value=None if row[6] is None else json.loads(row[6]),
-        error=None if row[7] is None else ErrorInfo.from_json(row[7]),
-        attempts=row[8],
-        failures=row[9],
-        created_at=row[10],
-        settled_at=row[11],
-        options={} if row[12] == "{}" else json.loads(row[12]),
-    )
-
-
-def _attempt(row: tuple[Any, ...]) -> AttemptRecord:
-    promise_id, attempt, started, finished, error = row
-    return AttemptRecord(
-        promise_id,
-        attempt,
-        started,
-        finished,
-        None if error is None else ErrorInfo.from_json(error),
-    )
-
-
-def check_store_path(path: Path, *, must_exist: bool) -> None:
-    """Refuse a path that cannot be an imagepipe store, before anything touches it."""
-    if path.exists():
-        if path.is_dir():
-            raise UnusableStore(f"--db {path} is a directory, not a database file")
-        try:
-            with path.open("rb") as fh:
-                header = fh.read(len(SQLITE_HEADER))
-        except OSError as exc:
-            raise UnusableStore(f"--db {path} cannot be read: {exc.strerror}") from exc
-        if header and header != SQLITE_HEADER:
-            raise UnusableStore(f"--db {path} is not a SQLite database")
-    elif must_exist:
+def check_store_file(file: Path, *, create: bool) -> None:
+    """Refuse a path that cannot be a store, before anything touches it."""
+    where = str(file)
+    try:
+        info = file.stat()
+    except FileNotFoundError:
+        if not create:
+            raise StoreMissing(where, "does not exist") from None
+        if not file.parent.is_dir():
+            parent = str(file.parent)
+            raise StoreUnusable(
+                where, f"cannot be created: directory {parent!r} does not exist"
+            ) from None
         return
-    elif not path.parent.is_dir():
-        raise UnusableStore(f"--db {path}: directory {path.parent} does not exist")
+    except OSError as exc:
+        raise StoreUnusable(where, f"cannot be read: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise StoreUnusable(where, "is a directory, not a database file")
+    if not stat.S_ISREG(info.st_mode):
+        raise StoreUnusable(where, "is not a regular file")
+    try:
+        with file.open("rb") as fh:
+            header = fh.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise StoreUnusable(where, f"cannot be read: {exc.strerror}") from None
+    if header and header != SQLITE_HEADER:
+        raise StoreUnusable(where, "is not a SQLite database")
 
 
-class SQLiteStore:
+class SQLiteStore(Store):
     """A :class:`~imagepipe.durable.store.Store` in one SQLite file."""
 
-    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
+    def __init__(self, conn: sqlite3.Connection, where: str) -> None:
         self._db = conn
-        self.path = path
-        #: set when a failure rolled back uncommitted writes: commit() must not pretend
-        self._lost: StoreError | None = None
+        self.where = where
 
     # -- opening -------------------------------------------------------------------
 
     @classmethod
-    def open(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        busy_timeout: float = 5.0,
-        max_pages: int | None = None,
-    ) -> SQLiteStore:
-        """Open (creating if needed) the store at ``path`` and bring its schema up to date.
-
-        ``busy_timeout``: seconds to wait for another writer. ``max_pages``: fault
-        injection; the file may not grow past this many pages (as if the disk were full)."""
+    def open(cls, path: str | os.PathLike[str], options: StoreOptions) -> SQLiteStore:
+        """Open the store at ``path`` (created if ``options.create``), migrated to the
+        current schema; with ``options.verify``, refuse one that fails ``quick_check``."""
         file = Path(path)
-        check_store_path(file, must_exist=False)
+        where = str(file)
+        check_store_file(file, create=options.create)
         try:
-            conn = sqlite3.connect(file, timeout=busy_timeout, isolation_level=None)
+            conn = sqlite3.connect(file, timeout=options.busy_timeout, isolation_level=None)
         except sqlite3.Error as exc:
-            raise _translate(exc, str(file)) from exc
-        store = cls(conn, str(file))
+            raise _translate(exc, where) from exc
+        store = cls(conn, where)
         try:
-            store._prepare()
-            if max_pages is not None:
-                conn.execute(f"PRAGMA max_page_count = {int(max_pages)}")
+            store._prepare(options)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _translate(exc, where) from exc
         except BaseException:
             conn.close()
             raise
         return store
 
-    @_guarded
-    def _prepare(self) -> None:
+    def _prepare(self, options: StoreOptions) -> None:
         db = self._db
         app_id = db.execute("PRAGMA application_id").fetchone()[0]
         version = db.execute("PRAGMA user_version").fetchone()[0]
         tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if app_id != APPLICATION_ID and tables:
-            raise UnusableStore(f"--db {self.path} is a SQLite database of another program")
+            raise StoreUnusable(self.where, "is a SQLite database of another program")
         if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"the store {self.path} has schema version {version}, newer than this "
-                f"imagepipe knows ({SCHEMA_VERSION}); upgrade imagepipe"
-            )
+            raise StoreNewer(self.where, version, SCHEMA_VERSION)
+        if options.verify and tables:
+            problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":
+                raise StoreCorrupt(self.where, f"is corrupt ({problem!r})")
         if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         if version < SCHEMA_VERSION:
-            self._migrate(version)
+            with self._transaction():
+                # Re-read inside the write lock: another process may have migrated meanwhile.
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                for number in range(version + 1, SCHEMA_VERSION + 1):
+                    MIGRATIONS[number - 1](db)
+                    db.execute(f"PRAGMA user_version = {number}")
+                db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        if options.max_pages is not None:
+            db.execute(f"PRAGMA max_page_count = {int(options.max_pages)}")
 
-    def _migrate(self, version: int) -> None:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed at the end of the block, rolled back on error."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            # Re-read inside the write lock: another process may have migrated meanwhile.
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            for number in range(version + 1, SCHEMA_VERSION + 1):
-                MIGRATIONS[number - 1](db)
-                db.execute(f"PRAGMA user_version = {number}")
-            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            yield db
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may have rolled back by itself already (SQLITE_FULL, some I/O errors).
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
 
-    # -- transactions --------------------------------------------------------------
-
-    def _begin(self) -> sqlite3.Connection:
-        """The connection, inside a write transaction."""
-        if self._lost is not None:  # earlier writes were rolled back: refuse to go on
-            raise self._lost
-        if not self._db.in_transaction:
-            self._db.execute("BEGIN IMMEDIATE")
-        return self._db
-
-    def _write(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
-        return self._begin().execute(sql, params)
-
-    @_guarded
-    def commit(self) -> None:
-        if self._lost is not None:
-            raise self._lost
-        if self._db.in_transaction:
-            self._db.execute("COMMIT")
-
-    @_guarded
-    def rollback(self) -> None:
-        if self._db.in_transaction:
-            self._db.execute("ROLLBACK")
-
-    def _abandon(self, error: StoreError | None = None) -> None:
-        """After an error, drop the half-done transaction so nothing partial commits, and
-        remember that writes were lost so that the next commit fails instead of lying."""
-        # Set even when no transaction is open any more: on SQLITE_FULL and some I/O
-        # errors SQLite has already rolled the whole transaction back by itself.
-        self._lost = self._lost or error
-        try:
+    async def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
-
-    def close(self) -> None:
-        try:
-            self._abandon()
             self._db.close()
-        except sqlite3.Error:
-            pass
 
-    # -- promises ------------------------------------------------------------------
+    # -- the one write path --------------------------------------------------------
 
     @_guarded
-    def create(
-        self,
-        promise_id: str,
-        *,
-        func: str,
-        args: Sequence[Any],
-        parent_id: str | None = None,
-        seq: int | None = None,
-        options: dict[str, Any] | None = None,
-    ) -> tuple[PromiseRecord, bool]:
-        args_json = canonical_json(list(args))
-        now = time.time()
-        cur = self._write(
-            "INSERT INTO promises (id, parent_id, seq, func, args, options, state, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT (id) DO NOTHING",
-            (
-                promise_id,
-                parent_id,
-                seq,
-                func,
-                args_json,
-                canonical_json(options) if options else "{}",
-                now,
-            ),
-        )
-        if cur.rowcount == 1:  # new: the record is what we wrote, no need to read it back
-            record = PromiseRecord(
-                id=promise_id,
-                parent_id=parent_id,
-                seq=seq,
-                func=func,
-                args=list(args),
-                state="pending",
-                value=None,
-                error=None,
-                attempts=0,
-                failures=0,
-                created_at=now,
-                settled_at=None,
-                options=dict(options or {}),
-            )
-            return record, True
-        return self._must_get(promise_id), False
-
-    @_guarded
-    def get(self, promise_id: str) -> PromiseRecord | None:
-        row = self._db.execute(
-            f"SELECT {_COLUMNS} FROM promises WHERE id = ?", (promise_id,)
-        ).fetchone()
-        return None if row is None else _record(row)
-
-    @_guarded
-    def children(self, parent_id: str) -> list[PromiseRecord]:
-        rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM promises WHERE parent_id = ? ORDER BY seq", (parent_id,)
-        )
-        return [_record(row) for row in rows]
-
-    @_guarded
-    def roots(self, limit: int | None = None) -> list[PromiseRecord]:
-        rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM promises WHERE parent_id IS NULL"
-            " ORDER BY created_at DESC, id DESC LIMIT ?",
-            (-1 if limit is None else limit,),
-        )
-        return [_record(row) for row in rows]
-
-    @_guarded
-    def child_counts(self, parent_ids: Sequence[str]) -> dict[str, dict[str, int]]:
-        counts: dict[str, dict[str, int]] = {pid: {} for pid in parent_ids}
-        for pid in parent_ids:
-            for state, n in self._db.execute(
-                "SELECT state, count(*) FROM promises WHERE parent_id = ? GROUP BY state",
-                (pid,),
-            ):
-                counts[pid][state] = n
-        return counts
-
-    @_guarded
-    def start_attempt(self, promise_id: str) -> int:
-        row = self._write(
-            "UPDATE promises SET attempts = attempts + 1 WHERE id = ? RETURNING attempts",
-            (promise_id,),
-        ).fetchone()
-        if row is None:
-            raise StoreError(f"promise {promise_id!r} vanished from {self.path}")
-        attempt: int = row[0]
-        return attempt
-
-    @_guarded
-    def fail_attempt(
-        self, promise_id: str, attempt: int, error: ErrorInfo, started_at: float
-    ) -> None:
-        self._write(
-            "INSERT OR REPLACE INTO attempts (promise_id, attempt, started_at, finished_at, error)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (promise_id, attempt, started_at, time.time(), error.to_json()),
-        )
-        self._db.execute("UPDATE promises SET failures = failures + 1 WHERE id = ?", (promise_id,))
-
-    @_guarded
-    def attempts(self, promise_id: str) -> list[AttemptRecord]:
-        rows = self._db.execute(
-            "SELECT promise_id, attempt, started_at, finished_at, error FROM attempts"
-            " WHERE promise_id = ? ORDER BY attempt",
-            (promise_id,),
-        )
-        return [_attempt(row) for row in rows]
-
-    @_guarded
-    def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
-        rows = self._db.execute(
-            "SELECT a.promise_id, a.attempt, a.started_at, a.finished_at, a.error"
-            " FROM attempts a JOIN promises p ON p.id = a.promise_id"
-            " WHERE p.parent_id = ? AND a.error IS NOT NULL ORDER BY p.seq, a.attempt",
-            (parent_id,),
-        )
-        return [_attempt(row) for row in rows]
-
-    def _settle(
-        self, promise_id: str, state: PromiseState, value: Any, error: ErrorInfo | None
-    ) -> Settled:
-        """Settle if still pending (the first settle wins) and return the outcome."""
-        value_json = None if value is None else canonical_json(value)
-        row = self._write(
-            "UPDATE promises SET state = ?, value = ?, error = ?, settled_at = ?"
-            " WHERE id = ? AND state = 'pending' RETURNING attempts",
-            (
-                state,
-                value_json,
-                None if error is None else error.to_json(),
-                time.time(),
-                promise_id,
-            ),
-        ).fetchone()
-        if row is None:  # settled before (its outcome stands), or unknown
-            record = self._must_get(promise_id)
-            return Settled(record.state, record.value, record.error, record.attempts)
-        # The value as given: decoding it again cost 12 ms for a 10,000-image run result.
-        return Settled(state, value, error, row[0])
-
-    @_guarded
-    def resolve(self, promise_id: str, value: Any) -> Settled:
-        return self._settle(promise_id, "resolved", value, None)
-
-    @_guarded
-    def reject(self, promise_id: str, error: ErrorInfo) -> Settled:
-        return self._settle(promise_id, "rejected", None, error)
-
-    def _must_get(self, promise_id: str) -> PromiseRecord:
-        record = self.get(promise_id)
-        if record is None:
-            raise StoreError(f"promise {promise_id!r} is not in {self.path}")
-        return record
-
-    @_guarded
-    def apply(self, batch: WriteBatch) -> dict[str, Settled]:
+    async def apply(self, batch: WriteBatch) -> Mapping[str, Settled]:
         # One executemany per kind of write: at thousands of branches, per-statement
         # overhead in the sqlite3 module costs more than SQLite's own work (~3x, measured).
-        db = self._begin()
-        if batch.creates:
+        with self._transaction() as db:
+            if batch.fence is not None:
+                self._check_fence(db, batch.fence)
+            if batch.reopens:
+                db.executemany(
+                    "UPDATE promises SET state = 'pending', error = NULL, settled_at = NULL,"
+                    " failures = 0 WHERE id = ? AND state = 'rejected'",
+                    [(promise_id,) for promise_id in batch.reopens],
+                )
+            if batch.creates:
+                cur = db.executemany(
+                    "INSERT INTO promises (id, parent_id, seq, func, args, options, state, value,"
+                    " created_at, settled_at) VALUES (:id, :parent_id, :seq, :func, :args_json,"
+                    " :options_json, :state, :value_json, :created_at,"
+                    " CASE WHEN :state = 'pending' THEN NULL ELSE :created_at END)"
+                    " ON CONFLICT (id) DO NOTHING",
+                    [_params(c) for c in batch.creates],
+                )
+                if cur.rowcount != len(batch.creates):
+                    raise StoreConflict(self.where, "already holds promises this batch creates")
+            if batch.starts:
+                cur = db.executemany(
+                    "UPDATE promises SET attempts = :attempt"
+                    " WHERE id = :id AND state = 'pending' AND attempts < :attempt",
+                    [_params(s) for s in batch.starts],
+                )
+                if cur.rowcount != len(batch.starts):
+                    raise StoreConflict(self.where, "holds settled or further-on promises")
+            if batch.failures:
+                try:
+                    db.executemany(
+                        "INSERT INTO attempts (promise_id, attempt, started_at, finished_at,"
+                        " error) VALUES (:id, :attempt, :started_at, :finished_at, :error_json)",
+                        [_params(f) for f in batch.failures],
+                    )
+                except sqlite3.IntegrityError:
+                    raise StoreConflict(self.where, "already holds a failed attempt") from None
+                cur = db.executemany(
+                    "UPDATE promises SET failures = failures + 1"
+                    " WHERE id = ? AND state = 'pending'",
+                    [(f.id,) for f in batch.failures],
+                )
+                if cur.rowcount != len(batch.failures):
+                    raise StoreConflict(self.where, "holds no pending promise for a failed attempt")
+            if not batch.settlements:
+                return {}
             cur = db.executemany(
-                "INSERT INTO promises (id, parent_id, seq, func, args, created_at, state)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'pending') ON CONFLICT (id) DO NOTHING",
-                batch.creates,
+                "UPDATE promises SET state = :state, value = :value_json, error = :error_json,"
+                " settled_at = :settled_at WHERE id = :id AND state = 'pending'",
+                [_params(s) for s in batch.settlements],
             )
-            if cur.rowcount != len(batch.creates):
-                self._conflict("branches of", batch.creates[0].parent_id)
-        if batch.starts:
-            cur = db.executemany(
-                "UPDATE promises SET attempts = ? WHERE id = ? AND state = 'pending'",
-                batch.starts,
-            )
-            if cur.rowcount != len(batch.starts):
-                self._conflict("settled branches of", batch.starts[0].id.rpartition(".")[0])
-        if not batch.settlements:
-            return {}
-        cur = db.executemany(
-            "UPDATE promises SET state = ?, value = ?, error = ?, settled_at = ?"
-            " WHERE id = ? AND state = 'pending'",
-            batch.settlements,
-        )
-        if cur.rowcount == len(batch.settlements):
-            return {}
-        # Some promises were settled before (rare: never under the lease). A row this
-        # batch settled holds exactly what it wrote; any other outcome is an earlier one.
+            if cur.rowcount == len(batch.settlements):
+                return {}
+            return self._earlier_outcomes(db, batch)
+
+    def _earlier_outcomes(self, db: sqlite3.Connection, batch: WriteBatch) -> dict[str, Settled]:
+        """The settlements of ``batch`` that lost: their promises were settled before. A
+        row this batch settled holds exactly what it wrote; any other outcome is earlier."""
         lost = {}
         for item in batch.settlements:
             row = db.execute(
@@ -514,82 +273,197 @@ class SQLiteStore:
                 (item.id,),
             ).fetchone()
             if row is None:
-                self._refuse(f"promise {item.id!r} vanished from {self.path}")
-            if tuple(row[:4]) != item[:4]:
-                state, value, error, _, attempts = row
+                raise StoreConflict(self.where, f"has no promise {item.id!r} to settle")
+            state, value, error, settled_at, attempts = row
+            if (state, value, error, settled_at) != (
+                item.state,
+                item.value_json,
+                item.error_json,
+                item.settled_at,
+            ):
+                where = f"{self.where}, promise {item.id!r},"
                 lost[item.id] = Settled(
-                    state,
-                    None if value is None else json.loads(value),
-                    None if error is None else ErrorInfo.from_json(error),
-                    attempts,
+                    state=state,
+                    value=None if value is None else decode_json(value, "value", where),
+                    error=None if error is None else ErrorInfo.from_json(error, where),
+                    attempts=attempts,
                 )
         return lost
 
-    def _conflict(self, what: str, run_id: str) -> NoReturn:
-        self._refuse(
-            f"the store {self.path} already holds {what} run {run_id} that this process"
-            " was about to write (written by another process, or replayed wrongly); its"
-            " uncommitted writes were rolled back"
-        )
+    def _check_fence(self, db: sqlite3.Connection, fence: Fence) -> None:
+        row = db.execute("SELECT epoch FROM leases WHERE key = ?", (fence.key,)).fetchone()
+        if row is None or row[0] != fence.epoch:
+            raise LeaseLost(fence.key, fence.epoch)
 
-    def _refuse(self, message: str) -> NoReturn:
-        """Fail the batch: nothing of the open transaction may commit after this."""
-        error = StoreError(message)
-        self._abandon(error)
-        raise error
+    # -- reads ---------------------------------------------------------------------
 
     @_guarded
-    def reopen(self, promise_id: str) -> None:
-        self._write(
-            "UPDATE promises SET state = 'pending', error = NULL, settled_at = NULL,"
-            " failures = 0 WHERE id = ? AND state = 'rejected'",
-            (promise_id,),
+    async def get(self, promise_id: str) -> PromiseRecord | None:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM promises WHERE id = ?", (promise_id,)
+        ).fetchone()
+        return None if row is None else self._record(row)
+
+    @_guarded
+    async def children(self, parent_id: str) -> list[PromiseRecord]:
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM promises WHERE parent_id = ? ORDER BY seq", (parent_id,)
+        )
+        return [self._record(row) for row in rows]
+
+    @_guarded
+    async def roots(self, limit: int | None = None) -> list[RootRecord]:
+        rows = self._db.execute(
+            "SELECT id, func, args, state, created_at, settled_at, options FROM promises"
+            " WHERE parent_id IS NULL ORDER BY created_at DESC, id DESC LIMIT ?",
+            (-1 if limit is None else limit,),
+        ).fetchall()
+        counts: dict[str, dict[str, int]] = {row[0]: {} for row in rows}
+        for parent_id, state, n in self._db.execute(
+            "SELECT parent_id, state, count(*) FROM promises WHERE parent_id IN"
+            " (SELECT value FROM json_each(?)) GROUP BY parent_id, state",
+            (_json_list(list(counts)),),
+        ):
+            counts[parent_id][state] = n
+        records = []
+        for promise_id, func, args, state, created_at, settled_at, options in rows:
+            where = f"{self.where}, run {promise_id!r},"
+            records.append(
+                RootRecord(
+                    id=promise_id,
+                    func=func,
+                    args=_object(decode_json(args, "argument list", where), where),
+                    state=_state(state, where),
+                    created_at=created_at,
+                    settled_at=settled_at,
+                    options=_object(decode_json(options, "option list", where), where),
+                    counts=counts[promise_id],
+                )
+            )
+        return records
+
+    @_guarded
+    async def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
+        rows = self._db.execute(
+            "SELECT a.promise_id, a.attempt, a.started_at, a.finished_at, a.error"
+            " FROM attempts a JOIN promises p ON p.id = a.promise_id"
+            " WHERE (p.parent_id = ? OR p.id = ?) AND a.error IS NOT NULL"
+            " ORDER BY p.parent_id IS NOT NULL, p.seq, a.attempt",
+            (parent_id, parent_id),
+        )
+        history = []
+        for promise_id, attempt, started, finished, error in rows:
+            where = f"{self.where}, attempt {attempt} of {promise_id!r},"
+            history.append(
+                AttemptRecord(
+                    promise_id=promise_id,
+                    attempt=attempt,
+                    started_at=started,
+                    finished_at=finished,
+                    error=None if error is None else ErrorInfo.from_json(error, where),
+                )
+            )
+        return history
+
+    def _record(self, row: tuple[Any, ...]) -> PromiseRecord:
+        (promise_id, parent_id, seq, func, args, state, value, error) = row[:8]
+        (attempts, failures, created_at, settled_at, options) = row[8:]
+        where = f"{self.where}, promise {promise_id!r},"
+        if not isinstance(attempts, int) or not isinstance(failures, int):
+            raise StoreCorrupt(where, "holds a damaged attempt count")
+        return PromiseRecord(
+            id=promise_id,
+            parent_id=parent_id,
+            seq=seq,
+            func=func,
+            args=_object(decode_json(args, "argument list", where), where),
+            state=_state(state, where),
+            value=None if value is None else decode_json(value, "value", where),
+            error=None if error is None else ErrorInfo.from_json(error, where),
+            attempts=attempts,
+            failures=failures,
+            created_at=created_at,
+            settled_at=settled_at,
+            options={}
+            if options == "{}"
+            else _object(decode_json(options, "options", where), where),
         )
 
     # -- leases --------------------------------------------------------------------
 
     @_guarded
-    def acquire_lease(self, lease: Lease, *, is_stale: Callable[[Lease], bool]) -> Lease | None:
-        self.commit()
-        self._write("SELECT 1")  # take the write lock: read-check-write is atomic
-        try:
-            row = self._db.execute(
-                "SELECT run_id, owner, pid, host, heartbeat_at FROM leases WHERE run_id = ?",
-                (lease.run_id,),
+    async def acquire_lease(
+        self, claim: Lease, *, stale_after: float, holder_gone: Callable[[Lease], bool]
+    ) -> Lease:
+        with self._transaction() as db:
+            row = db.execute(
+                f"SELECT owner, pid, host, epoch, {_NOW} - heartbeat_at FROM leases WHERE key = ?",
+                (claim.key,),
             ).fetchone()
+            epoch = 1
             if row is not None:
-                holder = Lease(*row)
-                if holder.owner != lease.owner and not is_stale(holder):
-                    self._db.execute("ROLLBACK")
-                    return holder
-            self._db.execute(
-                "INSERT OR REPLACE INTO leases (run_id, owner, pid, host, heartbeat_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (lease.run_id, lease.owner, lease.pid, lease.host, lease.heartbeat_at),
+                owner, pid, host, held_epoch, age = row
+                epoch = held_epoch + 1
+                if owner is not None and owner != claim.owner:
+                    holder = Lease(claim.key, owner, pid, host, held_epoch, age)
+                    if age <= stale_after and not holder_gone(holder):
+                        raise LeaseHeld(claim.key, holder)
+            db.execute(
+                f"INSERT INTO leases (key, owner, pid, host, heartbeat_at, epoch)"
+                f" VALUES (?, ?, ?, ?, {_NOW}, ?) ON CONFLICT (key) DO UPDATE SET"
+                " owner = excluded.owner, pid = excluded.pid, host = excluded.host,"
+                " heartbeat_at = excluded.heartbeat_at, epoch = excluded.epoch",
+                (claim.key, claim.owner, claim.pid, claim.host, epoch),
             )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._abandon()
-            raise
-        return None
+        return Lease(claim.key, claim.owner, claim.pid, claim.host, epoch, 0.0)
 
     @_guarded
-    def renew_lease(self, run_id: str, owner: str, now: float) -> bool:
-        cur = self._write(
-            "UPDATE leases SET heartbeat_at = ? WHERE run_id = ? AND owner = ?",
-            (now, run_id, owner),
-        )
-        return cur.rowcount == 1
+    async def lease_holder(self, key: str) -> Lease | None:
+        row = self._db.execute(
+            f"SELECT owner, pid, host, epoch, {_NOW} - heartbeat_at FROM leases"
+            " WHERE key = ? AND owner IS NOT NULL",
+            (key,),
+        ).fetchone()
+        return None if row is None else Lease(key, *row)
 
     @_guarded
-    def release_lease(self, run_id: str, owner: str) -> None:
-        """Delete our lease row and commit, even after a failed transaction was lost:
-        the row is independent of those writes, and leaving it would block a resume."""
-        if self._lost is None:
-            self._write("DELETE FROM leases WHERE run_id = ? AND owner = ?", (run_id, owner))
-            self.commit()
-            return
-        self._abandon()
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("DELETE FROM leases WHERE run_id = ? AND owner = ?", (run_id, owner))
-        self._db.execute("COMMIT")
+    async def renew_lease(self, lease: Lease) -> None:
+        with self._transaction() as db:
+            cur = db.execute(
+                f"UPDATE leases SET heartbeat_at = {_NOW}"
+                " WHERE key = ? AND epoch = ? AND owner = ?",
+                (lease.key, lease.epoch, lease.owner),
+            )
+            if cur.rowcount != 1:
+                raise LeaseLost(lease.key, lease.epoch)
+
+    @_guarded
+    async def release_lease(self, lease: Lease) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE leases SET owner = NULL WHERE key = ? AND epoch = ? AND owner = ?",
+                (lease.key, lease.epoch, lease.owner),
+            )
+
+
+def _params(item: Any) -> dict[str, Any]:
+    """A record's fields as named SQL parameters."""
+    return {name: getattr(item, name) for name in type(item).__slots__}
+
+
+def _json_list(items: list[str]) -> str:
+    import json
+
+    return json.dumps(items)
+
+
+def _state(value: Any, where: str) -> Any:
+    if value not in _STATES:
+        raise StoreCorrupt(where, "holds a damaged state")
+    return value
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise StoreCorrupt(where, "holds a damaged row")
+    return value

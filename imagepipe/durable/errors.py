@@ -1,0 +1,122 @@
+"""The durable core's own errors. They carry no exit codes and no command-line words:
+the application that embeds the core decides how each is shown and what it means.
+
+- :class:`DurableError` — the base of every error raised by :mod:`imagepipe.durable`
+- :class:`StoreError` and subclasses — the store failed or cannot be used
+- :class:`LeaseHeld` / :class:`LeaseLost` — another owner executes, or took over
+- :class:`NonDeterminism` — replay asked for other work than the store holds
+- :class:`PromiseRejected` — awaiting a promise that was rejected
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from imagepipe.durable.records import ErrorInfo, Lease
+
+__all__ = [
+    "DurableError",
+    "LeaseHeld",
+    "LeaseLost",
+    "NonDeterminism",
+    "PromiseRejected",
+    "StoreBusy",
+    "StoreConflict",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreFull",
+    "StoreMissing",
+    "StoreNewer",
+    "StoreReadOnly",
+    "StoreUnusable",
+    "StoreWriteFailed",
+]
+
+
+class DurableError(Exception):
+    """Base of every error the durable core raises. ``str()`` is one line."""
+
+
+class StoreError(DurableError):
+    """The store failed while reading or writing. ``where`` names the store."""
+
+    def __init__(self, where: str, detail: str) -> None:
+        super().__init__(f"the store {where} {detail}")
+        self.where = where
+        self.detail = detail
+
+
+class StoreBusy(StoreError):
+    """Another process held the store's write lock for longer than the busy timeout."""
+
+
+class StoreReadOnly(StoreError):
+    """The store cannot be written (permissions, read-only file system)."""
+
+
+class StoreFull(StoreError):
+    """The disk is full: the write did not happen."""
+
+
+class StoreWriteFailed(StoreError):
+    """The operating system refused a write (an I/O error: a quota, a file-size limit, a
+    failing disk): the write did not happen."""
+
+
+class StoreCorrupt(StoreError):
+    """The store's file or one of its rows cannot be decoded."""
+
+
+class StoreNewer(StoreError):
+    """The store was written by a newer version with a schema this code does not know."""
+
+    def __init__(self, where: str, found: int, known: int) -> None:
+        super().__init__(where, f"has schema version {found}, newer than this code knows ({known})")
+        self.found = found
+        self.known = known
+
+
+class StoreUnusable(StoreError):
+    """The location cannot hold a store: a directory, another program's database, ..."""
+
+
+class StoreMissing(StoreUnusable):
+    """The store does not exist and was not to be created."""
+
+
+class StoreConflict(StoreError):
+    """A batch would create a promise that exists or start or settle one that is not
+    pending: another writer got there first. The whole batch was rolled back."""
+
+
+class LeaseHeld(DurableError):
+    """A live owner holds the lease on this key."""
+
+    def __init__(self, key: str, holder: Lease) -> None:
+        super().__init__(f"{key} is held by process {holder.pid} on {holder.host}")
+        self.key = key
+        self.holder = holder
+
+
+class LeaseLost(DurableError):
+    """This owner's lease was taken over (it went silent for too long): its writes are
+    refused by fencing, and it must stop."""
+
+    def __init__(self, key: str, epoch: int) -> None:
+        super().__init__(f"the lease on {key} (epoch {epoch}) was taken over by another owner")
+        self.key = key
+        self.epoch = epoch
+
+
+class NonDeterminism(DurableError):
+    """Replay produced other calls than the ones in the store."""
+
+
+class PromiseRejected(DurableError):
+    """Awaiting a promise that was rejected; ``error`` is the stored error."""
+
+    def __init__(self, promise_id: str, error: ErrorInfo) -> None:
+        super().__init__(f"{promise_id} rejected: {error.type}: {error.message}")
+        self.promise_id = promise_id
+        self.error = error

@@ -1,0 +1,273 @@
+"""The durable-promise model: what a store holds and what a write batch carries.
+
+A *promise* is one durable call: an id, the function's name and its arguments by name, a
+state (pending, resolved, rejected), a value or an error, and a count of started attempts.
+A run is a root promise; its children get the ids ``<run>.0``, ``<run>.1``, ... in launch
+order, and a child's durable sub-steps get ``<child>.0``, ``<child>.1``, ...
+
+Every write goes through one path: a :class:`WriteBatch` given to ``Store.apply``, which
+applies it in one transaction, fenced by the epoch of the lease it was made under.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from imagepipe.durable.errors import StoreCorrupt
+
+__all__ = [
+    "ARGS_VERSION",
+    "AttemptFailure",
+    "AttemptRecord",
+    "AttemptStart",
+    "ErrorInfo",
+    "Fence",
+    "Lease",
+    "NewPromise",
+    "PromiseRecord",
+    "PromiseState",
+    "RootRecord",
+    "Settled",
+    "Settlement",
+    "WriteBatch",
+    "bind_args",
+    "canonical_json",
+    "decode_json",
+    "encode_args",
+]
+
+PromiseState = Literal["pending", "resolved", "rejected"]
+
+#: Version of the stored argument object ``{"version": 1, "kwargs": {...}}``. Version 0 is
+#: what schema 2 held, a positional list; migration 3 wraps it as ``{"version": 0,
+#: "positional": [...]}`` and :func:`bind_args` names it from the function's signature.
+ARGS_VERSION = 1
+
+_encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
+def canonical_json(value: Any) -> str:
+    """One stable text per JSON value, so that stored and replayed arguments compare equal."""
+    return _encode(value)
+
+
+def decode_json(text: str, what: str, where: str) -> Any:
+    """Decode a stored JSON column; a damaged one is :class:`StoreCorrupt`, never a traceback."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError) as exc:
+        raise StoreCorrupt(where, f"holds a damaged {what} ({type(exc).__name__})") from None
+
+
+def encode_args(kwargs: Mapping[str, Any]) -> str:
+    """Arguments as they are stored: by name, with the format's version."""
+    return canonical_json({"version": ARGS_VERSION, "kwargs": dict(kwargs)})
+
+
+def bind_args(fn: Callable[..., Any], stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments of a stored call by name, completed with ``fn``'s defaults.
+
+    This is the one reader of stored arguments: it names a version-0 positional list from
+    ``fn``'s parameters (after the first one, the step or context), and fills in defaults,
+    so that adding a parameter with a default keeps older runs replayable."""
+    params = _parameters(fn)[1:]
+    if stored.get("version") == 0:
+        values = list(stored.get("positional", []))
+        named = {p.name: v for p, v in zip(params, values, strict=False)}
+    else:
+        named = dict(stored.get("kwargs", {}))
+    for p in params:
+        if p.name not in named and p.default is not inspect.Parameter.empty:
+            named[p.name] = p.default
+    return named
+
+
+@functools.cache
+def _parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
+    return list(inspect.signature(fn).parameters.values())
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An exception as it is stored: its type name, message and whether to retry it."""
+
+    type: str
+    message: str
+    retryable: bool = True
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        type_name = str(getattr(exc, "type_name", "") or exc.__class__.__name__)
+        message = str(exc) or type_name
+        return cls(type_name, message, bool(getattr(exc, "retryable", True)))
+
+    def to_json(self) -> str:
+        return canonical_json(
+            {"type": self.type, "message": self.message, "retryable": self.retryable}
+        )
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> ErrorInfo:
+        data = decode_json(text, "error", where)
+        try:
+            return cls(str(data["type"]), str(data["message"]), bool(data.get("retryable", True)))
+        except (KeyError, TypeError, AttributeError):
+            raise StoreCorrupt(where, "holds a damaged error") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PromiseRecord:
+    """A promise as stored. ``args`` is the stored argument object (see :func:`bind_args`)."""
+
+    id: str
+    parent_id: str | None
+    seq: int | None
+    func: str
+    args: dict[str, Any]
+    state: PromiseState
+    value: Any
+    error: ErrorInfo | None
+    attempts: int
+    failures: int
+    created_at: float
+    settled_at: float | None
+    options: dict[str, Any]
+
+    @property
+    def settled(self) -> bool:
+        return self.state != "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class RootRecord:
+    """A run's root promise without its value: what listing runs needs."""
+
+    id: str
+    func: str
+    args: dict[str, Any]
+    state: PromiseState
+    created_at: float
+    settled_at: float | None
+    options: dict[str, Any]
+    #: how many children are in each state
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The outcome of a promise as stored."""
+
+    state: PromiseState
+    value: Any
+    error: ErrorInfo | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """A failed attempt, kept as history (successful ones are counted in ``attempts``)."""
+
+    promise_id: str
+    attempt: int
+    started_at: float
+    finished_at: float | None
+    error: ErrorInfo | None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Who holds a key (a run's id): an owner (pid on host), fenced by ``epoch``.
+
+    ``age`` is the seconds since its last heartbeat by the store's clock, when read."""
+
+    key: str
+    owner: str
+    pid: int
+    host: str
+    epoch: int = 0
+    age: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The lease a batch was made under: the store refuses it once ``epoch`` is stale."""
+
+    key: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewPromise:
+    """A promise to create. A sub-step is created already resolved (``state``/``value``)."""
+
+    id: str
+    parent_id: str | None
+    seq: int | None
+    func: str
+    args_json: str
+    created_at: float
+    options_json: str = "{}"
+    state: PromiseState = "pending"
+    value_json: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptStart:
+    """Attempt number ``attempt`` of a pending promise starts (it is the new count)."""
+
+    id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptFailure:
+    """Attempt ``attempt`` of a promise failed: kept as history; the promise stays pending."""
+
+    id: str
+    attempt: int
+    started_at: float
+    finished_at: float
+    error_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """Settle a promise unless it is settled already (the first settle wins)."""
+
+    id: str
+    state: PromiseState
+    value_json: str | None
+    error_json: str | None
+    settled_at: float
+
+
+@dataclass(slots=True)
+class WriteBatch:
+    """Writes applied together, in one transaction, by ``Store.apply``.
+
+    Applied in this order, which keeps every promise's history in order: reopens (a
+    rejected promise back to pending), creates, attempt starts, failed attempts,
+    settlements. A batch with a ``fence`` is refused whole when the lease's epoch has moved
+    on; a create whose id exists, or a start of a promise that is not pending, refuses it
+    whole too (:class:`~imagepipe.durable.errors.StoreConflict`)."""
+
+    fence: Fence | None = None
+    reopens: list[str] = field(default_factory=list)
+    creates: list[NewPromise] = field(default_factory=list)
+    starts: list[AttemptStart] = field(default_factory=list)
+    failures: list[AttemptFailure] = field(default_factory=list)
+    settlements: list[Settlement] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return (
+            len(self.reopens)
+            + len(self.creates)
+            + len(self.starts)
+            + len(self.failures)
+            + len(self.settlements)
+        )

@@ -1,0 +1,243 @@
+"""Handles, steps and durable sub-steps: what a workflow and a step function hold.
+
+- :class:`Handle` — the awaitable result of ``RunContext.begin_run``; it keeps the child's
+  outcome once settled, and drops the finished task (nothing done is kept alive)
+- :class:`Step` — what a step function receives: its durable id (the idempotency key), its
+  durable attempt number, the invocation's dependencies, and :meth:`Step.run`
+- :class:`SubSteps` — ``await step.run(fn, **kwargs)`` runs ``fn`` once and stores its
+  result as child promise ``<step id>.<n>``; on replay the stored result is returned
+  without calling ``fn``. This is how a step records "job created, id X" before it waits
+  for the job, so that a resume polls job X instead of paying for a second one.
+- :func:`check_replay` — a stored call must match the code's call, argument by name
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Generator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from imagepipe.durable.errors import NonDeterminism, PromiseRejected
+from imagepipe.durable.records import (
+    ARGS_VERSION,
+    ErrorInfo,
+    NewPromise,
+    PromiseRecord,
+    PromiseState,
+    Settled,
+    bind_args,
+    canonical_json,
+    encode_args,
+)
+
+if TYPE_CHECKING:
+    from imagepipe.durable.context import RunContext
+
+__all__ = ["Handle", "Step", "SubSteps", "check_replay"]
+
+D = TypeVar("D")
+T = TypeVar("T")
+
+
+def check_replay(record: PromiseRecord, fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Raise :class:`NonDeterminism` unless ``fn(**kwargs)`` is the call ``record`` holds.
+
+    Arguments are compared by name, with ``fn``'s defaults filled in on both sides: a
+    parameter added with a default keeps runs stored before it replayable."""
+    if record.func == fn.__name__ and record.args == {"version": ARGS_VERSION, "kwargs": kwargs}:
+        return  # the common case, without inspecting the signature
+    stored = canonical_json(bind_args(fn, record.args))
+    given = canonical_json(bind_args(fn, {"version": ARGS_VERSION, "kwargs": kwargs}))
+    if record.func != fn.__name__ or stored != given:
+        raise NonDeterminism(
+            f"replay mismatch at {record.id}: the store has {record.func}{stored} but the "
+            f"code now calls {fn.__name__}{given}"
+        )
+
+
+class Handle(Generic[T]):
+    """A child promise as this invocation knows it: its call, and its outcome once settled.
+
+    Until it settles, awaiting it awaits its task (started when a concurrency slot is
+    free). Once settled, the outcome is kept here and the task is let go."""
+
+    __slots__ = (
+        "_ctx",
+        "_task",
+        "_waiting",
+        "args",
+        "attempts",
+        "error",
+        "func",
+        "id",
+        "replayed",
+        "state",
+        "stored",
+        "value",
+    )
+
+    def __init__(
+        self,
+        ctx: RunContext[Any],
+        promise_id: str,
+        func: str,
+        args: dict[str, Any],
+        *,
+        stored: bool,
+    ) -> None:
+        self._ctx = ctx
+        self.id = promise_id
+        self.func = func
+        #: the call's arguments by name
+        self.args = args
+        #: whether the promise was in the store before this invocation
+        self.stored = stored
+        self.state: PromiseState = "pending"
+        self.value: Any = None
+        self.error: ErrorInfo | None = None
+        self.attempts = 0
+        #: True when the outcome was in the store and nothing ran
+        self.replayed = False
+        self._task: asyncio.Task[T] | None = None
+        self._waiting: list[asyncio.Future[None]] | None = None
+
+    @classmethod
+    def from_record(
+        cls, ctx: RunContext[Any], record: PromiseRecord, fn: Callable[..., Any]
+    ) -> Handle[T]:
+        """The handle of a child read from the store; ``fn`` names older positional
+        arguments."""
+        args = record.args
+        kwargs = args["kwargs"] if args.get("version") == ARGS_VERSION else bind_args(fn, args)
+        handle: Handle[T] = cls(ctx, record.id, record.func, kwargs, stored=True)
+        handle.attempts = record.attempts
+        if record.settled:
+            handle.state, handle.value, handle.error = record.state, record.value, record.error
+            handle.replayed = True
+        return handle
+
+    @property
+    def settled(self) -> bool:
+        return self.state != "pending"
+
+    def settle(self, outcome: Settled) -> None:
+        self.state, self.value, self.error = outcome.state, outcome.value, outcome.error
+        self.attempts = outcome.attempts
+
+    def started(self, task: asyncio.Task[T]) -> None:
+        self._task = task
+        task.add_done_callback(self._finished)
+        for waiter in self._waiting or ():
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiting = None
+
+    def _finished(self, task: asyncio.Task[T]) -> None:
+        if not task.cancelled():
+            task.exception()  # seen: a rejection is in the handle, a store failure stops the run
+        if self.settled:
+            self._task = None  # the outcome is here: let the task and its frame go
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._result().__await__()
+
+    async def _result(self) -> T:
+        if not self.settled:
+            if not self._ctx.replay_checked:
+                self._ctx._check_all_launched()
+            if self._task is None:
+                waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._waiting = [*(self._waiting or ()), waiter]
+                await waiter
+            if self._task is not None and not self.settled:
+                return await self._task
+        if self.state == "resolved":
+            value: T = self.value
+            return value
+        raise PromiseRejected(self.id, self.error or ErrorInfo("Error", "rejected"))
+
+
+class Step(Generic[D]):
+    """What a step function receives."""
+
+    __slots__ = ("_next", "_stored", "_sub_steps", "attempt", "deps", "id")
+
+    def __init__(
+        self, promise_id: str, attempt: int, deps: D, sub_steps: SubSteps, stored: bool
+    ) -> None:
+        #: the durable id: a provider gets it as the idempotency key
+        self.id = promise_id
+        #: the durable attempt number: it continues across processes
+        self.attempt = attempt
+        self.deps = deps
+        self._sub_steps = sub_steps
+        self._stored = stored
+        self._next = 0
+
+    async def run(self, fn: Callable[..., Awaitable[T]], /, **kwargs: Any) -> T:
+        """Run ``fn(**kwargs)`` as durable sub-step ``<id>.<n>``; on replay, return the
+        stored result without calling it. The result must be a JSON value."""
+        seq = self._next
+        self._next += 1
+        return await self._sub_steps.run(self.id, seq, self._stored, fn, kwargs)
+
+
+class SubSteps:
+    """The durable sub-steps of every running child of one context."""
+
+    def __init__(self, ctx: RunContext[Any]) -> None:
+        self._ctx = ctx
+        #: results of each running child's sub-steps, by seq; read once per child
+        self._known: dict[str, dict[int, PromiseRecord | Any]] = {}
+
+    async def run(
+        self,
+        parent_id: str,
+        seq: int,
+        stored_parent: bool,
+        fn: Callable[..., Awaitable[T]],
+        kwargs: dict[str, Any],
+    ) -> T:
+        known = self._known.get(parent_id)
+        if known is None:
+            known = {}
+            if stored_parent:  # a child of an earlier invocation may have sub-steps stored
+                children = await self._ctx.store.children(parent_id)
+                known = {r.seq: r for r in children if r.seq is not None}
+            self._known[parent_id] = known
+        if seq in known:
+            earlier = known[seq]
+            if isinstance(earlier, PromiseRecord):
+                check_replay(earlier, fn, kwargs)
+                value: T = earlier.value
+                return value
+            copied: T = _copy(earlier)
+            return copied
+        result = await fn(**kwargs)
+        value_json = canonical_json(result)
+        promise = NewPromise(
+            f"{parent_id}.{seq}",
+            parent_id,
+            seq,
+            fn.__name__,
+            encode_args(kwargs),
+            time.time(),
+            state="resolved",
+            value_json=value_json,
+        )
+        # Shielded: an attempt timeout that cancels this step must not cancel the commit
+        # that the other branches' writes share.
+        await asyncio.shield(self._ctx.group_commit.create(promise))
+        stored: T = json.loads(value_json)
+        known[seq] = stored
+        fresh: T = _copy(stored)
+        return fresh
+
+    def forget(self, parent_id: str) -> None:
+        self._known.pop(parent_id, None)
+
+
+def _copy(value: Any) -> Any:
+    return json.loads(json.dumps(value))

@@ -1,0 +1,237 @@
+"""The contract every store backend keeps: one write path, first settle wins, fencing,
+leases by the store's clock. A new backend is done when this suite is green for it."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from imagepipe.durable import (
+    ErrorInfo,
+    Lease,
+    LeaseHeld,
+    LeaseLost,
+    NewPromise,
+    Store,
+    StoreConflict,
+    WriteBatch,
+    encode_args,
+)
+from imagepipe.durable.records import AttemptFailure, AttemptStart, Fence, Settlement
+
+Reopen = Callable[[], Awaitable[Store]]
+
+
+def new(
+    promise_id: str, parent: str | None = None, seq: int | None = None, **kw: object
+) -> NewPromise:
+    return NewPromise(promise_id, parent, seq, "f", encode_args(kw), 1.0)
+
+
+def resolve(promise_id: str, value: str, at: float = 2.0) -> Settlement:
+    return Settlement(promise_id, "resolved", value, None, at)
+
+
+def reject(promise_id: str, error: ErrorInfo, at: float = 2.0) -> Settlement:
+    return Settlement(promise_id, "rejected", None, error.to_json(), at)
+
+
+async def test_a_batch_is_durable_when_apply_returns(store: Store, reopen: Reopen) -> None:
+    await store.apply(WriteBatch(creates=[new("r"), new("r.0", "r", 0, x=1)]))
+    again = await reopen()
+    record = await again.get("r.0")
+    assert record is not None
+    assert (record.parent_id, record.seq, record.state) == ("r", 0, "pending")
+    assert record.args == {"version": 1, "kwargs": {"x": 1}}
+
+
+async def test_creating_an_existing_promise_refuses_the_whole_batch(store: Store) -> None:
+    await store.apply(WriteBatch(creates=[new("r")]))
+    with pytest.raises(StoreConflict):
+        await store.apply(WriteBatch(creates=[new("r.0", "r", 0), new("r")]))
+    assert await store.get("r.0") is None
+
+
+async def test_first_settle_wins_and_the_loser_gets_the_stored_outcome(store: Store) -> None:
+    await store.apply(WriteBatch(creates=[new("r"), new("r.0", "r", 0)]))
+    assert await store.apply(WriteBatch(settlements=[resolve("r.0", '"first"')])) == {}
+    lost = await store.apply(
+        WriteBatch(settlements=[reject("r.0", ErrorInfo("E", "late")), resolve("r", "1")])
+    )
+    assert set(lost) == {"r.0"}
+    assert (lost["r.0"].state, lost["r.0"].value) == ("resolved", "first")
+    record = await store.get("r.0")
+    assert record is not None
+    assert (record.state, record.value) == ("resolved", "first")
+    root = await store.get("r")
+    assert root is not None
+    assert root.value == 1
+
+
+async def test_a_batch_applies_creates_then_starts_then_failures_then_settlements(
+    store: Store,
+) -> None:
+    error = ErrorInfo("Boom", "no", retryable=False)
+    batch = WriteBatch(
+        creates=[new("r"), new("r.0", "r", 0)],
+        starts=[AttemptStart("r.0", 1)],
+        failures=[AttemptFailure("r.0", 1, 1.0, 1.5, error.to_json())],
+        settlements=[reject("r.0", error)],
+    )
+    assert await store.apply(batch) == {}
+    record = await store.get("r.0")
+    assert record is not None
+    assert (record.state, record.attempts, record.failures, record.error) == (
+        "rejected",
+        1,
+        1,
+        error,
+    )
+    history = await store.failed_attempts("r")
+    assert [(a.promise_id, a.attempt, a.error) for a in history] == [("r.0", 1, error)]
+
+
+async def test_attempt_counts_never_go_down_nor_start_on_a_settled_promise(store: Store) -> None:
+    await store.apply(
+        WriteBatch(creates=[new("r"), new("r.0", "r", 0)], starts=[AttemptStart("r.0", 2)])
+    )
+    with pytest.raises(StoreConflict):
+        await store.apply(WriteBatch(starts=[AttemptStart("r.0", 1)]))
+    await store.apply(WriteBatch(settlements=[resolve("r.0", "1")]))
+    with pytest.raises(StoreConflict):
+        await store.apply(WriteBatch(starts=[AttemptStart("r.0", 3)]))
+    record = await store.get("r.0")
+    assert record is not None
+    assert record.attempts == 2
+
+
+async def test_a_failed_attempt_is_recorded_once(store: Store) -> None:
+    failure = AttemptFailure("r.0", 1, 1.0, 1.5, ErrorInfo("E", "x").to_json())
+    await store.apply(WriteBatch(creates=[new("r"), new("r.0", "r", 0)], failures=[failure]))
+    with pytest.raises(StoreConflict):
+        await store.apply(WriteBatch(failures=[failure]))
+    record = await store.get("r.0")
+    assert record is not None
+    assert record.failures == 1
+
+
+async def test_reopen_sets_a_rejected_promise_pending_and_keeps_history(store: Store) -> None:
+    error = ErrorInfo("E", "x")
+    await store.apply(
+        WriteBatch(
+            creates=[new("r"), new("r.0", "r", 0)],
+            failures=[AttemptFailure("r.0", 1, 1.0, 1.5, error.to_json())],
+            settlements=[reject("r.0", error)],
+        )
+    )
+    await store.apply(WriteBatch(reopens=["r.0"]))
+    record = await store.get("r.0")
+    assert record is not None
+    assert (record.state, record.error, record.failures) == ("pending", None, 0)
+    assert len(await store.failed_attempts("r")) == 1
+
+
+async def test_children_come_in_launch_order_and_sub_steps_under_their_parent(
+    store: Store,
+) -> None:
+    sub = NewPromise(
+        "r.1.0", "r.1", 0, "create_job", encode_args({}), 1.0, "{}", "resolved", '{"id":"j"}'
+    )
+    await store.apply(WriteBatch(creates=[new("r"), new("r.1", "r", 1), new("r.0", "r", 0), sub]))
+    assert [c.id for c in await store.children("r")] == ["r.0", "r.1"]
+    [step] = await store.children("r.1")
+    assert (step.state, step.value) == ("resolved", {"id": "j"})
+
+
+async def test_roots_list_runs_newest_first_with_counts(store: Store) -> None:
+    older = NewPromise("a", None, None, "wf", encode_args({"p": 1}), 1.0)
+    newer = NewPromise("b", None, None, "wf", encode_args({"p": 2}), 2.0)
+    await store.apply(WriteBatch(creates=[older, newer, new("a.0", "a", 0), new("a.1", "a", 1)]))
+    await store.apply(WriteBatch(settlements=[resolve("a.0", "1")]))
+    roots = await store.roots()
+    assert [r.id for r in roots] == ["b", "a"]
+    assert roots[1].counts == {"pending": 1, "resolved": 1}
+    assert roots[0].counts == {}
+    assert [r.id for r in await store.roots(limit=1)] == ["b"]
+
+
+async def test_errors_round_trip_intact(store: Store) -> None:
+    error = ErrorInfo("Weird:Type", "line\nwith 'quotes' and é", retryable=False)
+    await store.apply(WriteBatch(creates=[new("r")], settlements=[reject("r", error)]))
+    record = await store.get("r")
+    assert record is not None
+    assert record.error == error
+
+
+# -- leases and fencing -------------------------------------------------------------
+
+
+def claim(owner: str, pid: int | None = None, host: str | None = None) -> Lease:
+    return Lease("r", owner, pid or os.getpid(), host or socket.gethostname())
+
+
+def never_gone(holder: Lease) -> bool:
+    return False
+
+
+async def test_every_acquisition_increments_the_epoch(store: Store) -> None:
+    first = await store.acquire_lease(claim("a"), stale_after=10, holder_gone=never_gone)
+    await store.release_lease(first)
+    second = await store.acquire_lease(claim("b"), stale_after=10, holder_gone=never_gone)
+    assert (first.epoch, second.epoch) == (1, 2)
+
+
+async def test_a_live_holder_keeps_the_lease(store: Store) -> None:
+    held = await store.acquire_lease(claim("a"), stale_after=10, holder_gone=never_gone)
+    with pytest.raises(LeaseHeld) as refused:
+        await store.acquire_lease(claim("b"), stale_after=10, holder_gone=never_gone)
+    assert refused.value.holder.owner == "a"
+    holder = await store.lease_holder("r")
+    assert holder is not None
+    assert holder.epoch == held.epoch
+    assert holder.age < 5
+
+
+async def test_a_gone_or_silent_holder_is_taken_over(store: Store) -> None:
+    await store.acquire_lease(claim("a"), stale_after=10, holder_gone=never_gone)
+    taken = await store.acquire_lease(claim("b"), stale_after=10, holder_gone=lambda h: True)
+    assert taken.epoch == 2
+    # stale by the store's clock: a negative limit makes any heartbeat too old
+    again = await store.acquire_lease(claim("c"), stale_after=-1, holder_gone=never_gone)
+    assert again.epoch == 3
+
+
+async def test_a_stale_fence_refuses_the_whole_batch(store: Store) -> None:
+    old = await store.acquire_lease(claim("a"), stale_after=10, holder_gone=never_gone)
+    await store.apply(
+        WriteBatch(fence=Fence("r", old.epoch), creates=[new("r"), new("r.0", "r", 0)])
+    )
+    new_owner = await store.acquire_lease(claim("b"), stale_after=10, holder_gone=lambda h: True)
+    with pytest.raises(LeaseLost):
+        await store.apply(
+            WriteBatch(
+                fence=Fence("r", old.epoch),
+                starts=[AttemptStart("r.0", 1)],
+                settlements=[resolve("r.0", '"stale"')],
+            )
+        )
+    record = await store.get("r.0")
+    assert record is not None
+    assert (record.state, record.attempts) == ("pending", 0)
+    with pytest.raises(LeaseLost):
+        await store.renew_lease(old)
+    await store.renew_lease(new_owner)
+    await store.apply(
+        WriteBatch(fence=Fence("r", new_owner.epoch), settlements=[resolve("r.0", '"ok"')])
+    )
+
+
+async def test_a_released_lease_is_free_and_keeps_its_epoch(store: Store) -> None:
+    lease = await store.acquire_lease(claim("a"), stale_after=10, holder_gone=never_gone)
+    await store.release_lease(lease)
+    assert await store.lease_holder("r") is None
+    with pytest.raises(LeaseLost):
+        await store.apply(WriteBatch(fence=Fence("r", lease.epoch + 1), creates=[new("x")]))

@@ -1,0 +1,200 @@
+"""The SQLite backend's own concerns: the file, migrations from stores that earlier
+versions wrote, and damaged files. (What every backend must do is in store_contract/.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from imagepipe.cli import app
+from imagepipe.durable import (
+    StoreCorrupt,
+    StoreMissing,
+    StoreNewer,
+    StoreOptions,
+    StoreUnusable,
+    open_store,
+)
+from imagepipe.durable.sqlite_schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
+
+from conftest import cli_argv, cli_env
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def previous_main_store(path: Path) -> Path:
+    """The store that imagepipe at 1e24929 (schema 2) left, rebuilt from its dump."""
+    with sqlite3.connect(path) as db:
+        db.executescript((FIXTURES / "main-schema2.sql").read_text())
+    return path
+
+
+async def test_schema_is_versioned(db_path: Path) -> None:
+    await (await open_store(str(db_path))).close()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_a_version_1_store_is_migrated_with_its_runs_kept(db_path: Path) -> None:
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    MIGRATIONS[0](conn)  # a store as imagepipe 0.1.0 left it
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute(
+        "INSERT INTO promises (id, func, args, state, value, attempts, created_at)"
+        " VALUES ('r', 'wf', '[1, \"a\"]', 'resolved', '42', 2, 1.5)"
+    )
+    conn.close()
+    store = await open_store(str(db_path))
+    record = await store.get("r")
+    assert record is not None
+    assert (record.state, record.value, record.attempts, record.created_at) == (
+        "resolved",
+        42,
+        2,
+        1.5,
+    )
+    assert record.args == {"version": 0, "positional": [1, "a"]}
+    await store.close()
+    with sqlite3.connect(db_path) as conn, pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        conn.execute(
+            "INSERT INTO promises (id, func, args, state, created_at) VALUES (?, ?, ?, ?, ?)",
+            ("x", "f", "[]", "done", 0),
+        )
+
+
+def test_a_store_written_by_the_previous_main_is_migrated_and_resumed(
+    db_path: Path, tmp_path: Path
+) -> None:
+    previous_main_store(db_path)
+    # The killed run: 4 branches resolved, both abstract ones cut off in their back-off.
+    shown = json.loads(invoke("show", "killed-run", "--json").stdout)  # type: ignore[attr-defined]
+    assert [b["state"] for b in shown["branches"]] == ["resolved"] * 4 + ["pending"] * 2
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        args = db.execute("SELECT args FROM promises WHERE id = 'killed-run.4'").fetchone()[0]
+    assert json.loads(args) == {"version": 0, "positional": ["a red fox", "abstract", 0, True]}
+
+    # resumed by this code, through the real CLI (the dead owner's lease is taken over)
+    proc = subprocess.run(
+        cli_argv("resume", "killed-run", "--json"),
+        env=cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["state"] == "resolved"
+    images = result["images"]
+    assert [(i["style"], i["attempts"], i["replayed"]) for i in images] == [
+        ("photorealistic", 1, True),
+        ("photorealistic", 1, True),
+        ("cartoon", 1, True),
+        ("cartoon", 1, True),
+        ("abstract", 2, False),
+        ("abstract", 2, False),
+    ]
+    assert images[0]["url"] == "https://images.example.com/photorealistic-cc830b54.png"
+    listed = json.loads(invoke("list", "--json").stdout)  # type: ignore[attr-defined]
+    assert {r["id"]: r["state"] for r in listed} == {
+        "done-run": "resolved",
+        "failed-run": "failed",
+        "killed-run": "resolved",
+    }
+    # ...and the failed run is retried by name, from its positional arguments
+    retried = invoke("retry", "failed-run", "--json")
+    assert retried.exit_code == 0  # type: ignore[attr-defined]
+
+
+async def test_newer_schema_is_refused(db_path: Path) -> None:
+    await (await open_store(str(db_path))).close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreNewer, match="newer than this code knows"):
+        await open_store(str(db_path))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.write_text("my notes\n"), "not a SQLite database"),
+        (lambda p: p.mkdir(), "is a directory"),
+        (lambda p: os.mkfifo(p), "not a regular file"),
+    ],
+)
+async def test_a_path_that_cannot_be_a_store_is_refused_and_left_untouched(
+    tmp_path: Path, make: object, message: str
+) -> None:
+    path = tmp_path / "thing"
+    make(path)  # type: ignore[operator]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(StoreUnusable, match=message):
+        await open_store(str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+async def test_dev_null_is_refused_and_nothing_is_created() -> None:
+    Path("/dev/null-journal").unlink(missing_ok=True)  # left by an older imagepipe, if any
+    with pytest.raises(StoreUnusable, match="not a regular file"):
+        await open_store("/dev/null")
+    assert not Path("/dev/null-journal").exists()
+
+
+async def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    with pytest.raises(StoreUnusable, match="another program"):
+        await open_store(str(path))
+
+
+async def test_missing_directory_or_store_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnusable, match="does not exist"):
+        await open_store(str(tmp_path / "nope" / "x.db"))
+    assert not (tmp_path / "nope").exists()
+    with pytest.raises(StoreMissing):
+        await open_store(str(tmp_path / "x.db"), StoreOptions(create=False))
+    assert not (tmp_path / "x.db").exists()
+
+
+async def test_sqlite_urls_and_plain_paths_name_the_same_store(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    for url in (f"sqlite://{path}", str(path)):
+        store = await open_store(url)
+        assert store.where == str(path)
+        await store.close()
+
+
+def test_damaged_rows_are_a_corrupt_store_error_never_a_traceback(db_path: Path) -> None:
+    invoke("run", "a cat", "--id", "r", "--json")
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE promises SET value = '{not json' WHERE id = 'r.0'")
+        db.execute("UPDATE promises SET error = x'00ff1b5b324a' WHERE id = 'r.1'")
+
+    async def read() -> None:
+        store = await open_store(str(db_path))
+        try:
+            with pytest.raises(StoreCorrupt, match=r"r\.0"):
+                await store.children("r")
+        finally:
+            await store.close()
+
+    asyncio.run(read())
+    result = invoke("show", "r")
+    assert result.exit_code == 74  # type: ignore[attr-defined]
+    assert result.stderr.count("\n") == 1  # type: ignore[attr-defined]
+    assert "corrupt" in result.stderr or "damaged" in result.stderr  # type: ignore[attr-defined]
