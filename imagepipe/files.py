@@ -201,19 +201,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save_image(directory: Path, name: str, data: bytes) -> SavedImage:
-    """Write ``data`` to ``directory/name`` atomically and describe the file.
+def _make_dirs(directory: Path) -> None:
+    """Create ``directory`` and missing parents, fsyncing each parent that gained an entry."""
+    if directory.is_dir():
+        return
+    _make_dirs(directory.parent)
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir()
+    _fsync_dir(directory.parent)
 
-    The bytes go to a temporary file in the same directory, are fsynced and renamed over the
-    final name, then the directory is fsynced. A reader never sees a partial file under
-    ``name``; re-saving the same name replaces the file atomically. The directory and its
-    parents are created if needed. No copy of ``data`` is made.
-    """
-    _check_name(name)
-    mime = sniff_mime(data)
-    width, height = _dimensions(data, mime)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / name
+
+def _write_atomically(directory: Path, final: Path, data: bytes) -> None:
+    _make_dirs(directory)
     temp = directory / f".{secrets.token_hex(8)}{TEMP_SUFFIX}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -230,6 +229,24 @@ def save_image(directory: Path, name: str, data: bytes) -> SavedImage:
             temp.unlink()
         raise
     _fsync_dir(directory)
+
+
+def save_image(directory: Path, name: str, data: bytes) -> SavedImage:
+    """Write ``data`` to ``directory/name`` atomically and describe the file.
+
+    The bytes go to a temporary file in the same directory, are fsynced and renamed over the
+    final name, then the directory is fsynced. A reader never sees a partial file under
+    ``name``; re-saving the same name replaces the file atomically. The directory and its
+    parents are created if needed. No copy of ``data`` is made.
+    """
+    _check_name(name)
+    mime = sniff_mime(data)
+    width, height = _dimensions(data, mime)
+    final = directory / name
+    try:
+        _write_atomically(directory, final, data)
+    except OSError as exc:
+        raise ImageFileError(f"cannot write {str(final)!r}: {exc.strerror or exc}") from exc
     return SavedImage(
         path=str(final.absolute()),
         sha256=hashlib.sha256(data).hexdigest(),

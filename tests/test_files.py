@@ -181,6 +181,14 @@ def test_save_image_refuses_names_that_are_not_plain(tmp_path: Path, name: str) 
         save_image(tmp_path, name, encoded("PNG"))
 
 
+def test_a_write_error_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ImageFileError, match=r"^cannot write ") as info:
+        save_image(tmp_path / "file" / "sub\nline", "x.png", encoded("PNG"))
+    assert "\n" not in info.value.message
+    assert "sub\\nline" in info.value.message  # escaped as typed
+
+
 def test_save_image_holds_no_copy_of_the_bytes(tmp_path: Path) -> None:
     data = encoded("PNG") + bytes(1 << 20)  # 1 MB: bytes after IEND are kept, not decoded
     save_image(tmp_path, "warm.png", data)
