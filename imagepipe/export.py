@@ -256,10 +256,10 @@ def export_dataset(
             except OSError as exc:
                 with contextlib.suppress(FileNotFoundError):
                     temp.unlink()
-                if exc.filename is not None and os.fspath(exc.filename) == os.fspath(source):
-                    problems.append(_problem(item.source, exc))
-                    continue
-                raise ExportError(f"cannot write into {str(data_dir)!r}: {exc}") from exc
+                if exc.filename is None or os.fspath(exc.filename) != os.fspath(source):
+                    raise
+                problems.append(_problem(item.source, exc))
+                continue
             if actual != item.sha256.lower():
                 temp.unlink()
                 problems.append(
@@ -286,7 +286,7 @@ def export_dataset(
         rows = [_row(item, name) for item, name in zip(items, names, strict=True)]
         _write_atomically(metadata, _metadata_text(rows, fmt))
         _fsync_dir(data_dir)
-    except BaseException:
+    except BaseException as exc:
         for path in written:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -295,5 +295,7 @@ def export_dataset(
         if created_out:
             with contextlib.suppress(OSError):
                 out_dir.rmdir()
+        if isinstance(exc, OSError):
+            raise ExportError(f"cannot write the export into {str(data_dir)!r}: {exc}") from exc
         raise
     return ExportReport(out_dir, data_dir, metadata, tuple(names), total, link)

@@ -179,7 +179,7 @@ def test_a_non_empty_directory_is_refused(items: list[ExportItem], tmp_path: Pat
     assert os.listdir(out) == ["keep.txt"]
 
 
-@pytest.mark.parametrize("damage", ["changed", "missing"])
+@pytest.mark.parametrize("damage", ["changed", "missing", "unreadable"])
 def test_a_damaged_source_stops_the_export(
     items: list[ExportItem], tmp_path: Path, damage: str
 ) -> None:
@@ -188,6 +188,8 @@ def test_a_damaged_source_stops_the_export(
         victim.write_bytes(draw_png("something else", "x", 0, 32, 32))
     else:
         victim.unlink()
+        if damage == "unreadable":
+            victim.mkdir()
     out = tmp_path / "out"
     with pytest.raises(ExportError) as info:
         export_dataset(items, out)
