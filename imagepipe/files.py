@@ -1,0 +1,312 @@
+"""Image files on disk: safe names, atomic saves, re-hashing for ``verify``.
+
+- :func:`image_file_name` turns any style text into a file name that is safe on Linux, macOS
+  and Windows and never the same for two different (style, variation, prompt index).
+- :func:`save_image` writes bytes atomically (temporary file, fsync, rename, fsync of the
+  directory): after a kill there is a complete file under the final name or none at all.
+- :func:`verify_images` re-hashes saved files in chunks and reports missing, changed and
+  unreadable ones.
+
+Pillow is imported only inside :func:`save_image` (to read width and height from the header).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypedDict
+
+from imagepipe.errors import ImagepipeError
+
+__all__ = [
+    "MIME_EXTENSIONS",
+    "TEMP_SUFFIX",
+    "ImageFileError",
+    "SavedImage",
+    "VerifyProblem",
+    "default_image_dir",
+    "file_sha256",
+    "image_file_name",
+    "remove_temporaries",
+    "save_image",
+    "sniff_mime",
+    "verify_images",
+]
+
+#: Suffix of the temporary files :func:`save_image` renames into place; a kill can leave some.
+TEMP_SUFFIX = ".imagepipe-tmp"
+
+#: Longest file name produced, in UTF-8 bytes; file systems allow 255 and a temporary name
+#: or a ``-dupN`` added by the export must still fit.
+MAX_NAME_BYTES = 200
+
+_HASH_CHARS = 10
+_CHUNK = 1 << 20
+_EXT = re.compile(r"[a-z0-9]{1,10}")
+_WINDOWS_RESERVED = frozenset(
+    ["con", "prn", "aux", "nul"]
+    + [f"{dev}{n}" for dev in ("com", "lpt") for n in [*"0123456789", "¹", "²", "³"]]
+)
+# A name without a hash decodes as [p<index>-]<style>[-<variation>]: a style that begins
+# like the prefix or ends like the suffix would be ambiguous, so it gets a hash.
+_AMBIGUOUS = re.compile(r"\Ap[0-9]+-|-[0-9]+\Z")
+#: The file extension for each MIME type :func:`sniff_mime` returns.
+MIME_EXTENSIONS = {
+    "image/png": "png",
+    "image/jpeg": "jpg",
+    "image/webp": "webp",
+    "image/gif": "gif",
+}
+_PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF"}
+
+
+class ImageFileError(ImagepipeError):
+    """Image bytes or an image file that cannot be used (unknown format, unreadable)."""
+
+
+class SavedImage(TypedDict):
+    """What :func:`save_image` wrote: the parts of a branch's stored value about the file."""
+
+    path: str
+    sha256: str
+    bytes: int
+    mime: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class VerifyProblem:
+    """One file that does not match what was stored; ``description`` is one printable line."""
+
+    path: str
+    kind: Literal["missing", "changed", "unreadable"]
+    description: str
+
+
+def _clean_char(ch: str) -> bool:
+    """A character kept as is: a letter or digit whose case cannot make two names equal on a
+    case-insensitive file system (``ß``, dotless ``ı`` and capitals are not kept)."""
+    if ch in "-_":
+        return True
+    return ch.isalnum() and ch.lower() == ch and ch.upper().lower() == ch
+
+
+def _readable(style: str, budget: int) -> str:
+    """The style reduced to kept characters, runs of others as one ``_``, within budget bytes."""
+    text = unicodedata.normalize("NFC", style)
+    out: list[str] = []
+    for ch in text:
+        low = ch.lower()
+        if len(low) == 1 and _clean_char(low):
+            out.append(low)
+        elif not out or out[-1] != "_":
+            out.append("_")
+    readable = "".join(out).lstrip("-_")[:budget]
+    while len(readable.encode()) > budget:
+        readable = readable[:-1]
+    readable = readable or "image"
+    if readable in _WINDOWS_RESERVED:
+        readable += "_"
+    return readable
+
+
+def image_file_name(style: str, variation: int, ext: str, prompt_index: int | None = None) -> str:
+    """``[p<index>-]<style>[-<variation>].<ext>``, safe on Linux, macOS and Windows.
+
+    Variation 0 has no ``-0``. When the style text cannot be kept as is (capitals, spaces,
+    slashes, dots, control characters, reserved names such as ``CON``, too long, or a form
+    that would read as a prefix or suffix), the name gets ``.<hash>`` of the whole
+    (style, variation, index) before the extension, so two inputs never share a name, not
+    even on a case-insensitive or normalising file system.
+    """
+    if variation < 0 or (prompt_index is not None and prompt_index < 0):
+        raise ValueError("variation and prompt_index must not be negative")
+    ext = ext.removeprefix(".").lower()
+    if not _EXT.fullmatch(ext):
+        raise ValueError(f"not a file extension: {ext!r}")
+    prefix = "" if prompt_index is None else f"p{prompt_index}-"
+    suffix = "" if variation == 0 else f"-{variation}"
+    budget = MAX_NAME_BYTES - len(prefix) - len(suffix) - (1 + _HASH_CHARS) - (1 + len(ext))
+    readable = _readable(style, budget)
+    if readable != style or _AMBIGUOUS.search(style):
+        key = json.dumps([style, variation, prompt_index]).encode("utf-8", "surrogatepass")
+        digest = hashlib.sha256(key).hexdigest()[:_HASH_CHARS]
+        return f"{prefix}{readable}{suffix}.{digest}.{ext}"
+    return f"{prefix}{readable}{suffix}.{ext}"
+
+
+def sniff_mime(data: bytes) -> str:
+    """The MIME type from the magic bytes: PNG, JPEG, WebP or GIF; anything else is an error."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    raise ImageFileError(f"not a PNG, JPEG, WebP or GIF image (starts with {data[:8]!r})")
+
+
+def _dimensions(data: bytes, mime: str) -> tuple[int, int]:
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            fmt, size = image.format, image.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ImageFileError(f"unreadable {mime} image: {exc}") from exc
+    if fmt != _PIL_FORMATS[mime]:
+        raise ImageFileError(f"image says {mime} but Pillow reads it as {fmt}")
+    return size
+
+
+def _check_name(name: str) -> None:
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or name.endswith(TEMP_SUFFIX)
+        or len(name.encode("utf-8", "surrogatepass")) > 255
+    ):
+        raise ValueError(f"not a plain file name: {name!r}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(directory, flags)
+    except OSError:  # Windows cannot open a directory; its rename is durable enough
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems refuse fsync on a directory
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(directory: Path) -> None:
+    """Create ``directory`` and missing parents, fsyncing each parent that gained an entry."""
+    if directory.is_dir():
+        return
+    _make_dirs(directory.parent)
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir()
+    _fsync_dir(directory.parent)
+
+
+def _write_atomically(directory: Path, final: Path, data: bytes) -> None:
+    _make_dirs(directory)
+    temp = directory / f".{secrets.token_hex(8)}{TEMP_SUFFIX}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    _fsync_dir(directory)
+
+
+def save_image(directory: Path, name: str, data: bytes) -> SavedImage:
+    """Write ``data`` to ``directory/name`` atomically and describe the file.
+
+    The bytes go to a temporary file in the same directory, are fsynced and renamed over the
+    final name, then the directory is fsynced. A reader never sees a partial file under
+    ``name``; re-saving the same name replaces the file atomically. The directory and its
+    parents are created if needed. No copy of ``data`` is made.
+    """
+    _check_name(name)
+    mime = sniff_mime(data)
+    width, height = _dimensions(data, mime)
+    final = directory / name
+    try:
+        _write_atomically(directory, final, data)
+    except OSError as exc:
+        raise ImageFileError(f"cannot write {str(final)!r}: {exc.strerror or exc}") from exc
+    return SavedImage(
+        path=str(final.absolute()),
+        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data),
+        mime=mime,
+        width=width,
+        height=height,
+    )
+
+
+def remove_temporaries(directory: Path) -> int:
+    """Delete temporary files a killed :func:`save_image` left in ``directory``; the count.
+
+    Call it only while no other process saves into the directory (e.g. holding the run)."""
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in directory.iterdir():
+            if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                    removed += 1
+    return removed
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_images(images: Iterable[tuple[str, str]]) -> list[VerifyProblem]:
+    """Re-hash each (path, expected sha256); the files that are missing, changed or unreadable.
+
+    Descriptions are one line, with the path's control characters escaped."""
+    problems: list[VerifyProblem] = []
+    for path, expected in images:
+        try:
+            actual = file_sha256(path)
+        except FileNotFoundError:
+            problems.append(VerifyProblem(path, "missing", f"missing: {path!r}"))
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            problems.append(VerifyProblem(path, "unreadable", f"unreadable: {path!r}: {reason}"))
+        else:
+            if actual != expected.lower():
+                problems.append(
+                    VerifyProblem(
+                        path,
+                        "changed",
+                        f"changed: {path!r}: sha256 is {actual[:12]}..., "
+                        f"expected {expected[:12]}...",
+                    )
+                )
+    return problems
+
+
+def default_image_dir(run_id: str) -> Path:
+    """Where a run's images go without ``--out``: ``<user data dir>/images/<run id>``."""
+    import platformdirs
+
+    if not run_id or run_id in (".", "..") or any(c in run_id for c in "/\\\0"):
+        raise ValueError(f"run id is not one path component: {run_id!r}")
+    return Path(platformdirs.user_data_dir("imagepipe", appauthor=False)) / "images" / run_id
