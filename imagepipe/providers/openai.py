@@ -61,7 +61,7 @@ class OpenAIOptions(ProviderOptions):
         identity=False,
         pattern=URL_PATTERN,
     )
-    timeout: float = option(120.0, "seconds to wait for an answer", identity=False, minimum=0)
+    timeout: float = option(120.0, "seconds to wait for an answer", identity=False, positive=True)
 
 
 def check_credentials(options: OpenAIOptions | None = None) -> None:

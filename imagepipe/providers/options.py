@@ -73,12 +73,13 @@ def option(
     choices: tuple[str, ...] | None = None,
     pattern: str | None = None,
     minimum: float | None = None,
+    positive: bool = False,
 ) -> Any:
     """Declare one option field: its default, a one-sentence help, and how to validate it.
 
     ``identity=False`` marks a connection setting. ``choices`` lists the allowed values,
     ``pattern`` is a regular expression a string must match in full (its description is the
-    help text), ``minimum`` bounds a number from below (exclusive when it is 0).
+    help text), ``minimum`` bounds a number from below, ``positive`` requires it above 0.
     """
     meta = {
         "help": help,
@@ -86,6 +87,7 @@ def option(
         "choices": choices,
         "pattern": pattern,
         "minimum": minimum,
+        "positive": positive,
     }
     return dataclasses.field(default=default, metadata=meta)
 
@@ -134,10 +136,11 @@ def _convert(provider: str, f: dataclasses.Field[Any], base: type, raw: str) -> 
         except ValueError:
             kind = "an integer" if base is int else "a number"
             raise BadOption(provider, f.name, f"{_show(raw)} is not {kind}") from None
+        if meta.get("positive") and not value > 0:
+            raise BadOption(provider, f.name, f"{_show(raw)} must be positive")
         minimum = meta.get("minimum")
-        if minimum is not None and (value < minimum or (minimum == 0 and value == 0)):
-            bound = "positive" if minimum == 0 else f"at least {minimum:g}"
-            raise BadOption(provider, f.name, f"{_show(raw)} must be {bound}")
+        if minimum is not None and not value >= minimum:
+            raise BadOption(provider, f.name, f"{_show(raw)} must be at least {minimum:g}")
         return value
     if base is not str:
         raise TypeError(f"option {f.name}: unsupported type {base!r}")

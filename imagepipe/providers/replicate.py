@@ -72,9 +72,9 @@ class ReplicateOptions(ProviderOptions):
         identity=False,
         pattern=r"https?://\S+",
     )
-    timeout: float = option(120.0, "seconds to wait for one answer", identity=False, minimum=0)
+    timeout: float = option(120.0, "seconds to wait for one answer", identity=False, positive=True)
     poll_interval: float = option(
-        1.0, "seconds between two polls of a prediction", identity=False, minimum=0
+        1.0, "seconds between two polls of a prediction", identity=False, positive=True
     )
 
 
