@@ -220,6 +220,8 @@ class Pacer:
         self.coordinated = coordinated
         self.time_scale = time_scale
         self.pauses = 0  # how many times coordinated back-off paused the provider
+        #: (start, end) in the event loop's clock (time.monotonic) of the latest pause
+        self.last_pause: tuple[float, float] | None = None
         self._until = 0.0  # loop time
         self._limiter: AsyncLimiter | None = None
         if rpm is not None:
@@ -234,10 +236,12 @@ class Pacer:
 
     def pause(self, seconds: float) -> None:
         """Hold every branch's next request for ``seconds`` (unscaled) from now."""
-        until = asyncio.get_running_loop().time() + seconds * self.time_scale
+        now = asyncio.get_running_loop().time()
+        until = now + seconds * self.time_scale
         if until > self._until:
             self._until = until
             self.pauses += 1
+            self.last_pause = (now, until)
 
     def observe(self, error: ProviderError) -> None:
         """Pause everyone if ``error`` asks for a wait (coordinated back-off)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["Answer", "FakeServer", "Fault", "Request", "make_png", "serve_main"]
+__all__ = ["Answer", "Arrival", "FakeServer", "Fault", "Request", "make_png", "serve_main"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -153,6 +153,16 @@ class Request:
     body: Any  # parsed JSON or None
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """One request as the fake saw it: when it was read (time.monotonic), and its answer."""
+
+    time: float
+    endpoint: str
+    status: int  # 0: dropped or hung
+    key: str | None  # its Idempotency-Key
+
+
 @dataclass
 class Answer:
     status: int
@@ -169,8 +179,8 @@ class FakeServer:
     """A loopback HTTP server with scripted faults, an optional rpm limit and counters.
 
     Counters (read them after the requests): ``requests`` by endpoint name, ``prompts`` and
-    ``keys`` (Idempotency-Key) by value, ``paid_creates`` and ``paid_by_prompt``; ``log`` is
-    ``(monotonic time, endpoint, status)`` per request, in arrival order.
+    ``keys`` (Idempotency-Key) by value, ``paid_creates`` and ``paid_by_prompt``; ``log`` has
+    one :class:`Arrival` per request (status 0: dropped or hung).
     """
 
     base_path = ""
@@ -184,7 +194,7 @@ class FakeServer:
         self.keys: Counter[str] = Counter()
         self.paid_creates = 0
         self.paid_by_prompt: Counter[str] = Counter()
-        self.log: list[tuple[float, str, int]] = []
+        self.log: list[Arrival] = []
         self._rules: list[_Rule] = []
         self._rpm: tuple[int, deque[float]] | None = None
         self._stopping = threading.Event()
@@ -228,7 +238,7 @@ class FakeServer:
 
     def arrivals(self, endpoint: str) -> list[float]:
         with self.lock:
-            return [t for t, e, _ in self.log if e == endpoint]
+            return [a.time for a in self.log if a.endpoint == endpoint]
 
     # ------------------------------------------------------------------------ running
 
@@ -357,6 +367,7 @@ class FakeServer:
             body,
         )
         arrived = time.monotonic()
+        key = request.headers.get("idempotency-key")
         routed = self.route(request)
         answer: Answer | Fault
         if routed is None:
@@ -367,13 +378,13 @@ class FakeServer:
             answer = self._answer(request, *routed)
         if isinstance(answer, Fault):
             with self.lock:
-                self.log.append((arrived, endpoint, 0))
+                self.log.append(Arrival(arrived, endpoint, 0, key))
             if answer.hang:
                 self._stopping.wait()
             handler.close_connection = True
             return
         with self.lock:
-            self.log.append((arrived, endpoint, answer.status))
+            self.log.append(Arrival(arrived, endpoint, answer.status, key))
         handler.send_response(answer.status)
         handler.send_header("Content-Type", answer.content_type)
         handler.send_header("Content-Length", str(len(answer.body)))
