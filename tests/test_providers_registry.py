@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -146,7 +147,7 @@ NotAProvider = 3
 
 
 @pytest.fixture
-def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A real installed distribution: a dist-info directory on sys.path, and its module."""
     module = f"imagepipe_plug_{tmp_path.name.replace('-', '_')}"
     (tmp_path / f"{module}.py").write_text(PLUGIN)

@@ -141,7 +141,8 @@ class SubSteps(Protocol):
 class ImageProvider(Protocol):
     """A real provider: one instance per run, shared by all its branches."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     async def generate(self, request: ProviderRequest, steps: SubSteps) -> ProviderImage: ...
 
