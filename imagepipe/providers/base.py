@@ -1,18 +1,71 @@
-"""What every image provider offers, and the errors it may raise."""
+"""What every image provider offers, and the errors it may raise.
+
+Two generations of the interface live here side by side while the core is rewritten:
+
+- :class:`ImageRequest` / :class:`GeneratedImage` / :class:`Provider`: today's simulated
+  provider and pipeline;
+- :class:`ProviderRequest` / :class:`ProviderImage` / :class:`ImageProvider` with
+  :class:`SubSteps`: the real providers (``openai``, ``replicate``) and plugins.
+
+Every :class:`ProviderError` carries ``retryable`` and ``retry_after`` (the seconds the
+server asked for, or ``None``); its message is the provider's own, on one line.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, TypedDict
+import unicodedata
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypedDict, TypeVar
+
+from imagepipe.errors import BadInput
+
+if TYPE_CHECKING:
+    from imagepipe.providers.options import ProviderOptions
 
 __all__ = [
+    "MAX_RETRY_AFTER",
+    "AuthenticationFailed",
+    "ContentRejected",
     "GeneratedImage",
+    "ImageProvider",
     "ImageRequest",
     "InvalidRequest",
+    "MissingCredentials",
+    "PredictionFailed",
     "Provider",
+    "ProviderConnectionError",
     "ProviderError",
+    "ProviderImage",
+    "ProviderRequest",
     "ProviderTimeout",
+    "QuotaExceeded",
+    "RateLimited",
+    "ServerError",
+    "SubSteps",
     "TransientProviderError",
+    "one_line",
 ]
+
+T = TypeVar("T")
+
+#: a server asking for a longer wait than this (seconds) is not retried in this process
+MAX_RETRY_AFTER = 120.0
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """``text`` on one line: whitespace runs become one space, control characters escaped."""
+    out: list[str] = []
+    for ch in " ".join(text.split()):
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    flat = "".join(out)
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+# ----------------------------------------------------------------- today's interface
 
 
 class ImageRequest(NamedTuple):
@@ -40,10 +93,95 @@ class Provider(Protocol):
     async def generate(self, request: ImageRequest) -> GeneratedImage: ...
 
 
-class ProviderError(Exception):
-    """A failure reported by the provider. ``retryable`` says whether to try again."""
+# ------------------------------------------------------------- the real providers' one
 
-    retryable = True
+
+@dataclass(frozen=True)
+class ProviderRequest:
+    """One image to make. Plain data: the core builds it for each durable attempt."""
+
+    #: final text to send (style template already applied)
+    prompt: str
+    #: the branch's durable id, e.g. ``"pipeline-17.3"``; sent as the idempotency key
+    idempotency_key: str
+    #: durable attempt number, 1, 2, ...
+    attempt: int
+    #: this provider's validated options (see :mod:`imagepipe.providers.options`)
+    options: ProviderOptions
+
+
+@dataclass(frozen=True)
+class ProviderImage:
+    """What :meth:`ImageProvider.generate` returns; the core saves ``data`` to disk."""
+
+    data: bytes
+    mime: str  # image/png, image/jpeg, image/webp
+    model: str | None
+    #: x-request-id (openai) or the prediction id (replicate)
+    request_id: str | None
+    revised_prompt: str | None = None
+    usage: dict[str, Any] | None = None
+    seed: int | None = None
+    #: where the bytes were downloaded from, if they were
+    source_url: str | None = None
+
+
+class SubSteps(Protocol):
+    """Durable sub-steps of the current branch, given by the core.
+
+    First execution: ``await run(fn, **kwargs)`` calls ``await fn(**kwargs)`` and stores its
+    JSON result durably as child promise ``"<branch id>.<n>"`` before returning it. On
+    replay (a resume after a kill) the n-th call returns the stored result WITHOUT calling
+    ``fn``. Results must be JSON values.
+    """
+
+    async def run(self, fn: Callable[..., Awaitable[T]], /, **kwargs: Any) -> T: ...
+
+
+class ImageProvider(Protocol):
+    """A real provider: one instance per run, shared by all its branches."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def generate(self, request: ProviderRequest, steps: SubSteps) -> ProviderImage: ...
+
+    async def aclose(self) -> None: ...
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+class ProviderError(Exception):
+    """A failure reported by the provider.
+
+    ``retryable`` says whether another attempt may succeed (a class default, overridden per
+    instance, e.g. by ``x-should-retry``); ``retry_after`` is the wait in seconds the server
+    asked for; ``status`` and ``code`` are the HTTP status and the provider's error code.
+    """
+
+    retryable: bool = True
+    retry_after: float | None = None
+    status: int | None = None
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+        status: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        message = one_line(message)
+        super().__init__(message)
+        self.message = message
+        if retryable is not None:
+            self.retryable = retryable
+        self.retry_after = retry_after
+        self.status = status
+        self.code = code
 
 
 class TransientProviderError(ProviderError):
@@ -54,7 +192,61 @@ class ProviderTimeout(TransientProviderError):
     """The provider did not answer in time."""
 
 
+class ProviderConnectionError(TransientProviderError):
+    """The connection failed or was dropped before a complete answer."""
+
+
+class ServerError(TransientProviderError):
+    """A 5xx answer (or 408/409): the provider's side failed."""
+
+
+class RateLimited(TransientProviderError):
+    """A 429 rate limit. Not retryable here when the server asks for more than 120 s."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        retryable: bool | None = None,
+        status: int | None = 429,
+        code: str | None = None,
+    ) -> None:
+        if retry_after is not None and retry_after > MAX_RETRY_AFTER:
+            message = f"rate limited; resume later (the provider asked to wait {retry_after:.0f} s)"
+            retryable = False
+        super().__init__(
+            message, retryable=retryable, retry_after=retry_after, status=status, code=code
+        )
+
+
 class InvalidRequest(ProviderError):
     """The provider refuses the request itself (content policy, bad style): never retried."""
 
     retryable = False
+
+
+class ContentRejected(InvalidRequest):
+    """Refused by the provider's content policy or moderation."""
+
+
+class QuotaExceeded(InvalidRequest):
+    """Out of credit (a 429 ``insufficient_quota``): waiting does not help."""
+
+
+class AuthenticationFailed(InvalidRequest):
+    """Bad key or no permission (401, 403)."""
+
+
+class PredictionFailed(InvalidRequest):
+    """A job-style prediction ended ``failed`` or ``canceled``."""
+
+
+class MissingCredentials(ProviderError, BadInput):
+    """The key's environment variable is not set: exit 2 before anything is written."""
+
+    retryable = False
+
+    def __init__(self, variable: str) -> None:
+        super().__init__(f"set {variable}")
+        self.variable = variable

@@ -1,0 +1,415 @@
+"""The machinery both fakes share: a threaded loopback server, scripted faults, counters.
+
+A :class:`Fault` is applied to matching requests (by endpoint, prompt, position) before the
+fake's normal answer; :meth:`FakeServer.limit_rpm` makes it allow only R requests per
+(scaled) minute, answering 429 with Retry-After beyond that. Every wait the fake makes is
+multiplied by ``time_scale``, and every wait it asks for is given unscaled, as a real server
+would: the client's own ``time_scale`` brings it back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import hashlib
+import io
+import json
+import math
+import signal
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+__all__ = ["Answer", "Arrival", "FakeServer", "Fault", "Request", "make_png", "serve_main"]
+
+
+@functools.lru_cache(maxsize=256)
+def make_png(prompt: str, width: int = 32, height: int = 32) -> bytes:
+    """A small real PNG, the same for the same prompt: a gradient in the prompt's colours."""
+    from PIL import Image
+
+    digest = hashlib.sha256(prompt.encode()).digest()
+    a, b = digest[:3], digest[3:6]
+    image = Image.new("RGB", (width, height))
+    pixels = [
+        tuple(a[c] + (b[c] - a[c]) * x // max(1, width - 1) for c in range(3))
+        for _y in range(height)
+        for x in range(width)
+    ]
+    image.putdata(pixels)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What to do instead of (or before) the normal answer.
+
+    ``status`` 0 means "answer normally" (after ``delay``). ``retry_after`` /
+    ``retry_after_ms`` become headers; ``message``, ``code`` and ``type`` make the error body
+    in the fake's own style.
+    """
+
+    status: int = 0
+    message: str = ""
+    code: str | None = None
+    type: str | None = None
+    retry_after: str | None = None
+    retry_after_ms: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    delay: float = 0.0  # seconds, times time_scale
+    hang: bool = False  # never answer (until the server stops)
+    drop: bool = False  # close the connection without an answer
+
+    @classmethod
+    def rate_limited(cls, retry_after: float | None = 1.0, *, ms: bool = False) -> Fault:
+        if retry_after is None:
+            return cls(429, "Rate limit reached", "rate_limit_exceeded", "requests")
+        if ms:
+            return cls(
+                429,
+                "Rate limit reached",
+                "rate_limit_exceeded",
+                "requests",
+                retry_after_ms=f"{retry_after * 1000:g}",
+            )
+        return cls(
+            429,
+            "Rate limit reached",
+            "rate_limit_exceeded",
+            "requests",
+            retry_after=f"{retry_after:g}",
+        )
+
+    @classmethod
+    def insufficient_quota(cls) -> Fault:
+        return cls(
+            429,
+            "You exceeded your current quota, please check your plan and billing",
+            "insufficient_quota",
+            "insufficient_quota",
+        )
+
+    @classmethod
+    def moderation_blocked(cls) -> Fault:
+        return cls(
+            400,
+            "Your request was rejected by the safety system",
+            "moderation_blocked",
+            "image_generation_user_error",
+        )
+
+    @classmethod
+    def content_policy(cls) -> Fault:
+        return cls(
+            400,
+            "Your request was rejected as a result of our safety system",
+            "content_policy_violation",
+            "invalid_request_error",
+        )
+
+    @classmethod
+    def server_error(cls, status: int = 500) -> Fault:
+        return cls(
+            status,
+            "The server had an error while processing your request",
+            "server_error",
+            "server_error",
+        )
+
+    @classmethod
+    def slow(cls, seconds: float) -> Fault:
+        return cls(delay=seconds)
+
+    @classmethod
+    def hanging(cls) -> Fault:
+        return cls(hang=True)
+
+    @classmethod
+    def dropped(cls) -> Fault:
+        return cls(drop=True)
+
+
+@dataclass
+class _Rule:
+    fault: Fault
+    endpoint: str
+    prompt: str | None
+    skip: int
+    remaining: int
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+    body: Any  # parsed JSON or None
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One request as the fake saw it: when it was read (time.monotonic), and its answer."""
+
+    time: float
+    endpoint: str
+    status: int  # 0: dropped or hung
+    key: str | None  # its Idempotency-Key
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, status: int, data: Any, **headers: str) -> Answer:
+        return cls(status, json.dumps(data).encode(), "application/json", dict(headers))
+
+
+class FakeServer:
+    """A loopback HTTP server with scripted faults, an optional rpm limit and counters.
+
+    Counters (read them after the requests): ``requests`` by endpoint name, ``prompts`` and
+    ``keys`` (Idempotency-Key) by value, ``paid_creates`` and ``paid_by_prompt``; ``log`` has
+    one :class:`Arrival` per request (status 0: dropped or hung).
+    """
+
+    base_path = ""
+
+    def __init__(self, *, api_key: str = "test-key", time_scale: float = 1.0) -> None:
+        self.api_key = api_key
+        self.time_scale = time_scale
+        self.lock = threading.Lock()
+        self.requests: Counter[str] = Counter()
+        self.prompts: Counter[str] = Counter()
+        self.keys: Counter[str] = Counter()
+        self.paid_creates = 0
+        self.paid_by_prompt: Counter[str] = Counter()
+        self.log: list[Arrival] = []
+        self._rules: list[_Rule] = []
+        self._rpm: tuple[int, deque[float]] | None = None
+        self._stopping = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.files: dict[str, bytes] = {}
+
+    # ---------------------------------------------------------------- test-facing API
+
+    @property
+    def origin(self) -> str:
+        assert self._httpd is not None, "the fake is not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    @property
+    def url(self) -> str:
+        """The base URL a client is given (OpenAI: with /v1; Replicate: the host root)."""
+        return self.origin + self.base_path
+
+    def add_fault(
+        self,
+        fault: Fault,
+        *,
+        endpoint: str = "create",
+        prompt: str | None = None,
+        times: int = 1,
+        after: int = 0,
+    ) -> None:
+        """Apply ``fault`` to ``times`` matching requests, after letting ``after`` of them by.
+
+        ``endpoint`` is "create" (the paid POST), "poll" (Replicate GET) or "file" (download).
+        ``times=-1``: every matching request from then on.
+        """
+        with self.lock:
+            self._rules.append(_Rule(fault, endpoint, prompt, after, times))
+
+    def limit_rpm(self, rpm: int) -> None:
+        """Allow only ``rpm`` creates per 60 s × time_scale (sliding); 429 beyond that."""
+        with self.lock:
+            self._rpm = (rpm, deque())
+
+    def arrivals(self, endpoint: str) -> list[float]:
+        with self.lock:
+            return [a.time for a in self.log if a.endpoint == endpoint]
+
+    # ------------------------------------------------------------------------ running
+
+    def start(self, port: int = 0) -> str:
+        """Listen on 127.0.0.1 (``port`` 0: a free one) in a thread; returns :attr:`url`."""
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                fake._serve(self)
+
+            def do_POST(self) -> None:
+                fake._serve(self)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
+        self._thread.start()
+        return self.url
+
+    def stop(self) -> None:
+        self._stopping.set()  # releases hanging handlers
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    # ---------------------------------------------------------------------- internals
+
+    def route(self, request: Request) -> tuple[str, Callable[[Request], Answer]] | None:
+        """(endpoint name, handler) for a request; subclasses define their API."""
+        raise NotImplementedError
+
+    def error(self, status: int, message: str, code: str | None, type_: str | None) -> Answer:
+        raise NotImplementedError
+
+    def authorized(self, request: Request) -> bool:
+        return request.headers.get("authorization") == f"Bearer {self.api_key}"
+
+    def _match(self, endpoint: str, prompt: str | None) -> Fault | None:
+        with self.lock:
+            for rule in self._rules:
+                if rule.endpoint != endpoint or rule.prompt not in (None, prompt):
+                    continue
+                if rule.remaining == 0:
+                    continue
+                if rule.skip > 0:
+                    rule.skip -= 1
+                    continue
+                if rule.remaining > 0:
+                    rule.remaining -= 1
+                return rule.fault
+        return None
+
+    def _over_rpm(self) -> float | None:
+        """Unscaled seconds until a create is allowed again, or None when it is allowed now."""
+        with self.lock:
+            if self._rpm is None:
+                return None
+            limit, accepted = self._rpm
+            window = 60.0 * self.time_scale
+            now = time.monotonic()
+            while accepted and accepted[0] <= now - window:
+                accepted.popleft()
+            if len(accepted) < limit:
+                accepted.append(now)
+                return None
+            return (accepted[0] + window - now) / self.time_scale
+
+    def prompt_of(self, request: Request) -> str | None:
+        return None
+
+    def _answer(
+        self, request: Request, endpoint: str, handler: Callable[[Request], Answer]
+    ) -> Answer | Fault:
+        prompt = self.prompt_of(request) if endpoint == "create" else None
+        with self.lock:
+            self.requests[endpoint] += 1
+            if prompt is not None:
+                self.prompts[prompt] += 1
+            key = request.headers.get("idempotency-key")
+            if key is not None and endpoint == "create":
+                self.keys[key] += 1
+        if not self.authorized(request):
+            return self.error(401, "Incorrect API key provided", "invalid_api_key", None)
+        if endpoint == "create":
+            wait = self._over_rpm()
+            if wait is not None:
+                answer = self.error(429, "Rate limit reached", "rate_limit_exceeded", "requests")
+                answer.headers["retry-after-ms"] = f"{wait * 1000:.0f}"
+                answer.headers["retry-after"] = str(max(1, math.ceil(wait)))
+                return answer
+        fault = self._match(endpoint, prompt)
+        if fault is not None:
+            if fault.hang or fault.drop:
+                return fault
+            if fault.delay:
+                self._stopping.wait(fault.delay * self.time_scale)
+            if fault.status:
+                answer = self.error(fault.status, fault.message, fault.code, fault.type)
+                if fault.retry_after is not None:
+                    answer.headers["retry-after"] = fault.retry_after
+                if fault.retry_after_ms is not None:
+                    answer.headers["retry-after-ms"] = fault.retry_after_ms
+                answer.headers.update(dict(fault.headers))
+                return answer
+        return handler(request)
+
+    def _serve(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("content-length") or 0)
+        raw = handler.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        request = Request(
+            handler.command,
+            handler.path,
+            {k.lower(): v for k, v in handler.headers.items()},
+            body,
+        )
+        arrived = time.monotonic()
+        key = request.headers.get("idempotency-key")
+        routed = self.route(request)
+        answer: Answer | Fault
+        if routed is None:
+            endpoint = "unknown"
+            answer = self.error(404, f"no route for {request.method} {request.path}", None, None)
+        else:
+            endpoint = routed[0]
+            answer = self._answer(request, *routed)
+        if isinstance(answer, Fault):
+            with self.lock:
+                self.log.append(Arrival(arrived, endpoint, 0, key))
+            if answer.hang:
+                self._stopping.wait()
+            handler.close_connection = True
+            return
+        with self.lock:
+            self.log.append(Arrival(arrived, endpoint, answer.status, key))
+        handler.send_response(answer.status)
+        handler.send_header("Content-Type", answer.content_type)
+        handler.send_header("Content-Length", str(len(answer.body)))
+        for name, value in answer.headers.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(answer.body)
+
+
+def serve_main(make: Callable[..., FakeServer], description: str) -> None:
+    """``python -m tests.fakes.<server> --port 0``: serve until SIGTERM, print the URL."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--key", default="test-key", help="the API key the fake accepts")
+    parser.add_argument("--time-scale", type=float, default=1.0)
+    parser.add_argument("--rpm", type=int, default=None, help="allow only N creates a minute")
+    args = parser.parse_args()
+    fake = make(api_key=args.key, time_scale=args.time_scale)
+    fake.start(args.port)
+    if args.rpm:
+        fake.limit_rpm(args.rpm)
+    print(fake.url, flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        while not done.wait(0.2):  # a bare wait() would not let the signal handler run
+            pass
+    fake.stop()

@@ -1,0 +1,101 @@
+"""A loopback fake of the OpenAI Images API: ``POST /v1/images/generations``.
+
+Answers ``{"created", "data": [{"b64_json" | "url", "revised_prompt"}], "usage"}`` with an
+``x-request-id``; ``respond_with_url = True`` gives a URL served by the same fake
+(``GET /files/<name>.png``). A repeated Idempotency-Key replays the first successful answer
+and is not counted as a paid create, as OpenAI documents for its idempotent requests.
+
+Run as a process: ``python -m tests.fakes.openai_server --port 0`` prints the base URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import time
+from collections.abc import Callable
+
+from tests.fakes.common import Answer, FakeServer, Request, make_png, serve_main
+
+__all__ = ["OpenAIFake"]
+
+
+class OpenAIFake(FakeServer):
+    base_path = "/v1"
+
+    def __init__(self, *, api_key: str = "test-key", time_scale: float = 1.0) -> None:
+        super().__init__(api_key=api_key, time_scale=time_scale)
+        self.respond_with_url = False
+        self.image_size = (32, 32)
+        self._ids = itertools.count(1)
+        self._by_key: dict[str, Answer] = {}
+
+    def route(self, request: Request) -> tuple[str, Callable[[Request], Answer]] | None:
+        if request.method == "POST" and request.path == "/v1/images/generations":
+            return "create", self._create
+        if request.method == "GET" and request.path.startswith("/files/"):
+            return "file", self._file
+        return None
+
+    def authorized(self, request: Request) -> bool:
+        if request.path.startswith("/files/"):
+            return True  # like a CDN: the URL is the secret
+        return super().authorized(request)
+
+    def prompt_of(self, request: Request) -> str | None:
+        body = request.body
+        return str(body.get("prompt")) if isinstance(body, dict) else None
+
+    def error(self, status: int, message: str, code: str | None, type_: str | None) -> Answer:
+        body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+        return Answer.json(status, body, **{"x-request-id": f"req_err_{next(self._ids)}"})
+
+    def _create(self, request: Request) -> Answer:
+        body = request.body if isinstance(request.body, dict) else {}
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            return self.error(400, "prompt is required", "invalid_value", "invalid_request_error")
+        if body.get("n", 1) != 1:
+            return self.error(400, "this fake makes one image", "invalid_value", None)
+        key = request.headers.get("idempotency-key")
+        with self.lock:
+            if key is not None and key in self._by_key:
+                return self._by_key[key]  # replayed, not paid again
+            self.paid_creates += 1
+            self.paid_by_prompt[prompt] += 1
+            n = next(self._ids)
+        png = make_png(prompt, *self.image_size)
+        item: dict[str, str] = {"revised_prompt": f"{prompt}, revised"}
+        if self.respond_with_url or body.get("response_format") == "url":
+            name = f"img-{n}.png"
+            with self.lock:
+                self.files[name] = png
+            item["url"] = f"{self.origin}/files/{name}"
+        else:
+            item["b64_json"] = base64.b64encode(png).decode()
+        data = {
+            "created": int(time.time()),
+            "data": [item],
+            "usage": {
+                "input_tokens": len(prompt.split()),
+                "output_tokens": 272,
+                "total_tokens": len(prompt.split()) + 272,
+            },
+        }
+        answer = Answer.json(200, data, **{"x-request-id": f"req_{n}"})
+        if key is not None:
+            with self.lock:
+                self._by_key[key] = answer
+        return answer
+
+    def _file(self, request: Request) -> Answer:
+        name = request.path.removeprefix("/files/")
+        with self.lock:
+            png = self.files.get(name)
+        if png is None:
+            return self.error(404, "no such file", None, None)
+        return Answer(200, png, "image/png")
+
+
+if __name__ == "__main__":
+    serve_main(OpenAIFake, "A loopback fake of the OpenAI Images API.")
