@@ -100,7 +100,7 @@ def open_in_browser(path: Path) -> bool:
 
 def gallery_html(run: GalleryRun, out_dir: Path) -> str:
     """The page's text; image paths are made relative to ``out_dir`` where they can be."""
-    base = out_dir.resolve()
+    base = (Path(os.path.normpath(os.path.abspath(out_dir))), out_dir.resolve())
     styles: dict[str, None] = {}
     prompts: dict[int, str] = {}
     grid: dict[tuple[int, str], list[GalleryCell]] = {}
@@ -152,7 +152,7 @@ def _head(run: GalleryRun, prompts: int, styles: int, counts: dict[str, int]) ->
     )
 
 
-def _cell(cells: list[GalleryCell], base: Path, lazy: bool) -> str:
+def _cell(cells: list[GalleryCell], base: tuple[Path, ...], lazy: bool) -> str:
     if not cells:
         return '<td class="cell empty" data-state="empty"></td>'
     states = {c.state for c in cells}
@@ -161,7 +161,7 @@ def _cell(cells: list[GalleryCell], base: Path, lazy: bool) -> str:
     return f'<td class="cell" data-state="{state}"><div class="variations">{figures}</div></td>'
 
 
-def _figure(cell: GalleryCell, base: Path, lazy: bool) -> str:
+def _figure(cell: GalleryCell, base: tuple[Path, ...], lazy: bool) -> str:
     meta = [f"v{cell.variation}", _plural(cell.attempts, "attempt")]
     if cell.duration_ms is not None:
         meta.append(_duration(cell.duration_ms))
@@ -184,14 +184,14 @@ def _figure(cell: GalleryCell, base: Path, lazy: bool) -> str:
     )
 
 
-def _src(image: Path, base: Path) -> str:
-    """A relative URL when the file is under ``base``, else a ``file://`` URI."""
-    path = image if image.is_absolute() else image.resolve()
-    if path.is_relative_to(base):
-        return quote(path.relative_to(base).as_posix())
-    resolved = path.resolve()
-    if resolved.is_relative_to(base):
-        return quote(resolved.relative_to(base).as_posix())
+def _src(image: Path, bases: tuple[Path, ...]) -> str:
+    """A relative URL when the file is under one of ``bases`` (the page's folder as given
+    and resolved), else a ``file://`` URI."""
+    path = Path(os.path.normpath(os.path.abspath(image)))
+    for candidate in (path, path.resolve()):
+        for base in bases:
+            if candidate.is_relative_to(base):
+                return quote(candidate.relative_to(base).as_posix())
     return path.as_uri()
 
 
