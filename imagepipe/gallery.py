@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +70,8 @@ class GalleryRun:
 
 def write_gallery(run: GalleryRun, out_dir: Path) -> Path:
     """Write ``out_dir/index.html`` atomically (a temporary file, then a rename); return it."""
+    import tempfile
+
     out_dir.mkdir(parents=True, exist_ok=True)
     page = gallery_html(run, out_dir)
     target = out_dir / "index.html"

@@ -71,6 +71,11 @@ def test_csv_with_style_and_variations_and_other_columns(tmp_path: Path) -> None
     ]
 
 
+def test_csv_with_a_bom_before_the_header_and_crlf_lines(tmp_path: Path) -> None:
+    path = write(tmp_path, "P.CSV", "\ufeffprompt,variations\r\nfirst,2\r\n\r\nsecond,\r\n")
+    assert load_prompts(path) == [PromptRow(2, "first", None, 2), PromptRow(4, "second")]
+
+
 def test_csv_line_numbers_count_quoted_line_breaks(tmp_path: Path) -> None:
     text = 'prompt,notes\nfirst,"two\nlines"\nsecond,\n'
     rows = load_prompts(write(tmp_path, "p.csv", text))
