@@ -29,6 +29,7 @@ again, :func:`first_changed_row` says which row differs.
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import re
@@ -88,9 +89,13 @@ class PromptFileError(BadInput):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PromptRow:
-    """One prompt of a file. ``style``/``variations`` are None when the row does not say."""
+    """One prompt of a file. ``style``/``variations`` are None when the row does not say.
+
+    Not frozen: a frozen dataclass takes three times as long to build, which is a tenth
+    of a second over 100,000 rows. Treat it as read-only.
+    """
 
     line: int
     prompt: str
@@ -137,6 +142,10 @@ def load_prompts(path: Path, *, styles: int = 1, variations: int = 1) -> list[Pr
     parse = {".txt": _parse_txt, ".csv": _parse_csv}.get(suffix, _parse_jsonl)
     rows: list[PromptRow] = []
     total = 0
+    # The rows hold no cycles; collecting while 100,000 of them are made only costs time
+    # (the more objects the process already holds, the more).
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         for row in parse(text):
             if len(rows) == MAX_ROWS:
@@ -151,6 +160,9 @@ def load_prompts(path: Path, *, styles: int = 1, variations: int = 1) -> list[Pr
             rows.append(row)
     except _Bad as bad:
         raise PromptFileError(path, bad.line, bad.reason) from None
+    finally:
+        if collecting:
+            gc.enable()
     if not rows:
         raise PromptFileError(path, None, "no prompts in the file")
     return rows
@@ -264,12 +276,7 @@ def _parse_jsonl(text: str) -> Iterator[PromptRow]:
     for number, raw in _lines(text):
         if not raw.strip():
             continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise _Bad(number, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
-        except RecursionError:
-            raise _Bad(number, "invalid JSON: nested too deeply") from None
+        obj = _json_object(number, raw)
         if not isinstance(obj, dict):
             raise _Bad(number, f"each line must be a JSON object, not {_json_type(obj)}")
         if "prompt" not in obj:
@@ -287,6 +294,27 @@ def _not_text(line: int, value: object) -> object:
     if isinstance(value, str):
         raise _Bad(line, f"variations must be a whole number, not text ({_quote(value)})")
     return value
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _json_object(line: int, raw: str) -> object:
+    """The one JSON value on ``raw``; :meth:`~json.JSONDecoder.raw_decode` is a third
+    faster than :func:`json.loads`, which is kept for the error message."""
+    text = raw.strip()
+    try:
+        value, end = _DECODER.raw_decode(text)
+        if end == len(text):
+            return value
+    except (json.JSONDecodeError, RecursionError):
+        pass
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise _Bad(line, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise _Bad(line, "invalid JSON: nested too deeply") from None
 
 
 def _parse_csv(text: str) -> Iterator[PromptRow]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -123,6 +124,13 @@ def test_branch_count_uses_the_runs_counts_where_a_row_says_nothing() -> None:
         ("p.csv", 'prompt\nok\n"a"b\n', 3, "invalid CSV"),
         ("p.csv", "", 1, "the file is empty; the first line must be a header"),
         ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b",}\n', 2, "invalid JSON: Expecting"),
+        (
+            "p.jsonl",
+            '{"prompt": "a"} {"prompt": "b"}\n',
+            1,
+            "invalid JSON: Extra data at column 17",
+        ),
+        ("p.jsonl", '{"prompt": "a"\n}\n', 1, "invalid JSON: Expecting ',' delimiter"),
         ("p.jsonl", '["a"]\n', 1, "each line must be a JSON object, not a list"),
         ("p.jsonl", '"a"\n', 1, "each line must be a JSON object, not text"),
         ("p.jsonl", '{"text": "a"}\n', 1, "the object has no 'prompt' key"),
@@ -222,6 +230,21 @@ def test_max_rows_and_max_branches_exactly_are_accepted(tmp_path: Path) -> None:
     rows = load_prompts(path, styles=2, variations=5)
     assert len(rows) == MAX_ROWS
     assert branch_count(rows, 2, 5) == MAX_BRANCHES
+
+
+def test_loading_leaves_the_garbage_collector_as_it_found_it(tmp_path: Path) -> None:
+    good, bad = write(tmp_path, "good.txt", "a\n"), write(tmp_path, "bad.txt", "\x00\n")
+    assert gc.isenabled()
+    load_prompts(good)
+    refused(bad)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        load_prompts(good)
+        refused(bad)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 # -- identity ------------------------------------------------------------------------------
