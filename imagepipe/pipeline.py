@@ -4,22 +4,30 @@ It reads like the reference's ``runImagePipeline``: no retries, no try/except, n
 storage here. Parallelism, per-branch retry, replay after a crash and failure isolation
 all live below, in :mod:`imagepipe.durable`.
 
-Branches are called with arguments by name; :class:`BranchArgs` is the one reader of a
-stored branch's arguments (the UI, the renderer and the scripts use it, never indexes).
+A branch asks the run's provider for one image (sub-steps, such as a job's creation, go
+through the branch's durable :class:`~imagepipe.durable.Step`), saves it to disk
+atomically, and returns what the store keeps of it: the file's path, hash and size, never
+its bytes. :class:`BranchArgs` is the one reader of a stored branch's arguments.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypedDict
 
 from imagepipe.durable import Handle, RunContext, Step, bind_args
-from imagepipe.providers import GeneratedImage, ImageRequest, Provider
+from imagepipe.providers import ImageProvider, ProviderImage, ProviderRequest
+from imagepipe.providers.options import ProviderOptions
+from imagepipe.styles import render
 
 __all__ = [
     "BranchArgs",
     "Deps",
+    "ImageValue",
     "PipelineResult",
     "generate_image",
     "image_pipeline",
@@ -31,21 +39,88 @@ __all__ = [
 class Deps:
     """What branches need from this invocation (not part of the run's identity)."""
 
-    provider: Provider
+    provider: ImageProvider
+    options: ProviderOptions
+    #: the template of each style, as the run stored them
+    templates: Mapping[str, str] = field(default_factory=dict)
+    #: where the images go
+    out_dir: Path | None = None
+
+
+class ImageValue(TypedDict, total=False):
+    """What a resolved branch's promise holds (never the image's bytes)."""
+
+    style: str
+    variation: int
+    url: str | None
+    duration_ms: int
+    path: str | None
+    sha256: str
+    bytes: int
+    mime: str
+    width: int
+    height: int
+    provider: str
+    model: str | None
+    request_id: str | None
+    seed: int | None
+    revised_prompt: str | None
+    usage: dict[str, Any] | None
 
 
 class PipelineResult(TypedDict):
     prompt: str
-    images: list[GeneratedImage]
+    images: list[ImageValue]
     total_ms: int
 
 
 async def generate_image(
     step: Step[Deps], prompt: str, style: str, variation: int = 0, crash: bool = False
-) -> GeneratedImage:
-    """One branch: one image from the provider, keyed by the branch's durable id."""
-    request = ImageRequest(prompt, style, variation, step.id, step.attempt, crash)
-    return await step.deps.provider.generate(request)
+) -> ImageValue:
+    """One branch: one image from the provider, keyed by the branch's durable id, written
+    to disk before the branch resolves."""
+    deps = step.deps
+    template = deps.templates.get(style, "{prompt}")
+    request = ProviderRequest(
+        prompt=render(template, prompt, style),
+        idempotency_key=step.id,
+        attempt=step.attempt,
+        options=deps.options,
+        style=style,
+        variation=variation,
+        subject=prompt,
+        crash=crash,
+    )
+    started = time.perf_counter()
+    image = await deps.provider.generate(request, step)
+    elapsed_ms = round((time.perf_counter() - started) * 1000)
+    value: ImageValue = {
+        "style": style,
+        "variation": variation,
+        "url": image.source_url,
+        "duration_ms": elapsed_ms if image.duration_ms is None else image.duration_ms,
+        "provider": deps.provider.name,
+        "model": image.model,
+        "request_id": image.request_id,
+    }
+    if image.data:
+        value.update(await _save(image, deps.out_dir, style, variation))
+    else:
+        value["path"] = None
+    for key in ("seed", "revised_prompt", "usage"):
+        if getattr(image, key) is not None:
+            value[key] = getattr(image, key)
+    return value
+
+
+async def _save(image: ProviderImage, out_dir: Path | None, style: str, variation: int) -> Any:
+    """Write the image atomically (in a thread: fsync blocks) and describe the file."""
+    from imagepipe.files import MIME_EXTENSIONS, image_file_name, save_image, sniff_mime
+
+    assert out_dir is not None, "a run that makes images has an output directory"
+    mime = sniff_mime(image.data)
+    name = image_file_name(style, variation, MIME_EXTENSIONS[mime])
+    return dict(await asyncio.to_thread(save_image, out_dir, name, image.data))
 
 
 async def image_pipeline(
@@ -54,9 +129,12 @@ async def image_pipeline(
     styles: list[str],
     crash: bool = False,
     variations: int = 1,
+    provider: str = "simulated",
+    options: Mapping[str, Any] | None = None,
+    templates: Mapping[str, str] | None = None,
 ) -> PipelineResult:
     # Fan-out: start every generation at once; begin_run returns a handle immediately.
-    handles: list[Handle[GeneratedImage]] = []
+    handles: list[Handle[ImageValue]] = []
     for style in styles:
         for variation in range(variations):
             handles.append(
@@ -66,7 +144,7 @@ async def image_pipeline(
             )
 
     # Fan-in: wait for each result. A failing branch is retried on its own meanwhile.
-    images: list[GeneratedImage] = []
+    images: list[ImageValue] = []
     for handle in handles:
         images.append(await handle)
 

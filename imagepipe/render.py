@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import PurePath
 
 from rich.console import Console
 from rich.table import Table
@@ -49,17 +50,24 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
             "(nothing was executed).",
             markup=False,
         )
-    rows: list[tuple[str, ...]] = [("style", "result", "duration", "attempts", "source")]
+    rows: list[tuple[str, ...]] = [("style", "result", "file", "duration", "attempts", "source")]
     shown = _results_shown(outcome.branches)
+    folders: set[str] = set()
     for b in shown:
+        file = ""
         if b.state == "resolved" and b.value:
-            url, duration = str(b.value["url"]), f"{b.value['duration_ms']}ms"
+            path = b.value.get("path")
+            url = str(b.value.get("url") or path)
+            duration = f"{b.value['duration_ms']}ms"
+            if path:
+                file = PurePath(path).name
+                folders.add(str(PurePath(path).parent))
         elif b.state == "rejected" and b.error:
             url, duration = f"failed: {b.error.type}: {b.error.message}", "-"
         else:
             url, duration = "pending", "-"
         source = "replayed" if b.replayed else "computed"
-        rows.append((b.label, url, duration, str(b.attempts), source))
+        rows.append((b.label, url, file, duration, str(b.attempts), source))
     # Plain aligned lines, never truncated: URLs must stay whole in any terminal width.
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = [
@@ -72,6 +80,8 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
     console.print(f"Results of {outcome.id}:", markup=False)
     console.print(Text(lines[0], style="bold"))
     console.print("\n".join(lines[1:]), markup=False, soft_wrap=True)
+    if len(folders) == 1:
+        console.print(f"Images in: {folders.pop()}", markup=False, soft_wrap=True)
     hidden = len(outcome.branches) - len(shown)
     if hidden:
         console.print(

@@ -17,7 +17,8 @@ from typing import Any, Protocol
 from imagepipe.durable import AttemptRecord, ErrorInfo, Event, Handle, PromiseRecord, bind_args
 from imagepipe.errors import BadInput
 from imagepipe.pipeline import BranchArgs, image_pipeline
-from imagepipe.providers import KNOWN_STYLES, Faults
+from imagepipe.providers import Faults
+from imagepipe.styles import validate_style
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -43,6 +44,9 @@ DEFAULT_CONCURRENCY = 16
 DEFAULT_MAX_ATTEMPTS = 5
 MAX_PROMPT = 4000
 MAX_VARIATIONS = 100_000
+#: what one run may hold: a branch costs under 1 KB while it runs (measured), so a run of
+#: this size stays well under 1 GB
+MAX_BRANCHES = 200_000
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
 _CHILD_SUFFIX = re.compile(r"\.\d+$")
 
@@ -58,6 +62,14 @@ class RunSpec:
     styles: tuple[str, ...]
     crash: bool = False
     variations: int = 1
+    #: the provider and the options that change the image (not its connection settings)
+    provider: str = "simulated"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    #: the template of each style, fixed when the run starts
+    templates: Mapping[str, str] = field(default_factory=dict)
+
+    #: what ``imagepipe run`` with another spec for the same id is refused over, in order
+    FIELDS = ("prompt", "styles", "crash", "variations", "provider", "options", "templates")
 
     def kwargs(self) -> dict[str, Any]:
         """The workflow's arguments by name, as the run's root stores them."""
@@ -66,17 +78,24 @@ class RunSpec:
             "styles": list(self.styles),
             "crash": self.crash,
             "variations": self.variations,
+            "provider": self.provider,
+            "options": dict(self.options),
+            "templates": dict(self.templates),
         }
 
     @classmethod
     def from_stored(cls, args: Mapping[str, Any]) -> RunSpec:
-        """The spec of a stored run, from its root's stored arguments."""
+        """The spec of a stored run, from its root's stored arguments. Runs stored before
+        styles were templates get the templates they were made with: none."""
         named = bind_args(image_pipeline, args)
         return cls(
             str(named["prompt"]),
             tuple(named["styles"]),
             bool(named["crash"]),
             int(named["variations"]),
+            str(named["provider"]),
+            dict(named["options"] or {}),
+            dict(named["templates"] or {}),
         )
 
     def validate(self) -> None:
@@ -88,14 +107,19 @@ class RunSpec:
             raise BadInput("no style chosen; pass --style at least once")
         seen: set[str] = set()
         for style in self.styles:
-            if style not in KNOWN_STYLES:
-                raise BadInput(f"unknown style {style!r}; choose from {', '.join(KNOWN_STYLES)}")
+            validate_style(style)
             if style in seen:
                 raise BadInput(f"style {style!r} is given twice")
             seen.add(style)
         if not 1 <= self.variations <= MAX_VARIATIONS:
             raise BadInput(
                 f"--variations must be between 1 and {MAX_VARIATIONS}, not {self.variations}"
+            )
+        branches = len(self.styles) * self.variations
+        if branches > MAX_BRANCHES:
+            raise BadInput(
+                f"{branches} branches ({len(self.styles)} styles x {self.variations}); one run "
+                f"holds at most {MAX_BRANCHES}: split it into several runs"
             )
 
 
@@ -109,6 +133,12 @@ class Invocation:
     sim_latency_ms: int | None = None
     attempt_timeout: float | None = None
     faults: Faults = field(default_factory=Faults)
+    #: ``-o KEY VALUE`` pairs as given (identity options are checked against the run's)
+    option_pairs: tuple[tuple[str, str], ...] = ()
+    #: client-side requests per minute to the provider, shared by all branches
+    rpm: int | None = None
+    #: where to write the images (default: the run's own directory)
+    out_dir: str | None = None
 
     def validate(self) -> None:
         if self.max_attempts is not None and self.max_attempts < 1:
@@ -120,10 +150,9 @@ class Invocation:
         if self.attempt_timeout is not None and self.attempt_timeout <= 0:
             raise BadInput(f"--attempt-timeout must be positive, not {self.attempt_timeout}")
         for style in sorted(self.faults.fail_styles):
-            if style not in KNOWN_STYLES:
-                raise BadInput(
-                    f"unknown --fail-style {style!r}; choose from {', '.join(KNOWN_STYLES)}"
-                )
+            validate_style(style)
+        if self.rpm is not None and self.rpm < 1:
+            raise BadInput(f"--rpm must be at least 1, not {self.rpm}")
         for name, rate in (
             ("--fail-rate", self.faults.fail_rate),
             ("--hang-rate", self.faults.hang_rate),
@@ -240,7 +269,8 @@ class RunOutcome:
             "images": [
                 {
                     "style": b.style,
-                    "url": b.value["url"],
+                    "url": b.value.get("url"),
+                    "path": b.value.get("path"),
                     "duration_ms": b.value["duration_ms"],
                     "attempts": b.attempts,
                     "replayed": b.replayed,

@@ -14,7 +14,8 @@ import dataclasses
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 from imagepipe import settings
 from imagepipe.durable import (
@@ -36,8 +37,11 @@ from imagepipe.durable import (
     open_store,
 )
 from imagepipe.errors import Interrupted, RunConflict, UnknownRun, from_core
+from imagepipe.files import default_image_dir
 from imagepipe.pipeline import Deps, image_pipeline
 from imagepipe.providers import SimulatedProvider
+from imagepipe.providers.options import ProviderOptions, build_options, identity
+from imagepipe.providers.registry import get_provider_class
 from imagepipe.runs import (
     DEFAULT_MAX_ATTEMPTS,
     Branch,
@@ -50,6 +54,7 @@ from imagepipe.runs import (
     run_state,
     validate_run_id,
 )
+from imagepipe.styles import templates_for
 
 __all__ = ["list_runs", "resume_run", "show_run", "start_run"]
 
@@ -115,6 +120,7 @@ def start_run(
     validate_run_id(run_id)
     spec.validate()
     invocation.validate()
+    spec = _with_provider(spec, invocation)
 
     async def start() -> RunOutcome:
         async with _opened(url, create=True, write=True) as store:
@@ -133,10 +139,26 @@ def start_run(
     return _run(start, run_id)
 
 
+def _with_provider(spec: RunSpec, invocation: Invocation) -> RunSpec:
+    """The spec with its provider's identity options and its styles' templates, checked
+    before anything is written: an unknown provider, a bad option or a missing key is bad
+    input."""
+    provider_class: Any = get_provider_class(spec.provider)
+    options = build_options(provider_class.Options, spec.provider, list(invocation.option_pairs))
+    provider_class.check_credentials(options)
+    return dataclasses.replace(
+        spec, options=identity(options), templates=templates_for(spec.styles)
+    )
+
+
 async def _create_root(store: Store, run_id: str, spec: RunSpec, invocation: Invocation) -> bool:
     """Write the run's root; False if another process created it first (then the spec
     stored by that process is the one to check)."""
-    options = {"max_attempts": invocation.max_attempts or DEFAULT_MAX_ATTEMPTS}
+    out_dir = _image_dir(invocation.out_dir or default_image_dir(run_id))
+    options = {
+        "max_attempts": invocation.max_attempts or DEFAULT_MAX_ATTEMPTS,
+        "out_dir": str(out_dir),
+    }
     root = NewPromise(
         id=run_id,
         parent_id=None,
@@ -219,7 +241,7 @@ def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
 
 
 def _check_same_spec(run_id: str, stored: RunSpec, given: RunSpec) -> None:
-    for name in ("prompt", "styles", "crash", "variations"):
+    for name in RunSpec.FIELDS:
         old, new = getattr(stored, name), getattr(given, name)
         if old != new:
             shown_old = list(old) if isinstance(old, tuple) else old
@@ -279,24 +301,29 @@ async def _execute(
     max_attempts = invocation.max_attempts or int(
         root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
     )
-    provider = SimulatedProvider(
-        time_scale=invocation.time_scale,
-        latency_ms=invocation.sim_latency_ms,
-        faults=invocation.faults,
-    )
-    # The simulated provider has no shared rate limit to spread retries over: no jitter,
-    # so that the demo's back-off is the reference's 2 s, 4 s, 8 s ...
-    policy = RetryPolicy(max_attempts=max_attempts, jitter=False, time_scale=invocation.time_scale)
+    provider_class: Any = get_provider_class(spec.provider)
+    options = _invocation_options(root.id, spec, provider_class, invocation)
+    provider_class.check_credentials(options)
     lease = LeaseKeeper(store, root.id, stale_after=settings.lease_timeout())
     await lease.check_free()
+    provider = _provider(provider_class, options, invocation)
+    out_dir = _image_dir(
+        invocation.out_dir or root.options.get("out_dir") or default_image_dir(root.id)
+    )
     ctx = RunContext(
         store,
         root.id,
-        Deps(provider),
-        retry=policy,
+        Deps(provider, options, spec.templates, out_dir),
+        # The simulated provider has no shared rate limit to spread retries over: no
+        # jitter, so that the demo's back-off is the reference's 2 s, 4 s, 8 s ...
+        retry=RetryPolicy(
+            max_attempts=max_attempts,
+            jitter=spec.provider != "simulated",
+            time_scale=invocation.time_scale,
+        ),
         lease=lease,
         on_event=reporter.on_event,
-        concurrency=invocation.concurrency,
+        concurrency=invocation.concurrency or provider_class.default_concurrency,
         attempt_timeout=invocation.attempt_timeout,
     )
     started = time.perf_counter()
@@ -320,11 +347,45 @@ async def _execute(
             raise
     finally:
         await lease.release()
+        await provider.aclose()
     wall_ms = round((time.perf_counter() - started) * 1000)
     branches = [Branch.from_handle(h) for h in ctx.launched]
     # Not read back: every branch is known to the context, as committed.
     executed_root = dataclasses.replace(root, state=settled.state)
     return _run_outcome(executed_root, branches, wall_ms=wall_ms, executed=True)
+
+
+def _invocation_options(
+    run_id: str, spec: RunSpec, provider_class: Any, invocation: Invocation
+) -> ProviderOptions:
+    """The run's provider options: its stored identity, with this invocation's connection
+    settings (``-o base_url ...``); an identity option that differs is a conflict."""
+    given = build_options(provider_class.Options, spec.provider, list(invocation.option_pairs))
+    for key, value in identity(given).items():
+        if key in dict(invocation.option_pairs) and spec.options.get(key) != value:
+            raise RunConflict(run_id, f"option {key}", spec.options.get(key), value)
+    pairs = [(k, str(v)) for k, v in spec.options.items()] + list(invocation.option_pairs)
+    return build_options(provider_class.Options, spec.provider, pairs)
+
+
+def _provider(provider_class: Any, options: ProviderOptions, invocation: Invocation) -> Any:
+    """One provider instance for the run, shared by its branches."""
+    if provider_class is SimulatedProvider:
+        return SimulatedProvider(
+            options,
+            time_scale=invocation.time_scale,
+            latency_ms=invocation.sim_latency_ms,
+            faults=invocation.faults,
+        )
+    from imagepipe.providers.http import Pacer
+
+    pacer = Pacer(rpm=invocation.rpm, time_scale=invocation.time_scale)
+    return provider_class(options, pacer=pacer, time_scale=invocation.time_scale)
+
+
+def _image_dir(path: str | Path) -> Path:
+    """Where a run's images go, made absolute (the store may be read from elsewhere)."""
+    return Path(path).expanduser().absolute()
 
 
 def _json(value: object) -> str:

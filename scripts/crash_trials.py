@@ -42,7 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe.pipeline import BranchArgs
-from imagepipe.providers import KNOWN_STYLES, Faults, ImageRequest, SimulatedProvider
+from imagepipe.providers import Faults, SimulatedProvider
+from imagepipe.providers.simulated import simulated_request
+from imagepipe.styles import BUILTIN_TEMPLATES
+
+KNOWN_STYLES = list(BUILTIN_TEMPLATES)
 
 PROMPT = "A futuristic city skyline"
 #: the error each simulated fault raises (None: the attempt succeeds)
@@ -281,7 +285,7 @@ class Trial:
                 self.result.fail(f"{promise_id}: failed attempt beyond the count {tried}")
             tried = [(n, failed_at.get(n)) for n in range(1, branch["attempts"] + 1)]
             for number, error in tried:
-                request = ImageRequest(prompt, style, variation, promise_id, number, crash)
+                request = simulated_request(prompt, style, variation, promise_id, number, crash)
                 expected = EXPECTED_ERROR[provider.fault_for(request)]
                 if error is not None and error != expected:
                     self.result.fail(f"{promise_id} #{number} failed with {error}, not {expected}")

@@ -18,7 +18,7 @@ from conftest import cli_argv, cli_env
 
 runner = CliRunner()
 RESULT_KEYS = {"id", "state", "prompt", "images", "wall_ms", "sequential_ms"}
-IMAGE_KEYS = {"style", "url", "duration_ms", "attempts", "replayed"}
+IMAGE_KEYS = {"style", "url", "path", "duration_ms", "attempts", "replayed"}
 
 
 def invoke(*args: str) -> Any:
@@ -45,6 +45,10 @@ def test_run_json_has_the_documented_shape() -> None:
         )
         assert image["attempts"] == 1
         assert image["replayed"] is False
+        # the image is on disk, a real PNG, before the run reports it
+        path = Path(image["path"])
+        assert path.name == f"{image['style']}.png"
+        assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert [i["duration_ms"] for i in data["images"]] == [1200, 800, 1000]
     assert data["sequential_ms"] == 3000
     assert len({i["url"] for i in data["images"]}) == 3
@@ -139,7 +143,7 @@ def test_list_of_an_empty_store_says_how_to_start(db_path: Path) -> None:
     [
         (["run", ""], "the prompt is empty"),
         (["run", "   "], "the prompt is empty"),
-        (["run", "x", "-s", "oil-paint"], "unknown style 'oil-paint'; choose from"),
+        (["run", "x", "-s", "bad\x01style"], "holds control characters"),
         (["run", "x", "-s", "cartoon", "-s", "cartoon"], "style 'cartoon' is given twice"),
         (["run", "x", "--max-attempts", "0"], "--max-attempts must be at least 1, not 0"),
         (["run", "x", "--id", "bad id"], "run id 'bad id' is not valid"),

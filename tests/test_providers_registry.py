@@ -14,13 +14,13 @@ from imagepipe.providers.openai import OpenAIOptions, OpenAIProvider
 from imagepipe.providers.options import BadOption, identity
 from imagepipe.providers.registry import (
     ProviderLoadError,
-    SimulatedOptions,
     UnknownProvider,
     get_provider_class,
     list_providers,
     parse_options,
 )
 from imagepipe.providers.replicate import ReplicateOptions, ReplicateProvider
+from imagepipe.providers.simulated import SimulatedOptions
 
 
 def test_defaults_and_values_are_typed() -> None:

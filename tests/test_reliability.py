@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from imagepipe.cli import app
 from imagepipe.durable import encode_args
 from imagepipe.durable.sqlite_schema import SCHEMA_VERSION
-from imagepipe.providers import Faults, ImageRequest
+from imagepipe.providers import Faults
+from imagepipe.providers.simulated import simulated_request
 
 from conftest import cli_argv, cli_env
 
@@ -60,7 +61,7 @@ def test_seeded_failure_rate_fails_exactly_the_drawn_attempts(db_path: Path) -> 
     assert history, "attempts are recorded"
     outcome: dict[str, list[bool]] = {}
     for promise_id, attempt, failed, _ in history:
-        request = ImageRequest("a cat", "x", 0, promise_id, attempt)
+        request = simulated_request("a cat", "x", 0, promise_id, attempt)
         assert bool(failed) == faults.fails(request), (promise_id, attempt)
         outcome.setdefault(promise_id, []).append(bool(failed))
     states = {pid: state for pid, _, _, state in history}

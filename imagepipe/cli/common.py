@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from imagepipe.errors import ImagepipeError, RunFailed
 
@@ -21,7 +22,45 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
+
+class _Group(TyperGroup):
+    """Takes llm's ``-o KEY VALUE`` form: click options take one value each, so the pair is
+    joined into ``KEY=VALUE`` before parsing (``-o KEY=VALUE`` works as it is)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # typer's own click Context
+        return super().parse_args(ctx, join_option_pairs(args))
+
+
+def join_option_pairs(args: list[str]) -> list[str]:
+    joined: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        joined.append(arg)
+        if arg in ("-o", "--option"):
+            key = next(rest, None)
+            if key is None:
+                break
+            if "=" in key:
+                joined.append(key)
+                continue
+            value = next(rest, None)
+            joined.append(key if value is None else f"{key}={value}")
+        elif arg == "--":
+            joined.extend(rest)
+    return joined
+
+
+def _pair(joined: str) -> tuple[str, str]:
+    key, sep, value = joined.partition("=")
+    if not sep:
+        from imagepipe.errors import BadInput
+
+        raise BadInput(f"-o {joined!r} needs a value: -o KEY VALUE")
+    return key, value
+
+
 app = typer.Typer(
+    cls=_Group,
     name="imagepipe",
     help=(
         "Ask an image provider for several style variations of one prompt, in parallel. "
@@ -108,7 +147,7 @@ _EXECUTION_OPTIONS: dict[str, tuple[Any, Any]] = {
             "-c",
             metavar="K",
             help="At most this many provider calls in flight; the rest wait as queued "
-            "[default: 16].",
+            "[default: the provider's own: 16 simulated, 4 openai, 8 replicate].",
             show_default=False,
         ),
     ),
@@ -149,6 +188,28 @@ _EXECUTION_OPTIONS: dict[str, tuple[Any, Any]] = {
         ),
     ),
     "seed": (int, typer.Option("--seed", metavar="N", help="Seed of the simulated faults.")),
+    "option": (
+        list[str] | None,
+        typer.Option(
+            "--option",
+            "-o",
+            metavar="KEY VALUE",
+            help="A provider option, repeatable: -o model gpt-image-1 -o size 1024x1024. "
+            "Options that change the image are part of the run's identity; connection "
+            "settings (base_url, timeout) are not. See `imagepipe providers`.",
+            show_default=False,
+        ),
+    ),
+    "rpm": (
+        int | None,
+        typer.Option(
+            "--rpm",
+            metavar="N",
+            help="At most N provider requests a minute, spread evenly, shared by all "
+            "branches [default: no client-side limit].",
+            show_default=False,
+        ),
+    ),
     "fail_style": (
         list[str] | None,
         typer.Option(
@@ -206,18 +267,22 @@ def make_invocation(
     hang_rate: float = 0.0,
     seed: int = 0,
     fail_style: list[str] | None = None,
+    option: list[str] | None = None,
+    rpm: int | None = None,
 ) -> "Invocation":
     from imagepipe.providers import Faults
-    from imagepipe.runs import DEFAULT_CONCURRENCY, Invocation
+    from imagepipe.runs import Invocation
     from imagepipe.settings import time_scale
 
     return Invocation(  # validated by the service before it opens the store
         max_attempts=max_attempts,
-        concurrency=DEFAULT_CONCURRENCY if concurrency is None else concurrency,
+        concurrency=concurrency,
         time_scale=time_scale(),
         sim_latency_ms=sim_latency,
         attempt_timeout=attempt_timeout,
         faults=Faults(fail_rate, seed, frozenset(fail_style or ()), hang_rate),
+        option_pairs=tuple(_pair(joined) for joined in option or ()),
+        rpm=rpm,
     )
 
 

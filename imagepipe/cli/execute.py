@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -62,6 +63,25 @@ def run(
         bool,
         typer.Option("--crash", help="Demo: the abstract branch fails its first attempt."),
     ] = False,
+    provider: Annotated[
+        str,
+        typer.Option(
+            "--provider",
+            "-p",
+            metavar="NAME",
+            help="Who makes the images: simulated (no key), openai, replicate, or a plugin; "
+            "see `imagepipe providers`.",
+        ),
+    ] = "simulated",
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Where the image files go [default: <user data dir>/images/<run id>/].",
+            show_default=False,
+        ),
+    ] = None,
     db: DbOption = None,
     json_out: JsonOption = False,
     quiet: QuietOption = False,
@@ -70,11 +90,15 @@ def run(
     invocation: Invocation,
 ) -> None:
     """Generate the styles of PROMPT in parallel, each branch a durable promise."""
-    from imagepipe.providers import DEFAULT_STYLES
     from imagepipe.runs import RunSpec, new_run_id
     from imagepipe.service import start_run
+    from imagepipe.styles import DEFAULT_STYLES
 
-    spec = RunSpec(prompt, tuple(style) if style else DEFAULT_STYLES, crash, variations)
+    spec = RunSpec(
+        prompt, tuple(style) if style else DEFAULT_STYLES, crash, variations, provider=provider
+    )
+    if out is not None:
+        invocation = dataclasses.replace(invocation, out_dir=out)
     path, chosen_id = store_url(db), run_id or new_run_id()
     execute_and_report(
         lambda reporter: start_run(path, chosen_id, spec, invocation, reporter),

@@ -1,34 +1,31 @@
-"""Image providers behind one :class:`Provider` protocol. Only a simulated one so far."""
+"""Image providers: a registry of built-ins (``simulated``, ``openai``, ``replicate``) and
+plugins from the entry-point group ``imagepipe.providers``, one :class:`ImageProvider`
+protocol, and the errors a provider raises. Provider modules load only when used."""
 
 from imagepipe.providers.base import (
-    GeneratedImage,
-    ImageRequest,
+    ImageProvider,
     InvalidRequest,
-    Provider,
+    MissingCredentials,
     ProviderError,
+    ProviderImage,
+    ProviderRequest,
     ProviderTimeout,
+    SubSteps,
     TransientProviderError,
 )
-from imagepipe.providers.simulated import (
-    DEFAULT_STYLES,
-    KNOWN_STYLES,
-    Faults,
-    SimulatedProvider,
-    image_url,
-    nominal_duration_ms,
-)
+from imagepipe.providers.simulated import Faults, SimulatedProvider, image_url, nominal_duration_ms
 
 __all__ = [
-    "DEFAULT_STYLES",
-    "KNOWN_STYLES",
     "Faults",
-    "GeneratedImage",
-    "ImageRequest",
+    "ImageProvider",
     "InvalidRequest",
-    "Provider",
+    "MissingCredentials",
     "ProviderError",
+    "ProviderImage",
+    "ProviderRequest",
     "ProviderTimeout",
     "SimulatedProvider",
+    "SubSteps",
     "TransientProviderError",
     "image_url",
     "nominal_duration_ms",

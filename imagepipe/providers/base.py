@@ -1,11 +1,7 @@
 """What every image provider offers, and the errors it may raise.
 
-Two generations of the interface live here side by side while the core is rewritten:
-
-- :class:`ImageRequest` / :class:`GeneratedImage` / :class:`Provider`: today's simulated
-  provider and pipeline;
-- :class:`ProviderRequest` / :class:`ProviderImage` / :class:`ImageProvider` with
-  :class:`SubSteps`: the real providers (``openai``, ``replicate``) and plugins.
+A provider (:class:`ImageProvider`) gets a :class:`ProviderRequest` and the branch's durable
+:class:`SubSteps`, and returns a :class:`ProviderImage`; the pipeline saves it to disk.
 
 Every :class:`ProviderError` carries ``retryable`` and ``retry_after`` (the seconds the
 server asked for, or ``None``); its message is the provider's own, on one line.
@@ -16,7 +12,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from imagepipe.errors import BadInput
 
@@ -27,13 +23,10 @@ __all__ = [
     "MAX_RETRY_AFTER",
     "AuthenticationFailed",
     "ContentRejected",
-    "GeneratedImage",
     "ImageProvider",
-    "ImageRequest",
     "InvalidRequest",
     "MissingCredentials",
     "PredictionFailed",
-    "Provider",
     "ProviderConnectionError",
     "ProviderError",
     "ProviderImage",
@@ -65,34 +58,6 @@ def one_line(text: str, limit: int = 500) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-# ----------------------------------------------------------------- today's interface
-
-
-class ImageRequest(NamedTuple):
-    prompt: str
-    style: str
-    variation: int
-    #: the branch's durable id: a real provider must send it as the idempotency key,
-    #: so that a call repeated after a crash is not billed twice
-    idempotency_key: str
-    attempt: int
-    #: demo crash mode: the ``abstract`` style fails its first attempt
-    fail_first_attempt: bool = False
-
-
-class GeneratedImage(TypedDict):
-    style: str
-    variation: int
-    url: str
-    duration_ms: int
-
-
-class Provider(Protocol):
-    name: str
-
-    async def generate(self, request: ImageRequest) -> GeneratedImage: ...
-
-
 # ------------------------------------------------------------- the real providers' one
 
 
@@ -108,6 +73,12 @@ class ProviderRequest:
     attempt: int
     #: this provider's validated options (see :mod:`imagepipe.providers.options`)
     options: ProviderOptions
+    #: the branch's style and variation, and the user's prompt before the style's template
+    style: str = ""
+    variation: int = 0
+    subject: str = ""
+    #: demo crash mode (the simulated provider's ``abstract`` style fails its first attempt)
+    crash: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +95,8 @@ class ProviderImage:
     seed: int | None = None
     #: where the bytes were downloaded from, if they were
     source_url: str | None = None
+    #: how long the image took, if the provider knows better than the wall clock
+    duration_ms: int | None = None
 
 
 class SubSteps(Protocol):

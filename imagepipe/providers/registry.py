@@ -19,7 +19,7 @@ import importlib
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import Any
 
 from imagepipe.errors import BadInput
 from imagepipe.providers.base import one_line
@@ -28,15 +28,12 @@ from imagepipe.providers.options import (
     ProviderOptions,
     build_options,
     describe_options,
-    option,
 )
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "ProviderInfo",
     "ProviderLoadError",
-    "SimulatedOptions",
-    "SimulatedSpec",
     "UnknownProvider",
     "get_provider_class",
     "list_providers",
@@ -59,24 +56,8 @@ class ProviderLoadError(BadInput):
     """A plugin's entry point cannot be imported or does not describe a provider."""
 
 
-@dataclass(frozen=True)
-class SimulatedOptions(ProviderOptions):
-    model: str = option("sim-1", "simulated model name")
-    size: str = option("256x256", "WIDTHxHEIGHT of the drawn PNG", pattern=r"[1-9]\d*x[1-9]\d*")
-
-
-class SimulatedSpec:
-    """The registry's description of the simulated provider (the lead adapts the provider)."""
-
-    name: ClassVar[str] = "simulated"
-    description: ClassVar[str] = "simulated images, no key needed (the default)"
-    Options: ClassVar[type[ProviderOptions]] = SimulatedOptions
-    default_concurrency: ClassVar[int] = 16
-    guarantee: ClassVar[str] = "nothing is paid"
-
-
 BUILTINS = {
-    "simulated": "imagepipe.providers.registry:SimulatedSpec",
+    "simulated": "imagepipe.providers.simulated:SimulatedProvider",
     "openai": "imagepipe.providers.openai:OpenAIProvider",
     "replicate": "imagepipe.providers.replicate:ReplicateProvider",
 }

@@ -1,8 +1,11 @@
-"""A provider that needs no API key: it sleeps for the style's duration and returns a URL.
+"""A provider that needs no API key: it waits for the style's duration and draws a PNG.
 
-Durations, the crash mode and the URL shape follow the reference example; fault
-injection (failure rate, a style that always fails, hangs) is for tests and demos.
-Every random choice is seeded by ``(seed, branch id, attempt)``, so a test can tell in
+Durations, the crash mode and the URL shape follow the reference example; the image is a
+real small PNG (a gradient with the prompt and style drawn on it, Pillow), so the default
+demo leaves files to look at. At ``--sim-latency 0`` (benchmarks) it draws nothing and no
+file is written, so that a benchmark measures imagepipe rather than Pillow and the disk.
+Fault injection (failure rate, a style that always fails, hangs) is for tests and demos;
+every random choice is seeded by ``(seed, branch id, attempt)``, so a test can tell in
 advance which attempt fails.
 """
 
@@ -12,30 +15,35 @@ import asyncio
 import hashlib
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+from urllib.parse import quote
 
 from imagepipe.providers.base import (
-    GeneratedImage,
-    ImageRequest,
     InvalidRequest,
+    ProviderImage,
+    ProviderRequest,
     ProviderTimeout,
+    SubSteps,
     TransientProviderError,
 )
+from imagepipe.providers.options import ProviderOptions, option
+
+if TYPE_CHECKING:
+    from imagepipe.providers.http import Pacer
 
 __all__ = [
-    "DEFAULT_STYLES",
-    "KNOWN_STYLES",
     "Faults",
+    "SimulatedOptions",
     "SimulatedProvider",
     "image_url",
     "nominal_duration_ms",
+    "simulated_request",
 ]
 
 STYLE_DURATIONS_MS = {"photorealistic": 1200, "cartoon": 800, "abstract": 1000}
 OTHER_DURATION_MS = 1000
 CRASH_AFTER_MS = 300
-DEFAULT_STYLES = ("photorealistic", "cartoon", "abstract")
-KNOWN_STYLES = (*DEFAULT_STYLES, "watercolor", "pixel-art", "sketch")
 
 
 def nominal_duration_ms(style: str) -> int:
@@ -50,7 +58,7 @@ def image_url(prompt: str, style: str, variation: int = 0) -> str:
     keeps the shape and tells the images apart."""
     key = f"{prompt}:{style}" if variation == 0 else f"{prompt}:{style}:{variation}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
-    return f"https://images.example.com/{style}-{digest}.png"
+    return f"https://images.example.com/{quote(style, safe='')}-{digest}.png"
 
 
 @dataclass(frozen=True)
@@ -62,36 +70,84 @@ class Faults:
     fail_styles: frozenset[str] = frozenset()
     hang_rate: float = 0.0
 
-    def draw(self, request: ImageRequest, what: str) -> float:
+    def draw(self, request: ProviderRequest, what: str) -> float:
         """A number in [0, 1), the same for the same seed, branch, attempt and purpose."""
         rng = random.Random(f"{self.seed}:{request.idempotency_key}:{request.attempt}:{what}")
         return rng.random()
 
-    def fails(self, request: ImageRequest) -> bool:
+    def fails(self, request: ProviderRequest) -> bool:
         return self.fail_rate > 0 and self.draw(request, "fail") < self.fail_rate
 
-    def hangs(self, request: ImageRequest) -> bool:
+    def hangs(self, request: ProviderRequest) -> bool:
         return self.hang_rate > 0 and self.draw(request, "hang") < self.hang_rate
 
 
-@dataclass
+@dataclass(frozen=True)
+class SimulatedOptions(ProviderOptions):
+    model: str = option("sim-1", "simulated model name")
+    size: str = option(
+        "256x256", "WIDTHxHEIGHT of the drawn PNG", pattern=r"[1-9]\d{0,3}x[1-9]\d{0,3}"
+    )
+
+
+def simulated_request(
+    prompt: str, style: str, variation: int, key: str, attempt: int, crash: bool = False
+) -> ProviderRequest:
+    """The request a branch makes of the simulated provider (to predict its faults)."""
+    return ProviderRequest(
+        prompt=prompt,
+        idempotency_key=key,
+        attempt=attempt,
+        options=SimulatedOptions(),
+        style=style,
+        variation=variation,
+        subject=prompt,
+        crash=crash,
+    )
+
+
 class SimulatedProvider:
     """The reference's simulated provider, with optional faults."""
 
-    time_scale: float = 1.0
-    latency_ms: int | None = None
-    faults: Faults = field(default_factory=Faults)
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-    name: str = "simulated"
+    name: ClassVar[str] = "simulated"
+    description: ClassVar[str] = "simulated images drawn locally, no key needed (the default)"
+    Options: ClassVar[type[ProviderOptions]] = SimulatedOptions
+    default_concurrency: ClassVar[int] = 16
+    guarantee: ClassVar[str] = "nothing is paid"
+
+    def __init__(
+        self,
+        options: ProviderOptions | None = None,
+        *,
+        pacer: Pacer | None = None,
+        time_scale: float = 1.0,
+        latency_ms: int | None = None,
+        faults: Faults | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.options = options if isinstance(options, SimulatedOptions) else SimulatedOptions()
+        self.time_scale = time_scale
+        self.latency_ms = latency_ms
+        self.faults = faults or Faults()
+        self.sleep = sleep
+        width, _, height = self.options.size.partition("x")
+        self.size = (int(width), int(height))
+
+    @staticmethod
+    def check_credentials(options: ProviderOptions | None = None) -> None:
+        """No key needed."""
+
+    async def aclose(self) -> None:
+        pass
 
     async def _pause(self, ms: float) -> None:
         if ms > 0 and self.time_scale > 0:
             await self.sleep(ms / 1000 * self.time_scale)
 
-    def fault_for(self, request: ImageRequest) -> str | None:
+    def fault_for(self, request: ProviderRequest) -> str | None:
         """Which fault this attempt meets, if any: ``crash`` (the demo's first-attempt
         timeout), ``refuse`` (non-retryable), ``hang`` or ``transient``. Deterministic."""
-        if request.fail_first_attempt and request.style == "abstract" and request.attempt == 1:
+        if request.crash and request.style == "abstract" and request.attempt == 1:
             return "crash"
         if request.style in self.faults.fail_styles:
             return "refuse"
@@ -101,7 +157,7 @@ class SimulatedProvider:
             return "transient"
         return None
 
-    async def generate(self, request: ImageRequest) -> GeneratedImage:
+    async def generate(self, request: ProviderRequest, steps: SubSteps) -> ProviderImage:
         style = request.style
         duration = nominal_duration_ms(style) if self.latency_ms is None else self.latency_ms
         fault = self.fault_for(request)
@@ -119,9 +175,18 @@ class SimulatedProvider:
             )
         if duration > 0:  # skip even creating the coroutine at --sim-latency 0
             await self._pause(duration)
-        return {
-            "style": style,
-            "variation": request.variation,
-            "url": image_url(request.prompt, style, request.variation),
-            "duration_ms": duration,
-        }
+        data = b""
+        if self.latency_ms != 0:  # the benchmark mode draws nothing
+            from imagepipe.providers.sim_image import draw_png
+
+            data = await asyncio.to_thread(
+                draw_png, request.subject, style, request.variation, *self.size
+            )
+        return ProviderImage(
+            data=data,
+            mime="image/png",
+            model=self.options.model,
+            request_id=None,
+            source_url=image_url(request.subject, style, request.variation),
+            duration_ms=duration,
+        )
