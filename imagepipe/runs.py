@@ -18,6 +18,7 @@ from imagepipe.durable import AttemptRecord, ErrorInfo, Event, PromiseRecord, Se
 from imagepipe.errors import BadInput
 from imagepipe.pipeline import variation_label
 from imagepipe.providers import KNOWN_STYLES, Faults
+from imagepipe.text import quoted
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -74,9 +75,11 @@ class RunSpec:
         seen: set[str] = set()
         for style in self.styles:
             if style not in KNOWN_STYLES:
-                raise BadInput(f"unknown style {style!r}; choose from {', '.join(KNOWN_STYLES)}")
+                raise BadInput(
+                    f"unknown style {quoted(style)}; choose from {', '.join(KNOWN_STYLES)}"
+                )
             if style in seen:
-                raise BadInput(f"style {style!r} is given twice")
+                raise BadInput(f"style {quoted(style)} is given twice")
             seen.add(style)
         if not 1 <= self.variations <= MAX_VARIATIONS:
             raise BadInput(
@@ -107,7 +110,7 @@ class Invocation:
         for style in sorted(self.faults.fail_styles):
             if style not in KNOWN_STYLES:
                 raise BadInput(
-                    f"unknown --fail-style {style!r}; choose from {', '.join(KNOWN_STYLES)}"
+                    f"unknown --fail-style {quoted(style)}; choose from {', '.join(KNOWN_STYLES)}"
                 )
         for name, rate in (
             ("--fail-rate", self.faults.fail_rate),
@@ -119,9 +122,11 @@ class Invocation:
 
 def validate_run_id(run_id: str) -> None:
     if not _RUN_ID.fullmatch(run_id):
-        raise BadInput(f"run id {run_id!r} is not valid: use up to 200 letters, digits and _ . : -")
+        raise BadInput(
+            f"run id {quoted(run_id)} is not valid: use up to 200 letters, digits and _ . : -"
+        )
     if _CHILD_SUFFIX.search(run_id):
-        raise BadInput(f"run id {run_id!r} ends like a branch id (.N); choose another")
+        raise BadInput(f"run id {quoted(run_id)} ends like a branch id (.N); choose another")
 
 
 def new_run_id() -> str:

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from imagepipe.errors import BadInput
+from imagepipe.text import quoted
 
 __all__ = ["busy_timeout", "default_db_path", "simulated_max_pages", "time_scale"]
 
@@ -36,7 +37,7 @@ def _number(name: str, default: float) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise BadInput(f"{name} must be a number >= 0, not {raw!r}")
+        raise BadInput(f"{name} must be a number >= 0, not {quoted(raw)}")
     return value
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 import typer
 
 from imagepipe.errors import ImagepipeError, RunFailed
+from imagepipe.text import escape_control
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -63,7 +64,9 @@ NoColorOption = Annotated[
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    print(f"error: {message}", file=sys.stderr)
+    # The last guard: whatever user or stored text a message quotes, it stays one line
+    # and cannot drive the terminal.
+    print(f"error: {escape_control(message)}", file=sys.stderr)
     return typer.Exit(code)
 
 
