@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
-from imagepipe.errors import ImagepipeError, RunFailed
-from imagepipe.text import escape_control
+from imagepipe.errors import BadInput, ImagepipeError, RunFailed
+from imagepipe.text import escape_control, invalid_utf8, quoted
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -70,12 +70,35 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+#: how an error names each text parameter a command takes
+_TEXT_PARAMETERS = {
+    "prompt": "the prompt",
+    "run_id": "the run id",
+    "style": "--style",
+    "fail_style": "--fail-style",
+    "db": "--db",
+}
+
+
+def _check_utf8(arguments: dict[str, Any]) -> None:
+    """Refuse text that was not valid UTF-8 on the command line (or in IMAGEPIPE_DB).
+
+    Python keeps such bytes as lone surrogates, which SQLite and the terminal cannot
+    encode: refused here, before anything opens or creates the store."""
+    for name, label in _TEXT_PARAMETERS.items():
+        value = arguments.get(name)
+        for text in value if isinstance(value, list) else [value]:
+            if text is not None and invalid_utf8(str(text)):
+                raise BadInput(f"{label} is not valid UTF-8: {quoted(str(text))}")
+
+
 def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
     """The one place an :class:`ImagepipeError` becomes a line on stderr and an exit code."""
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            _check_utf8(kwargs)
             return command(*args, **kwargs)
         except ImagepipeError as exc:
             raise _fail(exc.message, exc.exit_code) from None

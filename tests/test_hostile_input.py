@@ -1,0 +1,56 @@
+"""Bad input a hostile user gives through a real process: one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_argv, cli_env
+
+
+def run_cli(db: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cli_argv(*args),
+        env=cli_env(db, **env),
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        timeout=30,
+    )
+
+
+def assert_refused(done: subprocess.CompletedProcess[str], message: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"error: {message}\n"
+    assert done.stdout == ""
+
+
+# Arguments that were not UTF-8 reach Python as lone surrogates: "\udce9" was byte 0xE9.
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "caf\udce9"], "the prompt is not valid UTF-8: 'caf\\xe9'"),
+        (["run", "x", "--id", "r\udcff"], "the run id is not valid UTF-8: 'r\\xff'"),
+        (["show", "x\udcff"], "the run id is not valid UTF-8: 'x\\xff'"),
+        (["resume", "x\udcff"], "the run id is not valid UTF-8: 'x\\xff'"),
+        (["run", "x", "-s", "\udcffcartoon"], "--style is not valid UTF-8: '\\xffcartoon'"),
+        (["run", "x", "--fail-style", "\udcff"], "--fail-style is not valid UTF-8: '\\xff'"),
+    ],
+)
+def test_invalid_utf8_arguments_are_one_line_errors(
+    db_path: Path, args: list[str], message: str
+) -> None:
+    assert_refused(run_cli(db_path, *args), message)
+    assert not db_path.exists()
+
+
+@pytest.mark.parametrize("command", [["run", "x"], ["list"], ["db-path"]])
+def test_an_invalid_utf8_store_path_is_refused_and_not_created(
+    tmp_path: Path, command: list[str]
+) -> None:
+    db = Path(os.fsdecode(bytes(tmp_path) + b"/t\xff.db"))
+    assert_refused(run_cli(db, *command), f"--db is not valid UTF-8: '{tmp_path}/t\\xff.db'")
+    assert os.listdir(tmp_path) == []
