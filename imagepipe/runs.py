@@ -41,6 +41,8 @@ __all__ = [
 DEFAULT_CONCURRENCY = 16
 MAX_PROMPT = 4000
 MAX_VARIATIONS = 100_000
+#: a day: longer is a typo, and nan or inf would make asyncio's timeout meaningless
+MAX_ATTEMPT_TIMEOUT = 86_400.0
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
 _CHILD_SUFFIX = re.compile(r"\.\d+$")
 
@@ -105,8 +107,12 @@ class Invocation:
             raise BadInput(f"--concurrency must be at least 1, not {self.concurrency}")
         if self.sim_latency_ms is not None and self.sim_latency_ms < 0:
             raise BadInput(f"--sim-latency must be 0 or more, not {self.sim_latency_ms}")
-        if self.attempt_timeout is not None and self.attempt_timeout <= 0:
-            raise BadInput(f"--attempt-timeout must be positive, not {self.attempt_timeout}")
+        timeout = self.attempt_timeout
+        if timeout is not None and not (0 < timeout <= MAX_ATTEMPT_TIMEOUT):
+            raise BadInput(
+                f"--attempt-timeout must be a number of seconds above 0 and at most "
+                f"{MAX_ATTEMPT_TIMEOUT:g}, not {timeout}"
+            )
         for style in sorted(self.faults.fail_styles):
             if style not in KNOWN_STYLES:
                 raise BadInput(
@@ -121,6 +127,8 @@ class Invocation:
 
 
 def validate_run_id(run_id: str) -> None:
+    if not run_id:
+        raise BadInput("the run id is empty; name the run or omit --id for a generated one")
     if not _RUN_ID.fullmatch(run_id):
         raise BadInput(
             f"run id {quoted(run_id)} is not valid: use up to 200 letters, digits and _ . : -"

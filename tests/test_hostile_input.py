@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+from typer.testing import CliRunner
+
+from imagepipe.cli import app
 
 from conftest import cli_argv, cli_env
+
+runner = CliRunner()
 
 
 def run_cli(db: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -54,3 +60,39 @@ def test_an_invalid_utf8_store_path_is_refused_and_not_created(
     db = Path(os.fsdecode(bytes(tmp_path) + b"/t\xff.db"))
     assert_refused(run_cli(db, *command), f"--db is not valid UTF-8: '{tmp_path}/t\\xff.db'")
     assert os.listdir(tmp_path) == []
+
+
+def invoke(*args: str) -> Any:
+    """In process: these refusals are about validation, not about the process."""
+    return runner.invoke(app, list(args))
+
+
+def test_an_empty_run_id_is_refused(db_path: Path) -> None:
+    result = invoke("run", "x", "--id", "")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "error: the run id is empty; name the run or omit --id for a generated one\n"
+    )
+    assert not db_path.exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0", "1e308"])
+def test_attempt_timeout_must_be_a_sensible_number(db_path: Path, value: str) -> None:
+    result = invoke("run", "x", f"--attempt-timeout={value}")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --attempt-timeout must be a number of seconds above 0")
+    assert result.stderr.count("\n") == 1
+    assert not db_path.exists()
+
+
+@pytest.mark.parametrize("name", ["IMAGEPIPE_TIME_SCALE", "IMAGEPIPE_BUSY_TIMEOUT"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "1e308", "1e5"])
+def test_numeric_settings_must_be_sensible(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    result = invoke("run", "x")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {name} must be ")
+    assert result.stderr.endswith(f"not '{value}'\n")
+    assert not db_path.exists()

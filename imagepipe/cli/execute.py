@@ -75,7 +75,7 @@ def run(
     from imagepipe.service import start_run
 
     spec = RunSpec(prompt, tuple(style) if style else DEFAULT_STYLES, crash, variations)
-    path, chosen_id = db_file(db), run_id or new_run_id()
+    path, chosen_id = db_file(db), new_run_id() if run_id is None else run_id
     execute_and_report(
         lambda reporter: start_run(path, chosen_id, spec, invocation, reporter),
         json_out=json_out,
