@@ -96,3 +96,21 @@ def test_numeric_settings_must_be_sensible(
     assert result.stderr.startswith(f"error: {name} must be ")
     assert result.stderr.endswith(f"not '{value}'\n")
     assert not db_path.exists()
+
+
+def test_dev_null_as_the_store_is_refused(tmp_path: Path) -> None:
+    journal = Path("/dev/null-journal")
+    before = journal.stat().st_mtime_ns if journal.exists() else None
+    for args in (["run", "x"], ["list"]):
+        assert_refused(run_cli(Path("/dev/null"), *args), "--db /dev/null is not a regular file")
+    assert (journal.stat().st_mtime_ns if journal.exists() else None) == before
+
+
+def test_a_fifo_or_a_directory_as_the_store_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.db"
+    os.mkfifo(fifo)
+    assert_refused(run_cli(fifo, "run", "x"), f"--db {fifo} is not a regular file")
+    assert_refused(
+        run_cli(tmp_path, "run", "x"), f"--db {tmp_path} is a directory, not a database file"
+    )
+    assert os.listdir(tmp_path) == ["fifo.db"]

@@ -4,6 +4,7 @@ import functools
 import inspect
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
-from imagepipe.errors import BadInput, ImagepipeError, RunFailed
+from imagepipe.errors import BadInput, ImagepipeError, RunFailed, UnusableStore
 from imagepipe.text import escape_control, invalid_utf8, quoted
 
 if TYPE_CHECKING:
@@ -243,13 +244,29 @@ def make_invocation(
 
 
 def db_file(db: Path | None) -> Path:
+    """The store's path from --db, IMAGEPIPE_DB or the default; refused with exit 2 if it
+    names something that is not a regular file (a directory, /dev/null, a fifo), before
+    SQLite opens it and writes a journal beside it."""
     from imagepipe.settings import default_db_path
 
     if db is not None:
-        return db.expanduser()
-    path = default_db_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+        path = db.expanduser()
+    else:
+        path = default_db_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+    _check_regular_file(path)
     return path
+
+
+def _check_regular_file(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode  # follows symlinks: a link to a database file is fine
+    except OSError:
+        return  # absent (created later) or unreadable: the store says which, precisely
+    if stat.S_ISDIR(mode):
+        raise UnusableStore(f"--db {path} is a directory, not a database file")
+    if not stat.S_ISREG(mode):
+        raise UnusableStore(f"--db {path} is not a regular file")
 
 
 def make_console(no_color: bool) -> "Console":
