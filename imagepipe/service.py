@@ -184,24 +184,40 @@ def _drive(
     resumed: bool,
     reopen: bool = False,
 ) -> RunOutcome:
-    """Run the workflow on an event loop; turn Ctrl-C and SIGTERM into :class:`Interrupted`."""
-    received = "SIGINT"
+    """Run the workflow on an event loop; turn Ctrl-C and SIGTERM into :class:`Interrupted`.
+
+    The first signal cancels the run, which stops cleanly (branches left pending, lease
+    released); later ones are ignored. asyncio.run's own SIGINT handler raised
+    KeyboardInterrupt for a second Ctrl-C at whatever line was running, in the middle of
+    that clean-up: Runner.close then waited for tasks that would never finish (a 10-minute
+    hang), or the KeyboardInterrupt escaped after the message was printed (exit -2)."""
+    received: str | None = None
+    main_task: asyncio.Task[RunOutcome] | None = None
+
+    def stop(name: str) -> None:
+        nonlocal received
+        if received is not None:
+            return  # the first signal's clean stop is under way
+        received = name
+        if main_task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already closed
+                main_task.get_loop().call_soon_threadsafe(main_task.cancel)
 
     async def main() -> RunOutcome:
-        task = asyncio.current_task()
-        assert task is not None
-
-        def on_sigterm() -> None:
-            nonlocal received
-            received = "SIGTERM"
-            task.cancel()
-
-        loop = asyncio.get_running_loop()
-        # Not available off the main thread (tests) or on Windows: Ctrl-C still works.
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        nonlocal main_task
+        main_task = asyncio.current_task()
+        if received is not None:  # signalled before the loop ran
+            raise asyncio.CancelledError
         return await _execute(store, root, invocation, reporter, resumed, reopen)
 
+    # Plain handlers, installed before asyncio.run so that it installs none of its own; not
+    # loop.add_signal_handler, whose wakeup fd outlives the loop's socket by a few lines of
+    # loop.close() ("Bad file descriptor" printed if a signal lands there).
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Not available off the main thread (tests) or on Windows: Ctrl-C still works.
+        with contextlib.suppress(ValueError, OSError):
+            previous[sig] = signal.signal(sig, lambda signum, _: stop(signal.Signals(signum).name))
     # Thousands of branches allocate many short-lived objects; the default collector
     # threshold (700) makes CPython rescan them thousands of times. Freeze what exists
     # (modules, the store) and collect young objects less often.
@@ -210,13 +226,15 @@ def _drive(
     gc.set_threshold(50_000, 20, 20)
     try:
         return asyncio.run(main())
-    except KeyboardInterrupt:
-        raise Interrupted(root.id, "SIGINT") from None
-    except asyncio.CancelledError:
-        raise Interrupted(root.id, received) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        raise Interrupted(root.id, received or "SIGINT") from None
     finally:
         gc.set_threshold(*thresholds)
         gc.unfreeze()
+        for sig, handler in previous.items():
+            # After an interruption, SIG_IGN rather than our handler: at exit CPython resets
+            # Python-level handlers to SIG_DFL, and a late Ctrl-C then killed it (-2).
+            signal.signal(sig, handler if received is None else signal.SIG_IGN)
 
 
 async def _execute(

@@ -103,6 +103,10 @@ def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
             return command(*args, **kwargs)
         except ImagepipeError as exc:
             raise _fail(exc.message, exc.exit_code) from None
+        except KeyboardInterrupt:  # before or after a run: typer would say "Aborted!", exit 1
+            from imagepipe.entry import interrupted
+
+            raise interrupted() from None
 
     return wrapper
 
