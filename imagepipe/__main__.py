@@ -1,6 +1,6 @@
 """``python -m imagepipe`` is the ``imagepipe`` command."""
 
-from imagepipe.cli import main
+from imagepipe.entry import main
 
 if __name__ == "__main__":
     main()

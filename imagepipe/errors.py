@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from imagepipe.text import escape_control, quoted
+
 if TYPE_CHECKING:
     from imagepipe.durable.errors import DurableError
 
@@ -59,8 +61,13 @@ class BadInput(ImagepipeError):
 
 class UnknownRun(BadInput):
     def __init__(self, run_id: str, db_path: str) -> None:
-        super().__init__(f"no run with id {run_id!r} in {db_path}")
+        super().__init__(f"no run with id {quoted(run_id)} in {escape_control(db_path)}")
         self.run_id = run_id
+
+
+def _shown(value: object) -> str:
+    """A value a user gave or a store held, quoted and escaped for an error message."""
+    return quoted(value) if isinstance(value, str) else escape_control(repr(value))
 
 
 class RunConflict(BadInput):
@@ -68,7 +75,8 @@ class RunConflict(BadInput):
 
     def __init__(self, run_id: str, field: str, stored: object, given: object) -> None:
         super().__init__(
-            f"run {run_id!r} already exists with {field}={stored!r}, not {given!r}; "
+            f"run {quoted(run_id)} already exists with {field}={_shown(stored)}, "
+            f"not {_shown(given)}; "
             "pick another --id or omit it"
         )
         self.run_id = run_id
@@ -97,8 +105,8 @@ class RunBusy(ImagepipeError):
 
     def __init__(self, run_id: str, owner: str) -> None:
         super().__init__(
-            f"run {run_id!r} is being executed by {owner}; wait for it to finish "
-            f"or stop that process, then `imagepipe resume {run_id}`"
+            f"run {quoted(run_id)} is being executed by {escape_control(owner)}; wait for it "
+            f"to finish or stop that process, then `imagepipe resume {escape_control(run_id)}`"
         )
         self.run_id = run_id
 
@@ -134,8 +142,8 @@ class Interrupted(ImagepipeError):
 
     def __init__(self, run_id: str, signal_name: str = "SIGINT") -> None:
         super().__init__(
-            f"interrupted by {signal_name}: run {run_id!r} is saved. "
-            f"Resume with: imagepipe resume {run_id}"
+            f"interrupted by {signal_name}: run {quoted(run_id)} is saved. "
+            f"Resume with: imagepipe resume {escape_control(run_id)}"
         )
         self.run_id = run_id
         self.exit_code = 143 if signal_name == "SIGTERM" else 130

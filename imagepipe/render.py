@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from imagepipe.runs import Branch, RunOutcome, RunSummary
+from imagepipe.text import escape_control
 from imagepipe.ui import Board, Row, board_renderable
 
 __all__ = ["print_outcome", "print_run_list", "print_show", "speedup_line"]
@@ -44,9 +45,10 @@ def _seq(branch: Branch) -> int:
 
 def print_outcome(console: Console, outcome: RunOutcome) -> None:
     """Results in style order, then wall time against the sequential sum."""
+    run_id = escape_control(outcome.id)  # a stored id: anything a store may hold
     if not outcome.executed:
         console.print(
-            f"Run {outcome.id} is already {outcome.state}; showing its stored result "
+            f"Run {run_id} is already {outcome.state}; showing its stored result "
             "(nothing was executed).",
             markup=False,
         )
@@ -67,7 +69,16 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
         else:
             url, duration = "pending", "-"
         source = "replayed" if b.replayed else "computed"
-        rows.append((b.label, url, file, duration, str(b.attempts), source))
+        rows.append(
+            (
+                escape_control(b.label),
+                escape_control(url),
+                escape_control(file),
+                duration,
+                str(b.attempts),
+                source,
+            )
+        )
     # Plain aligned lines, never truncated: URLs must stay whole in any terminal width.
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = [
@@ -77,7 +88,7 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
         + row[-1]
         for row in rows
     ]
-    console.print(f"Results of {outcome.id}:", markup=False)
+    console.print(f"Results of {run_id}:", markup=False)
     console.print(Text(lines[0], style="bold"))
     console.print("\n".join(lines[1:]), markup=False, soft_wrap=True)
     if len(folders) == 1:
@@ -85,7 +96,7 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
     hidden = len(outcome.branches) - len(shown)
     if hidden:
         console.print(
-            f"  … and {hidden:,} more: imagepipe show {outcome.id} --json lists them all",
+            f"  … and {hidden:,} more: imagepipe show {run_id} --json lists them all",
             markup=False,
         )
     if outcome.executed:
@@ -104,8 +115,7 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
         failed = outcome.failures
         console.print(
             Text(
-                f"Run {outcome.id} failed: {len(failed)} of {len(outcome.branches)} "
-                "branches rejected.",
+                f"Run {run_id} failed: {len(failed)} of {len(outcome.branches)} branches rejected.",
                 style="bold red",
             )
         )
@@ -129,13 +139,13 @@ def print_show(console: Console, outcome: RunOutcome) -> None:
     state_style = RUN_STATE_STYLE.get(outcome.state, "")
     console.print(
         Text.assemble(
-            (outcome.id, "bold"),
+            (escape_control(outcome.id), "bold"),
             "  ",
             (outcome.state, state_style),
             f"  created {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(outcome.created_at))}",
         )
     )
-    console.print(Text(f"prompt: {outcome.spec.prompt}"))
+    console.print(Text(f"prompt: {escape_control(outcome.spec.prompt)}"))
     console.print(board_renderable(board, live=False))
     if outcome.history:
         console.print(Text("Failed attempts:", style="bold"))
@@ -143,8 +153,10 @@ def print_show(console: Console, outcome: RunOutcome) -> None:
             assert attempt.error is not None
             when = time.strftime("%H:%M:%S", time.localtime(attempt.started_at))
             console.print(
-                f"  {attempt.promise_id} attempt {attempt.attempt} at {when}: "
-                f"{attempt.error.type}: {attempt.error.message}",
+                escape_control(
+                    f"  {attempt.promise_id} attempt {attempt.attempt} at {when}: "
+                    f"{attempt.error.type}: {attempt.error.message}"
+                ),
                 markup=False,
                 highlight=False,
             )
@@ -163,9 +175,13 @@ def print_run_list(console: Console, runs: list[RunSummary]) -> None:
         failed = run.counts.get("rejected", 0)
         branches = f"{done}/{total}" + (f" ({failed} failed)" if failed else "")
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.created_at))
-        prompt = " ".join(run.prompt.split())
+        prompt = escape_control(" ".join(run.prompt.split()))
         prompt = prompt if len(prompt) <= 50 else prompt[:49] + "…"
         table.add_row(
-            run.id, Text(run.state, RUN_STATE_STYLE.get(run.state, "")), branches, created, prompt
+            Text(escape_control(run.id)),  # Text: no rich markup in stored strings
+            Text(run.state, RUN_STATE_STYLE.get(run.state, "")),
+            branches,
+            created,
+            Text(prompt),
         )
     console.print(table)

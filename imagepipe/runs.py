@@ -19,6 +19,7 @@ from imagepipe.errors import BadInput
 from imagepipe.pipeline import BranchArgs, image_pipeline
 from imagepipe.providers import Faults
 from imagepipe.styles import validate_style
+from imagepipe.text import quoted
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -47,6 +48,8 @@ MAX_VARIATIONS = 100_000
 #: what one run may hold: a branch costs under 1 KB while it runs (measured), so a run of
 #: this size stays well under 1 GB
 MAX_BRANCHES = 200_000
+#: a day: longer is a typo, and nan or inf would make asyncio's timeout meaningless
+MAX_ATTEMPT_TIMEOUT = 86_400.0
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
 _CHILD_SUFFIX = re.compile(r"\.\d+$")
 
@@ -109,7 +112,7 @@ class RunSpec:
         for style in self.styles:
             validate_style(style)
             if style in seen:
-                raise BadInput(f"style {style!r} is given twice")
+                raise BadInput(f"style {quoted(style)} is given twice")
             seen.add(style)
         if not 1 <= self.variations <= MAX_VARIATIONS:
             raise BadInput(
@@ -147,8 +150,12 @@ class Invocation:
             raise BadInput(f"--concurrency must be at least 1, not {self.concurrency}")
         if self.sim_latency_ms is not None and self.sim_latency_ms < 0:
             raise BadInput(f"--sim-latency must be 0 or more, not {self.sim_latency_ms}")
-        if self.attempt_timeout is not None and self.attempt_timeout <= 0:
-            raise BadInput(f"--attempt-timeout must be positive, not {self.attempt_timeout}")
+        timeout = self.attempt_timeout
+        if timeout is not None and not (0 < timeout <= MAX_ATTEMPT_TIMEOUT):
+            raise BadInput(
+                f"--attempt-timeout must be a number of seconds above 0 and at most "
+                f"{MAX_ATTEMPT_TIMEOUT:g}, not {timeout}"
+            )
         for style in sorted(self.faults.fail_styles):
             validate_style(style)
         if self.rpm is not None and self.rpm < 1:
@@ -162,10 +169,14 @@ class Invocation:
 
 
 def validate_run_id(run_id: str) -> None:
+    if not run_id:
+        raise BadInput("the run id is empty; name the run or omit --id for a generated one")
     if not _RUN_ID.fullmatch(run_id):
-        raise BadInput(f"run id {run_id!r} is not valid: use up to 200 letters, digits and _ . : -")
+        raise BadInput(
+            f"run id {quoted(run_id)} is not valid: use up to 200 letters, digits and _ . : -"
+        )
     if _CHILD_SUFFIX.search(run_id):
-        raise BadInput(f"run id {run_id!r} ends like a branch id (.N); choose another")
+        raise BadInput(f"run id {quoted(run_id)} ends like a branch id (.N); choose another")
 
 
 def new_run_id() -> str:

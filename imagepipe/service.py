@@ -136,7 +136,7 @@ def start_run(
                 return await _stored_outcome(store, root)
             return await _execute(store, root, invocation, reporter, resumed=not created)
 
-    return _run(start, run_id)
+    return _run(start, run_id, executes=True)
 
 
 def _with_provider(spec: RunSpec, invocation: Invocation) -> RunSpec:
@@ -202,7 +202,7 @@ def resume_run(
         except StoreMissing:
             raise UnknownRun(run_id, url) from None
 
-    return _run(resume, run_id)
+    return _run(resume, run_id, executes=True)
 
 
 def show_run(url: str, run_id: str) -> RunOutcome:
@@ -252,38 +252,56 @@ def _check_same_spec(run_id: str, stored: RunSpec, given: RunSpec) -> None:
 # -- execution -----------------------------------------------------------------------
 
 
-def _run(command: Callable[[], Awaitable[T]], run_id: str | None) -> T:
-    """Run a command on an event loop: the core's errors become imagepipe's, and Ctrl-C
-    and SIGTERM become :class:`Interrupted` (the run stays resumable)."""
-    received = "SIGINT"
+def _run(command: Callable[[], Awaitable[T]], run_id: str | None, *, executes: bool = False) -> T:
+    """Run a command on an event loop; the core's errors become imagepipe's. For a command
+    that ``executes`` a run, Ctrl-C and SIGTERM become :class:`Interrupted` (the run stays
+    resumable).
+
+    The first signal cancels the run, which stops cleanly (branches left pending, lease
+    released); later ones are ignored. asyncio.run's own SIGINT handler raised
+    KeyboardInterrupt for a second Ctrl-C at whatever line was running, in the middle of
+    that clean-up: Runner.close then waited for tasks that would never finish (a 10-minute
+    hang), or the KeyboardInterrupt escaped after the message was printed (exit -2)."""
+    received: str | None = None
+    main_task: asyncio.Task[T] | None = None
+
+    def stop(name: str) -> None:
+        nonlocal received
+        if received is not None:
+            return  # the first signal's clean stop is under way
+        received = name
+        if main_task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already closed
+                main_task.get_loop().call_soon_threadsafe(main_task.cancel)
 
     async def main() -> T:
-        task = asyncio.current_task()
-        assert task is not None
-
-        def on_sigterm() -> None:
-            nonlocal received
-            received = "SIGTERM"
-            task.cancel()
-
-        loop = asyncio.get_running_loop()
-        # Not available off the main thread (tests) or on Windows: Ctrl-C still works.
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        nonlocal main_task
+        main_task = asyncio.current_task()
+        if received is not None:  # signalled before the loop ran
+            raise asyncio.CancelledError
         return await command()
 
+    # Plain handlers, installed before asyncio.run so that it installs none of its own; not
+    # loop.add_signal_handler, whose wakeup fd outlives the loop's socket by a few lines of
+    # loop.close() ("Bad file descriptor" printed if a signal lands there).
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM) if executes else ():
+        # Not available off the main thread (tests) or on Windows: Ctrl-C still works.
+        with contextlib.suppress(ValueError, OSError):
+            previous[sig] = signal.signal(sig, lambda signum, _: stop(signal.Signals(signum).name))
     try:
         return asyncio.run(main())
     except DurableError as exc:
         raise from_core(exc, run_id) from exc
-    except KeyboardInterrupt:
-        if run_id is None:
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        if not executes or run_id is None:
             raise
-        raise Interrupted(run_id, "SIGINT") from None
-    except asyncio.CancelledError:
-        if run_id is None:
-            raise
-        raise Interrupted(run_id, received) from None
+        raise Interrupted(run_id, received or "SIGINT") from None
+    finally:
+        for sig, handler in previous.items():
+            # After an interruption, SIG_IGN rather than our handler: at exit CPython resets
+            # Python-level handlers to SIG_DFL, and a late Ctrl-C then killed it (-2).
+            signal.signal(sig, handler if received is None else signal.SIG_IGN)
 
 
 async def _execute(

@@ -2,10 +2,10 @@
 
 - ``IMAGEPIPE_DB``: the store's path (``--db`` wins). Default: ``imagepipe.db`` in the
   user data directory (``platformdirs``), e.g. ``~/.local/share/imagepipe/imagepipe.db``.
-- ``IMAGEPIPE_TIME_SCALE``: a positive number multiplying every simulated duration and
-  retry delay. ``0.01`` makes a 2 s back-off take 20 ms; tests and demos use it.
-- ``IMAGEPIPE_BUSY_TIMEOUT``: seconds to wait for another process's write lock on the
-  store before giving up with exit 75 (default 5).
+- ``IMAGEPIPE_TIME_SCALE``: a number from 0 to 1000 multiplying every simulated duration
+  and retry delay. ``0.01`` makes a 2 s back-off take 20 ms; tests and demos use it.
+- ``IMAGEPIPE_BUSY_TIMEOUT``: seconds (0 to 86400) to wait for another process's write
+  lock on the store before giving up with exit 75 (default 5).
 - ``IMAGEPIPE_LEASE_TIMEOUT``: seconds of silence (no heartbeat) after which another
   process may take a run over (default 10); the owner renews every tenth of it.
 - ``IMAGEPIPE_SIMULATE_MAX_PAGES``: fault injection for tests: cap the store at this many
@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from imagepipe.errors import BadInput
+from imagepipe.text import quoted
 
 __all__ = [
     "busy_timeout",
@@ -35,7 +36,7 @@ def default_db_path() -> Path:
     return Path(platformdirs.user_data_dir("imagepipe", appauthor=False)) / "imagepipe.db"
 
 
-def _number(name: str, default: float) -> float:
+def _number(name: str, default: float, maximum: float) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -44,26 +45,28 @@ def _number(name: str, default: float) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise BadInput(f"{name} must be a number >= 0, not {raw!r}")
+        raise BadInput(f"{name} must be a number >= 0, not {quoted(raw)}")
+    if value > maximum:  # 1e308 is finite, and would sleep or wait for ever
+        raise BadInput(f"{name} must be at most {maximum:g}, not {quoted(raw)}")
     return value
 
 
 def time_scale() -> float:
-    return _number("IMAGEPIPE_TIME_SCALE", 1.0)
+    return _number("IMAGEPIPE_TIME_SCALE", 1.0, maximum=1000)
 
 
 def busy_timeout() -> float:
-    return _number("IMAGEPIPE_BUSY_TIMEOUT", 5.0)
+    return _number("IMAGEPIPE_BUSY_TIMEOUT", 5.0, maximum=86_400)
 
 
 def simulated_max_pages() -> int | None:
-    pages = _number("IMAGEPIPE_SIMULATE_MAX_PAGES", 0)
+    pages = _number("IMAGEPIPE_SIMULATE_MAX_PAGES", 0, maximum=2**31 - 1)
     return int(pages) or None
 
 
 def lease_timeout() -> float:
     """Seconds of silence after which another process may take a run over."""
-    seconds = _number("IMAGEPIPE_LEASE_TIMEOUT", 10.0)
+    seconds = _number("IMAGEPIPE_LEASE_TIMEOUT", 10.0, maximum=86_400)
     if seconds <= 0:
         raise BadInput(f"IMAGEPIPE_LEASE_TIMEOUT must be a number > 0, not {seconds:g}")
     return seconds

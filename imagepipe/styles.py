@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagepipe.errors import BadInput
+from imagepipe.text import quoted
 
 __all__ = [
     "BUILTIN_TEMPLATES",
@@ -78,7 +79,8 @@ def _user_templates() -> dict[str, str]:
     for name, template in data.items():
         if not isinstance(template, str) or "{prompt}" not in template:
             raise BadInput(
-                f"style {name!r} in {str(path)!r} must be a string containing {{prompt}}"
+                f"style {quoted(name)} in {quoted(str(path))} must be a string "
+                "containing {prompt}"
             )
         validate_style(name)
         templates[name] = template
@@ -91,7 +93,7 @@ def validate_style(style: str) -> None:
     if len(style) > MAX_STYLE:
         raise BadInput(f"a style has {len(style)} characters; at most {MAX_STYLE}")
     if any(unicodedata.category(ch) == "Cc" for ch in style):
-        raise BadInput(f"style {style!r} holds control characters")
+        raise BadInput(f"style {quoted(style)} holds control characters")
 
 
 def templates_for(styles: tuple[str, ...] | list[str]) -> dict[str, str]:

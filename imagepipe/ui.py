@@ -38,6 +38,7 @@ from imagepipe.durable import (
 )
 from imagepipe.pipeline import BranchArgs
 from imagepipe.runs import RunInfo
+from imagepipe.text import escape_control, quoted
 
 __all__ = [
     "FULL_TABLE_LIMIT",
@@ -200,11 +201,11 @@ def _url(value: object) -> str | None:
 def _detail(row: Row, now: float) -> Text:
     if row.state == "retrying" and row.retry_at is not None:
         left = max(0.0, row.retry_at - now)
-        text = Text(f"retry in {left:.1f} s — {row.error}", style="yellow")
+        text = Text(f"retry in {left:.1f} s — {escape_control(row.error or '')}", style="yellow")
     elif row.state in ("resolved", "replayed") and row.url:
-        text = Text(row.url)
+        text = Text(escape_control(row.url))
     elif row.state == "rejected":
-        text = Text(row.error or "rejected", style="red")
+        text = Text(escape_control(row.error or "rejected"), style="red")
     else:
         text = Text("")
     text.overflow = "ellipsis"
@@ -214,8 +215,8 @@ def _detail(row: Row, now: float) -> Text:
 
 def _row_cells(row: Row, now: float, live: bool) -> list[RenderableType]:
     cells: list[RenderableType] = [
-        row.label,
-        Text(row.id, style="dim"),
+        Text(escape_control(row.label)),
+        Text(escape_control(row.id), style="dim"),
         Text(row.state, style=STATE_STYLE[row.state]),
         str(row.attempt) if row.attempt else "",
     ]
@@ -230,8 +231,8 @@ def _table(rows: list[Row], now: float, live: bool) -> Table:
     table = Table(expand=False, box=None, pad_edge=False, header_style="bold")
     # Fixed columns keep their width; only the result column gives way in a narrow terminal.
     widths = {
-        "style": max((len(r.label) for r in rows), default=5),
-        "id": max((len(r.id) for r in rows), default=2),
+        "style": max((len(escape_control(r.label)) for r in rows), default=5),
+        "id": max((len(escape_control(r.id)) for r in rows), default=2),
         "state": 8,
         "attempt": 7,
         "elapsed": 7,
@@ -264,7 +265,8 @@ def board_renderable(
         mode = "resume" if info.resumed else ("crash mode" if info.spec.crash else "run")
         parts.append(
             Text.from_markup(
-                f"[bold]{escape(info.id)}[/]  {escape(_short(info.spec.prompt, 60))!r}  "
+                f"[bold]{escape(escape_control(info.id))}[/]  "
+                f"{escape(quoted(_short(info.spec.prompt, 60)))}  "
                 f"[dim]{mode} · {len(board.rows)} branches · max {info.max_attempts} attempts[/]"
             )
         )
@@ -308,14 +310,16 @@ def _lines(rows: list[Row], now: float) -> Text:
     """The active rows of a large run as aligned lines, with the table's columns but no
     header. Drawn ~5 times a second beside thousands of branches: a rich Table took
     ~6 ms more per frame (measured), time taken from the run."""
-    label_width = max(len(r.label) for r in rows)
-    id_width = max(len(r.id) for r in rows)
+    labels = [escape_control(r.label) for r in rows]
+    ids = [escape_control(r.id) for r in rows]
+    label_width = max(map(len, labels))
+    id_width = max(map(len, ids))
     lines = []
-    for row in rows:
+    for row, label, row_id in zip(rows, labels, ids, strict=True):
         elapsed = f"{now - row.since:.1f} s" if row.state == "running" else ""
         line = Text.assemble(
-            f"{row.label:<{label_width}}  ",
-            (f"{row.id:<{id_width}}  ", "dim"),
+            f"{label:<{label_width}}  ",
+            (f"{row_id:<{id_width}}  ", "dim"),
             (f"{row.state:<8}", STATE_STYLE[row.state]),
             f"  {row.attempt or '':>2}  {elapsed:>6}  ",
             _detail(row, now),
@@ -339,10 +343,11 @@ class PlainReporter:
 
     def run_started(self, info: RunInfo) -> None:
         what = "Resuming" if info.resumed else "Started"
-        self._say(f"{what} run {info.id}: {info.spec.prompt!r}")
+        self._say(f"{what} run {info.id}: {quoted(info.spec.prompt)}")
         self._say(f"If interrupted, resume with: imagepipe resume {info.id}")
 
     def _say(self, line: str) -> None:
+        line = escape_control(line)  # ids, prompts, URLs and errors come from the store
         self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def _tagged(self, promise_id: str, message: str) -> None:
@@ -403,4 +408,4 @@ class LiveReporter:
         self.board.apply(event)
         if isinstance(event, AttemptFailed) and event.retry_in is not None:
             line = failure_line(event.func, event.error, event.retry_in)
-            self.console.print(Text(line, style="yellow"))
+            self.console.print(Text(escape_control(line), style="yellow"))

@@ -4,6 +4,7 @@ import functools
 import inspect
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from imagepipe.errors import ImagepipeError, RunFailed
+from imagepipe.errors import BadInput, ImagepipeError, RunFailed, UnusableStore
+from imagepipe.text import escape_control, invalid_utf8, quoted
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -102,8 +104,32 @@ NoColorOption = Annotated[
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    print(f"error: {message}", file=sys.stderr)
+    # The last guard: whatever user or stored text a message quotes, it stays one line
+    # and cannot drive the terminal.
+    print(f"error: {escape_control(message)}", file=sys.stderr)
     return typer.Exit(code)
+
+
+#: how an error names each text parameter a command takes
+_TEXT_PARAMETERS = {
+    "prompt": "the prompt",
+    "run_id": "the run id",
+    "style": "--style",
+    "fail_style": "--fail-style",
+    "db": "--db",
+}
+
+
+def _check_utf8(arguments: dict[str, Any]) -> None:
+    """Refuse text that was not valid UTF-8 on the command line (or in IMAGEPIPE_DB).
+
+    Python keeps such bytes as lone surrogates, which SQLite and the terminal cannot
+    encode: refused here, before anything opens or creates the store."""
+    for name, label in _TEXT_PARAMETERS.items():
+        value = arguments.get(name)
+        for text in value if isinstance(value, list) else [value]:
+            if text is not None and invalid_utf8(str(text)):
+                raise BadInput(f"{label} is not valid UTF-8: {quoted(str(text))}")
 
 
 def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
@@ -112,9 +138,14 @@ def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            _check_utf8(kwargs)
             return command(*args, **kwargs)
         except ImagepipeError as exc:
             raise _fail(exc.message, exc.exit_code) from None
+        except KeyboardInterrupt:  # before or after a run: typer would say "Aborted!", exit 1
+            from imagepipe.entry import interrupted
+
+            raise interrupted() from None
         except Exception as exc:
             from imagepipe.durable import DurableError
             from imagepipe.errors import from_core
@@ -290,14 +321,31 @@ def make_invocation(
 
 
 def store_url(db: str | None) -> str:
-    """The store the command uses: ``--db`` / ``IMAGEPIPE_DB``, else the default file."""
+    """The store the command uses: ``--db`` / ``IMAGEPIPE_DB``, else the default file. A
+    file path that names something other than a regular file (a directory, /dev/null, a
+    fifo) is refused with exit 2, before SQLite opens it and writes a journal beside it."""
     from imagepipe.settings import default_db_path
 
+    if db and "://" in db:
+        return db
     if db:
-        return str(Path(db).expanduser()) if "://" not in db else db
-    path = default_db_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+        path = Path(db).expanduser()
+    else:
+        path = default_db_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+    _check_regular_file(path)
     return str(path)
+
+
+def _check_regular_file(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode  # follows symlinks: a link to a database file is fine
+    except OSError:
+        return  # absent (created later) or unreadable: the store says which, precisely
+    if stat.S_ISDIR(mode):
+        raise UnusableStore(f"--db {path} is a directory, not a database file")
+    if not stat.S_ISREG(mode):
+        raise UnusableStore(f"--db {path} is not a regular file")
 
 
 def make_console(no_color: bool) -> "Console":

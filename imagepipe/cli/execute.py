@@ -99,7 +99,7 @@ def run(
     )
     if out is not None:
         invocation = dataclasses.replace(invocation, out_dir=out)
-    path, chosen_id = store_url(db), run_id or new_run_id()
+    path, chosen_id = store_url(db), new_run_id() if run_id is None else run_id
     execute_and_report(
         lambda reporter: start_run(path, chosen_id, spec, invocation, reporter),
         json_out=json_out,

@@ -1,0 +1,120 @@
+"""Text a hostile user types, or a store holds, never drives the terminal when printed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pexpect
+import pytest
+from typer.testing import CliRunner
+
+from imagepipe.cli import app
+from imagepipe.text import escape_control, quoted
+
+from conftest import cli_argv, cli_env
+
+runner = CliRunner()
+# Retitles the terminal, then clears it; the fox and the accent must survive as they are.
+HOSTILE = "a \x1b]0;pwned\x07\x1b[2J\u202e[red]fox café 🦊"
+SHOWN = "a \\x1b]0;pwned\\x07\\x1b[2J\\u202e[red]fox café 🦊"
+RAW = ("\x1b]", "\x07", "\x1b[2J", "\u202e")
+
+
+def assert_escaped(out: str) -> None:
+    for raw in RAW:
+        assert raw not in out
+    assert SHOWN in out
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain ascii", "plain ascii"),
+        ("café 🦊 Ωμέγα 東京", "café 🦊 Ωμέγα 東京"),
+        ("zero\u200dwidth joiner", "zero\u200dwidth joiner"),  # emoji sequences need it
+        ("a\x1b[2Jb", "a\\x1b[2Jb"),
+        ("bell\x07 del\x7f c1\x9b", "bell\\x07 del\\x7f c1\\x9b"),
+        ("two\nlines\tand\r", "two\\nlines\\tand\\r"),
+        ("caf\udce9", "caf\\xe9"),  # an undecodable byte, as Python keeps it in argv
+        ("lone \ud800", "lone \\ud800"),
+        ("\u202eevil\u2066", "\\u202eevil\\u2066"),
+    ],
+)
+def test_escape_control(text: str, shown: str) -> None:
+    assert escape_control(text) == shown
+    escape_control(text).encode("utf-8")  # always printable on a UTF-8 stream
+
+
+def test_quoted_is_single_quoted_and_escaped() -> None:
+    assert quoted("caf\udce9") == "'caf\\xe9'"
+
+
+def _run(*args: str) -> str:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return str(result.stdout)
+
+
+def test_plain_lines_show_and_list_escape_the_prompt() -> None:
+    plain = _run("run", HOSTILE, "--id", "h1", "--style", "cartoon")
+    assert_escaped(plain)
+    assert_escaped(_run("show", "h1"))
+    listing = _run("list")
+    for raw in RAW:
+        assert raw not in listing
+    assert SHOWN in listing  # and no rich markup: "[red]" is text
+
+
+def test_json_stays_valid_json_with_the_text_intact() -> None:
+    data = json.loads(_run("run", HOSTILE, "--id", "h2", "--style", "cartoon", "--json"))
+    assert data["prompt"] == HOSTILE
+    assert json.loads(_run("show", "h2", "--json"))["prompt"] == HOSTILE
+    assert json.loads(_run("list", "--json"))[0]["prompt"] == HOSTILE
+
+
+def test_error_messages_escape_what_they_quote(db_path: Path) -> None:
+    _run("run", "a fox", "--id", "h3", "--style", "cartoon")
+    result = runner.invoke(app, ["run", HOSTILE, "--id", "h3", "--style", "cartoon"])
+    assert result.exit_code == 2
+    assert_escaped(result.stderr)
+    assert result.stderr.count("\n") == 1
+
+
+def test_stored_error_messages_are_escaped_in_show(db_path: Path) -> None:
+    # A style name reaches the stored error message of a refused branch.
+    bad = "cartoon"
+    result = runner.invoke(app, ["run", HOSTILE, "--id", "h4", "-s", bad, "--fail-style", bad])
+    assert result.exit_code == 1
+    assert_escaped(result.stdout)
+    assert_escaped(_run("show", "h4"))
+
+
+def test_live_view_escapes_the_prompt(db_path: Path) -> None:
+    environment = cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01", TERM="xterm-256color")
+    environment.pop("NO_COLOR", None)
+    argv = cli_argv("run", HOSTILE, "--id", "tty", "--style", "cartoon")
+    child = pexpect.spawn(
+        argv[0], argv[1:], env=environment, dimensions=(40, 160), encoding="utf-8", timeout=60
+    )
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    screen = str(child.before)
+    assert "\x1b[" in screen, "a terminal gets the live view"
+    for raw in RAW:
+        assert raw not in screen
+    assert "\\x1b]0;pwned\\x07\\x1b[2J" in screen
+
+
+def test_a_real_process_prints_escaped_errors(db_path: Path) -> None:
+    done = subprocess.run(
+        cli_argv("run", "x", "--style", "car\x1b[2Jtoon"),
+        env=cli_env(db_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr == ("error: style 'car\\x1b[2Jtoon' holds control characters\n")
