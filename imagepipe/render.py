@@ -146,7 +146,25 @@ def print_show(console: Console, outcome: RunOutcome) -> None:
         )
     )
     console.print(Text(f"prompt: {escape_control(outcome.spec.prompt)}"))
+    spec = outcome.spec
+    options = ", ".join(f"{k} {v}" for k, v in sorted(spec.options.items()))
+    console.print(
+        Text(escape_control(f"provider: {spec.provider}" + (f" ({options})" if options else "")))
+    )
     console.print(board_renderable(board, live=False))
+    files = [b for b in outcome.branches if b.value and b.value.get("path")]
+    if files:
+        console.print(Text("Files:", style="bold"))
+        for b in files:
+            assert b.value is not None
+            value = b.value
+            details = [f"{value.get('width')}x{value.get('height')}", f"{value.get('bytes'):,} B"]
+            details += [f"request {value['request_id']}"] if value.get("request_id") else []
+            line = f"  {b.label}  {value['path']}  ({', '.join(details)})"
+            console.print(escape_control(line), markup=False, highlight=False, soft_wrap=True)
+            if value.get("revised_prompt"):
+                revised = f"    revised prompt: {value['revised_prompt']}"
+                console.print(escape_control(revised), markup=False, highlight=False)
     if outcome.history:
         console.print(Text("Failed attempts:", style="bold"))
         for attempt in outcome.history:

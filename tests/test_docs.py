@@ -14,7 +14,17 @@ README = (Path(__file__).parent.parent / "README.md").read_text()
 def test_every_command_and_option_is_in_the_readme() -> None:
     group = typer.main.get_command(app)
     commands = group.commands  # type: ignore[attr-defined]
-    assert set(commands) == {"run", "resume", "retry", "list", "show", "db-path"}
+    assert set(commands) == {
+        "run",
+        "resume",
+        "retry",
+        "list",
+        "show",
+        "db-path",
+        "providers",
+        "styles",
+        "verify",
+    }
     missing = []
     for name, command in commands.items():
         if f"imagepipe {name}" not in README:

@@ -10,13 +10,14 @@ from typing import Annotated
 
 import typer
 
-from imagepipe.cli import execute, inspect
+from imagepipe.cli import catalog, execute, inspect
 from imagepipe.cli.common import app
 
 __all__ = ["app", "main"]
 
 execute.register(app)
 inspect.register(app)
+catalog.register(app)
 
 
 def _version(value: bool) -> None:

@@ -50,6 +50,34 @@ def show(
         print_show(make_console(no_color), outcome)
 
 
+def verify(
+    run_id: Annotated[str, typer.Argument(metavar="ID", help="The run whose files to check.")],
+    db: DbOption = None,
+) -> None:
+    """Re-hash a run's image files: exit 1 naming each one that is missing or changed."""
+    from imagepipe.errors import RunFailed
+    from imagepipe.files import verify_images
+    from imagepipe.service import show_run
+    from imagepipe.text import escape_control
+
+    outcome = show_run(store_url(db), run_id)
+    files = [
+        (str(b.value["path"]), str(b.value["sha256"]))
+        for b in outcome.images
+        if b.value and b.value.get("path")
+    ]
+    problems = verify_images(files)
+    for problem in problems:
+        print(escape_control(problem.description))
+    if problems:
+        raise RunFailed(
+            f"{len(problems)} of {len(files)} files of run {run_id} are missing or changed"
+        )
+    print(
+        f"{len(files)} files of run {escape_control(run_id)} verified: every one matches its sha256"
+    )
+
+
 def db_path(db: DbOption = None) -> None:
     """Print the store's path; open it with: sqlite3 "$(imagepipe db-path)"."""
     print(store_url(db))
@@ -58,4 +86,5 @@ def db_path(db: DbOption = None) -> None:
 def register(app: typer.Typer) -> None:
     app.command(name="list")(reports_errors(list_runs))
     app.command(name="show")(reports_errors(show))
+    app.command(name="verify")(reports_errors(verify))
     app.command(name="db-path")(reports_errors(db_path))
