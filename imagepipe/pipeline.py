@@ -52,6 +52,7 @@ class ImageValue(TypedDict, total=False):
 
     style: str
     variation: int
+    prompt_index: int
     url: str | None
     duration_ms: int
     path: str | None
@@ -75,10 +76,15 @@ class PipelineResult(TypedDict):
 
 
 async def generate_image(
-    step: Step[Deps], prompt: str, style: str, variation: int = 0, crash: bool = False
+    step: Step[Deps],
+    prompt: str,
+    style: str,
+    variation: int = 0,
+    crash: bool = False,
+    prompt_index: int | None = None,
 ) -> ImageValue:
     """One branch: one image from the provider, keyed by the branch's durable id, written
-    to disk before the branch resolves."""
+    to disk before the branch resolves. ``prompt_index``: the row of a prompt file."""
     deps = step.deps
     template = deps.templates.get(style, "{prompt}")
     request = ProviderRequest(
@@ -103,8 +109,10 @@ async def generate_image(
         "model": image.model,
         "request_id": image.request_id,
     }
+    if prompt_index is not None:
+        value["prompt_index"] = prompt_index
     if image.data:
-        value.update(await _save(image, deps.out_dir, style, variation))
+        value.update(await _save(image, deps.out_dir, style, variation, prompt_index))
     else:
         value["path"] = None
     for key in ("seed", "revised_prompt", "usage"):
@@ -113,13 +121,15 @@ async def generate_image(
     return value
 
 
-async def _save(image: ProviderImage, out_dir: Path | None, style: str, variation: int) -> Any:
+async def _save(
+    image: ProviderImage, out_dir: Path | None, style: str, variation: int, index: int | None
+) -> Any:
     """Write the image atomically (in a thread: fsync blocks) and describe the file."""
     from imagepipe.files import MIME_EXTENSIONS, image_file_name, save_image, sniff_mime
 
     assert out_dir is not None, "a run that makes images has an output directory"
     mime = sniff_mime(image.data)
-    name = image_file_name(style, variation, MIME_EXTENSIONS[mime])
+    name = image_file_name(style, variation, MIME_EXTENSIONS[mime], index)
     return dict(await asyncio.to_thread(save_image, out_dir, name, image.data))
 
 
@@ -132,16 +142,25 @@ async def image_pipeline(
     provider: str = "simulated",
     options: Mapping[str, Any] | None = None,
     templates: Mapping[str, str] | None = None,
+    prompts: list[dict[str, Any]] | None = None,
 ) -> PipelineResult:
     # Fan-out: start every generation at once; begin_run returns a handle immediately.
+    # A prompt file's row may name its own style and count; its index names its branches.
     handles: list[Handle[ImageValue]] = []
-    for style in styles:
-        for variation in range(variations):
-            handles.append(
-                ctx.begin_run(
-                    generate_image, prompt=prompt, style=style, variation=variation, crash=crash
+    for index, row in enumerate(prompts or [{"prompt": prompt}]):
+        rows_index = {"prompt_index": index} if prompts else {}
+        for style in [row["style"]] if row.get("style") else styles:
+            for variation in range(row.get("variations") or variations):
+                handles.append(
+                    ctx.begin_run(
+                        generate_image,
+                        prompt=row["prompt"],
+                        style=style,
+                        variation=variation,
+                        crash=crash,
+                        **rows_index,
+                    )
                 )
-            )
 
     # Fan-in: wait for each result. A failing branch is retried on its own meanwhile.
     images: list[ImageValue] = []
@@ -159,6 +178,8 @@ class BranchArgs:
     style: str
     variation: int = 0
     crash: bool = False
+    #: the row of a prompt file, None for a run of one prompt
+    prompt_index: int | None = None
 
     @classmethod
     def read(cls, args: Mapping[str, Any]) -> BranchArgs:
@@ -166,11 +187,13 @@ class BranchArgs:
         call's keyword arguments."""
         named = bind_args(generate_image, args) if "version" in args else args
         try:
+            index = named.get("prompt_index")
             return cls(
                 str(named["prompt"]),
                 str(named["style"]),
                 int(named.get("variation", 0)),
                 bool(named.get("crash", False)),
+                None if index is None else int(index),
             )
         except (KeyError, TypeError, ValueError):
             return cls("?", "?", 0, False)

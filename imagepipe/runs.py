@@ -70,9 +70,39 @@ class RunSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     #: the template of each style, fixed when the run starts
     templates: Mapping[str, str] = field(default_factory=dict)
+    #: the rows of a prompt file (``prompts.prompts_identity``); empty for one prompt
+    prompts: tuple[Mapping[str, Any], ...] = ()
 
     #: what ``imagepipe run`` with another spec for the same id is refused over, in order
-    FIELDS = ("prompt", "styles", "crash", "variations", "provider", "options", "templates")
+    FIELDS = (
+        "prompts",
+        "prompt",
+        "styles",
+        "crash",
+        "variations",
+        "provider",
+        "options",
+        "templates",
+    )
+
+    @property
+    def branch_count(self) -> int:
+        if not self.prompts:
+            return len(self.styles) * self.variations
+        return sum(
+            (1 if row.get("style") else len(self.styles))
+            * (row.get("variations") or self.variations)
+            for row in self.prompts
+        )
+
+    @property
+    def all_styles(self) -> list[str]:
+        """Every style a branch uses, in first-use order."""
+        seen = dict.fromkeys(self.styles if not self.prompts else ())
+        for row in self.prompts:
+            for style in [row["style"]] if row.get("style") else self.styles:
+                seen.setdefault(style)
+        return list(seen)
 
     def kwargs(self) -> dict[str, Any]:
         """The workflow's arguments by name, as the run's root stores them."""
@@ -84,6 +114,7 @@ class RunSpec:
             "provider": self.provider,
             "options": dict(self.options),
             "templates": dict(self.templates),
+            **({"prompts": [dict(row) for row in self.prompts]} if self.prompts else {}),
         }
 
     @classmethod
@@ -99,6 +130,7 @@ class RunSpec:
             str(named["provider"]),
             dict(named["options"] or {}),
             dict(named["templates"] or {}),
+            tuple(named["prompts"] or ()),
         )
 
     def validate(self) -> None:
@@ -118,11 +150,11 @@ class RunSpec:
             raise BadInput(
                 f"--variations must be between 1 and {MAX_VARIATIONS}, not {self.variations}"
             )
-        branches = len(self.styles) * self.variations
+        branches = self.branch_count
         if branches > MAX_BRANCHES:
             raise BadInput(
-                f"{branches} branches ({len(self.styles)} styles x {self.variations}); one run "
-                f"holds at most {MAX_BRANCHES}: split it into several runs"
+                f"this run would have {branches:,} branches; one run holds at most "
+                f"{MAX_BRANCHES:,}: split it into several runs"
             )
 
 

@@ -36,7 +36,7 @@ from imagepipe.durable import (
     encode_args,
     open_store,
 )
-from imagepipe.errors import Interrupted, RunConflict, UnknownRun, from_core
+from imagepipe.errors import BadInput, Interrupted, RunConflict, UnknownRun, from_core
 from imagepipe.files import default_image_dir
 from imagepipe.pipeline import Deps, image_pipeline
 from imagepipe.providers import SimulatedProvider
@@ -55,6 +55,7 @@ from imagepipe.runs import (
     validate_run_id,
 )
 from imagepipe.styles import templates_for
+from imagepipe.text import quoted
 
 __all__ = ["list_runs", "resume_run", "show_run", "start_run"]
 
@@ -147,7 +148,7 @@ def _with_provider(spec: RunSpec, invocation: Invocation) -> RunSpec:
     options = build_options(provider_class.Options, spec.provider, list(invocation.option_pairs))
     provider_class.check_credentials(options)
     return dataclasses.replace(
-        spec, options=identity(options), templates=templates_for(spec.styles)
+        spec, options=identity(options), templates=templates_for(spec.all_styles)
     )
 
 
@@ -241,6 +242,17 @@ def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
 
 
 def _check_same_spec(run_id: str, stored: RunSpec, given: RunSpec) -> None:
+    if stored.prompts or given.prompts:
+        from imagepipe.prompts import first_changed_row
+
+        changed = first_changed_row(
+            [dict(r) for r in stored.prompts], [dict(r) for r in given.prompts]
+        )
+        if changed:
+            raise BadInput(
+                f"run {quoted(run_id)} already exists with another prompt file: {changed}; "
+                "pick another --id or omit it"
+            )
     for name in RunSpec.FIELDS:
         old, new = getattr(stored, name), getattr(given, name)
         if old != new:

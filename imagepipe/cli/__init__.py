@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from imagepipe.cli import catalog, execute, inspect
+from imagepipe.cli import catalog, execute, inspect, publish
 from imagepipe.cli.common import app
 
 __all__ = ["app", "main"]
@@ -18,6 +18,7 @@ __all__ = ["app", "main"]
 execute.register(app)
 inspect.register(app)
 catalog.register(app)
+publish.register(app)
 
 
 def _version(value: bool) -> None:

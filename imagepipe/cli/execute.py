@@ -17,18 +17,23 @@ from imagepipe.cli.common import (
     reports_errors,
     store_url,
 )
+from imagepipe.errors import BadInput
 
 if TYPE_CHECKING:
-    from imagepipe.runs import Invocation
+    from imagepipe.runs import Invocation, RunSpec
 
 IdArgument = Annotated[str, typer.Argument(metavar="ID", help="The run's id.")]
 
 
 def run(
     prompt: Annotated[
-        str,
-        typer.Argument(metavar="PROMPT", help='What to draw, e.g. "A futuristic city skyline".'),
-    ],
+        str | None,
+        typer.Argument(
+            metavar="[PROMPT]",
+            help='What to draw, e.g. "A futuristic city skyline" (or give --prompts FILE).',
+            show_default=False,
+        ),
+    ] = None,
     style: Annotated[
         list[str] | None,
         typer.Option(
@@ -73,6 +78,17 @@ def run(
             "see `imagepipe providers`.",
         ),
     ] = "simulated",
+    prompts: Annotated[
+        str | None,
+        typer.Option(
+            "--prompts",
+            metavar="FILE",
+            help="Many prompts: a .txt file (one a line; # comments), a .csv with a prompt "
+            "column or a .jsonl with a prompt key (CSV and JSONL rows may give style and "
+            "variations). One run: prompts x styles x variations.",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[
         str | None,
         typer.Option(
@@ -94,9 +110,13 @@ def run(
     from imagepipe.service import start_run
     from imagepipe.styles import DEFAULT_STYLES
 
-    spec = RunSpec(
-        prompt, tuple(style) if style else DEFAULT_STYLES, crash, variations, provider=provider
-    )
+    styles = tuple(style) if style else DEFAULT_STYLES
+    if prompts is not None:
+        spec = _prompt_file_spec(prompt, prompts, styles, crash, variations, provider)
+    elif prompt is None:
+        raise BadInput('say what to draw: imagepipe run "a lighthouse", or --prompts FILE')
+    else:
+        spec = RunSpec(prompt, styles, crash, variations, provider=provider)
     if out is not None:
         invocation = dataclasses.replace(invocation, out_dir=out)
     path, chosen_id = store_url(db), new_run_id() if run_id is None else run_id
@@ -105,6 +125,34 @@ def run(
         json_out=json_out,
         quiet=quiet,
         no_color=no_color,
+    )
+
+
+def _prompt_file_spec(
+    prompt: str | None,
+    path: str,
+    styles: tuple[str, ...],
+    crash: bool,
+    variations: int,
+    provider: str,
+) -> RunSpec:
+    """The spec of a run over a prompt file; every row is checked before anything starts."""
+    from pathlib import Path
+
+    from imagepipe.prompts import load_prompts, prompts_identity
+    from imagepipe.runs import RunSpec
+
+    if prompt is not None:
+        raise BadInput("give a PROMPT or --prompts FILE, not both")
+    rows = load_prompts(Path(path), styles=len(styles), variations=variations)
+    label = f"{Path(path).name} ({len(rows):,} prompts)"
+    return RunSpec(
+        label,
+        styles,
+        crash,
+        variations,
+        provider=provider,
+        prompts=tuple(prompts_identity(rows)),
     )
 
 
