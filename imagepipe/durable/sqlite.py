@@ -70,6 +70,8 @@ def _translate(exc: sqlite3.Error, where: str) -> StoreError:
         return StoreWriteFailed(where, "could not be written (disk I/O error)")
     if "not a database" in text or "malformed" in text or "corrupt" in text:
         return StoreCorrupt(where, "is corrupt")
+    if "could not decode" in text:  # damaged text in a row; the message quotes its bytes
+        return StoreCorrupt(where, "is corrupt (a row holds text that is not UTF-8)")
     return StoreError(where, f"failed: {str(exc)!r}")
 
 
