@@ -30,6 +30,7 @@ __all__ = [
     "ImageValue",
     "PipelineResult",
     "generate_image",
+    "image_location",
     "image_pipeline",
     "variation_label",
 ]
@@ -200,7 +201,16 @@ class BranchArgs:
 
     @property
     def label(self) -> str:
-        return variation_label(self.style, self.variation)
+        """``style#n``, after ``#row`` for a prompt file's branch: ``#3 cartoon#1``."""
+        label = variation_label(self.style, self.variation)
+        return label if self.prompt_index is None else f"#{self.prompt_index + 1} {label}"
+
+
+def image_location(value: Mapping[str, Any]) -> str | None:
+    """Where a branch's image is, as a line of output shows it: the provider's URL where
+    there is one (the simulated provider keeps the reference's), else the file."""
+    location = value.get("url") or value.get("path")
+    return None if location is None else str(location)
 
 
 def variation_label(style: str, variation: int) -> str:

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from imagepipe.pipeline import image_location
 from imagepipe.runs import Branch, RunOutcome, RunSummary
 from imagepipe.text import escape_control
 from imagepipe.ui import Board, Row, board_renderable
@@ -59,7 +60,7 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
         file = ""
         if b.state == "resolved" and b.value:
             path = b.value.get("path")
-            url = str(b.value.get("url") or path)
+            url = image_location(b.value) or "?"
             duration = f"{b.value['duration_ms']}ms"
             if path:
                 file = PurePath(path).name
@@ -132,7 +133,7 @@ def print_show(console: Console, outcome: RunOutcome) -> None:
                 b.label,
                 state=state,
                 attempt=b.attempts,
-                url=str(b.value["url"]) if b.value else None,
+                url=image_location(b.value) if b.value else None,
                 error=None if b.error is None else f"{b.error.type}: {b.error.message}",
             )
         )
@@ -147,6 +148,10 @@ def print_show(console: Console, outcome: RunOutcome) -> None:
     )
     console.print(Text(f"prompt: {escape_control(outcome.spec.prompt)}"))
     spec = outcome.spec
+    rows = {b.args.prompt_index for b in outcome.branches if b.args.prompt_index is not None}
+    if len(rows) == 1:  # one prompt of a prompt file (show --prompt N)
+        line = f"prompt #{rows.pop() + 1}: {outcome.branches[0].args.prompt}"
+        console.print(Text(escape_control(line)))
     options = ", ".join(f"{k} {v}" for k, v in sorted(spec.options.items()))
     console.print(
         Text(escape_control(f"provider: {spec.provider}" + (f" ({options})" if options else "")))

@@ -253,6 +253,9 @@ def _check_same_spec(run_id: str, stored: RunSpec, given: RunSpec) -> None:
                 f"run {quoted(run_id)} already exists with another prompt file: {changed}; "
                 "pick another --id or omit it"
             )
+    for key in sorted(set(stored.options) | set(given.options)):
+        if stored.options.get(key) != given.options.get(key):
+            raise RunConflict(run_id, f"-o {key}", stored.options.get(key), given.options.get(key))
     for name in RunSpec.FIELDS:
         old, new = getattr(stored, name), getattr(given, name)
         if old != new:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ from imagepipe.durable import (
     PromiseReplayed,
     PromiseResolved,
 )
-from imagepipe.pipeline import BranchArgs
+from imagepipe.pipeline import BranchArgs, image_location
 from imagepipe.runs import RunInfo
 from imagepipe.text import escape_control, quoted
 
@@ -80,6 +81,8 @@ class Row:
     retry_at: float | None = None
     error: str | None = None
     url: str | None = None
+    #: the row of a prompt file the branch belongs to, if the run has one
+    group: int | None = None
 
 
 @dataclass
@@ -96,6 +99,8 @@ class Board:
     finished: float | None = None
     # (time, settled count) samples for the rate and ETA, at most one per RATE_SAMPLE
     settled_log: list[tuple[float, int]] = field(default_factory=list)
+    #: for a run over a prompt file: each prompt's branches counted by state
+    groups: dict[int, Counter[str]] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -104,15 +109,22 @@ class Board:
     def _move(self, row: Row, state: str) -> None:
         del self.by_state[row.state][row.id]
         self.by_state[state][row.id] = row
+        if row.group is not None:
+            counts = self.groups[row.group]
+            counts[row.state] -= 1
+            counts[state] += 1
         row.state = state
 
     def add(self, row: Row) -> Row:
         self.rows[row.id] = row
         self.by_state[row.state][row.id] = row
+        if row.group is not None:
+            self.groups.setdefault(row.group, Counter())[row.state] += 1
         return row
 
     def _add(self, promise_id: str, args: dict[str, Any], state: str) -> Row:
-        return self.add(Row(promise_id, BranchArgs.read(args).label, state))
+        branch = BranchArgs.read(args)
+        return self.add(Row(promise_id, branch.label, state, group=branch.prompt_index))
 
     @property
     def settled(self) -> int:
@@ -195,7 +207,7 @@ def _attempts(n: int) -> str:
 
 
 def _url(value: object) -> str | None:
-    return str(value["url"]) if isinstance(value, dict) and "url" in value else None
+    return image_location(value) if isinstance(value, dict) else None
 
 
 def _detail(row: Row, now: float) -> Text:
@@ -298,12 +310,48 @@ def _summary(board: Board, now: float) -> RenderableType:
     room = ACTIVE_ROWS_SHOWN - len(shown)
     shown += heapq.nsmallest(room, current, key=lambda r: (r.state != "retrying", r.since))
     parts: list[RenderableType] = [bar]
+    if board.groups:
+        parts.append(_prompt_rows(board))
     if shown:
         parts.append(_lines(shown, now))
     hidden = sum(len(by_state[s]) for s in ("rejected", "retrying", "running")) - len(shown)
     if hidden > 0:
         parts.append(Text(f"… and {hidden} more running, retrying or rejected", style="dim"))
     return Group(*parts)
+
+
+PROMPT_ROWS_SHOWN = 8
+ACTIVE = ("running", "retrying", "rejected")
+
+
+def _prompt_rows(board: Board) -> RenderableType:
+    """A run over a prompt file, one row a prompt: the prompts with branches running,
+    retrying or rejected first (at most a few), each with its counts."""
+    prompts = board.info.spec.prompts if board.info is not None else ()
+    active = [i for i, c in board.groups.items() if any(c[s] for s in ACTIVE)]
+    chosen = sorted(active)[:PROMPT_ROWS_SHOWN]
+    table = Table(box=None, pad_edge=False, show_edge=False, show_header=False)
+    for _ in range(3):
+        table.add_column()
+    for index in chosen:
+        counts = board.groups[index]
+        prompt = str(prompts[index]["prompt"]) if index < len(prompts) else "?"
+        done = sum(counts[s] for s in ("resolved", "replayed", "rejected"))
+        states = " · ".join(f"{counts[s]} {s}" for s in STATES if counts[s])
+        table.add_row(
+            f"#{index + 1}",
+            Text(_short(escape_control(prompt), 50)),
+            Text(f"{done}/{sum(counts.values())}  {states}", style="dim"),
+        )
+    settled = ("resolved", "replayed", "rejected")
+    finished = sum(
+        1 for c in board.groups.values() if sum(c[s] for s in settled) == sum(c.values())
+    )
+    rest = len(board.groups) - len(chosen)
+    note = Text(f"{len(board.groups)} prompts, {finished} finished", style="dim")
+    if rest > 0:
+        note.append(f"; {rest} not shown")
+    return Group(table, note) if chosen else note
 
 
 def _lines(rows: list[Row], now: float) -> Text:

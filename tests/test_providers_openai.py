@@ -94,7 +94,10 @@ async def test_a_missing_key_says_which_variable_to_set(
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(MissingCredentials) as info:
         check_credentials()
-    assert (info.value.message, info.value.exit_code) == ("set OPENAI_API_KEY", 2)
+    assert (info.value.message, info.value.exit_code) == (
+        "no API key: set OPENAI_API_KEY (this provider reads its key from it)",
+        2,
+    )
     with pytest.raises(MissingCredentials):
         await OpenAIProvider().generate(request(), MemorySteps())
     assert openai_fake.requests["create"] == 0

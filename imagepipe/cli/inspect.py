@@ -37,13 +37,34 @@ def show(
     run_id: Annotated[str, typer.Argument(metavar="ID", help="The run to show.")],
     db: DbOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    prompt: Annotated[
+        int | None,
+        typer.Option(
+            "--prompt",
+            metavar="N",
+            help="Of a run over a prompt file: only the branches of its N-th prompt (1 = "
+            "the first).",
+            show_default=False,
+        ),
+    ] = None,
     no_color: NoColorOption = False,
 ) -> None:
     """Show a stored run and each branch: durable id, state, attempts, value or error."""
+    import dataclasses
+
+    from imagepipe.errors import BadInput
     from imagepipe.render import print_show
     from imagepipe.service import show_run
 
     outcome = show_run(store_url(db), run_id)
+    if prompt is not None:
+        count = len(outcome.spec.prompts)
+        if not 1 <= prompt <= count:
+            where = f"1 to {count}" if count else "none: this run has one prompt"
+            raise BadInput(f"--prompt must be {where}, not {prompt}")
+        chosen = [b for b in outcome.branches if b.args.prompt_index == prompt - 1]
+        history = [a for a in outcome.history if a.promise_id in {b.id for b in chosen}]
+        outcome = dataclasses.replace(outcome, branches=chosen, history=history)
     if json_out:
         print(json.dumps(outcome.show_json()))
     else:

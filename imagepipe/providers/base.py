@@ -221,5 +221,5 @@ class MissingCredentials(ProviderError, BadInput):
     retryable = False
 
     def __init__(self, variable: str) -> None:
-        super().__init__(f"set {variable}")
+        super().__init__(f"no API key: set {variable} (this provider reads its key from it)")
         self.variable = variable
