@@ -165,7 +165,7 @@ async def test_token_errors(replicate_fake: ReplicateFake, monkeypatch: pytest.M
     assert info.value.message == "Incorrect API key provided"
     assert replicate_fake.requests["create"] == 1
     monkeypatch.delenv("REPLICATE_API_TOKEN")
-    with pytest.raises(MissingCredentials, match=r"^set REPLICATE_API_TOKEN$"):
+    with pytest.raises(MissingCredentials, match=r"^no API key: set REPLICATE_API_TOKEN "):
         check_credentials()
     steps = MemorySteps()
     with pytest.raises(MissingCredentials):
