@@ -19,12 +19,13 @@ __all__ = ["print_outcome", "print_run_list", "print_show", "speedup_line"]
 RUN_STATE_STYLE = {"resolved": "green", "failed": "bold red", "pending": "magenta"}
 
 
-def speedup_line(wall_ms: int, sequential_ms: int) -> str | None:
+def speedup_line(wall_ms: int, sequential_ms: int, *, retried: bool = True) -> str | None:
     if wall_ms <= 0 or sequential_ms <= 0:
         return None
     ratio = sequential_ms / wall_ms
     if ratio < 1:
-        return f"{1 / ratio:.1f}× the sequential time: retry back-off outweighed the parallelism"
+        why = "retry back-off" if retried else "waiting for the provider and the disk"
+        return f"{1 / ratio:.1f}× the sequential time: {why} outweighed the parallelism"
     return f"{ratio:.1f}× faster than sequential"
 
 
@@ -110,7 +111,13 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
             "not recomputed",
             markup=False,
         )
-    elif outcome.executed and (speedup := speedup_line(outcome.wall_ms, outcome.sequential_ms)):
+    elif outcome.executed and (
+        speedup := speedup_line(
+            outcome.wall_ms,
+            outcome.sequential_ms,
+            retried=any(b.attempts > 1 for b in outcome.branches),
+        )
+    ):
         console.print(speedup, markup=False)
     if outcome.state == "failed":
         failed = outcome.failures

@@ -24,6 +24,8 @@ def test_every_command_and_option_is_in_the_readme() -> None:
         "providers",
         "styles",
         "verify",
+        "export",
+        "gallery",
     }
     missing = []
     for name, command in commands.items():
