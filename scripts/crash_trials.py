@@ -20,7 +20,11 @@ is settled, and checks:
 Prints one line such as ``100/100 trials ok, 0 lost, 0 re-executed, 213 kills`` and exits
 non-zero if any trial broke a rule. The test suite runs a short form of it.
 
-    python scripts/crash_trials.py [--trials 100] [--seed 1] [--workers 2] [--keep DIR]
+Then it runs the job trials (kills between the durable sub-steps of a job-style provider)
+and the takeover trials of ``scripts/job_trials.py``, one summary line each.
+
+    python scripts/crash_trials.py [--trials 100] [--jobs 10] [--takeovers 5] [--seed 1]
+                                   [--workers 2] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -332,6 +336,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed of the random plans")
     parser.add_argument("--workers", type=int, default=2, help="trials run at once")
     parser.add_argument("--keep", type=Path, help="keep the database in this directory")
+    parser.add_argument(
+        "--jobs", type=int, default=10, help="job trials with nested steps (default 10)"
+    )
+    parser.add_argument(
+        "--takeovers", type=int, default=5, help="SIGSTOP takeover trials (default 5)"
+    )
     args = parser.parse_args(argv)
     if args.trials < 1 or args.workers < 1:
         parser.error("--trials and --workers must be at least 1")
@@ -360,7 +370,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     re_executed = sum(r.re_executed for _, r in results)
     kills = sum(r.kills for _, r in results)
     print(f"{ok}/{len(results)} trials ok, {lost} lost, {re_executed} re-executed, {kills} kills")
-    return 0 if ok == len(results) else 1
+    from job_trials import job_trials, takeover_trials
+
+    jobs = job_trials(args.jobs, args.seed, workdir)
+    takeovers = takeover_trials(args.takeovers, args.seed, workdir)
+    for problem in jobs.problems + takeovers.problems:
+        print(f"FAILED: {problem}", file=sys.stderr)
+    print(jobs.line())
+    print(takeovers.line())
+    all_ok = ok == len(results) and jobs.ok == jobs.trials and takeovers.ok == takeovers.trials
+    return 0 if all_ok else 1
 
 
 if __name__ == "__main__":

@@ -35,9 +35,19 @@ def prompt_run(tmp_path: Path, run_id: str = "many") -> dict[str, Any]:
     prompts = tmp_path / "prompts.csv"
     prompts.write_text(CSV)
     result = invoke(
-        "run", "--prompts", str(prompts), "-s", "cartoon", "-s", "sketch", "--id", run_id,
-        "--out", str(tmp_path / "images"), "--json",
-    )  # fmt: skip
+        "run",
+        "--prompts",
+        str(prompts),
+        "-s",
+        "cartoon",
+        "-s",
+        "sketch",
+        "--id",
+        run_id,
+        "--out",
+        str(tmp_path / "images"),
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     data: dict[str, Any] = json.loads(result.stdout)
     return data
@@ -75,8 +85,17 @@ def test_a_bad_row_is_refused_before_anything_is_written(tmp_path: Path, db_path
 def test_the_same_id_with_an_edited_file_is_refused_naming_the_row(tmp_path: Path) -> None:
     prompt_run(tmp_path)
     (tmp_path / "prompts.csv").write_text(CSV.replace("mountains in fog", "mountains in mist"))
-    result = invoke("run", "--prompts", str(tmp_path / "prompts.csv"), "--id", "many",
-                    "-s", "cartoon", "-s", "sketch")  # fmt: skip
+    result = invoke(
+        "run",
+        "--prompts",
+        str(tmp_path / "prompts.csv"),
+        "--id",
+        "many",
+        "-s",
+        "cartoon",
+        "-s",
+        "sketch",
+    )
     assert result.exit_code == 2
     assert "line 4: prompt 'mountains in fog' is now 'mountains in mist'" in result.stderr
 
@@ -97,9 +116,18 @@ def test_the_export_loads_in_datasets_with_every_row_and_column(
     loaded = load_with_datasets(tmp_path, tmp_path / "ds")[str(tmp_path / "ds")]
     assert loaded["splits"] == ["train"]
     assert set(loaded["columns"]) == {
-        "image", "prompt", "style", "variation", "provider", "model", "size", "seed",
-        "sha256", "attempts", "request_id",
-    }  # fmt: skip
+        "image",
+        "prompt",
+        "style",
+        "variation",
+        "provider",
+        "model",
+        "size",
+        "seed",
+        "sha256",
+        "attempts",
+        "request_id",
+    }
     assert len(loaded["rows"]) == 6
     assert {r["prompt"] for r in loaded["rows"]} == {
         "a lighthouse at dusk",
@@ -121,9 +149,19 @@ def test_the_gallery_of_a_run_loads_in_a_browser(
     # Real processes: the browser's driver runs an event loop in this thread.
     (tmp_path / "prompts.csv").write_text(CSV)
     run = [
-        "run", "--prompts", str(tmp_path / "prompts.csv"), "-s", "cartoon", "-s", "sketch",
-        "--id", "many", "--out", str(tmp_path / "images"), "--json",
-    ]  # fmt: skip
+        "run",
+        "--prompts",
+        str(tmp_path / "prompts.csv"),
+        "-s",
+        "cartoon",
+        "-s",
+        "sketch",
+        "--id",
+        "many",
+        "--out",
+        str(tmp_path / "images"),
+        "--json",
+    ]
     for args in (run, ["gallery", "many"]):
         done = subprocess.run(
             cli_argv(*args), env=cli_env(db_path), capture_output=True, text=True, timeout=60
