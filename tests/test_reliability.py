@@ -354,3 +354,33 @@ def test_newer_schema_is_a_clear_error(db_path: Path) -> None:
     assert result.exit_code == 74
     assert "newer than this imagepipe knows" in result.stderr
     assert "upgrade imagepipe" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_says_what_to_do_and_the_run_resumes(db_path: Path) -> None:
+    import resource
+
+    def small_files() -> None:  # ulimit -f 64: files of at most 64 KiB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    args = ["run", "a prompt to fill the store", "-n", "300", "--sim-latency", "0", "--id", "q"]
+    done = subprocess.run(
+        cli_argv(*args, "--json"),
+        env=cli_env(db_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=small_files,
+    )
+    assert done.returncode == 74
+    assert done.stderr.count("\n") == 1
+    assert "ulimit -f" in done.stderr
+    assert done.stderr.rstrip().endswith("then imagepipe resume q")
+    again = subprocess.run(
+        cli_argv("resume", "q", "--sim-latency", "0", "--json"),
+        env=cli_env(db_path),
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr
+    assert len(json.loads(again.stdout)["images"]) == 900
