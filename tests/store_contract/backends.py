@@ -11,7 +11,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SQLiteBackend"]
+from postgres_server import PostgresServer
+
+__all__ = ["PostgresBackend", "SQLiteBackend"]
 
 
 @dataclass
@@ -22,3 +24,26 @@ class SQLiteBackend:
 
     async def fresh_url(self) -> str:
         return f"sqlite://{self.root / f'store-{next(self._count)}.db'}"
+
+    def cleanup(self) -> None:
+        pass
+
+
+@dataclass
+class PostgresBackend:
+    """A new database on the session's one server for each fresh store."""
+
+    server: PostgresServer
+    name: str = "postgresql"
+    _created: list[str] = field(default_factory=list)
+
+    async def fresh_url(self) -> str:
+        url = self.server.new_database()
+        self._created.append(url)
+        return url
+
+    def cleanup(self) -> None:
+        """Drop the databases this backend created (their stores are closed by now)."""
+        for url in self._created:
+            self.server.drop_database(url)
+        self._created.clear()
