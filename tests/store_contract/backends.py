@@ -25,13 +25,16 @@ class SQLiteBackend:
     async def fresh_url(self) -> str:
         return f"sqlite://{self.root / f'store-{next(self._count)}.db'}"
 
+    def release(self, url: str) -> None:
+        """The store at ``url`` is closed and done with (a new file is cheap: kept)."""
+
     def cleanup(self) -> None:
         pass
 
 
 @dataclass
 class PostgresBackend:
-    """A new database on the session's one server for each fresh store."""
+    """An empty database on the session's one server for each fresh store."""
 
     server: PostgresServer
     name: str = "postgresql"
@@ -42,8 +45,12 @@ class PostgresBackend:
         self._created.append(url)
         return url
 
+    def release(self, url: str) -> None:
+        """The store at ``url`` is closed and done with: its database may serve again."""
+        self._created.remove(url)
+        self.server.release_database(url)
+
     def cleanup(self) -> None:
-        """Drop the databases this backend created (their stores are closed by now)."""
-        for url in self._created:
-            self.server.drop_database(url)
-        self._created.clear()
+        """Release the databases still held (their stores are closed by now)."""
+        for url in list(self._created):
+            self.release(url)
