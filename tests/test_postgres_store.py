@@ -15,6 +15,7 @@ from postgres_server import PostgresServer, database_name
 
 from imagepipe.durable import (
     Lease,
+    LeaseHeld,
     NewPromise,
     StoreBusy,
     StoreCorrupt,
@@ -28,7 +29,7 @@ from imagepipe.durable import (
 )
 from imagepipe.durable.postgres import PostgresStore, describe_url
 from imagepipe.durable.postgres_schema import SCHEMA_VERSION
-from imagepipe.durable.records import Fence
+from imagepipe.durable.records import Fence, Settlement
 
 SECRET = "s3cr3t-pw"
 
@@ -186,3 +187,57 @@ async def test_children_come_back_in_launch_order_by_number_not_text(
         assert [c.seq for c in await store.children("r")] == list(range(12))
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("key_was", ["new", "released"])
+async def test_racing_acquirers_leave_exactly_one_holder(postgres_url: str, key_was: str) -> None:
+    stores = await asyncio.gather(*(open_store(postgres_url) for _ in range(4)))
+    epoch = 1
+    try:
+        if key_was == "released":
+            first = Lease("race", "first", os.getpid(), socket.gethostname())
+            await stores[0].release_lease(
+                await stores[0].acquire_lease(first, stale_after=10, holder_gone=lambda h: False)
+            )
+            epoch = 2
+        claims = [Lease("race", f"owner{n}", os.getpid(), socket.gethostname()) for n in range(4)]
+        outcomes = await asyncio.gather(
+            *(
+                store.acquire_lease(claim, stale_after=10, holder_gone=lambda h: False)
+                for store, claim in zip(stores, claims, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        won = [o for o in outcomes if isinstance(o, Lease)]
+        assert len(won) == 1, outcomes
+        assert all(isinstance(o, LeaseHeld) for o in outcomes if o not in won)
+        holder = await stores[0].lease_holder("race")
+        assert holder is not None
+        assert (holder.owner, holder.epoch) == (won[0].owner, epoch)
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_racing_settlements_first_wins_and_the_others_read_it(postgres_url: str) -> None:
+    stores = await asyncio.gather(*(open_store(postgres_url) for _ in range(4)))
+    try:
+        await stores[0].apply(WriteBatch(creates=[new("r"), new("r.0", "r", 0)]))
+        answers = await asyncio.gather(
+            *(
+                store.apply(
+                    WriteBatch(settlements=[Settlement("r.0", "resolved", f'"{n}"', None, 2.0)])
+                )
+                for n, store in enumerate(stores)
+            )
+        )
+        record = await stores[0].get("r.0")
+        assert record is not None
+        winners = [n for n, lost in enumerate(answers) if not lost]
+        assert winners == [int(record.value)]
+        for lost in answers:
+            if lost:
+                assert (lost["r.0"].state, lost["r.0"].value) == ("resolved", record.value)
+    finally:
+        for store in stores:
+            await store.close()
