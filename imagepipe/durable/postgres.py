@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -64,6 +65,11 @@ _CONNECT_TIMEOUT = 10
 _POOL_SIZE = 4
 #: SQLSTATEs of a lock or snapshot that another transaction held too long
 _BUSY = frozenset({"55P03", "40001", "40P01", "57014", "53300"})
+
+# The pool logs each failed reconnection (a server restarting) as a warning; with no
+# logging configured Python would print those on stderr, through a run's output. An
+# application that configures logging still gets them.
+logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
 
 S = TypeVar("S", bound="PostgresStore")
 P = ParamSpec("P")
