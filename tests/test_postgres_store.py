@@ -27,7 +27,8 @@ from imagepipe.durable import (
     encode_args,
     open_store,
 )
-from imagepipe.durable.postgres import PostgresStore, describe_url
+from imagepipe.durable.postgres import PostgresStore
+from imagepipe.durable.postgres_errors import describe_url
 from imagepipe.durable.postgres_schema import SCHEMA_VERSION
 from imagepipe.durable.records import Fence, Settlement
 

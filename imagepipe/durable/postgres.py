@@ -13,11 +13,9 @@ clock (``clock_timestamp()``), never the caller's.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import re
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -26,18 +24,12 @@ from psycopg_pool import AsyncConnectionPool
 from imagepipe.durable.errors import (
     LeaseHeld,
     LeaseLost,
-    StoreBusy,
     StoreConflict,
     StoreCorrupt,
-    StoreError,
-    StoreFull,
-    StoreMissing,
-    StoreNewer,
-    StoreReadOnly,
     StoreUnusable,
-    StoreWriteFailed,
 )
-from imagepipe.durable.postgres_schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA, SCHEMA_VERSION
+from imagepipe.durable.postgres_errors import describe_url, guarded, reason, translate
+from imagepipe.durable.postgres_schema import prepare_schema
 from imagepipe.durable.records import (
     AttemptRecord,
     ErrorInfo,
@@ -50,7 +42,7 @@ from imagepipe.durable.records import (
 )
 from imagepipe.durable.store import Store, StoreOptions
 
-__all__ = ["PostgresStore", "describe_url"]
+__all__ = ["PostgresStore"]
 
 #: the database's clock, in Unix seconds
 _NOW = "extract(epoch FROM clock_timestamp())::double precision"
@@ -63,70 +55,11 @@ _COLUMNS = (
 _CONNECT_TIMEOUT = 10
 #: connections per store: a run's writes are serial; the heartbeat and reads need a few more
 _POOL_SIZE = 4
-#: SQLSTATEs of a lock or snapshot that another transaction held too long
-_BUSY = frozenset({"55P03", "40001", "40P01", "57014", "53300"})
 
 # The pool logs each failed reconnection (a server restarting) as a warning; with no
 # logging configured Python would print those on stderr, through a run's output. An
 # application that configures logging still gets them.
 logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
-
-S = TypeVar("S", bound="PostgresStore")
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def describe_url(url: str) -> str:
-    """The store's name in messages: ``user@host:port/dbname``, without the password."""
-    try:
-        parts = conninfo_to_dict(url)
-    except psycopg.Error:
-        return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1@", url)
-    user = f"{parts['user']}@" if parts.get("user") else ""
-    port = f":{parts['port']}" if parts.get("port") else ""
-    return f"{user}{parts.get('host') or 'localhost'}{port}/{parts.get('dbname') or ''}"
-
-
-def _reason(exc: BaseException, secret: str | None) -> str:
-    """The one line of a psycopg error worth showing: the server's or libpq's own words
-    after the last "failed:", with "FATAL:" and any password taken out."""
-    text = str(exc).split("failed:")[-1].strip() or type(exc).__name__
-    text = " ".join(text.splitlines()[0].removeprefix("FATAL:").split())
-    if secret:
-        text = text.replace(secret, "***")
-    return text
-
-
-def _translate(exc: psycopg.Error, where: str) -> StoreError:
-    state = exc.sqlstate or ""
-    if state in _BUSY:
-        return StoreBusy(where, "is locked by another process")
-    if state == "53100":
-        return StoreFull(where, "cannot grow: the database server's disk is full")
-    if state == "25006":
-        return StoreReadOnly(where, "is read-only (a standby server, or a read-only database)")
-    if state == "42501":
-        return StoreReadOnly(where, "refuses this user's writes (permission denied)")
-    if state == "58030" or state.startswith("53"):
-        return StoreWriteFailed(where, f"could not be written ({_reason(exc, None)})")
-    if isinstance(exc, psycopg.OperationalError) and not state:
-        return StoreError(where, f"cannot be reached ({_reason(exc, None)})")
-    return StoreError(where, f"failed: {_reason(exc, None)!r}")
-
-
-def _guarded(
-    method: Callable[Concatenate[S, P], Coroutine[Any, Any, R]],
-) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
-    """Turn any psycopg error into a one-line :class:`StoreError`."""
-
-    @functools.wraps(method)
-    async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await method(self, *args, **kwargs)
-        except psycopg.Error as exc:
-            raise _translate(exc, self.where) from exc
-
-    return wrapper
 
 
 class PostgresStore(Store):
@@ -149,8 +82,8 @@ class PostgresStore(Store):
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
-            reason = _reason(exc, None)
-            raise StoreUnusable(where, f"is not a valid PostgreSQL URL ({reason})") from None
+            why = reason(exc)
+            raise StoreUnusable(where, f"is not a valid PostgreSQL URL ({why})") from None
         secret = str(params.get("password") or "")
         lock_ms = str(max(1, round(options.busy_timeout * 1000)))
         kwargs: dict[str, Any] = {"autocommit": True, "application_name": "imagepipe"}
@@ -163,13 +96,13 @@ class PostgresStore(Store):
         try:
             conn = await psycopg.AsyncConnection.connect(url, **kwargs)
         except psycopg.Error as exc:
-            raise StoreUnusable(where, f"cannot be opened: {_reason(exc, secret)}") from None
+            raise StoreUnusable(where, f"cannot be opened: {reason(exc, secret)}") from None
         try:
             async with conn:
                 await configure(conn)
-                await _prepare(conn, where, options)
+                await prepare_schema(conn, where, create=options.create)
         except psycopg.Error as exc:
-            raise _translate(exc, where) from exc
+            raise translate(exc, where) from exc
         pool: AsyncConnectionPool = AsyncConnectionPool(
             url,
             kwargs=kwargs,
@@ -200,7 +133,7 @@ class PostgresStore(Store):
 
     # -- the one write path --------------------------------------------------------
 
-    @_guarded
+    @guarded
     async def apply(self, batch: WriteBatch) -> Mapping[str, Settled]:
         async with self._transaction() as cur:
             if batch.fence is not None:
@@ -299,7 +232,7 @@ class PostgresStore(Store):
 
     # -- reads ---------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     async def get(self, promise_id: str) -> PromiseRecord | None:
         async with self._reading() as cur:
             await cur.execute(
@@ -308,7 +241,7 @@ class PostgresStore(Store):
             row = await cur.fetchone()
         return None if row is None else self._record(row)
 
-    @_guarded
+    @guarded
     async def children(self, parent_id: str) -> list[PromiseRecord]:
         async with self._reading() as cur:
             await cur.execute(
@@ -318,7 +251,7 @@ class PostgresStore(Store):
             rows = await cur.fetchall()
         return [self._record(row) for row in rows]
 
-    @_guarded
+    @guarded
     async def roots(self, limit: int | None = None) -> list[RootRecord]:
         async with self._reading() as cur:
             await cur.execute(
@@ -353,7 +286,7 @@ class PostgresStore(Store):
             )
         return records
 
-    @_guarded
+    @guarded
     async def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
         async with self._reading() as cur:
             await cur.execute(
@@ -402,7 +335,7 @@ class PostgresStore(Store):
 
     # -- leases --------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     async def acquire_lease(
         self, claim: Lease, *, stale_after: float, holder_gone: Callable[[Lease], bool]
     ) -> Lease:
@@ -435,7 +368,7 @@ class PostgresStore(Store):
             )
         return Lease(claim.key, claim.owner, claim.pid, claim.host, epoch, 0.0)
 
-    @_guarded
+    @guarded
     async def lease_holder(self, key: str) -> Lease | None:
         async with self._reading() as cur:
             await cur.execute(
@@ -446,7 +379,7 @@ class PostgresStore(Store):
             row = await cur.fetchone()
         return None if row is None else Lease(key, *row)
 
-    @_guarded
+    @guarded
     async def renew_lease(self, lease: Lease) -> None:
         async with self._transaction() as cur:
             await cur.execute(
@@ -457,7 +390,7 @@ class PostgresStore(Store):
             if cur.rowcount != 1:
                 raise LeaseLost(lease.key, lease.epoch)
 
-    @_guarded
+    @guarded
     async def release_lease(self, lease: Lease) -> None:
         async with self._transaction() as cur:
             await cur.execute(
@@ -465,49 +398,6 @@ class PostgresStore(Store):
                 " AND owner = %s",
                 (lease.key, lease.epoch, lease.owner),
             )
-
-
-async def _prepare(conn: psycopg.AsyncConnection[Any], where: str, options: StoreOptions) -> None:
-    """Check the store's schema version; create or migrate it (under the advisory lock)."""
-    version = await _schema_version(conn, where)
-    if version is None and not options.create:
-        raise StoreMissing(where, "holds no imagepipe store")
-    if version is not None and version > SCHEMA_VERSION:
-        raise StoreNewer(where, version, SCHEMA_VERSION)
-    if version == SCHEMA_VERSION:
-        return
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        # Re-read under the lock: another process may have migrated meanwhile.
-        version = await _schema_version(conn, where) or 0
-        if version > SCHEMA_VERSION:
-            raise StoreNewer(where, version, SCHEMA_VERSION)
-        for number in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[number - 1]:
-                await conn.execute(statement.encode())
-            await conn.execute("UPDATE imagepipe.schema_version SET version = %s", (number,))
-
-
-async def _schema_version(conn: psycopg.AsyncConnection[Any], where: str) -> int | None:
-    """The stored schema version; None if the database holds no store yet."""
-    cur = await conn.execute(
-        "SELECT to_regclass('imagepipe.schema_version') IS NOT NULL,"
-        " (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        "  WHERE n.nspname = %s)",
-        (SCHEMA,),
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    has_version, relations = row
-    if not has_version:
-        if relations:
-            raise StoreUnusable(where, f"has a schema {SCHEMA!r} of another program")
-        return None
-    rows = await (await conn.execute("SELECT version FROM imagepipe.schema_version")).fetchall()
-    if len(rows) != 1 or not isinstance(rows[0][0], int):
-        raise StoreCorrupt(where, "holds a damaged schema version")
-    version: int = rows[0][0]
-    return version
 
 
 def _params(item: Any) -> dict[str, Any]:

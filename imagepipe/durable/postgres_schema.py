@@ -22,8 +22,14 @@ turns version N-1 into N; a released one is never edited.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["MIGRATIONS", "MIGRATION_LOCK", "SCHEMA", "SCHEMA_VERSION"]
+from imagepipe.durable.errors import StoreCorrupt, StoreMissing, StoreNewer, StoreUnusable
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+
+__all__ = ["MIGRATIONS", "MIGRATION_LOCK", "SCHEMA", "SCHEMA_VERSION", "prepare_schema"]
 
 #: the PostgreSQL schema (namespace) that holds the store's tables
 SCHEMA = "imagepipe"
@@ -75,3 +81,46 @@ _MIGRATION_1 = (
 #: in the migrating transaction. Append only; never edit a released one.
 MIGRATIONS: Sequence[Sequence[str]] = (_MIGRATION_1,)
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+async def prepare_schema(conn: AsyncConnection[Any], where: str, *, create: bool) -> None:
+    """Check the store's schema version; create or migrate it (under the advisory lock)."""
+    version = await _schema_version(conn, where)
+    if version is None and not create:
+        raise StoreMissing(where, "holds no imagepipe store")
+    if version is not None and version > SCHEMA_VERSION:
+        raise StoreNewer(where, version, SCHEMA_VERSION)
+    if version == SCHEMA_VERSION:
+        return
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        # Re-read under the lock: another process may have migrated meanwhile.
+        version = await _schema_version(conn, where) or 0
+        if version > SCHEMA_VERSION:
+            raise StoreNewer(where, version, SCHEMA_VERSION)
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[number - 1]:
+                await conn.execute(statement.encode())
+            await conn.execute("UPDATE imagepipe.schema_version SET version = %s", (number,))
+
+
+async def _schema_version(conn: AsyncConnection[Any], where: str) -> int | None:
+    """The stored schema version; None if the database holds no store yet."""
+    cur = await conn.execute(
+        "SELECT to_regclass('imagepipe.schema_version') IS NOT NULL,"
+        " (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        "  WHERE n.nspname = %s)",
+        (SCHEMA,),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    has_version, relations = row
+    if not has_version:
+        if relations:
+            raise StoreUnusable(where, f"has a schema {SCHEMA!r} of another program")
+        return None
+    rows = await (await conn.execute("SELECT version FROM imagepipe.schema_version")).fetchall()
+    if len(rows) != 1 or not isinstance(rows[0][0], int):
+        raise StoreCorrupt(where, "holds a damaged schema version")
+    version: int = rows[0][0]
+    return version
