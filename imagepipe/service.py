@@ -200,8 +200,8 @@ def resume_run(
                 return await _execute(
                     store, root, invocation, reporter, resumed=True, reopen=reopen
                 )
-        except StoreMissing:
-            raise UnknownRun(run_id, url) from None
+        except StoreMissing as missing:
+            raise UnknownRun(run_id, missing.where) from None
 
     return _run(resume, run_id, executes=True)
 
@@ -214,8 +214,8 @@ def show_run(url: str, run_id: str) -> RunOutcome:
                 outcome = await _stored_outcome(store, root)
                 history = await store.failed_attempts(run_id)
                 return dataclasses.replace(outcome, history=history)
-        except StoreMissing:
-            raise UnknownRun(run_id, url) from None
+        except StoreMissing as missing:
+            raise UnknownRun(run_id, missing.where) from None
 
     return _run(show, run_id)
 

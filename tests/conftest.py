@@ -18,6 +18,9 @@ import pytest
 
 from imagepipe.durable import Store, open_store
 
+#: the session's PostgreSQL server (``postgres_server``, ``postgres_url``), started on first use
+pytest_plugins = ["postgres_server"]
+
 FAST = "0.01"
 
 

@@ -1,8 +1,9 @@
 """The storage interface every backend implements, and :func:`open_store` to pick one.
 
 A store is opened from a URL: ``sqlite:///path/to/file.db`` (or a plain path) for the
-embedded SQLite backend. Every method is ``async``; a backend that does its short work
-synchronously (SQLite) may still do so inside them.
+embedded SQLite backend, ``postgresql://user@host/dbname`` (or ``postgres://``) for a
+PostgreSQL database that several machines share. Every method is ``async``; a backend
+that does its short work synchronously (SQLite) may still do so inside them.
 
 Writes have one path, :meth:`Store.apply`: a :class:`~.records.WriteBatch` is one
 transaction, committed before ``apply`` returns, and fenced by the epoch of the lease it
@@ -125,6 +126,7 @@ async def open_store(url: str, options: StoreOptions | None = None) -> Store:
         from imagepipe.durable.sqlite import SQLiteStore
 
         return SQLiteStore.open(rest, options)
-    from imagepipe.durable.errors import StoreUnusable
+    # Imported here only: SQLite runs and ``--help`` never load psycopg.
+    from imagepipe.durable.postgres import PostgresStore
 
-    raise StoreUnusable(url, "uses a backend this build does not have")
+    return await PostgresStore.open(url, options)

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
 from imagepipe.durable import Store, open_store
-from store_contract.backends import SQLiteBackend
+from store_contract.backends import PostgresBackend, SQLiteBackend
 
-Backend = SQLiteBackend
+Backend = SQLiteBackend | PostgresBackend
 
 
-@pytest.fixture(params=["sqlite"])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    return SQLiteBackend()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    chosen: Backend
+    if request.param == "postgresql":
+        chosen = PostgresBackend(request.getfixturevalue("postgres_server"))
+    else:
+        chosen = SQLiteBackend()
+    yield chosen
+    chosen.cleanup()
 
 
 @pytest.fixture

@@ -66,6 +66,7 @@ Write = tuple[str, Any]
 class StoreMachine(RuleBasedStateMachine):
     def __init__(self, backend: Backend) -> None:
         super().__init__()
+        self.backend = backend
         self.loop = asyncio.new_event_loop()
         self.url = self.run(backend.fresh_url())
         self.store: Store = self.run(open_store(self.url))
@@ -78,6 +79,7 @@ class StoreMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.run(self.store.close())
         self.loop.close()
+        self.backend.release(self.url)
 
     # -- one batch of random writes, applied or refused whole --------------------------
 

@@ -1,0 +1,417 @@
+"""The PostgreSQL store: where several machines meet. Schema in :mod:`.postgres_schema`.
+
+psycopg 3 (async) over a small connection pool. Every write is one transaction inside a
+single method call, as in the SQLite store; a write batch is fenced in that transaction
+(the lease row is read ``FOR SHARE``, so no takeover can interleave), and each kind of
+write is one ``executemany``, which psycopg sends in pipeline mode: a batch of a thousand
+writes is a handful of round trips, not a thousand. Time for leases is the database's
+clock (``clock_timestamp()``), never the caller's.
+
+``where`` names the store as ``user@host:port/dbname``: never the password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool
+
+from imagepipe.durable.errors import (
+    LeaseHeld,
+    LeaseLost,
+    StoreConflict,
+    StoreCorrupt,
+    StoreUnusable,
+)
+from imagepipe.durable.postgres_errors import describe_url, guarded, reason, translate
+from imagepipe.durable.postgres_schema import prepare_schema
+from imagepipe.durable.records import (
+    AttemptRecord,
+    ErrorInfo,
+    Lease,
+    PromiseRecord,
+    RootRecord,
+    Settled,
+    WriteBatch,
+    decode_json,
+)
+from imagepipe.durable.store import Store, StoreOptions
+
+__all__ = ["PostgresStore"]
+
+#: the database's clock, in Unix seconds
+_NOW = "extract(epoch FROM clock_timestamp())::double precision"
+_STATES = frozenset({"pending", "resolved", "rejected"})
+_COLUMNS = (
+    "id, parent_id, seq, func, args, state, value, error, attempts, failures, "
+    "created_at, settled_at, options"
+)
+#: seconds to wait for a connection when the URL does not say
+_CONNECT_TIMEOUT = 10
+#: connections per store: a run's writes are serial; the heartbeat and reads need a few more
+_POOL_SIZE = 4
+
+# The pool logs each failed reconnection (a server restarting) as a warning; with no
+# logging configured Python would print those on stderr, through a run's output. An
+# application that configures logging still gets them.
+logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
+
+
+class PostgresStore(Store):
+    """A :class:`~imagepipe.durable.store.Store` in a PostgreSQL database."""
+
+    def __init__(self, pool: AsyncConnectionPool, where: str) -> None:
+        self._pool = pool
+        self.where = where
+
+    # -- opening -------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, url: str, options: StoreOptions) -> PostgresStore:
+        """Open the store in the database at ``url``, its schema created or migrated.
+
+        The database must exist; with ``options.create`` false, one that holds no store
+        is :class:`StoreMissing`. ``options.busy_timeout`` is the lock timeout;
+        ``verify`` and ``max_pages`` are SQLite's (PostgreSQL checks its own pages)."""
+        where = describe_url(url)
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            why = reason(exc)
+            raise StoreUnusable(where, f"is not a valid PostgreSQL URL ({why})") from None
+        secret = str(params.get("password") or "")
+        lock_ms = str(max(1, round(options.busy_timeout * 1000)))
+        kwargs: dict[str, Any] = {"autocommit": True, "application_name": "imagepipe"}
+        if "connect_timeout" not in params:
+            kwargs["connect_timeout"] = _CONNECT_TIMEOUT
+
+        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute("SELECT set_config('lock_timeout', %s, false)", (lock_ms,))
+
+        try:
+            conn = await psycopg.AsyncConnection.connect(url, **kwargs)
+        except psycopg.Error as exc:
+            raise StoreUnusable(where, f"cannot be opened: {reason(exc, secret)}") from None
+        try:
+            async with conn:
+                await configure(conn)
+                await prepare_schema(conn, where, create=options.create)
+        except psycopg.Error as exc:
+            raise translate(exc, where) from exc
+        pool: AsyncConnectionPool = AsyncConnectionPool(
+            url,
+            kwargs=kwargs,
+            min_size=1,
+            max_size=_POOL_SIZE,
+            open=False,
+            configure=configure,
+            check=AsyncConnectionPool.check_connection,
+            timeout=max(_CONNECT_TIMEOUT, options.busy_timeout),
+            name=f"imagepipe {where}",
+        )
+        await pool.open()
+        return cls(pool, where)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
+        """One transaction: committed at the end of the block, rolled back on error."""
+        async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
+        async with self._pool.connection() as conn, conn.cursor() as cur:
+            yield cur
+
+    # -- the one write path --------------------------------------------------------
+
+    @guarded
+    async def apply(self, batch: WriteBatch) -> Mapping[str, Settled]:
+        async with self._transaction() as cur:
+            if batch.fence is not None:
+                await cur.execute(
+                    "SELECT epoch FROM imagepipe.leases WHERE key = %s FOR SHARE",
+                    (batch.fence.key,),
+                )
+                row = await cur.fetchone()
+                if row is None or row[0] != batch.fence.epoch:
+                    raise LeaseLost(batch.fence.key, batch.fence.epoch)
+            if batch.reopens:
+                await cur.executemany(
+                    "UPDATE imagepipe.promises SET state = 'pending', error = NULL,"
+                    " settled_at = NULL, failures = 0 WHERE id = %s AND state = 'rejected'",
+                    [(promise_id,) for promise_id in batch.reopens],
+                )
+            if batch.creates:
+                await cur.executemany(
+                    "INSERT INTO imagepipe.promises (id, parent_id, seq, func, args, options,"
+                    " state, value, created_at, settled_at) VALUES (%(id)s, %(parent_id)s,"
+                    " %(seq)s, %(func)s, %(args_json)s, %(options_json)s, %(state)s,"
+                    " %(value_json)s, %(created_at)s, CASE WHEN %(state)s = 'pending'"
+                    " THEN NULL ELSE %(created_at)s::double precision END)"
+                    " ON CONFLICT (id) DO NOTHING",
+                    [_params(c) for c in batch.creates],
+                )
+                if cur.rowcount != len(batch.creates):
+                    raise StoreConflict(self.where, "already holds promises this batch creates")
+            if batch.starts:
+                await cur.executemany(
+                    "UPDATE imagepipe.promises SET attempts = %(attempt)s"
+                    " WHERE id = %(id)s AND state = 'pending' AND attempts < %(attempt)s",
+                    [_params(s) for s in batch.starts],
+                )
+                if cur.rowcount != len(batch.starts):
+                    raise StoreConflict(self.where, "holds settled or further-on promises")
+            if batch.failures:
+                try:
+                    await cur.executemany(
+                        "INSERT INTO imagepipe.attempts (promise_id, attempt, started_at,"
+                        " finished_at, error) VALUES (%(id)s, %(attempt)s, %(started_at)s,"
+                        " %(finished_at)s, %(error_json)s)",
+                        [_params(f) for f in batch.failures],
+                    )
+                except psycopg.errors.UniqueViolation:
+                    raise StoreConflict(self.where, "already holds a failed attempt") from None
+                await cur.executemany(
+                    "UPDATE imagepipe.promises SET failures = failures + 1"
+                    " WHERE id = %s AND state = 'pending'",
+                    [(f.id,) for f in batch.failures],
+                )
+                if cur.rowcount != len(batch.failures):
+                    raise StoreConflict(self.where, "holds no pending promise for a failed attempt")
+            if not batch.settlements:
+                return {}
+            await cur.executemany(
+                "UPDATE imagepipe.promises SET state = %(state)s, value = %(value_json)s,"
+                " error = %(error_json)s, settled_at = %(settled_at)s"
+                " WHERE id = %(id)s AND state = 'pending'",
+                [_params(s) for s in batch.settlements],
+            )
+            if cur.rowcount == len(batch.settlements):
+                return {}
+            return await self._earlier_outcomes(cur, batch)
+
+    async def _earlier_outcomes(
+        self, cur: psycopg.AsyncCursor[Any], batch: WriteBatch
+    ) -> dict[str, Settled]:
+        """The settlements of ``batch`` that lost: their promises were settled before. A
+        row this batch settled holds exactly what it wrote; any other outcome is earlier."""
+        await cur.execute(
+            "SELECT id, state, value, error, settled_at, attempts FROM imagepipe.promises"
+            " WHERE id = ANY(%s)",
+            ([item.id for item in batch.settlements],),
+        )
+        rows = {row[0]: row[1:] for row in await cur.fetchall()}
+        lost = {}
+        for item in batch.settlements:
+            if item.id not in rows:
+                raise StoreConflict(self.where, f"has no promise {item.id!r} to settle")
+            state, value, error, settled_at, attempts = rows[item.id]
+            if (state, value, error, settled_at) != (
+                item.state,
+                item.value_json,
+                item.error_json,
+                item.settled_at,
+            ):
+                where = f"{self.where}, promise {item.id!r},"
+                lost[item.id] = Settled(
+                    state=_state(state, where),
+                    value=None if value is None else decode_json(value, "value", where),
+                    error=None if error is None else ErrorInfo.from_json(error, where),
+                    attempts=attempts,
+                )
+        return lost
+
+    # -- reads ---------------------------------------------------------------------
+
+    @guarded
+    async def get(self, promise_id: str) -> PromiseRecord | None:
+        async with self._reading() as cur:
+            await cur.execute(
+                f"SELECT {_COLUMNS} FROM imagepipe.promises WHERE id = %s", (promise_id,)
+            )
+            row = await cur.fetchone()
+        return None if row is None else self._record(row)
+
+    @guarded
+    async def children(self, parent_id: str) -> list[PromiseRecord]:
+        async with self._reading() as cur:
+            await cur.execute(
+                f"SELECT {_COLUMNS} FROM imagepipe.promises WHERE parent_id = %s ORDER BY seq",
+                (parent_id,),
+            )
+            rows = await cur.fetchall()
+        return [self._record(row) for row in rows]
+
+    @guarded
+    async def roots(self, limit: int | None = None) -> list[RootRecord]:
+        async with self._reading() as cur:
+            await cur.execute(
+                "SELECT id, func, args, state, created_at, settled_at, options"
+                " FROM imagepipe.promises WHERE parent_id IS NULL"
+                " ORDER BY created_at DESC, id DESC LIMIT %s",
+                (limit,),
+            )
+            rows = await cur.fetchall()
+            counts: dict[str, dict[str, int]] = {row[0]: {} for row in rows}
+            await cur.execute(
+                "SELECT parent_id, state, count(*) FROM imagepipe.promises"
+                " WHERE parent_id = ANY(%s) GROUP BY parent_id, state",
+                (list(counts),),
+            )
+            for parent_id, state, n in await cur.fetchall():
+                counts[parent_id][state] = n
+        records = []
+        for promise_id, func, args, state, created_at, settled_at, options in rows:
+            where = f"{self.where}, run {promise_id!r},"
+            records.append(
+                RootRecord(
+                    id=promise_id,
+                    func=func,
+                    args=_object(decode_json(args, "argument list", where), where),
+                    state=_state(state, where),
+                    created_at=created_at,
+                    settled_at=settled_at,
+                    options=_object(decode_json(options, "option list", where), where),
+                    counts=counts[promise_id],
+                )
+            )
+        return records
+
+    @guarded
+    async def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
+        async with self._reading() as cur:
+            await cur.execute(
+                "SELECT a.promise_id, a.attempt, a.started_at, a.finished_at, a.error"
+                " FROM imagepipe.attempts a JOIN imagepipe.promises p ON p.id = a.promise_id"
+                " WHERE (p.parent_id = %s OR p.id = %s) AND a.error IS NOT NULL"
+                " ORDER BY p.parent_id IS NOT NULL, p.seq, a.attempt",
+                (parent_id, parent_id),
+            )
+            rows = await cur.fetchall()
+        history = []
+        for promise_id, attempt, started, finished, error in rows:
+            where = f"{self.where}, attempt {attempt} of {promise_id!r},"
+            history.append(
+                AttemptRecord(
+                    promise_id=promise_id,
+                    attempt=attempt,
+                    started_at=started,
+                    finished_at=finished,
+                    error=None if error is None else ErrorInfo.from_json(error, where),
+                )
+            )
+        return history
+
+    def _record(self, row: tuple[Any, ...]) -> PromiseRecord:
+        (promise_id, parent_id, seq, func, args, state, value, error) = row[:8]
+        (attempts, failures, created_at, settled_at, options) = row[8:]
+        where = f"{self.where}, promise {promise_id!r},"
+        return PromiseRecord(
+            id=promise_id,
+            parent_id=parent_id,
+            seq=seq,
+            func=func,
+            args=_object(decode_json(args, "argument list", where), where),
+            state=_state(state, where),
+            value=None if value is None else decode_json(value, "value", where),
+            error=None if error is None else ErrorInfo.from_json(error, where),
+            attempts=attempts,
+            failures=failures,
+            created_at=created_at,
+            settled_at=settled_at,
+            options={}
+            if options == "{}"
+            else _object(decode_json(options, "options", where), where),
+        )
+
+    # -- leases --------------------------------------------------------------------
+
+    @guarded
+    async def acquire_lease(
+        self, claim: Lease, *, stale_after: float, holder_gone: Callable[[Lease], bool]
+    ) -> Lease:
+        async with self._transaction() as cur:
+            # The row exists from the first acquisition on (a released one keeps its
+            # epoch); locking it serialises acquirers and waits out a fenced write.
+            await cur.execute(
+                f"INSERT INTO imagepipe.leases (key, heartbeat_at, epoch) VALUES (%s, {_NOW}, 0)"
+                " ON CONFLICT (key) DO NOTHING",
+                (claim.key,),
+            )
+            await cur.execute(
+                f"SELECT owner, pid, host, epoch, {_NOW} - heartbeat_at FROM imagepipe.leases"
+                " WHERE key = %s FOR UPDATE",
+                (claim.key,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise StoreCorrupt(self.where, f"lost the lease row of {claim.key!r}")
+            owner, pid, host, held_epoch, age = row
+            if owner is not None and owner != claim.owner:
+                holder = Lease(claim.key, owner, pid, host, held_epoch, age)
+                if age <= stale_after and not holder_gone(holder):
+                    raise LeaseHeld(claim.key, holder)
+            epoch = held_epoch + 1
+            await cur.execute(
+                f"UPDATE imagepipe.leases SET owner = %s, pid = %s, host = %s,"
+                f" heartbeat_at = {_NOW}, epoch = %s WHERE key = %s",
+                (claim.owner, claim.pid, claim.host, epoch, claim.key),
+            )
+        return Lease(claim.key, claim.owner, claim.pid, claim.host, epoch, 0.0)
+
+    @guarded
+    async def lease_holder(self, key: str) -> Lease | None:
+        async with self._reading() as cur:
+            await cur.execute(
+                f"SELECT owner, pid, host, epoch, {_NOW} - heartbeat_at FROM imagepipe.leases"
+                " WHERE key = %s AND owner IS NOT NULL",
+                (key,),
+            )
+            row = await cur.fetchone()
+        return None if row is None else Lease(key, *row)
+
+    @guarded
+    async def renew_lease(self, lease: Lease) -> None:
+        async with self._transaction() as cur:
+            await cur.execute(
+                f"UPDATE imagepipe.leases SET heartbeat_at = {_NOW}"
+                " WHERE key = %s AND epoch = %s AND owner = %s",
+                (lease.key, lease.epoch, lease.owner),
+            )
+            if cur.rowcount != 1:
+                raise LeaseLost(lease.key, lease.epoch)
+
+    @guarded
+    async def release_lease(self, lease: Lease) -> None:
+        async with self._transaction() as cur:
+            await cur.execute(
+                "UPDATE imagepipe.leases SET owner = NULL WHERE key = %s AND epoch = %s"
+                " AND owner = %s",
+                (lease.key, lease.epoch, lease.owner),
+            )
+
+
+def _params(item: Any) -> dict[str, Any]:
+    """A record's fields as named SQL parameters."""
+    return {name: getattr(item, name) for name in type(item).__slots__}
+
+
+def _state(value: Any, where: str) -> Any:
+    if value not in _STATES:
+        raise StoreCorrupt(where, "holds a damaged state")
+    return value
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise StoreCorrupt(where, "holds a damaged row")
+    return value

@@ -1,0 +1,244 @@
+"""What the PostgreSQL store does beyond the contract suite: opening by URL, one-line
+errors without the password, migrations under an advisory lock, lock timeouts, damaged
+rows. (The contract suite in tests/store_contract runs on PostgreSQL too.)"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import psycopg
+import pytest
+from postgres_server import PostgresServer, database_name
+
+from imagepipe.durable import (
+    Lease,
+    LeaseHeld,
+    NewPromise,
+    StoreBusy,
+    StoreCorrupt,
+    StoreMissing,
+    StoreNewer,
+    StoreOptions,
+    StoreUnusable,
+    WriteBatch,
+    encode_args,
+    open_store,
+)
+from imagepipe.durable.postgres import PostgresStore
+from imagepipe.durable.postgres_errors import describe_url
+from imagepipe.durable.postgres_schema import SCHEMA_VERSION
+from imagepipe.durable.records import Fence, Settlement
+
+SECRET = "s3cr3t-pw"
+
+
+def with_password(url: str) -> str:
+    """The URL with a password (the test server trusts every login and ignores it)."""
+    return url.replace("postgres@", f"postgres:{SECRET}@", 1)
+
+
+def new(promise_id: str, parent: str | None = None, seq: int | None = None) -> NewPromise:
+    return NewPromise(promise_id, parent, seq, "f", encode_args({}), 1.0)
+
+
+@pytest.mark.parametrize("scheme", ["postgresql://", "postgres://"])
+async def test_either_scheme_opens_postgres_and_names_it_without_the_password(
+    postgres_url: str, scheme: str
+) -> None:
+    url = with_password(postgres_url).replace("postgresql://", scheme, 1)
+    store = await open_store(url)
+    try:
+        assert isinstance(store, PostgresStore)
+        assert SECRET not in store.where
+        assert store.where.startswith("postgres@")
+        assert store.where.endswith("/" + database_name(postgres_url))
+    finally:
+        await store.close()
+
+
+def test_describe_url_gives_user_host_port_and_database() -> None:
+    assert describe_url(f"postgresql://bob:{SECRET}@db.local:5433/runs") == (
+        "bob@db.local:5433/runs"
+    )
+    assert describe_url("postgres://db.local/runs") == "db.local/runs"
+    assert SECRET not in describe_url(f"postgresql://bob:{SECRET}@db.local:x:y/runs?foo")
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        (f"postgresql://bob:{SECRET}@127.0.0.1:1/runs", "refused"),
+        (f"postgresql://bob:{SECRET}@127.0.0.1:notaport/runs", "port"),
+    ],
+)
+async def test_an_unreachable_or_invalid_url_is_one_line_without_the_password(
+    url: str, reason: str
+) -> None:
+    with pytest.raises(StoreUnusable) as refused:
+        await open_store(url)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert SECRET not in message
+    assert reason in message.lower()
+    assert message.startswith("the store bob@127.0.0.1:")
+
+
+async def test_a_missing_database_is_unusable_not_created(postgres_url: str) -> None:
+    name = database_name(postgres_url)
+    url = with_password(postgres_url).replace(f"/{name}?", f"/{name}_gone?", 1)
+    with pytest.raises(StoreUnusable) as refused:
+        await open_store(url)
+    message = str(refused.value)
+    assert "does not exist" in message
+    assert SECRET not in message
+    assert "\n" not in message
+
+
+async def test_without_create_an_empty_database_is_missing_and_left_empty(
+    postgres_url: str, postgres_server: PostgresServer
+) -> None:
+    with pytest.raises(StoreMissing):
+        await open_store(postgres_url, StoreOptions(create=False))
+    rows = postgres_server.execute(postgres_url, "SELECT to_regnamespace('imagepipe')::text")
+    assert rows == [(None,)]
+
+
+async def test_stores_opened_at_once_migrate_once(
+    postgres_url: str, postgres_server: PostgresServer
+) -> None:
+    stores = await asyncio.gather(*(open_store(postgres_url) for _ in range(4)))
+    for store in stores:
+        await store.close()
+    rows = postgres_server.execute(postgres_url, "SELECT version FROM imagepipe.schema_version")
+    assert rows == [(SCHEMA_VERSION,)]
+
+
+async def test_a_newer_schema_is_refused(
+    postgres_url: str, postgres_server: PostgresServer
+) -> None:
+    await (await open_store(postgres_url)).close()
+    postgres_server.execute(postgres_url, "UPDATE imagepipe.schema_version SET version = 99")
+    with pytest.raises(StoreNewer) as refused:
+        await open_store(postgres_url)
+    assert (refused.value.found, refused.value.known) == (99, SCHEMA_VERSION)
+
+
+async def test_another_programs_imagepipe_schema_is_refused(
+    postgres_url: str, postgres_server: PostgresServer
+) -> None:
+    postgres_server.execute(
+        postgres_url, "CREATE SCHEMA imagepipe; CREATE TABLE imagepipe.things (x int)"
+    )
+    with pytest.raises(StoreUnusable, match="another program"):
+        await open_store(postgres_url)
+
+
+async def test_a_damaged_row_is_corrupt_not_a_traceback(
+    postgres_url: str, postgres_server: PostgresServer
+) -> None:
+    store = await open_store(postgres_url)
+    try:
+        await store.apply(WriteBatch(creates=[new("r"), new("r.0", "r", 0)]))
+        postgres_server.execute(
+            postgres_url, "UPDATE imagepipe.promises SET value = '{oops', state = 'resolved'"
+        )
+        with pytest.raises(StoreCorrupt, match="damaged value"):
+            await store.get("r.0")
+        with pytest.raises(StoreCorrupt):
+            await store.children("r")
+    finally:
+        await store.close()
+
+
+async def test_a_batch_waiting_on_a_held_lease_row_is_busy_after_the_timeout(
+    postgres_url: str,
+) -> None:
+    store = await open_store(postgres_url, StoreOptions(busy_timeout=0.2))
+    holder = await psycopg.AsyncConnection.connect(postgres_url)
+    try:
+        lease = await store.acquire_lease(
+            Lease("r", "a", os.getpid(), socket.gethostname()),
+            stale_after=10,
+            holder_gone=lambda h: False,
+        )
+        # Another session takes the lease row (as a concurrent takeover would) and sits.
+        await holder.execute("SELECT * FROM imagepipe.leases WHERE key = 'r' FOR UPDATE")
+        started = time.monotonic()
+        with pytest.raises(StoreBusy):
+            await store.apply(WriteBatch(fence=Fence("r", lease.epoch), creates=[new("r")]))
+        assert time.monotonic() - started < 3
+        await holder.rollback()
+        await store.apply(WriteBatch(fence=Fence("r", lease.epoch), creates=[new("r")]))
+        assert await store.get("r") is not None
+    finally:
+        await holder.close()
+        await store.close()
+
+
+async def test_children_come_back_in_launch_order_by_number_not_text(
+    postgres_url: str,
+) -> None:
+    store = await open_store(postgres_url)
+    try:
+        kids = [new(f"r.{n}", "r", n) for n in reversed(range(12))]
+        await store.apply(WriteBatch(creates=[new("r"), *kids]))
+        assert [c.seq for c in await store.children("r")] == list(range(12))
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("key_was", ["new", "released"])
+async def test_racing_acquirers_leave_exactly_one_holder(postgres_url: str, key_was: str) -> None:
+    stores = await asyncio.gather(*(open_store(postgres_url) for _ in range(4)))
+    epoch = 1
+    try:
+        if key_was == "released":
+            first = Lease("race", "first", os.getpid(), socket.gethostname())
+            await stores[0].release_lease(
+                await stores[0].acquire_lease(first, stale_after=10, holder_gone=lambda h: False)
+            )
+            epoch = 2
+        claims = [Lease("race", f"owner{n}", os.getpid(), socket.gethostname()) for n in range(4)]
+        outcomes = await asyncio.gather(
+            *(
+                store.acquire_lease(claim, stale_after=10, holder_gone=lambda h: False)
+                for store, claim in zip(stores, claims, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        won = [o for o in outcomes if isinstance(o, Lease)]
+        assert len(won) == 1, outcomes
+        assert all(isinstance(o, LeaseHeld) for o in outcomes if o not in won)
+        holder = await stores[0].lease_holder("race")
+        assert holder is not None
+        assert (holder.owner, holder.epoch) == (won[0].owner, epoch)
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_racing_settlements_first_wins_and_the_others_read_it(postgres_url: str) -> None:
+    stores = await asyncio.gather(*(open_store(postgres_url) for _ in range(4)))
+    try:
+        await stores[0].apply(WriteBatch(creates=[new("r"), new("r.0", "r", 0)]))
+        answers = await asyncio.gather(
+            *(
+                store.apply(
+                    WriteBatch(settlements=[Settlement("r.0", "resolved", f'"{n}"', None, 2.0)])
+                )
+                for n, store in enumerate(stores)
+            )
+        )
+        record = await stores[0].get("r.0")
+        assert record is not None
+        winners = [n for n, lost in enumerate(answers) if not lost]
+        assert winners == [int(record.value)]
+        for lost in answers:
+            if lost:
+                assert (lost["r.0"].state, lost["r.0"].value) == ("resolved", record.value)
+    finally:
+        for store in stores:
+            await store.close()
