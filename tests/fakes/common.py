@@ -17,6 +17,7 @@ import io
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -175,6 +176,15 @@ class Answer:
         return cls(status, json.dumps(data).encode(), "application/json", dict(headers))
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that was killed mid-request (the crash trials do it on purpose) resets its
+    connection: that is expected, not a traceback on stderr."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FakeServer:
     """A loopback HTTP server with scripted faults, an optional rpm limit and counters.
 
@@ -258,7 +268,7 @@ class FakeServer:
             def do_POST(self) -> None:
                 fake._serve(self)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._httpd = _QuietServer(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
         self._thread.start()
