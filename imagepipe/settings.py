@@ -1,6 +1,7 @@
 """Settings read from the environment, validated into one-line errors.
 
-- ``IMAGEPIPE_DB``: the store's path (``--db`` wins). Default: ``imagepipe.db`` in the
+- ``IMAGEPIPE_DB``: the store, a path or URL (``--db`` wins): a SQLite file, or
+  ``postgresql://user:password@host/db``. Default: ``imagepipe.db`` in the
   user data directory (``platformdirs``), e.g. ``~/.local/share/imagepipe/imagepipe.db``.
 - ``IMAGEPIPE_TIME_SCALE``: a number from 0 to 1000 multiplying every simulated duration
   and retry delay. ``0.01`` makes a 2 s back-off take 20 ms; tests and demos use it.

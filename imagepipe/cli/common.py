@@ -71,7 +71,8 @@ app = typer.Typer(
     ),
     epilog=(
         'Example: imagepipe run "A futuristic city skyline"   '
-        "Settings: IMAGEPIPE_DB (the store), IMAGEPIPE_TIME_SCALE (e.g. 0.01 for a fast demo)."
+        "Settings: IMAGEPIPE_DB (the store). For tests and demos only: IMAGEPIPE_TIME_SCALE "
+        "(e.g. 0.01) scales every simulated duration and every real retry back-off."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -86,8 +87,9 @@ DbOption = Annotated[
         "--db",
         metavar="URL",
         envvar="IMAGEPIPE_DB",
-        help="The store: a SQLite file path or sqlite:///path URL [env: IMAGEPIPE_DB; "
-        "default: imagepipe.db in the user data directory, see `imagepipe db-path`].",
+        help="The store: a SQLite file path (or sqlite:///path), or "
+        "postgresql://user:password@host/db [env: IMAGEPIPE_DB; default: imagepipe.db in "
+        "the user data directory, see `imagepipe db-path`].",
         show_default=False,
         show_envvar=False,
     ),
