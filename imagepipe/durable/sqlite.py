@@ -309,9 +309,15 @@ class SQLiteStore(Store):
     @_guarded
     async def children(self, parent_id: str) -> list[PromiseRecord]:
         rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM promises WHERE parent_id = ? ORDER BY seq", (parent_id,)
-        )
-        return [self._record(row) for row in rows]
+            f"SELECT {_COLUMNS}, {_JSON_COLUMNS} FROM promises WHERE parent_id = ? ORDER BY seq",
+            (parent_id,),
+        ).fetchall()
+        decoded = _decode_json_columns(rows)
+        if decoded is None:  # some column is damaged: decode row by row to say which
+            return [self._record(row[:-1]) for row in rows]
+        return [
+            self._record(row, json_values) for row, json_values in zip(rows, decoded, strict=True)
+        ]
 
     @_guarded
     async def roots(self, limit: int | None = None) -> list[RootRecord]:
@@ -367,20 +373,27 @@ class SQLiteStore(Store):
             )
         return history
 
-    def _record(self, row: tuple[Any, ...]) -> PromiseRecord:
+    def _record(self, row: tuple[Any, ...], json_values: list[Any] | None = None) -> PromiseRecord:
+        """A row of ``_COLUMNS`` as a record; ``json_values`` are its args, value and
+        options already decoded by :func:`_decode_json_columns`."""
         (promise_id, parent_id, seq, func, args, state, value, error) = row[:8]
-        (attempts, failures, created_at, settled_at, options) = row[8:]
+        (attempts, failures, created_at, settled_at, options) = row[8:13]
         where = f"{self.where}, promise {promise_id!r},"
         if not isinstance(attempts, int) or not isinstance(failures, int):
             raise StoreCorrupt(where, "holds a damaged attempt count")
+        if json_values is None:
+            args = decode_json(args, "argument list", where)
+            value = None if value is None else decode_json(value, "value", where)
+        else:
+            args, value = json_values
         return PromiseRecord(
             id=promise_id,
             parent_id=parent_id,
             seq=seq,
             func=func,
-            args=_object(decode_json(args, "argument list", where), where),
+            args=_object(args, where),
             state=_state(state, where),
-            value=None if value is None else decode_json(value, "value", where),
+            value=value,
             error=None if error is None else ErrorInfo.from_json(error, where),
             attempts=attempts,
             failures=failures,
@@ -446,6 +459,29 @@ class SQLiteStore(Store):
                 "UPDATE leases SET owner = NULL WHERE key = ? AND epoch = ? AND owner = ?",
                 (lease.key, lease.epoch, lease.owner),
             )
+
+
+#: a row's ``args`` and ``value`` as the text of one JSON array, for :func:`_decode_json_columns`
+_JSON_COLUMNS = "'[' || args || ',' || coalesce(value, 'null') || ']'"
+
+
+def _decode_json_columns(rows: list[tuple[Any, ...]]) -> list[list[Any]] | None:
+    """Decode the last column of ``rows`` (``_JSON_COLUMNS``) with one ``json.loads``
+    over all of them: at 100,000 branches, a call per column cost more than the decoding
+    itself (``show --json`` of a resolved 100k run: ~2x faster, measured). None when the
+    text does not decode to one ``[args, value]`` pair per row, as a damaged column
+    would make it: the caller then decodes row by row, to report the damaged one."""
+    import json
+
+    try:
+        decoded = json.loads("[" + ",".join([row[-1] for row in rows]) + "]")
+    except (ValueError, TypeError):
+        return None
+    if len(decoded) != len(rows) or any(
+        type(pair) is not list or len(pair) != 2 for pair in decoded
+    ):
+        return None
+    return decoded  # type: ignore[no-any-return]
 
 
 def _params(item: Any) -> dict[str, Any]:
