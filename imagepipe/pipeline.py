@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from imagepipe.durable import Handle, RunContext, Step, bind_args
+from imagepipe.durable.records import ARGS_VERSION
 from imagepipe.providers import ImageProvider, ProviderImage, ProviderRequest
 from imagepipe.providers.options import ProviderOptions
 from imagepipe.styles import render
@@ -186,7 +187,12 @@ class BranchArgs:
     def read(cls, args: Mapping[str, Any]) -> BranchArgs:
         """From a branch's arguments: the stored object (``{"version": ..}``) or the
         call's keyword arguments."""
-        named = bind_args(generate_image, args) if "version" in args else args
+        if "version" not in args:  # the call's own keyword arguments
+            named = args
+        elif args["version"] == ARGS_VERSION:  # stored by name: no signature to consult
+            named = args["kwargs"]
+        else:
+            named = bind_args(generate_image, args)
         try:
             index = named.get("prompt_index")
             return cls(
