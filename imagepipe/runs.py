@@ -220,8 +220,12 @@ def new_run_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Branch:
+    """One branch as a command shows it. Its arguments are read only when asked for
+    (``args``): listing a resolved run of 100,000 branches needs their values, not them."""
+
     id: str
-    args: BranchArgs
+    #: the branch's arguments as stored or as called; read them with ``args``
+    raw_args: Mapping[str, Any]
     state: str
     attempts: int
     value: dict[str, Any] | None
@@ -230,8 +234,13 @@ class Branch:
     replayed: bool
 
     @property
+    def args(self) -> BranchArgs:
+        return BranchArgs.read(self.raw_args)
+
+    @property
     def style(self) -> str:
-        return self.args.style
+        value = self.value
+        return str(value["style"]) if value and "style" in value else self.args.style
 
     @property
     def variation(self) -> int:
@@ -245,26 +254,26 @@ class Branch:
     def from_record(cls, record: PromiseRecord) -> Branch:
         """A branch as stored."""
         return cls(
-            id=record.id,
-            args=BranchArgs.read(record.args),
-            state=record.state,
-            attempts=record.attempts,
-            value=record.value,
-            error=record.error,
-            replayed=True,
+            record.id,
+            record.args,
+            record.state,
+            record.attempts,
+            record.value,
+            record.error,
+            True,
         )
 
     @classmethod
     def from_handle(cls, handle: Handle[Any]) -> Branch:
         """A branch as this invocation launched it (and settled it, or read it)."""
         return cls(
-            id=handle.id,
-            args=BranchArgs.read(handle.args),
-            state=handle.state,
-            attempts=handle.attempts,
-            value=handle.value,
-            error=handle.error,
-            replayed=handle.replayed,
+            handle.id,
+            handle.args,
+            handle.state,
+            handle.attempts,
+            handle.value,
+            handle.error,
+            handle.replayed,
         )
 
 
