@@ -277,7 +277,7 @@ class FakeServer:
             if not self._news.wait_for(predicate, timeout):
                 raise AssertionError(f"the fake never saw what was expected in {timeout} s")
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
         with self._news:
             self._news.notify_all()
 
@@ -427,14 +427,14 @@ class FakeServer:
         if isinstance(answer, Fault):
             with self.lock:
                 self.log.append(Arrival(arrived, endpoint, 0, key))
-            self._notify()
+            self.notify()
             if answer.hang or answer.hang_after:
                 self._stopping.wait()
             handler.close_connection = True
             return
         with self.lock:
             self.log.append(Arrival(arrived, endpoint, answer.status, key))
-        self._notify()
+        self.notify()
         handler.send_response(answer.status)
         handler.send_header("Content-Type", answer.content_type)
         handler.send_header("Content-Length", str(len(answer.body)))
@@ -449,7 +449,7 @@ class FakeServer:
             return
         with self.lock:
             self.sent[endpoint] += 1
-        self._notify()
+        self.notify()
 
 
 class _Server(ThreadingHTTPServer):
