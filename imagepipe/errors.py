@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BadInput",
+    "CredentialsRejected",
     "ImagepipeError",
     "Interrupted",
     "NonDeterminism",
@@ -135,6 +136,14 @@ class RunFailed(ImagepipeError):
     """The run ended with at least one rejected branch."""
 
     exit_code = 1
+
+
+class CredentialsRejected(RunFailed):
+    """The run failed because the provider refused its key (401, 403): bad input, exit 2.
+
+    Nothing was retried; fix the key and ``imagepipe retry`` the run."""
+
+    exit_code = 2
 
 
 class Interrupted(ImagepipeError):

@@ -412,7 +412,11 @@ def _provider(provider_class: Any, options: ProviderOptions, invocation: Invocat
         )
     from imagepipe.providers.http import Pacer
 
-    pacer = Pacer(rpm=invocation.rpm, time_scale=invocation.time_scale)
+    pacer = Pacer(
+        rpm=invocation.rpm,
+        coordinated=settings.coordinated_backoff(),
+        time_scale=invocation.time_scale,
+    )
     return provider_class(options, pacer=pacer, time_scale=invocation.time_scale)
 
 

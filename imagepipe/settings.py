@@ -9,6 +9,8 @@
   lock on the store before giving up with exit 75 (default 5).
 - ``IMAGEPIPE_LEASE_TIMEOUT``: seconds of silence (no heartbeat) after which another
   process may take a run over (default 10); the owner renews every tenth of it.
+- ``IMAGEPIPE_COORDINATED_BACKOFF``: ``0`` turns coordinated back-off off (a 429 then
+  pauses only the branch that got it), to measure what it is worth; default on.
 - ``IMAGEPIPE_SIMULATE_MAX_PAGES``: fault injection for tests: cap the store at this many
   pages (SQLite ``max_page_count``) so that growing it fails as a full disk would.
 """
@@ -24,6 +26,7 @@ from imagepipe.text import quoted
 
 __all__ = [
     "busy_timeout",
+    "coordinated_backoff",
     "default_db_path",
     "lease_timeout",
     "simulated_max_pages",
@@ -71,3 +74,13 @@ def lease_timeout() -> float:
     if seconds <= 0:
         raise BadInput(f"IMAGEPIPE_LEASE_TIMEOUT must be a number > 0, not {seconds:g}")
     return seconds
+
+
+def coordinated_backoff() -> bool:
+    """Whether a 429 pauses every branch of the provider (``IMAGEPIPE_COORDINATED_BACKOFF``)."""
+    raw = os.environ.get("IMAGEPIPE_COORDINATED_BACKOFF", "").strip().lower()
+    if raw in ("", "1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise BadInput(f"IMAGEPIPE_COORDINATED_BACKOFF must be 0 or 1, not {quoted(raw)}")

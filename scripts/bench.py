@@ -23,7 +23,16 @@ gives every sample of the 10,000-branch figures, to show the spread:
   above a 100-branch run's), then, with it resolved in the store, ``list`` (< 150 ms),
   ``show --json`` and ``resume --json`` (< 1 s each), each timed from process start to exit
 
-    python scripts/bench.py [--repeat 7] [--quick] [--json]
+With ``--providers``, instead: the real ``openai`` provider against its loopback fake
+(tests/fakes), which allows R creates a (simulated) minute and answers 429 with
+Retry-After beyond that:
+
+- goodput: images a minute against R (>= 90%) and 429s per request (< 5%), with the
+  client's ``--rpm R`` and without it, each with coordinated back-off on and off
+  (``IMAGEPIPE_COORDINATED_BACKOFF=0``)
+- 1,000 branches of 1 MB images: wall time and peak RSS (< 200 MB)
+
+    python scripts/bench.py [--repeat 7] [--quick] [--json] [--providers]
 """
 
 from __future__ import annotations
@@ -423,12 +432,117 @@ def table(f: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- real providers against the loopback fakes (--providers) --------------------------
+
+GOODPUT_RPM = 30  # R: at time scale 0.01, 50 creates a second, within the client's reach
+GOODPUT_SCALE = 0.01
+GOODPUT_IMAGES = 120  # four simulated minutes at R
+
+
+def provider_figures() -> dict[str, Any]:
+    """Goodput under a rate limit, and a 1,000 x 1 MB run, against the OpenAI fake."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.fakes.openai_server import OpenAIFake
+
+    work = Path(tempfile.mkdtemp(prefix="imagepipe-bench-providers-"))
+    figures: dict[str, Any] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
+    goodput: dict[str, Any] = {}
+    for paced in (True, False):
+        for coordinated in ("1", "0"):
+            fake = OpenAIFake(api_key="sk-bench", time_scale=GOODPUT_SCALE)
+            fake.limit_rpm(GOODPUT_RPM)
+            url = fake.start()
+            argv = [*CLI, "run", "cats", "-p", "openai", "-s", "cartoon", "--json"]
+            argv += ["-n", str(GOODPUT_IMAGES), "-c", "8", "--max-attempts", "100"]
+            argv += ["--id", "goodput", "--out", str(work / "goodput")]
+            argv += ["--rpm", str(GOODPUT_RPM)] if paced else []
+            env = env_for(
+                fresh(work / "goodput.db"),
+                IMAGEPIPE_TIME_SCALE=str(GOODPUT_SCALE),
+                IMAGEPIPE_COORDINATED_BACKOFF=coordinated,
+                OPENAI_API_KEY="sk-bench",
+                OPENAI_BASE_URL=url,
+            )
+            try:
+                timed_process(argv, env)
+            finally:
+                fake.stop()
+            ok = sorted(a.time for a in fake.log if a.endpoint == "create" and a.status == 200)
+            limited = sum(1 for a in fake.log if a.endpoint == "create" and a.status == 429)
+            minutes = (ok[-1] - ok[0]) / (60 * GOODPUT_SCALE)
+            switch = "on" if coordinated == "1" else "off"
+            name = f"{'rpm' if paced else 'no_rpm'}_coordinated_{switch}"
+            goodput[name] = {
+                "images_per_minute": (len(ok) - 1) / minutes,
+                "share_of_r": (len(ok) - 1) / minutes / GOODPUT_RPM,
+                "requests": len(ok) + limited,
+                "rate_limited": limited,
+                "share_429": limited / (len(ok) + limited),
+            }
+    figures["goodput_r"] = GOODPUT_RPM
+    figures["goodput"] = goodput
+
+    fake = OpenAIFake(api_key="sk-bench")
+    fake.big_image = 1_000_000
+    url = fake.start()
+    env = env_for(
+        fresh(work / "big.db"),
+        IMAGEPIPE_TIME_SCALE="0.01",
+        OPENAI_API_KEY="sk-bench",
+        OPENAI_BASE_URL=url,
+    )
+    argv = [*CLI, "run", "cats", "-p", "openai", "-s", "cartoon", "-n", "1000", "--json"]
+    argv += ["--id", "big", "--out", str(work / "big")]
+    start = time.perf_counter()
+    try:
+        figures["big_peak_rss_mb"] = peak_rss(argv, env) / 1024
+    finally:
+        fake.stop()
+    figures["big_wall_s"] = time.perf_counter() - start
+    figures["big_bytes"] = sum(p.stat().st_size for p in (work / "big").iterdir())
+    return figures
+
+
+def provider_table(f: dict[str, Any]) -> str:
+    r = f["goodput_r"]
+    lines = [
+        f"Machine: {f['cores']} cores, Python {f['python']}; openai fake, R = {r} a minute.",
+        "",
+        "| measure | images a minute | share of R | 429s / requests | target |",
+        "|---|---|---|---|---|",
+    ]
+    for name, g in f["goodput"].items():
+        ok = g["share_of_r"] >= 0.9 and g["share_429"] < 0.05
+        lines.append(
+            f"| goodput, {name.replace('_', ' ')} | {g['images_per_minute']:.1f} | "
+            f"{g['share_of_r']:.0%} | {g['rate_limited']} / {g['requests']} = "
+            f"{g['share_429']:.1%} | >= 90%, < 5% {'ok' if ok else 'MISSED'} |"
+        )
+    lines += [
+        "",
+        "| measure | value | target | |",
+        "|---|---|---|---|",
+        f"| 1,000 branches of 1 MB, wall | {f['big_wall_s']:.1f} s "
+        f"({f['big_bytes'] / 1e9:.2f} GB written) | | |",
+        f"| 1,000 branches of 1 MB, peak RSS | {f['big_peak_rss_mb']:.0f} MB | < 200 MB | "
+        f"{'ok' if f['big_peak_rss_mb'] < 200 else 'MISSED'} |",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=7, help="measurements per figure")
     parser.add_argument("--quick", action="store_true", help="skip the 100,000-branch runs")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--providers", action="store_true", help="measure the openai provider against its fake"
+    )
     args = parser.parse_args()
+    if args.providers:
+        found = provider_figures()
+        print(json.dumps(found, indent=2) if args.json else provider_table(found))
+        return 0
     figures = measure(max(1, args.repeat), args.quick)
     print(json.dumps(figures, indent=2) if args.json else table(figures))
     return 0

@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from imagepipe.errors import BadInput, ImagepipeError, RunFailed, UnusableStore
+from imagepipe.errors import (
+    BadInput,
+    CredentialsRejected,
+    ImagepipeError,
+    RunFailed,
+    UnusableStore,
+)
 from imagepipe.text import escape_control, invalid_utf8, quoted
 
 if TYPE_CHECKING:
@@ -388,7 +394,10 @@ def execute_and_report(
         failed = outcome.failures
         first = failed[0]
         detail = f"{first.style} ({first.id}): {first.error.message}" if first.error else first.id
-        raise RunFailed(
+        # A refused key fails every branch alike: that is bad input (exit 2), not a run
+        # that failed on its own (exit 1).
+        bad_key = any(b.error and b.error.type == "AuthenticationFailed" for b in failed)
+        raise (CredentialsRejected if bad_key else RunFailed)(
             f"run {outcome.id} failed: {len(failed)} of {len(outcome.branches)} branches "
             f"rejected, first {detail}; retry them with: imagepipe retry {outcome.id}"
         )

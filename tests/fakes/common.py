@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import math
+import random
 import signal
 import sys
 import threading
@@ -26,7 +27,16 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["Answer", "Arrival", "FakeServer", "Fault", "Request", "make_png", "serve_main"]
+__all__ = [
+    "Answer",
+    "Arrival",
+    "FakeServer",
+    "Fault",
+    "Request",
+    "make_big_png",
+    "make_png",
+    "serve_main",
+]
 
 
 @functools.lru_cache(maxsize=256)
@@ -48,6 +58,19 @@ def make_png(prompt: str, width: int = 32, height: int = 32) -> bytes:
     return out.getvalue()
 
 
+@functools.lru_cache(maxsize=4)
+def make_big_png(nbytes: int) -> bytes:
+    """A real PNG of about ``nbytes`` (at least), made once: random-looking pixels, stored
+    with the fastest compression (random data does not compress), for memory tests."""
+    from PIL import Image
+
+    side = max(1, math.ceil(math.sqrt(nbytes / 3)))
+    pixels = random.Random(nbytes).randbytes(side * side * 3)
+    out = io.BytesIO()
+    Image.frombytes("RGB", (side, side), pixels).save(out, format="PNG", compress_level=0)
+    return out.getvalue()
+
+
 @dataclass(frozen=True)
 class Fault:
     """What to do instead of (or before) the normal answer.
@@ -66,6 +89,9 @@ class Fault:
     headers: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0  # seconds, times time_scale
     hang: bool = False  # never answer (until the server stops)
+    #: make (and, for a create, bill) the normal answer, then never send it: the client
+    #: dies or times out after the provider did the work
+    hang_after: bool = False
     drop: bool = False  # close the connection without an answer
 
     @classmethod
@@ -133,6 +159,10 @@ class Fault:
         return cls(hang=True)
 
     @classmethod
+    def paid_then_hang(cls) -> Fault:
+        return cls(hang_after=True)
+
+    @classmethod
     def dropped(cls) -> Fault:
         return cls(drop=True)
 
@@ -176,15 +206,6 @@ class Answer:
         return cls(status, json.dumps(data).encode(), "application/json", dict(headers))
 
 
-class _QuietServer(ThreadingHTTPServer):
-    """A client that was killed mid-request (the crash trials do it on purpose) resets its
-    connection: that is expected, not a traceback on stderr."""
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
 class FakeServer:
     """A loopback HTTP server with scripted faults, an optional rpm limit and counters.
 
@@ -205,6 +226,10 @@ class FakeServer:
         self.paid_creates = 0
         self.paid_by_prompt: Counter[str] = Counter()
         self.log: list[Arrival] = []
+        #: answers written in full, by endpoint name
+        self.sent: Counter[str] = Counter()
+        #: notified whenever ``log`` or ``sent`` grows (see :meth:`wait_for`)
+        self._news = threading.Condition()
         self._rules: list[_Rule] = []
         self._rpm: tuple[int, deque[float]] | None = None
         self._stopping = threading.Event()
@@ -246,6 +271,17 @@ class FakeServer:
         with self.lock:
             self._rpm = (rpm, deque())
 
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Block until ``predicate()`` is true, re-checked whenever a request arrives or an
+        answer is sent (no polling); AssertionError after ``timeout`` seconds."""
+        with self._news:
+            if not self._news.wait_for(predicate, timeout):
+                raise AssertionError(f"the fake never saw what was expected in {timeout} s")
+
+    def notify(self) -> None:
+        with self._news:
+            self._news.notify_all()
+
     def arrivals(self, endpoint: str) -> list[float]:
         with self.lock:
             return [a.time for a in self.log if a.endpoint == endpoint]
@@ -268,7 +304,7 @@ class FakeServer:
             def do_POST(self) -> None:
                 fake._serve(self)
 
-        self._httpd = _QuietServer(("127.0.0.1", port), Handler)
+        self._httpd = _Server(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
         self._thread.start()
@@ -351,6 +387,9 @@ class FakeServer:
         if fault is not None:
             if fault.hang or fault.drop:
                 return fault
+            if fault.hang_after:
+                handler(request)
+                return fault
             if fault.delay:
                 self._stopping.wait(fault.delay * self.time_scale)
             if fault.status:
@@ -389,19 +428,37 @@ class FakeServer:
         if isinstance(answer, Fault):
             with self.lock:
                 self.log.append(Arrival(arrived, endpoint, 0, key))
-            if answer.hang:
+            self.notify()
+            if answer.hang or answer.hang_after:
                 self._stopping.wait()
             handler.close_connection = True
             return
         with self.lock:
             self.log.append(Arrival(arrived, endpoint, answer.status, key))
+        self.notify()
         handler.send_response(answer.status)
         handler.send_header("Content-Type", answer.content_type)
         handler.send_header("Content-Length", str(len(answer.body)))
         for name, value in answer.headers.items():
             handler.send_header(name, value)
         handler.end_headers()
-        handler.wfile.write(answer.body)
+        try:
+            handler.wfile.write(answer.body)
+            handler.wfile.flush()
+        except OSError:  # the client died meanwhile (a test killed it)
+            handler.close_connection = True
+            return
+        with self.lock:
+            self.sent[endpoint] += 1
+        self.notify()
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that a test killed mid-request resets its connection: expected here.
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def serve_main(make: Callable[..., FakeServer], description: str) -> None:

@@ -4,6 +4,8 @@ Answers ``{"created", "data": [{"b64_json" | "url", "revised_prompt"}], "usage"}
 ``x-request-id``; ``respond_with_url = True`` gives a URL served by the same fake
 (``GET /files/<name>.png``). A repeated Idempotency-Key replays the first successful answer
 and is not counted as a paid create, as OpenAI documents for its idempotent requests.
+``big_image = N`` answers every create with one cached PNG of about N bytes of
+random-looking pixels (cheap to serve a thousand times), for memory tests.
 
 Run as a process: ``python -m tests.fakes.openai_server --port 0`` prints the base URL.
 """
@@ -11,11 +13,14 @@ Run as a process: ``python -m tests.fakes.openai_server --port 0`` prints the ba
 from __future__ import annotations
 
 import base64
+import functools
 import itertools
+import json
 import time
 from collections.abc import Callable
+from typing import Any
 
-from tests.fakes.common import Answer, FakeServer, Request, make_png, serve_main
+from tests.fakes.common import Answer, FakeServer, Request, make_big_png, make_png, serve_main
 
 __all__ = ["OpenAIFake"]
 
@@ -27,8 +32,12 @@ class OpenAIFake(FakeServer):
         super().__init__(api_key=api_key, time_scale=time_scale)
         self.respond_with_url = False
         self.image_size = (32, 32)
+        #: when set, every image is one cached PNG of about this many bytes
+        self.big_image: int | None = None
         self._ids = itertools.count(1)
-        self._by_key: dict[str, Answer] = {}
+        #: what a key's first successful answer was made of, to replay it (not the bytes:
+        #: a thousand big answers would fill the test's memory)
+        self._by_key: dict[str, tuple[int, int, str, dict[str, Any]]] = {}
 
     def route(self, request: Request) -> tuple[str, Callable[[Request], Answer]] | None:
         if request.method == "POST" and request.path == "/v1/images/generations":
@@ -60,11 +69,18 @@ class OpenAIFake(FakeServer):
         key = request.headers.get("idempotency-key")
         with self.lock:
             if key is not None and key in self._by_key:
-                return self._by_key[key]  # replayed, not paid again
+                return self._make(*self._by_key[key])  # replayed, not paid again
             self.paid_creates += 1
             self.paid_by_prompt[prompt] += 1
             n = next(self._ids)
-        png = make_png(prompt, *self.image_size)
+            created = int(time.time())
+            if key is not None:
+                self._by_key[key] = (n, created, prompt, body)
+        return self._make(n, created, prompt, body)
+
+    def _make(self, n: int, created: int, prompt: str, body: dict[str, Any]) -> Answer:
+        big = self.big_image
+        png = make_big_png(big) if big else make_png(prompt, *self.image_size)
         item: dict[str, str] = {"revised_prompt": f"{prompt}, revised"}
         if self.respond_with_url or body.get("response_format") == "url":
             name = f"img-{n}.png"
@@ -72,9 +88,9 @@ class OpenAIFake(FakeServer):
                 self.files[name] = png
             item["url"] = f"{self.origin}/files/{name}"
         else:
-            item["b64_json"] = base64.b64encode(png).decode()
+            item["b64_json"] = _big_b64(big) if big else base64.b64encode(png).decode()
         data = {
-            "created": int(time.time()),
+            "created": created,
             "data": [item],
             "usage": {
                 "input_tokens": len(prompt.split()),
@@ -82,11 +98,7 @@ class OpenAIFake(FakeServer):
                 "total_tokens": len(prompt.split()) + 272,
             },
         }
-        answer = Answer.json(200, data, **{"x-request-id": f"req_{n}"})
-        if key is not None:
-            with self.lock:
-                self._by_key[key] = answer
-        return answer
+        return Answer(200, json.dumps(data).encode(), headers={"x-request-id": f"req_{n}"})
 
     def _file(self, request: Request) -> Answer:
         name = request.path.removeprefix("/files/")
@@ -95,6 +107,11 @@ class OpenAIFake(FakeServer):
         if png is None:
             return self.error(404, "no such file", None, None)
         return Answer(200, png, "image/png")
+
+
+@functools.lru_cache(maxsize=2)
+def _big_b64(nbytes: int) -> str:
+    return base64.b64encode(make_big_png(nbytes)).decode()
 
 
 if __name__ == "__main__":
