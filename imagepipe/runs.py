@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -314,33 +315,40 @@ class RunOutcome:
 
     def result_json(self) -> dict[str, Any]:
         """The ``run --json`` / ``resume --json`` shape."""
-        return {
-            "id": self.id,
-            "state": self.state,
-            "prompt": self.spec.prompt,
-            "images": [
-                {
-                    "style": b.style,
-                    "url": b.value.get("url"),
-                    "path": b.value.get("path"),
-                    "duration_ms": b.value["duration_ms"],
-                    "attempts": b.attempts,
-                    "replayed": b.replayed,
-                }
-                for b in self.images
-                if b.value
-            ],
-            "wall_ms": self.wall_ms,
-            "sequential_ms": self.sequential_ms,
-        }
+        return json.loads("".join(self.result_json_text()))  # type: ignore[no-any-return]
+
+    def result_json_text(self) -> Iterator[str]:
+        """The ``run --json`` shape as text, one image at a time: a run of 100,000 images
+        is never a list of dicts and one 11 MB string at once (that was its peak memory)."""
+        head = {"id": self.id, "state": self.state, "prompt": self.spec.prompt}
+        yield json.dumps(head)[:-1] + ', "images": ['
+        separator = ""
+        for b in self.images:
+            if b.value:
+                yield separator + json.dumps(
+                    {
+                        "style": b.style,
+                        "url": b.value.get("url"),
+                        "path": b.value.get("path"),
+                        "duration_ms": b.value["duration_ms"],
+                        "attempts": b.attempts,
+                        "replayed": b.replayed,
+                    }
+                )
+                separator = ", "
+        yield f'], "wall_ms": {self.wall_ms}, "sequential_ms": {self.sequential_ms}}}'
 
     def show_json(self) -> dict[str, Any]:
         """The ``show --json`` shape."""
-        return {
-            "id": self.id,
-            "state": self.state,
-            "prompt": self.spec.prompt,
-            "branches": [
+        return json.loads("".join(self.show_json_text()))  # type: ignore[no-any-return]
+
+    def show_json_text(self) -> Iterator[str]:
+        """The ``show --json`` shape as text, one branch at a time (see result_json_text)."""
+        head = {"id": self.id, "state": self.state, "prompt": self.spec.prompt}
+        yield json.dumps(head)[:-1] + ', "branches": ['
+        separator = ""
+        for b in self.branches:
+            yield separator + json.dumps(
                 {
                     "id": b.id,
                     "style": b.style,
@@ -349,9 +357,9 @@ class RunOutcome:
                     "value": b.value,
                     "error": None if b.error is None else f"{b.error.type}: {b.error.message}",
                 }
-                for b in self.branches
-            ],
-        }
+            )
+            separator = ", "
+        yield "]}"
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,10 @@
 
 import functools
 import inspect
-import json
 import os
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
@@ -356,6 +355,14 @@ def _check_regular_file(path: Path) -> None:
         raise UnusableStore(f"--db {path} is not a regular file")
 
 
+def write_lines(pieces: Iterable[str]) -> None:
+    """Write a JSON document that comes in pieces, then a newline."""
+    write = sys.stdout.write
+    for piece in pieces:
+        write(piece)
+    write("\n")
+
+
 def make_console(no_color: bool) -> "Console":
     from rich.console import Console
 
@@ -376,7 +383,7 @@ def execute_and_report(
 
     if json_out:
         outcome = call(QuietReporter())
-        print(json.dumps(outcome.result_json()))
+        write_lines(outcome.result_json_text())
     else:
         from imagepipe.render import print_outcome
         from imagepipe.ui import LiveReporter, PlainReporter

@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from imagepipe.cli.common import DbOption, NoColorOption, make_console, reports_errors, store_url
+from imagepipe.cli.common import (
+    DbOption,
+    NoColorOption,
+    make_console,
+    reports_errors,
+    store_url,
+    write_lines,
+)
 
 
 def list_runs(
@@ -66,7 +73,7 @@ def show(
         history = [a for a in outcome.history if a.promise_id in {b.id for b in chosen}]
         outcome = dataclasses.replace(outcome, branches=chosen, history=history)
     if json_out:
-        print(json.dumps(outcome.show_json()))
+        write_lines(outcome.show_json_text())
     else:
         print_show(make_console(no_color), outcome)
 
