@@ -112,7 +112,7 @@ def test_the_export_loads_in_datasets_with_every_row_and_column(
         )
     result = invoke("export", "many", str(tmp_path / "ds"))
     assert result.exit_code == 0, result.stderr
-    assert "not exported: many.6 (ink wash) rejected: E: no" in result.stderr
+    assert "not exported: many.6 (#3 ink wash) rejected: E: no" in result.stderr
     loaded = load_with_datasets(tmp_path, tmp_path / "ds")[str(tmp_path / "ds")]
     assert loaded["splits"] == ["train"]
     assert set(loaded["columns"]) == {
