@@ -494,6 +494,14 @@ class SQLiteStore(Store):
         return lost
 
     @_guarded
+    async def child_counts(self, parent_id: str) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT state, count(*) FROM promises WHERE parent_id = ? GROUP BY state",
+            (parent_id,),
+        )
+        return {state: n for state, n in rows}
+
+    @_guarded
     async def held_leases(self, prefix: str = "") -> list[Lease]:
         rows = self._db.execute(
             f"SELECT key, owner, pid, host, epoch, {_NOW} - heartbeat_at FROM leases"

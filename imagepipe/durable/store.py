@@ -138,6 +138,11 @@ class Store(ABC):
         another owner holds them: that branch was taken over, its writes are refused."""
 
     @abstractmethod
+    async def child_counts(self, parent_id: str) -> dict[str, int]:
+        """How many children of ``parent_id`` are in each state (states with none are
+        left out): whether a run's last branch has settled, without reading them."""
+
+    @abstractmethod
     async def held_leases(self, prefix: str = "") -> list[Lease]:
         """Every held lease whose key starts with ``prefix``, with its age by the store's
         clock, ordered by key (``imagepipe workers``)."""

@@ -300,3 +300,10 @@ async def test_claims_of_concurrent_workers_never_overlap(store: Store, reopen: 
     )
     ids = [c.record.id for claims in got for c in claims]
     assert len(ids) == len(set(ids)) == 40
+
+
+async def test_child_counts_count_a_parents_children_by_state(store: Store) -> None:
+    await store.apply(WriteBatch(creates=detached_run("d", 3)))
+    await store.apply(WriteBatch(settlements=[resolve("d.1", '"ok"')]))
+    assert await store.child_counts("d") == {"pending": 2, "resolved": 1}
+    assert await store.child_counts("nobody") == {}
