@@ -15,7 +15,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from imagepipe import settings
@@ -45,7 +45,7 @@ from imagepipe.durable.worker import (
     plan_branches,
     planned_creates,
 )
-from imagepipe.errors import UnknownRun
+from imagepipe.errors import ImagepipeError, Interrupted, UnknownRun
 from imagepipe.files import default_image_dir
 from imagepipe.pipeline import Deps, generate_image, image_pipeline
 from imagepipe.providers.registry import get_provider_class
@@ -203,7 +203,15 @@ def run_worker(
                 for job in worker.jobs():
                     await job.deps.provider.aclose()
 
-    return _run(work, "worker", executes=True)
+    try:
+        return _run(work, "worker", executes=True)
+    except Interrupted as exc:
+        stopped = ImagepipeError(
+            f"worker stopped by {'SIGTERM' if exc.exit_code == 143 else 'SIGINT'}: the "
+            "branches it held are pending again, for any worker to claim"
+        )
+        stopped.exit_code = exc.exit_code
+        raise stopped from None
 
 
 def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -> RunOutcome:
@@ -216,9 +224,8 @@ def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -
                 root = await _root(store, run_id)
                 spec = RunSpec.from_stored(root.args)
                 max_attempts = int(root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS))
-                reporter.run_started(RunInfo(run_id, spec, True, max_attempts))
+                reporter.run_started(RunInfo(run_id, spec, False, max_attempts))
                 seen: dict[str, tuple[str, int]] = {}
-                started = time.perf_counter()
                 while True:
                     children = await store.children(run_id)
                     if reporter.on_event is not None:
@@ -226,9 +233,12 @@ def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -
                             reporter.on_event(event)
                     root = await _root(store, run_id)
                     if root.settled:
+                        # executed by the workers, not replayed; timed from the run's start
                         children = await store.children(run_id)
-                        branches = [Branch.from_record(r) for r in children]
-                        wall_ms = round((time.perf_counter() - started) * 1000)
+                        branches = [
+                            replace(Branch.from_record(r), replayed=False) for r in children
+                        ]
+                        wall_ms = round(((root.settled_at or 0) - root.created_at) * 1000)
                         return _run_outcome(root, branches, wall_ms=wall_ms, executed=True)
                     await asyncio.sleep(poll)
         except StoreMissing:
