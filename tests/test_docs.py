@@ -26,6 +26,9 @@ def test_every_command_and_option_is_in_the_readme() -> None:
         "verify",
         "export",
         "gallery",
+        "worker",
+        "watch",
+        "workers",
     }
     missing = []
     for name, command in commands.items():

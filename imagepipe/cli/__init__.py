@@ -3,6 +3,7 @@
 - :mod:`.common` — error handling, consoles, reporters, shared options
 - :mod:`.execute` — ``run``, ``resume``, ``retry``: commands that execute a run
 - :mod:`.inspect` — ``list``, ``show``, ``db-path``: commands that only read
+- :mod:`.workers` — ``worker``, ``watch``, ``workers``: detached runs on many processes
 """
 
 import gc
@@ -10,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from imagepipe.cli import catalog, execute, inspect, publish
+from imagepipe.cli import catalog, execute, inspect, publish, workers
 from imagepipe.cli.common import app
 
 __all__ = ["app", "main"]
@@ -19,6 +20,7 @@ execute.register(app)
 inspect.register(app)
 catalog.register(app)
 publish.register(app)
+workers.register(app)
 
 
 def _version(value: bool) -> None:

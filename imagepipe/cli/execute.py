@@ -99,6 +99,14 @@ def run(
         ),
     ] = None,
     db: DbOption = None,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach",
+            help="Record the run and its branches as pending, print its id and exit: "
+            "`imagepipe worker` processes execute it; `imagepipe watch ID` follows it.",
+        ),
+    ] = False,
     json_out: JsonOption = False,
     quiet: QuietOption = False,
     no_color: NoColorOption = False,
@@ -120,6 +128,11 @@ def run(
     if out is not None:
         invocation = dataclasses.replace(invocation, out_dir=out)
     path, chosen_id = store_url(db), new_run_id() if run_id is None else run_id
+    if detach:
+        from imagepipe.detached import detach_run
+
+        print(detach_run(path, chosen_id, spec, invocation))
+        return
     execute_and_report(
         lambda reporter: start_run(path, chosen_id, spec, invocation, reporter),
         json_out=json_out,

@@ -14,7 +14,7 @@ import functools
 import os
 import sqlite3
 import stat
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -44,7 +44,7 @@ from imagepipe.durable.records import (
     decode_json,
 )
 from imagepipe.durable.sqlite_schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
-from imagepipe.durable.store import Store, StoreOptions
+from imagepipe.durable.store import DETACHED, Claim, Store, StoreOptions
 
 __all__ = ["SQLiteStore", "check_store_file"]
 
@@ -459,6 +459,72 @@ class SQLiteStore(Store):
                 "UPDATE leases SET owner = NULL WHERE key = ? AND epoch = ? AND owner = ?",
                 (lease.key, lease.epoch, lease.owner),
             )
+
+    # -- workers -------------------------------------------------------------------
+
+    @_guarded
+    async def claim(self, worker: Lease, *, limit: int, stale_after: float) -> list[Claim]:
+        if limit <= 0:
+            return []
+        with self._transaction() as db:  # BEGIN IMMEDIATE: one claimer at a time
+            rows = db.execute(
+                f"SELECT {_CLAIM_COLUMNS}, l.epoch FROM promises r"
+                " JOIN promises p ON p.parent_id = r.id"
+                " LEFT JOIN leases rl ON rl.key = r.id"
+                " LEFT JOIN leases l ON l.key = p.id"
+                " WHERE r.parent_id IS NULL AND r.state = 'pending'"
+                f" AND json_extract(r.options, '$.{DETACHED}') = 1 AND p.state = 'pending'"
+                f" AND (rl.owner IS NULL OR {_NOW} - rl.heartbeat_at > :stale)"
+                f" AND (l.owner IS NULL OR {_NOW} - l.heartbeat_at > :stale)"
+                " ORDER BY r.created_at, r.id, p.seq LIMIT :limit",
+                {"stale": stale_after, "limit": limit},
+            ).fetchall()
+            claims = []
+            for row in rows:
+                record, epoch = self._record(row[:-1]), (row[-1] or 0) + 1
+                db.execute(
+                    f"INSERT INTO leases (key, owner, pid, host, heartbeat_at, epoch)"
+                    f" VALUES (?, ?, ?, ?, {_NOW}, ?) ON CONFLICT (key) DO UPDATE SET"
+                    " owner = excluded.owner, pid = excluded.pid, host = excluded.host,"
+                    " heartbeat_at = excluded.heartbeat_at, epoch = excluded.epoch",
+                    (record.id, worker.owner, worker.pid, worker.host, epoch),
+                )
+                claims.append(Claim(record, Fence(record.id, epoch)))
+        return claims
+
+    @_guarded
+    async def renew_claims(self, worker: Lease, fences: Sequence[Fence]) -> list[Fence]:
+        lost = []
+        with self._transaction() as db:
+            for fence in fences:
+                cur = db.execute(
+                    f"UPDATE leases SET heartbeat_at = {_NOW}"
+                    " WHERE key = ? AND epoch = ? AND owner = ?",
+                    (fence.key, fence.epoch, worker.owner),
+                )
+                if cur.rowcount != 1:
+                    lost.append(fence)
+        return lost
+
+    @_guarded
+    async def child_counts(self, parent_id: str) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT state, count(*) FROM promises WHERE parent_id = ? GROUP BY state",
+            (parent_id,),
+        )
+        return {state: n for state, n in rows}
+
+    @_guarded
+    async def held_leases(self, prefix: str = "") -> list[Lease]:
+        rows = self._db.execute(
+            f"SELECT key, owner, pid, host, epoch, {_NOW} - heartbeat_at FROM leases"
+            " WHERE owner IS NOT NULL AND substr(key, 1, ?) = ? ORDER BY key",
+            (len(prefix), prefix),
+        )
+        return [Lease(*row) for row in rows]
+
+
+_CLAIM_COLUMNS = ", ".join(f"p.{name.strip()}" for name in _COLUMNS.split(","))
 
 
 #: a row's ``args`` and ``value`` as the text of one JSON array, for :func:`_decode_json_columns`

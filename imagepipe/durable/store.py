@@ -13,11 +13,12 @@ was made under. Leases are the only other writes, each its own transaction too.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from imagepipe.durable.records import (
     AttemptRecord,
+    Fence,
     Lease,
     PromiseRecord,
     RootRecord,
@@ -25,7 +26,20 @@ from imagepipe.durable.records import (
     WriteBatch,
 )
 
-__all__ = ["Store", "StoreOptions", "open_store", "store_location"]
+__all__ = ["DETACHED", "Claim", "Store", "StoreOptions", "open_store", "store_location"]
+
+#: The root option that puts a run's branches on the queue that workers claim from:
+#: ``options[DETACHED] is True`` on a pending root promise.
+DETACHED = "detached"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A branch a worker claimed: its record as stored, and the fence of its lease (the
+    lease's key is the branch's id). Every write of the branch carries ``fence``."""
+
+    record: PromiseRecord
+    fence: Fence
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,37 @@ class Store(ABC):
     @abstractmethod
     async def release_lease(self, lease: Lease) -> None:
         """Give the lease up (its epoch stays, so the next holder's is higher)."""
+
+    # -- workers: the branches of detached runs are a queue -------------------------
+
+    @abstractmethod
+    async def claim(self, worker: Lease, *, limit: int, stale_after: float) -> list[Claim]:
+        """Claim up to ``limit`` branches for ``worker`` (its owner, pid and host), in one
+        transaction, oldest run first and in launch order.
+
+        A branch is claimable when it is pending, a child of a pending root whose options
+        hold ``DETACHED: true``, the root's own lease (a run executed in one process) is not
+        live, and no lease on the branch's id is live: held and renewed less than
+        ``stale_after`` seconds ago by the store's clock. Each claim takes the lease on the
+        branch's id with the next epoch (as :meth:`acquire_lease` does). Concurrent callers
+        never get the same branch (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: ``SELECT ...
+        FOR UPDATE SKIP LOCKED``)."""
+
+    @abstractmethod
+    async def renew_claims(self, worker: Lease, fences: Sequence[Fence]) -> list[Fence]:
+        """Renew the heartbeat of each of ``worker``'s leases in ``fences`` (one
+        transaction); return those that were not renewed because their epoch moved on or
+        another owner holds them: that branch was taken over, its writes are refused."""
+
+    @abstractmethod
+    async def child_counts(self, parent_id: str) -> dict[str, int]:
+        """How many children of ``parent_id`` are in each state (states with none are
+        left out): whether a run's last branch has settled, without reading them."""
+
+    @abstractmethod
+    async def held_leases(self, prefix: str = "") -> list[Lease]:
+        """Every held lease whose key starts with ``prefix``, with its age by the store's
+        clock, ordered by key (``imagepipe workers``)."""
 
     @abstractmethod
     async def close(self) -> None: ...

@@ -235,3 +235,75 @@ async def test_a_released_lease_is_free_and_keeps_its_epoch(store: Store) -> Non
     assert await store.lease_holder("r") is None
     with pytest.raises(LeaseLost):
         await store.apply(WriteBatch(fence=Fence("r", lease.epoch + 1), creates=[new("x")]))
+
+
+# -- workers: claiming the branches of detached runs --------------------------------
+
+
+def worker(owner: str) -> Lease:
+    return Lease("", owner, os.getpid(), socket.gethostname())
+
+
+def detached_run(run_id: str, branches: int, *, at: float = 1.0) -> list[NewPromise]:
+    root = NewPromise(run_id, None, None, "f", encode_args({}), at, '{"detached":true}')
+    return [root] + [new(f"{run_id}.{i}", run_id, i, i=i) for i in range(branches)]
+
+
+async def test_claims_take_pending_branches_of_detached_runs_in_order(store: Store) -> None:
+    await store.apply(
+        WriteBatch(creates=[*detached_run("d", 3), new("plain"), new("plain.0", "plain", 0)])
+    )
+    await store.apply(WriteBatch(settlements=[resolve("d.0", '"done"')]))
+    first = await store.claim(worker("a"), limit=1, stale_after=10)
+    assert [(c.record.id, c.fence) for c in first] == [("d.1", Fence("d.1", 1))]
+    rest = await store.claim(worker("b"), limit=5, stale_after=10)
+    assert [c.record.id for c in rest] == ["d.2"]  # d.1 is held; plain is not detached
+    assert rest[0].record.args == {"version": 1, "kwargs": {"i": 2}}
+    assert await store.claim(worker("c"), limit=5, stale_after=10) == []
+    holders = await store.held_leases("d.")
+    assert [(h.key, h.owner, h.epoch) for h in holders] == [("d.1", "a", 1), ("d.2", "b", 1)]
+
+
+async def test_a_lapsed_claim_is_taken_over_and_its_fence_refused(store: Store) -> None:
+    await store.apply(WriteBatch(creates=detached_run("d", 1)))
+    [old] = await store.claim(worker("a"), limit=1, stale_after=10)
+    # lapsed by the store's clock: a negative limit makes any heartbeat too old
+    [taken] = await store.claim(worker("b"), limit=1, stale_after=-1)
+    assert (taken.record.id, taken.fence.epoch) == ("d.0", old.fence.epoch + 1)
+    assert await store.renew_claims(worker("a"), [old.fence]) == [old.fence]
+    assert await store.renew_claims(worker("b"), [taken.fence]) == []
+    with pytest.raises(LeaseLost):
+        await store.apply(WriteBatch(fence=old.fence, starts=[AttemptStart("d.0", 1)]))
+    await store.apply(WriteBatch(fence=taken.fence, settlements=[resolve("d.0", '"ok"')]))
+    assert await store.claim(worker("c"), limit=1, stale_after=-1) == []
+
+
+async def test_a_settled_root_or_one_executed_by_its_own_lease_is_not_claimed(
+    store: Store,
+) -> None:
+    await store.apply(WriteBatch(creates=[*detached_run("d", 1), *detached_run("e", 1, at=2)]))
+    await store.apply(WriteBatch(settlements=[resolve("d", "1")]))
+    held = Lease("e", "runner", os.getpid(), socket.gethostname())
+    await store.acquire_lease(held, stale_after=10, holder_gone=never_gone)
+    assert await store.claim(worker("a"), limit=5, stale_after=10) == []
+    [claimed] = await store.claim(worker("a"), limit=5, stale_after=-1)  # the run's lease lapsed
+    assert claimed.record.id == "e.0"
+
+
+async def test_claims_of_concurrent_workers_never_overlap(store: Store, reopen: Reopen) -> None:
+    import asyncio
+
+    await store.apply(WriteBatch(creates=detached_run("d", 40)))
+    others = [await reopen() for _ in range(3)]
+    got = await asyncio.gather(
+        *(s.claim(worker(f"w{i}"), limit=15, stale_after=10) for i, s in enumerate(others))
+    )
+    ids = [c.record.id for claims in got for c in claims]
+    assert len(ids) == len(set(ids)) == 40
+
+
+async def test_child_counts_count_a_parents_children_by_state(store: Store) -> None:
+    await store.apply(WriteBatch(creates=detached_run("d", 3)))
+    await store.apply(WriteBatch(settlements=[resolve("d.1", '"ok"')]))
+    assert await store.child_counts("d") == {"pending": 2, "resolved": 1}
+    assert await store.child_counts("nobody") == {}

@@ -1,0 +1,369 @@
+"""Workers: processes, on any host that reaches the store, that share the branches of
+detached runs.
+
+- :func:`plan_branches` — a workflow's fan-out without executing it: the calls its
+  ``begin_run`` would make, to record a detached run's branches as pending
+- :class:`BranchJob` — the app's part of running a run's branches; a claimed branch runs
+  through the same machinery as a run (attempt counting, failure history, retry policy,
+  sub-steps, group commit), every write fenced by the branch's own lease
+- :func:`settle_root_if_done` — settle a run's root once its last branch has settled,
+  whichever worker settled it (the first settle wins, so a double settle is harmless)
+- :class:`Worker` — the loop: claim up to ``concurrency`` branches, run them, renew their
+  leases, claim more; with ``once``, stop when no detached run is left pending
+
+A claim is a lease on the branch's id (:meth:`~.store.Store.claim`). A worker that is
+stopped or cut off past ``stale_after`` loses its claims to another worker; its renewal
+then finds them taken (the branch stops at once), and any write it still makes is refused
+by the store because its epoch is stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from imagepipe.durable.context import RunContext
+from imagepipe.durable.errors import LeaseLost, StoreError
+from imagepipe.durable.lease import LeaseKeeper, holder_gone
+from imagepipe.durable.records import (
+    ErrorInfo,
+    Fence,
+    Lease,
+    NewPromise,
+    PromiseRecord,
+    Settlement,
+    WriteBatch,
+    bind_args,
+    canonical_json,
+    encode_args,
+)
+from imagepipe.durable.retry import RetryPolicy
+from imagepipe.durable.steps import Handle
+from imagepipe.durable.store import DETACHED, Claim, Store
+
+__all__ = [
+    "WORKER_PREFIX",
+    "BranchJob",
+    "Planned",
+    "Worker",
+    "WorkerStats",
+    "plan_branches",
+    "planned_creates",
+    "settle_root_if_done",
+]
+
+D = TypeVar("D")
+
+#: a worker's own lease (its presence for ``imagepipe workers``) is ``worker:<owner>``
+WORKER_PREFIX = "worker:"
+
+#: what a run's root settles with: a value, or an error if a branch was rejected
+Summarize = Callable[[list[PromiseRecord]], tuple[Any, ErrorInfo | None]]
+
+
+# -- planning a detached run ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One ``begin_run`` call of a workflow's fan-out."""
+
+    fn: Callable[..., Awaitable[Any]]
+    kwargs: dict[str, Any]
+
+
+class _FanOutDone(Exception):
+    """Raised when the planned workflow first awaits a result: its fan-out is complete."""
+
+
+class _Unexecuted:
+    """A planned branch's handle: awaiting it ends the planning."""
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        raise _FanOutDone
+        yield  # a generator, as __await__ must return
+
+
+class _Planner:
+    """Stands in for a :class:`RunContext`: records calls, executes nothing."""
+
+    def __init__(self) -> None:
+        self.planned: list[Planned] = []
+
+    def begin_run(self, fn: Callable[..., Awaitable[Any]], /, **kwargs: Any) -> _Unexecuted:
+        self.planned.append(Planned(fn, kwargs))
+        return _Unexecuted()
+
+
+async def plan_branches(workflow: Callable[..., Awaitable[Any]], **kwargs: Any) -> list[Planned]:
+    """The branches ``workflow(ctx, **kwargs)`` launches before it first waits for one:
+    the same calls, in the same order, as a run would make (so the same ids)."""
+    planner = _Planner()
+    with contextlib.suppress(_FanOutDone):
+        await workflow(planner, **kwargs)
+    return planner.planned
+
+
+def planned_creates(run_id: str, planned: list[Planned], created_at: float) -> list[NewPromise]:
+    """The pending child promises ``<run>.0``, ``<run>.1``, ... of a planned fan-out."""
+    return [
+        NewPromise(
+            f"{run_id}.{seq}", run_id, seq, call.fn.__name__, encode_args(call.kwargs), created_at
+        )
+        for seq, call in enumerate(planned)
+    ]
+
+
+# -- running one claimed branch ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BranchJob(Generic[D]):
+    """How to run the branches of one run: the app's part (which function, with which
+    provider in ``deps``, under which retry policy) and how its root settles."""
+
+    fn: Callable[..., Awaitable[Any]]
+    deps: D
+    retry: RetryPolicy
+    summarize: Summarize
+    attempt_timeout: float | None = None
+
+
+class _ClaimedLease(LeaseKeeper):
+    """The lease of a claimed branch: taken by the claim, renewed by the :class:`Worker`
+    (which sets :attr:`lost` when the renewal finds it taken), released when it settles."""
+
+    def __init__(self, store: Store, claim: Claim, worker: Lease, stale_after: float) -> None:
+        super().__init__(store, claim.fence.key, stale_after=stale_after)
+        self.lease = Lease(
+            claim.fence.key, worker.owner, worker.pid, worker.host, claim.fence.epoch
+        )
+
+    async def acquire(self) -> Fence:
+        assert self.lease is not None
+        return Fence(self.key, self.lease.epoch)
+
+
+class _BranchContext(RunContext[D]):
+    """A run context that executes one stored, claimed branch of its run."""
+
+    def adopt(self, record: PromiseRecord, fn: Callable[..., Awaitable[Any]]) -> Handle[Any]:
+        handle: Handle[Any] = Handle.from_record(self, record, fn)
+        self.launched.append(handle)
+        self._slots.try_take()  # no concurrency limit here: the worker's claims are it
+        self._start(handle, fn, bind_args(fn, record.args), record.failures)
+        return handle
+
+
+async def _settle(
+    ctx: _BranchContext[D], keeper: _ClaimedLease, record: PromiseRecord, job: BranchJob[D]
+) -> str:
+    handle = ctx.adopt(record, job.fn)
+    try:
+        await ctx.settle_all()
+    except LeaseLost:
+        await ctx.cancel_all()
+        if not keeper.lost.done():
+            keeper.lost.set_result(LeaseLost(keeper.key, claim_epoch(keeper)))
+        return "lost"
+    except BaseException:
+        await ctx.cancel_all()
+        raise
+    finally:
+        await keeper.release()
+    return handle.state
+
+
+def claim_epoch(keeper: LeaseKeeper) -> int:
+    return 0 if keeper.lease is None else keeper.lease.epoch
+
+
+async def settle_root_if_done(store: Store, run_id: str, summarize: Summarize) -> bool:
+    """Settle the run's root if every branch has settled; True if this call settled it.
+
+    Called by whoever settles a branch, after that settlement is durable: of two workers
+    settling the last two branches at once, the later check sees both. Two settling the
+    root at once is harmless: the first settle wins."""
+    if (await store.child_counts(run_id)).get("pending", 0):
+        return False
+    root = await store.get(run_id)
+    if root is None or root.settled:
+        return False
+    value, error = summarize(await store.children(run_id))
+    settlement = Settlement(
+        run_id,
+        "rejected" if error is not None else "resolved",
+        None if value is None else canonical_json(value),
+        None if error is None else error.to_json(),
+        time.time(),
+    )
+    lost = await store.apply(WriteBatch(settlements=[settlement]))
+    return run_id not in lost
+
+
+# -- the worker loop -------------------------------------------------------------------
+
+
+@dataclass
+class WorkerStats:
+    """What a worker did: branches claimed, settled by it, and lost to another worker."""
+
+    claimed: int = 0
+    resolved: int = 0
+    rejected: int = 0
+    lost: int = 0
+    runs_settled: int = 0
+
+
+class Worker:
+    """Claims and runs the branches of detached runs until stopped (or, with ``once``,
+    until no detached run is pending). ``job_for(root)`` gives the app's part for a run."""
+
+    def __init__(
+        self,
+        store: Store,
+        job_for: Callable[[PromiseRecord], Awaitable[BranchJob[Any]]],
+        *,
+        concurrency: int,
+        stale_after: float,
+        poll: float = 0.2,
+        once: bool = False,
+        on_lost: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self._job_for = job_for
+        self._jobs: dict[str, BranchJob[Any]] = {}
+        self.concurrency = concurrency
+        self.stale_after = stale_after
+        self.poll = poll
+        self.once = once
+        self._on_lost = on_lost or (lambda branch_id: None)
+        owner = uuid.uuid4().hex
+        self.me = Lease(WORKER_PREFIX + owner, owner, os.getpid(), socket.gethostname())
+        self.stats = WorkerStats()
+        self._keepers: dict[str, _ClaimedLease] = {}
+        self._running: set[asyncio.Task[None]] = set()
+
+    def jobs(self) -> list[BranchJob[Any]]:
+        """The jobs of the runs this worker has branches of (to close their providers)."""
+        return list(self._jobs.values())
+
+    async def run(self) -> WorkerStats:
+        """Work until the queue is drained (``once``) or the task is cancelled."""
+        self.me = await self.store.acquire_lease(
+            self.me, stale_after=self.stale_after, holder_gone=holder_gone
+        )
+        renewer = asyncio.create_task(self._renew(), name="worker:renew")
+        try:
+            await self._loop()
+        finally:
+            renewer.cancel()
+            for task in self._running:
+                task.cancel()
+            await asyncio.gather(renewer, *self._running, return_exceptions=True)
+            with contextlib.suppress(StoreError, LeaseLost):
+                await self.store.release_lease(self.me)
+        return self.stats
+
+    async def _loop(self) -> None:
+        while True:
+            free = self.concurrency - len(self._running)
+            # Claim in batches (half the slots free, or none running): each claim is one
+            # write transaction that scans the queue.
+            batch = not self._running or free >= max(1, self.concurrency // 2)
+            claims = (
+                await self.store.claim(self.me, limit=free, stale_after=self.stale_after)
+                if batch
+                else []
+            )
+            for claim in claims:
+                self._start(claim)
+            if not self._running:
+                if self.once and not await self._queue_open():
+                    return
+                await asyncio.sleep(self.poll)
+            elif batch and not claims:
+                # wait for a slot, or for branches that lapse elsewhere to be claimable
+                await asyncio.wait(
+                    self._running, timeout=self.poll, return_when=asyncio.FIRST_COMPLETED
+                )
+            else:
+                await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+            for task in [t for t in self._running if t.done()]:
+                self._running.discard(task)
+                task.result()  # a store failure stops the worker
+
+    def _start(self, claim: Claim) -> None:
+        self.stats.claimed += 1
+        self._running.add(asyncio.create_task(self._branch(claim), name=claim.fence.key))
+
+    async def _branch(self, claim: Claim) -> None:
+        run_id = claim.record.parent_id
+        assert run_id is not None
+        job = self._jobs.get(run_id)
+        if job is None:
+            root = await self.store.get(run_id)
+            assert root is not None, "a claimed branch has a root"
+            job = self._jobs[run_id] = await self._job_for(root)
+        outcome = await self._run(claim, job)
+        if outcome == "lost":
+            self.stats.lost += 1
+            self._on_lost(claim.fence.key)
+            return
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        if await settle_root_if_done(self.store, run_id, job.summarize):
+            self.stats.runs_settled += 1
+
+    async def _run(self, claim: Claim, job: BranchJob[Any]) -> str:
+        """Run a claimed branch to its settlement: its state, or ``lost`` when the claim
+        was taken over (then nothing more of it was written)."""
+        key, run_id = claim.fence.key, claim.record.parent_id
+        assert run_id is not None, "a claim is a branch of a run"
+        keeper = self._keepers[key] = _ClaimedLease(self.store, claim, self.me, self.stale_after)
+        try:
+            ctx: _BranchContext[Any] = _BranchContext(
+                self.store,
+                run_id,
+                job.deps,
+                retry=job.retry,
+                lease=keeper,
+                attempt_timeout=job.attempt_timeout,
+            )
+            return await _settle(ctx, keeper, claim.record, job)
+        finally:
+            self._keepers.pop(key, None)
+
+    async def _queue_open(self) -> bool:
+        """True while a detached run is pending (its branches may still lapse to us)."""
+        return any(
+            r.state == "pending" and r.options.get(DETACHED) is True
+            for r in await self.store.roots()
+        )
+
+    async def _renew(self) -> None:
+        loop = asyncio.get_running_loop()
+        renewed = loop.time()
+        while True:
+            await asyncio.sleep(self.stale_after / 10)
+            keepers = dict(self._keepers)
+            fences = [Fence(key, claim_epoch(k)) for key, k in keepers.items()]
+            try:
+                lost = await self.store.renew_claims(self.me, fences)
+                with contextlib.suppress(LeaseLost):
+                    await self.store.renew_lease(self.me)
+                renewed = loop.time()
+            except StoreError:
+                if loop.time() - renewed <= self.stale_after:
+                    continue  # busy for a moment: fencing keeps the data safe meanwhile
+                lost = fences  # silent too long: every claim may have been taken over
+            for fence in lost:
+                keeper = keepers[fence.key]
+                if not keeper.lost.done():
+                    keeper.lost.set_result(LeaseLost(fence.key, fence.epoch))
