@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -33,6 +33,7 @@ from imagepipe.durable.postgres_schema import prepare_schema
 from imagepipe.durable.records import (
     AttemptRecord,
     ErrorInfo,
+    Fence,
     Lease,
     PromiseRecord,
     RootRecord,
@@ -40,7 +41,7 @@ from imagepipe.durable.records import (
     WriteBatch,
     decode_json,
 )
-from imagepipe.durable.store import Store, StoreOptions
+from imagepipe.durable.store import DETACHED, Claim, Store, StoreOptions
 
 __all__ = ["PostgresStore"]
 
@@ -398,6 +399,83 @@ class PostgresStore(Store):
                 " AND owner = %s",
                 (lease.key, lease.epoch, lease.owner),
             )
+
+    # -- workers -------------------------------------------------------------------
+
+    @guarded
+    async def claim(self, worker: Lease, *, limit: int, stale_after: float) -> list[Claim]:
+        if limit <= 0:
+            return []
+        async with self._transaction() as cur:
+            # SKIP LOCKED: claimers on other hosts take other branches instead of waiting.
+            await cur.execute(
+                f"SELECT {_CLAIM_COLUMNS} FROM imagepipe.promises p"
+                " JOIN imagepipe.promises r ON r.id = p.parent_id"
+                " LEFT JOIN imagepipe.leases rl ON rl.key = r.id"
+                " LEFT JOIN imagepipe.leases l ON l.key = p.id"
+                " WHERE r.parent_id IS NULL AND r.state = 'pending'"
+                " AND (r.options::jsonb ->> %(detached)s) = 'true' AND p.state = 'pending'"
+                f" AND (rl.owner IS NULL OR {_NOW} - rl.heartbeat_at > %(stale)s)"
+                f" AND (l.owner IS NULL OR {_NOW} - l.heartbeat_at > %(stale)s)"
+                " ORDER BY r.created_at, r.id, p.seq LIMIT %(limit)s FOR UPDATE OF p SKIP LOCKED",
+                {"detached": DETACHED, "stale": stale_after, "limit": limit},
+            )
+            rows = await cur.fetchall()
+            claims = []
+            for row in rows:
+                record = self._record(row)
+                await cur.execute(
+                    "INSERT INTO imagepipe.leases (key, owner, pid, host, heartbeat_at, epoch)"
+                    f" VALUES (%s, %s, %s, %s, {_NOW}, 1) ON CONFLICT (key) DO UPDATE SET"
+                    " owner = excluded.owner, pid = excluded.pid, host = excluded.host,"
+                    " heartbeat_at = excluded.heartbeat_at,"
+                    " epoch = imagepipe.leases.epoch + 1 RETURNING epoch",
+                    (record.id, worker.owner, worker.pid, worker.host),
+                )
+                epoch_row = await cur.fetchone()
+                assert epoch_row is not None
+                claims.append(Claim(record, Fence(record.id, int(epoch_row[0]))))
+        return claims
+
+    @guarded
+    async def renew_claims(self, worker: Lease, fences: Sequence[Fence]) -> list[Fence]:
+        lost = []
+        async with self._transaction() as cur:
+            for fence in fences:
+                await cur.execute(
+                    f"UPDATE imagepipe.leases SET heartbeat_at = {_NOW}"
+                    " WHERE key = %s AND epoch = %s AND owner = %s",
+                    (fence.key, fence.epoch, worker.owner),
+                )
+                if cur.rowcount != 1:
+                    lost.append(fence)
+        return lost
+
+    @guarded
+    async def child_counts(self, parent_id: str) -> dict[str, int]:
+        async with self._reading() as cur:
+            await cur.execute(
+                "SELECT state, count(*) FROM imagepipe.promises WHERE parent_id = %s"
+                " GROUP BY state",
+                (parent_id,),
+            )
+            rows = await cur.fetchall()
+        return {state: int(n) for state, n in rows}
+
+    @guarded
+    async def held_leases(self, prefix: str = "") -> list[Lease]:
+        async with self._reading() as cur:
+            await cur.execute(
+                f"SELECT key, owner, pid, host, epoch, {_NOW} - heartbeat_at"
+                " FROM imagepipe.leases WHERE owner IS NOT NULL"
+                " AND left(key, length(%s)) = %s ORDER BY key",
+                (prefix, prefix),
+            )
+            rows = await cur.fetchall()
+        return [Lease(*row) for row in rows]
+
+
+_CLAIM_COLUMNS = ", ".join(f"p.{name.strip()}" for name in _COLUMNS.split(","))
 
 
 def _params(item: Any) -> dict[str, Any]:
