@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from imagepipe.durable.context import RunContext
-from imagepipe.durable.errors import LeaseLost, StoreError
+from imagepipe.durable.errors import LeaseLost, StoreBusy, StoreError
 from imagepipe.durable.lease import LeaseKeeper, holder_gone
 from imagepipe.durable.records import (
     ErrorInfo,
@@ -168,7 +168,9 @@ async def _settle(
     handle = ctx.adopt(record, job.fn)
     try:
         await ctx.settle_all()
-    except LeaseLost:
+    except (LeaseLost, StoreBusy):
+        # Taken over, or the store stayed locked: nothing more of this branch is written
+        # here; its lease lapses (or is released below) and it is claimed again.
         await ctx.cancel_all()
         if not keeper.lost.done():
             keeper.lost.set_result(LeaseLost(keeper.key, claim_epoch(keeper)))
@@ -278,11 +280,14 @@ class Worker:
             # Claim in batches (half the slots free, or none running): each claim is one
             # write transaction that scans the queue.
             batch = not self._running or free >= max(1, self.concurrency // 2)
-            claims = (
-                await self.store.claim(self.me, limit=free, stale_after=self.stale_after)
-                if batch
-                else []
-            )
+            try:
+                claims = (
+                    await self.store.claim(self.me, limit=free, stale_after=self.stale_after)
+                    if batch
+                    else []
+                )
+            except StoreBusy:
+                claims = []  # another claimer held the queue too long: try again shortly
             for claim in claims:
                 self._start(claim)
             if not self._running:

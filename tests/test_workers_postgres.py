@@ -1,0 +1,108 @@
+"""Workers sharing runs through a real PostgreSQL server (the session's embedded one):
+three workers with one killed, and a stopped worker fenced off, through the real CLI."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from postgres_server import PostgresServer
+
+from conftest import cli_argv, cli_env
+
+LEASE = "3"  # a loaded machine must not make a live worker look gone
+
+
+def pg_env(url: str, **extra: str) -> dict[str, str]:
+    env = cli_env(Path("/nonexistent"), **extra)
+    env["IMAGEPIPE_DB"] = url
+    return env
+
+
+def cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cli_argv(*args), env=pg_env(url, **env), capture_output=True, text=True, timeout=120
+    )
+
+
+def spawn(procs: list[subprocess.Popen[str]], url: str, *args: str, **env: str) -> Any:
+    proc = subprocess.Popen(
+        cli_argv(*args),
+        env=pg_env(url, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    procs.append(proc)
+    return proc
+
+
+def wait_until(condition: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)  # polling another process's database: no event to wait on
+
+
+def test_three_workers_share_2000_branches_on_postgresql_and_a_killed_one_loses_nothing(
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    tmp_path: Path,
+    procs: list[subprocess.Popen[str]],
+) -> None:
+    def sql(statement: str) -> list[tuple[Any, ...]]:
+        return postgres_server.execute(postgres_url, statement)
+
+    calls = tmp_path / "calls.log"
+    spec = ("run", "x", "-s", "photorealistic", "-s", "cartoon", "-n", "1000", "--id", "big")
+    detached = cli(postgres_url, *spec, "--detach")
+    assert detached.returncode == 0, detached.stderr
+    env = {"IMAGEPIPE_LEASE_TIMEOUT": LEASE, "IMAGEPIPE_TEST_CALL_LOG": str(calls)}
+    args = ("worker", "--once", "-c", "16", "--sim-latency", "0")
+    workers = [spawn(procs, postgres_url, *args, **env) for _ in range(3)]
+    count = "SELECT count(*) FROM imagepipe.promises WHERE state = 'resolved'"
+    wait_until(lambda: sql(count)[0][0] >= 300)
+    workers[0].send_signal(signal.SIGKILL)
+    for worker in workers[1:]:
+        _out, err = worker.communicate(timeout=120)
+        assert worker.returncode == 0, err
+    branches = sql("SELECT id, state, attempts FROM imagepipe.promises WHERE parent_id = 'big'")
+    assert len(branches) == 2000
+    assert {state for _, state, _ in branches} == {"resolved"}
+    assert sql("SELECT state FROM imagepipe.promises WHERE id = 'big'") == [("resolved",)]
+    made = Counter(
+        (line.split()[0], int(line.split()[1])) for line in calls.read_text().split("\n") if line
+    )
+    assert max(made.values()) == 1, "a provider call was made twice for one attempt"
+    attempts = {str(i): int(a) for i, _, a in branches}
+    assert {branch for branch, _ in made} == set(attempts)
+    assert all(attempt <= attempts[branch] for branch, attempt in made)
+
+
+def test_a_stopped_worker_is_fenced_off_on_postgresql(
+    postgres_server: PostgresServer, postgres_url: str, procs: list[subprocess.Popen[str]]
+) -> None:
+    def sql(statement: str) -> list[tuple[Any, ...]]:
+        return postgres_server.execute(postgres_url, statement)
+
+    assert cli(postgres_url, "run", "x", "-n", "2", "--id", "s", "--detach").returncode == 0
+    env = {"IMAGEPIPE_LEASE_TIMEOUT": LEASE}
+    stopped = spawn(procs, postgres_url, "worker", "--once", "--sim-latency", "300000", **env)
+    wait_until(
+        lambda: sql("SELECT min(attempts) FROM imagepipe.promises WHERE parent_id = 's'") == [(1,)]
+    )
+    stopped.send_signal(signal.SIGSTOP)
+    time.sleep(float(LEASE) * 1.5)  # the lease must lapse by the database's clock
+    taker = cli(postgres_url, "worker", "--once", "--sim-latency", "0", **env)
+    assert taker.returncode == 0, taker.stderr
+    state = "SELECT id, state, value, attempts, settled_at FROM imagepipe.promises ORDER BY id"
+    before = sql(state)
+    stopped.send_signal(signal.SIGCONT)
+    out, err = stopped.communicate(timeout=60)
+    assert stopped.returncode == 0, err
+    assert "6 lost" in out
+    assert sql(state) == before
