@@ -311,7 +311,33 @@ def big_run(db: Path, repeat: int) -> dict[str, float]:
         "resume_resolved_100k_s": fastest(
             lambda: timed_process([*CLI, "resume", "big", "--json"], env)[0], repeat
         ),
+        **prompt_file_run(db.parent / "prompts", n),
     }
+
+
+def prompt_file_run(work: Path, n: int) -> dict[str, float]:
+    """One run over a prompt file of n / 2 prompts in 2 styles: n branches, end to end."""
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = work / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(n // 2)))
+    env = env_for(fresh(work / "prompts.db"))
+    argv = [
+        *CLI,
+        "run",
+        "--prompts",
+        str(prompts),
+        "-s",
+        "cartoon",
+        "-s",
+        "sketch",
+        "--sim-latency",
+        "0",
+        "--id",
+        "prompts",
+        "--json",
+    ]
+    seconds, _ = timed_process(argv, env)
+    return {"prompt_file_branches_per_s": n / seconds, "prompt_file_s": seconds}
 
 
 def table(f: dict[str, Any]) -> str:
@@ -409,6 +435,12 @@ def table(f: dict[str, Any]) -> str:
             f"{f['rss_bytes_per_branch']:,.0f} B ({f['peak_rss_mb_100']:.0f} MB at 100)",
             "<= 1 KB",
             f["rss_bytes_per_branch"] <= 1024,
+        ),
+        row(
+            "run --prompts, 50,000 prompts x 2 styles (100,000 branches), end to end",
+            f"{f['prompt_file_s']:.1f} s = {f['prompt_file_branches_per_s']:,.0f} branches/s",
+            "scales",
+            None,
         ),
         row(
             "list, one resolved 100,000-branch run in the store",
