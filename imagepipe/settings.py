@@ -7,6 +7,8 @@
   and retry delay. ``0.01`` makes a 2 s back-off take 20 ms; tests and demos use it.
 - ``IMAGEPIPE_BUSY_TIMEOUT``: seconds (0 to 86400) to wait for another process's write
   lock on the store before giving up with exit 75 (default 5).
+- ``IMAGEPIPE_STYLES``: the style-template file (default ``styles.toml`` in the user
+  config directory, e.g. ``~/.config/imagepipe/styles.toml``).
 - ``IMAGEPIPE_LEASE_TIMEOUT``: seconds of silence (no heartbeat) after which another
   process may take a run over (default 10); the owner renews every tenth of it.
 - ``IMAGEPIPE_COORDINATED_BACKOFF``: ``0`` turns coordinated back-off off (a 429 then

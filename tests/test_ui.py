@@ -173,3 +173,35 @@ def test_up_to_the_limit_every_branch_has_a_row() -> None:
     console.print(board_renderable(board, now=102.1))
     text = console.export_text()
     assert all(f"big.{i} " in text for i in range(FULL_TABLE_LIMIT))
+
+
+def test_a_prompt_file_run_past_one_screen_shows_one_row_a_prompt() -> None:
+    prompts = tuple({"line": i + 1, "prompt": f"prompt {i}"} for i in range(50))
+    board = Board(started=100.0)
+    spec = RunSpec("prompts.txt (50 prompts)", ("cartoon", "sketch"), prompts=prompts)
+    board.info = RunInfo("pf", spec, False, 5)
+    for i in range(100):  # 50 prompts x 2 styles
+        args = {
+            "prompt": f"prompt {i // 2}",
+            "style": ("cartoon", "sketch")[i % 2],
+            "variation": 0,
+            "crash": False,
+            "prompt_index": i // 2,
+        }
+        board.apply(PromiseQueued(f"pf.{i}", "generate_image", args, 0), 100.0)
+    for i in range(40):  # prompts 0-19 done
+        board.apply(AttemptStarted(f"pf.{i}", "generate_image", 1), 100.5)
+        board.apply(PromiseResolved(f"pf.{i}", {"url": "u"}, 1), 100.5)
+    for i in (40, 41, 43):  # prompt 20 running, prompt 21 one running
+        board.apply(AttemptStarted(f"pf.{i}", "generate_image", 1), 100.6)
+    board.apply(PromiseRejectedEvent("pf.41", ErrorInfo("E", "no"), 5), 100.7)
+    console = Console(record=True, width=140, force_terminal=False, color_system=None)
+    console.print(board_renderable(board, now=101.0))
+    lines = console.export_text().splitlines()
+    # one row a prompt that is active, with its counts; the finished ones counted
+    assert any(re.match(r"#21\s+prompt 20\s+1/2\s+1 running · 1 rejected", line) for line in lines)
+    assert any(re.match(r"#22\s+prompt 21\s+0/2\s+1 queued · 1 running", line) for line in lines)
+    assert "50 prompts, 20 finished; 48 not shown" in lines
+    # the active branches are labelled with their prompt's row
+    assert any(line.startswith("#21 sketch") for line in lines)
+    assert len(lines) < 30
