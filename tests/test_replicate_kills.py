@@ -61,14 +61,13 @@ def answered_since(fake: ReplicateFake, answered: int, exited: threading.Event) 
     return fake.sent["create"] > answered or exited.is_set()
 
 
-def start(db: Path, out: Path, run_id: str, fresh: bool) -> subprocess.Popen[str]:
+def start(db: Path, out: Path, run_id: str) -> subprocess.Popen[str]:
+    """The run, or its resume: the same `run --id` resumes a run that exists (one killed
+    before it had written its root is simply started again)."""
     styles = [arg for style in STYLES for arg in ("-s", style)]
-    if fresh:
-        args = ["run", "a lighthouse", "--provider", "replicate", *styles]
-        args += ["-n", str(VARIATIONS), "--id", run_id, "--out", str(out / run_id)]
-        args += ["-o", "poll_interval", "1"]
-    else:
-        args = ["resume", run_id]
+    args = ["run", "a lighthouse", "--provider", "replicate", *styles]
+    args += ["-n", str(VARIATIONS), "--id", run_id, "--out", str(out / run_id)]
+    args += ["-o", "poll_interval", "1"]
     return subprocess.Popen(
         cli_argv(*args, "--json"),
         env=cli_env(db),
@@ -96,9 +95,7 @@ def test_random_kills_never_pay_for_a_second_prediction_after_the_commit(
     while sum(kills.values()) < KILLS or (runs and runs[-1] not in finished):
         if not runs or runs[-1] in finished:
             runs.append(f"rk{len(runs) + 1}")
-            proc = start(db_path, tmp_path, runs[-1], fresh=True)
-        else:
-            proc = start(db_path, tmp_path, runs[-1], fresh=False)
+        proc = start(db_path, tmp_path, runs[-1])
         procs.append(proc)
         exited = threading.Event()
 
