@@ -40,6 +40,9 @@ from imagepipe.durable.records import (
     Settled,
     WriteBatch,
     decode_json,
+    named_params,
+    stored_object,
+    stored_state,
 )
 from imagepipe.durable.store import DETACHED, Claim, Store, StoreOptions
 
@@ -159,7 +162,7 @@ class PostgresStore(Store):
                     " %(value_json)s, %(created_at)s, CASE WHEN %(state)s = 'pending'"
                     " THEN NULL ELSE %(created_at)s::double precision END)"
                     " ON CONFLICT (id) DO NOTHING",
-                    [_params(c) for c in batch.creates],
+                    [named_params(c) for c in batch.creates],
                 )
                 if cur.rowcount != len(batch.creates):
                     raise StoreConflict(self.where, "already holds promises this batch creates")
@@ -167,7 +170,7 @@ class PostgresStore(Store):
                 await cur.executemany(
                     "UPDATE imagepipe.promises SET attempts = %(attempt)s"
                     " WHERE id = %(id)s AND state = 'pending' AND attempts < %(attempt)s",
-                    [_params(s) for s in batch.starts],
+                    [named_params(s) for s in batch.starts],
                 )
                 if cur.rowcount != len(batch.starts):
                     raise StoreConflict(self.where, "holds settled or further-on promises")
@@ -177,7 +180,7 @@ class PostgresStore(Store):
                         "INSERT INTO imagepipe.attempts (promise_id, attempt, started_at,"
                         " finished_at, error) VALUES (%(id)s, %(attempt)s, %(started_at)s,"
                         " %(finished_at)s, %(error_json)s)",
-                        [_params(f) for f in batch.failures],
+                        [named_params(f) for f in batch.failures],
                     )
                 except psycopg.errors.UniqueViolation:
                     raise StoreConflict(self.where, "already holds a failed attempt") from None
@@ -194,7 +197,7 @@ class PostgresStore(Store):
                 "UPDATE imagepipe.promises SET state = %(state)s, value = %(value_json)s,"
                 " error = %(error_json)s, settled_at = %(settled_at)s"
                 " WHERE id = %(id)s AND state = 'pending'",
-                [_params(s) for s in batch.settlements],
+                [named_params(s) for s in batch.settlements],
             )
             if cur.rowcount == len(batch.settlements):
                 return {}
@@ -224,7 +227,7 @@ class PostgresStore(Store):
             ):
                 where = f"{self.where}, promise {item.id!r},"
                 lost[item.id] = Settled(
-                    state=_state(state, where),
+                    state=stored_state(state, where),
                     value=None if value is None else decode_json(value, "value", where),
                     error=None if error is None else ErrorInfo.from_json(error, where),
                     attempts=attempts,
@@ -277,11 +280,11 @@ class PostgresStore(Store):
                 RootRecord(
                     id=promise_id,
                     func=func,
-                    args=_object(decode_json(args, "argument list", where), where),
-                    state=_state(state, where),
+                    args=stored_object(decode_json(args, "argument list", where), where),
+                    state=stored_state(state, where),
                     created_at=created_at,
                     settled_at=settled_at,
-                    options=_object(decode_json(options, "option list", where), where),
+                    options=stored_object(decode_json(options, "option list", where), where),
                     counts=counts[promise_id],
                 )
             )
@@ -321,8 +324,8 @@ class PostgresStore(Store):
             parent_id=parent_id,
             seq=seq,
             func=func,
-            args=_object(decode_json(args, "argument list", where), where),
-            state=_state(state, where),
+            args=stored_object(decode_json(args, "argument list", where), where),
+            state=stored_state(state, where),
             value=None if value is None else decode_json(value, "value", where),
             error=None if error is None else ErrorInfo.from_json(error, where),
             attempts=attempts,
@@ -331,7 +334,7 @@ class PostgresStore(Store):
             settled_at=settled_at,
             options={}
             if options == "{}"
-            else _object(decode_json(options, "options", where), where),
+            else stored_object(decode_json(options, "options", where), where),
         )
 
     # -- leases --------------------------------------------------------------------
@@ -478,20 +481,3 @@ class PostgresStore(Store):
 
 
 _CLAIM_COLUMNS = ", ".join(f"p.{name.strip()}" for name in _COLUMNS.split(","))
-
-
-def _params(item: Any) -> dict[str, Any]:
-    """A record's fields as named SQL parameters."""
-    return {name: getattr(item, name) for name in type(item).__slots__}
-
-
-def _state(value: Any, where: str) -> Any:
-    if value not in _STATES:
-        raise StoreCorrupt(where, "holds a damaged state")
-    return value
-
-
-def _object(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise StoreCorrupt(where, "holds a damaged row")
-    return value

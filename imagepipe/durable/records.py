@@ -39,6 +39,9 @@ __all__ = [
     "canonical_json",
     "decode_json",
     "encode_args",
+    "named_params",
+    "stored_object",
+    "stored_state",
 ]
 
 PromiseState = Literal["pending", "resolved", "rejected"]
@@ -62,6 +65,26 @@ def decode_json(text: str, what: str, where: str) -> Any:
         return json.loads(text)
     except (ValueError, TypeError) as exc:
         raise StoreCorrupt(where, f"holds a damaged {what} ({type(exc).__name__})") from None
+
+
+def stored_state(value: Any, where: str) -> PromiseState:
+    """A state column as read from a store; anything else is :class:`StoreCorrupt`."""
+    if value not in ("pending", "resolved", "rejected"):
+        raise StoreCorrupt(where, "holds a damaged state")
+    state: PromiseState = value
+    return state
+
+
+def stored_object(value: Any, where: str) -> dict[str, Any]:
+    """A JSON object column as decoded; anything else is :class:`StoreCorrupt`."""
+    if not isinstance(value, dict):
+        raise StoreCorrupt(where, "holds a damaged row")
+    return value
+
+
+def named_params(item: Any) -> dict[str, Any]:
+    """A write record's fields (a slots dataclass) as named SQL parameters."""
+    return {name: getattr(item, name) for name in type(item).__slots__}
 
 
 def encode_args(kwargs: Mapping[str, Any]) -> str:

@@ -42,6 +42,9 @@ from imagepipe.durable.records import (
     Settled,
     WriteBatch,
     decode_json,
+    named_params,
+    stored_object,
+    stored_state,
 )
 from imagepipe.durable.sqlite_schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from imagepipe.durable.store import DETACHED, Claim, Store, StoreOptions
@@ -51,7 +54,6 @@ __all__ = ["SQLiteStore", "check_store_file"]
 SQLITE_HEADER = b"SQLite format 3\x00"
 #: the store's clock, in Unix seconds
 _NOW = "((julianday('now') - 2440587.5) * 86400.0)"
-_STATES = frozenset({"pending", "resolved", "rejected"})
 
 S = TypeVar("S", bound="SQLiteStore")
 P = ParamSpec("P")
@@ -226,7 +228,7 @@ class SQLiteStore(Store):
                     " :options_json, :state, :value_json, :created_at,"
                     " CASE WHEN :state = 'pending' THEN NULL ELSE :created_at END)"
                     " ON CONFLICT (id) DO NOTHING",
-                    [_params(c) for c in batch.creates],
+                    [named_params(c) for c in batch.creates],
                 )
                 if cur.rowcount != len(batch.creates):
                     raise StoreConflict(self.where, "already holds promises this batch creates")
@@ -234,7 +236,7 @@ class SQLiteStore(Store):
                 cur = db.executemany(
                     "UPDATE promises SET attempts = :attempt"
                     " WHERE id = :id AND state = 'pending' AND attempts < :attempt",
-                    [_params(s) for s in batch.starts],
+                    [named_params(s) for s in batch.starts],
                 )
                 if cur.rowcount != len(batch.starts):
                     raise StoreConflict(self.where, "holds settled or further-on promises")
@@ -243,7 +245,7 @@ class SQLiteStore(Store):
                     db.executemany(
                         "INSERT INTO attempts (promise_id, attempt, started_at, finished_at,"
                         " error) VALUES (:id, :attempt, :started_at, :finished_at, :error_json)",
-                        [_params(f) for f in batch.failures],
+                        [named_params(f) for f in batch.failures],
                     )
                 except sqlite3.IntegrityError:
                     raise StoreConflict(self.where, "already holds a failed attempt") from None
@@ -259,7 +261,7 @@ class SQLiteStore(Store):
             cur = db.executemany(
                 "UPDATE promises SET state = :state, value = :value_json, error = :error_json,"
                 " settled_at = :settled_at WHERE id = :id AND state = 'pending'",
-                [_params(s) for s in batch.settlements],
+                [named_params(s) for s in batch.settlements],
             )
             if cur.rowcount == len(batch.settlements):
                 return {}
@@ -340,11 +342,11 @@ class SQLiteStore(Store):
                 RootRecord(
                     id=promise_id,
                     func=func,
-                    args=_object(decode_json(args, "argument list", where), where),
-                    state=_state(state, where),
+                    args=stored_object(decode_json(args, "argument list", where), where),
+                    state=stored_state(state, where),
                     created_at=created_at,
                     settled_at=settled_at,
-                    options=_object(decode_json(options, "option list", where), where),
+                    options=stored_object(decode_json(options, "option list", where), where),
                     counts=counts[promise_id],
                 )
             )
@@ -391,8 +393,8 @@ class SQLiteStore(Store):
             parent_id=parent_id,
             seq=seq,
             func=func,
-            args=_object(args, where),
-            state=_state(state, where),
+            args=stored_object(args, where),
+            state=stored_state(state, where),
             value=value,
             error=None if error is None else ErrorInfo.from_json(error, where),
             attempts=attempts,
@@ -401,7 +403,7 @@ class SQLiteStore(Store):
             settled_at=settled_at,
             options={}
             if options == "{}"
-            else _object(decode_json(options, "options", where), where),
+            else stored_object(decode_json(options, "options", where), where),
         )
 
     # -- leases --------------------------------------------------------------------
@@ -550,24 +552,7 @@ def _decode_json_columns(rows: list[tuple[Any, ...]]) -> list[list[Any]] | None:
     return decoded  # type: ignore[no-any-return]
 
 
-def _params(item: Any) -> dict[str, Any]:
-    """A record's fields as named SQL parameters."""
-    return {name: getattr(item, name) for name in type(item).__slots__}
-
-
 def _json_list(items: list[str]) -> str:
     import json
 
     return json.dumps(items)
-
-
-def _state(value: Any, where: str) -> Any:
-    if value not in _STATES:
-        raise StoreCorrupt(where, "holds a damaged state")
-    return value
-
-
-def _object(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise StoreCorrupt(where, "holds a damaged row")
-    return value

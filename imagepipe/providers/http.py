@@ -188,16 +188,17 @@ def same_origin(a: str, b: str) -> bool:
 
 
 def sniff_mime(data: bytes) -> str:
-    """The image type of ``data`` from its magic bytes; a non-image is a retryable error."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    raise ProviderError(f"the provider sent {len(data)} bytes that are not a PNG, JPEG or WebP")
+    """The image type of ``data`` (:func:`imagepipe.files.sniff_mime`); bytes that are no
+    image are a retryable provider error, not a file error."""
+    from imagepipe.files import ImageFileError
+    from imagepipe.files import sniff_mime as image_type
+
+    try:
+        return image_type(data)
+    except ImageFileError:
+        raise ProviderError(
+            f"the provider sent {len(data)} bytes that are not a PNG, JPEG, WebP or GIF image"
+        ) from None
 
 
 class Pacer:
