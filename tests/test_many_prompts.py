@@ -136,6 +136,50 @@ def test_the_export_loads_in_datasets_with_every_row_and_column(
     assert all(r["image"] == [256, 256] for r in loaded["rows"])
 
 
+def test_show_prompt_n_shows_one_prompts_branches(tmp_path: Path) -> None:
+    prompt_run(tmp_path)
+    result = invoke("show", "many", "--prompt", "2")
+    assert result.exit_code == 0, result.stderr
+    assert 'prompt #2: a cat & a "dog" <friends>' in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("#2 ")]
+    assert [row.split()[1] for row in rows] == ["cartoon", "cartoon#1", "sketch", "sketch#1"]
+    assert not any(line.startswith(("#1 ", "#3 ")) for line in result.stdout.splitlines())
+    assert (
+        invoke("show", "many", "--prompt", "4").stderr == "error: --prompt must be 1 to 3, not 4\n"
+    )
+
+
+def test_user_style_templates_come_from_styles_toml(tmp_path: Path, monkeypatch: Any) -> None:
+    styles = tmp_path / "styles.toml"
+    styles.write_text('noir = "{prompt}, film noir, high contrast"\ncartoon = "{prompt}, toon"\n')
+    monkeypatch.setenv("IMAGEPIPE_STYLES", str(styles))
+    listed = {s["name"]: s for s in json.loads(invoke("styles", "--json").stdout)}
+    assert listed["noir"]["template"] == "{prompt}, film noir, high contrast"
+    assert listed["cartoon"]["source"] == str(styles)
+    assert listed["sketch"]["source"] == "built-in"
+    data = json.loads(
+        invoke("run", "a cat", "-s", "noir", "-s", "velvet", "--id", "t", "--json").stdout
+    )
+    assert data["state"] == "resolved"
+    stored = json.loads(invoke("show", "t", "--json").stdout)
+    assert stored["state"] == "resolved"
+    from imagepipe.service import show_run
+
+    spec = show_run(str(tmp_path / "imagepipe.db"), "t").spec
+    assert spec.templates == {
+        "noir": "{prompt}, film noir, high contrast",
+        "velvet": "{prompt}, {style} style",
+    }
+    styles.write_text('noir = "no prompt here"\n')
+    bad = invoke("run", "a cat", "-s", "noir")
+    assert bad.exit_code == 2
+    assert "must be a string containing {prompt}" in bad.stderr
+
+
+# The browser's driver runs an event loop in this thread while its module-scoped fixture
+# lives: its test comes last, after every test that runs the CLI in this process.
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     require_chromium()
@@ -177,43 +221,3 @@ def test_the_gallery_of_a_run_loads_in_a_browser(
     assert report.results["states"].count("resolved") == 5  # 7 images, 2 cells hold 2
     assert report.results["states"].count("empty") == 4
     assert all(url.startswith("file://") for url in report.requests)
-
-
-def test_show_prompt_n_shows_one_prompts_branches(tmp_path: Path) -> None:
-    prompt_run(tmp_path)
-    result = invoke("show", "many", "--prompt", "2")
-    assert result.exit_code == 0, result.stderr
-    assert 'prompt #2: a cat & a "dog" <friends>' in result.stdout
-    rows = [line for line in result.stdout.splitlines() if line.startswith("#2 ")]
-    assert [row.split()[1] for row in rows] == ["cartoon", "cartoon#1", "sketch", "sketch#1"]
-    assert not any(line.startswith(("#1 ", "#3 ")) for line in result.stdout.splitlines())
-    assert (
-        invoke("show", "many", "--prompt", "4").stderr == "error: --prompt must be 1 to 3, not 4\n"
-    )
-
-
-def test_user_style_templates_come_from_styles_toml(tmp_path: Path, monkeypatch: Any) -> None:
-    styles = tmp_path / "styles.toml"
-    styles.write_text('noir = "{prompt}, film noir, high contrast"\ncartoon = "{prompt}, toon"\n')
-    monkeypatch.setenv("IMAGEPIPE_STYLES", str(styles))
-    listed = {s["name"]: s for s in json.loads(invoke("styles", "--json").stdout)}
-    assert listed["noir"]["template"] == "{prompt}, film noir, high contrast"
-    assert listed["cartoon"]["source"] == str(styles)
-    assert listed["sketch"]["source"] == "built-in"
-    data = json.loads(
-        invoke("run", "a cat", "-s", "noir", "-s", "velvet", "--id", "t", "--json").stdout
-    )
-    assert data["state"] == "resolved"
-    stored = json.loads(invoke("show", "t", "--json").stdout)
-    assert stored["state"] == "resolved"
-    from imagepipe.service import show_run
-
-    spec = show_run(str(tmp_path / "imagepipe.db"), "t").spec
-    assert spec.templates == {
-        "noir": "{prompt}, film noir, high contrast",
-        "velvet": "{prompt}, {style} style",
-    }
-    styles.write_text('noir = "no prompt here"\n')
-    bad = invoke("run", "a cat", "-s", "noir")
-    assert bad.exit_code == 2
-    assert "must be a string containing {prompt}" in bad.stderr

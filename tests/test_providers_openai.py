@@ -274,7 +274,8 @@ async def test_the_fake_limits_rpm_and_the_pacer_keeps_under_it(openai_fake: Ope
 async def test_the_fakes_own_limit_answers_429_with_retry_after(openai_fake: OpenAIFake) -> None:
     openai_fake.time_scale = 0.01
     openai_fake.limit_rpm(2)
-    p = OpenAIProvider()
+    # coordinated back-off off: the quota headers are ignored, so the third meets the limit
+    p = OpenAIProvider(pacer=Pacer(coordinated=False, time_scale=0.01))
     await p.generate(request("a", "r.a"), MemorySteps())
     await p.generate(request("b", "r.b"), MemorySteps())
     with pytest.raises(RateLimited) as info:
@@ -282,6 +283,34 @@ async def test_the_fakes_own_limit_answers_429_with_retry_after(openai_fake: Ope
     await p.aclose()
     assert info.value.retry_after is not None
     assert 50 < info.value.retry_after <= 60  # asked in unscaled seconds, as a real server
+
+
+async def test_an_exhausted_quota_is_waited_out_before_it_costs_a_429(
+    openai_fake: OpenAIFake,
+) -> None:
+    openai_fake.time_scale = 0.01
+    openai_fake.limit_rpm(2)
+    pacer = Pacer(time_scale=0.01)
+    p = OpenAIProvider(pacer=pacer)
+    for prompt in "abc":  # the second answer says 0 left: the third waits for the reset
+        await p.generate(request(prompt, f"r.{prompt}"), MemorySteps())
+    await p.aclose()
+    assert [a.status for a in openai_fake.log if a.endpoint == "create"] == [200, 200, 200]
+    assert pacer.pauses == 1
+    assert pacer.last_pause is not None
+    start, end = pacer.last_pause
+    assert 0.5 < end - start <= 0.6  # until the window's oldest request leaves it, scaled
+
+
+def test_openai_durations_parse() -> None:
+    from imagepipe.providers.http import parse_duration
+
+    assert parse_duration("6m0s") == 360
+    assert parse_duration("1.5s") == 1.5
+    assert parse_duration("120ms") == pytest.approx(0.12)
+    assert parse_duration("1h2m3s") == 3723
+    assert parse_duration("soon") is None
+    assert parse_duration("") is None
 
 
 def test_b64_of_the_fake_is_a_real_png() -> None:

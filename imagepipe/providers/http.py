@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import re
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ __all__ = [
     "Pacer",
     "classify",
     "error_message",
+    "parse_duration",
     "parse_retry_after",
     "same_origin",
     "send",
@@ -187,6 +189,21 @@ def same_origin(a: str, b: str) -> bool:
     return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in OpenAI's duration form (``6m0s``, ``1.5s``, ``120ms``); None if absent or
+    not in that form."""
+    if not text:
+        return None
+    parts = _DURATION.findall(text.strip())
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        return None
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
 def sniff_mime(data: bytes) -> str:
     """The image type of ``data`` (:func:`imagepipe.files.sniff_mime`); bytes that are no
     image are a retryable provider error, not a file error."""
@@ -221,6 +238,12 @@ class Pacer:
         self.coordinated = coordinated
         self.time_scale = time_scale
         self.pauses = 0  # how many times coordinated back-off paused the provider
+        self.in_flight = 0  # requests sent and not answered yet
+        #: after a pause for an exhausted quota, one request at a time until an answer
+        #: says how much came back
+        self._probing = False
+        self._probe_out = False
+        self._answered = asyncio.Event()
         #: (start, end) in the event loop's clock (time.monotonic) of the latest pause
         self.last_pause: tuple[float, float] | None = None
         self._until = 0.0  # loop time
@@ -244,6 +267,24 @@ class Pacer:
             self.pauses += 1
             self.last_pause = (now, until)
 
+    def observe_quota(self, headers: Mapping[str, str]) -> bool:
+        """Pause everyone before the provider's request quota runs out: when what is left
+        of it (``x-ratelimit-remaining-requests``, as OpenAI sends it) would be used up by
+        the requests already in flight, wait until it resets (``x-ratelimit-reset-
+        requests``). Without this, every branch in flight meets a 429 at each window's end.
+        Returns whether the quota has room for the requests in flight."""
+        if not self.coordinated:
+            return True
+        remaining = headers.get("x-ratelimit-remaining-requests")
+        reset = parse_duration(headers.get("x-ratelimit-reset-requests"))
+        if remaining is None or reset is None or not remaining.strip().isdigit():
+            return True
+        if int(remaining) < self.in_flight:
+            self.pause(min(reset, MAX_RETRY_AFTER))
+            self._probing = True
+            return False
+        return True
+
     def observe(self, error: ProviderError) -> None:
         """Pause everyone if ``error`` asks for a wait (coordinated back-off)."""
         if not self.coordinated or not error.retryable:
@@ -260,11 +301,30 @@ class Pacer:
             await asyncio.sleep(left)
 
     async def acquire(self) -> None:
-        """Wait until one more request may be sent."""
-        await self.backoff()
+        """Wait until one more request may be sent. After a pause for an exhausted quota,
+        one request goes first: its answer says how much of the quota came back."""
+        while True:
+            await self.backoff()
+            if not self._probing:
+                break
+            if not self._probe_out:
+                self._probe_out = True
+                break
+            answered = self._answered
+            await answered.wait()
         if self._limiter is not None:
             await self._limiter.acquire()
             await self.backoff()
+
+    def answered(self, quota_left: bool) -> None:
+        """A request came back; ``quota_left``: its answer said the quota has room for the
+        requests in flight (then the others may go again)."""
+        if self._probing:
+            self._probe_out = False
+            if quota_left:
+                self._probing = False
+            self._answered.set()
+            self._answered = asyncio.Event()
 
 
 async def send(
@@ -283,12 +343,19 @@ async def send(
     import httpx
 
     await (pacer.acquire() if paced else pacer.backoff())
+    pacer.in_flight += 1
+    quota_left = False
     try:
         response = await client.request(method, url, **kwargs)
+        if not 200 <= response.status_code < 300:
+            error = classify(response.status_code, response.headers, response.content)
+            pacer.observe(error)
+            raise error
+        quota_left = pacer.observe_quota(response.headers)
+        return response
     except httpx.TransportError as exc:
         raise transport_error(exc) from exc
-    if not 200 <= response.status_code < 300:
-        error = classify(response.status_code, response.headers, response.content)
-        pacer.observe(error)
-        raise error
-    return response
+    finally:
+        pacer.in_flight -= 1
+        if paced:
+            pacer.answered(quota_left)

@@ -345,20 +345,27 @@ class FakeServer:
                 return rule.fault
         return None
 
-    def _over_rpm(self) -> float | None:
-        """Unscaled seconds until a create is allowed again, or None when it is allowed now."""
+    def _over_rpm(self) -> tuple[float | None, dict[str, str]]:
+        """Unscaled seconds until a create is allowed again (None: allowed now, and then
+        counted), and OpenAI's x-ratelimit-*-requests headers for an allowed one: the
+        limit, what is left of the window, and when its oldest request leaves it."""
         with self.lock:
             if self._rpm is None:
-                return None
+                return None, {}
             limit, accepted = self._rpm
             window = 60.0 * self.time_scale
             now = time.monotonic()
             while accepted and accepted[0] <= now - window:
                 accepted.popleft()
-            if len(accepted) < limit:
-                accepted.append(now)
-                return None
-            return (accepted[0] + window - now) / self.time_scale
+            if len(accepted) >= limit:
+                return (accepted[0] + window - now) / self.time_scale, {}
+            accepted.append(now)
+            reset = (accepted[0] + window - now) / self.time_scale
+            return None, {
+                "x-ratelimit-limit-requests": str(limit),
+                "x-ratelimit-remaining-requests": str(limit - len(accepted)),
+                "x-ratelimit-reset-requests": f"{reset * 1000:.0f}ms",
+            }
 
     def prompt_of(self, request: Request) -> str | None:
         return None
@@ -376,8 +383,9 @@ class FakeServer:
                 self.keys[key] += 1
         if not self.authorized(request):
             return self.error(401, "Incorrect API key provided", "invalid_api_key", None)
+        rate_headers: dict[str, str] = {}
         if endpoint == "create":
-            wait = self._over_rpm()
+            wait, rate_headers = self._over_rpm()
             if wait is not None:
                 answer = self.error(429, "Rate limit reached", "rate_limit_exceeded", "requests")
                 answer.headers["retry-after-ms"] = f"{wait * 1000:.0f}"
@@ -400,7 +408,9 @@ class FakeServer:
                     answer.headers["retry-after-ms"] = fault.retry_after_ms
                 answer.headers.update(dict(fault.headers))
                 return answer
-        return handler(request)
+        answer = handler(request)
+        answer.headers.update(rate_headers)
+        return answer
 
     def _serve(self, handler: BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("content-length") or 0)
