@@ -70,9 +70,10 @@ app = typer.Typer(
     cls=_Group,
     name="imagepipe",
     help=(
-        "Ask an image provider for several style variations of one prompt, in parallel. "
-        "Every branch is a durable promise in a SQLite store: a run killed at any moment "
-        "is finished by `imagepipe resume ID` without redoing what already succeeded."
+        "Ask an image provider for many variations of a prompt (or of a file of prompts), "
+        "in parallel, and save every image to disk. Every branch is a durable promise in a "
+        "store (SQLite by default, or PostgreSQL): a run killed at any moment is finished "
+        "by `imagepipe resume ID` without redoing, or paying again for, what succeeded."
     ),
     epilog=(
         'Example: imagepipe run "A futuristic city skyline"   '

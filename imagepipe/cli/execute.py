@@ -41,7 +41,8 @@ def run(
             "-s",
             metavar="STYLE",
             help="A style to generate; repeat for several [default: photorealistic, cartoon, "
-            "abstract; also known: watercolor, pixel-art, sketch].",
+            "abstract; also built in: watercolor, pixel-art, sketch; or any style text, or "
+            "your own template: see `imagepipe styles`].",
             show_default=False,
         ),
     ] = None,
