@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any
 
 from imagepipe.errors import BadInput
@@ -94,6 +93,8 @@ def _check(name: str, cls: Any) -> type:
 
 def _plugins() -> dict[str, Any]:
     found: dict[str, Any] = {}
+    from importlib.metadata import entry_points  # ~20 ms: only when a plugin is looked for
+
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in BUILTINS and ep.name not in found:
             found[ep.name] = ep
