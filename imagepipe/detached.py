@@ -10,7 +10,6 @@ options (keys from the worker's own environment), and settle the root with the l
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
@@ -215,8 +214,9 @@ def run_worker(
 
 
 def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -> RunOutcome:
-    """Report a run that other processes execute, by polling the store, until its root
-    settles; the outcome is the run as stored then."""
+    """Report a run that other processes execute, until its root settles: woken by each
+    write on PostgreSQL (LISTEN/NOTIFY), polling every ``poll`` seconds on SQLite. The
+    outcome is the run as stored then."""
 
     async def watch() -> RunOutcome:
         try:
@@ -240,7 +240,8 @@ def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -
                         ]
                         wall_ms = round(((root.settled_at or 0) - root.created_at) * 1000)
                         return _run_outcome(root, branches, wall_ms=wall_ms, executed=True)
-                    await asyncio.sleep(poll)
+                    # PostgreSQL wakes the watcher at each write (LISTEN/NOTIFY); SQLite polls
+                    await store.wait_for_progress(run_id, 2.0 if store.notifies else poll)
         except StoreMissing:
             raise UnknownRun(run_id, url) from None
 

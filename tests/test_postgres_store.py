@@ -242,3 +242,36 @@ async def test_racing_settlements_first_wins_and_the_others_read_it(postgres_url
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_a_watcher_wakes_at_another_stores_write_not_at_its_timeout(
+    postgres_url: str,
+) -> None:
+    import asyncio
+    import time
+
+    from imagepipe.durable import NewPromise, WriteBatch, encode_args, open_store
+
+    watcher, writer = await open_store(postgres_url), await open_store(postgres_url)
+    try:
+        assert watcher.notifies
+        await watcher.wait_for_progress("r", 0.01)  # LISTEN, nothing to hear yet
+        root = NewPromise("r", None, None, "wf", encode_args({}), 1.0)
+        other = NewPromise("other", None, None, "wf", encode_args({}), 1.0)
+
+        async def write_soon() -> None:
+            await asyncio.sleep(0.2)
+            await writer.apply(WriteBatch(creates=[other]))  # another run: no wake-up
+            await writer.apply(
+                WriteBatch(creates=[root, NewPromise("r.0", "r", 0, "f", "{}", 1.0)])
+            )
+
+        started = time.monotonic()
+        writing = asyncio.create_task(write_soon())
+        await watcher.wait_for_progress("r", 30)
+        waited = time.monotonic() - started
+        await writing
+        assert 0.2 <= waited < 10, waited  # woken by the commit, not by the 30 s timeout
+    finally:
+        await watcher.close()
+        await writer.close()

@@ -106,3 +106,64 @@ def test_a_stopped_worker_is_fenced_off_on_postgresql(
     assert stopped.returncode == 0, err
     assert "6 lost" in out
     assert sql(state) == before
+
+
+def test_two_runs_at_once_across_workers_on_postgresql_with_watch_woken_by_notify(
+    postgres_url: str, procs: list[subprocess.Popen[str]]
+) -> None:
+    one = cli(postgres_url, "run", "a fox", "-s", "abstract", "-n", "3", "--id", "one", "--detach")
+    assert one.returncode == 0, one.stderr
+    two = cli(postgres_url, "run", "a cat", "--fail-style", "cartoon", "--id", "two", "--detach")
+    assert two.returncode == 0, two.stderr
+    watchers = [spawn(procs, postgres_url, "watch", run) for run in ("one", "two")]
+    workers = [
+        spawn(procs, postgres_url, "worker", "--once", "-c", "2", "--fail-style", "cartoon")
+        for _ in range(2)
+    ]
+    for worker in workers:
+        assert worker.wait(timeout=120) == 0
+    (out_one, _), (_, err_two) = (w.communicate(timeout=60) for w in watchers)
+    assert watchers[0].returncode == 0
+    assert "Results of one" in out_one
+    assert watchers[1].returncode == 1
+    assert "run two failed: 1 of 3 branches rejected" in err_two
+
+
+def test_a_database_restart_mid_run_ends_in_a_finished_run(
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    tmp_path: Path,
+    procs: list[subprocess.Popen[str]],
+) -> None:
+    """Workers either ride out the restart (the pool reconnects) or stop with one line
+    saying the store cannot be reached; a worker started afterwards finishes the run."""
+
+    def sql(statement: str) -> list[tuple[Any, ...]]:
+        return postgres_server.execute(postgres_url, statement)
+
+    calls = tmp_path / "calls.log"
+    spec = ("run", "x", "-s", "cartoon", "-n", "300", "--id", "rs")
+    assert cli(postgres_url, *spec, "--detach").returncode == 0
+    env = {"IMAGEPIPE_LEASE_TIMEOUT": LEASE, "IMAGEPIPE_TEST_CALL_LOG": str(calls)}
+    args = ("worker", "--once", "-c", "8", "--sim-latency", "30")
+    workers = [spawn(procs, postgres_url, *args, **env) for _ in range(2)]
+    count = "SELECT count(*) FROM imagepipe.promises WHERE state = 'resolved'"
+    wait_until(lambda: sql(count)[0][0] >= 60)
+    postgres_server.restart()
+    outcomes = []
+    for worker in workers:
+        _out, err = worker.communicate(timeout=120)
+        outcomes.append(worker.returncode)
+        if worker.returncode != 0:  # a clear line, then a later worker finishes the run
+            assert worker.returncode in (74, 75), err
+            assert err.strip().splitlines()[-1].startswith("error: the store postgres@"), err
+            print(err.strip().splitlines()[-1])
+    finish = cli(postgres_url, "worker", "--once", "-c", "8", "--sim-latency", "0", **env)
+    assert finish.returncode == 0, finish.stderr
+    states = sql("SELECT state, count(*) FROM imagepipe.promises GROUP BY state")
+    assert dict(states) == {"resolved": 301}
+    made = Counter(
+        (line.split()[0], int(line.split()[1])) for line in calls.read_text().split("\n") if line
+    )
+    assert max(made.values()) == 1, "a provider call was made twice for one attempt"
+    print(f"worker exits after the restart: {outcomes}")

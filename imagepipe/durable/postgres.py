@@ -12,9 +12,10 @@ clock (``clock_timestamp()``), never the caller's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -69,9 +70,19 @@ logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
 class PostgresStore(Store):
     """A :class:`~imagepipe.durable.store.Store` in a PostgreSQL database."""
 
-    def __init__(self, pool: AsyncConnectionPool, where: str) -> None:
+    notifies = True
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        where: str,
+        connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
+    ) -> None:
         self._pool = pool
         self.where = where
+        #: opens the connection that LISTENs for progress (see :meth:`wait_for_progress`)
+        self._connect = connect
+        self._listener: psycopg.AsyncConnection[Any] | None = None
 
     # -- opening -------------------------------------------------------------------
 
@@ -119,10 +130,35 @@ class PostgresStore(Store):
             name=f"imagepipe {where}",
         )
         await pool.open()
-        return cls(pool, where)
+
+        async def listener() -> psycopg.AsyncConnection[Any]:
+            conn = await psycopg.AsyncConnection.connect(url, **kwargs)
+            await conn.execute(f"LISTEN {PROGRESS_CHANNEL}")
+            return conn
+
+        return cls(pool, where, listener)
 
     async def close(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(psycopg.Error):
+                await self._listener.close()
         await self._pool.close()
+
+    async def wait_for_progress(self, run_id: str, at_most: float) -> None:
+        """LISTEN on the progress channel: every batch NOTIFYs the runs it wrote to (on
+        commit), so a watcher wakes at a write instead of polling."""
+        try:
+            if self._listener is None or self._listener.closed:
+                if self._connect is None:
+                    await asyncio.sleep(at_most)
+                    return
+                self._listener = await self._connect()
+            async for note in self._listener.notifies(timeout=at_most):
+                if note.payload == run_id or note.payload.startswith(run_id + "."):
+                    return
+        except psycopg.Error:  # the server restarts: poll until it is back
+            self._listener = None
+            await asyncio.sleep(at_most)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
@@ -148,6 +184,11 @@ class PostgresStore(Store):
                 row = await cur.fetchone()
                 if row is None or row[0] != batch.fence.epoch:
                     raise LeaseLost(batch.fence.key, batch.fence.epoch)
+            # delivered when this transaction commits, never if it rolls back
+            await cur.execute(
+                f"SELECT pg_notify('{PROGRESS_CHANNEL}', run) FROM unnest(%s::text[]) AS run",
+                (sorted(_runs_written(batch)),),
+            )
             if batch.reopens:
                 await cur.executemany(
                     "UPDATE imagepipe.promises SET state = 'pending', error = NULL,"
@@ -478,6 +519,20 @@ class PostgresStore(Store):
             )
             rows = await cur.fetchall()
         return [Lease(*row) for row in rows]
+
+
+#: the channel every write batch NOTIFYs with the ids of the runs it wrote to
+PROGRESS_CHANNEL = "imagepipe_progress"
+
+
+def _runs_written(batch: WriteBatch) -> set[str]:
+    """The parents of the promises a batch writes (a run's root id names itself)."""
+    ids = [c.parent_id or c.id for c in batch.creates]
+    ids += [s.id.rpartition(".")[0] or s.id for s in batch.starts]
+    ids += [f.id.rpartition(".")[0] or f.id for f in batch.failures]
+    ids += [s.id.rpartition(".")[0] or s.id for s in batch.settlements]
+    ids += [i.rpartition(".")[0] or i for i in batch.reopens]
+    return set(ids)
 
 
 _CLAIM_COLUMNS = ", ".join(f"p.{name.strip()}" for name in _COLUMNS.split(","))

@@ -12,6 +12,7 @@ was made under. Leases are the only other writes, each its own transaction too.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -147,6 +148,15 @@ class Store(ABC):
     async def held_leases(self, prefix: str = "") -> list[Lease]:
         """Every held lease whose key starts with ``prefix``, with its age by the store's
         clock, ordered by key (``imagepipe workers``)."""
+
+    #: whether :meth:`wait_for_progress` returns as soon as another process writes
+    notifies: bool = False
+
+    async def wait_for_progress(self, run_id: str, at_most: float) -> None:
+        """Return once promises of ``run_id`` may have changed, at the latest after
+        ``at_most`` seconds. This base polls (it waits all of it); a backend that
+        can be told of other processes' writes (PostgreSQL: LISTEN/NOTIFY) returns early."""
+        await asyncio.sleep(at_most)
 
     @abstractmethod
     async def close(self) -> None: ...
