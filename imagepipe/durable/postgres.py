@@ -42,8 +42,14 @@ from imagepipe.durable.records import (
     WriteBatch,
     decode_json,
     named_params,
-    stored_object,
     stored_state,
+)
+from imagepipe.durable.rows import (
+    CLAIM_COLUMNS,
+    PROMISE_COLUMNS,
+    attempt_from_row,
+    promise_from_row,
+    root_from_row,
 )
 from imagepipe.durable.store import DETACHED, Claim, Store, StoreOptions
 
@@ -52,10 +58,6 @@ __all__ = ["PostgresStore"]
 #: the database's clock, in Unix seconds
 _NOW = "extract(epoch FROM clock_timestamp())::double precision"
 _STATES = frozenset({"pending", "resolved", "rejected"})
-_COLUMNS = (
-    "id, parent_id, seq, func, args, state, value, error, attempts, failures, "
-    "created_at, settled_at, options"
-)
 #: seconds to wait for a connection when the URL does not say
 _CONNECT_TIMEOUT = 10
 #: connections per store: a run's writes are serial; the heartbeat and reads need a few more
@@ -281,20 +283,21 @@ class PostgresStore(Store):
     async def get(self, promise_id: str) -> PromiseRecord | None:
         async with self._reading() as cur:
             await cur.execute(
-                f"SELECT {_COLUMNS} FROM imagepipe.promises WHERE id = %s", (promise_id,)
+                f"SELECT {PROMISE_COLUMNS} FROM imagepipe.promises WHERE id = %s", (promise_id,)
             )
             row = await cur.fetchone()
-        return None if row is None else self._record(row)
+        return None if row is None else promise_from_row(row, self.where)
 
     @guarded
     async def children(self, parent_id: str) -> list[PromiseRecord]:
         async with self._reading() as cur:
             await cur.execute(
-                f"SELECT {_COLUMNS} FROM imagepipe.promises WHERE parent_id = %s ORDER BY seq",
+                f"SELECT {PROMISE_COLUMNS} FROM imagepipe.promises"
+                " WHERE parent_id = %s ORDER BY seq",
                 (parent_id,),
             )
             rows = await cur.fetchall()
-        return [self._record(row) for row in rows]
+        return [promise_from_row(row, self.where) for row in rows]
 
     @guarded
     async def roots(self, limit: int | None = None) -> list[RootRecord]:
@@ -314,22 +317,7 @@ class PostgresStore(Store):
             )
             for parent_id, state, n in await cur.fetchall():
                 counts[parent_id][state] = n
-        records = []
-        for promise_id, func, args, state, created_at, settled_at, options in rows:
-            where = f"{self.where}, run {promise_id!r},"
-            records.append(
-                RootRecord(
-                    id=promise_id,
-                    func=func,
-                    args=stored_object(decode_json(args, "argument list", where), where),
-                    state=stored_state(state, where),
-                    created_at=created_at,
-                    settled_at=settled_at,
-                    options=stored_object(decode_json(options, "option list", where), where),
-                    counts=counts[promise_id],
-                )
-            )
-        return records
+        return [root_from_row(row, counts[row[0]], self.where) for row in rows]
 
     @guarded
     async def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
@@ -342,41 +330,7 @@ class PostgresStore(Store):
                 (parent_id, parent_id),
             )
             rows = await cur.fetchall()
-        history = []
-        for promise_id, attempt, started, finished, error in rows:
-            where = f"{self.where}, attempt {attempt} of {promise_id!r},"
-            history.append(
-                AttemptRecord(
-                    promise_id=promise_id,
-                    attempt=attempt,
-                    started_at=started,
-                    finished_at=finished,
-                    error=None if error is None else ErrorInfo.from_json(error, where),
-                )
-            )
-        return history
-
-    def _record(self, row: tuple[Any, ...]) -> PromiseRecord:
-        (promise_id, parent_id, seq, func, args, state, value, error) = row[:8]
-        (attempts, failures, created_at, settled_at, options) = row[8:]
-        where = f"{self.where}, promise {promise_id!r},"
-        return PromiseRecord(
-            id=promise_id,
-            parent_id=parent_id,
-            seq=seq,
-            func=func,
-            args=stored_object(decode_json(args, "argument list", where), where),
-            state=stored_state(state, where),
-            value=None if value is None else decode_json(value, "value", where),
-            error=None if error is None else ErrorInfo.from_json(error, where),
-            attempts=attempts,
-            failures=failures,
-            created_at=created_at,
-            settled_at=settled_at,
-            options={}
-            if options == "{}"
-            else stored_object(decode_json(options, "options", where), where),
-        )
+        return [attempt_from_row(row, self.where) for row in rows]
 
     # -- leases --------------------------------------------------------------------
 
@@ -453,7 +407,7 @@ class PostgresStore(Store):
         async with self._transaction() as cur:
             # SKIP LOCKED: claimers on other hosts take other branches instead of waiting.
             await cur.execute(
-                f"SELECT {_CLAIM_COLUMNS} FROM imagepipe.promises p"
+                f"SELECT {CLAIM_COLUMNS} FROM imagepipe.promises p"
                 " JOIN imagepipe.promises r ON r.id = p.parent_id"
                 " LEFT JOIN imagepipe.leases rl ON rl.key = r.id"
                 " LEFT JOIN imagepipe.leases l ON l.key = p.id"
@@ -467,7 +421,7 @@ class PostgresStore(Store):
             rows = await cur.fetchall()
             claims = []
             for row in rows:
-                record = self._record(row)
+                record = promise_from_row(row, self.where)
                 await cur.execute(
                     "INSERT INTO imagepipe.leases (key, owner, pid, host, heartbeat_at, epoch)"
                     f" VALUES (%s, %s, %s, %s, {_NOW}, 1) ON CONFLICT (key) DO UPDATE SET"
@@ -533,6 +487,3 @@ def _runs_written(batch: WriteBatch) -> set[str]:
     ids += [s.id.rpartition(".")[0] or s.id for s in batch.settlements]
     ids += [i.rpartition(".")[0] or i for i in batch.reopens]
     return set(ids)
-
-
-_CLAIM_COLUMNS = ", ".join(f"p.{name.strip()}" for name in _COLUMNS.split(","))

@@ -43,8 +43,13 @@ from imagepipe.durable.records import (
     WriteBatch,
     decode_json,
     named_params,
-    stored_object,
-    stored_state,
+)
+from imagepipe.durable.rows import (
+    CLAIM_COLUMNS,
+    PROMISE_COLUMNS,
+    attempt_from_row,
+    promise_from_row,
+    root_from_row,
 )
 from imagepipe.durable.sqlite_schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from imagepipe.durable.store import DETACHED, Claim, Store, StoreOptions
@@ -90,12 +95,6 @@ def _guarded(
             raise _translate(exc, self.where) from exc
 
     return wrapper
-
-
-_COLUMNS = (
-    "id, parent_id, seq, func, args, state, value, error, attempts, failures, "
-    "created_at, settled_at, options"
-)
 
 
 def check_store_file(file: Path, *, create: bool) -> None:
@@ -304,21 +303,23 @@ class SQLiteStore(Store):
     @_guarded
     async def get(self, promise_id: str) -> PromiseRecord | None:
         row = self._db.execute(
-            f"SELECT {_COLUMNS} FROM promises WHERE id = ?", (promise_id,)
+            f"SELECT {PROMISE_COLUMNS} FROM promises WHERE id = ?", (promise_id,)
         ).fetchone()
-        return None if row is None else self._record(row)
+        return None if row is None else promise_from_row(row, self.where)
 
     @_guarded
     async def children(self, parent_id: str) -> list[PromiseRecord]:
         rows = self._db.execute(
-            f"SELECT {_COLUMNS}, {_JSON_COLUMNS} FROM promises WHERE parent_id = ? ORDER BY seq",
+            f"SELECT {PROMISE_COLUMNS}, {_JSON_COLUMNS} FROM promises"
+            " WHERE parent_id = ? ORDER BY seq",
             (parent_id,),
         ).fetchall()
         decoded = _decode_json_columns(rows)
         if decoded is None:  # some column is damaged: decode row by row to say which
-            return [self._record(row[:-1]) for row in rows]
+            return [promise_from_row(row[:-1], self.where) for row in rows]
         return [
-            self._record(row, json_values) for row, json_values in zip(rows, decoded, strict=True)
+            promise_from_row(row, self.where, json_values)
+            for row, json_values in zip(rows, decoded, strict=True)
         ]
 
     @_guarded
@@ -335,22 +336,7 @@ class SQLiteStore(Store):
             (_json_list(list(counts)),),
         ):
             counts[parent_id][state] = n
-        records = []
-        for promise_id, func, args, state, created_at, settled_at, options in rows:
-            where = f"{self.where}, run {promise_id!r},"
-            records.append(
-                RootRecord(
-                    id=promise_id,
-                    func=func,
-                    args=stored_object(decode_json(args, "argument list", where), where),
-                    state=stored_state(state, where),
-                    created_at=created_at,
-                    settled_at=settled_at,
-                    options=stored_object(decode_json(options, "option list", where), where),
-                    counts=counts[promise_id],
-                )
-            )
-        return records
+        return [root_from_row(row, counts[row[0]], self.where) for row in rows]
 
     @_guarded
     async def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
@@ -361,50 +347,7 @@ class SQLiteStore(Store):
             " ORDER BY p.parent_id IS NOT NULL, p.seq, a.attempt",
             (parent_id, parent_id),
         )
-        history = []
-        for promise_id, attempt, started, finished, error in rows:
-            where = f"{self.where}, attempt {attempt} of {promise_id!r},"
-            history.append(
-                AttemptRecord(
-                    promise_id=promise_id,
-                    attempt=attempt,
-                    started_at=started,
-                    finished_at=finished,
-                    error=None if error is None else ErrorInfo.from_json(error, where),
-                )
-            )
-        return history
-
-    def _record(self, row: tuple[Any, ...], json_values: list[Any] | None = None) -> PromiseRecord:
-        """A row of ``_COLUMNS`` as a record; ``json_values`` are its args, value and
-        options already decoded by :func:`_decode_json_columns`."""
-        (promise_id, parent_id, seq, func, args, state, value, error) = row[:8]
-        (attempts, failures, created_at, settled_at, options) = row[8:13]
-        where = f"{self.where}, promise {promise_id!r},"
-        if not isinstance(attempts, int) or not isinstance(failures, int):
-            raise StoreCorrupt(where, "holds a damaged attempt count")
-        if json_values is None:
-            args = decode_json(args, "argument list", where)
-            value = None if value is None else decode_json(value, "value", where)
-        else:
-            args, value = json_values
-        return PromiseRecord(
-            id=promise_id,
-            parent_id=parent_id,
-            seq=seq,
-            func=func,
-            args=stored_object(args, where),
-            state=stored_state(state, where),
-            value=value,
-            error=None if error is None else ErrorInfo.from_json(error, where),
-            attempts=attempts,
-            failures=failures,
-            created_at=created_at,
-            settled_at=settled_at,
-            options={}
-            if options == "{}"
-            else stored_object(decode_json(options, "options", where), where),
-        )
+        return [attempt_from_row(row, self.where) for row in rows]
 
     # -- leases --------------------------------------------------------------------
 
@@ -470,7 +413,7 @@ class SQLiteStore(Store):
             return []
         with self._transaction() as db:  # BEGIN IMMEDIATE: one claimer at a time
             rows = db.execute(
-                f"SELECT {_CLAIM_COLUMNS}, l.epoch FROM promises r"
+                f"SELECT {CLAIM_COLUMNS}, l.epoch FROM promises r"
                 " JOIN promises p ON p.parent_id = r.id"
                 " LEFT JOIN leases rl ON rl.key = r.id"
                 " LEFT JOIN leases l ON l.key = p.id"
@@ -483,7 +426,7 @@ class SQLiteStore(Store):
             ).fetchall()
             claims = []
             for row in rows:
-                record, epoch = self._record(row[:-1]), (row[-1] or 0) + 1
+                record, epoch = promise_from_row(row[:-1], self.where), (row[-1] or 0) + 1
                 db.execute(
                     f"INSERT INTO leases (key, owner, pid, host, heartbeat_at, epoch)"
                     f" VALUES (?, ?, ?, ?, {_NOW}, ?) ON CONFLICT (key) DO UPDATE SET"
@@ -524,9 +467,6 @@ class SQLiteStore(Store):
             (len(prefix), prefix),
         )
         return [Lease(*row) for row in rows]
-
-
-_CLAIM_COLUMNS = ", ".join(f"p.{name.strip()}" for name in _COLUMNS.split(","))
 
 
 #: a row's ``args`` and ``value`` as the text of one JSON array, for :func:`_decode_json_columns`
