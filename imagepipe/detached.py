@@ -22,18 +22,15 @@ from imagepipe.durable import (
     AttemptStarted,
     ErrorInfo,
     Event,
-    NewPromise,
     PromiseQueued,
     PromiseRecord,
     PromiseRejected,
     PromiseRejectedEvent,
     PromiseReplayed,
     PromiseResolved,
-    RetryPolicy,
     StoreConflict,
     StoreMissing,
     WriteBatch,
-    encode_args,
 )
 from imagepipe.durable.store import DETACHED
 from imagepipe.durable.worker import (
@@ -45,9 +42,7 @@ from imagepipe.durable.worker import (
     planned_creates,
 )
 from imagepipe.errors import ImagepipeError, Interrupted, UnknownRun
-from imagepipe.files import default_image_dir
 from imagepipe.pipeline import Deps, generate_image, image_pipeline
-from imagepipe.providers.registry import get_provider_class
 from imagepipe.runs import (
     DEFAULT_MAX_ATTEMPTS,
     Branch,
@@ -59,17 +54,14 @@ from imagepipe.runs import (
     validate_run_id,
 )
 from imagepipe.service import (
-    WORKFLOW,
     _check_same_spec,
-    _image_dir,
-    _invocation_options,
-    _json,
     _opened,
-    _provider,
     _root,
     _run,
     _run_outcome,
     _with_provider,
+    execution_for,
+    root_promise,
 )
 
 __all__ = ["WorkerInfo", "detach_run", "list_workers", "run_worker", "summarize", "watch_run"]
@@ -90,23 +82,9 @@ def detach_run(url: str, run_id: str, spec: RunSpec, invocation: Invocation) -> 
         async with _opened(url, create=True, write=True) as store:
             if await store.get(run_id) is None:
                 planned = await plan_branches(image_pipeline, **spec.kwargs())
-                out_dir = _image_dir(invocation.out_dir or default_image_dir(run_id))
-                options = {
-                    DETACHED: True,
-                    "max_attempts": invocation.max_attempts or DEFAULT_MAX_ATTEMPTS,
-                    "out_dir": str(out_dir),
-                }
                 now = time.time()
                 creates = [
-                    NewPromise(
-                        run_id,
-                        None,
-                        None,
-                        WORKFLOW,
-                        encode_args(spec.kwargs()),
-                        now,
-                        _json(options),
-                    ),
+                    root_promise(run_id, spec, invocation, now, **{DETACHED: True}),
                     *planned_creates(run_id, planned, now),
                 ]
                 # another process may have created it first: its spec is checked below
@@ -151,27 +129,14 @@ class _LoggedProvider:
 
 def _job_maker(invocation: Invocation) -> Callable[[PromiseRecord], Any]:
     async def job_for(root: PromiseRecord) -> BranchJob[Deps]:
-        spec = RunSpec.from_stored(root.args)
-        provider_class: Any = get_provider_class(spec.provider)
-        options = _invocation_options(root.id, spec, provider_class, invocation)
-        provider_class.check_credentials(options)
-        provider = _provider(provider_class, options, invocation)
+        execution = execution_for(root, invocation)
+        deps = execution.deps
         if os.environ.get(CALL_LOG):
-            provider = _LoggedProvider(provider, os.environ[CALL_LOG])
-        out_dir = _image_dir(
-            invocation.out_dir or root.options.get("out_dir") or default_image_dir(root.id)
-        )
-        max_attempts = invocation.max_attempts or int(
-            root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
-        )
+            deps = replace(deps, provider=_LoggedProvider(deps.provider, os.environ[CALL_LOG]))
         return BranchJob(
             fn=generate_image,
-            deps=Deps(provider, options, spec.templates, out_dir),
-            retry=RetryPolicy(
-                max_attempts=max_attempts,
-                jitter=spec.provider != "simulated",
-                time_scale=invocation.time_scale,
-            ),
+            deps=deps,
+            retry=execution.retry,
             summarize=summarize,
             attempt_timeout=invocation.attempt_timeout,
         )

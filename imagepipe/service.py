@@ -14,6 +14,7 @@ import dataclasses
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -152,23 +153,31 @@ def _with_provider(spec: RunSpec, invocation: Invocation) -> RunSpec:
     )
 
 
-async def _create_root(store: Store, run_id: str, spec: RunSpec, invocation: Invocation) -> bool:
-    """Write the run's root; False if another process created it first (then the spec
-    stored by that process is the one to check)."""
+def root_promise(
+    run_id: str, spec: RunSpec, invocation: Invocation, created_at: float, **options: Any
+) -> NewPromise:
+    """A run's root promise: its spec as arguments; its retry budget, image folder and any
+    other ``options`` (a detached run's mark) as options."""
     out_dir = _image_dir(invocation.out_dir or default_image_dir(run_id))
-    options = {
+    options |= {
         "max_attempts": invocation.max_attempts or DEFAULT_MAX_ATTEMPTS,
         "out_dir": str(out_dir),
     }
-    root = NewPromise(
+    return NewPromise(
         id=run_id,
         parent_id=None,
         seq=None,
         func=WORKFLOW,
         args_json=encode_args(spec.kwargs()),
-        created_at=time.time(),
+        created_at=created_at,
         options_json=_json(options),
     )
+
+
+async def _create_root(store: Store, run_id: str, spec: RunSpec, invocation: Invocation) -> bool:
+    """Write the run's root; False if another process created it first (then the spec
+    stored by that process is the one to check)."""
+    root = root_promise(run_id, spec, invocation, time.time())
     try:
         await store.apply(WriteBatch(creates=[root]))
     except StoreConflict:
@@ -330,39 +339,24 @@ async def _execute(
 ) -> RunOutcome:
     """The run itself: the workflow, then the root's settlement, under the run's lease
     (taken with the first write, after the replay check)."""
-    spec = RunSpec.from_stored(root.args)
-    max_attempts = invocation.max_attempts or int(
-        root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
-    )
-    provider_class: Any = get_provider_class(spec.provider)
-    options = _invocation_options(root.id, spec, provider_class, invocation)
-    provider_class.check_credentials(options)
+    execution = execution_for(root, invocation)
+    spec, provider = execution.spec, execution.deps.provider
     lease = LeaseKeeper(store, root.id, stale_after=settings.lease_timeout())
     await lease.check_free()
-    provider = _provider(provider_class, options, invocation)
-    out_dir = _image_dir(
-        invocation.out_dir or root.options.get("out_dir") or default_image_dir(root.id)
-    )
     ctx = RunContext(
         store,
         root.id,
-        Deps(provider, options, spec.templates, out_dir),
-        # The simulated provider has no shared rate limit to spread retries over: no
-        # jitter, so that the demo's back-off is the reference's 2 s, 4 s, 8 s ...
-        retry=RetryPolicy(
-            max_attempts=max_attempts,
-            jitter=spec.provider != "simulated",
-            time_scale=invocation.time_scale,
-        ),
+        execution.deps,
+        retry=execution.retry,
         lease=lease,
         on_event=reporter.on_event,
-        concurrency=invocation.concurrency or provider_class.default_concurrency,
+        concurrency=invocation.concurrency or execution.default_concurrency,
         attempt_timeout=invocation.attempt_timeout,
     )
     started = time.perf_counter()
     try:
         await ctx.load(reopen_rejected=reopen)
-        reporter.run_started(RunInfo(root.id, spec, resumed, max_attempts))
+        reporter.run_started(RunInfo(root.id, spec, resumed, execution.retry.max_attempts))
         try:
             result = await ctx.run_workflow(image_pipeline, **spec.kwargs())
             summary = {"images": len(result["images"]), "total_ms": result["total_ms"]}
@@ -386,6 +380,45 @@ async def _execute(
     # Not read back: every branch is known to the context, as committed.
     executed_root = dataclasses.replace(root, state=settled.state)
     return _run_outcome(executed_root, branches, wall_ms=wall_ms, executed=True)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """What executing a stored run's branches takes in this invocation, whoever executes
+    them (``run``/``resume`` here, or a worker)."""
+
+    spec: RunSpec
+    deps: Deps
+    retry: RetryPolicy
+    default_concurrency: int
+
+
+def execution_for(root: PromiseRecord, invocation: Invocation) -> Execution:
+    """The run's provider (checked for its key) with its stored identity options and this
+    invocation's connection settings, its image folder and its retry policy."""
+    spec = RunSpec.from_stored(root.args)
+    provider_class: Any = get_provider_class(spec.provider)
+    options = _invocation_options(root.id, spec, provider_class, invocation)
+    provider_class.check_credentials(options)
+    out_dir = _image_dir(
+        invocation.out_dir or root.options.get("out_dir") or default_image_dir(root.id)
+    )
+    max_attempts = invocation.max_attempts or int(
+        root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
+    )
+    provider = _provider(provider_class, options, invocation)
+    return Execution(
+        spec=spec,
+        deps=Deps(provider, options, spec.templates, out_dir),
+        # The simulated provider has no shared rate limit to spread retries over: no
+        # jitter, so that the demo's back-off is the reference's 2 s, 4 s, 8 s ...
+        retry=RetryPolicy(
+            max_attempts=max_attempts,
+            jitter=spec.provider != "simulated",
+            time_scale=invocation.time_scale,
+        ),
+        default_concurrency=int(provider_class.default_concurrency),
+    )
 
 
 def _invocation_options(
