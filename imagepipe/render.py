@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import PurePath
 
@@ -32,12 +33,15 @@ def speedup_line(wall_ms: int, sequential_ms: int, *, retried: bool = True) -> s
 RESULTS_SHOWN = 20
 
 
-def _results_shown(branches: list[Branch]) -> list[Branch]:
-    """All results of a small run; of a large one, the failures first, then the first few."""
+def _results_shown(outcome: RunOutcome) -> list[Branch]:
+    """All results of a small run; of a large one, the failures first, then the first few
+    (read no further than that: a stored branch is built only when it is read)."""
+    branches = outcome.branches
     if len(branches) <= RESULTS_SHOWN:
-        return branches
-    failed = [b for b in branches if b.state == "rejected"][: RESULTS_SHOWN // 2]
-    rest = [b for b in branches if b.state != "rejected"][: RESULTS_SHOWN - len(failed)]
+        return list(branches)
+    failed = outcome.failures[: RESULTS_SHOWN // 2]
+    others = (b for b in branches if b.state != "rejected")
+    rest = list(itertools.islice(others, RESULTS_SHOWN - len(failed)))
     return sorted(failed + rest, key=_seq)
 
 
@@ -55,7 +59,7 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
             markup=False,
         )
     rows: list[tuple[str, ...]] = [("style", "result", "file", "duration", "attempts", "source")]
-    shown = _results_shown(outcome.branches)
+    shown = _results_shown(outcome)
     folders: set[str] = set()
     for b in shown:
         file = ""

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +52,7 @@ from imagepipe.runs import (
     RunOutcome,
     RunSpec,
     RunSummary,
+    StoredBranches,
     run_state,
     validate_run_id,
 )
@@ -94,12 +95,12 @@ async def _root(store: Store, run_id: str) -> PromiseRecord:
 
 async def _stored_outcome(store: Store, root: PromiseRecord) -> RunOutcome:
     """A run that nothing executed in this invocation, as stored."""
-    branches = [Branch.from_record(r) for r in await store.children(root.id)]
+    branches = StoredBranches(await store.child_columns(root.id))
     return _run_outcome(root, branches, wall_ms=0, executed=False)
 
 
 def _run_outcome(
-    root: PromiseRecord, branches: list[Branch], *, wall_ms: int, executed: bool
+    root: PromiseRecord, branches: Sequence[Branch], *, wall_ms: int, executed: bool
 ) -> RunOutcome:
     return RunOutcome(
         id=root.id,

@@ -149,6 +149,8 @@ async def test_a_damaged_row_is_corrupt_not_a_traceback(
             await store.get("r.0")
         with pytest.raises(StoreCorrupt):
             await store.children("r")
+        with pytest.raises(StoreCorrupt, match=r"r\.0.*damaged value"):
+            await store.child_columns("r")
     finally:
         await store.close()
 

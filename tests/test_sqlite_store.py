@@ -190,6 +190,8 @@ def test_damaged_rows_are_a_corrupt_store_error_never_a_traceback(db_path: Path)
         try:
             with pytest.raises(StoreCorrupt, match=r"r\.0"):
                 await store.children("r")
+            with pytest.raises(StoreCorrupt, match=r"r\.0.*damaged value"):
+                await store.child_columns("r")
         finally:
             await store.close()
 

@@ -44,6 +44,7 @@ from imagepipe.durable.events import (
 from imagepipe.durable.lease import DEFAULT_STALE_AFTER, LeaseKeeper
 from imagepipe.durable.records import (
     AttemptRecord,
+    ChildColumns,
     ErrorInfo,
     Lease,
     NewPromise,
@@ -65,6 +66,7 @@ __all__ = [
     "AttemptRecord",
     "AttemptStarted",
     "AttemptTimeout",
+    "ChildColumns",
     "DurableError",
     "ErrorInfo",
     "Event",

@@ -33,6 +33,7 @@ from imagepipe.durable.postgres_errors import describe_url, guarded, reason, tra
 from imagepipe.durable.postgres_schema import prepare_schema
 from imagepipe.durable.records import (
     AttemptRecord,
+    ChildColumns,
     ErrorInfo,
     Fence,
     Lease,
@@ -45,8 +46,10 @@ from imagepipe.durable.records import (
     stored_state,
 )
 from imagepipe.durable.rows import (
+    CHILD_COLUMNS,
     CLAIM_COLUMNS,
     PROMISE_COLUMNS,
+    add_child_rows,
     attempt_from_row,
     promise_from_row,
     root_from_row,
@@ -298,6 +301,18 @@ class PostgresStore(Store):
             )
             rows = await cur.fetchall()
         return [promise_from_row(row, self.where) for row in rows]
+
+    @guarded
+    async def child_columns(self, parent_id: str) -> ChildColumns:
+        columns = ChildColumns(self.where)
+        async with self._reading() as cur:
+            await cur.execute(
+                f"SELECT {CHILD_COLUMNS} FROM imagepipe.promises WHERE parent_id = %s ORDER BY seq",
+                (parent_id,),
+            )
+            while rows := await cur.fetchmany(1000):
+                add_child_rows(columns, rows)
+        return columns
 
     @guarded
     async def roots(self, limit: int | None = None) -> list[RootRecord]:

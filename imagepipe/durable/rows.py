@@ -5,11 +5,14 @@ and PostgreSQL stores, so that a damaged column is the same :class:`StoreCorrupt
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any
 
 from imagepipe.durable.errors import StoreCorrupt
 from imagepipe.durable.records import (
     AttemptRecord,
+    ChildColumns,
     ErrorInfo,
     PromiseRecord,
     RootRecord,
@@ -19,8 +22,10 @@ from imagepipe.durable.records import (
 )
 
 __all__ = [
+    "CHILD_COLUMNS",
     "CLAIM_COLUMNS",
     "PROMISE_COLUMNS",
+    "add_child_rows",
     "attempt_from_row",
     "promise_from_row",
     "root_from_row",
@@ -33,6 +38,9 @@ PROMISE_COLUMNS = (
 )
 #: the same, of a branch ``p`` joined with its run (the workers' claims)
 CLAIM_COLUMNS = ", ".join(f"p.{name.strip()}" for name in PROMISE_COLUMNS.split(","))
+
+#: what ``Store.child_columns`` reads of each child, before its validity flag and picks
+CHILD_COLUMNS = "id, state, attempts, value, error, args"
 
 
 def promise_from_row(
@@ -100,3 +108,47 @@ def attempt_from_row(row: tuple[Any, ...], where: str) -> AttemptRecord:
         finished_at=finished,
         error=None if error is None else ErrorInfo.from_json(error, where),
     )
+
+
+def add_child_rows(columns: ChildColumns, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Append rows of :data:`CHILD_COLUMNS`. Each value is decoded on its own: one
+    ``json.loads`` over a batch is faster, but damaged texts could merge or split there,
+    and a value is written out again as the text stored."""
+    if not rows:
+        return
+    ids, states, attempts, texts, errors, arguments = zip(*rows, strict=True)
+    where = columns.where
+    for promise_id, state, count, args in zip(ids, states, attempts, arguments, strict=True):
+        if state not in _STATES or type(count) is not int or type(args) is not str:
+            raise StoreCorrupt(f"{where}, promise {promise_id!r},", "holds a damaged row")
+    columns.ids.extend(ids)
+    columns.states.extend(states)
+    columns.attempts.extend(attempts)
+    columns.values.extend(
+        None if text is None else _stored_value(text, promise_id, where)
+        for promise_id, text in zip(ids, texts, strict=True)
+    )
+    columns.value_texts.extend(texts)
+    columns.errors.extend(
+        None if error is None else ErrorInfo.from_json(error, f"{where}, promise {id_!r},")
+        for id_, error in zip(ids, errors, strict=True)
+    )
+    columns.arguments.extend(arguments)
+
+
+_STATES = frozenset(("pending", "resolved", "rejected"))
+#: ``json.loads`` without its checks of the argument's type and surrounding white space,
+#: which cost as much as decoding a value of a branch (100,000 of them: 0.25 of 0.6 s)
+_decode_document = json.JSONDecoder().raw_decode
+
+
+def _stored_value(text: str, promise_id: str, where: str) -> dict[str, Any]:
+    try:
+        value, end = _decode_document(text)
+        if end != len(text):
+            value = json.loads(text)  # text after the object: only white space may be
+    except (ValueError, TypeError):
+        value = None
+    if type(value) is not dict:  # the message is built only for a damaged value
+        raise StoreCorrupt(f"{where}, promise {promise_id!r},", "holds a damaged value")
+    return value

@@ -34,6 +34,7 @@ from imagepipe.durable.errors import (
 )
 from imagepipe.durable.records import (
     AttemptRecord,
+    ChildColumns,
     ErrorInfo,
     Fence,
     Lease,
@@ -45,8 +46,10 @@ from imagepipe.durable.records import (
     named_params,
 )
 from imagepipe.durable.rows import (
+    CHILD_COLUMNS,
     CLAIM_COLUMNS,
     PROMISE_COLUMNS,
+    add_child_rows,
     attempt_from_row,
     promise_from_row,
     root_from_row,
@@ -321,6 +324,17 @@ class SQLiteStore(Store):
             promise_from_row(row, self.where, json_values)
             for row, json_values in zip(rows, decoded, strict=True)
         ]
+
+    @_guarded
+    async def child_columns(self, parent_id: str) -> ChildColumns:
+        columns = ChildColumns(self.where)
+        cursor = self._db.execute(
+            f"SELECT {CHILD_COLUMNS} FROM promises WHERE parent_id = ? ORDER BY seq",
+            (parent_id,),
+        )
+        while rows := cursor.fetchmany(1000):  # never every row and its columns at once
+            add_child_rows(columns, rows)
+        return columns
 
     @_guarded
     async def roots(self, limit: int | None = None) -> list[RootRecord]:

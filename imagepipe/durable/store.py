@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from imagepipe.durable.records import (
     AttemptRecord,
+    ChildColumns,
     Fence,
     Lease,
     PromiseRecord,
@@ -84,6 +85,11 @@ class Store(ABC):
     @abstractmethod
     async def children(self, parent_id: str) -> list[PromiseRecord]:
         """The children of a promise in launch order."""
+
+    @abstractmethod
+    async def child_columns(self, parent_id: str) -> ChildColumns:
+        """The children of a promise in launch order, column by column (see
+        :class:`~.records.ChildColumns`): what a report of a whole run reads."""
 
     @abstractmethod
     async def roots(self, limit: int | None = None) -> list[RootRecord]:

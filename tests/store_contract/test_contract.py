@@ -146,6 +146,28 @@ async def test_children_come_in_launch_order_and_sub_steps_under_their_parent(
     assert (step.state, step.value) == ("resolved", {"id": "j"})
 
 
+async def test_child_columns_read_a_run_back_column_by_column(store: Store) -> None:
+    failed = ErrorInfo("Boom", "no", retryable=False)
+    await store.apply(
+        WriteBatch(
+            creates=[new("r"), new("r.1", "r", 1, style="b"), new("r.0", "r", 0, style="a")]
+            + [new("r.0.0", "r.0", 0), new("r.2", "r", 2)]
+        )
+    )
+    await store.apply(
+        WriteBatch(settlements=[resolve("r.0", '{"url":"u","n":1}'), reject("r.1", failed)])
+    )
+    columns = await store.child_columns("r")
+    assert len(columns) == 3
+    assert columns.ids == ["r.0", "r.1", "r.2"]
+    assert columns.states == ["resolved", "rejected", "pending"]
+    assert columns.values == [{"url": "u", "n": 1}, None, None]
+    assert columns.value_texts == ['{"url":"u","n":1}', None, None]
+    assert columns.errors == [None, failed, None]
+    assert columns.args(1) == {"version": 1, "kwargs": {"style": "b"}}
+    assert len(await store.child_columns("nobody")) == 0
+
+
 async def test_roots_list_runs_newest_first_with_counts(store: Store) -> None:
     older = NewPromise("a", None, None, "wf", encode_args({"p": 1}), 1.0)
     newer = NewPromise("b", None, None, "wf", encode_args({"p": 2}), 2.0)
