@@ -20,8 +20,10 @@ from imagepipe.durable import (
     StoreNewer,
     StoreOptions,
     StoreUnusable,
+    WriteBatch,
     open_store,
 )
+from imagepipe.durable.records import Settlement
 from imagepipe.durable.sqlite_schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 
 from conftest import cli_argv, cli_env
@@ -43,8 +45,46 @@ def previous_main_store(path: Path) -> Path:
 async def test_schema_is_versioned(db_path: Path) -> None:
     await (await open_store(str(db_path))).close()
     with sqlite3.connect(db_path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_a_settled_run_stores_its_counts_and_migration_4_fills_them_in(
+    db_path: Path,
+) -> None:
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for migration in MIGRATIONS[:3]:  # a store as the previous main left it
+        migration(conn)
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    rows = [("r", None, "resolved"), ("r.0", "r", "resolved"), ("r.1", "r", "resolved")]
+    rows += [("p", None, "pending"), ("p.0", "p", "resolved"), ("p.1", "p", "pending")]
+    conn.executemany(
+        "INSERT INTO promises (id, parent_id, func, args, state, created_at)"
+        " VALUES (?, ?, 'f', '{}', ?, 1.0)",
+        rows,
+    )
+    conn.close()
+    store = await open_store(str(db_path))
+    roots = {r.id: r.counts for r in await store.roots()}
+    assert roots == {"r": {"resolved": 2}, "p": {"resolved": 1, "pending": 1}}
+    await store.apply(WriteBatch(settlements=[Settlement("p.1", "resolved", "1", None, 2.0)]))
+    await store.apply(WriteBatch(settlements=[Settlement("p", "resolved", "2", None, 2.0)]))
+    await store.close()
+    with sqlite3.connect(db_path) as db:
+        stored = dict(db.execute("SELECT id, child_counts FROM promises WHERE parent_id IS NULL"))
+        db.execute("DELETE FROM promises WHERE parent_id IS NOT NULL")
+    assert {k: json.loads(v) for k, v in stored.items()} == {
+        "r": {"resolved": 2},
+        "p": {"resolved": 2},
+    }
+    # listing reads what was stored: it counts no branch of a settled run again
+    store = await open_store(str(db_path))
+    assert {r.id: r.counts for r in await store.roots()} == {
+        "r": {"resolved": 2},
+        "p": {"resolved": 2},
+    }
+    await store.close()
 
 
 async def test_a_version_1_store_is_migrated_with_its_runs_kept(db_path: Path) -> None:
@@ -83,7 +123,7 @@ def test_a_store_written_by_the_previous_main_is_migrated_and_resumed(
     shown = json.loads(invoke("show", "killed-run", "--json").stdout)  # type: ignore[attr-defined]
     assert [b["state"] for b in shown["branches"]] == ["resolved"] * 4 + ["pending"] * 2
     with sqlite3.connect(db_path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
         args = db.execute("SELECT args FROM promises WHERE id = 'killed-run.4'").fetchone()[0]
     assert json.loads(args) == {"version": 0, "positional": ["a red fox", "abstract", 0, True]}
 

@@ -49,6 +49,7 @@ from imagepipe.durable.rows import (
     CHILD_COLUMNS,
     CLAIM_COLUMNS,
     PROMISE_COLUMNS,
+    ROOT_COLUMNS,
     add_child_rows,
     attempt_from_row,
     promise_from_row,
@@ -197,7 +198,8 @@ class PostgresStore(Store):
             if batch.reopens:
                 await cur.executemany(
                     "UPDATE imagepipe.promises SET state = 'pending', error = NULL,"
-                    " settled_at = NULL, failures = 0 WHERE id = %s AND state = 'rejected'",
+                    " settled_at = NULL, failures = 0, child_counts = NULL"
+                    " WHERE id = %s AND state = 'rejected'",
                     [(promise_id,) for promise_id in batch.reopens],
                 )
             if batch.creates:
@@ -245,9 +247,16 @@ class PostgresStore(Store):
                 " WHERE id = %(id)s AND state = 'pending'",
                 [named_params(s) for s in batch.settlements],
             )
-            if cur.rowcount == len(batch.settlements):
-                return {}
-            return await self._earlier_outcomes(cur, batch)
+            settled_all = cur.rowcount == len(batch.settlements)
+            await cur.execute(
+                "UPDATE imagepipe.promises AS p SET child_counts = (SELECT coalesce("
+                "json_object_agg(state, n), '{}')::text FROM (SELECT c.state, count(*) AS n"
+                " FROM imagepipe.promises AS c WHERE c.parent_id = p.id GROUP BY c.state) AS s)"
+                " WHERE p.id = ANY(%s) AND p.parent_id IS NULL AND p.state != 'pending'"
+                " AND p.child_counts IS NULL",
+                ([s.id for s in batch.settlements],),
+            )
+            return {} if settled_all else await self._earlier_outcomes(cur, batch)
 
     async def _earlier_outcomes(
         self, cur: psycopg.AsyncCursor[Any], batch: WriteBatch
@@ -318,13 +327,13 @@ class PostgresStore(Store):
     async def roots(self, limit: int | None = None) -> list[RootRecord]:
         async with self._reading() as cur:
             await cur.execute(
-                "SELECT id, func, args, state, created_at, settled_at, options"
-                " FROM imagepipe.promises WHERE parent_id IS NULL"
+                f"SELECT {ROOT_COLUMNS} FROM imagepipe.promises WHERE parent_id IS NULL"
                 " ORDER BY created_at DESC, id DESC LIMIT %s",
                 (limit,),
             )
             rows = await cur.fetchall()
-            counts: dict[str, dict[str, int]] = {row[0]: {} for row in rows}
+            # A settled run's counts were stored when it settled; only the others are counted.
+            counts: dict[str, dict[str, int]] = {row[0]: {} for row in rows if row[-1] is None}
             await cur.execute(
                 "SELECT parent_id, state, count(*) FROM imagepipe.promises"
                 " WHERE parent_id = ANY(%s) GROUP BY parent_id, state",
@@ -332,7 +341,7 @@ class PostgresStore(Store):
             )
             for parent_id, state, n in await cur.fetchall():
                 counts[parent_id][state] = n
-        return [root_from_row(row, counts[row[0]], self.where) for row in rows]
+        return [root_from_row(row, counts.get(row[0]), self.where) for row in rows]
 
     @guarded
     async def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:

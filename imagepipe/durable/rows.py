@@ -25,6 +25,7 @@ __all__ = [
     "CHILD_COLUMNS",
     "CLAIM_COLUMNS",
     "PROMISE_COLUMNS",
+    "ROOT_COLUMNS",
     "add_child_rows",
     "attempt_from_row",
     "promise_from_row",
@@ -81,10 +82,17 @@ def _options(text: str, where: str) -> dict[str, Any]:
     return stored_object(decode_json(text, "options", where), where)
 
 
-def root_from_row(row: tuple[Any, ...], counts: dict[str, int], where: str) -> RootRecord:
-    """A row of ``id, func, args, state, created_at, settled_at, options``."""
-    promise_id, func, args, state, created_at, settled_at, options = row
+#: the columns :func:`root_from_row` reads, in its order
+ROOT_COLUMNS = "id, func, args, state, created_at, settled_at, options, child_counts"
+
+
+def root_from_row(row: tuple[Any, ...], counts: dict[str, int] | None, where: str) -> RootRecord:
+    """A row of :data:`ROOT_COLUMNS`; ``counts``: its children's, counted, if the row does
+    not hold them (a root holds them once it has settled)."""
+    promise_id, func, args, state, created_at, settled_at, options, stored_counts = row
     where = f"{where}, run {promise_id!r},"
+    if counts is None:
+        counts = _counts(decode_json(stored_counts, "count of branches", where), where)
     return RootRecord(
         id=promise_id,
         func=func,
@@ -95,6 +103,13 @@ def root_from_row(row: tuple[Any, ...], counts: dict[str, int], where: str) -> R
         options=stored_object(decode_json(options, "option list", where), where),
         counts=counts,
     )
+
+
+def _counts(value: Any, where: str) -> dict[str, int]:
+    counts = stored_object(value, where)
+    if not all(state in _STATES and type(n) is int for state, n in counts.items()):
+        raise StoreCorrupt(where, "holds a damaged count of branches")
+    return counts
 
 
 def attempt_from_row(row: tuple[Any, ...], where: str) -> AttemptRecord:

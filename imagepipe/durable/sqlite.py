@@ -49,6 +49,7 @@ from imagepipe.durable.rows import (
     CHILD_COLUMNS,
     CLAIM_COLUMNS,
     PROMISE_COLUMNS,
+    ROOT_COLUMNS,
     add_child_rows,
     attempt_from_row,
     promise_from_row,
@@ -220,7 +221,7 @@ class SQLiteStore(Store):
             if batch.reopens:
                 db.executemany(
                     "UPDATE promises SET state = 'pending', error = NULL, settled_at = NULL,"
-                    " failures = 0 WHERE id = ? AND state = 'rejected'",
+                    " failures = 0, child_counts = NULL WHERE id = ? AND state = 'rejected'",
                     [(promise_id,) for promise_id in batch.reopens],
                 )
             if batch.creates:
@@ -265,9 +266,14 @@ class SQLiteStore(Store):
                 " settled_at = :settled_at WHERE id = :id AND state = 'pending'",
                 [named_params(s) for s in batch.settlements],
             )
-            if cur.rowcount == len(batch.settlements):
-                return {}
-            return self._earlier_outcomes(db, batch)
+            settled_all = cur.rowcount == len(batch.settlements)
+            db.execute(
+                f"UPDATE promises SET child_counts = {_CHILD_COUNTS} WHERE id IN"
+                " (SELECT value FROM json_each(?)) AND parent_id IS NULL AND state != 'pending'"
+                " AND child_counts IS NULL",
+                (_json_list([s.id for s in batch.settlements]),),
+            )
+            return {} if settled_all else self._earlier_outcomes(db, batch)
 
     def _earlier_outcomes(self, db: sqlite3.Connection, batch: WriteBatch) -> dict[str, Settled]:
         """The settlements of ``batch`` that lost: their promises were settled before. A
@@ -339,18 +345,19 @@ class SQLiteStore(Store):
     @_guarded
     async def roots(self, limit: int | None = None) -> list[RootRecord]:
         rows = self._db.execute(
-            "SELECT id, func, args, state, created_at, settled_at, options FROM promises"
+            f"SELECT {ROOT_COLUMNS} FROM promises"
             " WHERE parent_id IS NULL ORDER BY created_at DESC, id DESC LIMIT ?",
             (-1 if limit is None else limit,),
         ).fetchall()
-        counts: dict[str, dict[str, int]] = {row[0]: {} for row in rows}
+        # A settled run's counts were stored when it settled; only the others are counted.
+        counts: dict[str, dict[str, int]] = {row[0]: {} for row in rows if row[-1] is None}
         for parent_id, state, n in self._db.execute(
             "SELECT parent_id, state, count(*) FROM promises WHERE parent_id IN"
             " (SELECT value FROM json_each(?)) GROUP BY parent_id, state",
             (_json_list(list(counts)),),
         ):
             counts[parent_id][state] = n
-        return [root_from_row(row, counts[row[0]], self.where) for row in rows]
+        return [root_from_row(row, counts.get(row[0]), self.where) for row in rows]
 
     @_guarded
     async def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
@@ -482,6 +489,12 @@ class SQLiteStore(Store):
         )
         return [Lease(*row) for row in rows]
 
+
+#: how many children of the row ``promises`` are in each state, as a JSON object
+_CHILD_COUNTS = (
+    "(SELECT json_group_object(state, n) FROM (SELECT c.state, count(*) AS n"
+    " FROM promises AS c WHERE c.parent_id = promises.id GROUP BY c.state))"
+)
 
 #: a row's ``args`` and ``value`` as the text of one JSON array, for :func:`_decode_json_columns`
 _JSON_COLUMNS = "'[' || args || ',' || coalesce(value, 'null') || ']'"

@@ -123,6 +123,23 @@ def _migration_3(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE leases_v3 RENAME TO leases")
 
 
+def _migration_4(db: sqlite3.Connection) -> None:
+    """A settled run keeps how many of its children are in each state (``child_counts``,
+    a JSON object), written when its root settles and cleared when it is reopened:
+    listing runs reads it instead of counting every branch of every run again."""
+    db.execute("ALTER TABLE promises ADD COLUMN child_counts TEXT")
+    db.execute(
+        "UPDATE promises SET child_counts = (SELECT json_group_object(state, n) FROM"
+        " (SELECT c.state, count(*) AS n FROM promises AS c WHERE c.parent_id = promises.id"
+        " GROUP BY c.state)) WHERE parent_id IS NULL AND state != 'pending'"
+    )
+
+
 #: Migration N turns schema version N-1 into N. Append only; never edit a released one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2, _migration_3]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+]
 SCHEMA_VERSION = len(MIGRATIONS)

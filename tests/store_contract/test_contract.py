@@ -148,12 +148,8 @@ async def test_children_come_in_launch_order_and_sub_steps_under_their_parent(
 
 async def test_child_columns_read_a_run_back_column_by_column(store: Store) -> None:
     failed = ErrorInfo("Boom", "no", retryable=False)
-    await store.apply(
-        WriteBatch(
-            creates=[new("r"), new("r.1", "r", 1, style="b"), new("r.0", "r", 0, style="a")]
-            + [new("r.0.0", "r.0", 0), new("r.2", "r", 2)]
-        )
-    )
+    branches = [new("r.1", "r", 1, style="b"), new("r.0", "r", 0, style="a"), new("r.2", "r", 2)]
+    await store.apply(WriteBatch(creates=[new("r"), *branches, new("r.0.0", "r.0", 0)]))
     await store.apply(
         WriteBatch(settlements=[resolve("r.0", '{"url":"u","n":1}'), reject("r.1", failed)])
     )
@@ -178,6 +174,21 @@ async def test_roots_list_runs_newest_first_with_counts(store: Store) -> None:
     assert roots[1].counts == {"pending": 1, "resolved": 1}
     assert roots[0].counts == {}
     assert [r.id for r in await store.roots(limit=1)] == ["b"]
+
+
+async def test_a_settled_root_keeps_its_counts_until_it_is_reopened(store: Store) -> None:
+    failed = ErrorInfo("Boom", "no")
+    await store.apply(WriteBatch(creates=[new("r"), new("r.0", "r", 0), new("r.1", "r", 1)]))
+    await store.apply(WriteBatch(settlements=[resolve("r.0", "1"), reject("r.1", failed)]))
+    await store.apply(WriteBatch(settlements=[reject("r", failed)]))
+    [root] = await store.roots()
+    assert (root.state, root.counts) == ("rejected", {"resolved": 1, "rejected": 1})
+    await store.apply(WriteBatch(reopens=["r.1", "r"]))
+    [root] = await store.roots()
+    assert (root.state, root.counts) == ("pending", {"resolved": 1, "pending": 1})
+    await store.apply(WriteBatch(settlements=[resolve("r.1", "2"), resolve("r", "3")]))
+    [root] = await store.roots()
+    assert (root.state, root.counts) == ("resolved", {"resolved": 2})
 
 
 async def test_errors_round_trip_intact(store: Store) -> None:
