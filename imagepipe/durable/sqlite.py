@@ -136,13 +136,15 @@ class SQLiteStore(Store):
     def __init__(self, conn: sqlite3.Connection, where: str) -> None:
         self._db = conn
         self.where = where
+        self._unverified = False
 
     # -- opening -------------------------------------------------------------------
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], options: StoreOptions) -> SQLiteStore:
         """Open the store at ``path`` (created if ``options.create``), migrated to the
-        current schema; with ``options.verify``, refuse one that fails ``quick_check``."""
+        current schema; with ``options.verify``, refuse to write to one that fails
+        ``quick_check``."""
         file = Path(path)
         where = str(file)
         check_store_file(file, create=options.create)
@@ -170,11 +172,11 @@ class SQLiteStore(Store):
             raise StoreUnusable(self.where, "is a SQLite database of another program")
         if version > SCHEMA_VERSION:
             raise StoreNewer(self.where, version, SCHEMA_VERSION)
-        if options.verify and tables:
-            problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
-            if problem != "ok":
-                raise StoreCorrupt(self.where, f"is corrupt ({problem!r})")
+        # checked before the first write, not here: a command that finds it has nothing to
+        # write (resume of a finished run) need not read the whole file (~50 ms at 100k)
+        self._unverified = bool(options.verify and tables)
         if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            self._verify_before_writing()
             db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         if version < SCHEMA_VERSION:
@@ -188,10 +190,19 @@ class SQLiteStore(Store):
         if options.max_pages is not None:
             db.execute(f"PRAGMA max_page_count = {int(options.max_pages)}")
 
+    def _verify_before_writing(self) -> None:
+        if self._unverified:
+            problem = self._db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":
+                raise StoreCorrupt(self.where, f"is corrupt ({problem!r})")
+            self._unverified = False
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: committed at the end of the block, rolled back on error."""
+        """One write transaction: committed at the end of the block, rolled back on error.
+        The first one of a store opened with ``verify`` checks its integrity first."""
         db = self._db
+        self._verify_before_writing()
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db

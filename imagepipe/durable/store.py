@@ -49,7 +49,7 @@ class StoreOptions:
     """How to open a store.
 
     - ``create``: create the store if it does not exist (else :class:`~.errors.StoreMissing`)
-    - ``verify``: check the store's integrity first (worth it before writing to it)
+    - ``verify``: check the store's integrity before writing to it
     - ``busy_timeout``: seconds to wait for another writer's lock
     - ``max_pages``: fault injection (SQLite): the file may not grow past this many pages
     """
