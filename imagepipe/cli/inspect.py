@@ -60,7 +60,6 @@ def show(
     import dataclasses
 
     from imagepipe.errors import BadInput
-    from imagepipe.render import print_show
     from imagepipe.service import show_run
 
     outcome = show_run(store_url(db), run_id)
@@ -75,6 +74,8 @@ def show(
     if json_out:
         write_lines(outcome.show_json_text())
     else:
+        from imagepipe.render import print_show  # rich: only for a table
+
         print_show(make_console(no_color), outcome)
 
 
