@@ -54,14 +54,14 @@ from imagepipe.runs import (
     validate_run_id,
 )
 from imagepipe.service import (
-    _check_same_spec,
-    _opened,
-    _root,
-    _run,
-    _run_outcome,
-    _with_provider,
+    check_same_spec,
     execution_for,
+    opened_store,
+    read_root,
     root_promise,
+    run_command,
+    run_outcome,
+    with_provider,
 )
 
 __all__ = ["WorkerInfo", "detach_run", "list_workers", "run_worker", "summarize", "watch_run"]
@@ -76,10 +76,10 @@ def detach_run(url: str, run_id: str, spec: RunSpec, invocation: Invocation) -> 
     validate_run_id(run_id)
     spec.validate()
     invocation.validate()
-    spec = _with_provider(spec, invocation)
+    spec = with_provider(spec, invocation)
 
     async def detach() -> str:
-        async with _opened(url, create=True, write=True) as store:
+        async with opened_store(url, create=True, write=True) as store:
             if await store.get(run_id) is None:
                 planned = await plan_branches(image_pipeline, **spec.kwargs())
                 now = time.time()
@@ -90,11 +90,11 @@ def detach_run(url: str, run_id: str, spec: RunSpec, invocation: Invocation) -> 
                 # another process may have created it first: its spec is checked below
                 with contextlib.suppress(StoreConflict):
                     await store.apply(WriteBatch(creates=creates))
-            root_record = await _root(store, run_id)
-            _check_same_spec(run_id, RunSpec.from_stored(root_record.args), spec)
+            root_record = await read_root(store, run_id)
+            check_same_spec(run_id, RunSpec.from_stored(root_record.args), spec)
             return run_id
 
-    return _run(detach, run_id)
+    return run_command(detach, run_id)
 
 
 def summarize(children: list[PromiseRecord]) -> tuple[Any, ErrorInfo | None]:
@@ -151,7 +151,7 @@ def run_worker(
     invocation.validate()
 
     async def work() -> WorkerStats:
-        async with _opened(url, create=True, write=True) as store:
+        async with opened_store(url, create=True, write=True) as store:
             worker = Worker(
                 store,
                 _job_maker(invocation),
@@ -168,7 +168,7 @@ def run_worker(
                     await job.deps.provider.aclose()
 
     try:
-        return _run(work, "worker", executes=True)
+        return run_command(work, "worker", executes=True)
     except Interrupted as exc:
         stopped = ImagepipeError(
             f"worker stopped by {'SIGTERM' if exc.exit_code == 143 else 'SIGINT'}: the "
@@ -185,8 +185,8 @@ def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -
 
     async def watch() -> RunOutcome:
         try:
-            async with _opened(url, create=False, write=False) as store:
-                root = await _root(store, run_id)
+            async with opened_store(url, create=False, write=False) as store:
+                root = await read_root(store, run_id)
                 spec = RunSpec.from_stored(root.args)
                 max_attempts = int(root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS))
                 reporter.run_started(RunInfo(run_id, spec, False, max_attempts))
@@ -196,7 +196,7 @@ def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -
                     if reporter.on_event is not None:
                         for event in _changes(children, seen):
                             reporter.on_event(event)
-                    root = await _root(store, run_id)
+                    root = await read_root(store, run_id)
                     if root.settled:
                         # executed by the workers, not replayed; timed from the run's start
                         children = await store.children(run_id)
@@ -204,13 +204,13 @@ def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -
                             replace(Branch.from_record(r), replayed=False) for r in children
                         ]
                         wall_ms = round(((root.settled_at or 0) - root.created_at) * 1000)
-                        return _run_outcome(root, branches, wall_ms=wall_ms, executed=True)
+                        return run_outcome(root, branches, wall_ms=wall_ms, executed=True)
                     # PostgreSQL wakes the watcher at each write (LISTEN/NOTIFY); SQLite polls
                     await store.wait_for_progress(run_id, 2.0 if store.notifies else poll)
         except StoreMissing:
             raise UnknownRun(run_id, url) from None
 
-    return _run(watch, run_id, executes=True)
+    return run_command(watch, run_id, executes=True)
 
 
 def _changes(children: list[PromiseRecord], seen: dict[str, tuple[str, int]]) -> list[Event]:
@@ -257,7 +257,7 @@ def list_workers(url: str) -> list[WorkerInfo]:
 
     async def listing() -> list[WorkerInfo]:
         try:
-            async with _opened(url, create=False, write=False) as store:
+            async with opened_store(url, create=False, write=False) as store:
                 held = await store.held_leases()
         except StoreMissing:
             return []
@@ -271,4 +271,4 @@ def list_workers(url: str) -> list[WorkerInfo]:
             if w.key.startswith(WORKER_PREFIX) and w.age <= stale_after
         ]
 
-    return _run(listing, None)
+    return run_command(listing, None)

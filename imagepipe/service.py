@@ -4,6 +4,11 @@ A run is a root promise whose arguments are its identity (:class:`RunSpec`); how
 invocation executes it (retry budget, concurrency, simulated faults) is an
 :class:`Invocation` and may differ from one ``resume`` to the next. The store is named by
 a URL (a plain path is a SQLite file) and opened through :func:`open_store`.
+
+The building blocks the commands share, used by :mod:`imagepipe.detached` too:
+:func:`opened_store`, :func:`read_root`, :func:`run_command` (an event loop with Ctrl-C as
+a clean stop), :func:`with_provider`, :func:`check_same_spec`, :func:`root_promise`,
+:func:`execution_for`, :func:`run_outcome`.
 """
 
 from __future__ import annotations
@@ -59,7 +64,20 @@ from imagepipe.runs import (
 from imagepipe.styles import templates_for
 from imagepipe.text import quoted
 
-__all__ = ["list_runs", "resume_run", "show_run", "start_run"]
+__all__ = [
+    "check_same_spec",
+    "execution_for",
+    "list_runs",
+    "opened_store",
+    "read_root",
+    "resume_run",
+    "root_promise",
+    "run_command",
+    "run_outcome",
+    "show_run",
+    "start_run",
+    "with_provider",
+]
 
 T = TypeVar("T")
 
@@ -71,7 +89,7 @@ WORKFLOW = "image_pipeline"
 
 
 @contextlib.asynccontextmanager
-async def _opened(url: str, *, create: bool, write: bool) -> AsyncIterator[Store]:
+async def opened_store(url: str, *, create: bool, write: bool) -> AsyncIterator[Store]:
     """The store at ``url``; opened to ``write``, its integrity is checked first."""
     options = StoreOptions(
         create=create,
@@ -86,7 +104,7 @@ async def _opened(url: str, *, create: bool, write: bool) -> AsyncIterator[Store
         await store.close()
 
 
-async def _root(store: Store, run_id: str) -> PromiseRecord:
+async def read_root(store: Store, run_id: str) -> PromiseRecord:
     record = await store.get(run_id)
     if record is None or record.parent_id is not None or record.func != WORKFLOW:
         raise UnknownRun(run_id, store.where)
@@ -96,10 +114,10 @@ async def _root(store: Store, run_id: str) -> PromiseRecord:
 async def _stored_outcome(store: Store, root: PromiseRecord) -> RunOutcome:
     """A run that nothing executed in this invocation, as stored."""
     branches = StoredBranches(await store.child_columns(root.id))
-    return _run_outcome(root, branches, wall_ms=0, executed=False)
+    return run_outcome(root, branches, wall_ms=0, executed=False)
 
 
-def _run_outcome(
+def run_outcome(
     root: PromiseRecord, branches: Sequence[Branch], *, wall_ms: int, executed: bool
 ) -> RunOutcome:
     return RunOutcome(
@@ -123,26 +141,26 @@ def start_run(
     validate_run_id(run_id)
     spec.validate()
     invocation.validate()
-    spec = _with_provider(spec, invocation)
+    spec = with_provider(spec, invocation)
 
     async def start() -> RunOutcome:
-        async with _opened(url, create=True, write=True) as store:
+        async with opened_store(url, create=True, write=True) as store:
             root = await store.get(run_id)
             created = False
             if root is None:
                 created = await _create_root(store, run_id, spec, invocation)
-                root = await _root(store, run_id)
+                root = await read_root(store, run_id)
             if root.parent_id is not None or root.func != WORKFLOW:
                 raise UnknownRun(run_id, store.where)
-            _check_same_spec(run_id, RunSpec.from_stored(root.args), spec)
+            check_same_spec(run_id, RunSpec.from_stored(root.args), spec)
             if root.settled:
                 return await _stored_outcome(store, root)
             return await _execute(store, root, invocation, reporter, resumed=not created)
 
-    return _run(start, run_id, executes=True)
+    return run_command(start, run_id, executes=True)
 
 
-def _with_provider(spec: RunSpec, invocation: Invocation) -> RunSpec:
+def with_provider(spec: RunSpec, invocation: Invocation) -> RunSpec:
     """The spec with its provider's identity options and its styles' templates, checked
     before anything is written: an unknown provider, a bad option or a missing key is bad
     input."""
@@ -202,8 +220,8 @@ def resume_run(
 
     async def resume() -> RunOutcome:
         try:
-            async with _opened(url, create=False, write=True) as store:
-                root = await _root(store, run_id)
+            async with opened_store(url, create=False, write=True) as store:
+                root = await read_root(store, run_id)
                 reopen = retry_failed and root.state == "rejected"
                 if root.settled and not reopen:
                     return await _stored_outcome(store, root)
@@ -213,27 +231,27 @@ def resume_run(
         except StoreMissing as missing:
             raise UnknownRun(run_id, missing.where) from None
 
-    return _run(resume, run_id, executes=True)
+    return run_command(resume, run_id, executes=True)
 
 
 def show_run(url: str, run_id: str) -> RunOutcome:
     async def show() -> RunOutcome:
         try:
-            async with _opened(url, create=False, write=False) as store:
-                root = await _root(store, run_id)
+            async with opened_store(url, create=False, write=False) as store:
+                root = await read_root(store, run_id)
                 outcome = await _stored_outcome(store, root)
                 history = await store.failed_attempts(run_id)
                 return dataclasses.replace(outcome, history=history)
         except StoreMissing as missing:
             raise UnknownRun(run_id, missing.where) from None
 
-    return _run(show, run_id)
+    return run_command(show, run_id)
 
 
 def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
     async def listing() -> list[RunSummary]:
         try:
-            async with _opened(url, create=False, write=False) as store:
+            async with opened_store(url, create=False, write=False) as store:
                 roots = [r for r in await store.roots(limit) if r.func == WORKFLOW]
         except StoreMissing:
             return []
@@ -248,10 +266,10 @@ def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
             for r in roots
         ]
 
-    return _run(listing, None)
+    return run_command(listing, None)
 
 
-def _check_same_spec(run_id: str, stored: RunSpec, given: RunSpec) -> None:
+def check_same_spec(run_id: str, stored: RunSpec, given: RunSpec) -> None:
     if stored.prompts or given.prompts:
         from imagepipe.prompts import first_changed_row
 
@@ -277,7 +295,9 @@ def _check_same_spec(run_id: str, stored: RunSpec, given: RunSpec) -> None:
 # -- execution -----------------------------------------------------------------------
 
 
-def _run(command: Callable[[], Awaitable[T]], run_id: str | None, *, executes: bool = False) -> T:
+def run_command(
+    command: Callable[[], Awaitable[T]], run_id: str | None, *, executes: bool = False
+) -> T:
     """Run a command on an event loop; the core's errors become imagepipe's. For a command
     that ``executes`` a run, Ctrl-C and SIGTERM become :class:`Interrupted` (the run stays
     resumable).
@@ -380,7 +400,7 @@ async def _execute(
     branches = [Branch.from_handle(h) for h in ctx.launched]
     # Not read back: every branch is known to the context, as committed.
     executed_root = dataclasses.replace(root, state=settled.state)
-    return _run_outcome(executed_root, branches, wall_ms=wall_ms, executed=True)
+    return run_outcome(executed_root, branches, wall_ms=wall_ms, executed=True)
 
 
 @dataclass(frozen=True)
