@@ -158,7 +158,7 @@ async def test_failed_and_canceled_predictions_are_not_retried(
 
 
 async def test_token_errors(replicate_fake: ReplicateFake, monkeypatch: pytest.MonkeyPatch) -> None:
-    bad = ReplicateProvider(api_token="r8-wrong", time_scale=0.001)
+    bad = ReplicateProvider(api_key="r8-wrong", time_scale=0.001)
     with pytest.raises(AuthenticationFailed) as info:
         await generate_with_retries(bad, request(), MemorySteps())
     await bad.aclose()

@@ -17,27 +17,25 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from imagepipe.providers.base import (
-    MissingCredentials,
     ProviderError,
     ProviderImage,
     ProviderRequest,
     SubSteps,
 )
-from imagepipe.providers.http import Pacer, same_origin, send, sniff_mime
+from imagepipe.providers.client import HTTPProvider
+from imagepipe.providers.http import same_origin, send, sniff_mime
 from imagepipe.providers.options import ProviderOptions, option
 
 if TYPE_CHECKING:
-    import httpx
+    pass
 
 __all__ = ["DEFAULT_BASE_URL", "OpenAIOptions", "OpenAIProvider", "check_credentials"]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-KEY_VARIABLE = "OPENAI_API_KEY"
 URL_PATTERN = r"https?://\S+"
 
 
@@ -64,13 +62,7 @@ class OpenAIOptions(ProviderOptions):
     timeout: float = option(120.0, "seconds to wait for an answer", identity=False, positive=True)
 
 
-def check_credentials(options: OpenAIOptions | None = None) -> None:
-    """Raise :class:`MissingCredentials` ("set OPENAI_API_KEY", exit 2) when there is no key."""
-    if not os.environ.get(KEY_VARIABLE):
-        raise MissingCredentials(KEY_VARIABLE)
-
-
-class OpenAIProvider:
+class OpenAIProvider(HTTPProvider):
     """One instance per run, shared by all its branches (one connection pool, one pacer)."""
 
     name: ClassVar[str] = "openai"
@@ -78,46 +70,10 @@ class OpenAIProvider:
     Options: ClassVar[type[ProviderOptions]] = OpenAIOptions
     default_concurrency: ClassVar[int] = 4
     guarantee: ClassVar[str] = "at least once"
-
-    def __init__(
-        self,
-        options: ProviderOptions | None = None,
-        *,
-        pacer: Pacer | None = None,
-        time_scale: float = 1.0,
-        api_key: str | None = None,
-    ) -> None:
-        opts = options if options is not None else OpenAIOptions()
-        if not isinstance(opts, OpenAIOptions):
-            raise TypeError(f"OpenAIProvider needs OpenAIOptions, not {type(opts).__name__}")
-        self.options = opts
-        self.pacer = pacer if pacer is not None else Pacer(time_scale=time_scale)
-        self.base_url = (
-            opts.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-        ).rstrip("/")
-        self._api_key = api_key
-        self._client: httpx.AsyncClient | None = None
-
-    check_credentials = staticmethod(check_credentials)
-
-    def _key(self) -> str:
-        key = self._api_key or os.environ.get(KEY_VARIABLE)
-        if not key:
-            raise MissingCredentials(KEY_VARIABLE)
-        return key
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            import httpx
-
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.options.timeout))
-        return self._client
-
-    async def aclose(self) -> None:
-        """Close the connection pool; call once when the run ends."""
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+    key_variable: ClassVar[str] = "OPENAI_API_KEY"
+    base_url_variable: ClassVar[str] = "OPENAI_BASE_URL"
+    default_base_url: ClassVar[str] = DEFAULT_BASE_URL
+    options: OpenAIOptions
 
     def _body(self, request: ProviderRequest) -> dict[str, Any]:
         opts = request.options if isinstance(request.options, OpenAIOptions) else self.options
@@ -131,8 +87,8 @@ class OpenAIProvider:
 
     async def generate(self, request: ProviderRequest, steps: SubSteps) -> ProviderImage:
         """Make one image: one paced POST (an error is raised classified), then decode it."""
-        key = self._key()
-        client = self._http()
+        key = self.api_key()
+        client = self.http()
         headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": request.idempotency_key}
         response = await send(
             client,
@@ -173,6 +129,10 @@ class OpenAIProvider:
         # The key goes only to the API's own origin, never to a CDN.
         headers = {"Authorization": f"Bearer {key}"} if same_origin(url, self.base_url) else {}
         response = await send(
-            self._http(), "GET", url, pacer=self.pacer, paced=False, headers=headers
+            self.http(), "GET", url, pacer=self.pacer, paced=False, headers=headers
         )
         return response.content
+
+
+#: raise MissingCredentials ("set OPENAI_API_KEY", exit 2) when there is no key
+check_credentials = OpenAIProvider.check_credentials

@@ -23,20 +23,19 @@ Base URL: ``-o base_url``, else ``$REPLICATE_BASE_URL``, else https://api.replic
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from imagepipe.providers.base import (
-    MissingCredentials,
     PredictionFailed,
     ProviderError,
     ProviderImage,
     ProviderRequest,
     SubSteps,
 )
-from imagepipe.providers.http import Pacer, same_origin, send, sniff_mime
+from imagepipe.providers.client import HTTPProvider
+from imagepipe.providers.http import same_origin, send, sniff_mime
 from imagepipe.providers.options import ProviderOptions, option
 
 if TYPE_CHECKING:
@@ -51,7 +50,6 @@ __all__ = [
 ]
 
 DEFAULT_BASE_URL = "https://api.replicate.com"
-TOKEN_VARIABLE = "REPLICATE_API_TOKEN"
 FINAL_STATES = ("succeeded", "failed", "canceled")
 VERSION_ID = re.compile(r"[0-9a-f]{64}")
 
@@ -78,18 +76,12 @@ class ReplicateOptions(ProviderOptions):
     )
 
 
-def check_credentials(options: ReplicateOptions | None = None) -> None:
-    """Raise :class:`MissingCredentials` ("set REPLICATE_API_TOKEN", exit 2) without a token."""
-    if not os.environ.get(TOKEN_VARIABLE):
-        raise MissingCredentials(TOKEN_VARIABLE)
-
-
 def is_final(prediction: dict[str, Any]) -> bool:
     """Whether a prediction has ended (succeeded, failed or canceled)."""
     return prediction.get("status") in FINAL_STATES
 
 
-class ReplicateProvider:
+class ReplicateProvider(HTTPProvider):
     """One instance per run, shared by all its branches (one connection pool, one pacer)."""
 
     name: ClassVar[str] = "replicate"
@@ -97,47 +89,13 @@ class ReplicateProvider:
     Options: ClassVar[type[ProviderOptions]] = ReplicateOptions
     default_concurrency: ClassVar[int] = 8
     guarantee: ClassVar[str] = "exactly one paid create per image"
-
-    def __init__(
-        self,
-        options: ProviderOptions | None = None,
-        *,
-        pacer: Pacer | None = None,
-        time_scale: float = 1.0,
-        api_token: str | None = None,
-    ) -> None:
-        opts = options if options is not None else ReplicateOptions()
-        if not isinstance(opts, ReplicateOptions):
-            raise TypeError(f"ReplicateProvider needs ReplicateOptions, not {type(opts).__name__}")
-        self.options = opts
-        self.time_scale = time_scale
-        self.pacer = pacer if pacer is not None else Pacer(time_scale=time_scale)
-        self.base_url = (
-            opts.base_url or os.environ.get("REPLICATE_BASE_URL") or DEFAULT_BASE_URL
-        ).rstrip("/")
-        self._token = api_token
-        self._client: httpx.AsyncClient | None = None
-
-    check_credentials = staticmethod(check_credentials)
+    key_variable: ClassVar[str] = "REPLICATE_API_TOKEN"
+    base_url_variable: ClassVar[str] = "REPLICATE_BASE_URL"
+    default_base_url: ClassVar[str] = DEFAULT_BASE_URL
+    options: ReplicateOptions
 
     def _headers(self) -> dict[str, str]:
-        token = self._token or os.environ.get(TOKEN_VARIABLE)
-        if not token:
-            raise MissingCredentials(TOKEN_VARIABLE)
-        return {"Authorization": f"Bearer {token}"}
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            import httpx
-
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.options.timeout))
-        return self._client
-
-    async def aclose(self) -> None:
-        """Close the connection pool; call once when the run ends."""
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        return {"Authorization": f"Bearer {self.api_key()}"}
 
     async def create_prediction(
         self, *, model: str, input: dict[str, Any], wait: bool = True
@@ -158,14 +116,14 @@ class ReplicateProvider:
         if wait:
             headers["Prefer"] = "wait"
         response = await send(
-            self._http(), "POST", url, pacer=self.pacer, json=body, headers=headers
+            self.http(), "POST", url, pacer=self.pacer, json=body, headers=headers
         )
         return _prediction(response)
 
     async def get_prediction(self, prediction_id: str) -> dict[str, Any]:
         """The prediction's current state (a poll: waits out back-off, not counted in rpm)."""
         response = await send(
-            self._http(),
+            self.http(),
             "GET",
             f"{self.base_url}/v1/predictions/{prediction_id}",
             pacer=self.pacer,
@@ -221,7 +179,7 @@ class ReplicateProvider:
         # The token goes only to the API's own origin, never to the file CDN.
         headers = self._headers() if same_origin(url, self.base_url) else {}
         response = await send(
-            self._http(), "GET", url, pacer=self.pacer, paced=False, headers=headers
+            self.http(), "GET", url, pacer=self.pacer, paced=False, headers=headers
         )
         return response.content
 
@@ -244,3 +202,7 @@ def _first_output(prediction: dict[str, Any]) -> str:
     if not isinstance(output, str) or not output:
         raise ProviderError(f"prediction {prediction.get('id')} succeeded without an output URL")
     return output
+
+
+#: raise MissingCredentials ("set REPLICATE_API_TOKEN", exit 2) without a token
+check_credentials = ReplicateProvider.check_credentials
