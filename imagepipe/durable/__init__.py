@@ -12,6 +12,7 @@ images, screens or exit codes, and imports nothing else from imagepipe.
 - :mod:`.lease` — one owner executes a run at a time, fenced by an epoch
 - :mod:`.events` — what the core tells observers
 - :mod:`.errors` — the core's own errors
+- :mod:`.guard` — a driver's errors in a store method become the core's store errors
 """
 
 from imagepipe.durable.context import AttemptTimeout, RunContext

@@ -9,10 +9,7 @@ password, and every psycopg error turned into one of the core's one-line store e
 
 from __future__ import annotations
 
-import functools
 import re
-from collections.abc import Callable, Coroutine
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -24,20 +21,12 @@ from imagepipe.durable.errors import (
     StoreReadOnly,
     StoreWriteFailed,
 )
+from imagepipe.durable.guard import translating
 
 __all__ = ["describe_url", "guarded", "reason", "translate"]
 
 #: SQLSTATEs of a lock or snapshot that another transaction held too long
 _BUSY = frozenset({"55P03", "40001", "40P01", "57014", "53300"})
-
-
-class _Named(Protocol):
-    where: str
-
-
-S = TypeVar("S", bound="_Named")
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 def describe_url(url: str) -> str:
@@ -79,16 +68,5 @@ def translate(exc: psycopg.Error, where: str) -> StoreError:
     return StoreError(where, f"failed: {reason(exc)!r}")
 
 
-def guarded(
-    method: Callable[Concatenate[S, P], Coroutine[Any, Any, R]],
-) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
-    """Turn any psycopg error into a one-line :class:`StoreError`."""
-
-    @functools.wraps(method)
-    async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await method(self, *args, **kwargs)
-        except psycopg.Error as exc:
-            raise translate(exc, self.where) from exc
-
-    return wrapper
+#: turn any psycopg error into a one-line :class:`StoreError`
+guarded = translating(psycopg.Error, translate)

@@ -10,13 +10,12 @@ clock: ``julianday('now')`` in SQL, never the caller's.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sqlite3
 import stat
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
 from imagepipe.durable.errors import (
     LeaseHeld,
@@ -32,6 +31,7 @@ from imagepipe.durable.errors import (
     StoreUnusable,
     StoreWriteFailed,
 )
+from imagepipe.durable.guard import translating
 from imagepipe.durable.records import (
     AttemptRecord,
     ChildColumns,
@@ -64,10 +64,6 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 #: the store's clock, in Unix seconds
 _NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
-S = TypeVar("S", bound="SQLiteStore")
-P = ParamSpec("P")
-R = TypeVar("R")
-
 
 def _translate(exc: sqlite3.Error, where: str) -> StoreError:
     text = str(exc).lower()
@@ -86,19 +82,8 @@ def _translate(exc: sqlite3.Error, where: str) -> StoreError:
     return StoreError(where, f"failed: {str(exc)!r}")
 
 
-def _guarded(
-    method: Callable[Concatenate[S, P], Coroutine[Any, Any, R]],
-) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
-    """Turn any ``sqlite3`` error into a one-line :class:`StoreError`."""
-
-    @functools.wraps(method)
-    async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await method(self, *args, **kwargs)
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.where) from exc
-
-    return wrapper
+#: turn any ``sqlite3`` error into a one-line :class:`StoreError`
+_guarded = translating(sqlite3.Error, _translate)
 
 
 def check_store_file(file: Path, *, create: bool) -> None:
