@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from imagepipe.durable.commit import GroupCommit
@@ -204,7 +204,7 @@ class RunContext(Generic[D]):
         if self._slots.try_take():
             self._start(handle, fn, kwargs, failures)
         else:  # its task is created when a slot is handed to it
-            self._slots.when_free(lambda: self._start(handle, fn, kwargs, failures))
+            self._slots.when_free(_QueuedStart(self, handle, fn, kwargs, failures))
         return handle
 
     def _create(self, seq: int, func: str, kwargs: dict[str, Any]) -> Handle[T]:
@@ -375,6 +375,15 @@ class RunContext(Generic[D]):
         if running:
             await asyncio.gather(*running, return_exceptions=True)
 
+    def hand_over_launched(self) -> Iterator[Handle[Any]]:
+        """Every child launched, in launch order, each let go by the context as it is
+        handed out: what the caller builds from them (a run's outcome) replaces them one
+        by one instead of doubling the memory of a 100,000-branch run at its end."""
+        launched, self.launched = self.launched, []
+        launched.reverse()
+        while launched:
+            yield launched.pop()
+
     def discard(self) -> None:
         """Drop this invocation's writes not yet flushed (nothing of it is kept)."""
         self._commit.discard()
@@ -383,6 +392,30 @@ class RunContext(Generic[D]):
     @property
     def group_commit(self) -> GroupCommit:
         return self._commit
+
+
+class _QueuedStart:
+    """A branch waiting for a concurrency slot; called when one is handed to it.
+
+    One small object rather than a closure and its four cells: past the limit, every
+    branch of a run's fan-out waits at once (a closure cost ~230 bytes a branch, measured
+    at 100,000 branches)."""
+
+    __slots__ = ("ctx", "failures", "fn", "handle", "kwargs")
+
+    def __init__(
+        self,
+        ctx: RunContext[Any],
+        handle: Handle[Any],
+        fn: Callable[..., Awaitable[Any]],
+        kwargs: dict[str, Any],
+        failures: int,
+    ) -> None:
+        self.ctx, self.handle, self.fn = ctx, handle, fn
+        self.kwargs, self.failures = kwargs, failures
+
+    def __call__(self) -> bool:
+        return self.ctx._start(self.handle, self.fn, self.kwargs, self.failures)
 
 
 def _reopened(record: PromiseRecord) -> PromiseRecord:
