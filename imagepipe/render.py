@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import PurePath
 
 from rich.console import Console
@@ -32,10 +33,10 @@ def speedup_line(wall_ms: int, sequential_ms: int, *, retried: bool = True) -> s
 RESULTS_SHOWN = 20
 
 
-def _results_shown(branches: list[Branch]) -> list[Branch]:
+def _results_shown(branches: Sequence[Branch]) -> list[Branch]:
     """All results of a small run; of a large one, the failures first, then the first few."""
     if len(branches) <= RESULTS_SHOWN:
-        return branches
+        return list(branches)
     failed = [b for b in branches if b.state == "rejected"][: RESULTS_SHOWN // 2]
     rest = [b for b in branches if b.state != "rejected"][: RESULTS_SHOWN - len(failed)]
     return sorted(failed + rest, key=_seq)

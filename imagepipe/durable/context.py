@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from imagepipe.durable.commit import GroupCommit
@@ -374,15 +374,6 @@ class RunContext(Generic[D]):
             task.cancel()
         if running:
             await asyncio.gather(*running, return_exceptions=True)
-
-    def hand_over_launched(self) -> Iterator[Handle[Any]]:
-        """Every child launched, in launch order, each let go by the context as it is
-        handed out: what the caller builds from them (a run's outcome) replaces them one
-        by one instead of doubling the memory of a 100,000-branch run at its end."""
-        launched, self.launched = self.launched, []
-        launched.reverse()
-        while launched:
-            yield launched.pop()
 
     def discard(self) -> None:
         """Drop this invocation's writes not yet flushed (nothing of it is kept)."""
