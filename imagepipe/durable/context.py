@@ -187,17 +187,18 @@ class RunContext(Generic[D]):
         if seq + 1 == self._stored_count:
             self._commit.release()  # every stored child is matched: the replay is checked
         if handle.settled:
-            self._emit(
-                PromiseReplayed(
-                    handle.id,
-                    func,
-                    handle.args,
-                    handle.state,
-                    handle.value,
-                    handle.error,
-                    handle.attempts,
+            if self._listening:
+                self._emit(
+                    PromiseReplayed(
+                        handle.id,
+                        func,
+                        handle.args,
+                        handle.state,
+                        handle.value,
+                        handle.error,
+                        handle.attempts,
+                    )
                 )
-            )
             return handle
         if self._listening:
             self._emit(PromiseQueued(handle.id, func, handle.args, handle.attempts))
