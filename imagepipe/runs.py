@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
     "Branch",
     "Invocation",
+    "LaunchedBranches",
     "QuietReporter",
     "Reporter",
     "RunInfo",
@@ -287,6 +288,34 @@ class Branch:
         )
 
 
+class LaunchedBranches(Sequence[Branch]):
+    """The branches of a run this invocation executed, read from its handles as they are
+    asked for: a 100,000-branch run then holds its handles, not also a :class:`Branch`
+    for each (~10 MB at the end of the run, its peak memory, measured)."""
+
+    __slots__ = ("_handles",)
+
+    def __init__(self, handles: Sequence[Handle[Any]]) -> None:
+        self._handles = handles
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    @overload
+    def __getitem__(self, index: int) -> Branch: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Branch]: ...
+
+    def __getitem__(self, index: int | slice) -> Branch | list[Branch]:
+        if isinstance(index, slice):
+            return [Branch.from_handle(h) for h in self._handles[index]]
+        return Branch.from_handle(self._handles[index])
+
+    def __iter__(self) -> Iterator[Branch]:
+        return map(Branch.from_handle, self._handles)
+
+
 class StoredBranches(Sequence[Branch]):
     """The branches of a run read back from the store, column by column: a
     :class:`Branch` is built only for a branch asked for, and the JSON shapes are written
@@ -387,7 +416,8 @@ class RunOutcome:
     id: str
     state: str
     spec: RunSpec
-    #: as executed, or as read back from the store (:class:`StoredBranches`)
+    #: as executed (:class:`LaunchedBranches`), or as read back from the store
+    #: (:class:`StoredBranches`), or a list
     branches: Sequence[Branch]
     wall_ms: int
     created_at: float
@@ -418,7 +448,9 @@ class RunOutcome:
     def sequential_ms(self) -> int:
         if isinstance(self.branches, StoredBranches):
             return self.branches.sequential_ms()
-        return sum(int(b.value["duration_ms"]) for b in self.images if b.value)
+        # one branch at a time: a list of every image was the end of a run's peak memory
+        resolved = (b for b in self.branches if b.state == "resolved")
+        return sum(int(b.value["duration_ms"]) for b in resolved if b.value)
 
     def result_json(self) -> dict[str, Any]:
         """The ``run --json`` / ``resume --json`` shape."""

@@ -52,6 +52,7 @@ from imagepipe.runs import (
     DEFAULT_MAX_ATTEMPTS,
     Branch,
     Invocation,
+    LaunchedBranches,
     Reporter,
     RunInfo,
     RunOutcome,
@@ -397,7 +398,7 @@ async def _execute(
         await lease.release()
         await provider.aclose()
     wall_ms = round((time.perf_counter() - started) * 1000)
-    branches = [Branch.from_handle(h) for h in ctx.launched]
+    branches = LaunchedBranches(ctx.launched)
     # Not read back: every branch is known to the context, as committed.
     executed_root = dataclasses.replace(root, state=settled.state)
     return run_outcome(executed_root, branches, wall_ms=wall_ms, executed=True)
