@@ -31,6 +31,10 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("IMAGEPIPE_TIME_SCALE", FAST)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("NO_COLOR", raising=False)
+    # A terminal's size comes from the pseudo-terminal a test makes, never from the shell
+    # (or pytest-xdist, which exports COLUMNS=80 to its workers).
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
     return db
 
 
