@@ -121,6 +121,9 @@ def test_random_kills_never_pay_for_a_second_prediction_after_the_commit(
             proc.kill()
             proc.wait()
             kills[kind] += 1
+            # A create the dead process had sent may still be on its way through the fake:
+            # count what it made only once every request it sent has been handled.
+            fake.wait_idle()
             with fake.lock:
                 created = set(fake.predictions)
             new = created - set(stored_predictions(db_path).values()) - orphans
@@ -133,6 +136,7 @@ def test_random_kills_never_pay_for_a_second_prediction_after_the_commit(
             assert proc.returncode == 0, (runs[-1], proc.returncode, error)
             finished.add(runs[-1])
 
+    fake.wait_idle()
     images = BRANCHES * len(runs)
     stored = stored_predictions(db_path)
     values = branch_values(db_path)

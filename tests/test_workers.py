@@ -12,6 +12,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from conftest import cli_argv, cli_env
 
 LEASE = "1"
@@ -74,6 +76,7 @@ def test_detach_records_every_branch_pending_with_a_plain_runs_ids_and_arguments
     assert "already exists" in other.stderr
 
 
+@pytest.mark.slow
 def test_three_workers_share_2000_branches_and_one_killed_loses_nothing(
     db_path: Path, tmp_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from postgres_server import PostgresServer
 
 from conftest import cli_argv, cli_env
@@ -48,6 +49,7 @@ def wait_until(condition: Any, timeout: float = 60.0) -> None:
         time.sleep(0.05)  # polling another process's database: no event to wait on
 
 
+@pytest.mark.slow
 def test_three_workers_share_2000_branches_on_postgresql_and_a_killed_one_loses_nothing(
     postgres_server: PostgresServer,
     postgres_url: str,

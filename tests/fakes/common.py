@@ -17,6 +17,7 @@ import io
 import json
 import math
 import random
+import select
 import signal
 import sys
 import threading
@@ -233,8 +234,10 @@ class FakeServer:
         self._rules: list[_Rule] = []
         self._rpm: tuple[int, deque[float]] | None = None
         self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
+        #: connections accepted and not yet closed (guarded by ``_news``)
+        self._open = 0
         self.files: dict[str, bytes] = {}
 
     # ---------------------------------------------------------------- test-facing API
@@ -282,6 +285,26 @@ class FakeServer:
         with self._news:
             self._news.notify_all()
 
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Block until no connection is open or waiting to be accepted: once the clients
+        have exited, every request they sent has been handled (and counted) by then.
+        AssertionError after ``timeout`` seconds (a hanging fault keeps its connection)."""
+        assert self._httpd is not None, "the fake is not started"
+        listening = self._httpd.socket
+        deadline = time.monotonic() + timeout
+        with self._news:
+            # Closing a connection notifies; one still in the accept queue does not, hence
+            # the short re-check.
+            while self._open or select.select([listening], [], [], 0)[0]:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the fake still had a connection after {timeout} s")
+                self._news.wait(0.01)
+
+    def _connection(self, change: int) -> None:
+        with self._news:
+            self._open += change
+            self._news.notify_all()
+
     def arrivals(self, endpoint: str) -> list[float]:
         with self.lock:
             return [a.time for a in self.log if a.endpoint == endpoint]
@@ -305,6 +328,7 @@ class FakeServer:
                 fake._serve(self)
 
         self._httpd = _Server(("127.0.0.1", port), Handler)
+        self._httpd.on_connection = self._connection
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
         self._thread.start()
@@ -464,6 +488,23 @@ class FakeServer:
 
 
 class _Server(ThreadingHTTPServer):
+    #: told +1 as a connection is accepted (before its thread starts), -1 once it is closed
+    on_connection: Callable[[int], None] = staticmethod(lambda change: None)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.on_connection(1)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.on_connection(-1)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.on_connection(-1)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that a test killed mid-request resets its connection: expected here.
 
