@@ -47,6 +47,7 @@ from imagepipe.durable.records import (
 from imagepipe.durable.retry import RetryPolicy
 from imagepipe.durable.steps import Handle
 from imagepipe.durable.store import DETACHED, Claim, Store
+from imagepipe.durable.worker_commit import SharedCommit
 
 __all__ = [
     "WORKER_PREFIX",
@@ -179,6 +180,8 @@ async def _settle(
         await ctx.cancel_all()
         raise
     finally:
+        if handle.settled:
+            keeper.lease = None  # the claim ended with the settlement, in its transaction
         await keeper.release()
     return handle.state
 
@@ -193,7 +196,7 @@ async def settle_root_if_done(store: Store, run_id: str, summarize: Summarize) -
     Called by whoever settles a branch, after that settlement is durable: of two workers
     settling the last two branches at once, the later check sees both. Two settling the
     root at once is harmless: the first settle wins."""
-    if (await store.child_counts(run_id)).get("pending", 0):
+    if await store.any_pending(run_id):
         return False
     root = await store.get(run_id)
     if root is None or root.settled:
@@ -241,7 +244,12 @@ class Worker:
     ) -> None:
         self.store = store
         self._job_for = job_for
-        self._jobs: dict[str, BranchJob[Any]] = {}
+        #: the app's part of each run this worker has branches of (made once per run)
+        self._jobs: dict[str, asyncio.Task[BranchJob[Any]]] = {}
+        #: the root checks of runs, each started after the settlements it must see
+        self._root_checks: dict[str, asyncio.Future[bool]] = {}
+        #: every branch's writes go through one shared commit: one transaction per flush
+        self._writes = SharedCommit(store)
         self.concurrency = concurrency
         self.stale_after = stale_after
         self.poll = poll
@@ -255,7 +263,11 @@ class Worker:
 
     def jobs(self) -> list[BranchJob[Any]]:
         """The jobs of the runs this worker has branches of (to close their providers)."""
-        return list(self._jobs.values())
+        return [
+            task.result()
+            for task in self._jobs.values()
+            if task.done() and not task.cancelled() and task.exception() is None
+        ]
 
     async def run(self) -> WorkerStats:
         """Work until the queue is drained (``once``) or the task is cancelled."""
@@ -277,9 +289,10 @@ class Worker:
     async def _loop(self) -> None:
         while True:
             free = self.concurrency - len(self._running)
-            # Claim in batches (half the slots free, or none running): each claim is one
-            # write transaction that scans the queue.
-            batch = not self._running or free >= max(1, self.concurrency // 2)
+            # Claim as soon as a quarter of the slots is free (or none runs): a claim is one
+            # short statement served by indexes, but one per freed slot would be a
+            # transaction per branch again.
+            batch = not self._running or free >= max(1, self.concurrency // 4)
             try:
                 claims = (
                     await self.store.claim(self.me, limit=free, stale_after=self.stale_after)
@@ -312,19 +325,39 @@ class Worker:
     async def _branch(self, claim: Claim) -> None:
         run_id = claim.record.parent_id
         assert run_id is not None
-        job = self._jobs.get(run_id)
-        if job is None:
-            root = await self.store.get(run_id)
-            assert root is not None, "a claimed branch has a root"
-            job = self._jobs[run_id] = await self._job_for(root)
+        making = self._jobs.get(run_id)
+        if making is None or (making.done() and (making.cancelled() or making.exception())):
+            making = self._jobs[run_id] = asyncio.create_task(self._make_job(run_id))
+        job = await asyncio.shield(making)  # shared by the run's branches: not cancelled
         outcome = await self._run(claim, job)
         if outcome == "lost":
             self.stats.lost += 1
             self._on_lost(claim.fence.key)
             return
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
-        if await settle_root_if_done(self.store, run_id, job.summarize):
+        if await self._check_root(run_id, job):
             self.stats.runs_settled += 1
+
+    async def _make_job(self, run_id: str) -> BranchJob[Any]:
+        root = await self.store.get(run_id)
+        assert root is not None, "a claimed branch has a root"
+        return await self._job_for(root)
+
+    async def _check_root(self, run_id: str, job: BranchJob[Any]) -> bool:
+        """Settle the run's root if its last branch has settled (True if this call did).
+
+        The branches that settle together share one check: one that has not started yet
+        is joined (it starts after their settlements are durable, so it sees them); one
+        already running may not see them, so a new one is started after it."""
+        check = self._root_checks.get(run_id)
+        if check is None:
+            check = self._root_checks[run_id] = asyncio.ensure_future(self._root_check(run_id, job))
+        return await asyncio.shield(check)
+
+    async def _root_check(self, run_id: str, job: BranchJob[Any]) -> bool:
+        await asyncio.sleep(0)  # the branches settled in this loop turn join this check
+        del self._root_checks[run_id]  # from now on, a settlement needs a later check
+        return await settle_root_if_done(self.store, run_id, job.summarize)
 
     async def _run(self, claim: Claim, job: BranchJob[Any]) -> str:
         """Run a claimed branch to its settlement: its state, or ``lost`` when the claim
@@ -340,6 +373,7 @@ class Worker:
                 retry=job.retry,
                 lease=keeper,
                 attempt_timeout=job.attempt_timeout,
+                writes=self._writes,
             )
             return await _settle(ctx, keeper, claim.record, job)
         finally:
