@@ -171,6 +171,8 @@ class PostgresStore(Store):
 
     @contextlib.asynccontextmanager
     async def _reading(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
+        """A cursor in autocommit mode: each statement is its own transaction (reads, and
+        writes that are one statement: one round trip, no BEGIN and COMMIT)."""
         async with self._pool.connection() as conn, conn.cursor() as cur:
             yield cur
 
@@ -178,8 +180,9 @@ class PostgresStore(Store):
 
     @guarded
     async def apply(self, batch: WriteBatch) -> Mapping[str, Settled]:
-        async with self._transaction() as cur:
+        async with self._pipelined() as (conn, sync):
             if batch.fence is not None:
+                cur = conn.cursor()
                 await cur.execute(
                     "SELECT epoch FROM imagepipe.leases WHERE key = %s FOR SHARE",
                     (batch.fence.key,),
@@ -187,7 +190,7 @@ class PostgresStore(Store):
                 row = await cur.fetchone()
                 if row is None or row[0] != batch.fence.epoch:
                     raise LeaseLost(batch.fence.key, batch.fence.epoch)
-            return await self._write(cur, batch)
+            return await self._write(conn, batch, sync)
 
     @guarded
     async def apply_each(
@@ -195,9 +198,10 @@ class PostgresStore(Store):
     ) -> list[Mapping[str, Settled] | LeaseLost]:
         if not batches:
             return []
-        async with self._transaction() as cur:
+        async with self._pipelined() as (conn, sync):
             fences = sorted({b.fence for b in batches if b.fence is not None}, key=fence_key)
             # every fence in one statement, locked in key order (as renew_claims does)
+            cur = conn.cursor()
             await cur.execute(
                 "SELECT key, epoch FROM imagepipe.leases WHERE key = ANY(%s)"
                 " ORDER BY key FOR SHARE",
@@ -205,15 +209,15 @@ class PostgresStore(Store):
             )
             held = {Fence(key, epoch) for key, epoch in await cur.fetchall()}
             live = [b for b in batches if b.fence is None or b.fence in held]
-            lost = await self._write(cur, merged(live)) if live else {}
             ended = ended_claims(live)
-            if ended:
-                await cur.execute(
+            if ended:  # sent with the writes below
+                await conn.cursor().execute(
                     "UPDATE imagepipe.leases l SET owner = NULL"
                     " FROM unnest(%s::text[], %s::bigint[]) AS f(key, epoch)"
                     " WHERE l.key = f.key AND l.epoch = f.epoch",
                     ([f.key for f in ended], [f.epoch for f in ended]),
                 )
+            lost = await self._write(conn, merged(live), sync) if live else {}
         return [
             LeaseLost(b.fence.key, b.fence.epoch)
             if b.fence is not None and b.fence not in held
@@ -221,21 +225,54 @@ class PostgresStore(Store):
             for b in batches
         ]
 
-    async def _write(self, cur: psycopg.AsyncCursor[Any], batch: WriteBatch) -> dict[str, Settled]:
-        """The writes of ``batch``, in its transaction (fence already checked)."""
+    @contextlib.asynccontextmanager
+    async def _pipelined(
+        self,
+    ) -> AsyncIterator[tuple[psycopg.AsyncConnection[Any], Callable[[], Awaitable[None]]]]:
+        """One transaction in pipeline mode: statements are sent without waiting for each
+        other's results, and the client waits only where it reads one (a fence) or calls
+        ``sync``; BEGIN goes with the first statement and COMMIT with the last sync. A
+        write batch is three round trips, however many kinds of writes it holds."""
+        async with (
+            self._pool.connection() as conn,
+            conn.pipeline() as pipe,
+            conn.transaction(),
+        ):
+            yield conn, pipe.sync
+
+    async def _write(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: WriteBatch,
+        sync: Callable[[], Awaitable[None]],
+    ) -> dict[str, Settled]:
+        """The writes of ``batch`` in the current transaction (fence already checked): each
+        kind of write is one ``executemany``, all sent before one ``sync``; then their row
+        counts are checked (any mismatch refuses the whole transaction)."""
+        counted: list[tuple[psycopg.AsyncCursor[Any], int, str]] = []
+
+        async def send(
+            sql: str, params: list[Any], conflict: str | None = None
+        ) -> psycopg.AsyncCursor[Any]:
+            cur = conn.cursor()
+            await cur.executemany(sql, params)
+            if conflict is not None:
+                counted.append((cur, len(params), conflict))
+            return cur
+
         # delivered when this transaction commits, never if it rolls back
-        await cur.execute(
+        await conn.cursor().execute(
             f"SELECT pg_notify('{PROGRESS_CHANNEL}', run) FROM unnest(%s::text[]) AS run",
             (sorted(_runs_written(batch)),),
         )
         if batch.reopens:
-            await cur.executemany(
+            await send(
                 "UPDATE imagepipe.promises SET state = 'pending', error = NULL,"
                 " settled_at = NULL, failures = 0 WHERE id = %s AND state = 'rejected'",
                 [(promise_id,) for promise_id in batch.reopens],
             )
         if batch.creates:
-            await cur.executemany(
+            await send(
                 "INSERT INTO imagepipe.promises (id, parent_id, seq, func, args, options,"
                 " state, value, created_at, settled_at) VALUES (%(id)s, %(parent_id)s,"
                 " %(seq)s, %(func)s, %(args_json)s, %(options_json)s, %(state)s,"
@@ -243,45 +280,46 @@ class PostgresStore(Store):
                 " THEN NULL ELSE %(created_at)s::double precision END)"
                 " ON CONFLICT (id) DO NOTHING",
                 [named_params(c) for c in batch.creates],
+                "already holds promises this batch creates",
             )
-            if cur.rowcount != len(batch.creates):
-                raise StoreConflict(self.where, "already holds promises this batch creates")
         if batch.starts:
-            await cur.executemany(
+            await send(
                 "UPDATE imagepipe.promises SET attempts = %(attempt)s"
                 " WHERE id = %(id)s AND state = 'pending' AND attempts < %(attempt)s",
                 [named_params(s) for s in batch.starts],
+                "holds settled or further-on promises",
             )
-            if cur.rowcount != len(batch.starts):
-                raise StoreConflict(self.where, "holds settled or further-on promises")
         if batch.failures:
-            try:
-                await cur.executemany(
-                    "INSERT INTO imagepipe.attempts (promise_id, attempt, started_at,"
-                    " finished_at, error) VALUES (%(id)s, %(attempt)s, %(started_at)s,"
-                    " %(finished_at)s, %(error_json)s)",
-                    [named_params(f) for f in batch.failures],
-                )
-            except psycopg.errors.UniqueViolation:
-                raise StoreConflict(self.where, "already holds a failed attempt") from None
-            await cur.executemany(
+            await send(
+                "INSERT INTO imagepipe.attempts (promise_id, attempt, started_at,"
+                " finished_at, error) VALUES (%(id)s, %(attempt)s, %(started_at)s,"
+                " %(finished_at)s, %(error_json)s)",
+                [named_params(f) for f in batch.failures],
+            )
+            await send(
                 "UPDATE imagepipe.promises SET failures = failures + 1"
                 " WHERE id = %s AND state = 'pending'",
                 [(f.id,) for f in batch.failures],
+                "holds no pending promise for a failed attempt",
             )
-            if cur.rowcount != len(batch.failures):
-                raise StoreConflict(self.where, "holds no pending promise for a failed attempt")
-        if not batch.settlements:
+        settled = None
+        if batch.settlements:
+            settled = await send(
+                "UPDATE imagepipe.promises SET state = %(state)s, value = %(value_json)s,"
+                " error = %(error_json)s, settled_at = %(settled_at)s"
+                " WHERE id = %(id)s AND state = 'pending'",
+                [named_params(s) for s in batch.settlements],
+            )
+        try:
+            await sync()
+        except psycopg.errors.UniqueViolation:
+            raise StoreConflict(self.where, "already holds a failed attempt") from None
+        for cur, expected, conflict in counted:
+            if cur.rowcount != expected:
+                raise StoreConflict(self.where, conflict)
+        if settled is None or settled.rowcount == len(batch.settlements):
             return {}
-        await cur.executemany(
-            "UPDATE imagepipe.promises SET state = %(state)s, value = %(value_json)s,"
-            " error = %(error_json)s, settled_at = %(settled_at)s"
-            " WHERE id = %(id)s AND state = 'pending'",
-            [named_params(s) for s in batch.settlements],
-        )
-        if cur.rowcount == len(batch.settlements):
-            return {}
-        return await self._earlier_outcomes(cur, batch)
+        return await self._earlier_outcomes(conn.cursor(), batch)
 
     async def _earlier_outcomes(
         self, cur: psycopg.AsyncCursor[Any], batch: WriteBatch
@@ -441,7 +479,7 @@ class PostgresStore(Store):
     async def claim(self, worker: Lease, *, limit: int, stale_after: float) -> list[Claim]:
         if limit <= 0:
             return []
-        async with self._transaction() as cur:
+        async with self._reading() as cur:  # autocommit: the one statement is the transaction
             # One statement. The runs come from the index of pending roots, each run's
             # branches from the index of pending children in launch order (at most
             # ``limit`` of each run: nothing sorts the whole queue). SKIP LOCKED: claimers
@@ -494,7 +532,7 @@ class PostgresStore(Store):
     async def renew_claims(self, worker: Lease, fences: Sequence[Fence]) -> list[Fence]:
         if not fences:
             return []
-        async with self._transaction() as cur:
+        async with self._reading() as cur:  # autocommit: the one statement is the transaction
             # One statement, rows locked in key order: no round trip per claim, and no
             # lock-order deadlock with a claimer or a fenced batch.
             await cur.execute(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -164,9 +165,12 @@ class _BranchContext(RunContext[D]):
 
 
 async def _settle(
-    ctx: _BranchContext[D], keeper: _ClaimedLease, record: PromiseRecord, job: BranchJob[D]
+    ctx: _BranchContext[D],
+    keeper: _ClaimedLease,
+    record: PromiseRecord,
+    fn: Callable[..., Awaitable[Any]],
 ) -> str:
-    handle = ctx.adopt(record, job.fn)
+    handle = ctx.adopt(record, fn)
     try:
         await ctx.settle_all()
     except (LeaseLost, StoreBusy):
@@ -246,8 +250,10 @@ class Worker:
         self._job_for = job_for
         #: the app's part of each run this worker has branches of (made once per run)
         self._jobs: dict[str, asyncio.Task[BranchJob[Any]]] = {}
-        #: the root checks of runs, each started after the settlements it must see
-        self._root_checks: dict[str, asyncio.Future[bool]] = {}
+        #: the root check of each run not started yet (joined by later settlements)
+        self._root_checks: dict[str, asyncio.Task[None]] = {}
+        #: root checks running beside the branches (a failure stops the worker)
+        self._background: set[asyncio.Task[None]] = set()
         #: every branch's writes go through one shared commit: one transaction per flush
         self._writes = SharedCommit(store)
         self.concurrency = concurrency
@@ -260,6 +266,11 @@ class Worker:
         self.stats = WorkerStats()
         self._keepers: dict[str, _ClaimedLease] = {}
         self._running: set[asyncio.Task[None]] = set()
+        #: branches whose call has returned, only their settlement left to write: they
+        #: hold no slot (a slot is a provider call, as in a plain run)
+        self._settling: set[str] = set()
+        #: set when a branch gives its slot back before its task ends
+        self._freed = asyncio.Event()
 
     def jobs(self) -> list[BranchJob[Any]]:
         """The jobs of the runs this worker has branches of (to close their providers)."""
@@ -279,20 +290,22 @@ class Worker:
             await self._loop()
         finally:
             renewer.cancel()
-            for task in self._running:
+            for task in self._running | self._background:
                 task.cancel()
-            await asyncio.gather(renewer, *self._running, return_exceptions=True)
+            await asyncio.gather(renewer, *self._running, *self._background, return_exceptions=True)
             with contextlib.suppress(StoreError, LeaseLost):
                 await self.store.release_lease(self.me)
         return self.stats
 
     async def _loop(self) -> None:
         while True:
-            free = self.concurrency - len(self._running)
-            # Claim as soon as a quarter of the slots is free (or none runs): a claim is one
-            # short statement served by indexes, but one per freed slot would be a
+            self._freed.clear()
+            active = len(self._running) - len(self._settling)
+            free = self.concurrency - active
+            # Claim as soon as a quarter of the slots is free (or none is busy): a claim is
+            # one short statement served by indexes, but one per freed slot would be a
             # transaction per branch again.
-            batch = not self._running or free >= max(1, self.concurrency // 4)
+            batch = not active or free >= max(1, self.concurrency // 4)
             try:
                 claims = (
                     await self.store.claim(self.me, limit=free, stale_after=self.stale_after)
@@ -304,19 +317,26 @@ class Worker:
             for claim in claims:
                 self._start(claim)
             if not self._running:
-                if self.once and not await self._queue_open():
+                if self.once and not self._background and not await self._queue_open():
                     return
                 await asyncio.sleep(self.poll)
-            elif batch and not claims:
-                # wait for a slot, or for branches that lapse elsewhere to be claimable
-                await asyncio.wait(
-                    self._running, timeout=self.poll, return_when=asyncio.FIRST_COMPLETED
-                )
             else:
-                await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+                # wait for a slot (a branch that ends, or that has only its settlement left
+                # to write); with nothing claimable now, also for branches that lapse
+                # elsewhere to be claimable
+                freed = asyncio.ensure_future(self._freed.wait())
+                await asyncio.wait(
+                    {*self._running, freed},
+                    timeout=self.poll if batch and not claims else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                freed.cancel()
             for task in [t for t in self._running if t.done()]:
                 self._running.discard(task)
                 task.result()  # a store failure stops the worker
+            for task in [t for t in self._background if t.done()]:
+                self._background.discard(task)
+                task.result()
 
     def _start(self, claim: Claim) -> None:
         self.stats.claimed += 1
@@ -335,29 +355,29 @@ class Worker:
             self._on_lost(claim.fence.key)
             return
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
-        if await self._check_root(run_id, job):
-            self.stats.runs_settled += 1
+        self._check_root(run_id, job)  # beside the branches: the slot is free already
 
     async def _make_job(self, run_id: str) -> BranchJob[Any]:
         root = await self.store.get(run_id)
         assert root is not None, "a claimed branch has a root"
         return await self._job_for(root)
 
-    async def _check_root(self, run_id: str, job: BranchJob[Any]) -> bool:
-        """Settle the run's root if its last branch has settled (True if this call did).
+    def _check_root(self, run_id: str, job: BranchJob[Any]) -> None:
+        """Settle the run's root if its last branch has settled, in a task of its own.
 
-        The branches that settle together share one check: one that has not started yet
-        is joined (it starts after their settlements are durable, so it sees them); one
-        already running may not see them, so a new one is started after it."""
-        check = self._root_checks.get(run_id)
-        if check is None:
-            check = self._root_checks[run_id] = asyncio.ensure_future(self._root_check(run_id, job))
-        return await asyncio.shield(check)
+        The branches that settle together share one check: a check that has not started
+        yet is joined (it starts after their settlements are durable, so it sees them); one
+        already running may not see them, so a new one is started beside it."""
+        if run_id not in self._root_checks:
+            check = asyncio.create_task(self._root_check(run_id, job), name=f"root:{run_id}")
+            self._root_checks[run_id] = check
+            self._background.add(check)
 
-    async def _root_check(self, run_id: str, job: BranchJob[Any]) -> bool:
+    async def _root_check(self, run_id: str, job: BranchJob[Any]) -> None:
         await asyncio.sleep(0)  # the branches settled in this loop turn join this check
         del self._root_checks[run_id]  # from now on, a settlement needs a later check
-        return await settle_root_if_done(self.store, run_id, job.summarize)
+        if await settle_root_if_done(self.store, run_id, job.summarize):
+            self.stats.runs_settled += 1
 
     async def _run(self, claim: Claim, job: BranchJob[Any]) -> str:
         """Run a claimed branch to its settlement: its state, or ``lost`` when the claim
@@ -375,9 +395,26 @@ class Worker:
                 attempt_timeout=job.attempt_timeout,
                 writes=self._writes,
             )
-            return await _settle(ctx, keeper, claim.record, job)
+            return await _settle(ctx, keeper, claim.record, self._counted(key, job.fn))
         finally:
             self._keepers.pop(key, None)
+            self._settling.discard(key)
+
+    def _counted(
+        self, key: str, fn: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
+        """``fn`` that frees the branch's slot once it has returned a value: what is left
+        is writing the settlement, which needs no provider (as in a plain run, whose slot
+        is given back when the attempt ends), so the next claim need not wait for it."""
+
+        @functools.wraps(fn)
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            value = await fn(*args, **kwargs)
+            self._settling.add(key)
+            self._freed.set()
+            return value
+
+        return counted
 
     async def _queue_open(self) -> bool:
         """True while a detached run is pending (its branches may still lapse to us)."""
