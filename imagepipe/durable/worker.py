@@ -174,9 +174,13 @@ async def _settle(
     try:
         await ctx.settle_all()
     except (LeaseLost, StoreBusy):
+        await ctx.cancel_all()
+        if handle.settled:
+            # Its settlement was durable first, and ended the lease with it: a renewal
+            # that ran after that commit finds the lease ended, which is no takeover.
+            return handle.state
         # Taken over, or the store stayed locked: nothing more of this branch is written
         # here; its lease lapses (or is released below) and it is claimed again.
-        await ctx.cancel_all()
         if not keeper.lost.done():
             keeper.lost.set_result(LeaseLost(keeper.key, claim_epoch(keeper)))
         return "lost"
