@@ -604,9 +604,39 @@ def _timed_workers(
     workers_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {
         "rate": n / seconds,
+        "in_run": n / _in_run_seconds(db, run_id, latency),
         "workers_cores": workers_cpu / seconds,
         "server_cores": (_cpu_seconds(postmaster) - server_before) / seconds,
     }
+
+
+def _in_run_seconds(db: str, run_id: str, latency: int) -> float:
+    """From the first call (the first settlement less one call's latency) to the root's
+    settlement, by the store's timestamps: the run without the workers' start and exit."""
+    import psycopg
+
+    with psycopg.connect(db) as conn:
+        row = conn.execute(
+            "SELECT min(settled_at), (SELECT settled_at FROM imagepipe.promises WHERE id = %s)"
+            " FROM imagepipe.promises WHERE parent_id = %s",
+            (run_id, run_id),
+        ).fetchone()
+    assert row is not None
+    first, root = row
+    return float(root - (first - latency / 1000))
+
+
+def _idle_workers(db: str, k: int) -> float:
+    """Seconds for ``k`` workers to start, find nothing to claim and exit: the part of
+    each figure that is process start-up, not the queue."""
+    env = env_for(Path("/nonexistent"))
+    env["IMAGEPIPE_DB"] = db
+    worker = [*CLI, "worker", "--once", "-c", "16"]
+    started = time.perf_counter()
+    procs = [subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL) for _ in range(k)]
+    for proc in procs:
+        proc.wait()
+    return time.perf_counter() - started
 
 
 def _single_process(db: str, n: int, latency: int, run_id: str) -> float:
@@ -648,6 +678,7 @@ def worker_figures() -> dict[str, Any]:
         figures: dict[str, Any] = {"workers": {}, "cores": os.cpu_count()}
         for k in (1, 2, 4, 8):
             figures["workers"][k] = {
+                "idle_seconds": _idle_workers(pg, k),
                 "latency_200": _timed_workers(
                     pg, k, PER_WORKER_200 * k, 200, f"w200-{k}", postmaster
                 ),
@@ -672,23 +703,28 @@ def worker_table(f: dict[str, Any]) -> str:
         f"{PER_WORKER_200:,} branches per worker at --sim-latency 200 (linear: 80/s a worker);"
         f" {BRANCHES_0:,} at 0; CPU in cores of {f['cores']} (workers + server)",
         "",
-        "| setup | branches/s at --sim-latency 200 (x one worker) | branches/s at 0 |"
-        " CPU at 0: workers + server |",
-        "|---|---|---|---|",
+        "| setup | branches/s at --sim-latency 200 (x one worker) | in-run at 200 |"
+        " branches/s at 0 | in-run at 0 | CPU at 0: workers + server |"
+        " start and exit, empty queue |",
+        "|---|---|---|---|---|---|---|",
     ]
     for k, row in f["workers"].items():
         slow, fast = row["latency_200"], row["latency_0"]
         lines.append(
             f"| {k} worker{'s' if int(k) > 1 else ''} on PostgreSQL, -c 16 each | "
-            f"{slow['rate']:,.0f} ({slow['rate'] / one:.1f}x) | {fast['rate']:,.0f} | "
-            f"{fast['workers_cores']:.2f} + {fast['server_cores']:.2f} |"
+            f"{slow['rate']:,.0f} ({slow['rate'] / one:.1f}x) | {slow['in_run']:,.0f} | "
+            f"{fast['rate']:,.0f} | {fast['in_run']:,.0f} | "
+            f"{fast['workers_cores']:.2f} + {fast['server_cores']:.2f} | "
+            f"{row['idle_seconds']:.1f} s |"
         )
     for name, key in (
         ("one process, PostgreSQL", "single_pg"),
         ("one process, SQLite", "single_sqlite"),
     ):
         row = f[key]
-        lines.append(f"| {name}, -c 16 | {row['latency_200']:,.0f} | {row['latency_0']:,.0f} | |")
+        lines.append(
+            f"| {name}, -c 16 | {row['latency_200']:,.0f} | | {row['latency_0']:,.0f} | | | |"
+        )
     return "\n".join(lines)
 
 
