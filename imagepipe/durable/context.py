@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-from imagepipe.durable.commit import GroupCommit
+from imagepipe.durable.commit import BatchSink, GroupCommit
 from imagepipe.durable.errors import (
     DurableError,
     LeaseLost,
@@ -80,6 +80,7 @@ class RunContext(Generic[D]):
         concurrency: int | None = None,
         attempt_timeout: float | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        writes: BatchSink | None = None,
     ) -> None:
         self.store = store
         self.run_id = run_id
@@ -92,7 +93,11 @@ class RunContext(Generic[D]):
         self._slots = Slots(concurrency or None)
         self._attempt_timeout = attempt_timeout
         self._sleep = sleep
-        self._commit = GroupCommit(store, acquire=None if lease is None else lease.acquire)
+        # ``writes``: where the batches go if not straight to the store (a worker's branches
+        # share one commit, see :mod:`.worker_commit`)
+        self._commit = GroupCommit(
+            writes or store, acquire=None if lease is None else lease.acquire
+        )
         self._sub_steps = SubSteps(self)
         #: set to the first store failure seen by any branch: the run stops at once
         self._fatal: asyncio.Future[DurableError] = asyncio.get_running_loop().create_future()

@@ -22,6 +22,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
+from imagepipe.durable.batches import ended_claims, fence_key, merged
 from imagepipe.durable.errors import (
     LeaseHeld,
     LeaseLost,
@@ -71,6 +72,9 @@ _POOL_SIZE = 4
 # logging configured Python would print those on stderr, through a run's output. An
 # application that configures logging still gets them.
 logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
+# Likewise, a pipeline that a refused write aborted is logged as a warning when it ends;
+# the refusal itself is raised as a one-line StoreConflict.
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 
 class PostgresStore(Store):
@@ -174,6 +178,8 @@ class PostgresStore(Store):
 
     @contextlib.asynccontextmanager
     async def _reading(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
+        """A cursor in autocommit mode: each statement is its own transaction (reads, and
+        writes that are one statement: one round trip, no BEGIN and COMMIT)."""
         async with self._pool.connection() as conn, conn.cursor() as cur:
             yield cur
 
@@ -181,8 +187,9 @@ class PostgresStore(Store):
 
     @guarded
     async def apply(self, batch: WriteBatch) -> Mapping[str, Settled]:
-        async with self._transaction() as cur:
+        async with self._pipelined() as (conn, sync):
             if batch.fence is not None:
+                cur = conn.cursor()
                 await cur.execute(
                     "SELECT epoch FROM imagepipe.leases WHERE key = %s FOR SHARE",
                     (batch.fence.key,),
@@ -190,65 +197,135 @@ class PostgresStore(Store):
                 row = await cur.fetchone()
                 if row is None or row[0] != batch.fence.epoch:
                     raise LeaseLost(batch.fence.key, batch.fence.epoch)
-            # delivered when this transaction commits, never if it rolls back
+            return await self._write(conn, batch, sync)
+
+    @guarded
+    async def apply_each(
+        self, batches: Sequence[WriteBatch]
+    ) -> list[Mapping[str, Settled] | LeaseLost]:
+        if not batches:
+            return []
+        async with self._pipelined() as (conn, sync):
+            fences = sorted({b.fence for b in batches if b.fence is not None}, key=fence_key)
+            # Every fence in one statement, locked in key order, and exclusively: this
+            # transaction may end some of these leases, and upgrading a share lock while
+            # the worker's renewal waits for the row deadlocks (measured: a flush of 16
+            # branches lost every few thousand).
+            cur = conn.cursor()
             await cur.execute(
-                f"SELECT pg_notify('{PROGRESS_CHANNEL}', run) FROM unnest(%s::text[]) AS run",
-                (sorted(_runs_written(batch)),),
+                "SELECT key, epoch FROM imagepipe.leases WHERE key = ANY(%s)"
+                " ORDER BY key FOR NO KEY UPDATE",
+                ([f.key for f in fences],),
             )
-            if batch.reopens:
-                await cur.executemany(
-                    "UPDATE imagepipe.promises SET state = 'pending', error = NULL,"
-                    " settled_at = NULL, failures = 0, child_counts = NULL"
-                    " WHERE id = %s AND state = 'rejected'",
-                    [(promise_id,) for promise_id in batch.reopens],
+            held = {Fence(key, epoch) for key, epoch in await cur.fetchall()}
+            live = [b for b in batches if b.fence is None or b.fence in held]
+            ended = ended_claims(live)
+            if ended:  # sent with the writes below
+                await conn.cursor().execute(
+                    "UPDATE imagepipe.leases l SET owner = NULL"
+                    " FROM unnest(%s::text[], %s::bigint[]) AS f(key, epoch)"
+                    " WHERE l.key = f.key AND l.epoch = f.epoch",
+                    ([f.key for f in ended], [f.epoch for f in ended]),
                 )
-            if batch.creates:
-                await cur.executemany(
-                    "INSERT INTO imagepipe.promises (id, parent_id, seq, func, args, options,"
-                    " state, value, created_at, settled_at) VALUES (%(id)s, %(parent_id)s,"
-                    " %(seq)s, %(func)s, %(args_json)s, %(options_json)s, %(state)s,"
-                    " %(value_json)s, %(created_at)s, CASE WHEN %(state)s = 'pending'"
-                    " THEN NULL ELSE %(created_at)s::double precision END)"
-                    " ON CONFLICT (id) DO NOTHING",
-                    [named_params(c) for c in batch.creates],
-                )
-                if cur.rowcount != len(batch.creates):
-                    raise StoreConflict(self.where, "already holds promises this batch creates")
-            if batch.starts:
-                await cur.executemany(
-                    "UPDATE imagepipe.promises SET attempts = %(attempt)s"
-                    " WHERE id = %(id)s AND state = 'pending' AND attempts < %(attempt)s",
-                    [named_params(s) for s in batch.starts],
-                )
-                if cur.rowcount != len(batch.starts):
-                    raise StoreConflict(self.where, "holds settled or further-on promises")
-            if batch.failures:
-                try:
-                    await cur.executemany(
-                        "INSERT INTO imagepipe.attempts (promise_id, attempt, started_at,"
-                        " finished_at, error) VALUES (%(id)s, %(attempt)s, %(started_at)s,"
-                        " %(finished_at)s, %(error_json)s)",
-                        [named_params(f) for f in batch.failures],
-                    )
-                except psycopg.errors.UniqueViolation:
-                    raise StoreConflict(self.where, "already holds a failed attempt") from None
-                await cur.executemany(
-                    "UPDATE imagepipe.promises SET failures = failures + 1"
-                    " WHERE id = %s AND state = 'pending'",
-                    [(f.id,) for f in batch.failures],
-                )
-                if cur.rowcount != len(batch.failures):
-                    raise StoreConflict(self.where, "holds no pending promise for a failed attempt")
-            if not batch.settlements:
-                return {}
-            await cur.executemany(
+            lost = await self._write(conn, merged(live), sync) if live else {}
+        return [
+            LeaseLost(b.fence.key, b.fence.epoch)
+            if b.fence is not None and b.fence not in held
+            else {s.id: lost[s.id] for s in b.settlements if s.id in lost}
+            for b in batches
+        ]
+
+    @contextlib.asynccontextmanager
+    async def _pipelined(
+        self,
+    ) -> AsyncIterator[tuple[psycopg.AsyncConnection[Any], Callable[[], Awaitable[None]]]]:
+        """One transaction in pipeline mode: statements are sent without waiting for each
+        other's results, and the client waits only where it reads one (a fence) or calls
+        ``sync``; BEGIN goes with the first statement and COMMIT with the last sync. A
+        write batch is three round trips, however many kinds of writes it holds."""
+        async with (
+            self._pool.connection() as conn,
+            conn.pipeline() as pipe,
+            conn.transaction(),
+        ):
+            yield conn, pipe.sync
+
+    async def _write(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: WriteBatch,
+        sync: Callable[[], Awaitable[None]],
+    ) -> dict[str, Settled]:
+        """The writes of ``batch`` in the current transaction (fence already checked): each
+        kind of write is one ``executemany``, all sent before one ``sync``; then their row
+        counts are checked (any mismatch refuses the whole transaction)."""
+        counted: list[tuple[psycopg.AsyncCursor[Any], int, str]] = []
+
+        async def send(
+            sql: str, params: list[Any], conflict: str | None = None
+        ) -> psycopg.AsyncCursor[Any]:
+            cur = conn.cursor()
+            try:  # a pipeline reports an error at its next sync: any statement's
+                await cur.executemany(sql, params)
+            except psycopg.errors.UniqueViolation:  # only the attempts can collide
+                raise StoreConflict(self.where, "already holds a failed attempt") from None
+            if conflict is not None:
+                counted.append((cur, len(params), conflict))
+            return cur
+
+        # delivered when this transaction commits, never if it rolls back
+        await conn.cursor().execute(
+            f"SELECT pg_notify('{PROGRESS_CHANNEL}', run) FROM unnest(%s::text[]) AS run",
+            (sorted(_runs_written(batch)),),
+        )
+        if batch.reopens:
+            await send(
+                "UPDATE imagepipe.promises SET state = 'pending', error = NULL,"
+                " settled_at = NULL, failures = 0, child_counts = NULL"
+                " WHERE id = %s AND state = 'rejected'",
+                [(promise_id,) for promise_id in batch.reopens],
+            )
+        if batch.creates:
+            await send(
+                "INSERT INTO imagepipe.promises (id, parent_id, seq, func, args, options,"
+                " state, value, created_at, settled_at) VALUES (%(id)s, %(parent_id)s,"
+                " %(seq)s, %(func)s, %(args_json)s, %(options_json)s, %(state)s,"
+                " %(value_json)s, %(created_at)s, CASE WHEN %(state)s = 'pending'"
+                " THEN NULL ELSE %(created_at)s::double precision END)"
+                " ON CONFLICT (id) DO NOTHING",
+                [named_params(c) for c in batch.creates],
+                "already holds promises this batch creates",
+            )
+        if batch.starts:
+            await send(
+                "UPDATE imagepipe.promises SET attempts = %(attempt)s"
+                " WHERE id = %(id)s AND state = 'pending' AND attempts < %(attempt)s",
+                [named_params(s) for s in batch.starts],
+                "holds settled or further-on promises",
+            )
+        if batch.failures:
+            await send(
+                "INSERT INTO imagepipe.attempts (promise_id, attempt, started_at,"
+                " finished_at, error) VALUES (%(id)s, %(attempt)s, %(started_at)s,"
+                " %(finished_at)s, %(error_json)s)",
+                [named_params(f) for f in batch.failures],
+            )
+            await send(
+                "UPDATE imagepipe.promises SET failures = failures + 1"
+                " WHERE id = %s AND state = 'pending'",
+                [(f.id,) for f in batch.failures],
+                "holds no pending promise for a failed attempt",
+            )
+        settled = None
+        if batch.settlements:
+            settled = await send(
                 "UPDATE imagepipe.promises SET state = %(state)s, value = %(value_json)s,"
                 " error = %(error_json)s, settled_at = %(settled_at)s"
                 " WHERE id = %(id)s AND state = 'pending'",
                 [named_params(s) for s in batch.settlements],
             )
-            settled_all = cur.rowcount == len(batch.settlements)
-            await cur.execute(
+            # a run's root settled here keeps its branches' counts (for listing runs)
+            await conn.cursor().execute(
                 "UPDATE imagepipe.promises AS p SET child_counts = (SELECT coalesce("
                 "json_object_agg(state, n), '{}')::text FROM (SELECT c.state, count(*) AS n"
                 " FROM imagepipe.promises AS c WHERE c.parent_id = p.id GROUP BY c.state) AS s)"
@@ -256,7 +333,16 @@ class PostgresStore(Store):
                 " AND p.child_counts IS NULL",
                 ([s.id for s in batch.settlements],),
             )
-            return {} if settled_all else await self._earlier_outcomes(cur, batch)
+        try:
+            await sync()
+        except psycopg.errors.UniqueViolation:  # only the attempts can collide
+            raise StoreConflict(self.where, "already holds a failed attempt") from None
+        for cur, expected, conflict in counted:
+            if cur.rowcount != expected:
+                raise StoreConflict(self.where, conflict)
+        if settled is None or settled.rowcount == len(batch.settlements):
+            return {}
+        return await self._earlier_outcomes(conn.cursor(), batch)
 
     async def _earlier_outcomes(
         self, cur: psycopg.AsyncCursor[Any], batch: WriteBatch
@@ -428,42 +514,60 @@ class PostgresStore(Store):
     async def claim(self, worker: Lease, *, limit: int, stale_after: float) -> list[Claim]:
         if limit <= 0:
             return []
-        async with self._transaction() as cur:
-            # SKIP LOCKED: claimers on other hosts take other branches instead of waiting.
+        async with self._reading() as cur:  # autocommit: the one statement is the transaction
+            # One statement. The runs come from the index of pending roots, each run's
+            # branches from the index of pending children in launch order (at most
+            # ``limit`` of each run: nothing sorts the whole queue). SKIP LOCKED: claimers
+            # on other hosts take other branches instead of waiting. The lease upsert
+            # re-checks the lease as committed now: a branch another claimer leased after
+            # this statement's snapshot is left alone (never claimed twice).
             await cur.execute(
-                f"SELECT {CLAIM_COLUMNS} FROM imagepipe.promises p"
-                " JOIN imagepipe.promises r ON r.id = p.parent_id"
-                " LEFT JOIN imagepipe.leases rl ON rl.key = r.id"
-                " LEFT JOIN imagepipe.leases l ON l.key = p.id"
-                " WHERE r.parent_id IS NULL AND r.state = 'pending'"
-                " AND (r.options::jsonb ->> %(detached)s) = 'true' AND p.state = 'pending'"
-                f" AND (rl.owner IS NULL OR {_NOW} - rl.heartbeat_at > %(stale)s)"
-                f" AND (l.owner IS NULL OR {_NOW} - l.heartbeat_at > %(stale)s)"
-                " ORDER BY r.created_at, r.id, p.seq LIMIT %(limit)s FOR UPDATE OF p SKIP LOCKED",
-                {"detached": DETACHED, "stale": stale_after, "limit": limit},
+                "WITH runs AS MATERIALIZED ("
+                "  SELECT r.id, row_number() OVER (ORDER BY r.created_at, r.id) AS rank"
+                "  FROM imagepipe.promises r LEFT JOIN imagepipe.leases rl ON rl.key = r.id"
+                "  WHERE r.parent_id IS NULL AND r.state = 'pending'"
+                "  AND (r.options::jsonb ->> %(detached)s) = 'true'"
+                f"  AND (rl.owner IS NULL OR {_NOW} - rl.heartbeat_at > %(stale)s)"
+                "), picked AS ("
+                "  SELECT c.id, runs.rank, c.seq FROM runs CROSS JOIN LATERAL ("
+                "    SELECT p.id, p.seq FROM imagepipe.promises p"
+                "    LEFT JOIN imagepipe.leases l ON l.key = p.id"
+                "    WHERE p.parent_id = runs.id AND p.state = 'pending'"
+                f"    AND (l.owner IS NULL OR {_NOW} - l.heartbeat_at > %(stale)s)"
+                "    ORDER BY p.seq LIMIT %(limit)s FOR UPDATE OF p SKIP LOCKED"
+                "  ) c ORDER BY runs.rank, c.seq LIMIT %(limit)s"
+                "), leased AS ("
+                "  INSERT INTO imagepipe.leases AS l (key, owner, pid, host, heartbeat_at, epoch)"
+                f"  SELECT id, %(owner)s, %(pid)s, %(host)s, {_NOW}, 1 FROM picked"
+                "  ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, pid = excluded.pid,"
+                "  host = excluded.host, heartbeat_at = excluded.heartbeat_at,"
+                "  epoch = l.epoch + 1"
+                f"  WHERE l.owner IS NULL OR {_NOW} - l.heartbeat_at > %(stale)s"
+                "  RETURNING l.key, l.epoch"
+                f") SELECT {CLAIM_COLUMNS}, leased.epoch FROM leased"
+                " JOIN picked ON picked.id = leased.key"
+                " JOIN imagepipe.promises p ON p.id = leased.key"
+                " ORDER BY picked.rank, picked.seq",
+                {
+                    "detached": DETACHED,
+                    "stale": stale_after,
+                    "limit": limit,
+                    "owner": worker.owner,
+                    "pid": worker.pid,
+                    "host": worker.host,
+                },
             )
             rows = await cur.fetchall()
-            claims = []
-            for row in rows:
-                record = promise_from_row(row, self.where)
-                await cur.execute(
-                    "INSERT INTO imagepipe.leases (key, owner, pid, host, heartbeat_at, epoch)"
-                    f" VALUES (%s, %s, %s, %s, {_NOW}, 1) ON CONFLICT (key) DO UPDATE SET"
-                    " owner = excluded.owner, pid = excluded.pid, host = excluded.host,"
-                    " heartbeat_at = excluded.heartbeat_at,"
-                    " epoch = imagepipe.leases.epoch + 1 RETURNING epoch",
-                    (record.id, worker.owner, worker.pid, worker.host),
-                )
-                epoch_row = await cur.fetchone()
-                assert epoch_row is not None
-                claims.append(Claim(record, Fence(record.id, int(epoch_row[0]))))
-        return claims
+        return [
+            Claim(promise_from_row(row[:-1], self.where), Fence(row[0], int(row[-1])))
+            for row in rows
+        ]
 
     @guarded
     async def renew_claims(self, worker: Lease, fences: Sequence[Fence]) -> list[Fence]:
         if not fences:
             return []
-        async with self._transaction() as cur:
+        async with self._reading() as cur:  # autocommit: the one statement is the transaction
             # One statement, rows locked in key order: no round trip per claim, and no
             # lock-order deadlock with a claimer or a fenced batch.
             await cur.execute(
@@ -476,15 +580,16 @@ class PostgresStore(Store):
         return [fence for fence in fences if fence.key not in renewed]
 
     @guarded
-    async def child_counts(self, parent_id: str) -> dict[str, int]:
+    async def any_pending(self, parent_id: str) -> bool:
         async with self._reading() as cur:
+            # served by the index of pending children: no count over the run
             await cur.execute(
-                "SELECT state, count(*) FROM imagepipe.promises WHERE parent_id = %s"
-                " GROUP BY state",
+                "SELECT EXISTS (SELECT 1 FROM imagepipe.promises"
+                " WHERE parent_id = %s AND state = 'pending')",
                 (parent_id,),
             )
-            rows = await cur.fetchall()
-        return {state: int(n) for state, n in rows}
+            row = await cur.fetchone()
+        return bool(row and row[0])
 
     @guarded
     async def held_leases(self, prefix: str = "") -> list[Lease]:

@@ -1,7 +1,7 @@
 """The PostgreSQL store's schema: numbered migrations, applied in order, each once.
 
 Everything lives in its own schema, ``imagepipe``, so that the store can share a database
-with other programs' tables. Schema (version 1), the same model as SQLite's version 3::
+with other programs' tables. Schema (version 2), the same model as SQLite's version 3::
 
     imagepipe.schema_version(version)                                     -- one row
     imagepipe.promises(id PK, parent_id, seq, func, args JSON, options JSON, state,
@@ -77,10 +77,20 @@ _MIGRATION_1 = (
     )""",
 )
 
+#: Version 2: the workers' queue served by indexes. The pending children of a run in launch
+#: order (what a claim takes, and whether a run's last branch has settled, without counting
+#: its settled ones), and the pending roots oldest first (the runs a claim looks at).
+_MIGRATION_2 = (
+    "CREATE INDEX promises_pending_children ON imagepipe.promises (parent_id, seq)"
+    " WHERE state = 'pending' AND parent_id IS NOT NULL",
+    "CREATE INDEX promises_pending_roots ON imagepipe.promises (created_at, id)"
+    " WHERE state = 'pending' AND parent_id IS NULL",
+)
+
 #: A settled run keeps how many of its children are in each state (``child_counts``, a JSON
 #: object), written when its root settles and cleared when it is reopened: listing runs
 #: reads it instead of counting every branch of every run again.
-_MIGRATION_2 = (
+_MIGRATION_3 = (
     "ALTER TABLE imagepipe.promises ADD COLUMN child_counts text",
     "UPDATE imagepipe.promises AS p SET child_counts = (SELECT coalesce(json_object_agg("
     "state, n), '{}')::text FROM (SELECT c.state, count(*) AS n FROM imagepipe.promises AS c"
@@ -90,7 +100,7 @@ _MIGRATION_2 = (
 
 #: Migration N (the N-th entry) turns schema version N-1 into N: statements run in order,
 #: in the migrating transaction. Append only; never edit a released one.
-MIGRATIONS: Sequence[Sequence[str]] = (_MIGRATION_1, _MIGRATION_2)
+MIGRATIONS: Sequence[Sequence[str]] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

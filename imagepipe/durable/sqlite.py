@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from imagepipe.durable.batches import ended_claims, fence_key, merged
 from imagepipe.durable.errors import (
     LeaseHeld,
     LeaseLost,
@@ -215,62 +216,92 @@ class SQLiteStore(Store):
         with self._transaction() as db:
             if batch.fence is not None:
                 self._check_fence(db, batch.fence)
-            if batch.reopens:
-                db.executemany(
-                    "UPDATE promises SET state = 'pending', error = NULL, settled_at = NULL,"
-                    " failures = 0, child_counts = NULL WHERE id = ? AND state = 'rejected'",
-                    [(promise_id,) for promise_id in batch.reopens],
-                )
-            if batch.creates:
-                cur = db.executemany(
-                    "INSERT INTO promises (id, parent_id, seq, func, args, options, state, value,"
-                    " created_at, settled_at) VALUES (:id, :parent_id, :seq, :func, :args_json,"
-                    " :options_json, :state, :value_json, :created_at,"
-                    " CASE WHEN :state = 'pending' THEN NULL ELSE :created_at END)"
-                    " ON CONFLICT (id) DO NOTHING",
-                    _params(batch.creates),
-                )
-                if cur.rowcount != len(batch.creates):
-                    raise StoreConflict(self.where, "already holds promises this batch creates")
-            if batch.starts:
-                cur = db.executemany(
-                    "UPDATE promises SET attempts = :attempt"
-                    " WHERE id = :id AND state = 'pending' AND attempts < :attempt",
-                    _params(batch.starts),
-                )
-                if cur.rowcount != len(batch.starts):
-                    raise StoreConflict(self.where, "holds settled or further-on promises")
-            if batch.failures:
-                try:
-                    db.executemany(
-                        "INSERT INTO attempts (promise_id, attempt, started_at, finished_at,"
-                        " error) VALUES (:id, :attempt, :started_at, :finished_at, :error_json)",
-                        _params(batch.failures),
-                    )
-                except sqlite3.IntegrityError:
-                    raise StoreConflict(self.where, "already holds a failed attempt") from None
-                cur = db.executemany(
-                    "UPDATE promises SET failures = failures + 1"
-                    " WHERE id = ? AND state = 'pending'",
-                    [(f.id,) for f in batch.failures],
-                )
-                if cur.rowcount != len(batch.failures):
-                    raise StoreConflict(self.where, "holds no pending promise for a failed attempt")
-            if not batch.settlements:
-                return {}
+            return self._write(db, batch)
+
+    @_guarded
+    async def apply_each(
+        self, batches: Sequence[WriteBatch]
+    ) -> list[Mapping[str, Settled] | LeaseLost]:
+        if not batches:
+            return []
+        with self._transaction() as db:  # BEGIN IMMEDIATE: no takeover can interleave
+            fences = sorted({b.fence for b in batches if b.fence is not None}, key=fence_key)
+            held = {
+                fence
+                for fence in fences
+                if db.execute("SELECT epoch FROM leases WHERE key = ?", (fence.key,)).fetchone()
+                == (fence.epoch,)
+            }
+            live = [b for b in batches if b.fence is None or b.fence in held]
+            lost = self._write(db, merged(live)) if live else {}
+            db.executemany(
+                "UPDATE leases SET owner = NULL WHERE key = ? AND epoch = ?",
+                [(f.key, f.epoch) for f in ended_claims(live)],
+            )
+        return [
+            LeaseLost(b.fence.key, b.fence.epoch)
+            if b.fence is not None and b.fence not in held
+            else {s.id: lost[s.id] for s in b.settlements if s.id in lost}
+            for b in batches
+        ]
+
+    def _write(self, db: sqlite3.Connection, batch: WriteBatch) -> dict[str, Settled]:
+        """The writes of ``batch``, in its transaction (fence already checked)."""
+        if batch.reopens:
+            db.executemany(
+                "UPDATE promises SET state = 'pending', error = NULL, settled_at = NULL,"
+                " failures = 0, child_counts = NULL WHERE id = ? AND state = 'rejected'",
+                [(promise_id,) for promise_id in batch.reopens],
+            )
+        if batch.creates:
             cur = db.executemany(
-                "UPDATE promises SET state = :state, value = :value_json, error = :error_json,"
-                " settled_at = :settled_at WHERE id = :id AND state = 'pending'",
-                _params(batch.settlements),
+                "INSERT INTO promises (id, parent_id, seq, func, args, options, state, value,"
+                " created_at, settled_at) VALUES (:id, :parent_id, :seq, :func, :args_json,"
+                " :options_json, :state, :value_json, :created_at,"
+                " CASE WHEN :state = 'pending' THEN NULL ELSE :created_at END)"
+                " ON CONFLICT (id) DO NOTHING",
+                _params(batch.creates),
             )
-            settled_all = cur.rowcount == len(batch.settlements)
-            db.execute(
-                f"UPDATE promises SET child_counts = {_CHILD_COUNTS} WHERE id IN"
-                " (SELECT value FROM json_each(?)) AND parent_id IS NULL AND state != 'pending'"
-                " AND child_counts IS NULL",
-                (_json_list([s.id for s in batch.settlements]),),
+            if cur.rowcount != len(batch.creates):
+                raise StoreConflict(self.where, "already holds promises this batch creates")
+        if batch.starts:
+            cur = db.executemany(
+                "UPDATE promises SET attempts = :attempt"
+                " WHERE id = :id AND state = 'pending' AND attempts < :attempt",
+                _params(batch.starts),
             )
-            return {} if settled_all else self._earlier_outcomes(db, batch)
+            if cur.rowcount != len(batch.starts):
+                raise StoreConflict(self.where, "holds settled or further-on promises")
+        if batch.failures:
+            try:
+                db.executemany(
+                    "INSERT INTO attempts (promise_id, attempt, started_at, finished_at,"
+                    " error) VALUES (:id, :attempt, :started_at, :finished_at, :error_json)",
+                    _params(batch.failures),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreConflict(self.where, "already holds a failed attempt") from None
+            cur = db.executemany(
+                "UPDATE promises SET failures = failures + 1 WHERE id = ? AND state = 'pending'",
+                [(f.id,) for f in batch.failures],
+            )
+            if cur.rowcount != len(batch.failures):
+                raise StoreConflict(self.where, "holds no pending promise for a failed attempt")
+        if not batch.settlements:
+            return {}
+        cur = db.executemany(
+            "UPDATE promises SET state = :state, value = :value_json, error = :error_json,"
+            " settled_at = :settled_at WHERE id = :id AND state = 'pending'",
+            _params(batch.settlements),
+        )
+        settled_all = cur.rowcount == len(batch.settlements)
+        db.execute(
+            f"UPDATE promises SET child_counts = {_CHILD_COUNTS} WHERE id IN"
+            " (SELECT value FROM json_each(?)) AND parent_id IS NULL AND state != 'pending'"
+            " AND child_counts IS NULL",
+            (_json_list([s.id for s in batch.settlements]),),
+        )
+        return {} if settled_all else self._earlier_outcomes(db, batch)
 
     def _earlier_outcomes(self, db: sqlite3.Connection, batch: WriteBatch) -> dict[str, Settled]:
         """The settlements of ``batch`` that lost: their promises were settled before. A
@@ -470,12 +501,12 @@ class SQLiteStore(Store):
         return lost
 
     @_guarded
-    async def child_counts(self, parent_id: str) -> dict[str, int]:
-        rows = self._db.execute(
-            "SELECT state, count(*) FROM promises WHERE parent_id = ? GROUP BY state",
+    async def any_pending(self, parent_id: str) -> bool:
+        row = self._db.execute(
+            "SELECT EXISTS (SELECT 1 FROM promises WHERE parent_id = ? AND state = 'pending')",
             (parent_id,),
-        )
-        return {state: n for state, n in rows}
+        ).fetchone()
+        return bool(row[0])
 
     @_guarded
     async def held_leases(self, prefix: str = "") -> list[Lease]:

@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from imagepipe.durable.errors import LeaseLost
 from imagepipe.durable.records import (
     AttemptRecord,
     ChildColumns,
@@ -76,6 +77,20 @@ class Store(ABC):
         settle wins). Raises :class:`~.errors.LeaseLost` if the batch's fence is stale and
         :class:`~.errors.StoreConflict` if it would create an existing promise or start or
         settle one that is not pending; either way nothing of the batch is written."""
+
+    @abstractmethod
+    async def apply_each(
+        self, batches: Sequence[WriteBatch]
+    ) -> list[Mapping[str, Settled] | LeaseLost]:
+        """Apply several batches, each under its own fence, in ONE transaction: how a
+        worker's branches share a commit. One entry per batch, in order.
+
+        A batch whose fence is stale is left out, and its entry is the
+        :class:`~.errors.LeaseLost`; every other batch is written as :meth:`apply` writes it,
+        and its entry is its settlements that lost to an earlier one. A batch that settles
+        the promise its fence is named after (a claimed branch) also ends that lease in the
+        same transaction (no owner, the epoch kept). A conflict in any batch
+        (:class:`~.errors.StoreConflict`) refuses them all."""
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -146,9 +161,10 @@ class Store(ABC):
         another owner holds them: that branch was taken over, its writes are refused."""
 
     @abstractmethod
-    async def child_counts(self, parent_id: str) -> dict[str, int]:
-        """How many children of ``parent_id`` are in each state (states with none are
-        left out): whether a run's last branch has settled, without reading them."""
+    async def any_pending(self, parent_id: str) -> bool:
+        """Whether a child of ``parent_id`` is still pending: whether a run's last branch
+        has settled, answered from an index of pending children (nothing is counted, so
+        asking after every settlement of a large run stays cheap)."""
 
     @abstractmethod
     async def held_leases(self, prefix: str = "") -> list[Lease]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -47,6 +48,7 @@ from imagepipe.durable.records import (
 from imagepipe.durable.retry import RetryPolicy
 from imagepipe.durable.steps import Handle
 from imagepipe.durable.store import DETACHED, Claim, Store
+from imagepipe.durable.worker_commit import SharedCommit
 
 __all__ = [
     "WORKER_PREFIX",
@@ -163,15 +165,22 @@ class _BranchContext(RunContext[D]):
 
 
 async def _settle(
-    ctx: _BranchContext[D], keeper: _ClaimedLease, record: PromiseRecord, job: BranchJob[D]
+    ctx: _BranchContext[D],
+    keeper: _ClaimedLease,
+    record: PromiseRecord,
+    fn: Callable[..., Awaitable[Any]],
 ) -> str:
-    handle = ctx.adopt(record, job.fn)
+    handle = ctx.adopt(record, fn)
     try:
         await ctx.settle_all()
     except (LeaseLost, StoreBusy):
+        await ctx.cancel_all()
+        if handle.settled:
+            # Its settlement was durable first, and ended the lease with it: a renewal
+            # that ran after that commit finds the lease ended, which is no takeover.
+            return handle.state
         # Taken over, or the store stayed locked: nothing more of this branch is written
         # here; its lease lapses (or is released below) and it is claimed again.
-        await ctx.cancel_all()
         if not keeper.lost.done():
             keeper.lost.set_result(LeaseLost(keeper.key, claim_epoch(keeper)))
         return "lost"
@@ -179,6 +188,8 @@ async def _settle(
         await ctx.cancel_all()
         raise
     finally:
+        if handle.settled:
+            keeper.lease = None  # the claim ended with the settlement, in its transaction
         await keeper.release()
     return handle.state
 
@@ -193,7 +204,7 @@ async def settle_root_if_done(store: Store, run_id: str, summarize: Summarize) -
     Called by whoever settles a branch, after that settlement is durable: of two workers
     settling the last two branches at once, the later check sees both. Two settling the
     root at once is harmless: the first settle wins."""
-    if (await store.child_counts(run_id)).get("pending", 0):
+    if await store.any_pending(run_id):
         return False
     root = await store.get(run_id)
     if root is None or root.settled:
@@ -241,7 +252,14 @@ class Worker:
     ) -> None:
         self.store = store
         self._job_for = job_for
-        self._jobs: dict[str, BranchJob[Any]] = {}
+        #: the app's part of each run this worker has branches of (made once per run)
+        self._jobs: dict[str, asyncio.Task[BranchJob[Any]]] = {}
+        #: the root check of each run not started yet (joined by later settlements)
+        self._root_checks: dict[str, asyncio.Task[None]] = {}
+        #: root checks running beside the branches (a failure stops the worker)
+        self._background: set[asyncio.Task[None]] = set()
+        #: every branch's writes go through one shared commit: one transaction per flush
+        self._writes = SharedCommit(store)
         self.concurrency = concurrency
         self.stale_after = stale_after
         self.poll = poll
@@ -252,10 +270,19 @@ class Worker:
         self.stats = WorkerStats()
         self._keepers: dict[str, _ClaimedLease] = {}
         self._running: set[asyncio.Task[None]] = set()
+        #: branches whose call has returned, only their settlement left to write: they
+        #: hold no slot (a slot is a provider call, as in a plain run)
+        self._settling: set[str] = set()
+        #: set when a branch gives its slot back before its task ends
+        self._freed = asyncio.Event()
 
     def jobs(self) -> list[BranchJob[Any]]:
         """The jobs of the runs this worker has branches of (to close their providers)."""
-        return list(self._jobs.values())
+        return [
+            task.result()
+            for task in self._jobs.values()
+            if task.done() and not task.cancelled() and task.exception() is None
+        ]
 
     async def run(self) -> WorkerStats:
         """Work until the queue is drained (``once``) or the task is cancelled."""
@@ -267,19 +294,22 @@ class Worker:
             await self._loop()
         finally:
             renewer.cancel()
-            for task in self._running:
+            for task in self._running | self._background:
                 task.cancel()
-            await asyncio.gather(renewer, *self._running, return_exceptions=True)
+            await asyncio.gather(renewer, *self._running, *self._background, return_exceptions=True)
             with contextlib.suppress(StoreError, LeaseLost):
                 await self.store.release_lease(self.me)
         return self.stats
 
     async def _loop(self) -> None:
         while True:
-            free = self.concurrency - len(self._running)
-            # Claim in batches (half the slots free, or none running): each claim is one
-            # write transaction that scans the queue.
-            batch = not self._running or free >= max(1, self.concurrency // 2)
+            self._freed.clear()
+            active = len(self._running) - len(self._settling)
+            free = self.concurrency - active
+            # Claim as soon as a quarter of the slots is free (or none is busy): a claim is
+            # one short statement served by indexes, but one per freed slot would be a
+            # transaction per branch again.
+            batch = not active or free >= max(1, self.concurrency // 4)
             try:
                 claims = (
                     await self.store.claim(self.me, limit=free, stale_after=self.stale_after)
@@ -291,19 +321,26 @@ class Worker:
             for claim in claims:
                 self._start(claim)
             if not self._running:
-                if self.once and not await self._queue_open():
+                if self.once and not self._background and not await self._queue_open():
                     return
                 await asyncio.sleep(self.poll)
-            elif batch and not claims:
-                # wait for a slot, or for branches that lapse elsewhere to be claimable
-                await asyncio.wait(
-                    self._running, timeout=self.poll, return_when=asyncio.FIRST_COMPLETED
-                )
             else:
-                await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+                # wait for a slot (a branch that ends, or that has only its settlement left
+                # to write); with nothing claimable now, also for branches that lapse
+                # elsewhere to be claimable
+                freed = asyncio.ensure_future(self._freed.wait())
+                await asyncio.wait(
+                    {*self._running, freed},
+                    timeout=self.poll if batch and not claims else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                freed.cancel()
             for task in [t for t in self._running if t.done()]:
                 self._running.discard(task)
                 task.result()  # a store failure stops the worker
+            for task in [t for t in self._background if t.done()]:
+                self._background.discard(task)
+                task.result()
 
     def _start(self, claim: Claim) -> None:
         self.stats.claimed += 1
@@ -312,17 +349,37 @@ class Worker:
     async def _branch(self, claim: Claim) -> None:
         run_id = claim.record.parent_id
         assert run_id is not None
-        job = self._jobs.get(run_id)
-        if job is None:
-            root = await self.store.get(run_id)
-            assert root is not None, "a claimed branch has a root"
-            job = self._jobs[run_id] = await self._job_for(root)
+        making = self._jobs.get(run_id)
+        if making is None or (making.done() and (making.cancelled() or making.exception())):
+            making = self._jobs[run_id] = asyncio.create_task(self._make_job(run_id))
+        job = await asyncio.shield(making)  # shared by the run's branches: not cancelled
         outcome = await self._run(claim, job)
         if outcome == "lost":
             self.stats.lost += 1
             self._on_lost(claim.fence.key)
             return
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        self._check_root(run_id, job)  # beside the branches: the slot is free already
+
+    async def _make_job(self, run_id: str) -> BranchJob[Any]:
+        root = await self.store.get(run_id)
+        assert root is not None, "a claimed branch has a root"
+        return await self._job_for(root)
+
+    def _check_root(self, run_id: str, job: BranchJob[Any]) -> None:
+        """Settle the run's root if its last branch has settled, in a task of its own.
+
+        The branches that settle together share one check: a check that has not started
+        yet is joined (it starts after their settlements are durable, so it sees them); one
+        already running may not see them, so a new one is started beside it."""
+        if run_id not in self._root_checks:
+            check = asyncio.create_task(self._root_check(run_id, job), name=f"root:{run_id}")
+            self._root_checks[run_id] = check
+            self._background.add(check)
+
+    async def _root_check(self, run_id: str, job: BranchJob[Any]) -> None:
+        await asyncio.sleep(0)  # the branches settled in this loop turn join this check
+        del self._root_checks[run_id]  # from now on, a settlement needs a later check
         if await settle_root_if_done(self.store, run_id, job.summarize):
             self.stats.runs_settled += 1
 
@@ -340,10 +397,28 @@ class Worker:
                 retry=job.retry,
                 lease=keeper,
                 attempt_timeout=job.attempt_timeout,
+                writes=self._writes,
             )
-            return await _settle(ctx, keeper, claim.record, job)
+            return await _settle(ctx, keeper, claim.record, self._counted(key, job.fn))
         finally:
             self._keepers.pop(key, None)
+            self._settling.discard(key)
+
+    def _counted(
+        self, key: str, fn: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
+        """``fn`` that frees the branch's slot once it has returned a value: what is left
+        is writing the settlement, which needs no provider (as in a plain run, whose slot
+        is given back when the attempt ends), so the next claim need not wait for it."""
+
+        @functools.wraps(fn)
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            value = await fn(*args, **kwargs)
+            self._settling.add(key)
+            self._freed.set()
+            return value
+
+        return counted
 
     async def _queue_open(self) -> bool:
         """True while a detached run is pending (its branches may still lapse to us)."""

@@ -335,8 +335,76 @@ async def test_claims_of_concurrent_workers_never_overlap(store: Store, reopen: 
     assert len(ids) == len(set(ids)) == 40
 
 
-async def test_child_counts_count_a_parents_children_by_state(store: Store) -> None:
-    await store.apply(WriteBatch(creates=detached_run("d", 3)))
+async def test_any_pending_tells_whether_a_run_has_a_pending_branch(store: Store) -> None:
+    await store.apply(WriteBatch(creates=detached_run("d", 2)))
+    assert await store.any_pending("d")
     await store.apply(WriteBatch(settlements=[resolve("d.1", '"ok"')]))
-    assert await store.child_counts("d") == {"pending": 2, "resolved": 1}
-    assert await store.child_counts("nobody") == {}
+    assert await store.any_pending("d")
+    await store.apply(WriteBatch(settlements=[reject("d.0", ErrorInfo("E", "no"))]))
+    assert not await store.any_pending("d")
+    assert not await store.any_pending("nobody")
+
+
+# -- apply_each: a worker's branches share one transaction, each under its own fence ----
+
+
+async def test_apply_each_leaves_out_only_the_batches_whose_fence_is_stale(
+    store: Store,
+) -> None:
+    await store.apply(WriteBatch(creates=detached_run("d", 3)))
+    first, second, third = await store.claim(worker("a"), limit=3, stale_after=10)
+    await store.apply(WriteBatch(settlements=[resolve("d.2", '"earlier"')]))
+    # d.1 lapses and is taken over: a's fence on it is stale from now on
+    taken = await store.acquire_lease(
+        Lease("d.1", "b", 1, "h"), stale_after=10, holder_gone=lambda h: True
+    )
+    got = await store.apply_each(
+        [
+            WriteBatch(fence=first.fence, starts=[AttemptStart("d.0", 1)]),
+            WriteBatch(fence=second.fence, settlements=[resolve("d.1", '"stale"')]),
+            WriteBatch(fence=third.fence, settlements=[resolve("d.2", '"late"')]),
+        ]
+    )
+    assert got[0] == {}
+    assert isinstance(got[1], LeaseLost)
+    assert got[1].key == "d.1"
+    assert isinstance(got[2], dict)
+    assert got[2]["d.2"].value == "earlier"
+    d0, d1 = await store.get("d.0"), await store.get("d.1")
+    assert d0 is not None
+    assert d0.attempts == 1
+    assert d1 is not None
+    assert d1.state == "pending"
+    holders = {h.key: h for h in await store.held_leases("d.")}
+    assert holders["d.1"].epoch == taken.epoch == second.fence.epoch + 1
+
+
+async def test_apply_each_ends_a_claim_with_its_settlement(store: Store) -> None:
+    await store.apply(WriteBatch(creates=detached_run("d", 2)))
+    first, second = await store.claim(worker("a"), limit=2, stale_after=10)
+    assert await store.apply_each(
+        [
+            WriteBatch(fence=first.fence, settlements=[resolve("d.0", '"ok"')]),
+            WriteBatch(fence=second.fence, starts=[AttemptStart("d.1", 1)]),
+        ]
+    ) == [{}, {}]
+    assert [h.key for h in await store.held_leases("d.")] == ["d.1"]  # d.0's claim ended
+    assert await store.renew_claims(worker("a"), [first.fence]) == [first.fence]
+    assert await store.any_pending("d")  # d.1 is still pending
+
+
+async def test_apply_each_refuses_every_batch_on_a_conflict(store: Store) -> None:
+    await store.apply(WriteBatch(creates=detached_run("d", 2)))
+    first, second = await store.claim(worker("a"), limit=2, stale_after=10)
+    with pytest.raises(StoreConflict):
+        await store.apply_each(
+            [
+                WriteBatch(fence=first.fence, settlements=[resolve("d.0", '"ok"')]),
+                WriteBatch(fence=second.fence, creates=[new("d.0", "d", 0)]),
+            ]
+        )
+    d0 = await store.get("d.0")
+    assert d0 is not None
+    assert d0.state == "pending"
+    assert [h.key for h in await store.held_leases("d.")] == ["d.0", "d.1"]
+    assert await store.apply_each([]) == []
