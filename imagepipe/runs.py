@@ -288,7 +288,27 @@ class Branch:
         )
 
 
-class LaunchedBranches(Sequence[Branch]):
+class _BranchView(Sequence[Branch]):
+    """A run's branches, each built only when it is asked for (by :meth:`branch`)."""
+
+    __slots__ = ()
+
+    def branch(self, index: int) -> Branch:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> Branch: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Branch]: ...
+
+    def __getitem__(self, index: int | slice) -> Branch | list[Branch]:
+        if isinstance(index, slice):
+            return [self.branch(i) for i in range(len(self))[index]]
+        return self.branch(index)
+
+
+class LaunchedBranches(_BranchView):
     """The branches of a run this invocation executed, read from its handles as they are
     asked for: a 100,000-branch run then holds its handles, not also a :class:`Branch`
     for each (~10 MB at the end of the run, its peak memory, measured)."""
@@ -301,22 +321,14 @@ class LaunchedBranches(Sequence[Branch]):
     def __len__(self) -> int:
         return len(self._handles)
 
-    @overload
-    def __getitem__(self, index: int) -> Branch: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Branch]: ...
-
-    def __getitem__(self, index: int | slice) -> Branch | list[Branch]:
-        if isinstance(index, slice):
-            return [Branch.from_handle(h) for h in self._handles[index]]
+    def branch(self, index: int) -> Branch:
         return Branch.from_handle(self._handles[index])
 
     def __iter__(self) -> Iterator[Branch]:
         return map(Branch.from_handle, self._handles)
 
 
-class StoredBranches(Sequence[Branch]):
+class StoredBranches(_BranchView):
     """The branches of a run read back from the store, column by column: a
     :class:`Branch` is built only for a branch asked for, and the JSON shapes are written
     from the columns, each value as the text stored (``show --json`` of a resolved run of
@@ -325,18 +337,12 @@ class StoredBranches(Sequence[Branch]):
     def __init__(self, columns: ChildColumns) -> None:
         self.columns = columns
 
+    __slots__ = ("columns",)
+
     def __len__(self) -> int:
         return len(self.columns)
 
-    @overload
-    def __getitem__(self, index: int) -> Branch: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Branch]: ...
-
-    def __getitem__(self, index: int | slice) -> Branch | list[Branch]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(len(self))[index]]
+    def branch(self, index: int) -> Branch:
         c = self.columns
         return Branch(
             c.ids[index],
@@ -349,11 +355,11 @@ class StoredBranches(Sequence[Branch]):
         )
 
     def in_state(self, state: str) -> list[Branch]:
-        return [self[i] for i, s in enumerate(self.columns.states) if s == state]
+        return [self.branch(i) for i, s in enumerate(self.columns.states) if s == state]
 
     def style(self, index: int) -> str:
         value = self.columns.values[index]
-        return str(value["style"]) if value and "style" in value else self[index].style
+        return str(value["style"]) if value and "style" in value else self.branch(index).style
 
     def sequential_ms(self) -> int:
         return sum(
