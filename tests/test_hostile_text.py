@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -72,6 +73,25 @@ def test_json_stays_valid_json_with_the_text_intact() -> None:
     assert data["prompt"] == HOSTILE
     assert json.loads(_run("show", "h2", "--json"))["prompt"] == HOSTILE
     assert json.loads(_run("list", "--json"))[0]["prompt"] == HOSTILE
+
+
+def test_show_json_writes_stored_values_as_stored_only_when_they_are_plain_ascii(
+    db_path: Path,
+) -> None:
+    # A value a provider answered (say a revised prompt) holds any text; JSON keeps a C0
+    # control escaped, but a C1 control (\x9b: CSI) would reach the terminal raw.
+    _run("run", "a fox", "--id", "h5", "--style", "cartoon", "-n", "2")
+    hostile = {"revised": "c1\x9b[2J café", "duration_ms": 1, "style": "cartoon"}
+    plain = {"url": "https://x/y.png", "duration_ms": 2, "style": "cartoon"}
+    with sqlite3.connect(db_path) as db:
+        for branch, value in (("h5.0", hostile), ("h5.1", plain)):
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            db.execute("UPDATE promises SET value = ? WHERE id = ?", (text, branch))
+    out = _run("show", "h5", "--json")
+    assert out.isascii(), "non-ASCII reached the terminal raw"
+    assert '"value": {"url":"https://x/y.png","duration_ms":2,"style":"cartoon"}' in out
+    shown = json.loads(out)["branches"]
+    assert [b["value"] for b in shown] == [hostile, plain]
 
 
 def test_error_messages_escape_what_they_quote(db_path: Path) -> None:
