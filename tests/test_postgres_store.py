@@ -5,6 +5,7 @@ rows. (The contract suite in tests/store_contract runs on PostgreSQL too.)"""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
@@ -277,3 +278,39 @@ async def test_a_watcher_wakes_at_another_stores_write_not_at_its_timeout(
     finally:
         await watcher.close()
         await writer.close()
+
+
+async def test_a_version_1_store_is_migrated_with_its_settled_runs_counted(
+    postgres_url: str, postgres_server: PostgresServer
+) -> None:
+    from imagepipe.durable.postgres_schema import MIGRATIONS
+
+    for statement in MIGRATIONS[0]:  # a store as the previous main left it: version 1
+        postgres_server.execute(postgres_url, statement)
+    postgres_server.execute(postgres_url, "UPDATE imagepipe.schema_version SET version = 1")
+    rows = [("r", None, "resolved"), ("r.0", "r", "resolved"), ("r.1", "r", "rejected")]
+    rows += [("p", None, "pending"), ("p.0", "p", "resolved"), ("p.1", "p", "pending")]
+    values = ", ".join(
+        f"('{i}', {'NULL' if p is None else repr(p)}, 'f', '{{}}', '{s}', 1.0)" for i, p, s in rows
+    )
+    postgres_server.execute(
+        postgres_url,
+        "INSERT INTO imagepipe.promises (id, parent_id, func, args, state, created_at)"
+        f" VALUES {values}",
+    )
+    store = await open_store(postgres_url)
+    try:
+        counts = {r.id: r.counts for r in await store.roots()}
+        assert counts == {"r": {"resolved": 1, "rejected": 1}, "p": {"resolved": 1, "pending": 1}}
+    finally:
+        await store.close()
+    stored = dict(
+        postgres_server.execute(
+            postgres_url,
+            "SELECT id, child_counts FROM imagepipe.promises WHERE parent_id IS NULL",
+        )
+    )
+    assert stored["p"] is None  # a pending run is counted when listed
+    assert json.loads(stored["r"]) == {"resolved": 1, "rejected": 1}
+    version = postgres_server.execute(postgres_url, "SELECT version FROM imagepipe.schema_version")
+    assert version == [(SCHEMA_VERSION,)]
