@@ -158,10 +158,13 @@ class SQLiteStore(Store):
             raise StoreUnusable(self.where, "is a SQLite database of another program")
         if version > SCHEMA_VERSION:
             raise StoreNewer(self.where, version, SCHEMA_VERSION)
-        # checked before the first write, not here: a command that finds it has nothing to
-        # write (resume of a finished run) need not read the whole file (~50 ms at 100k)
-        self._unverified = bool(options.verify and tables)
-        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        wal = db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+        # Checked before the first write, not here: a command that finds it has nothing to
+        # write (resume of a finished run) need not read the whole file (~50 ms at 100k).
+        # Migrating and turning WAL on are writes too, even for a store opened to read.
+        writes_now = version < SCHEMA_VERSION or not wal
+        self._unverified = bool(tables) and (options.verify or writes_now)
+        if not wal:
             self._verify_before_writing()
             db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
