@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from imagepipe.pipeline import image_location
-from imagepipe.runs import Branch, RunOutcome, RunSummary
+from imagepipe.runs import Branch, RunOutcome, RunSummary, duration_ms
 from imagepipe.text import escape_control
 from imagepipe.ui import Board, Row, board_renderable
 
@@ -66,7 +66,7 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
         if b.state == "resolved" and b.value:
             path = b.value.get("path")
             url = image_location(b.value) or "?"
-            duration = f"{b.value['duration_ms']}ms"
+            duration = f"{duration_ms(b.id, b.value)}ms"
             if path:
                 file = PurePath(path).name
                 folders.add(str(PurePath(path).parent))

@@ -24,7 +24,7 @@ from imagepipe.durable import (
     PromiseRecord,
     bind_args,
 )
-from imagepipe.errors import BadInput
+from imagepipe.errors import BadInput, StoreFailed
 from imagepipe.pipeline import BranchArgs, image_pipeline
 from imagepipe.providers import Faults
 from imagepipe.styles import validate_style
@@ -43,6 +43,7 @@ __all__ = [
     "RunSpec",
     "RunSummary",
     "StoredBranches",
+    "duration_ms",
     "new_run_id",
     "run_state",
     "validate_run_id",
@@ -362,9 +363,10 @@ class StoredBranches(_BranchView):
         return str(value["style"]) if value and "style" in value else self.branch(index).style
 
     def sequential_ms(self) -> int:
+        c = self.columns
         return sum(
-            int(value["duration_ms"])
-            for state, value in zip(self.columns.states, self.columns.values, strict=True)
+            duration_ms(promise_id, value)
+            for promise_id, state, value in zip(c.ids, c.states, c.values, strict=True)
             if state == "resolved" and value
         )
 
@@ -372,7 +374,7 @@ class StoredBranches(_BranchView):
         """The ``run --json`` items of the resolved branches among ``start:stop``."""
         c = self.columns
         return [
-            _image_item(self.style(i), value, c.attempts[i], replayed=True)
+            _image_item(c.ids[i], self.style(i), value, c.attempts[i], replayed=True)
             for i in range(start, stop)
             if c.states[i] == "resolved" and (value := c.values[i])
         ]
@@ -456,7 +458,7 @@ class RunOutcome:
             return self.branches.sequential_ms()
         # one branch at a time: a list of every image was the end of a run's peak memory
         resolved = (b for b in self.branches if b.state == "resolved")
-        return sum(int(b.value["duration_ms"]) for b in resolved if b.value)
+        return sum(duration_ms(b.id, b.value) for b in resolved if b.value)
 
     def result_json(self) -> dict[str, Any]:
         """The ``run --json`` / ``resume --json`` shape."""
@@ -474,7 +476,7 @@ class RunOutcome:
                 images = self.branches.image_items(start, stop)
             else:
                 images = [
-                    _image_item(b.style, b.value, b.attempts, b.replayed)
+                    _image_item(b.id, b.style, b.value, b.attempts, b.replayed)
                     for b in self.branches[start:stop]
                     if b.value and b.state == "resolved"
                 ]
@@ -504,12 +506,26 @@ class RunOutcome:
         yield "]}"
 
 
-def _image_item(style: str, value: dict[str, Any], attempts: int, replayed: bool) -> dict[str, Any]:
+def duration_ms(branch_id: str, value: Mapping[str, Any]) -> int:
+    """An image's duration as its value holds it. A value without a whole number of
+    milliseconds was damaged in the store: exit 74 with one line, not a traceback."""
+    ms = value.get("duration_ms")
+    if type(ms) is not int:
+        raise StoreFailed(
+            f"the store is corrupt: branch {quoted(branch_id)} holds a damaged value"
+            " (its duration_ms)"
+        )
+    return ms
+
+
+def _image_item(
+    branch_id: str, style: str, value: dict[str, Any], attempts: int, replayed: bool
+) -> dict[str, Any]:
     return {
         "style": style,
         "url": value.get("url"),
         "path": value.get("path"),
-        "duration_ms": value["duration_ms"],
+        "duration_ms": duration_ms(branch_id, value),
         "attempts": attempts,
         "replayed": replayed,
     }
