@@ -125,6 +125,7 @@ _TEXT_PARAMETERS = {
     "style": "--style",
     "fail_style": "--fail-style",
     "db": "--db",
+    "out": "--out",  # stored with the run, and in each image's path
 }
 
 
