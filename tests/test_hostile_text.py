@@ -94,6 +94,15 @@ def test_show_json_writes_stored_values_as_stored_only_when_they_are_plain_ascii
     assert [b["value"] for b in shown] == [hostile, plain]
 
 
+def test_an_out_folder_that_is_not_utf8_is_refused_before_anything_is_written(
+    db_path: Path,
+) -> None:
+    result = runner.invoke(app, ["run", "a fox", "--id", "o1", "--out", "/tmp/b\udcffz"])
+    assert result.exit_code == 2
+    assert "--out is not valid UTF-8: '/tmp/b\\xffz'" in result.stderr
+    assert not db_path.exists()
+
+
 def test_error_messages_escape_what_they_quote(db_path: Path) -> None:
     _run("run", "a fox", "--id", "h3", "--style", "cartoon")
     result = runner.invoke(app, ["run", HOSTILE, "--id", "h3", "--style", "cartoon"])

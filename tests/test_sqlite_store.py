@@ -240,3 +240,45 @@ def test_damaged_rows_are_a_corrupt_store_error_never_a_traceback(db_path: Path)
     assert result.exit_code == 74  # type: ignore[attr-defined]
     assert result.stderr.count("\n") == 1  # type: ignore[attr-defined]
     assert "corrupt" in result.stderr or "damaged" in result.stderr  # type: ignore[attr-defined]
+
+
+def test_a_damaged_store_that_needs_migrating_is_not_migrated_by_a_read(db_path: Path) -> None:
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for migration in MIGRATIONS[:3]:  # the previous main's schema
+        migration(conn)
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executemany(
+        "INSERT INTO promises (id, parent_id, func, args, state, created_at)"
+        " VALUES (?, ?, 'f', '{}', 'resolved', 1.0)",
+        [("r", None), ("r.0", "r")],
+    )
+    conn.execute("PRAGMA ignore_check_constraints = 1")
+    conn.execute("UPDATE promises SET state = 'bogus' WHERE id = 'r.0'")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    before = db_path.read_bytes()
+    for command in (("list",), ("show", "r"), ("show", "r", "--json")):
+        result = invoke(*command)
+        assert result.exit_code == 74, (command, result.stdout)  # type: ignore[attr-defined]
+        assert "is corrupt" in result.stderr  # type: ignore[attr-defined]
+        assert db_path.read_bytes() == before, command
+
+
+@pytest.mark.parametrize(
+    "damage", ['{"style":"cartoon"}', '{"duration_ms":"abc"}', '{"duration_ms":1e999}']
+)
+def test_a_damaged_duration_is_a_corrupt_store_not_a_traceback(db_path: Path, damage: str) -> None:
+    assert invoke("run", "a cat", "--id", "r", "-s", "cartoon", "--json").exit_code == 0  # type: ignore[attr-defined]
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE promises SET value = ? WHERE id = 'r.0'", (damage,))
+    for command in (
+        ("resume", "r", "--json"),
+        ("resume", "r"),
+        ("run", "a cat", "--id", "r", "-s", "cartoon"),
+    ):
+        result = invoke(*command)
+        assert result.exit_code == 74, (command, result.stdout)  # type: ignore[attr-defined]
+        assert "'r.0' holds a damaged value" in result.stderr  # type: ignore[attr-defined]
+        assert result.stderr.count("\n") == 1  # type: ignore[attr-defined]
