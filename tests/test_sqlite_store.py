@@ -282,3 +282,13 @@ def test_a_damaged_duration_is_a_corrupt_store_not_a_traceback(db_path: Path, da
         assert result.exit_code == 74, (command, result.stdout)  # type: ignore[attr-defined]
         assert "'r.0' holds a damaged value" in result.stderr  # type: ignore[attr-defined]
         assert result.stderr.count("\n") == 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("counts", ['{"resolved":-5}', '{"done":1}', "[1]", "{oops"])
+def test_damaged_stored_counts_are_a_corrupt_store(db_path: Path, counts: str) -> None:
+    assert invoke("run", "a cat", "--id", "r", "-s", "cartoon", "--json").exit_code == 0  # type: ignore[attr-defined]
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE promises SET child_counts = ? WHERE id = 'r'", (counts,))
+    result = invoke("list")
+    assert result.exit_code == 74, result.stdout  # type: ignore[attr-defined]
+    assert "run 'r', holds a damaged" in result.stderr  # type: ignore[attr-defined]

@@ -107,7 +107,7 @@ def root_from_row(row: tuple[Any, ...], counts: dict[str, int] | None, where: st
 
 def _counts(value: Any, where: str) -> dict[str, int]:
     counts = stored_object(value, where)
-    if not all(state in _STATES and type(n) is int for state, n in counts.items()):
+    if not all(state in _STATES and type(n) is int and n >= 0 for state, n in counts.items()):
         raise StoreCorrupt(where, "holds a damaged count of branches")
     return counts
 
