@@ -46,7 +46,7 @@ from imagepipe.durable.records import (
     encode_args,
 )
 from imagepipe.durable.retry import RetryPolicy
-from imagepipe.durable.steps import Handle
+from imagepipe.durable.steps import Handle, Step
 from imagepipe.durable.store import DETACHED, Claim, Store
 from imagepipe.durable.worker_commit import SharedCommit
 
@@ -273,6 +273,7 @@ class Worker:
         #: branches whose call has returned, only their settlement left to write: they
         #: hold no slot (a slot is a provider call, as in a plain run)
         self._settling: set[str] = set()
+        self._counted_fns: dict[Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]] = {}
         #: set when a branch gives its slot back before its task ends
         self._freed = asyncio.Event()
 
@@ -399,26 +400,29 @@ class Worker:
                 attempt_timeout=job.attempt_timeout,
                 writes=self._writes,
             )
-            return await _settle(ctx, keeper, claim.record, self._counted(key, job.fn))
+            return await _settle(ctx, keeper, claim.record, self._counted(job.fn))
         finally:
             self._keepers.pop(key, None)
             self._settling.discard(key)
 
-    def _counted(
-        self, key: str, fn: Callable[..., Awaitable[Any]]
-    ) -> Callable[..., Awaitable[Any]]:
+    def _counted(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         """``fn`` that frees the branch's slot once it has returned a value: what is left
         is writing the settlement, which needs no provider (as in a plain run, whose slot
-        is given back when the attempt ends), so the next claim need not wait for it."""
+        is given back when the attempt ends), so the next claim need not wait for it.
 
-        @functools.wraps(fn)
-        async def counted(*args: Any, **kwargs: Any) -> Any:
-            value = await fn(*args, **kwargs)
-            self._settling.add(key)
-            self._freed.set()
-            return value
+        One wrapper per function, not per branch: a new one each time made every branch
+        read the function's signature again to name its stored arguments."""
+        if fn not in self._counted_fns:
 
-        return counted
+            @functools.wraps(fn)
+            async def counted(step: Step[Any], /, **kwargs: Any) -> Any:
+                value = await fn(step, **kwargs)
+                self._settling.add(step.id)  # the branch's durable id: its claim's key
+                self._freed.set()
+                return value
+
+            self._counted_fns[fn] = counted
+        return self._counted_fns[fn]
 
     async def _queue_open(self) -> bool:
         """True while a detached run is pending (its branches may still lapse to us)."""
