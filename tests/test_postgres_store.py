@@ -314,3 +314,47 @@ async def test_a_version_1_store_is_migrated_with_its_settled_runs_counted(
     assert json.loads(stored["r"]) == {"resolved": 1, "rejected": 1}
     version = postgres_server.execute(postgres_url, "SELECT version FROM imagepipe.schema_version")
     assert version == [(SCHEMA_VERSION,)]
+
+
+async def test_a_claim_leaves_a_branch_leased_after_its_snapshot_alone(postgres_url: str) -> None:
+    """The race behind branches claimed twice, played in order. A rival claimer has leased
+    branch d.0 but not committed yet, so this claim's snapshot sees the branch free and
+    picks it. The claim's lease upsert then waits for the rival's row, and once the rival
+    commits it re-checks the lease as committed: the branch is the rival's, and this claim
+    leaves it alone rather than lease it a second time."""
+    root = NewPromise("d", None, None, "f", encode_args({}), 1.0, '{"detached":true}')
+    store = await open_store(postgres_url)
+    rival = await psycopg.AsyncConnection.connect(postgres_url)
+    watcher = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
+    try:
+        await store.apply(WriteBatch(creates=[root, new("d.0", "d", 0)]))
+        await rival.execute(
+            "INSERT INTO imagepipe.leases (key, owner, pid, host, heartbeat_at, epoch)"
+            " VALUES ('d.0', 'rival', 1, 'elsewhere',"
+            " extract(epoch FROM clock_timestamp()), 1)"
+        )
+        me = Lease("worker-me", "me", os.getpid(), socket.gethostname())
+        claiming = asyncio.ensure_future(store.claim(me, limit=4, stale_after=30.0))
+        # Until the claim waits on the rival's lock: there is no event for that to await.
+        deadline = time.monotonic() + 10
+        while not await _waiting_for_a_lock(watcher):
+            assert not claiming.done(), "the claim did not wait for the rival's lease"
+            assert time.monotonic() < deadline, "the claim never reached the rival's lease"
+            await asyncio.sleep(0.01)
+        await rival.commit()
+        assert await claiming == []
+        holders = await store.held_leases("d.")
+        assert [(h.key, h.owner, h.epoch) for h in holders] == [("d.0", "rival", 1)]
+    finally:
+        await rival.close()
+        await watcher.close()
+        await store.close()
+
+
+async def _waiting_for_a_lock(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> bool:
+    cur = await conn.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    row = await cur.fetchone()
+    return row is not None and row[0] == 1
