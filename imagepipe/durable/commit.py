@@ -7,6 +7,8 @@ joins that batch, which ``Store.apply`` writes in one transaction under the run'
 Every writer of the batch awaits the same future, done once the batch is committed. So
 thousands of branches that move in the same loop turn share one commit, and a result is
 still never reported before it is durable. Batches are applied one at a time, in order.
+A settlement can also be written without awaiting it (:meth:`GroupCommit.write_settlement`):
+its writer registers a callback on the batch's future instead, and goes on meanwhile.
 
 The first flush acquires the run's lease (through ``acquire``): nothing is written before
 the run is known to be this process's. While the group commit is *held* (a resumed run
@@ -36,7 +38,7 @@ from imagepipe.durable.records import (
 )
 from imagepipe.durable.store import Store
 
-__all__ = ["BatchSink", "Committed", "GroupCommit"]
+__all__ = ["BatchSink", "Committed", "GroupCommit", "Settling"]
 
 #: what a flush tells its writers: the settlements that lost to an earlier one, by id
 Committed = asyncio.Future[Mapping[str, Settled]]
@@ -61,6 +63,39 @@ class BatchSink(Protocol):
     transaction."""
 
     async def apply(self, batch: WriteBatch) -> Mapping[str, Settled]: ...
+
+
+class Settling:
+    """A settlement written to the batch: :meth:`outcome` once :attr:`committed` is done."""
+
+    __slots__ = ("attempts", "committed", "error", "promise_id", "state", "value", "value_json")
+
+    def __init__(
+        self,
+        committed: Committed,
+        promise_id: str,
+        *,
+        value: Any,
+        value_json: str | None,
+        error: ErrorInfo | None,
+        attempts: int,
+    ) -> None:
+        #: the future of the batch the settlement is in
+        self.committed = committed
+        self.promise_id = promise_id
+        self.state: PromiseState = "rejected" if error is not None else "resolved"
+        self.value, self.value_json = value, value_json
+        self.error, self.attempts = error, attempts
+
+    def outcome(self) -> Settled:
+        """The outcome as stored (the batch committed): if the promise was settled before,
+        that outcome stands."""
+        earlier = self.committed.result().get(self.promise_id)
+        if earlier is not None:
+            return earlier
+        return Settled(
+            self.state, read_back(self.value, self.value_json), self.error, self.attempts
+        )
 
 
 class GroupCommit:
@@ -105,16 +140,34 @@ class GroupCommit:
         """Resolve with ``value`` (or reject with ``error``) after ``attempts`` attempts;
         return the outcome as stored, once durable. If the promise was settled before,
         that outcome stands."""
+        settling = self.write_settlement(promise_id, value=value, error=error, attempts=attempts)
+        await settling.committed
+        return settling.outcome()
+
+    def write_settlement(
+        self, promise_id: str, *, value: Any, error: ErrorInfo | None, attempts: int
+    ) -> Settling:
+        """:meth:`settle` without waiting: the settlement joins the batch at once; its
+        outcome is known when the returned :attr:`Settling.committed` is done."""
         value_json = None if value is None else canonical_json(value)
-        state: PromiseState = "rejected" if error is not None else "resolved"
         error_json = None if error is None else error.to_json()
+        state: PromiseState = "rejected" if error is not None else "resolved"
         self._batch.settlements.append(
             Settlement(promise_id, state, value_json, error_json, time.time())
         )
-        earlier = (await self._next_commit()).get(promise_id)
-        if earlier is not None:
-            return earlier
-        return Settled(state, read_back(value, value_json), error, attempts)
+        return Settling(
+            self._next_commit(),
+            promise_id,
+            value=value,
+            value_json=value_json,
+            error=error,
+            attempts=attempts,
+        )
+
+    @property
+    def held(self) -> bool:
+        """True while writes wait for :meth:`release` (nothing is flushed)."""
+        return self._held
 
     # -- flushing ------------------------------------------------------------------------
 

@@ -23,12 +23,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-from imagepipe.durable.commit import BatchSink, GroupCommit
+from imagepipe.durable.commit import BatchSink, Committed, GroupCommit, Settling
 from imagepipe.durable.errors import (
     DurableError,
     LeaseLost,
     NonDeterminism,
-    PromiseRejected,
     StoreError,
 )
 from imagepipe.durable.events import (
@@ -57,6 +56,9 @@ __all__ = ["AttemptTimeout", "RunContext"]
 
 D = TypeVar("D")
 T = TypeVar("T")
+
+#: errors that stop the whole run when a branch meets them: its outcome cannot be recorded
+_STOPS_RUN = (StoreError, LeaseLost, NonDeterminism)
 
 
 class AttemptTimeout(Exception):
@@ -90,7 +92,7 @@ class RunContext(Generic[D]):
         self._emit = on_event or (lambda event: None)
         #: False when nobody listens: then events are not even built (hot path at scale)
         self._listening = on_event is not None
-        self._slots = Slots(concurrency or None)
+        self._slots: Slots[_Branch] = Slots(concurrency or None, self._start)
         self._attempt_timeout = attempt_timeout
         self._sleep = sleep
         # ``writes``: where the batches go if not straight to the store (a worker's branches
@@ -105,8 +107,12 @@ class RunContext(Generic[D]):
         #: the children in the store, by seq, until launched (read by :meth:`load`)
         self._stored: dict[int, PromiseRecord] = {}
         self._stored_count = 0
-        #: branch tasks not finished yet
-        self._running: set[asyncio.Task[Any]] = set()
+        #: branch tasks not finished yet (each runs a chain of branches, see _run_chain)
+        self._running: set[asyncio.Task[None]] = set()
+        #: settlements written whose batch is not done yet
+        self._settling = 0
+        #: done when a task ends or the last settlement in flight is committed
+        self._changed: asyncio.Future[None] | None = None
         #: every child launched, in order; each holds its outcome once settled
         self.launched: list[Handle[Any]] = []
 
@@ -207,11 +213,22 @@ class RunContext(Generic[D]):
             return handle
         if self._listening:
             self._emit(PromiseQueued(handle.id, func, handle.args, handle.attempts))
-        if self._slots.try_take():
-            self._start(handle, fn, kwargs, failures)
-        else:  # its task is created when a slot is handed to it
-            self._slots.when_free(_QueuedStart(self, handle, fn, kwargs, failures))
+        self._launch(handle, fn, kwargs, failures)
         return handle
+
+    def _launch(
+        self,
+        handle: Handle[T],
+        fn: Callable[..., Awaitable[T]],
+        kwargs: dict[str, Any],
+        failures: int,
+    ) -> None:
+        """Start a pending branch now if a concurrency slot is free, else queue it."""
+        branch = _Branch(handle=handle, fn=fn, kwargs=kwargs, failures=failures)
+        if self._slots.try_take():
+            self._start(branch)
+        else:  # run by the first task whose slot is handed to it (see _run_chain)
+            self._slots.queue(branch)
 
     def _create(self, seq: int, func: str, kwargs: dict[str, Any]) -> Handle[T]:
         """A new pending child, written with the next group commit (before it can start)."""
@@ -221,54 +238,60 @@ class RunContext(Generic[D]):
         )
         return Handle(self, promise_id, func, kwargs, stored=False)
 
-    def _start(
-        self,
-        handle: Handle[T],
-        fn: Callable[..., Awaitable[T]],
-        kwargs: dict[str, Any],
-        failures: int,
-    ) -> bool:
-        """Start a branch that holds a concurrency slot (given back by its first attempt)."""
-        task = asyncio.create_task(self._execute(handle, fn, kwargs, failures), name=handle.id)
+    def _start(self, branch: _Branch) -> None:
+        """Start a task for a branch that holds a concurrency slot; the task goes on with
+        the queued branches its slot is handed to (see :meth:`_run_chain`)."""
+        task = asyncio.create_task(self._run_chain(branch), name=branch.handle.id)
         self._running.add(task)
-        task.add_done_callback(self._running.discard)
-        handle.started(task)
-        return True
+        task.add_done_callback(self._chain_ended)
+
+    def _chain_ended(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._notify()
 
     # -- execution -----------------------------------------------------------------
 
-    async def _execute(
-        self,
-        handle: Handle[T],
-        fn: Callable[..., Awaitable[T]],
-        kwargs: dict[str, Any],
-        failures: int,
-    ) -> T:
-        try:
-            return await self._run_branch(handle, fn, kwargs, failures)
-        except (StoreError, LeaseLost, NonDeterminism) as exc:
-            self._fail_fast(exc)  # this branch's outcome cannot be recorded: stop the run
-            raise
-        finally:
-            self._sub_steps.forget(handle.id)
+    async def _run_chain(self, branch: _Branch | None) -> None:
+        """Run ``branch``, then every queued branch that the slot it gives back is handed
+        to, in this same task: a task per branch (its creation, first step and done
+        callbacks) cost more than the rest of a branch's bookkeeping. A branch's
+        settlement is not awaited here (see :meth:`_write_settlement`), so the next
+        branch's first write joins the same group commit as it.
 
-    async def _run_branch(
-        self,
-        handle: Handle[T],
-        fn: Callable[..., Awaitable[T]],
-        kwargs: dict[str, Any],
-        failures: int,
-    ) -> T:
+        A branch that fails an attempt gives its slot back at once (the queued branch it
+        goes to starts in a task of its own: the rare path) and retries in this task; a
+        branch that stops the run (a store failure, the lease lost, cancellation) ends the
+        chain, its awaiters told why."""
+        while branch is not None:
+            handle = branch.handle
+            try:
+                holding = await self._run_branch(branch)
+            except Exception as exc:
+                handle.fail(exc)
+                if isinstance(exc, _STOPS_RUN):
+                    self._fail_fast(exc)  # this branch's outcome cannot be recorded: stop
+                return  # told to its awaiters; the run stops (or its workflow decides)
+            except BaseException as exc:
+                handle.fail(exc)
+                raise
+            finally:
+                self._sub_steps.forget(handle.id)
+            branch = self._slots.pass_on() if holding else None
+
+    async def _run_branch(self, branch: _Branch) -> bool:
+        """Run one branch until its settlement is written; return whether its task still
+        holds the concurrency slot (its last attempt succeeded) to pass on."""
+        handle, fn, kwargs = branch.handle, branch.fn, branch.kwargs
         promise_id, func = handle.id, handle.func
         current = handle.attempts
         slots = self._slots
         holding = True  # a branch starts with the slot it was started with
 
-        async def attempt() -> T:
+        async def attempt() -> Any:
             nonlocal current, holding
             if not holding:
                 await slots.take()
-            holding = False  # given back below, whatever happens
+                holding = True
             try:
                 current += 1
                 started_at = time.time()
@@ -287,15 +310,19 @@ class RunContext(Generic[D]):
                     error = ErrorInfo.from_exception(exc)
                     await self._commit.fail_attempt(promise_id, current, started_at, error)
                     raise
-            finally:
+            except BaseException:
+                # Not kept for the retry: the back-off holds no slot. The next waiter gets
+                # it (a queued branch in a task of its own: this one is busy retrying).
+                holding = False
                 slots.give_back()
+                raise
 
         def before_sleep(exc: BaseException, delay: float) -> None:
             error = ErrorInfo.from_exception(exc)
             self._emit(AttemptFailed(promise_id, func, current, error, delay))
 
         try:
-            if not self._retry.allows(failures):
+            if not self._retry.allows(branch.failures):
                 holding = False
                 slots.give_back()  # no attempt to make
                 raise await self._exhausted(promise_id)
@@ -308,29 +335,65 @@ class RunContext(Generic[D]):
                     self._retry,
                     attempt,
                     exc,
-                    failures=failures + 1,
+                    failures=branch.failures + 1,
                     last_attempt=lambda: current,
                     before_sleep=before_sleep,
                     sleep=self._sleep,
                 )
         except DurableError:
-            raise  # not the branch's failure: the run stops (see _execute)
+            raise  # not the branch's failure: the run stops (see _run_chain)
         except Exception as exc:
             error = ErrorInfo.from_exception(exc)
             self._emit(AttemptFailed(promise_id, func, current, error, None))
-            settled = await self._commit.settle(
-                promise_id, value=None, error=error, attempts=current
-            )
-            handle.settle(settled)
-            self._emit(PromiseRejectedEvent(promise_id, settled.error or error, settled.attempts))
-            raise PromiseRejected(promise_id, settled.error or error) from exc
-        # durable before anyone hears of it
-        settled = await self._commit.settle(promise_id, value=value, error=None, attempts=current)
-        handle.settle(settled)
-        if self._listening:
-            self._emit(PromiseResolved(promise_id, settled.value, settled.attempts))
-        result: T = settled.value
-        return result
+            self._write_settlement(handle, None, error, current, cause=exc)
+            return holding
+        self._write_settlement(handle, value, None, current, cause=None)
+        return holding
+
+    def _write_settlement(
+        self,
+        handle: Handle[Any],
+        value: Any,
+        error: ErrorInfo | None,
+        attempts: int,
+        *,
+        cause: Exception | None,
+    ) -> None:
+        """Write the branch's settlement to the group commit without waiting for it: the
+        handle is settled, and the event emitted, by :class:`_Announce` once it is durable
+        (nobody hears of a result before). :meth:`settle_all` waits for it."""
+        settling = self._commit.write_settlement(
+            handle.id, value=value, error=error, attempts=attempts
+        )
+        self._settling += 1
+        settling.committed.add_done_callback(_Announce(self, handle, settling, cause))
+
+    def _announce(self, handle: Handle[Any], settling: Settling, cause: Exception | None) -> None:
+        """A settlement's batch is done: settle the handle as stored and tell the
+        listeners; a commit that failed stops the run, and the handle's awaiters get its
+        error; a discarded one (the invocation is abandoned) cancels them."""
+        try:
+            committed = settling.committed
+            if committed.cancelled():
+                handle.fail(asyncio.CancelledError())
+                return
+            failure = committed.exception()
+            if failure is not None:
+                if isinstance(failure, _STOPS_RUN):
+                    self._fail_fast(failure)
+                handle.fail(failure)
+                return
+            settled = settling.outcome()
+            handle.settle(settled, cause=cause if settled.state == "rejected" else None)
+            if settled.state == "rejected":
+                error = settled.error or ErrorInfo("Error", "rejected")
+                self._emit(PromiseRejectedEvent(handle.id, error, settled.attempts))
+            elif self._listening:
+                self._emit(PromiseResolved(handle.id, settled.value, settled.attempts))
+        finally:
+            self._settling -= 1
+            if not self._settling:
+                self._notify()
 
     async def _call_with_timeout(self, call: Awaitable[T]) -> T:
         try:
@@ -360,26 +423,46 @@ class RunContext(Generic[D]):
         return await self._commit.settle(self.run_id, value=value, error=error, attempts=0)
 
     async def settle_all(self) -> None:
-        """Wait until every started child has finished and no queued one is left (their
-        errors are in the store). A store failure in any of them is raised."""
-        stops: set[asyncio.Future[Any]] = {self._fatal}
-        if self._lease is not None:
-            stops.add(self._lease.lost)
-        while self._running and not any(stop.done() for stop in stops):
-            await asyncio.wait(self._running | stops, return_when=asyncio.FIRST_COMPLETED)
+        """Wait until every started child has settled and no queued one is left (their
+        errors are in the store): no task left, and no settlement still waiting for its
+        commit. A store failure in any of them is raised."""
+        await self._wait_idle(tasks=True)
         if self._lease is not None and self._lease.lost.done():
             raise self._lease.lost.result()
         if self._fatal.done():
             raise self._fatal.result()
 
     async def cancel_all(self) -> None:
-        """Cancel unfinished children; they stay pending in the store, resumable."""
-        self._slots.forget_waiters()  # queued children never start
+        """Cancel unfinished children; they stay pending in the store, resumable. Queued
+        ones never start. The settlements already written to a batch are committed (the
+        flush runs on its own task) and waited for, unless the run is stopping: nothing
+        that a branch returned is lost to the cancellation."""
+        self._slots.forget_waiters()
         running = list(self._running)
         for task in running:
             task.cancel()
         if running:
             await asyncio.gather(*running, return_exceptions=True)
+        if not self._commit.held:
+            await self._wait_idle(tasks=False)
+
+    async def _wait_idle(self, *, tasks: bool) -> None:
+        """Wait until no settlement waits for its commit (and, with ``tasks``, no task is
+        left), or the run stops (a store failure, the lease lost)."""
+        stops: list[asyncio.Future[Any]] = [self._fatal]
+        if self._lease is not None:
+            stops.append(self._lease.lost)
+        while (self._settling or (tasks and self._running)) and not any(
+            stop.done() for stop in stops
+        ):
+            if self._changed is None or self._changed.done():
+                self._changed = asyncio.get_running_loop().create_future()
+            await asyncio.wait([self._changed, *stops], return_when=asyncio.FIRST_COMPLETED)
+
+    def _notify(self) -> None:
+        """A task ended, or the last settlement in flight was committed."""
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
 
     def discard(self) -> None:
         """Drop this invocation's writes not yet flushed (nothing of it is kept)."""
@@ -391,28 +474,41 @@ class RunContext(Generic[D]):
         return self._commit
 
 
-class _QueuedStart:
-    """A branch waiting for a concurrency slot; called when one is handed to it.
+class _Branch:
+    """A branch to run: its handle, its call, and its failed attempts so far. Past the
+    concurrency limit, every branch of a run's fan-out waits as one of these at once: a
+    small object with slots (a closure and its cells cost ~230 bytes a branch, measured at
+    100,000 branches)."""
 
-    One small object rather than a closure and its four cells: past the limit, every
-    branch of a run's fan-out waits at once (a closure cost ~230 bytes a branch, measured
-    at 100,000 branches)."""
-
-    __slots__ = ("ctx", "failures", "fn", "handle", "kwargs")
+    __slots__ = ("failures", "fn", "handle", "kwargs")
 
     def __init__(
         self,
-        ctx: RunContext[Any],
+        *,
         handle: Handle[Any],
         fn: Callable[..., Awaitable[Any]],
         kwargs: dict[str, Any],
         failures: int,
     ) -> None:
-        self.ctx, self.handle, self.fn = ctx, handle, fn
-        self.kwargs, self.failures = kwargs, failures
+        self.handle, self.fn, self.kwargs, self.failures = handle, fn, kwargs, failures
 
-    def __call__(self) -> bool:
-        return self.ctx._start(self.handle, self.fn, self.kwargs, self.failures)
+
+class _Announce:
+    """The done-callback of a settlement's batch (see :meth:`RunContext._announce`)."""
+
+    __slots__ = ("cause", "ctx", "handle", "settling")
+
+    def __init__(
+        self,
+        ctx: RunContext[Any],
+        handle: Handle[Any],
+        settling: Settling,
+        cause: Exception | None,
+    ) -> None:
+        self.ctx, self.handle, self.settling, self.cause = ctx, handle, settling, cause
+
+    def __call__(self, committed: Committed) -> None:
+        self.ctx._announce(self.handle, self.settling, self.cause)
 
 
 def _reopened(record: PromiseRecord) -> PromiseRecord:

@@ -159,8 +159,8 @@ class _BranchContext(RunContext[D]):
     def adopt(self, record: PromiseRecord, fn: Callable[..., Awaitable[Any]]) -> Handle[Any]:
         handle: Handle[Any] = Handle.from_record(self, record, fn)
         self.launched.append(handle)
-        self._slots.try_take()  # no concurrency limit here: the worker's claims are it
-        self._start(handle, fn, bind_args(fn, record.args), record.failures)
+        # no concurrency limit here (the worker's claims are it): it starts at once
+        self._launch(handle, fn, bind_args(fn, record.args), record.failures)
         return handle
 
 
