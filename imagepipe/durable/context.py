@@ -111,6 +111,8 @@ class RunContext(Generic[D]):
         self._running: set[asyncio.Task[None]] = set()
         #: settlements written whose batch is not done yet
         self._settling = 0
+        #: the settlements of the batch being collected, announced when it is done
+        self._announcing: _Announcements | None = None
         #: done when a task ends or the last settlement in flight is committed
         self._changed: asyncio.Future[None] | None = None
         #: every child launched, in order; each holds its outcome once settled
@@ -360,38 +362,43 @@ class RunContext(Generic[D]):
         cause: Exception | None,
     ) -> None:
         """Write the branch's settlement to the group commit without waiting for it: the
-        handle is settled, and the event emitted, by :class:`_Announce` once it is durable
-        (nobody hears of a result before). :meth:`settle_all` waits for it."""
+        handle is settled, and the event emitted, by the done-callback of the batch's future
+        (:class:`_Announcements`, one per batch) once it is durable: nobody hears of a
+        result before. :meth:`settle_all` waits for it."""
         settling = self._commit.write_settlement(
             handle.id, value=value, error=error, attempts=attempts
         )
+        batch = self._announcing
+        if batch is None or batch.committed is not settling.committed:
+            batch = self._announcing = _Announcements(self, settling.committed)
+            settling.committed.add_done_callback(batch)
+        batch.settlements.append(_Announce(handle=handle, settling=settling, cause=cause))
         self._settling += 1
-        settling.committed.add_done_callback(_Announce(self, handle, settling, cause))
 
-    def _announce(self, handle: Handle[Any], settling: Settling, cause: Exception | None) -> None:
-        """A settlement's batch is done: settle the handle as stored and tell the
-        listeners; a commit that failed stops the run, and the handle's awaiters get its
+    def _announce(self, batch: _Announcements) -> None:
+        """A batch with settlements is done: settle each handle as stored, then tell the
+        listeners. A commit that failed stops the run, and the handles' awaiters get its
         error; a discarded one (the invocation is abandoned) cancels them."""
+        if self._announcing is batch:
+            self._announcing = None
+        committed = batch.committed
         try:
-            committed = settling.committed
-            if committed.cancelled():
-                handle.fail(asyncio.CancelledError())
-                return
-            failure = committed.exception()
+            failure = asyncio.CancelledError() if committed.cancelled() else committed.exception()
             if failure is not None:
                 if isinstance(failure, _STOPS_RUN):
                     self._fail_fast(failure)
-                handle.fail(failure)
+                for announce in batch.settlements:
+                    announce.handle.fail(failure)
                 return
-            settled = settling.outcome()
-            handle.settle(settled, cause=cause if settled.state == "rejected" else None)
-            if settled.state == "rejected":
-                error = settled.error or ErrorInfo("Error", "rejected")
-                self._emit(PromiseRejectedEvent(handle.id, error, settled.attempts))
-            elif self._listening:
-                self._emit(PromiseResolved(handle.id, settled.value, settled.attempts))
+            settled = [announce.settle() for announce in batch.settlements]
+            for announce, outcome in zip(batch.settlements, settled, strict=True):
+                if outcome.state == "rejected":
+                    error = outcome.error or ErrorInfo("Error", "rejected")
+                    self._emit(PromiseRejectedEvent(announce.handle.id, error, outcome.attempts))
+                elif self._listening:
+                    self._emit(PromiseResolved(announce.handle.id, outcome.value, outcome.attempts))
         finally:
-            self._settling -= 1
+            self._settling -= len(batch.settlements)
             if not self._settling:
                 self._notify()
 
@@ -494,21 +501,34 @@ class _Branch:
 
 
 class _Announce:
-    """The done-callback of a settlement's batch (see :meth:`RunContext._announce`)."""
+    """A branch's settlement written to a batch, to announce once the batch is done."""
 
-    __slots__ = ("cause", "ctx", "handle", "settling")
+    __slots__ = ("cause", "handle", "settling")
 
-    def __init__(
-        self,
-        ctx: RunContext[Any],
-        handle: Handle[Any],
-        settling: Settling,
-        cause: Exception | None,
-    ) -> None:
-        self.ctx, self.handle, self.settling, self.cause = ctx, handle, settling, cause
+    def __init__(self, *, handle: Handle[Any], settling: Settling, cause: Exception | None) -> None:
+        self.handle, self.settling = handle, settling
+        #: the exception a rejection came from
+        self.cause = cause
+
+    def settle(self) -> Settled:
+        """Settle the handle as stored (the batch committed); return the outcome."""
+        outcome = self.settling.outcome()
+        self.handle.settle(outcome, cause=self.cause if outcome.state == "rejected" else None)
+        return outcome
+
+
+class _Announcements:
+    """The done-callback of a batch's future that announces the settlements in it: one
+    loop callback per commit, not one per branch."""
+
+    __slots__ = ("committed", "ctx", "settlements")
+
+    def __init__(self, ctx: RunContext[Any], committed: Committed) -> None:
+        self.ctx, self.committed = ctx, committed
+        self.settlements: list[_Announce] = []
 
     def __call__(self, committed: Committed) -> None:
-        self.ctx._announce(self.handle, self.settling, self.cause)
+        self.ctx._announce(self)
 
 
 def _reopened(record: PromiseRecord) -> PromiseRecord:
