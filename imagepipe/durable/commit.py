@@ -8,7 +8,10 @@ Every writer of the batch awaits the same future, done once the batch is committ
 thousands of branches that move in the same loop turn share one commit, and a result is
 still never reported before it is durable. Batches are applied one at a time, in order.
 A settlement can also be written without awaiting it (:meth:`GroupCommit.write_settlement`):
-its writer registers a callback on the batch's future instead, and goes on meanwhile.
+its writer registers a callback on a second future of the batch instead, and goes on
+meanwhile. That one only the flush completes: the writers' future is cancelled for all of
+them when one writer that awaits it is cancelled (asyncio cancels the future a task waits
+on), yet the batch is still written, and a settlement in it must hear so.
 
 The first flush acquires the run's lease (through ``acquire``): nothing is written before
 the run is known to be this process's. While the group commit is *held* (a resumed run
@@ -66,13 +69,13 @@ class BatchSink(Protocol):
 
 
 class Settling:
-    """A settlement written to the batch: :meth:`outcome` once :attr:`committed` is done."""
+    """A settlement written to the batch: :meth:`outcome` once :attr:`written` is done."""
 
-    __slots__ = ("attempts", "committed", "error", "promise_id", "state", "value", "value_json")
+    __slots__ = ("attempts", "error", "promise_id", "state", "value", "value_json", "written")
 
     def __init__(
         self,
-        committed: Committed,
+        written: Committed,
         promise_id: str,
         *,
         value: Any,
@@ -80,8 +83,9 @@ class Settling:
         error: ErrorInfo | None,
         attempts: int,
     ) -> None:
-        #: the future of the batch the settlement is in
-        self.committed = committed
+        #: the flush's outcome of the batch the settlement is in: done by the flush alone
+        #: (or cancelled if the batch was discarded, or its flush cancelled midway)
+        self.written = written
         self.promise_id = promise_id
         self.state: PromiseState = "rejected" if error is not None else "resolved"
         self.value, self.value_json = value, value_json
@@ -90,7 +94,7 @@ class Settling:
     def outcome(self) -> Settled:
         """The outcome as stored (the batch committed): if the promise was settled before,
         that outcome stands."""
-        earlier = self.committed.result().get(self.promise_id)
+        earlier = self.written.result().get(self.promise_id)
         if earlier is not None:
             return earlier
         return Settled(
@@ -106,8 +110,10 @@ class GroupCommit:
         self._acquire = acquire
         self._fence: Fence | None = None
         self._batch = WriteBatch()
-        #: the future of the batch being collected; None while it is empty
+        #: the future of the batch being collected, awaited by its writers; None while empty
         self._committed: Committed | None = None
+        #: the same batch's outcome for :class:`Settling`, completed by the flush alone
+        self._written: Committed | None = None
         self._flushing = False
         self._held = False
 
@@ -141,22 +147,24 @@ class GroupCommit:
         return the outcome as stored, once durable. If the promise was settled before,
         that outcome stands."""
         settling = self.write_settlement(promise_id, value=value, error=error, attempts=attempts)
-        await settling.committed
+        await self._next_commit()
         return settling.outcome()
 
     def write_settlement(
         self, promise_id: str, *, value: Any, error: ErrorInfo | None, attempts: int
     ) -> Settling:
         """:meth:`settle` without waiting: the settlement joins the batch at once; its
-        outcome is known when the returned :attr:`Settling.committed` is done."""
+        outcome is known when the returned :attr:`Settling.written` is done."""
         value_json = None if value is None else canonical_json(value)
         error_json = None if error is None else error.to_json()
         state: PromiseState = "rejected" if error is not None else "resolved"
         self._batch.settlements.append(
             Settlement(promise_id, state, value_json, error_json, time.time())
         )
+        self._next_commit()
+        assert self._written is not None
         return Settling(
-            self._next_commit(),
+            self._written,
             promise_id,
             value=value,
             value_json=value_json,
@@ -183,13 +191,15 @@ class GroupCommit:
     def discard(self) -> None:
         """Drop the writes not flushed yet (the invocation is abandoned)."""
         self._batch = WriteBatch()
-        if self._committed is not None:
+        if self._committed is not None and self._written is not None:
             self._committed.cancel()
-            self._committed = None
+            self._written.cancel()
+            self._committed = self._written = None
 
     def _next_commit(self) -> Committed:
         if self._committed is None:
-            self._committed = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self._committed, self._written = loop.create_future(), loop.create_future()
             self._schedule()
         return self._committed
 
@@ -209,21 +219,27 @@ class GroupCommit:
 
     async def _flush(self) -> None:
         try:
-            while self._committed is not None and not self._held:
-                batch, committed = self._batch, self._committed
-                self._batch, self._committed = WriteBatch(), None
+            while self._committed is not None and self._written is not None and not self._held:
+                batch, told = self._batch, (self._written, self._committed)
+                self._batch, self._committed, self._written = WriteBatch(), None, None
                 try:
                     if self._fence is None and self._acquire is not None:
                         self._fence = await self._acquire()
                     batch.fence = self._fence
                     lost = await self._store.apply(batch) if batch else _NOTHING_LOST
                 except Exception as exc:
-                    if not committed.done():
-                        committed.set_exception(exc)
-                        committed.add_done_callback(_retrieved)
+                    for future in told:
+                        if not future.done():
+                            future.set_exception(exc)
+                            future.add_done_callback(_retrieved)
+                except BaseException:
+                    for future in told:  # cancelled midway: whether it was written is unknown
+                        future.cancel()
+                    raise
                 else:
-                    if not committed.done():
-                        committed.set_result(lost)
+                    for future in told:
+                        if not future.done():
+                            future.set_result(lost)
         finally:
             self._flushing = False
 

@@ -369,9 +369,9 @@ class RunContext(Generic[D]):
             handle.id, value=value, error=error, attempts=attempts
         )
         batch = self._announcing
-        if batch is None or batch.committed is not settling.committed:
-            batch = self._announcing = _Announcements(self, settling.committed)
-            settling.committed.add_done_callback(batch)
+        if batch is None or batch.written is not settling.written:
+            batch = self._announcing = _Announcements(self, settling.written)
+            settling.written.add_done_callback(batch)
         batch.settlements.append(_Announce(handle=handle, settling=settling, cause=cause))
         self._settling += 1
 
@@ -381,9 +381,9 @@ class RunContext(Generic[D]):
         error; a discarded one (the invocation is abandoned) cancels them."""
         if self._announcing is batch:
             self._announcing = None
-        committed = batch.committed
+        written = batch.written
         try:
-            failure = asyncio.CancelledError() if committed.cancelled() else committed.exception()
+            failure = asyncio.CancelledError() if written.cancelled() else written.exception()
             if failure is not None:
                 if isinstance(failure, _STOPS_RUN):
                     self._fail_fast(failure)
@@ -441,10 +441,12 @@ class RunContext(Generic[D]):
 
     async def cancel_all(self) -> None:
         """Cancel unfinished children; they stay pending in the store, resumable. Queued
-        ones never start. The settlements already written to a batch are committed (the
-        flush runs on its own task) and waited for, unless the run is stopping: nothing
-        that a branch returned is lost to the cancellation."""
-        self._slots.forget_waiters()
+        ones never start (awaiting them raises CancelledError, as for the running ones).
+        The settlements already written to a batch are committed (the flush runs on its
+        own task) and waited for, unless the run is stopping: nothing that a branch
+        returned is lost to the cancellation."""
+        for queued in self._slots.forget_waiters():
+            queued.handle.fail(asyncio.CancelledError())  # its awaiters must not wait forever
         running = list(self._running)
         for task in running:
             task.cancel()
@@ -521,13 +523,13 @@ class _Announcements:
     """The done-callback of a batch's future that announces the settlements in it: one
     loop callback per commit, not one per branch."""
 
-    __slots__ = ("committed", "ctx", "settlements")
+    __slots__ = ("ctx", "settlements", "written")
 
-    def __init__(self, ctx: RunContext[Any], committed: Committed) -> None:
-        self.ctx, self.committed = ctx, committed
+    def __init__(self, ctx: RunContext[Any], written: Committed) -> None:
+        self.ctx, self.written = ctx, written
         self.settlements: list[_Announce] = []
 
-    def __call__(self, committed: Committed) -> None:
+    def __call__(self, written: Committed) -> None:
         self.ctx._announce(self)
 
 

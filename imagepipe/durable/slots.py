@@ -90,8 +90,8 @@ class Slots(Generic[Q]):
         if item is not None:
             self._start(item)
 
-    def forget_waiters(self) -> int:
-        """Drop every waiter (the run is being cancelled); return how many there were."""
-        count = len(self._waiting)
+    def forget_waiters(self) -> list[Q]:
+        """Drop every waiter (the run is being cancelled); return the queued items."""
+        items = [waiter for waiter in self._waiting if not isinstance(waiter, _Grant)]
         self._waiting.clear()
-        return count
+        return items
