@@ -58,7 +58,7 @@ async def test_one_task_runs_the_branches_queued_behind_its_slot(store: Store) -
     assert [await h for h in handles] == list(range(20))
     assert len(set(ran_in)) == 2, "a task per slot, not one per branch"
     await ctx.settle_all()
-    assert not ctx._running
+    assert not ctx._lanes.running
 
 
 async def test_the_next_branchs_start_joins_the_commit_of_the_previous_settlement(
@@ -144,7 +144,7 @@ async def test_settle_all_waits_for_settlements_still_in_their_commit(store: Sto
     handle = ctx.begin_run(step)
     settling = asyncio.create_task(ctx.settle_all())
     await sink.settling.wait()
-    assert not ctx._running, "the branch's task has ended: only its settlement is left"
+    assert not ctx._lanes.running, "the branch's task has ended: only its settlement is left"
     for _ in range(10):
         await asyncio.sleep(0)  # loop turns, not time: nothing but the commit can end it
     assert not settling.done()

@@ -160,7 +160,7 @@ class _BranchContext(RunContext[D]):
         handle: Handle[Any] = Handle.from_record(self, record, fn)
         self.launched.append(handle)
         # no concurrency limit here (the worker's claims are it): it starts at once
-        self._launch(handle, fn, bind_args(fn, record.args), record.failures)
+        self._lanes.launch(handle, fn, bind_args(fn, record.args), record.failures)
         return handle
 
 
