@@ -248,8 +248,8 @@ async def test_a_finished_branch_keeps_no_task_alive(store: Store) -> None:
     for handle in handles:
         await handle
     await asyncio.sleep(0)
-    assert all(h._task is None for h in handles)
-    assert not ctx._running
+    assert all(h._waiting is None for h in handles), "no waiter kept once settled"
+    assert not ctx._lanes.running
 
 
 @pytest.mark.parametrize(

@@ -11,16 +11,15 @@ from imagepipe.durable import PromiseRejected, Step, Store
 from imagepipe.durable.slots import Slots
 
 
+def unused(item: str) -> None:
+    raise AssertionError(f"nothing is queued, yet {item} was started")
+
+
 async def test_slots_are_handed_over_first_come_first_served() -> None:
-    slots = Slots(1)
-    assert slots.try_take()
     order: list[str] = []
-
-    def start(name: str) -> bool:
-        order.append(name)
-        return True
-
-    slots.when_free(lambda: start("queued"))
+    slots: Slots[str] = Slots(1, order.append)
+    assert slots.try_take()
+    slots.queue("queued")
     waiter = asyncio.create_task(slots.take())
     await asyncio.sleep(0)  # one loop turn: the task is now waiting
     assert not slots.try_take(), "a free slot goes to the waiters first"
@@ -34,7 +33,7 @@ async def test_slots_are_handed_over_first_come_first_served() -> None:
 
 
 async def test_a_waiter_cancelled_after_it_was_handed_a_slot_passes_it_on() -> None:
-    slots = Slots(1)
+    slots: Slots[str] = Slots(1, unused)
     assert slots.try_take()
     first = asyncio.create_task(slots.take())
     second = asyncio.create_task(slots.take())
@@ -47,7 +46,7 @@ async def test_a_waiter_cancelled_after_it_was_handed_a_slot_passes_it_on() -> N
 
 
 async def test_a_waiter_cancelled_while_waiting_refuses_the_slot() -> None:
-    slots = Slots(1)
+    slots: Slots[str] = Slots(1, unused)
     assert slots.try_take()
     gone = asyncio.create_task(slots.take())
     await asyncio.sleep(0)

@@ -7,6 +7,11 @@ joins that batch, which ``Store.apply`` writes in one transaction under the run'
 Every writer of the batch awaits the same future, done once the batch is committed. So
 thousands of branches that move in the same loop turn share one commit, and a result is
 still never reported before it is durable. Batches are applied one at a time, in order.
+A settlement can also be written without awaiting it (:meth:`GroupCommit.write_settlement`):
+its writer registers a callback on a second future of the batch instead, and goes on
+meanwhile. That one only the flush completes: the writers' future is cancelled for all of
+them when one writer that awaits it is cancelled (asyncio cancels the future a task waits
+on), yet the batch is still written, and a settlement in it must hear so.
 
 The first flush acquires the run's lease (through ``acquire``): nothing is written before
 the run is known to be this process's. While the group commit is *held* (a resumed run
@@ -36,7 +41,7 @@ from imagepipe.durable.records import (
 )
 from imagepipe.durable.store import Store
 
-__all__ = ["BatchSink", "Committed", "GroupCommit"]
+__all__ = ["BatchSink", "Committed", "GroupCommit", "Settling"]
 
 #: what a flush tells its writers: the settlements that lost to an earlier one, by id
 Committed = asyncio.Future[Mapping[str, Settled]]
@@ -63,6 +68,40 @@ class BatchSink(Protocol):
     async def apply(self, batch: WriteBatch) -> Mapping[str, Settled]: ...
 
 
+class Settling:
+    """A settlement written to the batch: :meth:`outcome` once :attr:`written` is done."""
+
+    __slots__ = ("attempts", "error", "promise_id", "state", "value", "value_json", "written")
+
+    def __init__(
+        self,
+        written: Committed,
+        promise_id: str,
+        *,
+        value: Any,
+        value_json: str | None,
+        error: ErrorInfo | None,
+        attempts: int,
+    ) -> None:
+        #: the flush's outcome of the batch the settlement is in: done by the flush alone
+        #: (or cancelled if the batch was discarded, or its flush cancelled midway)
+        self.written = written
+        self.promise_id = promise_id
+        self.state: PromiseState = "rejected" if error is not None else "resolved"
+        self.value, self.value_json = value, value_json
+        self.error, self.attempts = error, attempts
+
+    def outcome(self) -> Settled:
+        """The outcome as stored (the batch committed): if the promise was settled before,
+        that outcome stands."""
+        earlier = self.written.result().get(self.promise_id)
+        if earlier is not None:
+            return earlier
+        return Settled(
+            self.state, read_back(self.value, self.value_json), self.error, self.attempts
+        )
+
+
 class GroupCommit:
     def __init__(
         self, store: Store | BatchSink, *, acquire: Callable[[], Awaitable[Fence]] | None = None
@@ -71,8 +110,10 @@ class GroupCommit:
         self._acquire = acquire
         self._fence: Fence | None = None
         self._batch = WriteBatch()
-        #: the future of the batch being collected; None while it is empty
+        #: the future of the batch being collected, awaited by its writers; None while empty
         self._committed: Committed | None = None
+        #: the same batch's outcome for :class:`Settling`, completed by the flush alone
+        self._written: Committed | None = None
         self._flushing = False
         self._held = False
 
@@ -105,16 +146,36 @@ class GroupCommit:
         """Resolve with ``value`` (or reject with ``error``) after ``attempts`` attempts;
         return the outcome as stored, once durable. If the promise was settled before,
         that outcome stands."""
+        settling = self.write_settlement(promise_id, value=value, error=error, attempts=attempts)
+        await self._next_commit()
+        return settling.outcome()
+
+    def write_settlement(
+        self, promise_id: str, *, value: Any, error: ErrorInfo | None, attempts: int
+    ) -> Settling:
+        """:meth:`settle` without waiting: the settlement joins the batch at once; its
+        outcome is known when the returned :attr:`Settling.written` is done."""
         value_json = None if value is None else canonical_json(value)
-        state: PromiseState = "rejected" if error is not None else "resolved"
         error_json = None if error is None else error.to_json()
+        state: PromiseState = "rejected" if error is not None else "resolved"
         self._batch.settlements.append(
             Settlement(promise_id, state, value_json, error_json, time.time())
         )
-        earlier = (await self._next_commit()).get(promise_id)
-        if earlier is not None:
-            return earlier
-        return Settled(state, read_back(value, value_json), error, attempts)
+        self._next_commit()
+        assert self._written is not None
+        return Settling(
+            self._written,
+            promise_id,
+            value=value,
+            value_json=value_json,
+            error=error,
+            attempts=attempts,
+        )
+
+    @property
+    def held(self) -> bool:
+        """True while writes wait for :meth:`release` (nothing is flushed)."""
+        return self._held
 
     # -- flushing ------------------------------------------------------------------------
 
@@ -130,13 +191,15 @@ class GroupCommit:
     def discard(self) -> None:
         """Drop the writes not flushed yet (the invocation is abandoned)."""
         self._batch = WriteBatch()
-        if self._committed is not None:
+        if self._committed is not None and self._written is not None:
             self._committed.cancel()
-            self._committed = None
+            self._written.cancel()
+            self._committed = self._written = None
 
     def _next_commit(self) -> Committed:
         if self._committed is None:
-            self._committed = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self._committed, self._written = loop.create_future(), loop.create_future()
             self._schedule()
         return self._committed
 
@@ -156,21 +219,27 @@ class GroupCommit:
 
     async def _flush(self) -> None:
         try:
-            while self._committed is not None and not self._held:
-                batch, committed = self._batch, self._committed
-                self._batch, self._committed = WriteBatch(), None
+            while self._committed is not None and self._written is not None and not self._held:
+                batch, told = self._batch, (self._written, self._committed)
+                self._batch, self._committed, self._written = WriteBatch(), None, None
                 try:
                     if self._fence is None and self._acquire is not None:
                         self._fence = await self._acquire()
                     batch.fence = self._fence
                     lost = await self._store.apply(batch) if batch else _NOTHING_LOST
                 except Exception as exc:
-                    if not committed.done():
-                        committed.set_exception(exc)
-                        committed.add_done_callback(_retrieved)
+                    for future in told:
+                        if not future.done():
+                            future.set_exception(exc)
+                            future.add_done_callback(_retrieved)
+                except BaseException:
+                    for future in told:  # cancelled midway: whether it was written is unknown
+                        future.cancel()
+                    raise
                 else:
-                    if not committed.done():
-                        committed.set_result(lost)
+                    for future in told:
+                        if not future.done():
+                            future.set_result(lost)
         finally:
             self._flushing = False
 

@@ -4,8 +4,9 @@ A workflow is an ordinary ``async def`` that receives a :class:`RunContext`. Eve
 ``begin_run`` gets the next deterministic id ``<run>.<n>``, hands the promise to the group
 commit (or finds it in the store), and returns a :class:`Handle` at once, so a loop can
 fan out before anything has finished. Awaiting a handle gives the value or raises
-:class:`~.errors.PromiseRejected`. Inside a child, ``await step.run(fn, **kwargs)`` is a
-durable sub-step ``<child>.<n>`` (see :mod:`.steps`).
+:class:`~.errors.PromiseRejected`. The branches run in a few long-lived tasks, each a chain
+of branches under the concurrency limit (see :mod:`.lanes`). Inside a child,
+``await step.run(fn, **kwargs)`` is a durable sub-step ``<child>.<n>`` (see :mod:`.steps`).
 
 Replay is re-execution: to resume a run, call the same workflow again with a fresh
 context on the same store. Children already settled are returned from the store without
@@ -24,22 +25,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from imagepipe.durable.commit import BatchSink, GroupCommit
-from imagepipe.durable.errors import (
-    DurableError,
-    LeaseLost,
-    NonDeterminism,
-    PromiseRejected,
-    StoreError,
-)
-from imagepipe.durable.events import (
-    AttemptFailed,
-    AttemptStarted,
-    Event,
-    PromiseQueued,
-    PromiseRejectedEvent,
-    PromiseReplayed,
-    PromiseResolved,
-)
+from imagepipe.durable.errors import DurableError, NonDeterminism
+from imagepipe.durable.events import Event, PromiseQueued, PromiseReplayed
+from imagepipe.durable.lanes import AttemptTimeout, Lanes
 from imagepipe.durable.lease import LeaseKeeper
 from imagepipe.durable.records import (
     ErrorInfo,
@@ -48,21 +36,14 @@ from imagepipe.durable.records import (
     Settled,
     encode_args,
 )
-from imagepipe.durable.retry import RetryPolicy, retry_failed
-from imagepipe.durable.slots import Slots
-from imagepipe.durable.steps import Handle, Step, SubSteps, check_replay
+from imagepipe.durable.retry import RetryPolicy
+from imagepipe.durable.steps import Handle, SubSteps, check_replay
 from imagepipe.durable.store import Store
 
 __all__ = ["AttemptTimeout", "RunContext"]
 
 D = TypeVar("D")
 T = TypeVar("T")
-
-
-class AttemptTimeout(Exception):
-    """An attempt ran longer than the per-attempt timeout. Retryable."""
-
-    retryable = True
 
 
 class RunContext(Generic[D]):
@@ -85,28 +66,30 @@ class RunContext(Generic[D]):
         self.store = store
         self.run_id = run_id
         self.deps = deps
-        self._retry = retry
         self._lease = lease
         self._emit = on_event or (lambda event: None)
         #: False when nobody listens: then events are not even built (hot path at scale)
         self._listening = on_event is not None
-        self._slots = Slots(concurrency or None)
-        self._attempt_timeout = attempt_timeout
-        self._sleep = sleep
         # ``writes``: where the batches go if not straight to the store (a worker's branches
         # share one commit, see :mod:`.worker_commit`)
         self._commit = GroupCommit(
             writes or store, acquire=None if lease is None else lease.acquire
         )
         self._sub_steps = SubSteps(self)
+        #: the tasks that run the branches (see :mod:`.lanes`)
+        self._lanes = Lanes(
+            self,
+            concurrency=concurrency or None,
+            retry=retry,
+            attempt_timeout=attempt_timeout,
+            sleep=sleep,
+        )
         #: set to the first store failure seen by any branch: the run stops at once
         self._fatal: asyncio.Future[DurableError] = asyncio.get_running_loop().create_future()
         self._next_seq = 0
         #: the children in the store, by seq, until launched (read by :meth:`load`)
         self._stored: dict[int, PromiseRecord] = {}
         self._stored_count = 0
-        #: branch tasks not finished yet
-        self._running: set[asyncio.Task[Any]] = set()
         #: every child launched, in order; each holds its outcome once settled
         self.launched: list[Handle[Any]] = []
 
@@ -207,10 +190,7 @@ class RunContext(Generic[D]):
             return handle
         if self._listening:
             self._emit(PromiseQueued(handle.id, func, handle.args, handle.attempts))
-        if self._slots.try_take():
-            self._start(handle, fn, kwargs, failures)
-        else:  # its task is created when a slot is handed to it
-            self._slots.when_free(_QueuedStart(self, handle, fn, kwargs, failures))
+        self._lanes.launch(handle, fn, kwargs, failures)
         return handle
 
     def _create(self, seq: int, func: str, kwargs: dict[str, Any]) -> Handle[T]:
@@ -221,138 +201,6 @@ class RunContext(Generic[D]):
         )
         return Handle(self, promise_id, func, kwargs, stored=False)
 
-    def _start(
-        self,
-        handle: Handle[T],
-        fn: Callable[..., Awaitable[T]],
-        kwargs: dict[str, Any],
-        failures: int,
-    ) -> bool:
-        """Start a branch that holds a concurrency slot (given back by its first attempt)."""
-        task = asyncio.create_task(self._execute(handle, fn, kwargs, failures), name=handle.id)
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
-        handle.started(task)
-        return True
-
-    # -- execution -----------------------------------------------------------------
-
-    async def _execute(
-        self,
-        handle: Handle[T],
-        fn: Callable[..., Awaitable[T]],
-        kwargs: dict[str, Any],
-        failures: int,
-    ) -> T:
-        try:
-            return await self._run_branch(handle, fn, kwargs, failures)
-        except (StoreError, LeaseLost, NonDeterminism) as exc:
-            self._fail_fast(exc)  # this branch's outcome cannot be recorded: stop the run
-            raise
-        finally:
-            self._sub_steps.forget(handle.id)
-
-    async def _run_branch(
-        self,
-        handle: Handle[T],
-        fn: Callable[..., Awaitable[T]],
-        kwargs: dict[str, Any],
-        failures: int,
-    ) -> T:
-        promise_id, func = handle.id, handle.func
-        current = handle.attempts
-        slots = self._slots
-        holding = True  # a branch starts with the slot it was started with
-
-        async def attempt() -> T:
-            nonlocal current, holding
-            if not holding:
-                await slots.take()
-            holding = False  # given back below, whatever happens
-            try:
-                current += 1
-                started_at = time.time()
-                # the attempt count is durable before the call
-                await self._commit.start_attempt(promise_id, current)
-                if self._listening:
-                    self._emit(AttemptStarted(promise_id, func, current))
-                step = Step(promise_id, current, self.deps, self._sub_steps, handle.stored)
-                try:
-                    if self._attempt_timeout is None:
-                        return await fn(step, **kwargs)
-                    return await self._call_with_timeout(fn(step, **kwargs))
-                except DurableError:
-                    raise
-                except Exception as exc:
-                    error = ErrorInfo.from_exception(exc)
-                    await self._commit.fail_attempt(promise_id, current, started_at, error)
-                    raise
-            finally:
-                slots.give_back()
-
-        def before_sleep(exc: BaseException, delay: float) -> None:
-            error = ErrorInfo.from_exception(exc)
-            self._emit(AttemptFailed(promise_id, func, current, error, delay))
-
-        try:
-            if not self._retry.allows(failures):
-                holding = False
-                slots.give_back()  # no attempt to make
-                raise await self._exhausted(promise_id)
-            try:
-                value = await attempt()
-            except DurableError:
-                raise
-            except Exception as exc:
-                value = await retry_failed(
-                    self._retry,
-                    attempt,
-                    exc,
-                    failures=failures + 1,
-                    last_attempt=lambda: current,
-                    before_sleep=before_sleep,
-                    sleep=self._sleep,
-                )
-        except DurableError:
-            raise  # not the branch's failure: the run stops (see _execute)
-        except Exception as exc:
-            error = ErrorInfo.from_exception(exc)
-            self._emit(AttemptFailed(promise_id, func, current, error, None))
-            settled = await self._commit.settle(
-                promise_id, value=None, error=error, attempts=current
-            )
-            handle.settle(settled)
-            self._emit(PromiseRejectedEvent(promise_id, settled.error or error, settled.attempts))
-            raise PromiseRejected(promise_id, settled.error or error) from exc
-        # durable before anyone hears of it
-        settled = await self._commit.settle(promise_id, value=value, error=None, attempts=current)
-        handle.settle(settled)
-        if self._listening:
-            self._emit(PromiseResolved(promise_id, settled.value, settled.attempts))
-        result: T = settled.value
-        return result
-
-    async def _call_with_timeout(self, call: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self._attempt_timeout) as deadline:
-                return await call
-        except TimeoutError:
-            if deadline.expired():
-                raise AttemptTimeout(
-                    f"attempt timed out after {self._attempt_timeout:g} s"
-                ) from None
-            raise
-
-    async def _exhausted(self, promise_id: str) -> Exception:
-        """The error to reject with when the stored failures already use up the budget."""
-        history = await self.store.failed_attempts(promise_id)
-        last = next((a.error for a in reversed(history) if a.error is not None), None)
-        if last is None:
-            return RuntimeError("no attempts left")
-        exc = _StoredError(last.message)
-        exc.type_name, exc.retryable = last.type, last.retryable
-        return exc
-
     # -- the run's own promise and fan-in helpers ----------------------------------
 
     async def settle_run(self, *, value: Any = None, error: ErrorInfo | None = None) -> Settled:
@@ -360,26 +208,31 @@ class RunContext(Generic[D]):
         return await self._commit.settle(self.run_id, value=value, error=error, attempts=0)
 
     async def settle_all(self) -> None:
-        """Wait until every started child has finished and no queued one is left (their
-        errors are in the store). A store failure in any of them is raised."""
-        stops: set[asyncio.Future[Any]] = {self._fatal}
-        if self._lease is not None:
-            stops.add(self._lease.lost)
-        while self._running and not any(stop.done() for stop in stops):
-            await asyncio.wait(self._running | stops, return_when=asyncio.FIRST_COMPLETED)
+        """Wait until every started child has settled and no queued one is left (their
+        errors are in the store): no task left, and no settlement still waiting for its
+        commit. A store failure in any of them is raised."""
+        await self._lanes.wait_idle(tasks=True, stops=self._stops())
         if self._lease is not None and self._lease.lost.done():
             raise self._lease.lost.result()
         if self._fatal.done():
             raise self._fatal.result()
 
     async def cancel_all(self) -> None:
-        """Cancel unfinished children; they stay pending in the store, resumable."""
-        self._slots.forget_waiters()  # queued children never start
-        running = list(self._running)
-        for task in running:
-            task.cancel()
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
+        """Cancel unfinished children; they stay pending in the store, resumable. Queued
+        ones never start (awaiting them raises CancelledError, as for the running ones).
+        The settlements already written to a batch are committed (the flush runs on its
+        own task) and waited for, unless the run is stopping: nothing that a branch
+        returned is lost to the cancellation."""
+        await self._lanes.cancel()
+        if not self._commit.held:
+            await self._lanes.wait_idle(tasks=False, stops=self._stops())
+
+    def _stops(self) -> list[asyncio.Future[Any]]:
+        """What ends a wait for the branches: a store failure, the lease lost."""
+        stops: list[asyncio.Future[Any]] = [self._fatal]
+        if self._lease is not None:
+            stops.append(self._lease.lost)
+        return stops
 
     def discard(self) -> None:
         """Drop this invocation's writes not yet flushed (nothing of it is kept)."""
@@ -391,38 +244,7 @@ class RunContext(Generic[D]):
         return self._commit
 
 
-class _QueuedStart:
-    """A branch waiting for a concurrency slot; called when one is handed to it.
-
-    One small object rather than a closure and its four cells: past the limit, every
-    branch of a run's fan-out waits at once (a closure cost ~230 bytes a branch, measured
-    at 100,000 branches)."""
-
-    __slots__ = ("ctx", "failures", "fn", "handle", "kwargs")
-
-    def __init__(
-        self,
-        ctx: RunContext[Any],
-        handle: Handle[Any],
-        fn: Callable[..., Awaitable[Any]],
-        kwargs: dict[str, Any],
-        failures: int,
-    ) -> None:
-        self.ctx, self.handle, self.fn = ctx, handle, fn
-        self.kwargs, self.failures = kwargs, failures
-
-    def __call__(self) -> bool:
-        return self.ctx._start(self.handle, self.fn, self.kwargs, self.failures)
-
-
 def _reopened(record: PromiseRecord) -> PromiseRecord:
     from dataclasses import replace
 
     return replace(record, state="pending", error=None, settled_at=None, failures=0)
-
-
-class _StoredError(Exception):
-    """A stored error re-raised as it was (its type name is kept for the record)."""
-
-    type_name = "Error"
-    retryable = True

@@ -1,7 +1,7 @@
 """Handles, steps and durable sub-steps: what a workflow and a step function hold.
 
 - :class:`Handle` — the awaitable result of ``RunContext.begin_run``; it keeps the child's
-  outcome once settled, and drops the finished task (nothing done is kept alive)
+  outcome once settled and wakes its awaiters (no task stands behind it)
 - :class:`Step` — what a step function receives: its durable id (the idempotency key), its
   durable attempt number, the invocation's dependencies, and :meth:`Step.run`
 - :class:`SubSteps` — ``await step.run(fn, **kwargs)`` runs ``fn`` once and stores its
@@ -60,12 +60,15 @@ def check_replay(record: PromiseRecord, fn: Callable[..., Any], kwargs: dict[str
 class Handle(Generic[T]):
     """A child promise as this invocation knows it: its call, and its outcome once settled.
 
-    Until it settles, awaiting it awaits its task (started when a concurrency slot is
-    free). Once settled, the outcome is kept here and the task is let go."""
+    No task stands behind a handle: the branch (run by whichever task of the context runs
+    it) settles it once its settlement is durable, and that wakes its awaiters. A waiter's
+    future is made only when someone awaits a handle that is still pending. A branch that
+    stops without an outcome (a store failure, cancellation) hands its awaiters the error."""
 
     __slots__ = (
+        "_cause",
         "_ctx",
-        "_task",
+        "_failure",
         "_waiting",
         "args",
         "attempts",
@@ -100,8 +103,12 @@ class Handle(Generic[T]):
         self.attempts = 0
         #: True when the outcome was in the store and nothing ran
         self.replayed = False
-        self._task: asyncio.Task[T] | None = None
+        #: the awaiters of the pending handle
         self._waiting: list[asyncio.Future[None]] | None = None
+        #: why the branch stopped without an outcome
+        self._failure: BaseException | None = None
+        #: the exception a live rejection came from (the cause of its PromiseRejected)
+        self._cause: BaseException | None = None
 
     @classmethod
     def from_record(
@@ -122,23 +129,31 @@ class Handle(Generic[T]):
     def settled(self) -> bool:
         return self.state != "pending"
 
-    def settle(self, outcome: Settled) -> None:
+    def settle(self, outcome: Settled, *, cause: BaseException | None = None) -> None:
+        """Keep the durable ``outcome`` and wake the awaiters; ``cause`` is the exception a
+        live rejection came from."""
         self.state, self.value, self.error = outcome.state, outcome.value, outcome.error
         self.attempts = outcome.attempts
+        self._cause = cause
+        self._wake(None)
 
-    def started(self, task: asyncio.Task[T]) -> None:
-        self._task = task
-        task.add_done_callback(self._finished)
+    def fail(self, failure: BaseException) -> None:
+        """The branch stopped without an outcome: its awaiters, now and later, get
+        ``failure`` (the handle stays pending, as the promise does in the store)."""
+        self._failure = failure
+        self._wake(failure)
+
+    def _wake(self, failure: BaseException | None) -> None:
         for waiter in self._waiting or ():
-            if not waiter.done():
+            if waiter.done():
+                continue  # its awaiter stopped waiting
+            if failure is None:
                 waiter.set_result(None)
+            elif isinstance(failure, asyncio.CancelledError):
+                waiter.cancel()
+            else:
+                waiter.set_exception(failure)
         self._waiting = None
-
-    def _finished(self, task: asyncio.Task[T]) -> None:
-        if not task.cancelled():
-            task.exception()  # seen: a rejection is in the handle, a store failure stops the run
-        if self.settled:
-            self._task = None  # the outcome is here: let the task and its frame go
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._result().__await__()
@@ -147,16 +162,20 @@ class Handle(Generic[T]):
         if not self.settled:
             if not self._ctx.replay_checked:
                 self._ctx._check_all_launched()
-            if self._task is None:
+            if self._failure is None:
                 waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._waiting = [*(self._waiting or ()), waiter]
+                if self._waiting is None:
+                    self._waiting = [waiter]
+                else:
+                    self._waiting.append(waiter)
                 await waiter
-            if self._task is not None and not self.settled:
-                return await self._task
+            if self._failure is not None and not self.settled:
+                raise self._failure
         if self.state == "resolved":
             value: T = self.value
             return value
-        raise PromiseRejected(self.id, self.error or ErrorInfo("Error", "rejected"))
+        error = self.error or ErrorInfo("Error", "rejected")
+        raise PromiseRejected(self.id, error) from self._cause
 
 
 class Step(Generic[D]):

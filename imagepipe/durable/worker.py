@@ -159,8 +159,8 @@ class _BranchContext(RunContext[D]):
     def adopt(self, record: PromiseRecord, fn: Callable[..., Awaitable[Any]]) -> Handle[Any]:
         handle: Handle[Any] = Handle.from_record(self, record, fn)
         self.launched.append(handle)
-        self._slots.try_take()  # no concurrency limit here: the worker's claims are it
-        self._start(handle, fn, bind_args(fn, record.args), record.failures)
+        # no concurrency limit here (the worker's claims are it): it starts at once
+        self._lanes.launch(handle, fn, bind_args(fn, record.args), record.failures)
         return handle
 
 
@@ -433,6 +433,8 @@ class Worker:
 
     async def _renew(self) -> None:
         loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        assert me is not None
         renewed = loop.time()
         while True:
             await asyncio.sleep(self.stale_after / 10)
@@ -444,6 +446,11 @@ class Worker:
                     await self.store.renew_lease(self.me)
                 renewed = loop.time()
             except StoreError:
+                if me.cancelling():
+                    # Cancelled mid-call, and the driver's clean-up then failed (a rollback
+                    # on a server that restarted): its error replaced the cancellation,
+                    # which must still end this loop, or the worker never stops.
+                    raise asyncio.CancelledError from None
                 if loop.time() - renewed <= self.stale_after:
                     continue  # busy for a moment: fencing keeps the data safe meanwhile
                 lost = fences  # silent too long: every claim may have been taken over

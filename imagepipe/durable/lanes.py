@@ -1,0 +1,367 @@
+"""Lanes: the tasks that run the branches of a run context, each task a chain of them.
+
+A branch that finds a concurrency slot free gets a task. Once its attempt has returned,
+its settlement is written to the group commit without waiting for it: a done-callback on
+the batch's outcome settles the handle, emits the event and wakes the handle's awaiters
+once the batch is durable (nobody hears of a result before). The same task then goes on
+with the queued branch that its slot is handed to, so a run of 10,000 branches at a limit
+of 16 makes 16 tasks, not 10,000 (a task per branch, with its creation, first step and
+done callbacks, cost more than the rest of a branch's bookkeeping), and the next branch's
+attempt start joins the same group commit as the previous branch's settlement.
+
+A branch whose attempt fails gives its slot back at once (the queued branch it goes to
+starts in a task of its own, the rare path) and waits out its back-off in its task. A
+store failure, in a branch or in a settlement's commit, stops the run (fail fast).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from imagepipe.durable.commit import Committed, Settling
+from imagepipe.durable.errors import DurableError, LeaseLost, NonDeterminism, StoreError
+from imagepipe.durable.events import (
+    AttemptFailed,
+    AttemptStarted,
+    PromiseRejectedEvent,
+    PromiseResolved,
+)
+from imagepipe.durable.records import ErrorInfo, Settled
+from imagepipe.durable.retry import RetryPolicy, retry_failed
+from imagepipe.durable.slots import Slots
+from imagepipe.durable.steps import Handle, Step
+
+if TYPE_CHECKING:
+    from imagepipe.durable.context import RunContext
+
+__all__ = ["AttemptTimeout", "Lanes"]
+
+T = TypeVar("T")
+
+#: errors that stop the whole run when a branch meets them: its outcome cannot be recorded
+_STOPS_RUN = (StoreError, LeaseLost, NonDeterminism)
+
+
+class AttemptTimeout(Exception):
+    """An attempt ran longer than the per-attempt timeout. Retryable."""
+
+    retryable = True
+
+
+class Lanes:
+    """Runs the branches of one :class:`~.context.RunContext` under its concurrency limit
+    (its store, group commit, listeners and sub-steps are the context's)."""
+
+    def __init__(
+        self,
+        ctx: RunContext[Any],
+        *,
+        concurrency: int | None,
+        retry: RetryPolicy,
+        attempt_timeout: float | None,
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> None:
+        self._ctx = ctx
+        self._retry = retry
+        self._attempt_timeout = attempt_timeout
+        self._sleep = sleep
+        self._slots: Slots[_Branch] = Slots(concurrency, self._start)
+        #: tasks not finished yet (each runs a chain of branches, see _run_chain)
+        self.running: set[asyncio.Task[None]] = set()
+        #: settlements written whose batch is not done yet
+        self._settling = 0
+        #: the settlements of the batch being collected, announced when it is done
+        self._announcing: _Announcements | None = None
+        #: done when a task ends or the last settlement in flight is committed
+        self._changed: asyncio.Future[None] | None = None
+
+    def launch(
+        self,
+        handle: Handle[T],
+        fn: Callable[..., Awaitable[T]],
+        kwargs: dict[str, Any],
+        failures: int,
+    ) -> None:
+        """Start a pending branch now if a concurrency slot is free, else queue it."""
+        branch = _Branch(handle=handle, fn=fn, kwargs=kwargs, failures=failures)
+        if self._slots.try_take():
+            self._start(branch)
+        else:  # run by the first task whose slot is handed to it (see _run_chain)
+            self._slots.queue(branch)
+
+    def _start(self, branch: _Branch) -> None:
+        """Start a task for a branch that holds a concurrency slot; the task goes on with
+        the queued branches its slot is handed to (see :meth:`_run_chain`)."""
+        task = asyncio.create_task(self._run_chain(branch), name=branch.handle.id)
+        self.running.add(task)
+        task.add_done_callback(self._chain_ended)
+
+    def _chain_ended(self, task: asyncio.Task[None]) -> None:
+        self.running.discard(task)
+        self._notify()
+
+    # -- execution -----------------------------------------------------------------
+
+    async def _run_chain(self, branch: _Branch | None) -> None:
+        """Run ``branch``, then every queued branch that the slot it gives back is handed
+        to, in this same task: a task per branch (its creation, first step and done
+        callbacks) cost more than the rest of a branch's bookkeeping. A branch's
+        settlement is not awaited here (see :meth:`_write_settlement`), so the next
+        branch's first write joins the same group commit as it.
+
+        A branch that fails an attempt gives its slot back at once (the queued branch it
+        goes to starts in a task of its own: the rare path) and retries in this task; a
+        branch that stops the run (a store failure, the lease lost, cancellation) ends the
+        chain, its awaiters told why."""
+        while branch is not None:
+            handle = branch.handle
+            try:
+                holding = await self._run_branch(branch)
+            except Exception as exc:
+                handle.fail(exc)
+                if isinstance(exc, _STOPS_RUN):
+                    self._ctx._fail_fast(exc)  # this branch's outcome cannot be recorded: stop
+                return  # told to its awaiters; the run stops (or its workflow decides)
+            except BaseException as exc:
+                handle.fail(exc)
+                raise
+            finally:
+                self._ctx._sub_steps.forget(handle.id)
+            branch = self._slots.pass_on() if holding else None
+
+    async def _run_branch(self, branch: _Branch) -> bool:
+        """Run one branch until its settlement is written; return whether its task still
+        holds the concurrency slot (its last attempt succeeded) to pass on."""
+        handle, fn, kwargs = branch.handle, branch.fn, branch.kwargs
+        promise_id, func = handle.id, handle.func
+        current = handle.attempts
+        slots = self._slots
+        holding = True  # a branch starts with the slot it was started with
+
+        async def attempt() -> Any:
+            nonlocal current, holding
+            if not holding:
+                await slots.take()
+                holding = True
+            try:
+                current += 1
+                started_at = time.time()
+                # the attempt count is durable before the call
+                await self._ctx.group_commit.start_attempt(promise_id, current)
+                if self._ctx._listening:
+                    self._ctx._emit(AttemptStarted(promise_id, func, current))
+                step = Step(
+                    promise_id, current, self._ctx.deps, self._ctx._sub_steps, handle.stored
+                )
+                try:
+                    if self._attempt_timeout is None:
+                        return await fn(step, **kwargs)
+                    return await self._call_with_timeout(fn(step, **kwargs))
+                except DurableError:
+                    raise
+                except Exception as exc:
+                    error = ErrorInfo.from_exception(exc)
+                    await self._ctx.group_commit.fail_attempt(
+                        promise_id, current, started_at, error
+                    )
+                    raise
+            except BaseException:
+                # Not kept for the retry: the back-off holds no slot. The next waiter gets
+                # it (a queued branch in a task of its own: this one is busy retrying).
+                holding = False
+                slots.give_back()
+                raise
+
+        def before_sleep(exc: BaseException, delay: float) -> None:
+            error = ErrorInfo.from_exception(exc)
+            self._ctx._emit(AttemptFailed(promise_id, func, current, error, delay))
+
+        try:
+            if not self._retry.allows(branch.failures):
+                holding = False
+                slots.give_back()  # no attempt to make
+                raise await self._exhausted(promise_id)
+            try:
+                value = await attempt()
+            except DurableError:
+                raise
+            except Exception as exc:
+                value = await retry_failed(
+                    self._retry,
+                    attempt,
+                    exc,
+                    failures=branch.failures + 1,
+                    last_attempt=lambda: current,
+                    before_sleep=before_sleep,
+                    sleep=self._sleep,
+                )
+        except DurableError:
+            raise  # not the branch's failure: the run stops (see _run_chain)
+        except Exception as exc:
+            error = ErrorInfo.from_exception(exc)
+            self._ctx._emit(AttemptFailed(promise_id, func, current, error, None))
+            self._write_settlement(handle, None, error, current, cause=exc)
+            return holding
+        self._write_settlement(handle, value, None, current, cause=None)
+        return holding
+
+    def _write_settlement(
+        self,
+        handle: Handle[Any],
+        value: Any,
+        error: ErrorInfo | None,
+        attempts: int,
+        *,
+        cause: Exception | None,
+    ) -> None:
+        """Write the branch's settlement to the group commit without waiting for it: the
+        handle is settled, and the event emitted, by the done-callback of the batch's future
+        (:class:`_Announcements`, one per batch) once it is durable: nobody hears of a
+        result before. :meth:`settle_all` waits for it."""
+        settling = self._ctx.group_commit.write_settlement(
+            handle.id, value=value, error=error, attempts=attempts
+        )
+        batch = self._announcing
+        if batch is None or batch.written is not settling.written:
+            batch = self._announcing = _Announcements(self, settling.written)
+            settling.written.add_done_callback(batch)
+        batch.settlements.append(_Announce(handle=handle, settling=settling, cause=cause))
+        self._settling += 1
+
+    def _announce(self, batch: _Announcements) -> None:
+        """A batch with settlements is done: settle each handle as stored, then tell the
+        listeners. A commit that failed stops the run, and the handles' awaiters get its
+        error; a discarded one (the invocation is abandoned) cancels them."""
+        if self._announcing is batch:
+            self._announcing = None
+        written = batch.written
+        try:
+            failure = asyncio.CancelledError() if written.cancelled() else written.exception()
+            if failure is not None:
+                if isinstance(failure, _STOPS_RUN):
+                    self._ctx._fail_fast(failure)
+                for announce in batch.settlements:
+                    announce.handle.fail(failure)
+                return
+            settled = [announce.settle() for announce in batch.settlements]
+            for announce, outcome in zip(batch.settlements, settled, strict=True):
+                if outcome.state == "rejected":
+                    error = outcome.error or ErrorInfo("Error", "rejected")
+                    self._ctx._emit(
+                        PromiseRejectedEvent(announce.handle.id, error, outcome.attempts)
+                    )
+                elif self._ctx._listening:
+                    self._ctx._emit(
+                        PromiseResolved(announce.handle.id, outcome.value, outcome.attempts)
+                    )
+        finally:
+            self._settling -= len(batch.settlements)
+            if not self._settling:
+                self._notify()
+
+    async def _call_with_timeout(self, call: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._attempt_timeout) as deadline:
+                return await call
+        except TimeoutError:
+            if deadline.expired():
+                raise AttemptTimeout(
+                    f"attempt timed out after {self._attempt_timeout:g} s"
+                ) from None
+            raise
+
+    async def _exhausted(self, promise_id: str) -> Exception:
+        """The error to reject with when the stored failures already use up the budget."""
+        history = await self._ctx.store.failed_attempts(promise_id)
+        last = next((a.error for a in reversed(history) if a.error is not None), None)
+        if last is None:
+            return RuntimeError("no attempts left")
+        exc = _StoredError(last.message)
+        exc.type_name, exc.retryable = last.type, last.retryable
+        return exc
+
+    async def wait_idle(self, *, tasks: bool, stops: list[asyncio.Future[Any]]) -> None:
+        """Wait until no settlement waits for its commit (and, with ``tasks``, no task is
+        left), or one of ``stops`` is done (a store failure, the lease lost)."""
+        while (self._settling or (tasks and self.running)) and not any(
+            stop.done() for stop in stops
+        ):
+            if self._changed is None or self._changed.done():
+                self._changed = asyncio.get_running_loop().create_future()
+            await asyncio.wait([self._changed, *stops], return_when=asyncio.FIRST_COMPLETED)
+
+    def _notify(self) -> None:
+        """A task ended, or the last settlement in flight was committed."""
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+
+    async def cancel(self) -> None:
+        """Cancel the tasks; the queued branches never start (their awaiters, like the
+        running ones', get CancelledError)."""
+        for queued in self._slots.forget_waiters():
+            queued.handle.fail(asyncio.CancelledError())
+        running = list(self.running)
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+
+
+class _Branch:
+    """A branch to run: its handle, its call, and its failed attempts so far. Past the
+    concurrency limit, every branch of a run's fan-out waits as one of these at once: a
+    small object with slots (a closure and its cells cost ~230 bytes a branch, measured at
+    100,000 branches)."""
+
+    __slots__ = ("failures", "fn", "handle", "kwargs")
+
+    def __init__(
+        self,
+        *,
+        handle: Handle[Any],
+        fn: Callable[..., Awaitable[Any]],
+        kwargs: dict[str, Any],
+        failures: int,
+    ) -> None:
+        self.handle, self.fn, self.kwargs, self.failures = handle, fn, kwargs, failures
+
+
+class _Announce:
+    """A branch's settlement written to a batch, to announce once the batch is done."""
+
+    __slots__ = ("cause", "handle", "settling")
+
+    def __init__(self, *, handle: Handle[Any], settling: Settling, cause: Exception | None) -> None:
+        self.handle, self.settling = handle, settling
+        #: the exception a rejection came from
+        self.cause = cause
+
+    def settle(self) -> Settled:
+        """Settle the handle as stored (the batch committed); return the outcome."""
+        outcome = self.settling.outcome()
+        self.handle.settle(outcome, cause=self.cause if outcome.state == "rejected" else None)
+        return outcome
+
+
+class _Announcements:
+    """The done-callback of a batch's future that announces the settlements in it: one
+    loop callback per commit, not one per branch."""
+
+    __slots__ = ("lanes", "settlements", "written")
+
+    def __init__(self, lanes: Lanes, written: Committed) -> None:
+        self.lanes, self.written = lanes, written
+        self.settlements: list[_Announce] = []
+
+    def __call__(self, written: Committed) -> None:
+        self.lanes._announce(self)
+
+
+class _StoredError(Exception):
+    """A stored error re-raised as it was (its type name is kept for the record)."""
+
+    type_name = "Error"
+    retryable = True
