@@ -1,6 +1,7 @@
-"""A worker stops when cancelled, even when the store turns the cancellation of its claim
-renewal into a store error (psycopg does: the rollback after a cancelled query fails when
-the server has just restarted, and that error replaces the cancellation)."""
+"""A worker, and a run's lease keeper, stop when cancelled, even when the store turns the
+cancellation of their heartbeat into a store error (psycopg does: the rollback after a
+cancelled query fails when the server has just restarted, and that error replaces the
+cancellation)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from imagepipe.durable import Store, StoreError
+from imagepipe.durable import LeaseKeeper, Store, StoreError
 from imagepipe.durable.records import Fence, Lease, PromiseRecord
 from imagepipe.durable.worker import BranchJob, Worker
 
@@ -41,3 +42,30 @@ async def test_a_renewal_whose_cancellation_became_a_store_error_still_stops_the
     done, _ = await asyncio.wait({running}, timeout=10)
     assert done == {running}
     assert running.cancelled()
+
+
+async def test_a_run_lease_whose_renewal_cancellation_became_a_store_error_is_released(
+    store: Store,
+) -> None:
+    """The same for the lease of a run: its heartbeat must stop when released, or the
+    run's process never ends."""
+    renewing = asyncio.Event()
+
+    async def renew_lease(lease: Lease) -> None:
+        renewing.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise StoreError("postgres@test", "lost its connection") from None
+
+    keeper = LeaseKeeper(store, "run", stale_after=0.05)
+    await keeper.acquire()
+    store.renew_lease = renew_lease  # type: ignore[method-assign]
+    await renewing.wait()
+    releasing = asyncio.create_task(keeper.release())
+    # Before the fix the heartbeat swallowed its cancellation and release() waited for it
+    # forever: a timeout is the only way this can fail.
+    done, _ = await asyncio.wait({releasing}, timeout=10)
+    assert done == {releasing}
+    assert releasing.result() is None
+    assert keeper.lease is None

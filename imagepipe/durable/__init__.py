@@ -8,7 +8,10 @@ images, screens or exit codes, and imports nothing else from imagepipe.
 - :mod:`.context` — :class:`RunContext` with ``begin_run(fn, **kwargs)`` and replay
 - :mod:`.steps` — handles, steps and durable sub-steps (``await step.run(fn, **kwargs)``)
 - :mod:`.retry` — the retry policy as data, run by tenacity
-- :mod:`.slots` — the concurrency limit; a queued branch gets its task when a slot frees
+- :mod:`.lanes` — the tasks that run branches, each a chain of them; settlements complete
+  by a callback on their batch
+- :mod:`.slots` — the concurrency limit; a queued branch is run next by the task whose
+  slot it is handed
 - :mod:`.lease` — one owner executes a run at a time, fenced by an epoch
 - :mod:`.events` — what the core tells observers
 - :mod:`.errors` — the core's own errors

@@ -27,7 +27,7 @@ from imagepipe.durable.errors import LeaseHeld, LeaseLost, StoreError
 from imagepipe.durable.records import Fence, Lease
 from imagepipe.durable.store import Store
 
-__all__ = ["DEFAULT_STALE_AFTER", "LeaseKeeper", "holder_gone", "pid_alive"]
+__all__ = ["DEFAULT_STALE_AFTER", "LeaseKeeper", "holder_gone", "pid_alive", "reraise_if_cancelled"]
 
 DEFAULT_STALE_AFTER = 10.0
 
@@ -50,6 +50,16 @@ def pid_alive(pid: int) -> bool:
 def holder_gone(holder: Lease) -> bool:
     """A holder on this host whose process is dead has certainly gone."""
     return holder.host == socket.gethostname() and not pid_alive(holder.pid)
+
+
+def reraise_if_cancelled() -> None:
+    """Raise CancelledError if this task is being cancelled. For a heartbeat that catches
+    store errors: a driver whose clean-up fails once a call is cancelled (psycopg's
+    rollback on a server that has just restarted) raises its own error in place of the
+    cancellation, and a loop that took it for a passing failure would never stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class LeaseKeeper:
@@ -108,6 +118,7 @@ class LeaseKeeper:
                 self.lost.set_result(exc)
                 return
             except StoreError:
+                reraise_if_cancelled()
                 # Busy or failing for a moment: the next beat tries again. Silent for
                 # longer than a takeover needs, this owner must assume it was taken over.
                 if loop.time() - renewed > self.stale_after:

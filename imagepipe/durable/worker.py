@@ -32,7 +32,7 @@ from typing import Any, Generic, TypeVar
 
 from imagepipe.durable.context import RunContext
 from imagepipe.durable.errors import LeaseLost, StoreBusy, StoreError
-from imagepipe.durable.lease import LeaseKeeper, holder_gone
+from imagepipe.durable.lease import LeaseKeeper, holder_gone, reraise_if_cancelled
 from imagepipe.durable.records import (
     ErrorInfo,
     Fence,
@@ -433,8 +433,6 @@ class Worker:
 
     async def _renew(self) -> None:
         loop = asyncio.get_running_loop()
-        me = asyncio.current_task()
-        assert me is not None
         renewed = loop.time()
         while True:
             await asyncio.sleep(self.stale_after / 10)
@@ -446,11 +444,7 @@ class Worker:
                     await self.store.renew_lease(self.me)
                 renewed = loop.time()
             except StoreError:
-                if me.cancelling():
-                    # Cancelled mid-call, and the driver's clean-up then failed (a rollback
-                    # on a server that restarted): its error replaced the cancellation,
-                    # which must still end this loop, or the worker never stops.
-                    raise asyncio.CancelledError from None
+                reraise_if_cancelled()
                 if loop.time() - renewed <= self.stale_after:
                     continue  # busy for a moment: fencing keeps the data safe meanwhile
                 lost = fences  # silent too long: every claim may have been taken over
