@@ -66,9 +66,8 @@ class Handle(Generic[T]):
     stops without an outcome (a store failure, cancellation) hands its awaiters the error."""
 
     __slots__ = (
-        "_cause",
         "_ctx",
-        "_failure",
+        "_exception",
         "_waiting",
         "args",
         "attempts",
@@ -105,10 +104,11 @@ class Handle(Generic[T]):
         self.replayed = False
         #: the awaiters of the pending handle
         self._waiting: list[asyncio.Future[None]] | None = None
-        #: why the branch stopped without an outcome
-        self._failure: BaseException | None = None
-        #: the exception a live rejection came from (the cause of its PromiseRejected)
-        self._cause: BaseException | None = None
+        #: while pending: why the branch stopped without an outcome (its awaiters get it);
+        #: once rejected here: the exception the rejection came from (its ``__cause__``).
+        #: One slot, not two: a handle is 128 bytes with it, 144 with two, and the extra
+        #: size class left half its blocks empty at 100,000 branches (15 MB of RSS)
+        self._exception: BaseException | None = None
 
     @classmethod
     def from_record(
@@ -134,13 +134,13 @@ class Handle(Generic[T]):
         live rejection came from."""
         self.state, self.value, self.error = outcome.state, outcome.value, outcome.error
         self.attempts = outcome.attempts
-        self._cause = cause
+        self._exception = cause
         self._wake(None)
 
     def fail(self, failure: BaseException) -> None:
         """The branch stopped without an outcome: its awaiters, now and later, get
         ``failure`` (the handle stays pending, as the promise does in the store)."""
-        self._failure = failure
+        self._exception = failure
         self._wake(failure)
 
     def _wake(self, failure: BaseException | None) -> None:
@@ -162,20 +162,20 @@ class Handle(Generic[T]):
         if not self.settled:
             if not self._ctx.replay_checked:
                 self._ctx._check_all_launched()
-            if self._failure is None:
+            if self._exception is None:
                 waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 if self._waiting is None:
                     self._waiting = [waiter]
                 else:
                     self._waiting.append(waiter)
                 await waiter
-            if self._failure is not None and not self.settled:
-                raise self._failure
+            if self._exception is not None and not self.settled:
+                raise self._exception
         if self.state == "resolved":
             value: T = self.value
             return value
         error = self.error or ErrorInfo("Error", "rejected")
-        raise PromiseRejected(self.id, error) from self._cause
+        raise PromiseRejected(self.id, error) from self._exception
 
 
 class Step(Generic[D]):
