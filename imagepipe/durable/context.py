@@ -120,9 +120,7 @@ class RunContext(Generic[D]):
         lease stops the workflow at once instead of letting it wait on siblings whose
         outcomes can no longer be recorded."""
         main: asyncio.Future[T] = asyncio.ensure_future(workflow(self, **kwargs))
-        watch: set[asyncio.Future[Any]] = {main, self._fatal}
-        if self._lease is not None:
-            watch.add(self._lease.lost)
+        watch: set[asyncio.Future[Any]] = {main, *self._stops()}
         try:
             await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
         finally:
