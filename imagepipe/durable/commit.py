@@ -91,6 +91,11 @@ class Settling:
         self.value, self.value_json = value, value_json
         self.error, self.attempts = error, attempts
 
+    def recorded(self) -> bool:
+        """True if the store recorded this settlement (the batch committed, and no earlier
+        settlement of the promise stands in its place)."""
+        return self.promise_id not in self.written.result()
+
     def outcome(self) -> Settled:
         """The outcome as stored (the batch committed): if the promise was settled before,
         that outcome stands."""

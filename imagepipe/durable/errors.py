@@ -6,6 +6,7 @@ the application that embeds the core decides how each is shown and what it means
 - :class:`LeaseHeld` / :class:`LeaseLost` — another owner executes, or took over
 - :class:`NonDeterminism` — replay asked for other work than the store holds
 - :class:`PromiseRejected` — awaiting a promise that was rejected
+- :class:`StopRun` — raised by a step: the run cannot go on, the branch stays pending
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "LeaseLost",
     "NonDeterminism",
     "PromiseRejected",
+    "StopRun",
     "StoreBusy",
     "StoreConflict",
     "StoreCorrupt",
@@ -120,3 +122,10 @@ class PromiseRejected(DurableError):
         super().__init__(f"{promise_id} rejected: {error.type}: {error.message}")
         self.promise_id = promise_id
         self.error = error
+
+
+class StopRun(DurableError):
+    """Raised by a step function: the run cannot go on in this process (its results cannot
+    be kept, say), so it stops as it does when the store fails. The step's attempt is not
+    recorded as a failure and uses up no retry: the branch stays pending, for a later
+    ``resume`` once the cause is fixed. ``__cause__`` holds what the step met."""

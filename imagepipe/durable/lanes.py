@@ -22,7 +22,13 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from imagepipe.durable.commit import Committed, Settling
-from imagepipe.durable.errors import DurableError, LeaseLost, NonDeterminism, StoreError
+from imagepipe.durable.errors import (
+    DurableError,
+    LeaseLost,
+    NonDeterminism,
+    StopRun,
+    StoreError,
+)
 from imagepipe.durable.events import (
     AttemptFailed,
     AttemptStarted,
@@ -42,7 +48,7 @@ __all__ = ["AttemptTimeout", "Lanes"]
 T = TypeVar("T")
 
 #: errors that stop the whole run when a branch meets them: its outcome cannot be recorded
-_STOPS_RUN = (StoreError, LeaseLost, NonDeterminism)
+_STOPS_RUN = (StoreError, LeaseLost, NonDeterminism, StopRun)
 
 
 class AttemptTimeout(Exception):
@@ -140,9 +146,10 @@ class Lanes:
         current = handle.attempts
         slots = self._slots
         holding = True  # a branch starts with the slot it was started with
+        step: Step[Any] | None = None  # the latest attempt's
 
         async def attempt() -> Any:
-            nonlocal current, holding
+            nonlocal current, holding, step
             if not holding:
                 await slots.take()
                 holding = True
@@ -205,7 +212,8 @@ class Lanes:
             self._ctx._emit(AttemptFailed(promise_id, func, current, error, None))
             self._write_settlement(handle, None, error, current, cause=exc)
             return holding
-        self._write_settlement(handle, value, None, current, cause=None)
+        effects = None if step is None else step.on_recorded
+        self._write_settlement(handle, value, None, current, cause=None, effects=effects)
         return holding
 
     def _write_settlement(
@@ -216,11 +224,14 @@ class Lanes:
         attempts: int,
         *,
         cause: Exception | None,
+        effects: list[Callable[[], object]] | None = None,
     ) -> None:
         """Write the branch's settlement to the group commit without waiting for it: the
         handle is settled, and the event emitted, by the done-callback of the batch's future
         (:class:`_Announcements`, one per batch) once it is durable: nobody hears of a
-        result before. :meth:`settle_all` waits for it."""
+        result before. The step's ``effects`` (:meth:`.Step.after_recorded`) run there
+        first, if this settlement is the one the store recorded. :meth:`settle_all` waits
+        for it."""
         settling = self._ctx.group_commit.write_settlement(
             handle.id, value=value, error=error, attempts=attempts
         )
@@ -228,7 +239,9 @@ class Lanes:
         if batch is None or batch.written is not settling.written:
             batch = self._announcing = _Announcements(self, settling.written)
             settling.written.add_done_callback(batch)
-        batch.settlements.append(_Announce(handle=handle, settling=settling, cause=cause))
+        batch.settlements.append(
+            _Announce(handle=handle, settling=settling, cause=cause, effects=effects)
+        )
         self._settling += 1
 
     def _announce(self, batch: _Announcements) -> None:
@@ -246,7 +259,16 @@ class Lanes:
                 for announce in batch.settlements:
                     announce.handle.fail(failure)
                 return
-            settled = [announce.settle() for announce in batch.settlements]
+            try:
+                settled = [announce.settle() for announce in batch.settlements]
+            except Exception as exc:  # an effect broke its promise not to raise
+                stop = StopRun(f"an effect after a recorded value failed: {exc}")
+                stop.__cause__ = exc
+                self._ctx._fail_fast(stop)
+                for announce in batch.settlements:
+                    if not announce.handle.settled:
+                        announce.handle.fail(stop)
+                return
             for announce, outcome in zip(batch.settlements, settled, strict=True):
                 if outcome.state == "rejected":
                     error = outcome.error or ErrorInfo("Error", "rejected")
@@ -332,15 +354,28 @@ class _Branch:
 class _Announce:
     """A branch's settlement written to a batch, to announce once the batch is done."""
 
-    __slots__ = ("cause", "handle", "settling")
+    __slots__ = ("cause", "effects", "handle", "settling")
 
-    def __init__(self, *, handle: Handle[Any], settling: Settling, cause: Exception | None) -> None:
+    def __init__(
+        self,
+        *,
+        handle: Handle[Any],
+        settling: Settling,
+        cause: Exception | None,
+        effects: list[Callable[[], object]] | None,
+    ) -> None:
         self.handle, self.settling = handle, settling
         #: the exception a rejection came from
         self.cause = cause
+        #: the attempt's effects to run once its value is recorded
+        self.effects = effects
 
     def settle(self) -> Settled:
-        """Settle the handle as stored (the batch committed); return the outcome."""
+        """Run the effects if this settlement is the one recorded, then settle the handle
+        as stored (the batch committed); return the outcome."""
+        if self.effects and self.settling.recorded():
+            for effect in self.effects:
+                effect()
         outcome = self.settling.outcome()
         self.handle.settle(outcome, cause=self.cause if outcome.state == "rejected" else None)
         return outcome

@@ -181,7 +181,7 @@ class Handle(Generic[T]):
 class Step(Generic[D]):
     """What a step function receives."""
 
-    __slots__ = ("_next", "_stored", "_sub_steps", "attempt", "deps", "id")
+    __slots__ = ("_next", "_stored", "_sub_steps", "attempt", "deps", "id", "on_recorded")
 
     def __init__(
         self, promise_id: str, attempt: int, deps: D, sub_steps: SubSteps, stored: bool
@@ -191,9 +191,23 @@ class Step(Generic[D]):
         #: the durable attempt number: it continues across processes
         self.attempt = attempt
         self.deps = deps
+        #: what :meth:`after_recorded` was given, in order (None: nothing)
+        self.on_recorded: list[Callable[[], object]] | None = None
         self._sub_steps = sub_steps
         self._stored = stored
         self._next = 0
+
+    def after_recorded(self, effect: Callable[[], object]) -> None:
+        """Call ``effect()`` once the value this attempt returns is durably recorded as the
+        step's outcome, before anyone hears of it; never if it is not recorded (the attempt
+        failed, the lease was lost, the run stopped, or another owner settled the step
+        first). For what must follow the record and only the record, such as making a
+        staged file visible: a process that was taken over never gets that far. It must
+        not raise; if it does, the run stops."""
+        if self.on_recorded is None:
+            self.on_recorded = [effect]
+        else:
+            self.on_recorded.append(effect)
 
     async def run(self, fn: Callable[..., Awaitable[T]], /, **kwargs: Any) -> T:
         """Run ``fn(**kwargs)`` as durable sub-step ``<id>.<n>``; on replay, return the

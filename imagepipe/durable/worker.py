@@ -136,6 +136,9 @@ class BranchJob(Generic[D]):
     retry: RetryPolicy
     summarize: Summarize
     attempt_timeout: float | None = None
+    #: called with the run's branches once this worker has settled the run's root (every
+    #: branch settled: no process can still be executing one), e.g. to tidy its files
+    on_run_settled: Callable[[list[PromiseRecord]], object] | None = None
 
 
 class _ClaimedLease(LeaseKeeper):
@@ -198,7 +201,12 @@ def claim_epoch(keeper: LeaseKeeper) -> int:
     return 0 if keeper.lease is None else keeper.lease.epoch
 
 
-async def settle_root_if_done(store: Store, run_id: str, summarize: Summarize) -> bool:
+async def settle_root_if_done(
+    store: Store,
+    run_id: str,
+    summarize: Summarize,
+    on_settled: Callable[[list[PromiseRecord]], object] | None = None,
+) -> bool:
     """Settle the run's root if every branch has settled; True if this call settled it.
 
     Called by whoever settles a branch, after that settlement is durable: of two workers
@@ -209,7 +217,8 @@ async def settle_root_if_done(store: Store, run_id: str, summarize: Summarize) -
     root = await store.get(run_id)
     if root is None or root.settled:
         return False
-    value, error = summarize(await store.children(run_id))
+    children = await store.children(run_id)
+    value, error = summarize(children)
     settlement = Settlement(
         run_id,
         "rejected" if error is not None else "resolved",
@@ -218,7 +227,11 @@ async def settle_root_if_done(store: Store, run_id: str, summarize: Summarize) -
         time.time(),
     )
     lost = await store.apply(WriteBatch(settlements=[settlement]))
-    return run_id not in lost
+    if run_id in lost:
+        return False
+    if on_settled is not None:
+        on_settled(children)
+    return True
 
 
 # -- the worker loop -------------------------------------------------------------------
@@ -381,7 +394,7 @@ class Worker:
     async def _root_check(self, run_id: str, job: BranchJob[Any]) -> None:
         await asyncio.sleep(0)  # the branches settled in this loop turn join this check
         del self._root_checks[run_id]  # from now on, a settlement needs a later check
-        if await settle_root_if_done(self.store, run_id, job.summarize):
+        if await settle_root_if_done(self.store, run_id, job.summarize, job.on_run_settled):
             self.stats.runs_settled += 1
 
     async def _run(self, claim: Claim, job: BranchJob[Any]) -> str:
