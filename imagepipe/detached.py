@@ -11,10 +11,12 @@ options (keys from the worker's own environment), and settle the root with the l
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from imagepipe import settings
@@ -58,6 +60,7 @@ from imagepipe.service import (
     execution_for,
     opened_store,
     read_root,
+    reconcile_outcomes,
     root_promise,
     run_command,
     run_outcome,
@@ -127,6 +130,13 @@ class _LoggedProvider:
         await self._inner.aclose()
 
 
+def _tidy_images(directory: Path | None, children: list[PromiseRecord]) -> None:
+    """A run's root is settled: no process can still be writing its images legitimately,
+    so its image folder is brought in line with the store (staged files promoted, orphans
+    removed)."""
+    reconcile_outcomes(directory, [(c.state, c.value) for c in children], exclusive=True)
+
+
 def _job_maker(invocation: Invocation) -> Callable[[PromiseRecord], Any]:
     async def job_for(root: PromiseRecord) -> BranchJob[Deps]:
         execution = execution_for(root, invocation)
@@ -139,6 +149,7 @@ def _job_maker(invocation: Invocation) -> Callable[[PromiseRecord], Any]:
             retry=execution.retry,
             summarize=summarize,
             attempt_timeout=invocation.attempt_timeout,
+            on_run_settled=functools.partial(_tidy_images, execution.deps.out_dir),
         )
 
     return job_for

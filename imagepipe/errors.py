@@ -11,7 +11,8 @@ Exit codes (also in the README):
 1     the run failed: a branch was rejected (others still finished)
 2     bad input: arguments, unknown run id, reused id, unusable ``--db`` path
 65    the stored run does not match what the code produces now (non-determinism)
-74    the store cannot be read or written (read-only, disk full, corrupt, newer)
+74    the store, or the run's image folder, cannot be read or written (read-only, disk
+      full, corrupt, newer)
 75    the run or the store is busy in another process; try again later
 130   interrupted by Ctrl-C (143 for SIGTERM); the run is resumable
 ====  ==========================================================================
@@ -188,6 +189,11 @@ def from_core(exc: DurableError, run_id: str | None = None) -> ImagepipeError:
         return RunBusy(run_id or "?", "another process writing the same run")
     if isinstance(exc, core.StoreError):
         return StoreFailed(str(exc))
+    if isinstance(exc, core.StopRun):
+        return StoreFailed(
+            f"{escape_control(str(exc))}; the run stopped and its unfinished branches stay "
+            f"pending (nothing is paid again for them until you resume): fix it, then {again}"
+        )
     if isinstance(exc, core.LeaseHeld):
         return RunBusy(exc.key, f"process {exc.holder.pid} on {exc.holder.host}")
     if isinstance(exc, core.LeaseLost):

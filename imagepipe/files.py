@@ -1,9 +1,18 @@
-"""Image files on disk: safe names, atomic saves, re-hashing for ``verify``.
+"""Image files on disk: safe names, staged writes, re-hashing for ``verify``.
 
 - :func:`image_file_name` turns any style text into a file name that is safe on Linux, macOS
   and Windows and never the same for two different (style, variation, prompt index).
+- :func:`claim_image_dir` makes a run's image folder, checks that it can be written, and
+  marks it as the run's (``.imagepipe/run``): another run's images are never written there.
+- :func:`stage_image` writes an attempt's bytes under a name no other attempt can use
+  (``.imagepipe/staging/<name>.<sha16>.<random>``), fsynced; :func:`promote` renames it to
+  its final name. The workflow promotes a staged file only once the store has recorded it
+  as the branch's value (a fenced commit), so a stale process, whose commit is refused,
+  leaves an orphan in ``staging/`` and never replaces a file another process recorded.
+- :func:`reconcile_images` finishes what a kill interrupted: a staged file whose value was
+  recorded but not yet renamed is promoted; orphans are removed.
 - :func:`save_image` writes bytes atomically (temporary file, fsync, rename, fsync of the
-  directory): after a kill there is a complete file under the final name or none at all.
+  directory), for files that are not a branch's image.
 - :func:`verify_images` re-hashes saved files in chunks and reports missing, changed and
   unreadable ones.
 
@@ -20,25 +29,35 @@ import os
 import re
 import secrets
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypedDict
 
 from imagepipe.errors import ImagepipeError
+from imagepipe.text import escape_control, quoted
 
 __all__ = [
     "MIME_EXTENSIONS",
     "TEMP_SUFFIX",
+    "ImageDirTaken",
+    "ImageDirUnusable",
     "ImageFileError",
+    "ReconcileReport",
     "SavedImage",
+    "StagedImage",
     "VerifyProblem",
+    "claim_image_dir",
     "default_image_dir",
     "file_sha256",
+    "has_staged",
     "image_file_name",
+    "promote",
+    "reconcile_images",
     "remove_temporaries",
     "save_image",
     "sniff_mime",
+    "stage_image",
     "verify_images",
 ]
 
@@ -48,6 +67,14 @@ TEMP_SUFFIX = ".imagepipe-tmp"
 #: Longest file name produced, in UTF-8 bytes; file systems allow 255 and a temporary name
 #: or a ``-dupN`` added by the export must still fit.
 MAX_NAME_BYTES = 200
+
+#: imagepipe's own folder inside a run's image folder: the owner mark and the staged files
+STATE_DIR = ".imagepipe"
+#: the file in :data:`STATE_DIR` that names the run whose images the folder holds
+OWNER_FILE = "run"
+#: the folder in :data:`STATE_DIR` where attempts write their images before promotion
+STAGING_DIR = "staging"
+_STAGED_SHA_CHARS = 16
 
 _HASH_CHARS = 10
 _CHUNK = 1 << 20
@@ -71,6 +98,16 @@ _PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", 
 
 class ImageFileError(ImagepipeError):
     """Image bytes or an image file that cannot be used (unknown format, unreadable)."""
+
+
+class ImageDirUnusable(ImagepipeError):
+    """A run's image folder cannot be created or written (checked before anything is paid)."""
+
+    exit_code = 2
+
+
+class ImageDirTaken(ImageDirUnusable):
+    """The image folder holds another run's images."""
 
 
 class SavedImage(TypedDict):
@@ -255,6 +292,174 @@ def save_image(directory: Path, name: str, data: bytes) -> SavedImage:
         width=width,
         height=height,
     )
+
+
+class StagedImage(SavedImage):
+    """What :func:`stage_image` wrote: the final file's description, and where the bytes
+    wait until :func:`promote` renames them there."""
+
+    staged: str
+
+
+def _staging(directory: Path) -> Path:
+    return directory / STATE_DIR / STAGING_DIR
+
+
+def claim_image_dir(directory: Path, run_id: str) -> None:
+    """Make ``directory`` (and its staging folder) and mark it as ``run_id``'s.
+
+    Raises :class:`ImageDirTaken` if the folder is marked as another run's, and
+    :class:`ImageDirUnusable` if it cannot be created or written (a file is written to the
+    staging folder and removed, as an image would be): checked before any request is made,
+    so that no image is paid for that cannot be kept."""
+    shown = escape_control(repr(str(directory)))
+    try:
+        staging = _staging(directory)
+        _make_dirs(staging)
+        owner = directory / STATE_DIR / OWNER_FILE
+        try:
+            fd = os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            holder = owner.read_text(encoding="utf-8", errors="replace").strip()
+            if holder != run_id:
+                raise ImageDirTaken(
+                    f"the image folder {shown} holds the images of run {quoted(holder)}; "
+                    "give this run another --out (or omit --out)"
+                ) from None
+        else:
+            try:
+                os.write(fd, run_id.encode("utf-8", "surrogateescape") + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        probe = staging / f"probe.{secrets.token_hex(8)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ImageDirUnusable(
+            f"cannot write images to {shown}: {exc.strerror or type(exc).__name__}; "
+            "choose another --out"
+        ) from None
+
+
+def stage_image(directory: Path, name: str, data: bytes) -> StagedImage:
+    """Write ``data`` for ``directory/name`` under a staged name no other attempt can use,
+    fsynced with its folder; describe the final file (which does not exist yet).
+
+    :func:`promote` makes it ``directory/name``; until then a reader sees the file that
+    was there before, if any. Raises :class:`ImageFileError` for bytes that are not an image
+    and ``OSError`` when the disk refuses the write."""
+    _check_name(name)
+    mime = sniff_mime(data)
+    width, height = _dimensions(data, mime)
+    sha256 = hashlib.sha256(data).hexdigest()
+    staging = _staging(directory)
+    _make_dirs(staging)
+    staged = staging / f"{name}.{sha256[:_STAGED_SHA_CHARS]}.{secrets.token_hex(4)}"
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(staging)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            staged.unlink()
+        raise
+    return StagedImage(
+        path=str((directory / name).absolute()),
+        sha256=sha256,
+        bytes=len(data),
+        mime=mime,
+        width=width,
+        height=height,
+        staged=str(staged.absolute()),
+    )
+
+
+def promote(staged: str, final: str) -> bool:
+    """Rename a staged image to its final name; False if it is no longer staged (already
+    promoted by :func:`reconcile_images`) or the rename failed (it stays staged, and the
+    next reconciliation promotes it)."""
+    try:
+        os.replace(staged, final)
+    except OSError:
+        return False
+    return True
+
+
+def has_staged(directory: Path) -> bool:
+    """True if an attempt left a staged file in ``directory`` (one short listing)."""
+    try:
+        with os.scandir(_staging(directory)) as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What :func:`reconcile_images` did: staged files promoted, and orphans removed."""
+
+    promoted: int = 0
+    removed: int = 0
+
+
+def reconcile_images(
+    directory: Path, recorded: Mapping[str, str], *, exclusive: bool
+) -> ReconcileReport:
+    """Bring a run's image folder in line with its store: ``recorded`` maps the file name
+    of every resolved branch to its stored sha256.
+
+    A staged file whose final name and content match a recorded image is promoted if the
+    final file is missing or differs (a kill fell between the record and the rename), then
+    the staged copy is removed; a staged file for a recorded name with other content is an
+    orphan (a stale process's) and is removed. With ``exclusive`` (no other process can be
+    executing the run: it is settled, or this process holds it), every other staged file
+    is an orphan too, and is removed; without, it may be an attempt in flight, and stays."""
+    staging = _staging(directory)
+    try:
+        entries = sorted(os.listdir(staging))
+    except OSError:
+        return ReconcileReport()
+    promoted = removed = 0
+    for entry in entries:
+        staged = staging / entry
+        parts = entry.rsplit(".", 2)  # <final name>.<sha256 prefix>.<random>
+        expected = recorded.get(parts[0]) if len(parts) == 3 else None
+        if expected is None and not exclusive:
+            continue  # maybe an attempt in flight
+        if expected is not None and _promoted(staged, directory / parts[0], parts[1], expected):
+            promoted += 1
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
+            removed += 1
+    if promoted:
+        _fsync_dir(directory)
+    return ReconcileReport(promoted, removed)
+
+
+def _promoted(staged: Path, final: Path, sha_prefix: str, expected: str) -> bool:
+    """Promote ``staged`` if it holds the recorded image and ``final`` does not; True if
+    it was promoted (if not, it is a copy or an orphan, to remove)."""
+    expected = expected.lower()
+    if not expected.startswith(sha_prefix.lower()):
+        return False  # another attempt's bytes: not what the store recorded
+    if _sha256_or_none(final) == expected or _sha256_or_none(staged) != expected:
+        return False
+    return promote(str(staged), str(final))
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
 
 
 def remove_temporaries(directory: Path) -> int:

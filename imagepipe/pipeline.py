@@ -13,13 +13,14 @@ its bytes. :class:`BranchArgs` is the one reader of a stored branch's arguments.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from imagepipe.durable import Handle, RunContext, Step, bind_args
+from imagepipe.durable import Handle, RunContext, Step, StopRun, bind_args
 from imagepipe.durable.records import ARGS_VERSION
 from imagepipe.providers import ImageProvider, ProviderImage, ProviderRequest
 from imagepipe.providers.options import ProviderOptions
@@ -33,6 +34,7 @@ __all__ = [
     "generate_image",
     "image_location",
     "image_pipeline",
+    "recorded_images",
     "variation_label",
 ]
 
@@ -114,7 +116,7 @@ async def generate_image(
     if prompt_index is not None:
         value["prompt_index"] = prompt_index
     if image.data:
-        value.update(await _save(image, deps.out_dir, style, variation, prompt_index))
+        value.update(await _stage(step, image, deps.out_dir, style, variation, prompt_index))
     else:
         value["path"] = None
     for key in ("seed", "revised_prompt", "usage"):
@@ -123,16 +125,36 @@ async def generate_image(
     return value
 
 
-async def _save(
-    image: ProviderImage, out_dir: Path | None, style: str, variation: int, index: int | None
+async def _stage(
+    step: Step[Deps],
+    image: ProviderImage,
+    out_dir: Path | None,
+    style: str,
+    variation: int,
+    index: int | None,
 ) -> Any:
-    """Write the image atomically (in a thread: fsync blocks) and describe the file."""
-    from imagepipe.files import MIME_EXTENSIONS, image_file_name, save_image, sniff_mime
+    """Write the image under a staged name (in a thread: fsync blocks) and describe its
+    final file, which it becomes once the store has recorded this value: a process that was
+    taken over meanwhile has its record refused, and never replaces the file of the process
+    that took over (see :mod:`imagepipe.files`).
+
+    A disk that refuses the write stops the run, the branch left pending: retrying would
+    pay the provider again for an image that cannot be kept."""
+    from imagepipe.files import MIME_EXTENSIONS, image_file_name, promote, sniff_mime, stage_image
 
     assert out_dir is not None, "a run that makes images has an output directory"
     mime = sniff_mime(image.data)
     name = image_file_name(style, variation, MIME_EXTENSIONS[mime], index)
-    return dict(await asyncio.to_thread(save_image, out_dir, name, image.data))
+    try:
+        staged = await asyncio.to_thread(stage_image, out_dir, name, image.data)
+    except OSError as exc:
+        raise StopRun(
+            f"cannot write the image of {step.id} to {str(out_dir)!r}: "
+            f"{exc.strerror or type(exc).__name__}"
+        ) from exc
+    # a failed rename leaves it staged, for the next reconciliation to promote
+    step.after_recorded(functools.partial(promote, staged["staged"], staged["path"]))
+    return {key: value for key, value in staged.items() if key != "staged"}
 
 
 async def image_pipeline(
@@ -210,6 +232,18 @@ class BranchArgs:
         """``style#n``, after ``#row`` for a prompt file's branch: ``#3 cartoon#1``."""
         label = variation_label(self.style, self.variation)
         return label if self.prompt_index is None else f"#{self.prompt_index + 1} {label}"
+
+
+def recorded_images(directory: Path, outcomes: Iterable[tuple[str, Any]]) -> dict[str, str]:
+    """The file name and sha256 of each resolved branch's image in ``directory``, from the
+    branches' (state, value)."""
+    recorded: dict[str, str] = {}
+    for state, value in outcomes:
+        if state == "resolved" and isinstance(value, Mapping) and value.get("path"):
+            path = Path(str(value["path"]))
+            if path.parent == directory:
+                recorded[path.name] = str(value.get("sha256", ""))
+    return recorded
 
 
 def image_location(value: Mapping[str, Any]) -> str | None:

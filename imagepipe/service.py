@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,9 +42,17 @@ from imagepipe.durable import (
     encode_args,
     open_store,
 )
+from imagepipe.durable.lease import holder_gone
 from imagepipe.errors import BadInput, Interrupted, RunConflict, UnknownRun, from_core
-from imagepipe.files import default_image_dir
-from imagepipe.pipeline import Deps, image_pipeline
+from imagepipe.files import (
+    ReconcileReport,
+    claim_image_dir,
+    default_image_dir,
+    has_staged,
+    reconcile_images,
+    remove_temporaries,
+)
+from imagepipe.pipeline import Deps, image_pipeline, recorded_images
 from imagepipe.providers import SimulatedProvider
 from imagepipe.providers.options import ProviderOptions, build_options, identity
 from imagepipe.providers.registry import get_provider_class
@@ -68,9 +76,12 @@ from imagepipe.text import quoted
 __all__ = [
     "check_same_spec",
     "execution_for",
+    "fix_run_images",
     "list_runs",
     "opened_store",
     "read_root",
+    "reconcile_outcomes",
+    "reconcile_run_images",
     "resume_run",
     "root_promise",
     "run_command",
@@ -144,17 +155,24 @@ def start_run(
     invocation.validate()
     spec = with_provider(spec, invocation)
 
+    if invocation.out_dir:
+        # before the store is opened: a folder that cannot take the images is bad input,
+        # and nothing is paid for that could not be kept
+        claim_image_dir(_image_dir(invocation.out_dir), run_id)
+
     async def start() -> RunOutcome:
         async with opened_store(url, create=True, write=True) as store:
             root = await store.get(run_id)
             created = False
             if root is None:
+                claim_image_dir(_image_dir(invocation.out_dir or default_image_dir(run_id)), run_id)
                 created = await _create_root(store, run_id, spec, invocation)
                 root = await read_root(store, run_id)
             if root.parent_id is not None or root.func != WORKFLOW:
                 raise UnknownRun(run_id, store.where)
             check_same_spec(run_id, RunSpec.from_stored(root.args), spec)
             if root.settled:
+                await reconcile_run_images(store, root)
                 return await _stored_outcome(store, root)
             return await _execute(store, root, invocation, reporter, resumed=not created)
 
@@ -225,6 +243,7 @@ def resume_run(
                 root = await read_root(store, run_id)
                 reopen = retry_failed and root.state == "rejected"
                 if root.settled and not reopen:
+                    await reconcile_run_images(store, root)
                     return await _stored_outcome(store, root)
                 return await _execute(
                     store, root, invocation, reporter, resumed=True, reopen=reopen
@@ -247,6 +266,37 @@ def show_run(url: str, run_id: str) -> RunOutcome:
             raise UnknownRun(run_id, missing.where) from None
 
     return run_command(show, run_id)
+
+
+def fix_run_images(url: str, run_id: str) -> ReconcileReport:
+    """``verify --fix``: promote the run's staged images that the store recorded, and
+    remove orphans and leftover temporary files. Files of branches that may be in flight
+    (the run is pending and a live process holds it or one of its branches) are left."""
+
+    async def fix() -> ReconcileReport:
+        try:
+            async with opened_store(url, create=False, write=False) as store:
+                root = await read_root(store, run_id)
+                exclusive = root.settled or not await _executed_now(store, run_id)
+                report = await reconcile_run_images(store, root, exclusive=exclusive)
+        except StoreMissing as missing:
+            raise UnknownRun(run_id, missing.where) from None
+        if exclusive:
+            removed = remove_temporaries(image_dir_of(root))
+            report = dataclasses.replace(report, removed=report.removed + removed)
+        return report
+
+    return run_command(fix, run_id)
+
+
+async def _executed_now(store: Store, run_id: str) -> bool:
+    """True if a live process holds the run or one of its branches."""
+    stale_after = settings.lease_timeout()
+    return any(
+        lease.age <= stale_after and not holder_gone(lease)
+        for lease in await store.held_leases(run_id)
+        if lease.key == run_id or lease.key.startswith(f"{run_id}.")
+    )
 
 
 def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
@@ -394,6 +444,11 @@ async def _execute(
         except BaseException:
             await ctx.cancel_all()  # interrupted or broken: pending branches stay resumable
             raise
+        # every branch is settled and this process holds the run: finish what kills
+        # left in the image folder (staged files recorded but not renamed, orphans)
+        reconcile_outcomes(
+            execution.deps.out_dir, ((h.state, h.value) for h in ctx.launched), exclusive=True
+        )
     finally:
         await lease.release()
         await provider.aclose()
@@ -422,9 +477,8 @@ def execution_for(root: PromiseRecord, invocation: Invocation) -> Execution:
     provider_class: Any = get_provider_class(spec.provider)
     options = _invocation_options(root.id, spec, provider_class, invocation)
     provider_class.check_credentials(options)
-    out_dir = _image_dir(
-        invocation.out_dir or root.options.get("out_dir") or default_image_dir(root.id)
-    )
+    out_dir = image_dir_of(root, invocation)
+    claim_image_dir(out_dir, root.id)
     max_attempts = invocation.max_attempts or int(
         root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
     )
@@ -473,6 +527,34 @@ def _provider(provider_class: Any, options: ProviderOptions, invocation: Invocat
         time_scale=invocation.time_scale,
     )
     return provider_class(options, pacer=pacer, time_scale=invocation.time_scale)
+
+
+def image_dir_of(root: PromiseRecord, invocation: Invocation | None = None) -> Path:
+    """Where the run's images go: ``--out`` of this invocation, else the run's own."""
+    given = invocation.out_dir if invocation is not None else None
+    return _image_dir(given or root.options.get("out_dir") or default_image_dir(root.id))
+
+
+async def reconcile_run_images(
+    store: Store, root: PromiseRecord, *, exclusive: bool = True
+) -> ReconcileReport:
+    """Bring a run's image folder in line with its store (:func:`.files.reconcile_images`);
+    ``exclusive`` only when no other process can be executing the run (it is settled, or
+    this process holds it). The store is read only if something is staged."""
+    directory = image_dir_of(root)
+    if not has_staged(directory):
+        return ReconcileReport()
+    records = await store.children(root.id)
+    return reconcile_outcomes(directory, [(r.state, r.value) for r in records], exclusive=exclusive)
+
+
+def reconcile_outcomes(
+    directory: Path | None, outcomes: Iterable[tuple[str, Any]], *, exclusive: bool
+) -> ReconcileReport:
+    """Reconcile ``directory`` with the branches' (state, value), if anything is staged."""
+    if directory is None or not has_staged(directory):
+        return ReconcileReport()
+    return reconcile_images(directory, recorded_images(directory, outcomes), exclusive=exclusive)
 
 
 def _image_dir(path: str | Path) -> Path:

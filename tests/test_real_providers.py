@@ -162,7 +162,8 @@ def test_kill9_during_an_openai_request_then_resume(
     data = json.loads(resumed.stdout)
     assert data["state"] == "resolved"
     assert all(Path(i["path"]).read_bytes().startswith(PNG_MAGIC) for i in data["images"])
-    assert not [p for p in out.iterdir() if not p.name.endswith(".png")]  # no temporaries
+    assert not [p for p in out.iterdir() if p.is_file() and not p.name.endswith(".png")]
+    assert not list((out / ".imagepipe" / "staging").iterdir())  # no staged leftovers
     # The hung branch was sent twice under the same Idempotency-Key (at least once, by
     # design); the fake replays a billed answer for a known key, so nothing is paid twice.
     # A branch committed before the kill is not sent again; the others are, under the same
@@ -260,7 +261,10 @@ def test_a_moderation_block_rejects_one_branch_with_the_providers_message(
     assert result.stderr.count("\n") == 1
     assert openai_fake.prompts[rendered("cartoon")] == 1  # not retried
     assert openai_fake.paid_creates == 2
-    assert sorted(p.name for p in out.iterdir()) == ["abstract.png", "photorealistic.png"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "abstract.png",
+        "photorealistic.png",
+    ]
     by_style = {b["style"]: b for b in show_json("m1")["branches"]}
     assert by_style["cartoon"]["state"] == "rejected"
     assert by_style["cartoon"]["attempts"] == 1
@@ -393,8 +397,9 @@ def test_a_thousand_one_megabyte_images_stay_under_200_mb(
     assert proc.returncode == 0, proc.stderr[-500:]
     data = json.loads(proc.stdout)
     assert len(data["images"]) == 1000
-    sizes = {p.stat().st_size for p in out.iterdir()}
-    assert len(list(out.iterdir())) == 1000
+    images = [p for p in out.iterdir() if p.is_file()]
+    sizes = {p.stat().st_size for p in images}
+    assert len(images) == 1000
     assert min(sizes) >= 1_000_000
     peak_kib = next(
         int(line.split()[1]) for line in report.read_text().splitlines() if line.startswith("VmHWM")

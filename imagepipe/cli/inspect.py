@@ -82,13 +82,28 @@ def show(
 def verify(
     run_id: Annotated[str, typer.Argument(metavar="ID", help="The run whose files to check.")],
     db: DbOption = None,
+    fix: Annotated[
+        bool,
+        typer.Option(
+            "--fix",
+            help="First finish what a kill left behind: rename images the store recorded "
+            "but a killed process had not yet put in place, and remove orphans (images of "
+            "attempts whose result was never recorded) and temporary files.",
+        ),
+    ] = False,
 ) -> None:
     """Re-hash a run's image files: exit 1 naming each one that is missing or changed."""
     from imagepipe.errors import RunFailed
     from imagepipe.files import verify_images
-    from imagepipe.service import show_run
+    from imagepipe.service import fix_run_images, show_run
     from imagepipe.text import escape_control
 
+    if fix:
+        report = fix_run_images(store_url(db), run_id)
+        print(
+            f"run {escape_control(run_id)}: {report.promoted} recorded images put in place, "
+            f"{report.removed} orphaned or temporary files removed"
+        )
     outcome = show_run(store_url(db), run_id)
     files = [
         (str(b.value["path"]), str(b.value["sha256"]))

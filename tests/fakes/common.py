@@ -94,6 +94,9 @@ class Fault:
     #: dies or times out after the provider did the work
     hang_after: bool = False
     drop: bool = False  # close the connection without an answer
+    #: answer only once this event is set (or the server stops): a test holds a client
+    #: mid-request for exactly as long as it needs, whatever the machine's speed
+    held_until: threading.Event | None = None
 
     @classmethod
     def rate_limited(cls, retry_after: float | None = 1.0, *, ms: bool = False) -> Fault:
@@ -405,6 +408,7 @@ class FakeServer:
             key = request.headers.get("idempotency-key")
             if key is not None and endpoint == "create":
                 self.keys[key] += 1
+        self.notify()  # a request held by a fault is seen before it is answered
         if not self.authorized(request):
             return self.error(401, "Incorrect API key provided", "invalid_api_key", None)
         rate_headers: dict[str, str] = {}
@@ -422,6 +426,9 @@ class FakeServer:
             if fault.hang_after:
                 handler(request)
                 return fault
+            if fault.held_until is not None:
+                while not fault.held_until.wait(0.05) and not self._stopping.is_set():
+                    pass
             if fault.delay:
                 self._stopping.wait(fault.delay * self.time_scale)
             if fault.status:

@@ -34,6 +34,11 @@ class OpenAIFake(FakeServer):
         self.image_size = (32, 32)
         #: when set, every image is one cached PNG of about this many bytes
         self.big_image: int | None = None
+        #: when set, every answer holds another image, even one replayed for an idempotency
+        #: key (which then only saves the money), so that a file written from one answer
+        #: can be told from another's
+        self.unique_images = False
+        self._answers = itertools.count(1)
         self._ids = itertools.count(1)
         #: what a key's first successful answer was made of, to replay it (not the bytes:
         #: a thousand big answers would fill the test's memory)
@@ -80,7 +85,8 @@ class OpenAIFake(FakeServer):
 
     def _make(self, n: int, created: int, prompt: str, body: dict[str, Any]) -> Answer:
         big = self.big_image
-        png = make_big_png(big) if big else make_png(prompt, *self.image_size)
+        seed = f"{prompt} #{next(self._answers)}" if self.unique_images else prompt
+        png = make_big_png(big) if big else make_png(seed, *self.image_size)
         item: dict[str, str] = {"revised_prompt": f"{prompt}, revised"}
         if self.respond_with_url or body.get("response_format") == "url":
             name = f"img-{n}.png"
