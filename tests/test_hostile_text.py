@@ -147,3 +147,67 @@ def test_a_real_process_prints_escaped_errors(db_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr == ("error: style 'car\\x1b[2Jtoon' holds control characters\n")
+
+
+def _process(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cli_argv(*args),
+        env=cli_env(db, IMAGEPIPE_TIME_SCALE="0.01"),
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        timeout=60,
+    )
+
+
+def _damage_schema(db: Path, sql: str) -> bytes:
+    """Put bytes that are not UTF-8 into the store's schema, as a bad disk or tool might."""
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute(sql)
+    conn.commit()
+    conn.close()
+    return db.read_bytes()
+
+
+CORRUPT_SCHEMA = "is corrupt (its schema is not UTF-8); restore it from a backup\n"
+
+
+def test_a_schema_that_is_not_utf8_is_a_corrupt_store_for_every_command(db_path: Path) -> None:
+    assert _process(db_path, "run", "a fox", "--id", "s1", "-s", "cartoon").returncode == 0
+    # SQLite cannot parse the damaged schema, and its message quotes the byte.
+    damaged = _damage_schema(
+        db_path,
+        "UPDATE sqlite_master SET sql = sql || CAST(x'20ff' AS TEXT) WHERE name = 'leases'",
+    )
+    for args in (
+        ["list"],
+        ["show", "s1"],
+        ["resume", "s1"],
+        ["run", "a cat", "--id", "s2", "-s", "cartoon"],
+        ["verify", "s1"],
+        ["gallery", "s1"],
+        ["workers"],
+        ["worker", "--once"],
+    ):
+        done = _process(db_path, *args)
+        assert done.returncode == 74, (args, done.stderr)
+        assert done.stderr == f"error: the store {db_path} {CORRUPT_SCHEMA}", args
+        assert db_path.read_bytes() == damaged, args
+
+
+def test_a_schema_constraint_that_is_not_utf8_is_a_corrupt_store(db_path: Path) -> None:
+    # A schema that SQLite parses, whose CHECK fails when a run takes its lease; the
+    # error SQLite gives quotes the constraint, byte and all.
+    assert _process(db_path, "run", "a fox", "--id", "s1", "-s", "cartoon").returncode == 0
+    _damage_schema(
+        db_path,
+        "UPDATE sqlite_master SET sql = replace(sql, 'heartbeat_at REAL NOT NULL',"
+        " 'heartbeat_at REAL NOT NULL CHECK (owner IS NULL OR owner = '''"
+        " || CAST(x'ff' AS TEXT) || ''')') WHERE name = 'leases'",
+    )
+    done = _process(db_path, "run", "a cat", "--id", "s2", "-s", "cartoon")
+    assert done.returncode == 74, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.endswith(f"error: the store {db_path} {CORRUPT_SCHEMA}")
