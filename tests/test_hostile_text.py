@@ -41,6 +41,12 @@ def assert_escaped(out: str) -> None:
         ("caf\udce9", "caf\\xe9"),  # an undecodable byte, as Python keeps it in argv
         ("lone \ud800", "lone \\ud800"),
         ("\u202eevil\u2066", "\\u202eevil\\u2066"),
+        # Every invisible format character (Cf) but the joiners, and the line separators.
+        ("rlm\u200f alm\u061c lrm\u200e", "rlm\\u200f alm\\u061c lrm\\u200e"),
+        ("zero\u200bwidth\ufeffbom soft\xadhyphen", "zero\\u200bwidth\\ufeffbom soft\\xadhyphen"),
+        ("hidden \U000e0041\U000e0042 tags", "hidden \\U000e0041\\U000e0042 tags"),
+        ("line\u2028para\u2029", "line\\u2028para\\u2029"),
+        ("non\u200cjoiner", "non\u200cjoiner"),  # Persian and Indic scripts need it
     ],
 )
 def test_escape_control(text: str, shown: str) -> None:
@@ -158,6 +164,18 @@ def _process(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
         errors="surrogateescape",
         timeout=60,
     )
+
+
+def test_invisible_format_characters_are_shown_in_the_terminal(db_path: Path) -> None:
+    # A right-to-left mark, an isolate and tag characters (invisible "ASCII smuggling").
+    prompt = "a fox\u200f\u2067 hidden\U000e0068\U000e0069"
+    done = _process(db_path, "run", prompt, "--id", "cf", "-s", "cartoon")
+    assert done.returncode == 0, done.stderr
+    shown = _process(db_path, "show", "cf")
+    for out in (done.stdout, shown.stdout):
+        assert "a fox\\u200f\\u2067 hidden\\U000e0068\\U000e0069" in out
+        for raw in ("\u200f", "\u2067", "\U000e0068"):
+            assert raw not in out
 
 
 def _damage_schema(db: Path, sql: str) -> bytes:

@@ -18,11 +18,11 @@ from imagepipe.prompts import (
     PromptFileError,
     PromptRow,
     branch_count,
-    escape_controls,
     first_changed_row,
     load_prompts,
     prompts_identity,
 )
+from imagepipe.text import escape_control
 
 
 def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
@@ -39,7 +39,7 @@ def refused(path: Path, **kwargs: int) -> PromptFileError:
         load_prompts(path, **kwargs)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(escape_controls(str(path)))
+    assert message.startswith(escape_control(str(path)))
     return info.value
 
 
