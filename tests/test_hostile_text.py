@@ -13,8 +13,11 @@ from typer.testing import CliRunner
 
 from imagepipe.cli import app
 from imagepipe.text import escape_control, quoted
+from tests.fakes.openai_server import OpenAIFake
 
 from conftest import cli_argv, cli_env
+
+pytest_plugins = ["tests.fakes.plugin"]
 
 runner = CliRunner()
 # Retitles the terminal, then clears it; the fox and the accent must survive as they are.
@@ -176,6 +179,19 @@ def test_invisible_format_characters_are_shown_in_the_terminal(db_path: Path) ->
         assert "a fox\\u200f\\u2067 hidden\\U000e0068\\U000e0069" in out
         for raw in ("\u200f", "\u2067", "\U000e0068"):
             assert raw not in out
+
+
+def test_a_prompts_own_placeholders_reach_the_provider_as_typed(
+    db_path: Path, openai_fake: OpenAIFake
+) -> None:
+    # The template's {prompt} and {style} are filled in, once; the prompt's own braces are
+    # text, whatever the template: a built-in one, or the one for any style text.
+    prompt = "a {style} of {prompt} \\1 \\g<0>"
+    done = _process(
+        db_path, "run", prompt, "--id", "ph", "-p", "openai", "-s", "cartoon", "-s", "ink"
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(openai_fake.prompts) == [f"{prompt}, in a cartoon style", f"{prompt}, ink style"]
 
 
 def _damage_schema(db: Path, sql: str) -> bytes:
