@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -298,11 +298,22 @@ def check_same_spec(run_id: str, stored: RunSpec, given: RunSpec) -> None:
     for name in RunSpec.FIELDS:
         if name == "prompts":
             continue  # compared row by row above: a row's line number is not its identity
+        if name == "templates":  # one per style, and each row of a prompt file may add one
+            _check_same_templates(run_id, stored.templates, given.templates)
+            continue
         old, new = getattr(stored, name), getattr(given, name)
         if old != new:
             shown_old = list(old) if isinstance(old, tuple) else old
             shown_new = list(new) if isinstance(new, tuple) else new
             raise RunConflict(run_id, name, shown_old, shown_new)
+
+
+def _check_same_templates(run_id: str, stored: Mapping[str, str], given: Mapping[str, str]) -> None:
+    """Name the first style whose template differs, not every template of the run."""
+    for style in sorted(set(stored) | set(given)):
+        if stored.get(style) != given.get(style):
+            field = f"the template of style {quoted(style)}"
+            raise RunConflict(run_id, field, stored.get(style), given.get(style))
 
 
 # -- execution -----------------------------------------------------------------------

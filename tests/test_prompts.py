@@ -380,3 +380,33 @@ def test_a_prompt_file_under_the_id_of_a_single_prompt_run_is_refused_in_one_lin
     assert done.stderr == (
         "error: run 'one' already exists without a prompt file; pick another --id or omit it\n"
     )
+
+
+def test_a_changed_template_names_its_one_style_not_every_template_of_the_run(
+    tmp_path: Path, db_path: Path
+) -> None:
+    # Each row may name its own style: a run can hold thousands of templates.
+    styles_file = write(tmp_path, "styles.toml", 'ink = "{prompt}, in ink"\n')
+    rows = "".join(f"prompt {i},style {i}\n" for i in range(500)) + "a fox,ink\n"
+    path = write(tmp_path, "p.csv", "prompt,style\n" + rows)
+    args = ["run", "--prompts", str(path), "--id", "tpl", "--detach"]
+    env = cli_env(db_path, IMAGEPIPE_STYLES=str(styles_file))
+    first = subprocess.run(cli_argv(*args), env=env, capture_output=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    write(tmp_path, "styles.toml", 'ink = "{prompt}, in thick ink"\n')
+    done = subprocess.run(cli_argv(*args), env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == (
+        "error: run 'tpl' already exists with the template of style 'ink'='{prompt}, in ink', "
+        "not '{prompt}, in thick ink'; pick another --id or omit it\n"
+    )
+
+
+def test_a_long_prompt_under_a_reused_id_is_shortened_in_the_message(db_path: Path) -> None:
+    assert cli(db_path, "run", "a" * 4000, "--id", "long", "--detach").returncode == 0
+    done = cli(db_path, "run", "a" * 3999 + "b", "--id", "long", "--detach")
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"error: run 'long' already exists with prompt='{'a' * 79}…', not '{'a' * 79}…'; "
+        "pick another --id or omit it\n"
+    )
