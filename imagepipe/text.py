@@ -29,7 +29,7 @@ def _escape_char(char: str) -> str:
     code = ord(char)
     if char in _NAMED:
         return _NAMED[char]
-    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, as Python keeps it in argv
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, as Python's argv keeps it
         return f"\\x{code - 0xDC00:02x}"
     if code <= 0xFF:
         return f"\\x{code:02x}"
