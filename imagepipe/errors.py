@@ -67,9 +67,17 @@ class UnknownRun(BadInput):
         self.run_id = run_id
 
 
+#: characters of a value that an error message shows: a 4,000-character prompt is cut
+_SHOWN = 80
+
+
 def _shown(value: object) -> str:
-    """A value a user gave or a store held, quoted and escaped for an error message."""
-    return quoted(value) if isinstance(value, str) else escape_control(repr(value))
+    """A value a user gave or a store held, shortened, quoted and escaped for an error
+    message."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > _SHOWN:
+        text = text[: _SHOWN - 1] + "…"
+    return quoted(text) if isinstance(value, str) else escape_control(text)
 
 
 class RunConflict(BadInput):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
 
-from imagepipe.prompts import escape_controls
+from imagepipe.text import escape_control
 
 __all__ = [
     "EAGER_ROWS",
@@ -197,8 +197,9 @@ def _src(image: Path, bases: tuple[Path, ...]) -> str:
 
 
 def _text(value: str) -> str:
-    """User text for the page: control characters made visible, then HTML-escaped."""
-    return html.escape(escape_controls(value))
+    """User text for the page: control and invisible format characters (bidi overrides)
+    made visible, then HTML-escaped."""
+    return html.escape(escape_control(value))
 
 
 def _plural(count: int, noun: str) -> str:

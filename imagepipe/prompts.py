@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe.errors import BadInput
+from imagepipe.text import escape_control
 
 __all__ = [
     "MAX_BRANCHES",
@@ -49,7 +50,6 @@ __all__ = [
     "PromptFileError",
     "PromptRow",
     "branch_count",
-    "escape_controls",
     "first_changed_row",
     "load_prompts",
     "prompts_identity",
@@ -80,7 +80,7 @@ class PromptFileError(BadInput):
     """
 
     def __init__(self, path: Path, line: int | None, reason: str) -> None:
-        where = escape_controls(str(path))
+        where = escape_control(str(path))
         if line is not None:
             where = f"{where} line {line}"
         super().__init__(f"{where}: {reason}")
@@ -103,18 +103,11 @@ class PromptRow:
     variations: int | None = None
 
 
-def escape_controls(text: str) -> str:
-    """``text`` with each control character written as an escape (``\\x1b``, ``\\n``)."""
-    if not _CONTROL.search(text):
-        return text
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-
-
 def _quote(text: str) -> str:
     """User text for a message: quoted, escaped, shortened."""
     if len(text) > _SHOWN:
         text = text[: _SHOWN - 1] + "…"
-    return "'" + escape_controls(text) + "'"
+    return "'" + escape_control(text) + "'"
 
 
 class _Bad(Exception):
@@ -397,7 +390,7 @@ def _shown(value: object) -> str:
         return "not given"
     if isinstance(value, str):
         return _quote(value)
-    return escape_controls(str(value))
+    return escape_control(str(value))
 
 
 def _rows(count: int) -> str:

@@ -98,7 +98,7 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
     console.print(Text(lines[0], style="bold"))
     console.print("\n".join(lines[1:]), markup=False, soft_wrap=True)
     if len(folders) == 1:
-        console.print(f"Images in: {folders.pop()}", markup=False, soft_wrap=True)
+        console.print(f"Images in: {escape_control(folders.pop())}", markup=False, soft_wrap=True)
     hidden = len(outcome.branches) - len(shown)
     if hidden:
         console.print(

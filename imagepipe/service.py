@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -321,7 +321,17 @@ def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
 
 
 def check_same_spec(run_id: str, stored: RunSpec, given: RunSpec) -> None:
-    if stored.prompts or given.prompts:
+    """Refuse ``given`` unless it makes the same run as ``stored``, in one short line.
+
+    A prompt file's rows are compared by their prompt, style and variations only: comment
+    and blank lines move a row's line number but leave the run as it is. Only the first
+    changed row is named (a file can hold 100,000 rows)."""
+    if bool(stored.prompts) != bool(given.prompts):
+        had = "with" if stored.prompts else "without"
+        raise BadInput(
+            f"run {quoted(run_id)} already exists {had} a prompt file; pick another --id or omit it"
+        )
+    if stored.prompts:
         from imagepipe.prompts import first_changed_row
 
         changed = first_changed_row(
@@ -336,11 +346,24 @@ def check_same_spec(run_id: str, stored: RunSpec, given: RunSpec) -> None:
         if stored.options.get(key) != given.options.get(key):
             raise RunConflict(run_id, f"-o {key}", stored.options.get(key), given.options.get(key))
     for name in RunSpec.FIELDS:
+        if name == "prompts":
+            continue  # compared row by row above: a row's line number is not its identity
+        if name == "templates":  # one per style, and each row of a prompt file may add one
+            _check_same_templates(run_id, stored.templates, given.templates)
+            continue
         old, new = getattr(stored, name), getattr(given, name)
         if old != new:
             shown_old = list(old) if isinstance(old, tuple) else old
             shown_new = list(new) if isinstance(new, tuple) else new
             raise RunConflict(run_id, name, shown_old, shown_new)
+
+
+def _check_same_templates(run_id: str, stored: Mapping[str, str], given: Mapping[str, str]) -> None:
+    """Name the first style whose template differs, not every template of the run."""
+    for style in sorted(set(stored) | set(given)):
+        if stored.get(style) != given.get(style):
+            field = f"the template of style {quoted(style)}"
+            raise RunConflict(run_id, field, stored.get(style), given.get(style))
 
 
 # -- execution -----------------------------------------------------------------------

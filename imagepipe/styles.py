@@ -13,6 +13,7 @@ what the first invocation did, whatever the file says by then.
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,9 +103,15 @@ def templates_for(styles: tuple[str, ...] | list[str]) -> dict[str, str]:
     return {s: user.get(s) or BUILTIN_TEMPLATES.get(s) or OTHER_TEMPLATE for s in styles}
 
 
+_PLACEHOLDER = re.compile(r"\{(prompt|style)\}")
+
+
 def render(template: str, prompt: str, style: str) -> str:
-    """The text for ``prompt`` in ``style`` (no other ``{...}`` is interpreted)."""
-    return template.replace("{prompt}", prompt).replace("{style}", style)
+    """The text for ``prompt`` in ``style``: the template's own ``{prompt}`` and ``{style}``
+    are replaced, in one pass. What the prompt or the style brings is text, never a
+    placeholder ("a {style} of {prompt}" is sent as typed); no other ``{...}`` is read."""
+    values = {"prompt": prompt, "style": style}
+    return _PLACEHOLDER.sub(lambda match: values[match[1]], template)
 
 
 def list_styles() -> list[Style]:

@@ -1,10 +1,12 @@
 """Printing text that a user typed or a store holds, without letting it drive the terminal.
 
 A prompt, run id or stored error message can hold escape sequences (``ESC ] 0 ; title
-BEL`` retitles a terminal, ``ESC [ 2 J`` clears it) or, when the command line was not
-valid UTF-8, lone surrogates that no stream can encode. :func:`escape_control` turns
-those characters into visible backslash escapes and leaves everything else, accented
-letters and emoji included, as it is. Every place that prints such a string uses it.
+BEL`` retitles a terminal, ``ESC [ 2 J`` clears it), invisible format characters (U+202E
+makes the text on screen read backwards, "Trojan Source"; tag characters hide a whole
+text) or, when the command line was not valid UTF-8, lone surrogates that no stream can
+encode. :func:`escape_control` turns those characters into visible backslash escapes and
+leaves everything else, accented letters and emoji included, as it is. Every place that
+prints such a string uses it: the terminal, error messages, the HTML gallery.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import unicodedata
 __all__ = ["escape_control", "invalid_utf8", "quoted"]
 
 _NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-# Invisible reordering controls (bidi embeddings, overrides and isolates): they make the
-# text on screen differ from the text stored ("Trojan Source"), so they are shown too.
-_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Escaped: controls (Cc), lone surrogates (Cs), invisible format characters (Cf: bidi
+# marks, embeddings, overrides and isolates, zero-width space, soft hyphen, BOM, tags) and
+# the line and paragraph separators (Zl, Zp), at which some terminals break the line.
+_ESCAPED = frozenset(("Cc", "Cs", "Cf", "Zl", "Zp"))
+# Format characters that real text needs are kept: the zero-width joiner builds emoji
+# sequences (a family, a profession) and, with the non-joiner, shapes Indic and Persian.
+_KEPT = frozenset("\u200c\u200d")
 
 
 def _escape_char(char: str) -> str:
@@ -27,20 +33,23 @@ def _escape_char(char: str) -> str:
         return f"\\x{code - 0xDC00:02x}"
     if code <= 0xFF:
         return f"\\x{code:02x}"
-    return f"\\u{code:04x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"  # a tag character: U+E0041 is not "\ue004" and "1"
 
 
 def _needs_escape(char: str) -> bool:
-    return unicodedata.category(char) in ("Cc", "Cs") or char in _BIDI
+    return unicodedata.category(char) in _ESCAPED and char not in _KEPT
 
 
 def escape_control(text: str) -> str:
-    """``text`` with C0 controls, DEL, C1 controls, bidi controls and lone surrogates
-    written as backslash escapes (``\\x1b``, ``\\n``, ``\\xe9`` for an undecodable byte).
+    """``text`` with C0 controls, DEL, C1 controls, lone surrogates, invisible format
+    characters (bidi controls, zero-width space, ...) and line separators written as
+    backslash escapes (``\\x1b``, ``\\n``, ``\\u202e``, ``\\xe9`` for an undecodable byte).
 
-    Printable text, including non-ASCII letters, is returned unchanged; the result is
-    always one line and encodable as UTF-8."""
-    if text.isprintable():  # fast path: no control, surrogate or bidi character
+    Printable text, including non-ASCII letters and emoji (with their zero-width joiners),
+    is returned unchanged; the result is always one line and encodable as UTF-8."""
+    if text.isprintable():  # fast path: every character above is non-printable
         return text
     return "".join(_escape_char(c) if _needs_escape(c) else c for c in text)
 

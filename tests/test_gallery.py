@@ -12,6 +12,8 @@ import pytest
 
 from imagepipe.gallery import EAGER_ROWS, GalleryCell, GalleryRun, gallery_html, write_gallery
 
+from conftest import cli_argv, cli_env
+
 
 class Page(HTMLParser):
     """Start tags with their attributes, and the text inside each element with a class."""
@@ -245,3 +247,25 @@ def test_open_in_browser_hands_the_file_uri_to_the_users_browser(tmp_path: Path)
         check=True,
     )
     assert result.stdout.strip() == "False"
+
+
+def test_the_gallery_command_makes_bidi_and_other_invisible_characters_visible(
+    db_path: Path,
+) -> None:
+    # U+202E turns "gpj.exe" around on screen ("Trojan Source"); U+2066 opens an isolate;
+    # U+200B hides inside a word. The style is any style text, shown as a column header.
+    prompt = "a fox \u202egpj.exe\u2066 in the sno\u200bw"
+    style = "ink\u202e"
+    env = cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01")
+    run = [*cli_argv("run", prompt, "--id", "bidi", "-s", style, "-s", "cartoon"), "-q"]
+    assert subprocess.run(run, env=env, capture_output=True, timeout=60).returncode == 0
+    done = subprocess.run(
+        cli_argv("gallery", "bidi"), env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    text = Path(done.stdout.strip()).read_text(encoding="utf-8")
+    for raw in ("\u202e", "\u2066", "\u200b"):
+        assert raw not in text
+    page = Page(text)
+    assert page.text("prompt") == "1a fox \\u202egpj.exe\\u2066 in the sno\\u200bw"
+    assert page.text("style") == "ink\\u202ecartoon"

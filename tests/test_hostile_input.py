@@ -44,6 +44,17 @@ def assert_refused(done: subprocess.CompletedProcess[str], message: str) -> None
         (["resume", "x\udcff"], "the run id is not valid UTF-8: 'x\\xff'"),
         (["run", "x", "-s", "\udcffcartoon"], "--style is not valid UTF-8: '\\xffcartoon'"),
         (["run", "x", "--fail-style", "\udcff"], "--fail-style is not valid UTF-8: '\\xff'"),
+        # -o KEY VALUE, -o KEY=VALUE: the name and the value; for every command that runs
+        (["run", "x", "-o", "model", "gpt\udcff"], "-o model is not valid UTF-8: 'gpt\\xff'"),
+        (["run", "x", "-o", "model=gpt\udcff"], "-o model is not valid UTF-8: 'gpt\\xff'"),
+        (
+            ["run", "x", "-o", "mo\udcffdel", "gpt"],
+            "-o: the option name is not valid UTF-8: 'mo\\xffdel'",
+        ),
+        (["resume", "x", "-o", "size", "\udce9"], "-o size is not valid UTF-8: '\\xe9'"),
+        (["retry", "x", "-o", "size", "\udce9"], "-o size is not valid UTF-8: '\\xe9'"),
+        (["worker", "--once", "-o", "size", "\udce9"], "-o size is not valid UTF-8: '\\xe9'"),
+        (["run", "x", "-p", "open\udcffai"], "--provider is not valid UTF-8: 'open\\xffai'"),
     ],
 )
 def test_invalid_utf8_arguments_are_one_line_errors(
@@ -60,6 +71,15 @@ def test_an_invalid_utf8_store_path_is_refused_and_not_created(
     db = Path(os.fsdecode(bytes(tmp_path) + b"/t\xff.db"))
     assert_refused(run_cli(db, *command), f"--db is not valid UTF-8: '{tmp_path}/t\\xff.db'")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_prompt_file_whose_name_is_not_utf8_is_refused(tmp_path: Path, db_path: Path) -> None:
+    # The file exists and reads well; its name would be stored as the run's label.
+    path = Path(os.fsdecode(bytes(tmp_path) + b"/p\xff.txt"))
+    path.write_text("a red fox\n", encoding="utf-8")
+    done = run_cli(db_path, "run", "--prompts", str(path), "-s", "cartoon")
+    assert_refused(done, f"--prompts is not valid UTF-8: '{tmp_path}/p\\xff.txt'")
+    assert not db_path.exists()
 
 
 def invoke(*args: str) -> Any:

@@ -13,8 +13,11 @@ from typer.testing import CliRunner
 
 from imagepipe.cli import app
 from imagepipe.text import escape_control, quoted
+from tests.fakes.openai_server import OpenAIFake
 
 from conftest import cli_argv, cli_env
+
+pytest_plugins = ["tests.fakes.plugin"]
 
 runner = CliRunner()
 # Retitles the terminal, then clears it; the fox and the accent must survive as they are.
@@ -41,6 +44,12 @@ def assert_escaped(out: str) -> None:
         ("caf\udce9", "caf\\xe9"),  # an undecodable byte, as Python keeps it in argv
         ("lone \ud800", "lone \\ud800"),
         ("\u202eevil\u2066", "\\u202eevil\\u2066"),
+        # Every invisible format character (Cf) but the joiners, and the line separators.
+        ("rlm\u200f alm\u061c lrm\u200e", "rlm\\u200f alm\\u061c lrm\\u200e"),
+        ("zero\u200bwidth\ufeffbom soft\xadhyphen", "zero\\u200bwidth\\ufeffbom soft\\xadhyphen"),
+        ("hidden \U000e0041\U000e0042 tags", "hidden \\U000e0041\\U000e0042 tags"),
+        ("line\u2028para\u2029", "line\\u2028para\\u2029"),
+        ("non\u200cjoiner", "non\u200cjoiner"),  # Persian and Indic scripts need it
     ],
 )
 def test_escape_control(text: str, shown: str) -> None:
@@ -147,3 +156,92 @@ def test_a_real_process_prints_escaped_errors(db_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr == ("error: style 'car\\x1b[2Jtoon' holds control characters\n")
+
+
+def _process(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cli_argv(*args),
+        env=cli_env(db, IMAGEPIPE_TIME_SCALE="0.01"),
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        timeout=60,
+    )
+
+
+def test_invisible_format_characters_are_shown_in_the_terminal(db_path: Path) -> None:
+    # A right-to-left mark, an isolate and tag characters (invisible "ASCII smuggling").
+    prompt = "a fox\u200f\u2067 hidden\U000e0068\U000e0069"
+    done = _process(db_path, "run", prompt, "--id", "cf", "-s", "cartoon")
+    assert done.returncode == 0, done.stderr
+    shown = _process(db_path, "show", "cf")
+    for out in (done.stdout, shown.stdout):
+        assert "a fox\\u200f\\u2067 hidden\\U000e0068\\U000e0069" in out
+        for raw in ("\u200f", "\u2067", "\U000e0068"):
+            assert raw not in out
+
+
+def test_a_prompts_own_placeholders_reach_the_provider_as_typed(
+    db_path: Path, openai_fake: OpenAIFake
+) -> None:
+    # The template's {prompt} and {style} are filled in, once; the prompt's own braces are
+    # text, whatever the template: a built-in one, or the one for any style text.
+    prompt = "a {style} of {prompt} \\1 \\g<0>"
+    done = _process(
+        db_path, "run", prompt, "--id", "ph", "-p", "openai", "-s", "cartoon", "-s", "ink"
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(openai_fake.prompts) == [f"{prompt}, in a cartoon style", f"{prompt}, ink style"]
+
+
+def _damage_schema(db: Path, sql: str) -> bytes:
+    """Put bytes that are not UTF-8 into the store's schema, as a bad disk or tool might."""
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute(sql)
+    conn.commit()
+    conn.close()
+    return db.read_bytes()
+
+
+CORRUPT_SCHEMA = "is corrupt (its schema is not UTF-8); restore it from a backup\n"
+
+
+def test_a_schema_that_is_not_utf8_is_a_corrupt_store_for_every_command(db_path: Path) -> None:
+    assert _process(db_path, "run", "a fox", "--id", "s1", "-s", "cartoon").returncode == 0
+    # SQLite cannot parse the damaged schema, and its message quotes the byte.
+    damaged = _damage_schema(
+        db_path,
+        "UPDATE sqlite_master SET sql = sql || CAST(x'20ff' AS TEXT) WHERE name = 'leases'",
+    )
+    for args in (
+        ["list"],
+        ["show", "s1"],
+        ["resume", "s1"],
+        ["run", "a cat", "--id", "s2", "-s", "cartoon"],
+        ["verify", "s1"],
+        ["gallery", "s1"],
+        ["workers"],
+        ["worker", "--once"],
+    ):
+        done = _process(db_path, *args)
+        assert done.returncode == 74, (args, done.stderr)
+        assert done.stderr == f"error: the store {db_path} {CORRUPT_SCHEMA}", args
+        assert db_path.read_bytes() == damaged, args
+
+
+def test_a_schema_constraint_that_is_not_utf8_is_a_corrupt_store(db_path: Path) -> None:
+    # A schema that SQLite parses, whose CHECK fails when a run takes its lease; the
+    # error SQLite gives quotes the constraint, byte and all.
+    assert _process(db_path, "run", "a fox", "--id", "s1", "-s", "cartoon").returncode == 0
+    _damage_schema(
+        db_path,
+        "UPDATE sqlite_master SET sql = replace(sql, 'heartbeat_at REAL NOT NULL',"
+        " 'heartbeat_at REAL NOT NULL CHECK (owner IS NULL OR owner = '''"
+        " || CAST(x'ff' AS TEXT) || ''')') WHERE name = 'leases'",
+    )
+    done = _process(db_path, "run", "a cat", "--id", "s2", "-s", "cartoon")
+    assert done.returncode == 74, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.endswith(f"error: the store {db_path} {CORRUPT_SCHEMA}")

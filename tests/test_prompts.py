@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,11 +19,13 @@ from imagepipe.prompts import (
     PromptFileError,
     PromptRow,
     branch_count,
-    escape_controls,
     first_changed_row,
     load_prompts,
     prompts_identity,
 )
+from imagepipe.text import escape_control
+
+from conftest import cli_argv, cli_env
 
 
 def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
@@ -39,7 +42,7 @@ def refused(path: Path, **kwargs: int) -> PromptFileError:
         load_prompts(path, **kwargs)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(escape_controls(str(path)))
+    assert message.startswith(escape_control(str(path)))
     return info.value
 
 
@@ -314,3 +317,96 @@ def test_100k_rows_load_well_under_a_second(tmp_path: Path, name: str) -> None:
     assert len(rows) == MAX_ROWS
     assert rows[-1].prompt == prompts[-1]
     assert elapsed < 0.8, f"{elapsed:.2f} s"
+
+
+# -- the same run again, through the CLI -----------------------------------------------------
+
+
+def cli(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cli_argv(*args), env=cli_env(db), capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_comment_and_blank_lines_added_to_the_file_leave_the_run_as_it_is(
+    tmp_path: Path, db_path: Path, detach: bool
+) -> None:
+    path = write(tmp_path, "p.txt", "a red fox\na blue bird\n")
+    args = ["run", "--prompts", str(path), "--id", "same", "-s", "cartoon", "--sim-latency", "0"]
+    args += ["--detach"] if detach else ["--json"]
+    first = cli(db_path, *args)
+    assert first.returncode == 0, first.stderr
+    write(tmp_path, "p.txt", "# my animals\n\na red fox\n\n   # birds\na blue bird\n\n")
+    again = cli(db_path, *args)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == ""
+    if not detach:  # the stored run, read back, not executed again
+        stored, shown = json.loads(first.stdout), json.loads(again.stdout)
+        assert shown["state"] == "resolved"
+        assert [i["url"] for i in shown["images"]] == [i["url"] for i in stored["images"]]
+        assert all(image["replayed"] for image in shown["images"])
+
+
+def test_a_changed_row_of_a_large_file_is_named_alone_in_one_short_line(
+    tmp_path: Path, db_path: Path
+) -> None:
+    rows = [f"a lighthouse at dusk, number {i}" for i in range(20_000)]
+    path = write(tmp_path, "p.txt", "".join(row + "\n" for row in rows))
+    args = ["run", "--prompts", str(path), "--id", "big", "-s", "cartoon", "--detach"]
+    assert cli(db_path, *args).returncode == 0
+    before = db_path.read_bytes()
+    # A comment above, and one long row changed, with a right-to-left mark in front.
+    rows[12_345] = "\u200f" + "x" * 3000
+    write(tmp_path, "p.txt", "# edited\n" + "".join(row + "\n" for row in rows))
+    done = cli(db_path, *args)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr == (
+        "error: run 'big' already exists with another prompt file: line 12347: prompt "
+        f"'a lighthouse at dusk, number 12345' is now '\\u200f{'x' * 58}…'; "
+        "pick another --id or omit it\n"
+    )
+    assert db_path.read_bytes() == before
+
+
+def test_a_prompt_file_under_the_id_of_a_single_prompt_run_is_refused_in_one_line(
+    tmp_path: Path, db_path: Path
+) -> None:
+    path = write(tmp_path, "p.txt", "".join(f"prompt {i}\n" for i in range(1000)))
+    assert cli(db_path, "run", "a red fox", "--id", "one", "--detach").returncode == 0
+    done = cli(db_path, "run", "--prompts", str(path), "--id", "one", "--detach")
+    assert done.returncode == 2
+    assert done.stderr == (
+        "error: run 'one' already exists without a prompt file; pick another --id or omit it\n"
+    )
+
+
+def test_a_changed_template_names_its_one_style_not_every_template_of_the_run(
+    tmp_path: Path, db_path: Path
+) -> None:
+    # Each row may name its own style: a run can hold thousands of templates.
+    styles_file = write(tmp_path, "styles.toml", 'ink = "{prompt}, in ink"\n')
+    rows = "".join(f"prompt {i},style {i}\n" for i in range(500)) + "a fox,ink\n"
+    path = write(tmp_path, "p.csv", "prompt,style\n" + rows)
+    args = ["run", "--prompts", str(path), "--id", "tpl", "--detach"]
+    env = cli_env(db_path, IMAGEPIPE_STYLES=str(styles_file))
+    first = subprocess.run(cli_argv(*args), env=env, capture_output=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    write(tmp_path, "styles.toml", 'ink = "{prompt}, in thick ink"\n')
+    done = subprocess.run(cli_argv(*args), env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == (
+        "error: run 'tpl' already exists with the template of style 'ink'='{prompt}, in ink', "
+        "not '{prompt}, in thick ink'; pick another --id or omit it\n"
+    )
+
+
+def test_a_long_prompt_under_a_reused_id_is_shortened_in_the_message(db_path: Path) -> None:
+    assert cli(db_path, "run", "a" * 4000, "--id", "long", "--detach").returncode == 0
+    done = cli(db_path, "run", "a" * 3999 + "b", "--id", "long", "--detach")
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"error: run 'long' already exists with prompt='{'a' * 79}…', not '{'a' * 79}…'; "
+        "pick another --id or omit it\n"
+    )

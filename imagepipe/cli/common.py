@@ -126,6 +126,8 @@ _TEXT_PARAMETERS = {
     "fail_style": "--fail-style",
     "db": "--db",
     "out": "--out",  # stored with the run, and in each image's path
+    "prompts": "--prompts",  # its file name is stored as the run's label
+    "provider": "--provider",
 }
 
 
@@ -139,6 +141,12 @@ def _check_utf8(arguments: dict[str, Any]) -> None:
         for text in value if isinstance(value, list) else [value]:
             if text is not None and invalid_utf8(str(text)):
                 raise BadInput(f"{label} is not valid UTF-8: {quoted(str(text))}")
+    for joined in arguments.get("option") or ():  # -o KEY VALUE, joined as KEY=VALUE
+        key, _, value = str(joined).partition("=")
+        if invalid_utf8(key):
+            raise BadInput(f"-o: the option name is not valid UTF-8: {quoted(key)}")
+        if invalid_utf8(value):
+            raise BadInput(f"-o {escape_control(key)} is not valid UTF-8: {quoted(value)}")
 
 
 def reports_errors(command: Callable[P, R]) -> Callable[P, R]:

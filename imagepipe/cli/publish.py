@@ -79,7 +79,11 @@ def export(
         raise BadInput(f"run {quoted(run_id)} has no image files to export")
     report = export_dataset(items, directory, link=link, fmt="csv" if fmt == "csv" else "jsonl")
     verb = "linked" if report.linked else "copied"
-    print(f"{len(report.files)} images {verb} to {report.data_dir}; metadata: {report.metadata}")
+    print(
+        escape_control(
+            f"{len(report.files)} images {verb} to {report.data_dir}; metadata: {report.metadata}"
+        )
+    )
 
 
 def gallery(
@@ -95,7 +99,7 @@ def gallery(
     from imagepipe.errors import BadInput
     from imagepipe.gallery import GalleryCell, GalleryRun, open_in_browser, write_gallery
     from imagepipe.service import show_run
-    from imagepipe.text import quoted
+    from imagepipe.text import escape_control, quoted
 
     outcome = show_run(store_url(db), run_id)
     cells = []
@@ -124,7 +128,7 @@ def gallery(
         )
     target = sorted(folders)[0]
     page = write_gallery(GalleryRun(outcome.id, outcome.created_at, tuple(cells)), target)
-    print(page)
+    print(escape_control(str(page)))
     if open_it and not open_in_browser(page):
         print("no web browser could be started; open the file above", file=sys.stderr)
 

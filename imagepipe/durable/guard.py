@@ -25,10 +25,11 @@ Method = Callable[Concatenate[S, P], Coroutine[Any, Any, R]]
 
 
 def translating(
-    driver_error: type[E], translate: Callable[[E, str], StoreError]
+    driver_error: type[E] | tuple[type[E], ...], translate: Callable[[E, str], StoreError]
 ) -> Callable[[Method[S, P, R]], Method[S, P, R]]:
     """A decorator for the ``async`` methods of a store (which names itself ``where``):
-    a ``driver_error`` they raise is raised again as ``translate(error, where)``."""
+    a ``driver_error`` (or one of several) they raise is raised again as
+    ``translate(error, where)``."""
 
     def decorate(method: Method[S, P, R]) -> Method[S, P, R]:
         @functools.wraps(method)

@@ -66,7 +66,15 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 _NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
 
-def _translate(exc: sqlite3.Error, where: str) -> StoreError:
+#: what the sqlite3 module raises: its own errors, and UnicodeDecodeError when SQLite's
+#: message quotes a schema that is not UTF-8 (the module cannot decode the message itself)
+_DriverError = sqlite3.Error | UnicodeDecodeError
+_DRIVER_ERRORS: tuple[type[_DriverError], ...] = (sqlite3.Error, UnicodeDecodeError)
+
+
+def _translate(exc: _DriverError, where: str) -> StoreError:
+    if isinstance(exc, UnicodeDecodeError):
+        return StoreCorrupt(where, "is corrupt (its schema is not UTF-8)")
     text = str(exc).lower()
     if "locked" in text or "busy" in text:
         return StoreBusy(where, "is locked by another process")
@@ -84,7 +92,7 @@ def _translate(exc: sqlite3.Error, where: str) -> StoreError:
 
 
 #: turn any ``sqlite3`` error into a one-line :class:`StoreError`
-_guarded = translating(sqlite3.Error, _translate)
+_guarded = translating(_DRIVER_ERRORS, _translate)
 
 
 def check_store_file(file: Path, *, create: bool) -> None:
@@ -141,7 +149,7 @@ class SQLiteStore(Store):
         store = cls(conn, where)
         try:
             store._prepare(options)
-        except sqlite3.Error as exc:
+        except _DRIVER_ERRORS as exc:
             conn.close()
             raise _translate(exc, where) from exc
         except BaseException:
