@@ -19,6 +19,7 @@ from imagepipe.durable import (
     StoreError,
     WriteBatch,
 )
+from imagepipe.durable.records import Settlement
 
 
 class Sink:
@@ -208,3 +209,69 @@ async def test_a_store_failure_in_a_settlements_commit_stops_the_run(store: Stor
     await ctx.cancel_all()
     assert not any(h.settled for h in handles)
     assert [len(b.settlements) for b in sink.batches if b.settlements] == [2], "fail fast"
+
+
+async def test_an_effect_runs_once_the_value_is_recorded_and_before_anyone_hears(
+    store: Store,
+) -> None:
+    sink = Sink(store)
+    sink.hold = True
+    ctx = await context(store, lease=False, concurrency=1, writes=sink)
+    seen: list[tuple[bool, str]] = []
+    handle: Any = None
+
+    async def step(s: Step[None]) -> str:
+        s.after_recorded(lambda: seen.append((handle.settled, "first")))
+        s.after_recorded(lambda: seen.append((handle.settled, "second")))
+        return "done"
+
+    handle = ctx.begin_run(step)
+    await sink.settling.wait()
+    for _ in range(10):
+        await asyncio.sleep(0)  # loop turns, not time: only the commit can run the effects
+    assert seen == [], "not before the value is durable"
+    sink.release.set()
+    assert await handle == "done"
+    assert seen == [(False, "first"), (False, "second")], "in order, before the handle settles"
+
+
+async def test_an_effect_never_runs_for_a_value_that_is_not_recorded(store: Store) -> None:
+    sink = Sink(store)
+    ctx = await context(store, lease=False, concurrency=2, writes=sink)
+    ran: list[str] = []
+    tries = 0
+
+    async def failing_then_fine(s: Step[None]) -> str:
+        nonlocal tries
+        tries += 1
+        s.after_recorded(lambda: ran.append(f"attempt {s.attempt}"))
+        if tries == 1:
+            raise RuntimeError("this attempt's image is never recorded")
+        return "fine"
+
+    assert await ctx.begin_run(failing_then_fine) == "fine"
+    assert ran == ["attempt 2"], "the failed attempt's effect never runs"
+
+    # Another owner settles the branch first: its outcome stands, and this one's effect
+    # (whose value was not recorded) never runs.
+    other = WriteBatch()
+
+    async def beaten(s: Step[None]) -> str:
+        s.after_recorded(lambda: ran.append("beaten"))
+        other.settlements.append(Settlement(s.id, "resolved", '"theirs"', None, 2.0))
+        await store.apply(other)
+        return "mine"
+
+    assert await ctx.begin_run(beaten) == "theirs"
+    assert ran == ["attempt 2"]
+
+    # A commit that fails records nothing: no effect, and the run stops.
+    sink.fail = True
+
+    async def unrecorded(s: Step[None]) -> str:
+        s.after_recorded(lambda: ran.append("unrecorded"))
+        return "lost"
+
+    with pytest.raises(StoreError):
+        await ctx.begin_run(unrecorded)
+    assert ran == ["attempt 2"]
