@@ -21,12 +21,19 @@ from PIL import Image
 from imagepipe.files import (
     MAX_NAME_BYTES,
     TEMP_SUFFIX,
+    ImageDirTaken,
+    ImageDirUnusable,
     ImageFileError,
+    claim_image_dir,
     default_image_dir,
+    file_sha256,
     image_file_name,
+    promote,
+    reconcile_images,
     remove_temporaries,
     save_image,
     sniff_mime,
+    stage_image,
     verify_images,
 )
 
@@ -307,3 +314,48 @@ def test_default_image_dir_is_under_the_user_data_dir(tmp_path: Path) -> None:
     for bad in ("", "..", "a/b"):
         with pytest.raises(ValueError, match="path component"):
             default_image_dir(bad)
+
+
+def test_a_staged_image_is_invisible_until_promoted(tmp_path: Path) -> None:
+    first = encoded("PNG", (3, 3))
+    (tmp_path / "x.png").write_bytes(first)  # the file another process recorded
+    staged = stage_image(tmp_path, "x.png", encoded("PNG", (4, 4)))
+    assert (tmp_path / "x.png").read_bytes() == first, "staging replaces nothing"
+    assert Path(staged["staged"]).parent == tmp_path / ".imagepipe" / "staging"
+    assert staged["path"] == str(tmp_path / "x.png")
+    assert promote(staged["staged"], staged["path"])
+    assert file_sha256(tmp_path / "x.png") == staged["sha256"]
+    assert not promote(staged["staged"], staged["path"]), "already promoted"
+
+
+def test_reconcile_promotes_what_was_recorded_and_removes_orphans(tmp_path: Path) -> None:
+    recorded = stage_image(tmp_path, "a.png", encoded("PNG", (3, 3)))
+    orphan = stage_image(tmp_path, "a.png", encoded("PNG", (5, 5)))  # a stale attempt's
+    in_flight = stage_image(tmp_path, "b.png", encoded("PNG", (6, 6)))  # pending branch
+    # a partial write under the recorded image's prefix: never promoted
+    partial = Path(recorded["staged"]).with_name(f"a.png.{recorded['sha256'][:16]}.feedbeef")
+    partial.write_bytes(b"\x89PNG partial")
+    names = {"a.png": recorded["sha256"]}
+
+    shared = reconcile_images(tmp_path, names, exclusive=False)
+    assert (shared.promoted, shared.removed) == (1, 2)
+    assert file_sha256(tmp_path / "a.png") == recorded["sha256"]
+    assert [p.name for p in (tmp_path / ".imagepipe" / "staging").iterdir()] == [
+        Path(in_flight["staged"]).name
+    ], "an attempt that may be in flight stays"
+    assert not Path(orphan["staged"]).exists()
+
+    alone = reconcile_images(tmp_path, names, exclusive=True)
+    assert (alone.promoted, alone.removed) == (0, 1)
+    assert not (tmp_path / "b.png").exists(), "an unrecorded image is never promoted"
+    assert file_sha256(tmp_path / "a.png") == recorded["sha256"]
+
+
+def test_an_image_folder_belongs_to_one_run(tmp_path: Path) -> None:
+    claim_image_dir(tmp_path / "d", "one")
+    claim_image_dir(tmp_path / "d", "one")  # its own run again: fine
+    with pytest.raises(ImageDirTaken, match="holds the images of run 'one'"):
+        claim_image_dir(tmp_path / "d", "two")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ImageDirUnusable, match="cannot write images to"):
+        claim_image_dir(tmp_path / "file" / "d", "one")
