@@ -80,7 +80,7 @@ async def context(
         None,
         retry=kwargs.pop("retry", NO_WAIT),
         lease=keeper,
-        on_event=events.append if events is not None else None,
+        on_event=kwargs.pop("on_event", events.append if events is not None else None),
         **kwargs,
     )
     await ctx.load()
@@ -115,8 +115,7 @@ async def test_a_result_is_committed_before_it_is_reported(store: Store, db_path
             row = other.execute("SELECT value FROM promises WHERE id = ?", (event.id,)).fetchone()
             seen_in_db.append(row[0])
 
-    ctx = await context(store)
-    ctx._emit, ctx._listening = on_event, True
+    ctx = await context(store, on_event=on_event)
     assert await ctx.begin_run(rec.double, x=21) == 42
     assert seen_in_db == ["42"]
     other.close()

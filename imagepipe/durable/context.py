@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from imagepipe.durable.commit import BatchSink, GroupCommit
-from imagepipe.durable.errors import DurableError, NonDeterminism
 from imagepipe.durable.events import Event, PromiseQueued, PromiseReplayed
 from imagepipe.durable.lanes import AttemptTimeout, Lanes
 from imagepipe.durable.lease import LeaseKeeper
@@ -37,6 +36,7 @@ from imagepipe.durable.records import (
     encode_args,
 )
 from imagepipe.durable.retry import RetryPolicy
+from imagepipe.durable.run_state import RunState
 from imagepipe.durable.steps import Handle, SubSteps, check_replay
 from imagepipe.durable.store import Store
 
@@ -66,30 +66,23 @@ class RunContext(Generic[D]):
         self.store = store
         self.run_id = run_id
         self.deps = deps
-        self._lease = lease
-        self._emit = on_event or (lambda event: None)
-        #: False when nobody listens: then events are not even built (hot path at scale)
-        self._listening = on_event is not None
         # ``writes``: where the batches go if not straight to the store (a worker's branches
         # share one commit, see :mod:`.worker_commit`)
-        self._commit = GroupCommit(
-            writes or store, acquire=None if lease is None else lease.acquire
-        )
-        self._sub_steps = SubSteps(self)
+        commit = GroupCommit(writes or store, acquire=None if lease is None else lease.acquire)
+        #: what the lanes, handles and sub-steps share with this context (see :mod:`.run_state`)
+        self._state = RunState(store, run_id, deps, commit, lease=lease, on_event=on_event)
+        self._sub_steps = SubSteps(self._state)
         #: the tasks that run the branches (see :mod:`.lanes`)
         self._lanes = Lanes(
-            self,
+            self._state,
+            self._sub_steps,
             concurrency=concurrency or None,
             retry=retry,
             attempt_timeout=attempt_timeout,
             sleep=sleep,
         )
-        #: set to the first store failure seen by any branch: the run stops at once
-        self._fatal: asyncio.Future[DurableError] = asyncio.get_running_loop().create_future()
-        self._next_seq = 0
         #: the children in the store, by seq, until launched (read by :meth:`load`)
         self._stored: dict[int, PromiseRecord] = {}
-        self._stored_count = 0
         #: every child launched, in order; each holds its outcome once settled
         self.launched: list[Handle[Any]] = []
 
@@ -101,15 +94,16 @@ class RunContext(Generic[D]):
         rejected children (and the run) are set back to pending first (``retry``)."""
         children = await self.store.children(self.run_id)
         self._stored = {r.seq: r for r in children if r.seq is not None}
-        self._stored_count = len(self._stored)
-        if self._stored_count:
-            self._commit.hold()
+        self._state.replay.stored = len(self._stored)
+        commit = self._state.commit
+        if self._stored:
+            commit.hold()
         if reopen_rejected:
             for seq, record in self._stored.items():
                 if record.state == "rejected":
-                    self._commit.reopen(record.id)
+                    commit.reopen(record.id)
                     self._stored[seq] = _reopened(record)
-            self._commit.reopen(self.run_id)
+            commit.reopen(self.run_id)
 
     # -- the workflow --------------------------------------------------------------
 
@@ -120,46 +114,33 @@ class RunContext(Generic[D]):
         lease stops the workflow at once instead of letting it wait on siblings whose
         outcomes can no longer be recorded."""
         main: asyncio.Future[T] = asyncio.ensure_future(workflow(self, **kwargs))
-        watch: set[asyncio.Future[Any]] = {main, *self._stops()}
+        watch: set[asyncio.Future[Any]] = {main, *self._state.stops()}
         try:
             await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not main.done():
                 main.cancel()
                 await asyncio.gather(main, return_exceptions=True)
-        if self._lease is not None and self._lease.lost.done():
-            raise self._lease.lost.result()
-        if self._fatal.done():
+        if any(stop.done() for stop in self._state.stops()):
             if not main.cancelled():
-                main.exception()  # retrieved: the store failure below is the one to report
-            raise self._fatal.result()
+                main.exception()  # retrieved: what stopped the run is the one to report
+            self._state.raise_if_stopped()
         result: T = main.result()
-        self._check_all_launched()
+        self._state.replay.check()
         return result
-
-    def _fail_fast(self, exc: DurableError) -> None:
-        if not self._fatal.done():
-            self._fatal.set_result(exc)
 
     @property
     def replay_checked(self) -> bool:
         """True once every stored child has been launched again (writes may flow)."""
-        return self._next_seq >= self._stored_count
-
-    def _check_all_launched(self) -> None:
-        if not self.replay_checked:
-            raise NonDeterminism(
-                f"replay mismatch at {self.run_id}.{self._next_seq}: the store has "
-                f"{self._stored_count} children but the code launched {self._next_seq} "
-                "before it waited for a result"
-            )
+        return self._state.replay.checked
 
     # -- fan-out -------------------------------------------------------------------
 
     def begin_run(self, fn: Callable[..., Awaitable[T]], /, **kwargs: Any) -> Handle[T]:
         """Create (or find) the next child promise and start it; return its handle."""
-        seq = self._next_seq
-        self._next_seq += 1
+        replay, state = self._state.replay, self._state
+        seq = replay.next_seq
+        replay.next_seq += 1
         func = fn.__name__
         record = self._stored.pop(seq, None)
         if record is None:
@@ -167,14 +148,14 @@ class RunContext(Generic[D]):
             failures = 0
         else:
             check_replay(record, fn, kwargs)
-            handle = Handle.from_record(self, record, fn)
+            handle = Handle.from_record(state, record, fn)
             failures = record.failures
         self.launched.append(handle)
-        if seq + 1 == self._stored_count:
-            self._commit.release()  # every stored child is matched: the replay is checked
+        if seq + 1 == replay.stored:
+            state.commit.release()  # every stored child is matched: the replay is checked
         if handle.settled:
-            if self._listening:
-                self._emit(
+            if state.listening:
+                state.emit(
                     PromiseReplayed(
                         handle.id,
                         func,
@@ -186,34 +167,40 @@ class RunContext(Generic[D]):
                     )
                 )
             return handle
-        if self._listening:
-            self._emit(PromiseQueued(handle.id, func, handle.args, handle.attempts))
+        if state.listening:
+            state.emit(PromiseQueued(handle.id, func, handle.args, handle.attempts))
         self._lanes.launch(handle, fn, kwargs, failures)
+        return handle
+
+    def adopt(self, record: PromiseRecord, fn: Callable[..., Awaitable[T]]) -> Handle[T]:
+        """Run ``record``, a pending child of this run that the workflow did not launch here
+        (a branch a worker claimed), as :meth:`begin_run` runs a new one; return its
+        handle. It continues the record's attempt count and failure history."""
+        handle: Handle[T] = Handle.from_record(self._state, record, fn)
+        self.launched.append(handle)
+        self._lanes.launch(handle, fn, handle.args, record.failures)
         return handle
 
     def _create(self, seq: int, func: str, kwargs: dict[str, Any]) -> Handle[T]:
         """A new pending child, written with the next group commit (before it can start)."""
         promise_id = f"{self.run_id}.{seq}"
-        self._commit.create(
+        self._state.commit.create(
             NewPromise(promise_id, self.run_id, seq, func, encode_args(kwargs), time.time())
         )
-        return Handle(self, promise_id, func, kwargs, stored=False)
+        return Handle(self._state, promise_id, func, kwargs, stored=False)
 
     # -- the run's own promise and fan-in helpers ----------------------------------
 
     async def settle_run(self, *, value: Any = None, error: ErrorInfo | None = None) -> Settled:
         """Settle the run's root promise, through the same fenced write path."""
-        return await self._commit.settle(self.run_id, value=value, error=error, attempts=0)
+        return await self._state.commit.settle(self.run_id, value=value, error=error, attempts=0)
 
     async def settle_all(self) -> None:
         """Wait until every started child has settled and no queued one is left (their
         errors are in the store): no task left, and no settlement still waiting for its
-        commit. A store failure in any of them is raised."""
-        await self._lanes.wait_idle(tasks=True, stops=self._stops())
-        if self._lease is not None and self._lease.lost.done():
-            raise self._lease.lost.result()
-        if self._fatal.done():
-            raise self._fatal.result()
+        commit. What stopped the run (a store failure, the lease lost) is raised."""
+        await self._lanes.wait_idle(tasks=True, stops=self._state.stops())
+        self._state.raise_if_stopped()
 
     async def cancel_all(self) -> None:
         """Cancel unfinished children; they stay pending in the store, resumable. Queued
@@ -222,24 +209,12 @@ class RunContext(Generic[D]):
         own task) and waited for, unless the run is stopping: nothing that a branch
         returned is lost to the cancellation."""
         await self._lanes.cancel()
-        if not self._commit.held:
-            await self._lanes.wait_idle(tasks=False, stops=self._stops())
-
-    def _stops(self) -> list[asyncio.Future[Any]]:
-        """What ends a wait for the branches: a store failure, the lease lost."""
-        stops: list[asyncio.Future[Any]] = [self._fatal]
-        if self._lease is not None:
-            stops.append(self._lease.lost)
-        return stops
+        if not self._state.commit.held:
+            await self._lanes.wait_idle(tasks=False, stops=self._state.stops())
 
     def discard(self) -> None:
         """Drop this invocation's writes not yet flushed (nothing of it is kept)."""
-        self._commit.discard()
-
-    # used by :class:`~.steps.SubSteps`
-    @property
-    def group_commit(self) -> GroupCommit:
-        return self._commit
+        self._state.commit.discard()
 
 
 def _reopened(record: PromiseRecord) -> PromiseRecord:

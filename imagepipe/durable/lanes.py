@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from imagepipe.durable.commit import Committed, Settling
 from imagepipe.durable.errors import (
@@ -37,11 +37,9 @@ from imagepipe.durable.events import (
 )
 from imagepipe.durable.records import ErrorInfo, Settled
 from imagepipe.durable.retry import RetryPolicy, retry_failed
+from imagepipe.durable.run_state import RunState
 from imagepipe.durable.slots import Slots
-from imagepipe.durable.steps import Handle, Step
-
-if TYPE_CHECKING:
-    from imagepipe.durable.context import RunContext
+from imagepipe.durable.steps import Handle, Step, SubSteps
 
 __all__ = ["AttemptTimeout", "Lanes"]
 
@@ -58,19 +56,22 @@ class AttemptTimeout(Exception):
 
 
 class Lanes:
-    """Runs the branches of one :class:`~.context.RunContext` under its concurrency limit
-    (its store, group commit, listeners and sub-steps are the context's)."""
+    """Runs the branches of one run under its concurrency limit, with what the run shares
+    (:class:`~.run_state.RunState`: its store, group commit, listener and stops) and its
+    branches' sub-steps."""
 
     def __init__(
         self,
-        ctx: RunContext[Any],
+        state: RunState[Any],
+        sub_steps: SubSteps,
         *,
         concurrency: int | None,
         retry: RetryPolicy,
         attempt_timeout: float | None,
         sleep: Callable[[float], Awaitable[None]],
     ) -> None:
-        self._ctx = ctx
+        self._state = state
+        self._sub_steps = sub_steps
         self._retry = retry
         self._attempt_timeout = attempt_timeout
         self._sleep = sleep
@@ -129,13 +130,13 @@ class Lanes:
             except Exception as exc:
                 handle.fail(exc)
                 if isinstance(exc, _STOPS_RUN):
-                    self._ctx._fail_fast(exc)  # this branch's outcome cannot be recorded: stop
+                    self._state.fail_fast(exc)  # this branch's outcome cannot be recorded: stop
                 return  # told to its awaiters; the run stops (or its workflow decides)
             except BaseException as exc:
                 handle.fail(exc)
                 raise
             finally:
-                self._ctx._sub_steps.forget(handle.id)
+                self._sub_steps.forget(handle.id)
             branch = self._slots.pass_on() if holding else None
 
     async def _run_branch(self, branch: _Branch) -> bool:
@@ -157,12 +158,10 @@ class Lanes:
                 current += 1
                 started_at = time.time()
                 # the attempt count is durable before the call
-                await self._ctx.group_commit.start_attempt(promise_id, current)
-                if self._ctx._listening:
-                    self._ctx._emit(AttemptStarted(promise_id, func, current))
-                step = Step(
-                    promise_id, current, self._ctx.deps, self._ctx._sub_steps, handle.stored
-                )
+                await self._state.commit.start_attempt(promise_id, current)
+                if self._state.listening:
+                    self._state.emit(AttemptStarted(promise_id, func, current))
+                step = Step(promise_id, current, self._state.deps, self._sub_steps, handle.stored)
                 try:
                     if self._attempt_timeout is None:
                         return await fn(step, **kwargs)
@@ -171,9 +170,7 @@ class Lanes:
                     raise
                 except Exception as exc:
                     error = ErrorInfo.from_exception(exc)
-                    await self._ctx.group_commit.fail_attempt(
-                        promise_id, current, started_at, error
-                    )
+                    await self._state.commit.fail_attempt(promise_id, current, started_at, error)
                     raise
             except BaseException:
                 # Not kept for the retry: the back-off holds no slot. The next waiter gets
@@ -184,7 +181,7 @@ class Lanes:
 
         def before_sleep(exc: BaseException, delay: float) -> None:
             error = ErrorInfo.from_exception(exc)
-            self._ctx._emit(AttemptFailed(promise_id, func, current, error, delay))
+            self._state.emit(AttemptFailed(promise_id, func, current, error, delay))
 
         try:
             if not self._retry.allows(branch.failures):
@@ -209,7 +206,7 @@ class Lanes:
             raise  # not the branch's failure: the run stops (see _run_chain)
         except Exception as exc:
             error = ErrorInfo.from_exception(exc)
-            self._ctx._emit(AttemptFailed(promise_id, func, current, error, None))
+            self._state.emit(AttemptFailed(promise_id, func, current, error, None))
             self._write_settlement(handle, None, error, current, cause=exc)
             return holding
         effects = None if step is None else step.on_recorded
@@ -232,7 +229,7 @@ class Lanes:
         result before. The step's ``effects`` (:meth:`.Step.after_recorded`) run there
         first, if this settlement is the one the store recorded. :meth:`settle_all` waits
         for it."""
-        settling = self._ctx.group_commit.write_settlement(
+        settling = self._state.commit.write_settlement(
             handle.id, value=value, error=error, attempts=attempts
         )
         batch = self._announcing
@@ -255,7 +252,7 @@ class Lanes:
             failure = asyncio.CancelledError() if written.cancelled() else written.exception()
             if failure is not None:
                 if isinstance(failure, _STOPS_RUN):
-                    self._ctx._fail_fast(failure)
+                    self._state.fail_fast(failure)
                 for announce in batch.settlements:
                     announce.handle.fail(failure)
                 return
@@ -264,7 +261,7 @@ class Lanes:
             except Exception as exc:  # an effect broke its promise not to raise
                 stop = StopRun(f"an effect after a recorded value failed: {exc}")
                 stop.__cause__ = exc
-                self._ctx._fail_fast(stop)
+                self._state.fail_fast(stop)
                 for announce in batch.settlements:
                     if not announce.handle.settled:
                         announce.handle.fail(stop)
@@ -272,11 +269,11 @@ class Lanes:
             for announce, outcome in zip(batch.settlements, settled, strict=True):
                 if outcome.state == "rejected":
                     error = outcome.error or ErrorInfo("Error", "rejected")
-                    self._ctx._emit(
+                    self._state.emit(
                         PromiseRejectedEvent(announce.handle.id, error, outcome.attempts)
                     )
-                elif self._ctx._listening:
-                    self._ctx._emit(
+                elif self._state.listening:
+                    self._state.emit(
                         PromiseResolved(announce.handle.id, outcome.value, outcome.attempts)
                     )
         finally:
@@ -297,7 +294,7 @@ class Lanes:
 
     async def _exhausted(self, promise_id: str) -> Exception:
         """The error to reject with when the stored failures already use up the budget."""
-        history = await self._ctx.store.failed_attempts(promise_id)
+        history = await self._state.store.failed_attempts(promise_id)
         last = next((a.error for a in reversed(history) if a.error is not None), None)
         if last is None:
             return RuntimeError("no attempts left")

@@ -33,7 +33,7 @@ from imagepipe.durable.records import (
 )
 
 if TYPE_CHECKING:
-    from imagepipe.durable.context import RunContext
+    from imagepipe.durable.run_state import RunState
 
 __all__ = ["Handle", "Step", "SubSteps", "check_replay"]
 
@@ -66,8 +66,8 @@ class Handle(Generic[T]):
     stops without an outcome (a store failure, cancellation) hands its awaiters the error."""
 
     __slots__ = (
-        "_ctx",
         "_exception",
+        "_state",
         "_waiting",
         "args",
         "attempts",
@@ -82,14 +82,14 @@ class Handle(Generic[T]):
 
     def __init__(
         self,
-        ctx: RunContext[Any],
+        state: RunState[Any],
         promise_id: str,
         func: str,
         args: dict[str, Any],
         *,
         stored: bool,
     ) -> None:
-        self._ctx = ctx
+        self._state = state
         self.id = promise_id
         self.func = func
         #: the call's arguments by name
@@ -112,13 +112,13 @@ class Handle(Generic[T]):
 
     @classmethod
     def from_record(
-        cls, ctx: RunContext[Any], record: PromiseRecord, fn: Callable[..., Any]
+        cls, state: RunState[Any], record: PromiseRecord, fn: Callable[..., Any]
     ) -> Handle[T]:
         """The handle of a child read from the store; ``fn`` names older positional
         arguments."""
         args = record.args
         kwargs = args["kwargs"] if args.get("version") == ARGS_VERSION else bind_args(fn, args)
-        handle: Handle[T] = cls(ctx, record.id, record.func, kwargs, stored=True)
+        handle: Handle[T] = cls(state, record.id, record.func, kwargs, stored=True)
         handle.attempts = record.attempts
         if record.settled:
             handle.state, handle.value, handle.error = record.state, record.value, record.error
@@ -160,8 +160,7 @@ class Handle(Generic[T]):
 
     async def _result(self) -> T:
         if not self.settled:
-            if not self._ctx.replay_checked:
-                self._ctx._check_all_launched()
+            self._state.replay.check()
             if self._exception is None:
                 waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 if self._waiting is None:
@@ -220,8 +219,8 @@ class Step(Generic[D]):
 class SubSteps:
     """The durable sub-steps of every running child of one context."""
 
-    def __init__(self, ctx: RunContext[Any]) -> None:
-        self._ctx = ctx
+    def __init__(self, state: RunState[Any]) -> None:
+        self._state = state
         #: results of each running child's sub-steps, by seq; read once per child
         self._known: dict[str, dict[int, PromiseRecord | Any]] = {}
 
@@ -237,7 +236,7 @@ class SubSteps:
         if known is None:
             known = {}
             if stored_parent:  # a child of an earlier invocation may have sub-steps stored
-                children = await self._ctx.store.children(parent_id)
+                children = await self._state.store.children(parent_id)
                 known = {r.seq: r for r in children if r.seq is not None}
             self._known[parent_id] = known
         if seq in known:
@@ -262,7 +261,7 @@ class SubSteps:
         )
         # Shielded: an attempt timeout that cancels this step must not cancel the commit
         # that the other branches' writes share.
-        await asyncio.shield(self._ctx.group_commit.create(promise))
+        await asyncio.shield(self._state.commit.create(promise))
         stored: T = json.loads(value_json)
         known[seq] = stored
         fresh: T = _copy(stored)

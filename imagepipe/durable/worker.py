@@ -41,12 +41,11 @@ from imagepipe.durable.records import (
     PromiseRecord,
     Settlement,
     WriteBatch,
-    bind_args,
     canonical_json,
     encode_args,
 )
 from imagepipe.durable.retry import RetryPolicy
-from imagepipe.durable.steps import Handle, Step
+from imagepipe.durable.steps import Step
 from imagepipe.durable.store import DETACHED, Claim, Store
 from imagepipe.durable.worker_commit import SharedCommit
 
@@ -156,19 +155,8 @@ class _ClaimedLease(LeaseKeeper):
         return Fence(self.key, self.lease.epoch)
 
 
-class _BranchContext(RunContext[D]):
-    """A run context that executes one stored, claimed branch of its run."""
-
-    def adopt(self, record: PromiseRecord, fn: Callable[..., Awaitable[Any]]) -> Handle[Any]:
-        handle: Handle[Any] = Handle.from_record(self, record, fn)
-        self.launched.append(handle)
-        # no concurrency limit here (the worker's claims are it): it starts at once
-        self._lanes.launch(handle, fn, bind_args(fn, record.args), record.failures)
-        return handle
-
-
 async def _settle(
-    ctx: _BranchContext[D],
+    ctx: RunContext[D],
     keeper: _ClaimedLease,
     record: PromiseRecord,
     fn: Callable[..., Awaitable[Any]],
@@ -404,7 +392,7 @@ class Worker:
         assert run_id is not None, "a claim is a branch of a run"
         keeper = self._keepers[key] = _ClaimedLease(self.store, claim, self.me, self.stale_after)
         try:
-            ctx: _BranchContext[Any] = _BranchContext(
+            ctx: RunContext[Any] = RunContext(
                 self.store,
                 run_id,
                 job.deps,
