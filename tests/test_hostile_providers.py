@@ -107,8 +107,10 @@ def url_fake(openai_fake: OpenAIFake) -> OpenAIFake:
         Fault.huge(200 * MB),
         Fault.huge(200 * MB, chunked=True),
         Fault.gzip_bomb(1 << 30),
+        Fault.gzip_bomb(1 << 30, bomb_format="deflate"),
+        Fault.gzip_bomb(1 << 30, bomb_format="raw-deflate"),
     ],
-    ids=["content-length", "chunked", "gzip-bomb"],
+    ids=["content-length", "chunked", "gzip-bomb", "deflate-bomb", "raw-deflate-bomb"],
 )
 def test_a_huge_image_is_refused_at_the_cap_and_not_retried(
     url_fake: OpenAIFake, db_path: Path, tmp_path: Path, fault: Fault

@@ -102,6 +102,9 @@ class Fault:
     size: int = 0
     chunked: bool = False
     gzip: bool = False
+    #: the bomb's format: "gzip", "deflate" (zlib-wrapped) or "raw-deflate" (no header,
+    #: as some servers send for Content-Encoding: deflate)
+    bomb_format: str = "gzip"
     #: headers, then one byte every ``drip`` seconds (times time_scale) of a body that
     #: claims a megabyte, until the client leaves or the server stops
     drip: float = 0.0
@@ -185,8 +188,8 @@ class Fault:
         return cls(status, size=size, chunked=chunked)
 
     @classmethod
-    def gzip_bomb(cls, inflated: int, *, status: int = 0) -> Fault:
-        return cls(status, size=inflated, gzip=True)
+    def gzip_bomb(cls, inflated: int, *, status: int = 0, bomb_format: str = "gzip") -> Fault:
+        return cls(status, size=inflated, gzip=True, bomb_format=bomb_format)
 
     @classmethod
     def dripping(cls, every: float) -> Fault:
@@ -202,15 +205,16 @@ class Fault:
         return bool(self.size or self.drip or self.raw is not None)
 
 
-@functools.lru_cache(maxsize=1)
-def _gzip_blocks() -> tuple[bytes, bytes]:
-    """A gzip stream's start (header and one MiB of zeros) and a block that inflates to
-    one more MiB; repeated, it makes a gzip bomb of any size with no trailer (a client
-    must stop before its end anyway)."""
+@functools.lru_cache(maxsize=3)
+def _gzip_blocks(bomb_format: str = "gzip") -> tuple[bytes, bytes]:
+    """A compressed stream's start (header and one MiB of zeros) and a block that inflates
+    to one more MiB; repeated, it makes a bomb of any size with no trailer (a client must
+    stop before its end anyway). ``bomb_format``: see :attr:`Fault.bomb_format`."""
     import zlib
 
+    wbits = {"gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS, "raw-deflate": -15}
     mib = bytes(1 << 20)
-    squeeze = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, wbits[bomb_format])
     head = squeeze.compress(mib) + squeeze.flush(zlib.Z_FULL_FLUSH)
     block = squeeze.compress(mib) + squeeze.flush(zlib.Z_FULL_FLUSH)
     return head, block
@@ -557,9 +561,10 @@ class FakeServer:
             handler.send_header("Content-Length", str(1_000_000))
             pieces = self._drip(fault.drip)
         elif fault.gzip:
-            head, block = _gzip_blocks()
+            head, block = _gzip_blocks(fault.bomb_format)
             blocks = max(1, math.ceil(fault.size / (1 << 20)))
-            handler.send_header("Content-Encoding", "gzip")
+            encoding = "gzip" if fault.bomb_format == "gzip" else "deflate"
+            handler.send_header("Content-Encoding", encoding)
             handler.send_header("Content-Length", str(len(head) + len(block) * (blocks - 1)))
             pieces = itertools.chain([head], itertools.repeat(block, blocks - 1))
         else:
