@@ -158,6 +158,7 @@ def test_a_gzip_bomb_does_not_inflate_past_the_default_cap(
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     stderr = proc.stderr.read().decode()
+    proc.stderr.close()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     assert proc.returncode == 1, stderr
@@ -272,6 +273,7 @@ def other_server() -> Iterator[OpenAIFake]:
         ("ftp://example.com/x.png", "is not http(s)"),
         ("http://169.254.169.254/latest/meta-data", "points to 169.254.169.254"),
         ("http://[::ffff:10.0.0.1]/x.png", "points to"),
+        ("gopher://\x1b[2J\u202e/x", "'gopher://\\x1b[2J\\u202e/x' is not a valid URL"),
     ],
 )
 def test_an_image_url_may_not_point_to_a_private_address_or_another_scheme(
@@ -287,6 +289,7 @@ def test_an_image_url_may_not_point_to_a_private_address_or_another_scheme(
     done = run_cli(db_path, *one_run("openai", "u1", tmp_path / "img", "timeout", "5"))
     assert done.returncode == 1, done.stderr
     line = one_line(done.stderr)
+    assert line.isprintable()
     assert line.startswith("error: ")
     assert "the provider's image URL" in line
     assert why in line

@@ -476,7 +476,7 @@ class _Inflater:
             self._zlib = zlib.decompressobj()
         elif encoding not in ("", "identity"):
             raise ProviderProtocolError(
-                f"the provider's answer is encoded as {one_line(encoding, 40)!r}, "
+                f"the provider's answer is encoded as '{one_line(encoding, 40)}', "
                 f"which was not asked for ({ACCEPT_ENCODING})"
             )
 
@@ -611,14 +611,14 @@ async def check_image_url(url: str, base_url: str) -> None:
     is the API's own origin (``base_url``: a local server is then trusted as configured).
     A host that does not resolve is a retryable connection error, unless a proxy (from
     the environment, as httpx uses it) is to resolve it. Redirects are not followed."""
-    shown = one_line(url, 120)
+    shown = f"'{one_line(url, 120)}'"
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise RefusedURL(f"the provider's image URL {shown!r} is not a valid URL") from None
+        raise RefusedURL(f"the provider's image URL {shown} is not a valid URL; refused") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RefusedURL(f"the provider's image URL {shown!r} is not http(s); refused")
+        raise RefusedURL(f"the provider's image URL {shown} is not http(s); refused")
     if same_origin(url, base_url):
         return
     host = parts.hostname
@@ -630,12 +630,12 @@ async def check_image_url(url: str, base_url: str) -> None:
         if _proxied(parts.scheme, host):
             return  # through a proxy (httpx honours *_PROXY), which resolves it itself
         raise ProviderConnectionError(
-            f"cannot resolve the image URL's host {one_line(host, 80)!r}: {exc}"
+            f"cannot resolve the image URL's host '{one_line(host, 80)}': {exc}"
         ) from None
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).partition("%")[0])
         if _refused(address):
             raise RefusedURL(
-                f"the provider's image URL {shown!r} points to {address}, a private, "
+                f"the provider's image URL {shown} points to {address}, a private, "
                 "loopback or link-local address; refused"
             )
