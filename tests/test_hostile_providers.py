@@ -300,6 +300,18 @@ def test_an_image_url_may_not_point_to_a_private_address_or_another_scheme(
     assert url_fake.requests["file"] == 0
 
 
+def test_a_replicate_output_on_another_port_is_refused(
+    replicate_fake: ReplicateFake, other_server: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    replicate_fake.image_url = f"{other_server.origin}/files/img-1.png"
+    done = run_cli(db_path, *one_run("replicate", "u2", tmp_path / "img"))
+    assert done.returncode == 1, done.stderr
+    assert "points to 127.0.0.1, a private, loopback" in one_line(done.stderr)
+    assert len(attempts(db_path, "u2.0")) == 1  # not retried
+    assert other_server.log == []
+    assert replicate_fake.requests["file"] == 0
+
+
 # -- 14. answers of the wrong shape -------------------------------------------------------
 
 

@@ -42,6 +42,8 @@ class ReplicateFake(FakeServer):
         self.predictions: dict[str, dict[str, Any]] = {}
         self.polls: Counter[str] = Counter()
         self.cancels: list[str] = []
+        #: when set, a prediction's output names this URL instead of a file on this fake
+        self.image_url: str | None = None
         #: polls left before a prediction ends; None: it never ends (stalled)
         self._polls_left: dict[str, int | None] = {}
         #: by prompt: how its next predictions end, and for how many more (-1: all)
@@ -155,7 +157,7 @@ class ReplicateFake(FakeServer):
         if status == "succeeded":
             name = f"{pid}.png"
             self.files[name] = make_png(prediction["input"]["prompt"])
-            prediction["output"] = [f"{self.origin}/files/{name}"]
+            prediction["output"] = [self.image_url or f"{self.origin}/files/{name}"]
             prediction["metrics"] = {"predict_time": 0.5}
 
     def _poll(self, request: Request) -> Answer:
