@@ -39,7 +39,8 @@ def test_defaults_and_values_are_typed() -> None:
             "openai",
             [("colour", "red")],
             "provider openai: option 'colour': unknown; "
-            "this provider's options are: model, size, quality, response_format, base_url, timeout",
+            "this provider's options are: model, size, quality, response_format, base_url, "
+            "timeout, max_image_mb",
         ),
         (
             "openai",
@@ -73,7 +74,8 @@ def test_defaults_and_values_are_typed() -> None:
             "openai",
             [("k\ney", "v")],
             "provider openai: option 'k ey': unknown; "
-            "this provider's options are: model, size, quality, response_format, base_url, timeout",
+            "this provider's options are: model, size, quality, response_format, base_url, "
+            "timeout, max_image_mb",
         ),
     ],
 )

@@ -105,7 +105,10 @@ async def test_a_resume_polls_the_same_prediction_and_never_creates_again(
     replayed = MemorySteps(stored=steps.results)
     image = await resumed.generate(request(), replayed)
     await resumed.aclose()
-    assert replayed.executed == 0  # the create step was replayed, not run
+    # the create step was replayed, not run; only the wait ran, and stored the end
+    assert replayed.executed == 1
+    assert replayed.results[0] == steps.results[0]
+    assert replayed.results[1]["status"] == "succeeded"
     assert image.request_id == "p00001"
     assert replicate_fake.requests["create"] == 1
     assert replicate_fake.paid_creates == 1

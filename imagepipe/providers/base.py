@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_RETRY_AFTER",
+    "AnswerTooLarge",
     "AuthenticationFailed",
     "ContentRejected",
     "ImageProvider",
@@ -30,10 +31,12 @@ __all__ = [
     "ProviderConnectionError",
     "ProviderError",
     "ProviderImage",
+    "ProviderProtocolError",
     "ProviderRequest",
     "ProviderTimeout",
     "QuotaExceeded",
     "RateLimited",
+    "RefusedURL",
     "ServerError",
     "SubSteps",
     "TransientProviderError",
@@ -44,6 +47,10 @@ T = TypeVar("T")
 
 #: a server asking for a longer wait than this (seconds) is not retried in this process
 MAX_RETRY_AFTER = 120.0
+
+
+def _over_cap(retry_after: float | None) -> bool:
+    return retry_after is not None and retry_after > MAX_RETRY_AFTER
 
 
 def one_line(text: str, limit: int = 500) -> str:
@@ -131,6 +138,10 @@ class ProviderError(Exception):
     ``retryable`` says whether another attempt may succeed (a class default, overridden per
     instance, e.g. by ``x-should-retry``); ``retry_after`` is the wait in seconds the server
     asked for; ``status`` and ``code`` are the HTTP status and the provider's error code.
+
+    Whatever the status, a retryable error whose server asks for more than
+    :data:`MAX_RETRY_AFTER` seconds is not retried in this process: its message says to
+    resume later.
     """
 
     retryable: bool = True
@@ -147,11 +158,14 @@ class ProviderError(Exception):
         status: int | None = None,
         code: str | None = None,
     ) -> None:
+        if retryable is not None:
+            self.retryable = retryable
+        if self.retryable and _over_cap(retry_after):
+            message = f"{message}; resume later (the provider asked to wait {retry_after:.0f} s)"
+            self.retryable = False
         message = one_line(message)
         super().__init__(message)
         self.message = message
-        if retryable is not None:
-            self.retryable = retryable
         self.retry_after = retry_after
         self.status = status
         self.code = code
@@ -185,9 +199,8 @@ class RateLimited(TransientProviderError):
         status: int | None = 429,
         code: str | None = None,
     ) -> None:
-        if retry_after is not None and retry_after > MAX_RETRY_AFTER:
-            message = f"rate limited; resume later (the provider asked to wait {retry_after:.0f} s)"
-            retryable = False
+        if _over_cap(retry_after) and retryable is not False:
+            message = "rate limited"  # the base class adds "; resume later (...)"
         super().__init__(
             message, retryable=retryable, retry_after=retry_after, status=status, code=code
         )
@@ -213,6 +226,27 @@ class AuthenticationFailed(InvalidRequest):
 
 class PredictionFailed(InvalidRequest):
     """A job-style prediction ended ``failed`` or ``canceled``."""
+
+
+class ProviderProtocolError(ProviderError):
+    """An answer that is not what the API documents (not JSON, or JSON of another shape):
+    the provider's side is broken, and asking again would most likely pay for the same."""
+
+    retryable = False
+
+
+class AnswerTooLarge(ProviderError):
+    """An answer (image, JSON or stream) past its size limit: never retried, it would only
+    come back as large."""
+
+    retryable = False
+
+
+class RefusedURL(ProviderError):
+    """An image URL imagepipe will not fetch: not http(s), or a private, loopback or
+    link-local address that is not the API's own origin."""
+
+    retryable = False
 
 
 class MissingCredentials(ProviderError, BadInput):

@@ -5,15 +5,29 @@ It holds the run's options, one connection pool (httpx, imported on first use) a
 (``-o base_url``, else the provider's environment variable, else the public API) and the
 key, read from the environment when a request needs it, so that a missing one is
 :class:`~imagepipe.providers.base.MissingCredentials` (exit 2) naming the variable.
+
+Every request goes through :meth:`HTTPProvider.request`: within ``-o timeout`` seconds as a
+whole, its answer within a size limit that follows ``-o max_image_mb``, the key redacted
+from whatever the provider sends back. :meth:`HTTPProvider.download` fetches an image URL
+from an answer only if :func:`~imagepipe.providers.http.check_image_url` allows it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from imagepipe.providers.base import MissingCredentials
-from imagepipe.providers.http import Pacer
+from imagepipe.providers.http import (
+    ACCEPT_ENCODING,
+    MB,
+    BodyLimit,
+    Pacer,
+    Reply,
+    check_image_url,
+    same_origin,
+    send,
+)
 from imagepipe.providers.options import ProviderOptions
 
 if TYPE_CHECKING:
@@ -24,7 +38,8 @@ __all__ = ["HTTPProvider"]
 
 class HTTPProvider:
     """Base of a provider that calls an HTTP API. A subclass sets ``Options`` (a dataclass
-    with ``base_url`` and ``timeout`` among its fields) and the class variables below."""
+    with ``base_url``, ``timeout`` and ``max_image_mb`` among its fields) and the class
+    variables below."""
 
     Options: ClassVar[type[ProviderOptions]]
     #: the environment variable that holds the API key
@@ -68,14 +83,70 @@ class HTTPProvider:
             raise MissingCredentials(self.key_variable)
         return key
 
+    @property
+    def timeout(self) -> float:
+        """Seconds one request may take as a whole (and each of its reads)."""
+        timeout: float = getattr(self.options, "timeout", 120.0)
+        return timeout
+
+    @property
+    def image_limit(self) -> BodyLimit:
+        """The largest image accepted (``-o max_image_mb``)."""
+        max_mb: float = getattr(self.options, "max_image_mb", 50.0)
+        return BodyLimit(int(max_mb * MB), "image")
+
+    @property
+    def answer_limit(self) -> BodyLimit:
+        """The largest API (JSON) answer accepted: room for an image of
+        :attr:`image_limit` in base64 (4 bytes for 3), and 1 MB for the rest."""
+        return BodyLimit(self.image_limit.bytes * 4 // 3 + MB, "answer")
+
     def http(self) -> httpx.AsyncClient:
         """The run's connection pool, opened on first use."""
         if self._client is None:
             import httpx
 
-            timeout: float = getattr(self.options, "timeout", 120.0)
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout))
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.timeout),
+                headers={"Accept-Encoding": ACCEPT_ENCODING},
+            )
         return self._client
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        limit: BodyLimit | None = None,
+        paced: bool = True,
+        **kwargs: Any,
+    ) -> Reply:
+        """One request to the provider (see :func:`~imagepipe.providers.http.send`):
+        within :attr:`timeout`, its body within ``limit`` (default :attr:`answer_limit`),
+        the key redacted from the answer's text and from any error."""
+        return await send(
+            self.http(),
+            method,
+            url,
+            pacer=self.pacer,
+            paced=paced,
+            limit=limit or self.answer_limit,
+            deadline=self.timeout,
+            secret=self._api_key or os.environ.get(self.key_variable),
+            **kwargs,
+        )
+
+    async def download(self, url: str) -> bytes:
+        """The image at ``url`` (from the provider's answer), within :attr:`image_limit`;
+        a URL :func:`~imagepipe.providers.http.check_image_url` refuses is never fetched.
+        The key goes only to the API's own origin, never to a CDN."""
+        await check_image_url(url, self.base_url)
+        headers = self.auth_headers() if same_origin(url, self.base_url) else {}
+        reply = await self.request("GET", url, limit=self.image_limit, paced=False, headers=headers)
+        return reply.body
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key()}"}
 
     async def aclose(self) -> None:
         """Close the connection pool; call once when the run ends."""

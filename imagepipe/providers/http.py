@@ -1,7 +1,8 @@
-"""HTTP pieces shared by the real providers: Retry-After, error classification, pacing.
+"""HTTP pieces shared by the real providers: Retry-After, error classification, pacing,
+bounded answers.
 
 - :func:`parse_retry_after` reads ``retry-after-ms``, then ``retry-after`` (seconds or an
-  HTTP date).
+  HTTP date); a value that is not finite, negative or absurd counts as absent.
 - :func:`classify` turns an HTTP error answer into the right :class:`ProviderError`, in one
   place: retry timeouts, connection errors, 408, 409, 429 rate limits and 5xx; never 400
   (content policy included), 401, 403, 404, 422 or a 429 ``insufficient_quota``;
@@ -11,7 +12,12 @@
   with Retry-After pauses every branch's next request until then) and an optional
   client-side ``rpm`` limit through aiolimiter, spread evenly (never a burst larger than
   one second's share).
-- :func:`send` is one paced request with classified errors.
+- :func:`send` is one paced request with classified errors, an overall deadline, and a
+  body read within a :class:`BodyLimit` counted in decompressed bytes (:func:`read_body`):
+  a huge answer or a gzip bomb is refused at the limit, never held in memory.
+- :func:`check_image_url` refuses an image URL that is not http(s) or points to a
+  private, loopback or link-local address (other than the API's own origin).
+- :func:`redact` and :func:`redact_json` take the key out of a provider's text.
 
 httpx and aiolimiter are imported only by the functions that use them.
 """
@@ -20,25 +26,34 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import json
+import math
 import re
+import socket
 import time
+import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from imagepipe.providers.base import (
     MAX_RETRY_AFTER,
+    AnswerTooLarge,
     AuthenticationFailed,
     ContentRejected,
     InvalidRequest,
     ProviderConnectionError,
     ProviderError,
+    ProviderProtocolError,
     ProviderTimeout,
     QuotaExceeded,
     RateLimited,
+    RefusedURL,
     ServerError,
     TransientProviderError,
+    one_line,
 )
 
 if TYPE_CHECKING:
@@ -46,12 +61,22 @@ if TYPE_CHECKING:
     from aiolimiter import AsyncLimiter
 
 __all__ = [
+    "ACCEPT_ENCODING",
     "CONTENT_POLICY_CODES",
+    "ERROR_BODY_LIMIT",
+    "MB",
+    "BodyLimit",
     "Pacer",
+    "Reply",
+    "check_image_url",
     "classify",
     "error_message",
+    "json_type",
     "parse_duration",
     "parse_retry_after",
+    "read_body",
+    "redact",
+    "redact_json",
     "same_origin",
     "send",
     "sniff_mime",
@@ -69,6 +94,8 @@ CONTENT_POLICY_CODES = frozenset(
 )
 #: seconds every branch pauses after a 429 that names no wait
 DEFAULT_PAUSE = 1.0
+#: a Retry-After longer than this (30 days) is taken for garbage, as if absent
+MAX_SANE_WAIT = 30 * 24 * 3600.0
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -80,32 +107,47 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return value
 
 
+def _sane(seconds: float) -> float | None:
+    """``seconds`` if it can be a real wait; ``None`` (as if absent) when it is not
+    finite, negative or over :data:`MAX_SANE_WAIT`."""
+    if not math.isfinite(seconds) or not 0.0 <= seconds <= MAX_SANE_WAIT:
+        return None
+    return seconds
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds the server asks to wait, or ``None``; ``now`` is the epoch time for HTTP dates.
 
     ``retry-after-ms`` (OpenAI's) wins over ``retry-after``, which is a number of seconds or
-    an HTTP date. The value is not capped here: :class:`RateLimited` refuses one over 120 s.
+    an HTTP date (one in the past means now). A value that is not finite, negative or over
+    a month counts as absent. The value is not capped here: a :class:`ProviderError` asking
+    for more than 120 s is not retried in this process.
     """
     ms = _header(headers, "retry-after-ms")
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
+    if ms is not None and (number := _number(ms)) is not None:
+        wait = _sane(number / 1000.0)
+        if wait is not None:
+            return wait
     value = _header(headers, "retry-after")
     if value is None:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    number = _number(value)
+    if number is not None:
+        return _sane(number)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return _sane(max(0.0, when.timestamp() - (time.time() if now is None else now)))
 
 
 def _json(body: bytes | str) -> Any:
@@ -138,10 +180,17 @@ def error_message(status: int, body: bytes | str) -> tuple[str, str | None]:
 
 
 def classify(
-    status: int, headers: Mapping[str, str], body: bytes | str, now: float | None = None
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes | str,
+    now: float | None = None,
+    *,
+    secret: str | None = None,
 ) -> ProviderError:
-    """The :class:`ProviderError` for an HTTP error answer (``status`` >= 300)."""
+    """The :class:`ProviderError` for an HTTP error answer (``status`` >= 300); ``secret``
+    (the key in use) is redacted from the provider's message."""
     message, code = error_message(status, body)
+    message = redact(message, secret)
     retry_after = parse_retry_after(headers, now)
     data = _json(body)
     err_type = None
@@ -171,6 +220,33 @@ def classify(
     if should in ("true", "false") and not over_cap:
         error.retryable = should == "true"
     return error
+
+
+#: what stands in a provider's text for the key it echoed
+REDACTED = "[redacted]"
+#: a "key" shorter than this is not looked for in text (it would blank common words)
+MIN_SECRET = 4
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` without ``secret`` (the API key in use), so that no store, output or log
+    gets it from a provider that echoes it."""
+    if secret is None or len(secret) < MIN_SECRET:
+        return text
+    return text.replace(secret, REDACTED)
+
+
+def redact_json(value: Any, secret: str | None) -> Any:
+    """Every string in a JSON value (keys included) with ``secret`` redacted."""
+    if secret is None or len(secret) < MIN_SECRET:
+        return value
+    if isinstance(value, str):
+        return value.replace(secret, REDACTED)
+    if isinstance(value, list):
+        return [redact_json(v, secret) for v in value]
+    if isinstance(value, dict):
+        return {redact(k, secret): redact_json(v, secret) for k, v in value.items()}
+    return value
 
 
 def transport_error(exc: Exception) -> ProviderError:
@@ -327,18 +403,162 @@ class Pacer:
             self._answered = asyncio.Event()
 
 
+#: bytes in a megabyte, as ``-o max_image_mb`` counts them
+MB = 1_000_000
+#: an error answer's body is read up to this many bytes; the rest is not read
+ERROR_BODY_LIMIT = 64 * 1024
+#: the encodings a request accepts (and :class:`_Inflater` decodes, within the limit)
+ACCEPT_ENCODING = "gzip, deflate"
+
+
+@dataclass(frozen=True)
+class BodyLimit:
+    """The most bytes, once decompressed, that an answer's body may hold, and how to name
+    that body (``"image"``, ``"answer"``) in the one line that rejects a larger one."""
+
+    bytes: int
+    what: str = "answer"
+
+    def error(self) -> AnswerTooLarge:
+        return AnswerTooLarge(
+            f"the provider's {self.what} is larger than {self.bytes / MB:g} MB; refused "
+            "(-o max_image_mb sets the limit)"
+        )
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A successful answer, read in full within its :class:`BodyLimit`."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    #: the key in use: :meth:`json` redacts it from every string (never shown in a repr)
+    secret: str | None = field(default=None, repr=False)
+
+    def json(self) -> Any:
+        """The body as JSON, the key redacted; :class:`ProviderProtocolError` if it is not
+        JSON."""
+        try:
+            return redact_json(json.loads(self.body), self.secret)
+        except (ValueError, UnicodeDecodeError):
+            raise ProviderProtocolError("the provider's answer is not JSON") from None
+        except RecursionError:
+            raise ProviderProtocolError("the provider's answer is JSON nested too deeply") from None
+
+
+def json_type(value: Any) -> str:
+    """How a JSON value's type is named in a protocol error ("a string", "null")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+class _Inflater:
+    """Decodes a body's ``Content-Encoding`` (identity, gzip, deflate) chunk by chunk,
+    never producing more than the limit: a gzip bomb stops inflating at the cap."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self._zlib: Any = None
+        self._first = True
+        if encoding in ("gzip", "x-gzip"):
+            self._zlib = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        elif encoding == "deflate":
+            self._zlib = zlib.decompressobj()
+        elif encoding not in ("", "identity"):
+            raise ProviderProtocolError(
+                f"the provider's answer is encoded as '{one_line(encoding, 40)}', "
+                f"which was not asked for ({ACCEPT_ENCODING})"
+            )
+
+    def feed(self, data: bytes, out: bytearray, limit: int) -> bool:
+        """Append ``data``, decoded, to ``out`` but never past ``limit + 1`` bytes;
+        False once the body is known to be larger than ``limit``."""
+        if self._zlib is None:
+            out += data[: limit + 1 - len(out)]
+            return len(out) <= limit
+        while data:
+            try:
+                out += self._zlib.decompress(data, limit + 1 - len(out))
+            except zlib.error as exc:
+                if self._first and self.encoding == "deflate":  # raw deflate, no header
+                    self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                    self._first = False
+                    continue
+                raise ProviderProtocolError(
+                    f"the provider's {self.encoding} answer cannot be decoded ({exc})"
+                ) from None
+            self._first = False
+            if len(out) > limit:
+                return False
+            data = self._zlib.unconsumed_tail
+        return True
+
+    def finish(self, out: bytearray, limit: int) -> bool:
+        """Decode what the decoder still holds (a few bytes' worth, all input was fed)."""
+        if self._zlib is not None:
+            out += self._zlib.flush()
+        return len(out) <= limit
+
+
+async def read_body(response: httpx.Response, limit: int, *, truncate: bool = False) -> bytes:
+    """The body of ``response``, decoded, of at most ``limit`` bytes.
+
+    Over the limit, the reading stops at once and raises ``_TooLarge`` (:func:`send` turns
+    it into its :class:`BodyLimit`'s error) or, with ``truncate``, returns the first
+    ``limit`` bytes. A ``Content-Length`` over the limit of an unencoded body is refused
+    before a byte of it is read."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    inflater = _Inflater(encoding)
+    declared = response.headers.get("content-length", "").strip()
+    plain = inflater.encoding in ("", "identity")
+    if not truncate and plain and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    out = bytearray()
+    async for chunk in response.aiter_raw():
+        if not inflater.feed(chunk, out, limit):
+            break
+    else:
+        if inflater.finish(out, limit):
+            return bytes(out)
+    if truncate:
+        return bytes(out[:limit])
+    raise _TooLarge
+
+
+class _TooLarge(Exception):
+    """Raised by :func:`read_body`; :func:`send` turns it into its limit's error."""
+
+
 async def send(
     client: httpx.AsyncClient,
     method: str,
     url: str,
     *,
     pacer: Pacer,
+    limit: BodyLimit,
+    deadline: float,
+    secret: str | None = None,
     paced: bool = True,
     **kwargs: Any,
-) -> httpx.Response:
+) -> Reply:
     """One request through ``pacer``; a failure raises the classified :class:`ProviderError`.
 
-    ``paced=False`` waits out back-off pauses but does not count against ``rpm`` (polls).
+    - ``paced=False`` waits out back-off pauses but does not count against ``rpm`` (polls).
+    - The answer's body is read within ``limit`` (decompressed bytes; an error answer's
+      within :data:`ERROR_BODY_LIMIT`, truncated); the whole request, from sending to the
+      last byte of the answer, within ``deadline`` seconds (a retryable timeout), not only
+      each read.
+    - ``secret`` (the key in use) is redacted from the provider's text.
     """
     import httpx
 
@@ -346,16 +566,76 @@ async def send(
     pacer.in_flight += 1
     quota_left = False
     try:
-        response = await client.request(method, url, **kwargs)
-        if not 200 <= response.status_code < 300:
-            error = classify(response.status_code, response.headers, response.content)
-            pacer.observe(error)
-            raise error
+        async with asyncio.timeout(deadline):
+            async with client.stream(method, url, **kwargs) as response:
+                if not 200 <= response.status_code < 300:
+                    body = await read_body(response, ERROR_BODY_LIMIT, truncate=True)
+                    error = classify(response.status_code, response.headers, body, secret=secret)
+                    pacer.observe(error)
+                    raise error
+                body = await read_body(response, limit.bytes)
         quota_left = pacer.observe_quota(response.headers)
-        return response
+        return Reply(response.status_code, response.headers, body, secret)
+    except _TooLarge:
+        raise limit.error() from None
+    except TimeoutError:
+        raise ProviderTimeout(
+            f"the provider did not complete its answer in {deadline:g} s (-o timeout)"
+        ) from None
     except httpx.TransportError as exc:
         raise transport_error(exc) from exc
     finally:
         pacer.in_flight -= 1
         if paced:
             pacer.answered(quota_left)
+
+
+def _proxied(scheme: str, host: str) -> bool:
+    """Whether a request to ``host`` goes through a proxy set in the environment."""
+    import urllib.request
+
+    return scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
+
+
+def _refused(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether an address is one an image URL may not point to: private, loopback,
+    link-local, multicast, reserved or unspecified (an IPv4-mapped one as its IPv4)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_global or address.is_multicast
+
+
+async def check_image_url(url: str, base_url: str) -> None:
+    """Refuse (:class:`RefusedURL`, not retried) an image URL from a provider's answer that
+    is not http(s), or whose host resolves to an address that is not public, unless it
+    is the API's own origin (``base_url``: a local server is then trusted as configured).
+    A host that does not resolve is a retryable connection error, unless a proxy (from
+    the environment, as httpx uses it) is to resolve it. Redirects are not followed."""
+    shown = f"'{one_line(url, 120)}'"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise RefusedURL(f"the provider's image URL {shown} is not a valid URL; refused") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RefusedURL(f"the provider's image URL {shown} is not http(s); refused")
+    if same_origin(url, base_url):
+        return
+    host = parts.hostname
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
+        )
+    except (OSError, UnicodeError) as exc:
+        if _proxied(parts.scheme, host):
+            return  # through a proxy (httpx honours *_PROXY), which resolves it itself
+        raise ProviderConnectionError(
+            f"cannot resolve the image URL's host '{one_line(host, 80)}': {exc}"
+        ) from None
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).partition("%")[0])
+        if _refused(address):
+            raise RefusedURL(
+                f"the provider's image URL {shown} points to {address}, a private, "
+                "loopback or link-local address; refused"
+            )

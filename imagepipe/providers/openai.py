@@ -5,7 +5,10 @@ $OPENAI_API_KEY`` and ``Idempotency-Key: <branch id>``. The base URL includes ``
 in the official SDK: ``-o base_url``, else ``$OPENAI_BASE_URL``, else the public API.
 
 The answer's ``data[0].b64_json`` is decoded; a ``data[0].url`` (DALL·E; it expires after
-an hour) is downloaded before :meth:`OpenAIProvider.generate` returns. Errors are
+an hour) is downloaded before :meth:`OpenAIProvider.generate` returns, if
+:func:`~imagepipe.providers.http.check_image_url` allows it. The answer is read within a
+limit that follows ``-o max_image_mb`` (its base64 image included); an answer of another
+shape is a :class:`~imagepipe.providers.base.ProviderProtocolError`. Errors are
 classified by :func:`imagepipe.providers.http.classify`; tenacity in the core is the only
 retry layer, so this module never retries.
 
@@ -18,20 +21,18 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from imagepipe.providers.base import (
     ProviderError,
     ProviderImage,
+    ProviderProtocolError,
     ProviderRequest,
     SubSteps,
 )
 from imagepipe.providers.client import HTTPProvider
-from imagepipe.providers.http import same_origin, send, sniff_mime
+from imagepipe.providers.http import json_type, sniff_mime
 from imagepipe.providers.options import ProviderOptions, option
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["DEFAULT_BASE_URL", "OpenAIOptions", "OpenAIProvider", "check_credentials"]
 
@@ -59,7 +60,18 @@ class OpenAIOptions(ProviderOptions):
         identity=False,
         pattern=URL_PATTERN,
     )
-    timeout: float = option(120.0, "seconds to wait for an answer", identity=False, positive=True)
+    timeout: float = option(
+        120.0,
+        "seconds one request may take, its whole answer included",
+        identity=False,
+        positive=True,
+    )
+    max_image_mb: float = option(
+        50.0,
+        "largest image to accept, in MB; a larger answer rejects the branch",
+        identity=False,
+        positive=True,
+    )
 
 
 class OpenAIProvider(HTTPProvider):
@@ -87,51 +99,65 @@ class OpenAIProvider(HTTPProvider):
 
     async def generate(self, request: ProviderRequest, steps: SubSteps) -> ProviderImage:
         """Make one image: one paced POST (an error is raised classified), then decode it."""
-        key = self.api_key()
-        client = self.http()
-        headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": request.idempotency_key}
-        response = await send(
-            client,
-            "POST",
-            f"{self.base_url}/images/generations",
-            pacer=self.pacer,
-            json=self._body(request),
-            headers=headers,
+        self.api_key()  # a missing key fails before any request
+        headers = {**self.auth_headers(), "Idempotency-Key": request.idempotency_key}
+        reply = await self.request(
+            "POST", f"{self.base_url}/images/generations", json=self._body(request), headers=headers
         )
-        try:
-            answer = response.json()
-            item = answer["data"][0]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise ProviderError("the provider's answer has no image (data[0] is missing)") from None
+        answer, item = _image_item(reply.json())
         source_url = None
-        if item.get("b64_json"):
+        b64 = item.get("b64_json")
+        url = item.get("url")
+        if b64:
+            if not isinstance(b64, str):
+                raise _shape("data[0].b64_json", "a string", b64)
             try:
-                data = base64.b64decode(item["b64_json"], validate=True)
+                data = base64.b64decode(b64, validate=True)
             except (binascii.Error, ValueError):
                 raise ProviderError("the provider's b64_json is not valid base64") from None
-        elif item.get("url"):
-            source_url = str(item["url"])
-            data = await self._download(source_url, key)
+            if len(data) > self.image_limit.bytes:
+                raise self.image_limit.error()
+        elif url:
+            if not isinstance(url, str):
+                raise _shape("data[0].url", "a string", url)
+            source_url = url
+            data = await self.download(source_url)
         else:
-            raise ProviderError("the provider's answer has neither b64_json nor url")
+            raise ProviderProtocolError("the provider's answer has neither b64_json nor url")
         usage = answer.get("usage")
+        model = answer.get("model")
+        revised = item.get("revised_prompt")
         return ProviderImage(
             data=data,
             mime=sniff_mime(data),
-            model=str(answer.get("model") or self._body(request)["model"]),
-            request_id=response.headers.get("x-request-id"),
-            revised_prompt=item.get("revised_prompt"),
+            model=model if isinstance(model, str) and model else self._body(request)["model"],
+            request_id=reply.headers.get("x-request-id"),
+            revised_prompt=revised if isinstance(revised, str) else None,
             usage=usage if isinstance(usage, dict) else None,
             source_url=source_url,
         )
 
-    async def _download(self, url: str, key: str) -> bytes:
-        # The key goes only to the API's own origin, never to a CDN.
-        headers = {"Authorization": f"Bearer {key}"} if same_origin(url, self.base_url) else {}
-        response = await send(
-            self.http(), "GET", url, pacer=self.pacer, paced=False, headers=headers
-        )
-        return response.content
+
+def _shape(field: str, expected: str, value: Any) -> ProviderProtocolError:
+    return ProviderProtocolError(
+        f"the provider's answer has {field} as {json_type(value)}, not {expected}"
+    )
+
+
+def _image_item(answer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The answer and its ``data[0]``, or a :class:`ProviderProtocolError` naming what is
+    not of the documented shape."""
+    if not isinstance(answer, dict):
+        raise ProviderProtocolError(f"the provider's answer is {json_type(answer)}, not an object")
+    data = answer.get("data")
+    if not isinstance(data, list):
+        raise _shape("data", "a list", data)
+    if not data:
+        raise ProviderProtocolError("the provider's answer has no image (data is empty)")
+    item = data[0]
+    if not isinstance(item, dict):
+        raise _shape("data[0]", "an object", item)
+    return answer, item
 
 
 #: raise MissingCredentials ("set OPENAI_API_KEY", exit 2) when there is no key

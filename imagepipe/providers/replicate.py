@@ -5,13 +5,22 @@ stores the prediction id before the branch waits for it, so a kill and resume at
 after that polls the same prediction instead of creating (and paying for) a second one.
 The only window left is between the create's answer and its commit to the store.
 
+The wait is a durable step too (``wait_for_prediction``): the prediction's final state is
+stored once it has ended. A later attempt that replays a prediction which ended without
+an image (``failed``, ``canceled``, or canceled here at the poll deadline) creates a new
+one at the next sub-step, so ``imagepipe retry`` can fix such a branch; the attempt that
+saw it end reports it (sub-steps, per branch: create, wait, create, wait, ...). A
+prediction still running when a process died is polled again, never created again.
+
 - Create: ``POST /v1/models/{owner}/{name}/predictions`` when the model is
   ``owner/name``; ``POST /v1/predictions`` with ``{"version": ...}`` when it is a version id
   (64 hex digits, or ``owner/name:version``). With ``Prefer: wait``: an answer that is
   already final is used as it is.
 - Poll ``GET /v1/predictions/{id}`` every ``poll_interval`` s (times ``time_scale``) until
   ``succeeded``, ``failed`` or ``canceled``; then download the output (a URL, or a list
-  of them: the first).
+  of them: the first). After ``poll_timeout`` s (times ``time_scale``) of one attempt's
+  polling, ``POST /v1/predictions/{id}/cancel``, and the attempt fails as retryable: the
+  next creates a new prediction.
 - ``failed`` and ``canceled`` are not retryable. A poll that fails (429, 5xx, dropped
   connection) raises a retryable error: the core retries the branch, the replayed create
   step gives back the same id, and polling goes on.
@@ -25,21 +34,20 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from imagepipe.providers.base import (
     PredictionFailed,
     ProviderError,
     ProviderImage,
+    ProviderProtocolError,
     ProviderRequest,
+    ProviderTimeout,
     SubSteps,
 )
 from imagepipe.providers.client import HTTPProvider
-from imagepipe.providers.http import same_origin, send, sniff_mime
+from imagepipe.providers.http import Reply, json_type, sniff_mime
 from imagepipe.providers.options import ProviderOptions, option
-
-if TYPE_CHECKING:
-    import httpx
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -70,9 +78,26 @@ class ReplicateOptions(ProviderOptions):
         identity=False,
         pattern=r"https?://\S+",
     )
-    timeout: float = option(120.0, "seconds to wait for one answer", identity=False, positive=True)
+    timeout: float = option(
+        120.0,
+        "seconds one request may take, its whole answer included",
+        identity=False,
+        positive=True,
+    )
     poll_interval: float = option(
         1.0, "seconds between two polls of a prediction", identity=False, positive=True
+    )
+    poll_timeout: float = option(
+        600.0,
+        "seconds an attempt polls a prediction before canceling it (then retried)",
+        identity=False,
+        positive=True,
+    )
+    max_image_mb: float = option(
+        50.0,
+        "largest image to accept, in MB; a larger one rejects the branch",
+        identity=False,
+        positive=True,
     )
 
 
@@ -94,9 +119,6 @@ class ReplicateProvider(HTTPProvider):
     default_base_url: ClassVar[str] = DEFAULT_BASE_URL
     options: ReplicateOptions
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key()}"}
-
     async def create_prediction(
         self, *, model: str, input: dict[str, Any], wait: bool = True
     ) -> dict[str, Any]:
@@ -112,25 +134,41 @@ class ReplicateProvider(HTTPProvider):
         else:
             url = f"{self.base_url}/v1/models/{owner_name}/predictions"
             body = {"input": input}
-        headers = self._headers()
+        headers = self.auth_headers()
         if wait:
             headers["Prefer"] = "wait"
-        response = await send(
-            self.http(), "POST", url, pacer=self.pacer, json=body, headers=headers
-        )
-        return _prediction(response)
+        return _prediction(await self.request("POST", url, json=body, headers=headers))
 
     async def get_prediction(self, prediction_id: str) -> dict[str, Any]:
         """The prediction's current state (a poll: waits out back-off, not counted in rpm)."""
-        response = await send(
-            self.http(),
-            "GET",
-            f"{self.base_url}/v1/predictions/{prediction_id}",
-            pacer=self.pacer,
-            paced=False,
-            headers=self._headers(),
-        )
-        return _prediction(response)
+        url = f"{self.base_url}/v1/predictions/{prediction_id}"
+        reply = await self.request("GET", url, paced=False, headers=self.auth_headers())
+        return _prediction(reply)
+
+    async def cancel_prediction(self, prediction_id: str) -> dict[str, Any]:
+        """Ask the provider to stop a prediction; its state as the answer gives it."""
+        url = f"{self.base_url}/v1/predictions/{prediction_id}/cancel"
+        reply = await self.request("POST", url, paced=False, headers=self.auth_headers())
+        return _prediction(reply)
+
+    async def wait(self, prediction: dict[str, Any]) -> dict[str, Any]:
+        """Poll ``prediction`` until it ends; at the poll deadline, cancel it and return it
+        as ``canceled`` with ``"timed_out": true`` (unless the cancel's answer says it
+        ended meanwhile). A failed poll or cancel raises: nothing is stored then, and the
+        next attempt polls the same prediction again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.poll_timeout * self.time_scale
+        prediction_id = str(prediction["id"])
+        while not is_final(prediction):
+            left = deadline - loop.time()
+            if left <= 0:
+                answer = await self.cancel_prediction(prediction_id)
+                if answer["status"] in ("succeeded", "failed"):  # it ended meanwhile
+                    return answer
+                return {**answer, "status": "canceled", "timed_out": True}
+            await asyncio.sleep(min(self.options.poll_interval * self.time_scale, left))
+            prediction = await self.get_prediction(prediction_id)
+        return prediction
 
     def _input(self, request: ProviderRequest) -> dict[str, Any]:
         opts = request.options if isinstance(request.options, ReplicateOptions) else self.options
@@ -144,25 +182,27 @@ class ReplicateProvider(HTTPProvider):
         return data
 
     async def generate(self, request: ProviderRequest, steps: SubSteps) -> ProviderImage:
-        """Create (durably, once), poll until final, download the first output."""
-        self._headers()  # a missing token fails before the durable step
+        """Create (durably, once), wait until final (durably), download the first output.
+
+        A prediction that an EARLIER attempt saw end without an image is replaced by a new
+        one; one that ends so in this attempt is reported (see the module's docstring)."""
+        self.api_key()  # a missing token fails before the durable step
         opts = request.options if isinstance(request.options, ReplicateOptions) else self.options
-        prediction = await steps.run(
-            self.create_prediction, model=opts.model, input=self._input(request)
-        )
-        prediction_id = str(prediction["id"])
-        while not is_final(prediction):
-            await asyncio.sleep(self.options.poll_interval * self.time_scale)
-            prediction = await self.get_prediction(prediction_id)
-        status = prediction["status"]
-        if status == "failed":
-            raise PredictionFailed(
-                str(prediction.get("error") or f"prediction {prediction_id} failed")
+        while True:
+            created = await steps.run(
+                self.create_prediction, model=opts.model, input=self._input(request)
             )
-        if status == "canceled":
-            raise PredictionFailed(f"prediction {prediction_id} was canceled")
+            waiter = _Waiter(self, created)
+            prediction = await steps.run(
+                waiter.wait_for_prediction, prediction_id=str(created["id"])
+            )
+            if prediction["status"] == "succeeded":
+                break
+            if waiter.ran:
+                raise _ended(prediction, self.options.poll_timeout)
+        prediction_id = str(prediction["id"])
         url = _first_output(prediction)
-        data = await self._download(url)
+        data = await self.download(url)
         metrics = prediction.get("metrics")
         seed = self._input(request).get("seed")
         return ProviderImage(
@@ -175,22 +215,50 @@ class ReplicateProvider(HTTPProvider):
             source_url=url,
         )
 
-    async def _download(self, url: str) -> bytes:
-        # The token goes only to the API's own origin, never to the file CDN.
-        headers = self._headers() if same_origin(url, self.base_url) else {}
-        response = await send(
-            self.http(), "GET", url, pacer=self.pacer, paced=False, headers=headers
+
+class _Waiter:
+    """The durable wait for one prediction; ``ran`` tells a wait of this attempt from one
+    replayed from the store (an earlier attempt's)."""
+
+    def __init__(self, provider: ReplicateProvider, created: dict[str, Any]) -> None:
+        self.provider = provider
+        self.created = created
+        self.ran = False
+
+    async def wait_for_prediction(self, prediction_id: str) -> dict[str, Any]:
+        """The prediction once it has ended (the sub-step's stored result)."""
+        self.ran = True
+        return await self.provider.wait(self.created)
+
+
+def _ended(prediction: dict[str, Any], poll_timeout: float) -> ProviderError:
+    """The error of a prediction that ended without an image in this attempt."""
+    prediction_id = prediction["id"]
+    if prediction.get("timed_out"):
+        return ProviderTimeout(
+            f"prediction {prediction_id} did not end in {poll_timeout:g} s (-o poll_timeout); "
+            "canceled it"
         )
-        return response.content
+    if prediction["status"] == "failed":
+        error = prediction.get("error")
+        return PredictionFailed(str(error or f"prediction {prediction_id} failed"))
+    return PredictionFailed(f"prediction {prediction_id} was canceled")
 
 
-def _prediction(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = response.json()
-    except ValueError:
-        data = None
-    if not isinstance(data, dict) or not isinstance(data.get("id"), str):
-        raise ProviderError("the provider's answer is not a prediction (no id)")
+def _prediction(reply: Reply) -> dict[str, Any]:
+    """The prediction in an answer, reduced to what is kept; a
+    :class:`ProviderProtocolError` naming what is not of the documented shape."""
+    data = reply.json()
+    if not isinstance(data, dict):
+        raise ProviderProtocolError(
+            f"the provider's answer is {json_type(data)}, not a prediction object"
+        )
+    if not isinstance(data.get("id"), str) or not data["id"]:
+        raise ProviderProtocolError("the provider's answer is not a prediction (no id)")
+    if not isinstance(data.get("status"), str):
+        raise ProviderProtocolError(
+            f"the provider's prediction has status as {json_type(data.get('status'))}, not a string"
+        )
     keep = ("id", "status", "output", "error", "model", "metrics")
     return {k: data[k] for k in keep if k in data}
 
@@ -200,7 +268,10 @@ def _first_output(prediction: dict[str, Any]) -> str:
     if isinstance(output, list) and output:
         output = output[0]
     if not isinstance(output, str) or not output:
-        raise ProviderError(f"prediction {prediction.get('id')} succeeded without an output URL")
+        raise ProviderProtocolError(
+            f"prediction {prediction.get('id')} succeeded without an output URL "
+            f"(its output is {json_type(output)})"
+        )
     return output
 
 

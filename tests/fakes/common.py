@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import random
@@ -97,6 +98,21 @@ class Fault:
     #: answer only once this event is set (or the server stops): a test holds a client
     #: mid-request for exactly as long as it needs, whatever the machine's speed
     held_until: threading.Event | None = None
+    #: a body of this many filler bytes instead of the normal answer (with ``status``, 200
+    #: when 0): sent with its Content-Length, or ``chunked`` without one, or as ``gzip``
+    #: (``size`` is then what it inflates to; the wire carries ~1 KB a MiB, and its
+    #: Content-Length declares that). Made while it is sent, never held in memory.
+    size: int = 0
+    chunked: bool = False
+    gzip: bool = False
+    #: the bomb's format: "gzip", "deflate" (zlib-wrapped) or "raw-deflate" (no header,
+    #: as some servers send for Content-Encoding: deflate)
+    bomb_format: str = "gzip"
+    #: headers, then one byte every ``drip`` seconds (times time_scale) of a body that
+    #: claims a megabyte, until the client leaves or the server stops
+    drip: float = 0.0
+    #: exactly these bytes as the body instead of the normal answer (a malformed one)
+    raw: bytes | None = None
 
     @classmethod
     def rate_limited(cls, retry_after: float | None = 1.0, *, ms: bool = False) -> Fault:
@@ -170,6 +186,42 @@ class Fault:
     def dropped(cls) -> Fault:
         return cls(drop=True)
 
+    @classmethod
+    def huge(cls, size: int, *, status: int = 0, chunked: bool = False) -> Fault:
+        return cls(status, size=size, chunked=chunked)
+
+    @classmethod
+    def gzip_bomb(cls, inflated: int, *, status: int = 0, bomb_format: str = "gzip") -> Fault:
+        return cls(status, size=inflated, gzip=True, bomb_format=bomb_format)
+
+    @classmethod
+    def dripping(cls, every: float) -> Fault:
+        return cls(drip=every)
+
+    @classmethod
+    def answer(cls, raw: bytes, status: int = 200) -> Fault:
+        return cls(status, raw=raw)
+
+    @property
+    def streams(self) -> bool:
+        """Whether the fake sends this fault's own body (see :meth:`FakeServer._stream`)."""
+        return bool(self.size or self.drip or self.raw is not None)
+
+
+@functools.lru_cache(maxsize=3)
+def _gzip_blocks(bomb_format: str = "gzip") -> tuple[bytes, bytes]:
+    """A compressed stream's start (header and one MiB of zeros) and a block that inflates
+    to one more MiB; repeated, it makes a bomb of any size with no trailer (a client must
+    stop before its end anyway). ``bomb_format``: see :attr:`Fault.bomb_format`."""
+    import zlib
+
+    wbits = {"gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS, "raw-deflate": -15}
+    mib = bytes(1 << 20)
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, wbits[bomb_format])
+    head = squeeze.compress(mib) + squeeze.flush(zlib.Z_FULL_FLUSH)
+    block = squeeze.compress(mib) + squeeze.flush(zlib.Z_FULL_FLUSH)
+    return head, block
+
 
 @dataclass
 class _Rule:
@@ -232,6 +284,8 @@ class FakeServer:
         self.log: list[Arrival] = []
         #: answers written in full, by endpoint name
         self.sent: Counter[str] = Counter()
+        #: body bytes written for faults that send their own body, by endpoint name
+        self.streamed: Counter[str] = Counter()
         #: notified whenever ``log`` or ``sent`` grows (see :meth:`wait_for`)
         self._news = threading.Condition()
         self._rules: list[_Rule] = []
@@ -421,7 +475,7 @@ class FakeServer:
                 return answer
         fault = self._match(endpoint, prompt)
         if fault is not None:
-            if fault.hang or fault.drop:
+            if fault.hang or fault.drop or fault.streams:
                 return fault
             if fault.hang_after:
                 handler(request)
@@ -466,6 +520,12 @@ class FakeServer:
         else:
             endpoint = routed[0]
             answer = self._answer(request, *routed)
+        if isinstance(answer, Fault) and answer.streams:
+            with self.lock:
+                self.log.append(Arrival(arrived, endpoint, answer.status or 200, key))
+            self.notify()
+            self._stream(handler, endpoint, answer)
+            return
         if isinstance(answer, Fault):
             with self.lock:
                 self.log.append(Arrival(arrived, endpoint, 0, key))
@@ -492,6 +552,63 @@ class FakeServer:
         with self.lock:
             self.sent[endpoint] += 1
         self.notify()
+
+    def _stream(self, handler: BaseHTTPRequestHandler, endpoint: str, fault: Fault) -> None:
+        """Send ``fault``'s own body (huge, chunked, a gzip bomb, dripping or raw), counting
+        the bytes written in :attr:`streamed`; stop when the client leaves."""
+        handler.close_connection = True
+        handler.send_response(fault.status or 200)
+        handler.send_header("Content-Type", "application/json")
+        for name, value in fault.headers:
+            handler.send_header(name, value)
+        if fault.raw is not None:
+            handler.send_header("Content-Length", str(len(fault.raw)))
+            pieces: Any = [fault.raw]
+        elif fault.drip:
+            handler.send_header("Content-Length", str(1_000_000))
+            pieces = self._drip(fault.drip)
+        elif fault.gzip:
+            head, block = _gzip_blocks(fault.bomb_format)
+            blocks = max(1, math.ceil(fault.size / (1 << 20)))
+            encoding = "gzip" if fault.bomb_format == "gzip" else "deflate"
+            handler.send_header("Content-Encoding", encoding)
+            handler.send_header("Content-Length", str(len(head) + len(block) * (blocks - 1)))
+            pieces = itertools.chain([head], itertools.repeat(block, blocks - 1))
+        else:
+            if fault.chunked:
+                handler.send_header("Transfer-Encoding", "chunked")
+            else:
+                handler.send_header("Content-Length", str(fault.size))
+            pieces = _filler(fault.size)
+        handler.end_headers()
+        try:
+            for piece in pieces:
+                if fault.chunked and not fault.gzip and fault.raw is None:
+                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                else:
+                    handler.wfile.write(piece)
+                handler.wfile.flush()
+                with self.lock:
+                    self.streamed[endpoint] += len(piece)
+            if fault.chunked and not fault.gzip and fault.raw is None:
+                handler.wfile.write(b"0\r\n\r\n")
+                handler.wfile.flush()
+        except OSError:  # the client stopped reading and closed the connection
+            return
+        finally:
+            self.notify()
+        with self.lock:
+            self.sent[endpoint] += 1
+
+    def _drip(self, every: float) -> Any:
+        while not self._stopping.wait(every * self.time_scale):
+            yield b" "
+
+
+def _filler(size: int, piece: int = 1 << 16) -> Any:
+    block = b"x" * piece
+    for start in range(0, size, piece):
+        yield block[: min(piece, size - start)]
 
 
 class _Server(ThreadingHTTPServer):

@@ -31,6 +31,8 @@ class OpenAIFake(FakeServer):
     def __init__(self, *, api_key: str = "test-key", time_scale: float = 1.0) -> None:
         super().__init__(api_key=api_key, time_scale=time_scale)
         self.respond_with_url = False
+        #: when set, a URL answer names this URL instead of a file on this fake
+        self.image_url: str | None = None
         self.image_size = (32, 32)
         #: when set, every image is one cached PNG of about this many bytes
         self.big_image: int | None = None
@@ -92,7 +94,7 @@ class OpenAIFake(FakeServer):
             name = f"img-{n}.png"
             with self.lock:
                 self.files[name] = png
-            item["url"] = f"{self.origin}/files/{name}"
+            item["url"] = self.image_url or f"{self.origin}/files/{name}"
         elif big:
             item["b64_json"] = _BIG_MARK  # spliced in below: the same bytes every time
         else:

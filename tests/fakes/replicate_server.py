@@ -6,7 +6,10 @@
 - ``GET /v1/predictions/{id}`` answers ``processing`` for :attr:`ReplicateFake.processing_polls`
   polls, then ``succeeded`` with ``output: [<url of a PNG on this fake>]``, or ``failed`` /
   ``canceled`` for the prompts given to :meth:`ReplicateFake.fail_prompt` /
-  :meth:`ReplicateFake.cancel_prompt`.
+  :meth:`ReplicateFake.cancel_prompt`; those of :meth:`ReplicateFake.stall_prompt` stay
+  ``processing`` until canceled.
+- ``POST /v1/predictions/{id}/cancel`` cancels a prediction that has not ended
+  (:attr:`ReplicateFake.cancels` lists the ids).
 - Errors are problem+json (``{"title", "detail", "status"}``), as Replicate's.
 
 Run as a process: ``python -m tests.fakes.replicate_server --port 0`` prints the base URL.
@@ -26,6 +29,7 @@ __all__ = ["ReplicateFake"]
 
 MODEL_CREATE = re.compile(r"/v1/models/([\w.-]+)/([\w.-]+)/predictions")
 PREDICTION = re.compile(r"/v1/predictions/([\w-]+)")
+CANCEL = re.compile(r"/v1/predictions/([\w-]+)/cancel")
 
 
 class ReplicateFake(FakeServer):
@@ -37,18 +41,43 @@ class ReplicateFake(FakeServer):
         self.processing_polls = 0
         self.predictions: dict[str, dict[str, Any]] = {}
         self.polls: Counter[str] = Counter()
-        self._polls_left: dict[str, int] = {}
-        self._outcomes: dict[str, tuple[str, str | None]] = {}
+        self.cancels: list[str] = []
+        #: when set, a prediction's output names this URL instead of a file on this fake
+        self.image_url: str | None = None
+        #: polls left before a prediction ends; None: it never ends (stalled)
+        self._polls_left: dict[str, int | None] = {}
+        #: by prompt: how its next predictions end, and for how many more (-1: all)
+        self._outcomes: dict[str, tuple[str, str | None, int]] = {}
+        self._stalls: Counter[str] = Counter()
+        #: how each prediction ends: (status, error)
+        self._fates: dict[str, tuple[str, str | None]] = {}
         self._ids = itertools.count(1)
 
-    def fail_prompt(self, prompt: str, error: str = "NSFW content detected") -> None:
-        """Predictions for ``prompt`` end ``failed`` with ``error``."""
+    def fail_prompt(
+        self, prompt: str, error: str = "NSFW content detected", *, times: int = -1
+    ) -> None:
+        """The next ``times`` predictions for ``prompt`` (-1: all) end ``failed`` with
+        ``error``; later ones succeed."""
         with self.lock:
-            self._outcomes[prompt] = ("failed", error)
+            self._outcomes[prompt] = ("failed", error, times)
 
-    def cancel_prompt(self, prompt: str) -> None:
+    def cancel_prompt(self, prompt: str, *, times: int = -1) -> None:
+        """The next ``times`` predictions for ``prompt`` (-1: all) end ``canceled``."""
         with self.lock:
-            self._outcomes[prompt] = ("canceled", None)
+            self._outcomes[prompt] = ("canceled", None, times)
+
+    def stall_prompt(self, prompt: str, *, times: int = 1) -> None:
+        """The next ``times`` predictions for ``prompt`` stay ``processing`` until canceled."""
+        with self.lock:
+            self._stalls[prompt] += times
+
+    def _fate(self, prompt: str) -> tuple[str, str | None]:  # under the lock
+        status, error, times = self._outcomes.get(prompt, ("succeeded", None, -1))
+        if times == 0:
+            return "succeeded", None
+        if times > 0:
+            self._outcomes[prompt] = (status, error, times - 1)
+        return status, error
 
     def route(self, request: Request) -> tuple[str, Callable[[Request], Answer]] | None:
         path = request.path
@@ -56,6 +85,8 @@ class ReplicateFake(FakeServer):
             return "create", self._create
         if request.method == "GET" and PREDICTION.fullmatch(path):
             return "poll", self._poll
+        if request.method == "POST" and CANCEL.fullmatch(path):
+            return "cancel", self._cancel
         if request.method == "GET" and path.startswith("/files/"):
             return "file", self._file
         return None
@@ -109,20 +140,24 @@ class ReplicateFake(FakeServer):
                 "urls": {"get": f"{self.origin}/v1/predictions/{pid}"},
             }
             self.predictions[pid] = prediction
+            self._fates[pid] = self._fate(prompt)
             self._polls_left[pid] = self.processing_polls
-            if request.headers.get("prefer", "").startswith("wait") and self.processing_polls == 0:
+            if self._stalls[prompt] > 0:
+                self._stalls[prompt] -= 1
+                self._polls_left[pid] = None
+            if request.headers.get("prefer", "").startswith("wait") and self._polls_left[pid] == 0:
                 self._finish(pid)
             return Answer.json(201, dict(prediction))
 
     def _finish(self, pid: str) -> None:  # under the lock
         prediction = self.predictions[pid]
-        status, error = self._outcomes.get(prediction["input"]["prompt"], ("succeeded", None))
+        status, error = self._fates[pid]
         prediction["status"] = status
         prediction["error"] = error
         if status == "succeeded":
             name = f"{pid}.png"
             self.files[name] = make_png(prediction["input"]["prompt"])
-            prediction["output"] = [f"{self.origin}/files/{name}"]
+            prediction["output"] = [self.image_url or f"{self.origin}/files/{name}"]
             prediction["metrics"] = {"predict_time": 0.5}
 
     def _poll(self, request: Request) -> Answer:
@@ -135,11 +170,25 @@ class ReplicateFake(FakeServer):
                 return self.error(404, f"prediction {pid} not found", None, None)
             self.polls[pid] += 1
             if prediction["status"] in ("starting", "processing"):
-                if self._polls_left[pid] > 0:
-                    self._polls_left[pid] -= 1
+                left = self._polls_left[pid]
+                if left is None or left > 0:
+                    self._polls_left[pid] = None if left is None else left - 1
                     prediction["status"] = "processing"
                 else:
                     self._finish(pid)
+            return Answer.json(200, dict(prediction))
+
+    def _cancel(self, request: Request) -> Answer:
+        match = CANCEL.fullmatch(request.path)
+        assert match is not None
+        pid = match[1]
+        with self.lock:
+            prediction = self.predictions.get(pid)
+            if prediction is None:
+                return self.error(404, f"prediction {pid} not found", None, None)
+            self.cancels.append(pid)
+            if prediction["status"] in ("starting", "processing"):
+                prediction["status"] = "canceled"
             return Answer.json(200, dict(prediction))
 
     def _file(self, request: Request) -> Answer:
