@@ -42,6 +42,7 @@ from imagepipe.durable import (
     encode_args,
     open_store,
 )
+from imagepipe.durable.store import DETACHED
 from imagepipe.errors import BadInput, Interrupted, RunConflict, UnknownRun, from_core
 from imagepipe.files import default_image_dir
 from imagepipe.pipeline import Deps, image_pipeline
@@ -66,6 +67,7 @@ from imagepipe.styles import templates_for
 from imagepipe.text import quoted
 
 __all__ = [
+    "Execution",
     "check_same_spec",
     "execution_for",
     "list_runs",
@@ -156,7 +158,7 @@ def start_run(
             check_same_spec(run_id, RunSpec.from_stored(root.args), spec)
             if root.settled:
                 return await _stored_outcome(store, root)
-            return await _execute(store, root, invocation, reporter, resumed=not created)
+            return await _execute_stored(store, root, invocation, reporter, resumed=not created)
 
     return run_command(start, run_id, executes=True)
 
@@ -226,7 +228,7 @@ def resume_run(
                 reopen = retry_failed and root.state == "rejected"
                 if root.settled and not reopen:
                     return await _stored_outcome(store, root)
-                return await _execute(
+                return await _execute_stored(
                     store, root, invocation, reporter, resumed=True, reopen=reopen
                 )
         except StoreMissing as missing:
@@ -348,6 +350,26 @@ def run_command(
             # After an interruption, SIG_IGN rather than our handler: at exit CPython resets
             # Python-level handlers to SIG_DFL, and a late Ctrl-C then killed it (-2).
             signal.signal(sig, handler if received is None else signal.SIG_IGN)
+
+
+async def _execute_stored(
+    store: Store,
+    root: PromiseRecord,
+    invocation: Invocation,
+    reporter: Reporter,
+    *,
+    resumed: bool,
+    reopen: bool = False,
+) -> RunOutcome:
+    """Execute a stored run. A detached one is executed by workers, branch by branch
+    under their own leases: this process joins them as one more worker of that run
+    (:func:`imagepipe.detached.execute_detached`), never running a branch that a live
+    worker holds. Any other run is executed here under the run's lease."""
+    if root.options.get(DETACHED) is True:
+        from imagepipe.detached import execute_detached  # it imports this module
+
+        return await execute_detached(store, root, invocation, reporter, reopen=reopen)
+    return await _execute(store, root, invocation, reporter, resumed=resumed, reopen=reopen)
 
 
 async def _execute(
