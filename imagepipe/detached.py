@@ -246,17 +246,20 @@ async def _follow(
     reporter.run_started(RunInfo(run_id, spec, resumed, max_attempts))
     seen: dict[str, tuple[str, int]] = {}
     earlier: set[str] | None = None  # the branches settled before this began
+    listening = reporter.on_event
     while True:
-        children = await store.children(run_id)
-        if earlier is None:
-            earlier = {r.id for r in children if r.settled} if resumed else set()
-        if reporter.on_event is not None:
-            for event in _changes(children, seen):
-                reporter.on_event(event)
+        if earlier is None or listening is not None:  # else: nobody to tell of progress
+            children = await store.children(run_id)
+            if earlier is None:
+                earlier = {r.id for r in children if r.settled} if resumed else set()
+            if listening is not None:
+                for event in _changes(children, seen):
+                    listening(event)
         root = await read_root(store, run_id)
         if root.settled:
             children = await store.children(run_id)
-            branches = [replace(Branch.from_record(r), replayed=r.id in earlier) for r in children]
+            replayed = earlier or set()
+            branches = [replace(Branch.from_record(r), replayed=r.id in replayed) for r in children]
             if resumed:
                 wall_ms = round((time.perf_counter() - started) * 1000)
             else:
