@@ -282,3 +282,27 @@ def test_retry_of_a_failed_detached_run_shares_its_reopened_branches_with_a_work
     assert Counter(pid for _, _, pid in made) == {retry.pid: 2, worker.pid: 2}
     assert rows(db_path, "SELECT state FROM promises WHERE id = 'f'") == [("resolved",)]
     assert "Results of f" in out
+
+
+def test_a_run_whose_branches_all_settled_without_its_root_is_settled_not_waited_for(
+    db_path: Path,
+) -> None:
+    """A worker that settled a run's last branch and died before settling the run left it
+    pending with nothing to claim: `worker --once` waited for it forever."""
+    assert (
+        cli(db_path, "run", "x", "-s", "cartoon", "-n", "2", "--id", "r", "--detach").returncode
+        == 0
+    )
+    assert cli(db_path, "worker", "--once").returncode == 0
+    # the root's settlement lost, as if its writer died between the two commits
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "UPDATE promises SET state = 'pending', value = NULL, settled_at = NULL,"
+            " child_counts = NULL WHERE id = 'r'"
+        )
+    done = cli(db_path, "worker", "--once")  # before: a timeout
+    assert done.returncode == 0, done.stderr
+    assert "1 runs settled" in done.stdout
+    assert rows(db_path, "SELECT state, value FROM promises WHERE id = 'r'") == [
+        ("resolved", '{"images":2,"total_ms":1600}')
+    ]
