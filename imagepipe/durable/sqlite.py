@@ -482,7 +482,7 @@ class SQLiteStore(Store):
                 {"stale": stale_after, "run": run_id},
             ).fetchall()
             rows: list[Any] = []
-            for (run_id,) in runs:
+            for (pending_run,) in runs:
                 if len(rows) >= limit:
                     break
                 rows += db.execute(
@@ -491,7 +491,7 @@ class SQLiteStore(Store):
                     " WHERE p.parent_id = :run AND p.state = 'pending'"
                     f" AND (l.owner IS NULL OR {_NOW} - l.heartbeat_at > :stale)"
                     " ORDER BY p.seq LIMIT :limit",
-                    {"run": run_id, "stale": stale_after, "limit": limit - len(rows)},
+                    {"run": pending_run, "stale": stale_after, "limit": limit - len(rows)},
                 ).fetchall()
             claims = []
             for row in rows:
