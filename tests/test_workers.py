@@ -226,6 +226,7 @@ def test_resume_beside_a_worker_runs_each_branch_once_through_the_claims(
     resume = spawn(db_path, procs, *command, IMAGEPIPE_TEST_CALL_LOG=str(calls))
     resolved = "SELECT count(*) FROM promises WHERE parent_id = 'b' AND state = 'resolved'"
     wait_until(lambda: rows(db_path, resolved)[0][0] >= 4)  # the 4 nobody held
+    assert resume.poll() is None  # it waits for the worker's 4: their calls are held
     gate.touch()
     out, err = resume.communicate(timeout=60)
     assert resume.returncode == 0, err
@@ -266,7 +267,8 @@ def test_retry_of_a_failed_detached_run_shares_its_reopened_branches_with_a_work
         IMAGEPIPE_TEST_CALL_LOG=str(calls),
         IMAGEPIPE_TEST_CALL_GATE=str(gate),
     )
-    wait_until(lambda: rows(db_path, "SELECT state FROM promises WHERE id = 'f'") == [("pending",)])
+    # the retry reopened the 4 rejected branches and holds 2 (its -c 2) in flight
+    wait_until(lambda: len(calls_made(calls)) == 2)
     worker = spawn(
         db_path, procs, "worker", "--once", "-c", "2", IMAGEPIPE_TEST_CALL_LOG=str(calls)
     )

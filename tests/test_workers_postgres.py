@@ -198,6 +198,7 @@ def test_resume_beside_a_worker_on_postgresql_runs_each_branch_once(
         "SELECT count(*) FROM imagepipe.promises WHERE parent_id = 'b' AND state = 'resolved'"
     )
     wait_until(lambda: sql(resolved)[0][0] >= 4)  # the 4 nobody held
+    assert resume.poll() is None  # it waits for the worker's 4: their calls are held
     gate.touch()
     out, err = resume.communicate(timeout=120)
     assert resume.returncode == 0, err
