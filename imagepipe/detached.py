@@ -10,6 +10,7 @@ options (keys from the worker's own environment), and settle the root with the l
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -30,6 +31,7 @@ from imagepipe.durable import (
     PromiseRejectedEvent,
     PromiseReplayed,
     PromiseResolved,
+    Store,
     StoreConflict,
     StoreMissing,
     WriteBatch,
@@ -56,6 +58,7 @@ from imagepipe.runs import (
     validate_run_id,
 )
 from imagepipe.service import (
+    Execution,
     check_same_spec,
     execution_for,
     opened_store,
@@ -67,10 +70,22 @@ from imagepipe.service import (
     with_provider,
 )
 
-__all__ = ["WorkerInfo", "detach_run", "list_workers", "run_worker", "summarize", "watch_run"]
+__all__ = [
+    "WorkerInfo",
+    "detach_run",
+    "execute_detached",
+    "list_workers",
+    "run_worker",
+    "summarize",
+    "watch_run",
+]
 
-#: tests only: a file to which every provider call made by a worker appends a line
+#: tests only: a file to which every provider call made by a worker (or by a ``resume``
+#: of a detached run) appends a line
 CALL_LOG = "IMAGEPIPE_TEST_CALL_LOG"
+#: tests only: with CALL_LOG, every provider call waits until this file exists (a test
+#: holds a process's calls in flight, its claims live, until it says so)
+CALL_GATE = "IMAGEPIPE_TEST_CALL_GATE"
 
 
 def detach_run(url: str, run_id: str, spec: RunSpec, invocation: Invocation) -> str:
@@ -113,16 +128,21 @@ def summarize(children: list[PromiseRecord]) -> tuple[Any, ErrorInfo | None]:
 
 
 class _LoggedProvider:
-    """Tests only: appends ``<branch id> <attempt> <pid>`` for every provider call."""
+    """Tests only: appends ``<branch id> <attempt> <pid>`` for every provider call; with
+    ``IMAGEPIPE_TEST_CALL_GATE``, the call then waits for that file to exist."""
 
     def __init__(self, inner: Any, path: str) -> None:
         self._inner = inner
         self.name = inner.name
         # line-buffered: every line is on disk before the call, even if kill -9 follows
         self._log = open(path, "a", buffering=1)  # noqa: SIM115 (closed by aclose)
+        self._gate = os.environ.get(CALL_GATE)
 
     async def generate(self, request: Any, steps: Any) -> Any:
         self._log.write(f"{request.idempotency_key} {request.attempt} {os.getpid()}\n")
+        # another process's file: no event to wait on, so poll (tests only)
+        while self._gate and not os.path.exists(self._gate):  # noqa: ASYNC110, ASYNC240
+            await asyncio.sleep(0.01)
         return await self._inner.generate(request, steps)
 
     async def aclose(self) -> None:
@@ -137,22 +157,31 @@ def _tidy_images(directory: Path | None, children: list[PromiseRecord]) -> None:
     reconcile_outcomes(directory, [(c.state, c.value) for c in children], exclusive=True)
 
 
+def _branch_job(execution: Execution, invocation: Invocation) -> BranchJob[Deps]:
+    """How this process runs a run's branches, whether a worker or a ``resume``."""
+    deps = execution.deps
+    if os.environ.get(CALL_LOG):
+        deps = replace(deps, provider=_LoggedProvider(deps.provider, os.environ[CALL_LOG]))
+    return BranchJob(
+        fn=generate_image,
+        deps=deps,
+        retry=execution.retry,
+        summarize=summarize,
+        attempt_timeout=invocation.attempt_timeout,
+        on_run_settled=functools.partial(_tidy_images, execution.deps.out_dir),
+    )
+
+
 def _job_maker(invocation: Invocation) -> Callable[[PromiseRecord], Any]:
     async def job_for(root: PromiseRecord) -> BranchJob[Deps]:
-        execution = execution_for(root, invocation)
-        deps = execution.deps
-        if os.environ.get(CALL_LOG):
-            deps = replace(deps, provider=_LoggedProvider(deps.provider, os.environ[CALL_LOG]))
-        return BranchJob(
-            fn=generate_image,
-            deps=deps,
-            retry=execution.retry,
-            summarize=summarize,
-            attempt_timeout=invocation.attempt_timeout,
-            on_run_settled=functools.partial(_tidy_images, execution.deps.out_dir),
-        )
+        return _branch_job(execution_for(root, invocation), invocation)
 
     return job_for
+
+
+def _idle_poll() -> float:
+    """How often a worker with a free slot looks for claimable branches again."""
+    return min(0.2, settings.lease_timeout() / 10)
 
 
 def run_worker(
@@ -167,10 +196,10 @@ def run_worker(
                 store,
                 _job_maker(invocation),
                 concurrency=invocation.concurrency or 16,
-                stale_after=settings.lease_timeout(),
-                poll=min(0.2, settings.lease_timeout() / 10),
                 once=once,
                 on_lost=on_lost,
+                stale_after=settings.lease_timeout(),
+                poll=_idle_poll(),
             )
             try:
                 return await worker.run()
@@ -198,30 +227,118 @@ def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -
         try:
             async with opened_store(url, create=False, write=False) as store:
                 root = await read_root(store, run_id)
-                spec = RunSpec.from_stored(root.args)
-                max_attempts = int(root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS))
-                reporter.run_started(RunInfo(run_id, spec, False, max_attempts))
-                seen: dict[str, tuple[str, int]] = {}
-                while True:
-                    children = await store.children(run_id)
-                    if reporter.on_event is not None:
-                        for event in _changes(children, seen):
-                            reporter.on_event(event)
-                    root = await read_root(store, run_id)
-                    if root.settled:
-                        # executed by the workers, not replayed; timed from the run's start
-                        children = await store.children(run_id)
-                        branches = [
-                            replace(Branch.from_record(r), replayed=False) for r in children
-                        ]
-                        wall_ms = round(((root.settled_at or 0) - root.created_at) * 1000)
-                        return run_outcome(root, branches, wall_ms=wall_ms, executed=True)
-                    # PostgreSQL wakes the watcher at each write (LISTEN/NOTIFY); SQLite polls
-                    await store.wait_for_progress(run_id, 2.0 if store.notifies else poll)
+                return await _follow(store, root, reporter, resumed=False, poll=poll)
         except StoreMissing:
             raise UnknownRun(run_id, url) from None
 
     return run_command(watch, run_id, executes=True)
+
+
+async def _follow(
+    store: Store,
+    root: PromiseRecord,
+    reporter: Reporter,
+    *,
+    resumed: bool,
+    poll: float,
+    max_attempts: int | None = None,
+    beside: asyncio.Task[Any] | None = None,
+) -> RunOutcome:
+    """Report a run from the store until its root settles; the outcome is the run as
+    stored then. A watcher (not ``resumed``) shows every branch as executed, timed from
+    the run's start; a ``resume`` shows the branches settled before it began as replayed,
+    timed from its own start. ``beside``: the task executing the run here, whose failure
+    ends the wait."""
+    run_id = root.id
+    started = time.perf_counter()
+    spec = RunSpec.from_stored(root.args)
+    if max_attempts is None:
+        max_attempts = int(root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS))
+    reporter.run_started(RunInfo(run_id, spec, resumed, max_attempts))
+    seen: dict[str, tuple[str, int]] = {}
+    earlier: set[str] | None = None  # the branches settled before this began
+    listening = reporter.on_event
+    while True:
+        if earlier is None or listening is not None:  # else: nobody to tell of progress
+            children = await store.children(run_id)
+            if earlier is None:
+                earlier = {r.id for r in children if r.settled} if resumed else set()
+            if listening is not None:
+                for event in _changes(children, seen):
+                    listening(event)
+        root = await read_root(store, run_id)
+        if root.settled:
+            children = await store.children(run_id)
+            replayed = earlier or set()
+            branches = [replace(Branch.from_record(r), replayed=r.id in replayed) for r in children]
+            if resumed:
+                wall_ms = round((time.perf_counter() - started) * 1000)
+            else:
+                wall_ms = round(((root.settled_at or 0) - root.created_at) * 1000)
+            return run_outcome(root, branches, wall_ms=wall_ms, executed=True)
+        if beside is not None and beside.done():
+            beside.result()  # its failure is this command's
+        # PostgreSQL wakes the watcher at each write (LISTEN/NOTIFY); SQLite polls
+        await store.wait_for_progress(run_id, 2.0 if store.notifies else poll)
+
+
+async def execute_detached(
+    store: Store,
+    root: PromiseRecord,
+    invocation: Invocation,
+    reporter: Reporter,
+    *,
+    reopen: bool = False,
+) -> RunOutcome:
+    """``resume``, ``run --id`` or ``retry`` of a detached run: this process takes part as
+    one more worker of that run alone, through the same per-branch claims and leases as
+    the ``worker`` processes, until the run's root settles. A branch that another
+    worker's live lease holds is never run here: it is waited for (and taken over only
+    once that lease lapses, as any worker would). Progress is reported from the store, as
+    ``watch`` reports it; the outcome is the run as stored once settled. Interrupted, the
+    claims are released and the run stays resumable.
+
+    With ``reopen`` (``retry`` of a failed run), its rejected branches and its root are
+    set back to pending first (their attempt history stays), for any worker to claim."""
+    execution = execution_for(root, invocation)  # the provider and its key, checked first
+    job = _branch_job(execution, invocation)
+
+    async def job_for(record: PromiseRecord) -> BranchJob[Deps]:
+        return job  # this worker claims the branches of this one run only
+
+    try:
+        if reopen:
+            rejected = [r.id for r in await store.children(root.id) if r.state == "rejected"]
+            await store.apply(WriteBatch(reopens=[*rejected, root.id]))
+            root = await read_root(store, root.id)
+        worker = Worker(
+            store,
+            job_for,
+            concurrency=invocation.concurrency or execution.default_concurrency,
+            once=True,
+            run_id=root.id,
+            stale_after=settings.lease_timeout(),
+            poll=_idle_poll(),
+        )
+        working = asyncio.create_task(worker.run(), name=f"resume:{root.id}")
+        try:
+            outcome = await _follow(
+                store,
+                root,
+                reporter,
+                resumed=True,
+                poll=worker.poll,
+                max_attempts=execution.retry.max_attempts,
+                beside=working,
+            )
+            await working  # it stops once it sees the root settled
+        finally:
+            if not working.done():
+                working.cancel()  # interrupted: its branches stop, their claims released
+            await asyncio.gather(working, return_exceptions=True)
+    finally:
+        await job.deps.provider.aclose()
+    return outcome
 
 
 def _changes(children: list[PromiseRecord], seen: dict[str, tuple[str, int]]) -> list[Event]:

@@ -43,6 +43,7 @@ from imagepipe.durable import (
     open_store,
 )
 from imagepipe.durable.lease import holder_gone
+from imagepipe.durable.store import DETACHED
 from imagepipe.errors import BadInput, Interrupted, RunConflict, UnknownRun, from_core
 from imagepipe.files import (
     ReconcileReport,
@@ -74,6 +75,7 @@ from imagepipe.styles import templates_for
 from imagepipe.text import quoted
 
 __all__ = [
+    "Execution",
     "check_same_spec",
     "execution_for",
     "fix_run_images",
@@ -174,7 +176,7 @@ def start_run(
             if root.settled:
                 await reconcile_run_images(store, root)
                 return await _stored_outcome(store, root)
-            return await _execute(store, root, invocation, reporter, resumed=not created)
+            return await _execute_stored(store, root, invocation, reporter, resumed=not created)
 
     return run_command(start, run_id, executes=True)
 
@@ -245,7 +247,7 @@ def resume_run(
                 if root.settled and not reopen:
                     await reconcile_run_images(store, root)
                     return await _stored_outcome(store, root)
-                return await _execute(
+                return await _execute_stored(
                     store, root, invocation, reporter, resumed=True, reopen=reopen
                 )
         except StoreMissing as missing:
@@ -421,6 +423,26 @@ def run_command(
             # After an interruption, SIG_IGN rather than our handler: at exit CPython resets
             # Python-level handlers to SIG_DFL, and a late Ctrl-C then killed it (-2).
             signal.signal(sig, handler if received is None else signal.SIG_IGN)
+
+
+async def _execute_stored(
+    store: Store,
+    root: PromiseRecord,
+    invocation: Invocation,
+    reporter: Reporter,
+    *,
+    resumed: bool,
+    reopen: bool = False,
+) -> RunOutcome:
+    """Execute a stored run. A detached one is executed by workers, branch by branch
+    under their own leases: this process joins them as one more worker of that run
+    (:func:`imagepipe.detached.execute_detached`), never running a branch that a live
+    worker holds. Any other run is executed here under the run's lease."""
+    if root.options.get(DETACHED) is True:
+        from imagepipe.detached import execute_detached  # it imports this module
+
+        return await execute_detached(store, root, invocation, reporter, reopen=reopen)
+    return await _execute(store, root, invocation, reporter, resumed=resumed, reopen=reopen)
 
 
 async def _execute(

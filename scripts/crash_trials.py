@@ -21,10 +21,17 @@ Prints one line such as ``100/100 trials ok, 0 lost, 0 re-executed, 213 kills`` 
 non-zero if any trial broke a rule. The test suite runs a short form of it.
 
 Then it runs the job trials (kills between the durable sub-steps of a job-style provider)
-and the takeover trials of ``scripts/job_trials.py``, one summary line each.
+and the takeover trials of ``scripts/job_trials.py``, and the resume-beside-workers and
+takeover-with-files trials of ``scripts/executor_trials.py``, one summary line each.
 
-    python scripts/crash_trials.py [--trials 100] [--jobs 10] [--takeovers 5] [--seed 1]
-                                   [--workers 2] [--keep DIR]
+The kill trials and the executor trials run on SQLite (a file in the work directory), or
+on PostgreSQL: ``--db postgresql://...`` (runs are added to that database), or
+``--postgres`` (a throw-away server started in the work directory, as the tests do). The
+job and takeover trials of ``job_trials.py`` always use SQLite.
+
+    python scripts/crash_trials.py [--trials 100] [--jobs 10] [--takeovers 5] [--beside 5]
+                                   [--file-takeovers 3] [--seed 1] [--workers 2]
+                                   [--db URL | --postgres] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -44,6 +50,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from executor_trials import (
+    StoreReader,
+    beside_trials,
+    embedded_postgres,
+    file_takeover_trials,
+)
 
 from imagepipe.pipeline import BranchArgs
 from imagepipe.providers import Faults, SimulatedProvider
@@ -128,22 +141,9 @@ class Result:
         self.problems.append(problem)
 
 
-def query(db: Path, sql: str, *params: object) -> list[tuple[Any, ...]]:
-    """Read the store; a store not created yet (killed before its first commit) is empty."""
-    if not db.exists():
-        return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'promises'").fetchone():
-            return []
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
-def branches(db: Path, run_id: str) -> dict[str, dict[str, Any]]:
-    rows = query(
-        db, "SELECT id, args, state, value, attempts FROM promises WHERE parent_id = ?", run_id
+def branches(db: StoreReader, run_id: str) -> dict[str, dict[str, Any]]:
+    rows = db.query(
+        "SELECT id, args, state, value, attempts FROM promises WHERE parent_id = ?", run_id
     )
     return {
         r[0]: {"args": json.loads(r[1]), "state": r[2], "value": r[3], "attempts": r[4]}
@@ -151,9 +151,8 @@ def branches(db: Path, run_id: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def attempts(db: Path, run_id: str) -> dict[str, list[tuple[int, str | None]]]:
-    rows = query(
-        db,
+def attempts(db: StoreReader, run_id: str) -> dict[str, list[tuple[int, str | None]]]:
+    rows = db.query(
         "SELECT a.promise_id, a.attempt, a.error FROM attempts a JOIN promises p"
         " ON p.id = a.promise_id WHERE p.parent_id = ? ORDER BY a.promise_id, a.attempt",
         run_id,
@@ -166,12 +165,12 @@ def attempts(db: Path, run_id: str) -> dict[str, list[tuple[int, str | None]]]:
 
 
 class Trial:
-    def __init__(self, plan: Plan, db: Path) -> None:
+    def __init__(self, plan: Plan, db: str) -> None:
         self.plan = plan
-        self.db = db
+        self.db = StoreReader(db)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEPIPE_")}
         self.env.update(
-            IMAGEPIPE_DB=str(db),
+            IMAGEPIPE_DB=db,
             IMAGEPIPE_TIME_SCALE=str(plan.time_scale),
             PYTHONUNBUFFERED="1",
             NO_COLOR="1",
@@ -319,7 +318,7 @@ class Trial:
         urls = [json.loads(b["value"])["url"] for _, b in in_order if b["state"] == "resolved"]
         if [i["url"] for i in output["images"]] != urls:
             self.result.fail("the JSON images differ from the stored resolved branches")
-        check = query(self.db, "PRAGMA integrity_check")[0][0]
+        check = self.db.integrity()
         if check != "ok":
             self.result.fail(f"integrity_check: {check}")
 
@@ -342,13 +341,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--takeovers", type=int, default=5, help="SIGSTOP takeover trials (default 5)"
     )
+    parser.add_argument(
+        "--beside",
+        type=int,
+        default=5,
+        help="resume-beside-workers trials: kills of workers and of a resume (default 5)",
+    )
+    parser.add_argument(
+        "--file-takeovers",
+        type=int,
+        default=3,
+        help="SIGSTOP takeover trials against the OpenAI fake, then verify (default 3)",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--db", metavar="URL", help="the store of the kill trials (PostgreSQL)")
+    where.add_argument(
+        "--postgres", action="store_true", help="run the kill trials on a throw-away PostgreSQL"
+    )
     args = parser.parse_args(argv)
-    if args.trials < 1 or args.workers < 1:
-        parser.error("--trials and --workers must be at least 1")
+    if args.trials < 0 or args.workers < 1:
+        parser.error("--trials must be at least 0 and --workers at least 1")
 
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="imagepipe-trials-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    db = workdir / "trials.db"  # one store for all trials: runs share it, as users' do
+    stop_server = None
+    if args.postgres:
+        db, stop_server = embedded_postgres(workdir)
+    else:
+        # one store for all trials: runs share it, as users' do
+        db = args.db or str(workdir / "trials.db")
+    try:
+        return _all_trials(args, db, workdir)
+    finally:
+        if stop_server is not None:
+            stop_server()
+
+
+def _all_trials(args: argparse.Namespace, db: str, workdir: Path) -> int:
     rng = random.Random(args.seed)
     plans = [Plan.draw(rng, i) for i in range(args.trials)]
     lock = threading.Lock()
@@ -374,11 +403,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     jobs = job_trials(args.jobs, args.seed, workdir)
     takeovers = takeover_trials(args.takeovers, args.seed, workdir)
-    for problem in jobs.problems + takeovers.problems:
+    beside = beside_trials(args.beside, args.seed, db, workdir)
+    files = file_takeover_trials(args.file_takeovers, args.seed, db, workdir)
+    for problem in jobs.problems + takeovers.problems + beside.problems + files.problems:
         print(f"FAILED: {problem}", file=sys.stderr)
     print(jobs.line())
     print(takeovers.line())
-    all_ok = ok == len(results) and jobs.ok == jobs.trials and takeovers.ok == takeovers.trials
+    print(beside.line())
+    print(files.line())
+    summaries = (jobs, takeovers, beside, files)
+    all_ok = ok == len(results) and all(s.ok == s.trials for s in summaries)
     return 0 if all_ok else 1
 
 

@@ -187,3 +187,124 @@ def test_workers_lists_a_live_worker_with_its_claims(
     worker.send_signal(signal.SIGINT)
     worker.communicate(timeout=30)
     assert json.loads(cli(db_path, "workers", "--json").stdout) == []
+
+
+def calls_made(log: Path) -> list[tuple[str, int, int]]:
+    """The provider calls logged (IMAGEPIPE_TEST_CALL_LOG): branch, attempt, pid."""
+    if not log.exists():
+        return []
+    return [
+        (branch, int(attempt), int(pid))
+        for branch, attempt, pid in (line.split() for line in log.read_text().splitlines())
+    ]
+
+
+SPEC_B = ("run", "x", "-s", "photorealistic", "-s", "cartoon", "-n", "4", "--id", "b")
+
+
+@pytest.mark.parametrize("command", [("resume", "b"), SPEC_B], ids=["resume", "run --id"])
+def test_resume_beside_a_worker_runs_each_branch_once_through_the_claims(
+    db_path: Path, tmp_path: Path, procs: list[subprocess.Popen[str]], command: tuple[str, ...]
+) -> None:
+    """Issue 19, item 2: `resume` (or `run --id`) of a detached run that a worker is
+    executing takes part through the per-branch claims; before, it ran every pending
+    branch under the run's lease, and the 4 the worker held were paid twice."""
+    calls, gate = tmp_path / "calls.log", tmp_path / "gate"
+    assert cli(db_path, *SPEC_B, "--detach").returncode == 0
+    # the worker's 4 calls stay in flight (its claims live) until the gate file exists
+    worker = spawn(
+        db_path,
+        procs,
+        "worker",
+        "--once",
+        "-c",
+        "4",
+        IMAGEPIPE_TEST_CALL_LOG=str(calls),
+        IMAGEPIPE_TEST_CALL_GATE=str(gate),
+    )
+    wait_until(lambda: len(calls_made(calls)) == 4)
+    resume = spawn(db_path, procs, *command, IMAGEPIPE_TEST_CALL_LOG=str(calls))
+    resolved = "SELECT count(*) FROM promises WHERE parent_id = 'b' AND state = 'resolved'"
+    wait_until(lambda: rows(db_path, resolved)[0][0] >= 4)  # the 4 nobody held
+    assert resume.poll() is None  # it waits for the worker's 4: their calls are held
+    gate.touch()
+    out, err = resume.communicate(timeout=60)
+    assert resume.returncode == 0, err
+    worker_out, worker_err = worker.communicate(timeout=60)
+    assert worker.returncode == 0, worker_err
+    assert "lost branch" not in worker_err
+    # one attempt each: the worker's 4 were not run again by the resume (attempt 2)
+    attempts = "SELECT id, attempts FROM promises WHERE parent_id = 'b' ORDER BY seq"
+    assert rows(db_path, attempts) == [(f"b.{i}", 1) for i in range(8)]
+    made = calls_made(calls)
+    assert Counter(branch for branch, _, _ in made) == {f"b.{i}": 1 for i in range(8)}
+    assert Counter(pid for _, _, pid in made) == {worker.pid: 4, resume.pid: 4}
+    assert rows(db_path, "SELECT state FROM promises WHERE id = 'b'") == [("resolved",)]
+    assert rows(db_path, resolved) == [(8,)]
+    assert "Results of b" in out
+    assert "4 branches claimed, 4 resolved" in worker_out
+
+
+def test_retry_of_a_failed_detached_run_shares_its_reopened_branches_with_a_worker(
+    db_path: Path, tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """`retry` of a detached run reopens its rejected branches, then runs them through the
+    claims: a worker started meanwhile takes its share, nothing runs twice."""
+    calls, gate = tmp_path / "calls.log", tmp_path / "gate"
+    spec = ("run", "x", "-s", "photorealistic", "-s", "cartoon", "-n", "4", "--id", "f")
+    assert cli(db_path, *spec, "--detach").returncode == 0
+    failed = cli(db_path, "worker", "--once", "--fail-style", "cartoon")
+    assert failed.returncode == 0, failed.stderr
+    assert rows(db_path, "SELECT state FROM promises WHERE id = 'f'") == [("rejected",)]
+    # the retry's calls stay in flight until the gate file exists
+    retry = spawn(
+        db_path,
+        procs,
+        "retry",
+        "f",
+        "-c",
+        "2",
+        IMAGEPIPE_TEST_CALL_LOG=str(calls),
+        IMAGEPIPE_TEST_CALL_GATE=str(gate),
+    )
+    # the retry reopened the 4 rejected branches and holds 2 (its -c 2) in flight
+    wait_until(lambda: len(calls_made(calls)) == 2)
+    worker = spawn(
+        db_path, procs, "worker", "--once", "-c", "2", IMAGEPIPE_TEST_CALL_LOG=str(calls)
+    )
+    wait_until(lambda: len(calls_made(calls)) >= 4)  # 2 held by the retry, 2 by the worker
+    gate.touch()
+    out, err = retry.communicate(timeout=60)
+    assert retry.returncode == 0, err
+    _worker_out, worker_err = worker.communicate(timeout=60)
+    assert worker.returncode == 0, worker_err
+    made = calls_made(calls)
+    cartoons = {f"f.{i}" for i in range(4, 8)}  # the rejected ones: paid once each
+    assert Counter(branch for branch, _, _ in made) == dict.fromkeys(cartoons, 1)
+    assert Counter(pid for _, _, pid in made) == {retry.pid: 2, worker.pid: 2}
+    assert rows(db_path, "SELECT state FROM promises WHERE id = 'f'") == [("resolved",)]
+    assert "Results of f" in out
+
+
+def test_a_run_whose_branches_all_settled_without_its_root_is_settled_not_waited_for(
+    db_path: Path,
+) -> None:
+    """A worker that settled a run's last branch and died before settling the run left it
+    pending with nothing to claim: `worker --once` waited for it forever."""
+    assert (
+        cli(db_path, "run", "x", "-s", "cartoon", "-n", "2", "--id", "r", "--detach").returncode
+        == 0
+    )
+    assert cli(db_path, "worker", "--once").returncode == 0
+    # the root's settlement lost, as if its writer died between the two commits
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "UPDATE promises SET state = 'pending', value = NULL, settled_at = NULL,"
+            " child_counts = NULL WHERE id = 'r'"
+        )
+    done = cli(db_path, "worker", "--once")  # before: a timeout
+    assert done.returncode == 0, done.stderr
+    assert "1 runs settled" in done.stdout
+    assert rows(db_path, "SELECT state, value FROM promises WHERE id = 'r'") == [
+        ("resolved", '{"images":2,"total_ms":1600}')
+    ]

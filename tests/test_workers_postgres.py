@@ -169,3 +169,45 @@ def test_a_database_restart_mid_run_ends_in_a_finished_run(
     )
     assert max(made.values()) == 1, "a provider call was made twice for one attempt"
     print(f"worker exits after the restart: {outcomes}")
+
+
+def test_resume_beside_a_worker_on_postgresql_runs_each_branch_once(
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    tmp_path: Path,
+    procs: list[subprocess.Popen[str]],
+) -> None:
+    """Issue 19, item 2, on PostgreSQL: `resume` of a detached run that a worker holds
+    branches of claims only the others, waits for the worker's, and pays each once."""
+
+    def sql(statement: str) -> list[tuple[Any, ...]]:
+        return postgres_server.execute(postgres_url, statement)
+
+    def made() -> list[list[str]]:
+        return [line.split() for line in calls.read_text().splitlines()] if calls.exists() else []
+
+    calls, gate = tmp_path / "calls.log", tmp_path / "gate"
+    spec = ("run", "x", "-s", "photorealistic", "-s", "cartoon", "-n", "4", "--id", "b")
+    assert cli(postgres_url, *spec, "--detach").returncode == 0
+    # the worker's 4 calls stay in flight (its claims live) until the gate file exists
+    held = {"IMAGEPIPE_TEST_CALL_LOG": str(calls), "IMAGEPIPE_TEST_CALL_GATE": str(gate)}
+    worker = spawn(procs, postgres_url, "worker", "--once", "-c", "4", **held)
+    wait_until(lambda: len(made()) == 4)
+    resume = spawn(procs, postgres_url, "resume", "b", IMAGEPIPE_TEST_CALL_LOG=str(calls))
+    resolved = (
+        "SELECT count(*) FROM imagepipe.promises WHERE parent_id = 'b' AND state = 'resolved'"
+    )
+    wait_until(lambda: sql(resolved)[0][0] >= 4)  # the 4 nobody held
+    assert resume.poll() is None  # it waits for the worker's 4: their calls are held
+    gate.touch()
+    out, err = resume.communicate(timeout=120)
+    assert resume.returncode == 0, err
+    _worker_out, worker_err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, worker_err
+    assert "lost branch" not in worker_err
+    attempts = "SELECT id, attempts FROM imagepipe.promises WHERE parent_id = 'b' ORDER BY seq"
+    assert sql(attempts) == [(f"b.{i}", 1) for i in range(8)]  # none run again
+    assert Counter(branch for branch, _, _ in made()) == {f"b.{i}": 1 for i in range(8)}
+    assert Counter(int(pid) for _, _, pid in made()) == {worker.pid: 4, resume.pid: 4}
+    assert sql("SELECT state FROM imagepipe.promises WHERE id = 'b'") == [("resolved",)]
+    assert "Results of b" in out

@@ -511,9 +511,13 @@ class PostgresStore(Store):
     # -- workers -------------------------------------------------------------------
 
     @guarded
-    async def claim(self, worker: Lease, *, limit: int, stale_after: float) -> list[Claim]:
+    async def claim(
+        self, worker: Lease, *, limit: int, stale_after: float, run_id: str | None = None
+    ) -> list[Claim]:
         if limit <= 0:
             return []
+        # one run's branches: the same walk of the pending roots, narrowed to that run
+        only_run = "" if run_id is None else "  AND r.id = %(run)s"
         async with self._reading() as cur:  # autocommit: the one statement is the transaction
             # One statement. The runs come from the index of pending roots, each run's
             # branches from the index of pending children in launch order (at most
@@ -528,6 +532,7 @@ class PostgresStore(Store):
                 "  WHERE r.parent_id IS NULL AND r.state = 'pending'"
                 "  AND (r.options::jsonb ->> %(detached)s) = 'true'"
                 f"  AND (rl.owner IS NULL OR {_NOW} - rl.heartbeat_at > %(stale)s)"
+                f"{only_run}"
                 "), picked AS ("
                 "  SELECT c.id, runs.rank, c.seq FROM runs CROSS JOIN LATERAL ("
                 "    SELECT p.id, p.seq FROM imagepipe.promises p"
@@ -555,6 +560,7 @@ class PostgresStore(Store):
                     "owner": worker.owner,
                     "pid": worker.pid,
                     "host": worker.host,
+                    "run": run_id,
                 },
             )
             rows = await cur.fetchall()
@@ -577,7 +583,18 @@ class PostgresStore(Store):
                 ([f.key for f in fences], [f.epoch for f in fences], worker.owner),
             )
             renewed = {row[0] for row in await cur.fetchall()}
-        return [fence for fence in fences if fence.key not in renewed]
+            missed = [fence for fence in fences if fence.key not in renewed]
+            if not missed:
+                return []
+            # A statement of its own, so that it sees what committed meanwhile: a claim
+            # that a settlement ended as this renewal ran is ended, not taken.
+            await cur.execute(
+                "SELECT key, epoch FROM imagepipe.leases"
+                " WHERE key = ANY(%s::text[]) AND owner IS NULL",
+                ([f.key for f in missed],),
+            )
+            ended = {(key, int(epoch)) for key, epoch in await cur.fetchall()}
+        return [fence for fence in missed if (fence.key, fence.epoch) not in ended]
 
     @guarded
     async def any_pending(self, parent_id: str) -> bool:

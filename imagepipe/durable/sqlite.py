@@ -468,9 +468,13 @@ class SQLiteStore(Store):
     # -- workers -------------------------------------------------------------------
 
     @_guarded
-    async def claim(self, worker: Lease, *, limit: int, stale_after: float) -> list[Claim]:
+    async def claim(
+        self, worker: Lease, *, limit: int, stale_after: float, run_id: str | None = None
+    ) -> list[Claim]:
         if limit <= 0:
             return []
+        # one run's branches: the same walk of the pending roots, narrowed to that run
+        only_run = "" if run_id is None else " AND r.id = :run"
         with self._transaction() as db:  # BEGIN IMMEDIATE: one claimer at a time
             # The runs oldest first, then each run's branches in launch order, both from
             # the indexes of pending promises (migration 5): a claim reads what it takes,
@@ -482,11 +486,11 @@ class SQLiteStore(Store):
                 " WHERE r.parent_id IS NULL AND r.state = 'pending'"
                 f" AND json_extract(r.options, '$.{DETACHED}') = 1"
                 f" AND (rl.owner IS NULL OR {_NOW} - rl.heartbeat_at > :stale)"
-                " ORDER BY r.created_at, r.id",
-                {"stale": stale_after},
+                f"{only_run} ORDER BY r.created_at, r.id",
+                {"stale": stale_after, "run": run_id},
             ).fetchall()
             rows: list[Any] = []
-            for (run_id,) in runs:
+            for (pending_run,) in runs:
                 if len(rows) >= limit:
                     break
                 rows += db.execute(
@@ -495,7 +499,7 @@ class SQLiteStore(Store):
                     " WHERE p.parent_id = :run AND p.state = 'pending'"
                     f" AND (l.owner IS NULL OR {_NOW} - l.heartbeat_at > :stale)"
                     " ORDER BY p.seq LIMIT :limit",
-                    {"run": run_id, "stale": stale_after, "limit": limit - len(rows)},
+                    {"run": pending_run, "stale": stale_after, "limit": limit - len(rows)},
                 ).fetchall()
             claims = []
             for row in rows:
@@ -520,7 +524,12 @@ class SQLiteStore(Store):
                     " WHERE key = ? AND epoch = ? AND owner = ?",
                     (fence.key, fence.epoch, worker.owner),
                 )
-                if cur.rowcount != 1:
+                if cur.rowcount == 1:
+                    continue
+                row = db.execute(
+                    "SELECT owner, epoch FROM leases WHERE key = ?", (fence.key,)
+                ).fetchone()
+                if row != (None, fence.epoch):  # not ended by its own settlement: taken
                     lost.append(fence)
         return lost
 

@@ -142,9 +142,12 @@ class Store(ABC):
     # -- workers: the branches of detached runs are a queue -------------------------
 
     @abstractmethod
-    async def claim(self, worker: Lease, *, limit: int, stale_after: float) -> list[Claim]:
+    async def claim(
+        self, worker: Lease, *, limit: int, stale_after: float, run_id: str | None = None
+    ) -> list[Claim]:
         """Claim up to ``limit`` branches for ``worker`` (its owner, pid and host), in one
-        transaction, oldest run first and in launch order.
+        transaction, oldest run first and in launch order; with ``run_id``, only branches
+        of that run (a ``resume`` of a detached run takes part as a worker of it alone).
 
         A branch is claimable when it is pending, a child of a pending root whose options
         hold ``DETACHED: true``, the root's own lease (a run executed in one process) is not
@@ -157,8 +160,11 @@ class Store(ABC):
     @abstractmethod
     async def renew_claims(self, worker: Lease, fences: Sequence[Fence]) -> list[Fence]:
         """Renew the heartbeat of each of ``worker``'s leases in ``fences`` (one
-        transaction); return those that were not renewed because their epoch moved on or
-        another owner holds them: that branch was taken over, its writes are refused."""
+        transaction); return those that were taken over: their epoch moved on or another
+        owner holds them, so that branch's writes are refused. A lease that ended with the
+        epoch of its fence (its branch's settlement ended it, or it was released) is not
+        renewed and not returned: nobody took it, and a renewal that runs between a
+        settlement's commit and its announcement must not call the branch lost."""
 
     @abstractmethod
     async def any_pending(self, parent_id: str) -> bool:

@@ -238,7 +238,11 @@ class WorkerStats:
 
 class Worker:
     """Claims and runs the branches of detached runs until stopped (or, with ``once``,
-    until no detached run is pending). ``job_for(root)`` gives the app's part for a run."""
+    until no detached run is pending). ``job_for(root)`` gives the app's part for a run.
+
+    With ``run_id``, it is a worker of that run alone (how ``resume`` of a detached run
+    takes part beside the workers): it claims only that run's branches, and with ``once``
+    it stops when that run's root has settled."""
 
     def __init__(
         self,
@@ -250,8 +254,11 @@ class Worker:
         poll: float = 0.2,
         once: bool = False,
         on_lost: Callable[[str], None] | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.store = store
+        #: the one run this worker takes part in, or None for every detached run
+        self.run_id = run_id
         self._job_for = job_for
         #: the app's part of each run this worker has branches of (made once per run)
         self._jobs: dict[str, asyncio.Task[BranchJob[Any]]] = {}
@@ -314,7 +321,9 @@ class Worker:
             batch = not active or free >= max(1, self.concurrency // 4)
             try:
                 claims = (
-                    await self.store.claim(self.me, limit=free, stale_after=self.stale_after)
+                    await self.store.claim(
+                        self.me, limit=free, stale_after=self.stale_after, run_id=self.run_id
+                    )
                     if batch
                     else []
                 )
@@ -351,10 +360,7 @@ class Worker:
     async def _branch(self, claim: Claim) -> None:
         run_id = claim.record.parent_id
         assert run_id is not None
-        making = self._jobs.get(run_id)
-        if making is None or (making.done() and (making.cancelled() or making.exception())):
-            making = self._jobs[run_id] = asyncio.create_task(self._make_job(run_id))
-        job = await asyncio.shield(making)  # shared by the run's branches: not cancelled
+        job = await self._job(run_id)
         outcome = await self._run(claim, job)
         if outcome == "lost":
             self.stats.lost += 1
@@ -362,6 +368,13 @@ class Worker:
             return
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
         self._check_root(run_id, job)  # beside the branches: the slot is free already
+
+    async def _job(self, run_id: str) -> BranchJob[Any]:
+        """The app's part for the run, made once and shared by its branches."""
+        making = self._jobs.get(run_id)
+        if making is None or (making.done() and (making.cancelled() or making.exception())):
+            making = self._jobs[run_id] = asyncio.create_task(self._make_job(run_id))
+        return await asyncio.shield(making)  # shared by the run's branches: not cancelled
 
     async def _make_job(self, run_id: str) -> BranchJob[Any]:
         root = await self.store.get(run_id)
@@ -426,11 +439,27 @@ class Worker:
         return self._counted_fns[fn]
 
     async def _queue_open(self) -> bool:
-        """True while a detached run is pending (its branches may still lapse to us)."""
-        return any(
-            r.state == "pending" and r.options.get(DETACHED) is True
-            for r in await self.store.roots()
-        )
+        """True while a detached run (of ours) is pending: its branches may still lapse to
+        us. A pending run whose branches have all settled is settled here: the process
+        that settled its last branch died before it could settle the root, and nobody
+        else would (no branch is left to claim, so no settlement would check it)."""
+        if self.run_id is not None:
+            root = await self.store.get(self.run_id)
+            if root is None or root.settled:
+                return False
+            branches_left = {self.run_id: await self.store.any_pending(self.run_id)}
+        else:
+            branches_left = {
+                r.id: bool(r.counts.get("pending"))
+                for r in await self.store.roots()
+                if r.state == "pending" and r.options.get(DETACHED) is True
+            }
+        for run_id, left in branches_left.items():
+            if not left:
+                job = await self._job(run_id)
+                if await settle_root_if_done(self.store, run_id, job.summarize):
+                    self.stats.runs_settled += 1
+        return bool(branches_left)
 
     async def _renew(self) -> None:
         loop = asyncio.get_running_loop()

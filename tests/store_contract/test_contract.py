@@ -323,6 +323,18 @@ async def test_a_settled_root_or_one_executed_by_its_own_lease_is_not_claimed(
     assert claimed.record.id == "e.0"
 
 
+async def test_a_claim_for_one_run_takes_only_that_runs_branches(store: Store) -> None:
+    await store.apply(WriteBatch(creates=[*detached_run("d", 2), *detached_run("e", 2, at=2)]))
+    [held] = await store.claim(worker("a"), limit=1, stale_after=10)
+    assert held.record.id == "d.0"
+    got = await store.claim(worker("b"), limit=5, stale_after=10, run_id="e")
+    assert [c.record.id for c in got] == ["e.0", "e.1"]  # d, the older run, is left alone
+    assert await store.claim(worker("b"), limit=5, stale_after=10, run_id="e") == []
+    [rest] = await store.claim(worker("b"), limit=5, stale_after=10, run_id="d")
+    assert rest.record.id == "d.1"  # d.0 is a's, live
+    assert await store.claim(worker("c"), limit=5, stale_after=10, run_id="nobody") == []
+
+
 async def test_claims_of_concurrent_workers_never_overlap(store: Store, reopen: Reopen) -> None:
     import asyncio
 
@@ -396,7 +408,10 @@ async def test_apply_each_ends_a_claim_with_its_settlement(store: Store) -> None
         ]
     ) == [{}, {}]
     assert [h.key for h in await store.held_leases("d.")] == ["d.1"]  # d.0's claim ended
-    assert await store.renew_claims(worker("a"), [first.fence]) == [first.fence]
+    # ended by its own settlement, not taken: a renewal does not call it lost (issue 19,
+    # item 12: a worker reported branches it had resolved itself as lost)
+    assert await store.renew_claims(worker("a"), [first.fence, second.fence]) == []
+    assert [h.key for h in await store.held_leases("d.")] == ["d.1"]  # not renewed back
     assert await store.any_pending("d")  # d.1 is still pending
 
 
