@@ -195,10 +195,10 @@ def argv(command: str) -> list[str]:
     return [sys.executable, "-m", "imagepipe", *words[1:]]
 
 
-def run_until_shown(args: list[str], env: dict[str, str], shown: int) -> list[str]:
+def run_until_shown(args: list[str], env: dict[str, str], cwd: str, shown: int) -> list[str]:
     """Start a command, read what it prints until it has printed ``shown`` lines, kill -9."""
     proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     assert proc.stdout is not None
     lines: list[str] = []
@@ -234,7 +234,7 @@ def replay(transcript: Transcript, kill_scale: str) -> list[tuple[str, list[str]
                 # as soon as it has printed what the page shows, never after a sleep.
                 shown = len([line for line in step.output if line.strip()])
                 actual = run_until_shown(
-                    argv(killed.group(1)), {**env, "IMAGEPIPE_TIME_SCALE": kill_scale}, shown
+                    argv(killed.group(1)), {**env, "IMAGEPIPE_TIME_SCALE": kill_scale}, tmp, shown
                 )
             else:
                 proc = subprocess.run(
