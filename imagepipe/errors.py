@@ -4,7 +4,7 @@ Every error a user can meet is an :class:`ImagepipeError`: it builds its own one
 message and carries the process exit code. The CLI has a single handler that prints the
 message on stderr and exits with the code; nothing else prints errors.
 
-Exit codes (also in the README):
+Exit codes (also in docs/reference/exit-codes.md):
 
 ====  ==========================================================================
 0     success
