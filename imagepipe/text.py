@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import unicodedata
 
-__all__ = ["escape_control", "invalid_utf8", "quoted"]
+__all__ = ["escape_control", "invalid_utf8", "one_line", "quoted"]
 
 _NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 # Escaped: controls (Cc), lone surrogates (Cs), invisible format characters (Cf: bidi
@@ -66,3 +66,15 @@ def invalid_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """``text`` on one line: whitespace runs become one space, control characters escaped."""
+    out: list[str] = []
+    for ch in " ".join(text.split()):
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    flat = "".join(out)
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

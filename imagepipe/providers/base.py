@@ -9,12 +9,12 @@ server asked for, or ``None``); its message is the provider's own, on one line.
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from imagepipe.errors import BadInput
+from imagepipe.text import one_line
 
 if TYPE_CHECKING:
     from imagepipe.providers.options import ProviderOptions
@@ -51,18 +51,6 @@ MAX_RETRY_AFTER = 120.0
 
 def _over_cap(retry_after: float | None) -> bool:
     return retry_after is not None and retry_after > MAX_RETRY_AFTER
-
-
-def one_line(text: str, limit: int = 500) -> str:
-    """``text`` on one line: whitespace runs become one space, control characters escaped."""
-    out: list[str] = []
-    for ch in " ".join(text.split()):
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
-            out.append(ch.encode("unicode_escape").decode("ascii"))
-        else:
-            out.append(ch)
-    flat = "".join(out)
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 # ------------------------------------------------------------- the real providers' one

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagepipe.errors import BadInput
-from imagepipe.providers.base import one_line
+from imagepipe.text import one_line
 
 __all__ = [
     "BadOption",
