@@ -6,23 +6,9 @@ of the process) ends the process with exit 130 instead of a KeyboardInterrupt tr
 While a run executes, :func:`imagepipe.service.run_command` turns signals into ``Interrupted``.
 """
 
-import signal
-import sys
+from imagepipe.interrupts import interrupted
 
-__all__ = ["INTERRUPTED", "interrupted", "main"]
-
-#: the conventional exit status of a process stopped by Ctrl-C (128 + SIGINT)
-INTERRUPTED = 130
-
-
-def interrupted() -> SystemExit:
-    """Exit 130 for a Ctrl-C outside a run; further Ctrl-Cs are ignored from here on.
-
-    Ignored, not left to Python: a second KeyboardInterrupt during the exit would print a
-    traceback, and one during interpreter shutdown kills the process with -2."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print("error: interrupted by SIGINT", file=sys.stderr)
-    return SystemExit(INTERRUPTED)
+__all__ = ["main"]
 
 
 def main() -> None:

@@ -160,7 +160,7 @@ def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
         except ImagepipeError as exc:
             raise _fail(exc.message, exc.exit_code) from None
         except KeyboardInterrupt:  # before or after a run: typer would say "Aborted!", exit 1
-            from imagepipe.entry import interrupted
+            from imagepipe.interrupts import interrupted
 
             raise interrupted() from None
         except Exception as exc:
