@@ -1,7 +1,8 @@
 """Durable promises on a store: the core of imagepipe, a library that knows nothing of
 images, screens or exit codes, and imports nothing else from imagepipe.
 
-- :mod:`.store` — the async :class:`Store` interface and :func:`open_store` (by URL)
+- :mod:`.store` — the async :class:`Store` interface
+- :mod:`.opening` — :func:`open_store`: the backend a URL names
 - :mod:`.sqlite` — the SQLite backend (WAL, numbered migrations in :mod:`.sqlite_schema`)
 - :mod:`.records` — promises, errors as stored, write batches, fences; arguments by name
 - :mod:`.commit` — group commit: many writes, one transaction, nothing reported early
@@ -47,6 +48,7 @@ from imagepipe.durable.events import (
     PromiseResolved,
 )
 from imagepipe.durable.lease import DEFAULT_STALE_AFTER, LeaseKeeper
+from imagepipe.durable.opening import open_store
 from imagepipe.durable.records import (
     AttemptRecord,
     ChildColumns,
@@ -63,7 +65,7 @@ from imagepipe.durable.records import (
 )
 from imagepipe.durable.retry import RetryPolicy
 from imagepipe.durable.steps import Handle, Step
-from imagepipe.durable.store import Store, StoreOptions, open_store
+from imagepipe.durable.store import Store, StoreOptions
 
 __all__ = [
     "DEFAULT_STALE_AFTER",

@@ -11,10 +11,7 @@ the application that embeds the core decides how each is shown and what it means
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from imagepipe.durable.records import ErrorInfo, Lease
+from typing import Protocol
 
 __all__ = [
     "DurableError",
@@ -34,6 +31,27 @@ __all__ = [
     "StoreUnusable",
     "StoreWriteFailed",
 ]
+
+
+class Holder(Protocol):
+    """Who holds a lease, as an error names it (a :class:`~.records.Lease`): the errors
+    import nothing of the records, which raise them."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def host(self) -> str: ...
+
+
+class StoredError(Protocol):
+    """An error as the store keeps it (a :class:`~.records.ErrorInfo`)."""
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def message(self) -> str: ...
 
 
 class DurableError(Exception):
@@ -95,7 +113,7 @@ class StoreConflict(StoreError):
 class LeaseHeld(DurableError):
     """A live owner holds the lease on this key."""
 
-    def __init__(self, key: str, holder: Lease) -> None:
+    def __init__(self, key: str, holder: Holder) -> None:
         super().__init__(f"{key} is held by process {holder.pid} on {holder.host}")
         self.key = key
         self.holder = holder
@@ -118,7 +136,7 @@ class NonDeterminism(DurableError):
 class PromiseRejected(DurableError):
     """Awaiting a promise that was rejected; ``error`` is the stored error."""
 
-    def __init__(self, promise_id: str, error: ErrorInfo) -> None:
+    def __init__(self, promise_id: str, error: StoredError) -> None:
         super().__init__(f"{promise_id} rejected: {error.type}: {error.message}")
         self.promise_id = promise_id
         self.error = error

@@ -29,7 +29,7 @@ from imagepipe.durable.records import (
     WriteBatch,
 )
 
-__all__ = ["DETACHED", "Claim", "Store", "StoreOptions", "open_store", "store_location"]
+__all__ = ["DETACHED", "Claim", "Store", "StoreOptions"]
 
 #: The root option that puts a run's branches on the queue that workers claim from:
 #: ``options[DETACHED] is True`` on a pending root promise.
@@ -188,28 +188,3 @@ class Store(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
-
-
-def store_location(url: str) -> tuple[str, str]:
-    """``(scheme, rest)`` of a store URL; a plain path is a SQLite file."""
-    for scheme in ("sqlite://", "postgresql://", "postgres://"):
-        if url.startswith(scheme):
-            rest = url[len(scheme) :]
-            if scheme == "sqlite://":  # sqlite:///abs/path.db, sqlite://relative/path.db
-                return "sqlite", rest
-            return "postgresql", url
-    return "sqlite", url
-
-
-async def open_store(url: str, options: StoreOptions | None = None) -> Store:
-    """Open (creating and migrating as needed) the store at ``url``."""
-    scheme, rest = store_location(url)
-    options = options or StoreOptions()
-    if scheme == "sqlite":
-        from imagepipe.durable.sqlite import SQLiteStore
-
-        return SQLiteStore.open(rest, options)
-    # Imported here only: SQLite runs and ``--help`` never load psycopg.
-    from imagepipe.durable.postgres import PostgresStore
-
-    return await PostgresStore.open(url, options)
