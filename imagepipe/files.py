@@ -248,10 +248,10 @@ def _make_dirs(directory: Path) -> None:
     _fsync_dir(directory.parent)
 
 
-def _write_atomically(directory: Path, final: Path, data: bytes) -> None:
-    _make_dirs(directory)
-    temp = directory / f".{secrets.token_hex(8)}{TEMP_SUFFIX}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist), write all of ``data`` and fsync it; on any
+    failure, nothing is left under ``path``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         try:
             view = memoryview(data)
@@ -260,6 +260,17 @@ def _write_atomically(directory: Path, final: Path, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+
+
+def _write_atomically(directory: Path, final: Path, data: bytes) -> None:
+    _make_dirs(directory)
+    temp = directory / f".{secrets.token_hex(8)}{TEMP_SUFFIX}"
+    _write_new_file(temp, data)
+    try:
         os.replace(temp, final)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -356,15 +367,8 @@ def stage_image(directory: Path, name: str, data: bytes) -> StagedImage:
     staging = _staging(directory)
     _make_dirs(staging)
     staged = staging / f"{name}.{sha256[:_STAGED_SHA_CHARS]}.{secrets.token_hex(4)}"
-    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    _write_new_file(staged, data)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         _fsync_dir(staging)
     except BaseException:
         with contextlib.suppress(OSError):
