@@ -46,18 +46,7 @@ from imagepipe.durable.worker import (
     planned_creates,
 )
 from imagepipe.errors import ImagepipeError, Interrupted, UnknownRun
-from imagepipe.pipeline import Deps, generate_image, image_pipeline
-from imagepipe.runs import (
-    DEFAULT_MAX_ATTEMPTS,
-    Branch,
-    Invocation,
-    Reporter,
-    RunInfo,
-    RunOutcome,
-    RunSpec,
-    validate_run_id,
-)
-from imagepipe.service import (
+from imagepipe.execution import (
     Execution,
     check_same_spec,
     execution_for,
@@ -68,6 +57,17 @@ from imagepipe.service import (
     run_command,
     run_outcome,
     with_provider,
+)
+from imagepipe.pipeline import Deps, generate_image, image_pipeline
+from imagepipe.runs import (
+    DEFAULT_MAX_ATTEMPTS,
+    Branch,
+    Invocation,
+    Reporter,
+    RunInfo,
+    RunOutcome,
+    RunSpec,
+    validate_run_id,
 )
 
 __all__ = [

@@ -3,7 +3,7 @@
 This module imports nothing heavy at its top level, so that a SIGINT arriving while the
 command line, typer, rich or the durable core are still being imported (the first ~0.1 s
 of the process) ends the process with exit 130 instead of a KeyboardInterrupt traceback.
-While a run executes, :func:`imagepipe.service.run_command` turns signals into ``Interrupted``.
+While a run executes, :func:`imagepipe.execution.run_command` turns signals into ``Interrupted``.
 """
 
 from imagepipe.interrupts import interrupted
