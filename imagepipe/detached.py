@@ -36,6 +36,7 @@ from imagepipe.durable import (
     StoreMissing,
     WriteBatch,
 )
+from imagepipe.durable.retry import RetryPolicy
 from imagepipe.durable.store import DETACHED
 from imagepipe.durable.worker import (
     WORKER_PREFIX,
@@ -50,6 +51,7 @@ from imagepipe.execution import (
     Execution,
     check_same_spec,
     execution_for,
+    image_dir,
     opened_store,
     read_root,
     reconcile_outcomes,
@@ -58,6 +60,7 @@ from imagepipe.execution import (
     run_outcome,
     with_provider,
 )
+from imagepipe.files import ImageDirUnusable, claim_image_dir
 from imagepipe.pipeline import Deps, generate_image, image_pipeline
 from imagepipe.runs import (
     DEFAULT_MAX_ATTEMPTS,
@@ -95,6 +98,9 @@ def detach_run(url: str, run_id: str, spec: RunSpec, invocation: Invocation) -> 
     spec.validate()
     invocation.validate()
     spec = with_provider(spec, invocation)
+    if invocation.out_dir:
+        # the folder the workers will write to is the run's: refused now if it cannot be
+        claim_image_dir(image_dir(invocation.out_dir), run_id)
 
     async def detach() -> str:
         async with opened_store(url, create=True, write=True) as store:
@@ -150,14 +156,15 @@ class _LoggedProvider:
         await self._inner.aclose()
 
 
-def _tidy_images(directory: Path | None, children: list[PromiseRecord]) -> None:
+def _tidy_images(run_id: str, directory: Path | None, children: list[PromiseRecord]) -> None:
     """A run's root is settled: no process can still be writing its images legitimately,
     so its image folder is brought in line with the store (staged files promoted, orphans
     removed)."""
-    reconcile_outcomes(directory, [(c.state, c.value) for c in children], exclusive=True)
+    outcomes = [(c.state, c.value) for c in children]
+    reconcile_outcomes(run_id, directory, outcomes, exclusive=True)
 
 
-def _branch_job(execution: Execution, invocation: Invocation) -> BranchJob[Deps]:
+def _branch_job(run_id: str, execution: Execution, invocation: Invocation) -> BranchJob[Deps]:
     """How this process runs a run's branches, whether a worker or a ``resume``."""
     deps = execution.deps
     if os.environ.get(CALL_LOG):
@@ -168,13 +175,30 @@ def _branch_job(execution: Execution, invocation: Invocation) -> BranchJob[Deps]
         retry=execution.retry,
         summarize=summarize,
         attempt_timeout=invocation.attempt_timeout,
-        on_run_settled=functools.partial(_tidy_images, execution.deps.out_dir),
+        on_run_settled=functools.partial(_tidy_images, run_id, execution.deps.out_dir),
     )
 
 
+def _refusing_job(error: ImageDirUnusable) -> BranchJob[None]:
+    """The job of a run whose image folder this worker cannot use (taken by another run,
+    not writable here): each of its branches is rejected with the reason, at once and
+    without a provider call, so that the run fails saying why (``imagepipe retry ID``
+    once it is fixed) and the worker goes on with the other runs."""
+
+    @functools.wraps(generate_image)
+    async def refuse(step: Any, /, **kwargs: Any) -> Any:
+        raise error
+
+    return BranchJob(fn=refuse, deps=None, retry=RetryPolicy(max_attempts=1), summarize=summarize)
+
+
 def _job_maker(invocation: Invocation) -> Callable[[PromiseRecord], Any]:
-    async def job_for(root: PromiseRecord) -> BranchJob[Deps]:
-        return _branch_job(execution_for(root, invocation), invocation)
+    async def job_for(root: PromiseRecord) -> BranchJob[Any]:
+        try:
+            execution = execution_for(root, invocation)
+        except ImageDirUnusable as exc:
+            return _refusing_job(exc)
+        return _branch_job(root.id, execution, invocation)
 
     return job_for
 
@@ -205,7 +229,8 @@ def run_worker(
                 return await worker.run()
             finally:
                 for job in worker.jobs():
-                    await job.deps.provider.aclose()
+                    if job.deps is not None:  # a refusing job has no provider
+                        await job.deps.provider.aclose()
 
     try:
         return run_command(work, "worker", executes=True)
@@ -301,7 +326,7 @@ async def execute_detached(
     With ``reopen`` (``retry`` of a failed run), its rejected branches and its root are
     set back to pending first (their attempt history stays), for any worker to claim."""
     execution = execution_for(root, invocation)  # the provider and its key, checked first
-    job = _branch_job(execution, invocation)
+    job = _branch_job(root.id, execution, invocation)
 
     async def job_for(record: PromiseRecord) -> BranchJob[Deps]:
         return job  # this worker claims the branches of this one run only

@@ -336,16 +336,23 @@ async def reconcile_run_images(
     if not has_staged(directory):
         return ReconcileReport()
     records = await store.children(root.id)
-    return reconcile_outcomes(directory, [(r.state, r.value) for r in records], exclusive=exclusive)
+    outcomes = [(r.state, r.value) for r in records]
+    return reconcile_outcomes(root.id, directory, outcomes, exclusive=exclusive)
 
 
 def reconcile_outcomes(
-    directory: Path | None, outcomes: Iterable[tuple[str, Any]], *, exclusive: bool
+    run_id: str,
+    directory: Path | None,
+    outcomes: Iterable[tuple[str, Any]],
+    *,
+    exclusive: bool,
 ) -> ReconcileReport:
-    """Reconcile ``directory`` with the branches' (state, value), if anything is staged."""
+    """Reconcile run ``run_id``'s image ``directory`` with its branches' (state, value), if
+    anything is staged there (and the folder is still the run's)."""
     if directory is None or not has_staged(directory):
         return ReconcileReport()
-    return reconcile_images(directory, recorded_images(directory, outcomes), exclusive=exclusive)
+    recorded = recorded_images(directory, outcomes)
+    return reconcile_images(directory, recorded, exclusive=exclusive, owner=run_id)
 
 
 def image_dir(path: str | Path) -> Path:

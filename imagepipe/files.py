@@ -51,6 +51,7 @@ __all__ = [
     "default_image_dir",
     "file_sha256",
     "has_staged",
+    "image_dir_owner",
     "image_file_name",
     "promote",
     "reconcile_images",
@@ -104,6 +105,8 @@ class ImageDirUnusable(ImagepipeError):
     """A run's image folder cannot be created or written (checked before anything is paid)."""
 
     exit_code = 2
+    #: a branch that meets it (a worker's) is rejected at once: retrying cannot help
+    retryable = False
 
 
 class ImageDirTaken(ImageDirUnusable):
@@ -321,36 +324,72 @@ def claim_image_dir(directory: Path, run_id: str) -> None:
 
     Raises :class:`ImageDirTaken` if the folder is marked as another run's, and
     :class:`ImageDirUnusable` if it cannot be created or written (a file is written to the
-    staging folder and removed, as an image would be): checked before any request is made,
-    so that no image is paid for that cannot be kept."""
+    staging folder and removed, as an image would be), or if imagepipe's own folder in it
+    is a symbolic link (what is removed from it must be the run's own): checked before any
+    request is made, so that no image is paid for that cannot be kept."""
     shown = escape_control(repr(str(directory)))
     try:
         staging = _staging(directory)
         _make_dirs(staging)
-        owner = directory / STATE_DIR / OWNER_FILE
-        try:
-            fd = os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            holder = owner.read_text(encoding="utf-8", errors="replace").strip()
-            if holder != run_id:
-                raise ImageDirTaken(
-                    f"the image folder {shown} holds the images of run {quoted(holder)}; "
-                    "give this run another --out (or omit --out)"
-                ) from None
-        else:
-            try:
-                os.write(fd, run_id.encode("utf-8", "surrogateescape") + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if not _own_staging(directory):
+            raise ImageDirUnusable(
+                f"cannot write images to {shown}: its {STATE_DIR}/{STAGING_DIR} is not a "
+                "folder of its own (a symbolic link?); remove it or choose another --out"
+            )
+        holder = image_dir_owner(directory)
+        if holder is None:
+            _mark_owner(directory, run_id)
+            holder = image_dir_owner(directory)  # another run may have marked it first
+        if holder != run_id:
+            raise ImageDirTaken(
+                f"the image folder {shown} holds the images of run {quoted(holder or '')}; "
+                "give this run another --out (or omit --out)"
+            )
         probe = staging / f"probe.{secrets.token_hex(8)}"
-        probe.write_bytes(b"")
+        _write_new_file(probe, b"")
         probe.unlink()
     except OSError as exc:
         raise ImageDirUnusable(
             f"cannot write images to {shown}: {exc.strerror or type(exc).__name__}; "
             "choose another --out"
         ) from None
+
+
+def image_dir_owner(directory: Path) -> str | None:
+    """The run whose images ``directory`` holds, by its mark; None if it has none (an
+    empty mark, as a crash while writing it may have left, counts as none)."""
+    try:
+        text = (directory / STATE_DIR / OWNER_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+    holder = text.decode("utf-8", "surrogateescape").strip()
+    return holder or None
+
+
+def _mark_owner(directory: Path, run_id: str) -> None:
+    """Write the owner mark whole (a temporary file, then a link that fails if a mark
+    appeared meanwhile); an empty mark is replaced."""
+    state = directory / STATE_DIR
+    temp = state / f"{OWNER_FILE}.{secrets.token_hex(8)}"
+    _write_new_file(temp, run_id.encode("utf-8", "surrogateescape") + b"\n")
+    try:
+        owner = state / OWNER_FILE
+        try:
+            os.link(temp, owner)
+        except FileExistsError:
+            if image_dir_owner(directory) is None:
+                os.replace(temp, owner)  # an empty mark: nobody's
+        _fsync_dir(state)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+
+
+def _own_staging(directory: Path) -> bool:
+    """True if imagepipe's folder and its staging folder are real folders, not links."""
+    state = directory / STATE_DIR
+    staging = state / STAGING_DIR
+    return not state.is_symlink() and not staging.is_symlink() and staging.is_dir()
 
 
 def stage_image(directory: Path, name: str, data: bytes) -> StagedImage:
@@ -398,6 +437,8 @@ def promote(staged: str, final: str) -> bool:
 
 def has_staged(directory: Path) -> bool:
     """True if an attempt left a staged file in ``directory`` (one short listing)."""
+    if not _own_staging(directory):
+        return False
     try:
         with os.scandir(_staging(directory)) as entries:
             return any(True for _ in entries)
@@ -414,20 +455,26 @@ class ReconcileReport:
 
 
 def reconcile_images(
-    directory: Path, recorded: Mapping[str, str], *, exclusive: bool
+    directory: Path, recorded: Mapping[str, str], *, exclusive: bool, owner: str
 ) -> ReconcileReport:
-    """Bring a run's image folder in line with its store: ``recorded`` maps the file name
-    of every resolved branch to its stored sha256.
+    """Bring ``owner``'s image folder in line with its store: ``recorded`` maps the file
+    name of every resolved branch to its stored sha256.
 
     A staged file whose final name and content match a recorded image is promoted if the
     final file is missing or differs (a kill fell between the record and the rename), then
-    the staged copy is removed; a staged file for a recorded name with other content is an
-    orphan (a stale process's) and is removed. With ``exclusive`` (no other process can be
-    executing the run: it is settled, or this process holds it), every other staged file
-    is an orphan too, and is removed; without, it may be an attempt in flight, and stays."""
+    the staged copy is removed; if it cannot be promoted (a folder has its name), it stays
+    for a later try. A staged file for a recorded name with other content is an orphan (a
+    stale process's) and is removed. With ``exclusive`` (no other process can be executing
+    the run: it is settled, or this process holds it), every other staged file is an
+    orphan too, and is removed; without, it may be an attempt in flight, and stays.
+
+    Nothing is done to a folder marked as another run's (it was cleared and reused), nor to
+    a staging folder that is a link, nor to what in it is not a plain file."""
+    if image_dir_owner(directory) != owner or not _own_staging(directory):
+        return ReconcileReport()
     staging = _staging(directory)
     try:
-        entries = sorted(os.listdir(staging))
+        entries = sorted(e.name for e in os.scandir(staging) if e.is_file(follow_symlinks=False))
     except OSError:
         return ReconcileReport()
     promoted = removed = 0
@@ -437,10 +484,13 @@ def reconcile_images(
         expected = recorded.get(parts[0]) if len(parts) == 3 else None
         if expected is None and not exclusive:
             continue  # maybe an attempt in flight
-        if expected is not None and _promoted(staged, directory / parts[0], parts[1], expected):
-            promoted += 1
-            continue
-        with contextlib.suppress(FileNotFoundError):
+        if expected is not None:
+            outcome = _complete(staged, directory / parts[0], parts[1], expected)
+            if outcome == "promoted":
+                promoted += 1
+            if outcome != "orphan":
+                continue
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove: left
             staged.unlink()
             removed += 1
     if promoted:
@@ -448,15 +498,18 @@ def reconcile_images(
     return ReconcileReport(promoted, removed)
 
 
-def _promoted(staged: Path, final: Path, sha_prefix: str, expected: str) -> bool:
-    """Promote ``staged`` if it holds the recorded image and ``final`` does not; True if
-    it was promoted (if not, it is a copy or an orphan, to remove)."""
+def _complete(
+    staged: Path, final: Path, sha_prefix: str, expected: str
+) -> Literal["promoted", "kept", "orphan"]:
+    """Promote ``staged`` if it holds the recorded image and ``final`` does not: then
+    "promoted", or "kept" if the rename failed (it stays staged, for a later try).
+    "orphan": another attempt's bytes, or a copy of what is in place already."""
     expected = expected.lower()
     if not expected.startswith(sha_prefix.lower()):
-        return False  # another attempt's bytes: not what the store recorded
+        return "orphan"  # another attempt's bytes: not what the store recorded
     if _sha256_or_none(final) == expected or _sha256_or_none(staged) != expected:
-        return False
-    return promote(str(staged), str(final))
+        return "orphan"
+    return "promoted" if promote(str(staged), str(final)) else "kept"
 
 
 def _sha256_or_none(path: Path) -> str | None:

@@ -26,7 +26,6 @@ from imagepipe.durable import (
     StoreMissing,
     WriteBatch,
 )
-from imagepipe.durable.lease import holder_gone
 from imagepipe.durable.store import DETACHED
 from imagepipe.errors import UnknownRun
 from imagepipe.execution import (
@@ -48,6 +47,7 @@ from imagepipe.files import (
     ReconcileReport,
     claim_image_dir,
     default_image_dir,
+    image_dir_owner,
     remove_temporaries,
 )
 from imagepipe.pipeline import image_pipeline
@@ -170,33 +170,27 @@ def show_run(url: str, run_id: str) -> RunOutcome:
 
 def fix_run_images(url: str, run_id: str) -> ReconcileReport:
     """``verify --fix``: promote the run's staged images that the store recorded, and
-    remove orphans and leftover temporary files. Files of branches that may be in flight
-    (the run is pending and a live process holds it or one of its branches) are left."""
+    remove orphans and leftover temporary files.
+
+    Of a pending run, only what belongs to settled branches is touched: a staged image of
+    a pending branch may be the attempt of a process that is only paused (a stale lease is
+    no proof that nobody will record it), and the end of the run's execution tidies the
+    rest under its lease."""
 
     async def fix() -> ReconcileReport:
         try:
             async with opened_store(url, create=False, write=False) as store:
                 root = await read_root(store, run_id)
-                exclusive = root.settled or not await _executed_now(store, run_id)
-                report = await reconcile_run_images(store, root, exclusive=exclusive)
+                report = await reconcile_run_images(store, root, exclusive=root.settled)
         except StoreMissing as missing:
             raise UnknownRun(run_id, missing.where) from None
-        if exclusive:
-            removed = remove_temporaries(image_dir_of(root))
+        directory = image_dir_of(root)
+        if root.settled and image_dir_owner(directory) == run_id:
+            removed = remove_temporaries(directory)
             report = dataclasses.replace(report, removed=report.removed + removed)
         return report
 
     return run_command(fix, run_id)
-
-
-async def _executed_now(store: Store, run_id: str) -> bool:
-    """True if a live process holds the run or one of its branches."""
-    stale_after = settings.lease_timeout()
-    return any(
-        lease.age <= stale_after and not holder_gone(lease)
-        for lease in await store.held_leases(run_id)
-        if lease.key == run_id or lease.key.startswith(f"{run_id}.")
-    )
 
 
 def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
@@ -289,9 +283,8 @@ async def _execute(
             raise
         # every branch is settled and this process holds the run: finish what kills
         # left in the image folder (staged files recorded but not renamed, orphans)
-        reconcile_outcomes(
-            execution.deps.out_dir, ((h.state, h.value) for h in ctx.launched), exclusive=True
-        )
+        outcomes = ((h.state, h.value) for h in ctx.launched)
+        reconcile_outcomes(root.id, execution.deps.out_dir, outcomes, exclusive=True)
     finally:
         await lease.release()
         await provider.aclose()

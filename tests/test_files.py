@@ -329,6 +329,7 @@ def test_a_staged_image_is_invisible_until_promoted(tmp_path: Path) -> None:
 
 
 def test_reconcile_promotes_what_was_recorded_and_removes_orphans(tmp_path: Path) -> None:
+    claim_image_dir(tmp_path, "run")
     recorded = stage_image(tmp_path, "a.png", encoded("PNG", (3, 3)))
     orphan = stage_image(tmp_path, "a.png", encoded("PNG", (5, 5)))  # a stale attempt's
     in_flight = stage_image(tmp_path, "b.png", encoded("PNG", (6, 6)))  # pending branch
@@ -337,7 +338,8 @@ def test_reconcile_promotes_what_was_recorded_and_removes_orphans(tmp_path: Path
     partial.write_bytes(b"\x89PNG partial")
     names = {"a.png": recorded["sha256"]}
 
-    shared = reconcile_images(tmp_path, names, exclusive=False)
+    assert reconcile_images(tmp_path, names, exclusive=True, owner="other").removed == 0
+    shared = reconcile_images(tmp_path, names, exclusive=False, owner="run")
     assert (shared.promoted, shared.removed) == (1, 2)
     assert file_sha256(tmp_path / "a.png") == recorded["sha256"]
     assert [p.name for p in (tmp_path / ".imagepipe" / "staging").iterdir()] == [
@@ -345,7 +347,7 @@ def test_reconcile_promotes_what_was_recorded_and_removes_orphans(tmp_path: Path
     ], "an attempt that may be in flight stays"
     assert not Path(orphan["staged"]).exists()
 
-    alone = reconcile_images(tmp_path, names, exclusive=True)
+    alone = reconcile_images(tmp_path, names, exclusive=True, owner="run")
     assert (alone.promoted, alone.removed) == (0, 1)
     assert not (tmp_path / "b.png").exists(), "an unrecorded image is never promoted"
     assert file_sha256(tmp_path / "a.png") == recorded["sha256"]
