@@ -28,7 +28,9 @@ from imagepipe.durable import (
     PromiseRejectedEvent,
     PromiseReplayed,
     PromiseResolved,
+    Store,
     StoreConflict,
+    StoreError,
     StoreMissing,
     WriteBatch,
 )
@@ -152,6 +154,7 @@ def run_worker(
 
     async def work() -> WorkerStats:
         async with opened_store(url, create=True, write=True) as store:
+            await _forget_gone_workers(store)
             worker = Worker(
                 store,
                 _job_maker(invocation),
@@ -207,8 +210,8 @@ def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -
                         return run_outcome(root, branches, wall_ms=wall_ms, executed=True)
                     # PostgreSQL wakes the watcher at each write (LISTEN/NOTIFY); SQLite polls
                     await store.wait_for_progress(run_id, 2.0 if store.notifies else poll)
-        except StoreMissing:
-            raise UnknownRun(run_id, url) from None
+        except StoreMissing as missing:
+            raise UnknownRun(run_id, missing.where) from None
 
     return run_command(watch, run_id, executes=True)
 
@@ -251,6 +254,18 @@ class WorkerInfo:
     heartbeat_age: float
 
 
+#: a worker's presence row is deleted once its heartbeat is this many lease timeouts old
+PRESENCE_KEPT = 10
+
+
+async def _forget_gone_workers(store: Store) -> None:
+    """Delete the presence rows (``worker:<id>``) of workers that stopped, or were killed
+    long ago: their heartbeat is ``PRESENCE_KEPT`` lease timeouts old. No write is fenced
+    by such a row, and no worker takes one again (each has an id of its own)."""
+    older_than = PRESENCE_KEPT * settings.lease_timeout()
+    await store.forget_leases(WORKER_PREFIX, older_than=older_than)
+
+
 def list_workers(url: str) -> list[WorkerInfo]:
     """The workers whose heartbeat is younger than the lease timeout."""
     stale_after = settings.lease_timeout()
@@ -258,6 +273,8 @@ def list_workers(url: str) -> list[WorkerInfo]:
     async def listing() -> list[WorkerInfo]:
         try:
             async with opened_store(url, create=False, write=False) as store:
+                with contextlib.suppress(StoreError):  # a read-only store still lists
+                    await _forget_gone_workers(store)
                 held = await store.held_leases()
         except StoreMissing:
             return []

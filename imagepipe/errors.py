@@ -12,7 +12,8 @@ Exit codes (also in the README):
 2     bad input: arguments, unknown run id, reused id, unusable ``--db`` path
 65    the stored run does not match what the code produces now (non-determinism)
 74    the store cannot be read or written (read-only, disk full, corrupt, newer)
-75    the run or the store is busy in another process; try again later
+75    the run or the store is busy in another process, or the store's server stayed
+      unreachable; try again later
 130   interrupted by Ctrl-C (143 for SIGTERM); the run is resumable
 ====  ==========================================================================
 """
@@ -38,6 +39,7 @@ __all__ = [
     "RunLost",
     "StoreBusy",
     "StoreFailed",
+    "StoreUnreachable",
     "UnknownRun",
     "UnusableStore",
     "from_core",
@@ -95,6 +97,13 @@ class StoreFailed(ImagepipeError):
 
 class StoreBusy(StoreFailed):
     """Another process holds the store's write lock for too long."""
+
+    exit_code = 75
+
+
+class StoreUnreachable(StoreFailed):
+    """The store's server went away mid-use and did not come back in time
+    (``IMAGEPIPE_DB_RECONNECT``): nothing is lost, resume once it is back."""
 
     exit_code = 75
 
@@ -168,6 +177,9 @@ def from_core(exc: DurableError, run_id: str | None = None) -> ImagepipeError:
         return UnusableStore(f"cannot use --db: {exc}")
     if isinstance(exc, core.StoreBusy):
         return StoreBusy(f"{exc}; try again")
+    if isinstance(exc, core.StoreUnreachable):
+        resume = f": imagepipe resume {run_id}" if run_id else ""
+        return StoreUnreachable(f"{exc}; try again once it is back{resume}")
     if isinstance(exc, core.StoreReadOnly):
         return StoreFailed(f"{exc}; check its permissions")
     if isinstance(exc, core.StoreFull):

@@ -33,6 +33,7 @@ from imagepipe.durable.errors import (
     StoreMissing,
     StoreNewer,
     StoreReadOnly,
+    StoreUnreachable,
     StoreUnusable,
     StoreWriteFailed,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "StoreNewer",
     "StoreOptions",
     "StoreReadOnly",
+    "StoreUnreachable",
     "StoreUnusable",
     "StoreWriteFailed",
     "WriteBatch",

@@ -94,6 +94,8 @@ class Fault:
     #: dies or times out after the provider did the work
     hang_after: bool = False
     drop: bool = False  # close the connection without an answer
+    #: hold the answer until the test sets this event (or the server stops)
+    until: threading.Event | None = None
 
     @classmethod
     def rate_limited(cls, retry_after: float | None = 1.0, *, ms: bool = False) -> Fault:
@@ -166,6 +168,10 @@ class Fault:
     @classmethod
     def dropped(cls) -> Fault:
         return cls(drop=True)
+
+    @classmethod
+    def held(cls, until: threading.Event) -> Fault:
+        return cls(until=until)
 
 
 @dataclass
@@ -422,6 +428,10 @@ class FakeServer:
             if fault.hang_after:
                 handler(request)
                 return fault
+            if fault.until is not None:
+                self.notify()  # a held request has arrived (see wait_for)
+                while not (fault.until.wait(0.05) or self._stopping.is_set()):
+                    pass  # two events: the test's, and the server's stop
             if fault.delay:
                 self._stopping.wait(fault.delay * self.time_scale)
             if fault.status:
