@@ -43,7 +43,7 @@ from imagepipe.durable.worker import (
     plan_branches,
     planned_creates,
 )
-from imagepipe.errors import ImagepipeError, Interrupted, UnknownRun
+from imagepipe.errors import ImagepipeError, Interrupted, StoreUnreachable, UnknownRun
 from imagepipe.pipeline import Deps, generate_image, image_pipeline
 from imagepipe.runs import (
     DEFAULT_MAX_ATTEMPTS,
@@ -172,6 +172,8 @@ def run_worker(
 
     try:
         return run_command(work, "worker", executes=True)
+    except StoreUnreachable as exc:  # no run to resume: a worker is simply started again
+        raise StoreUnreachable(exc.store_error) from None
     except Interrupted as exc:
         stopped = ImagepipeError(
             f"worker stopped by {'SIGTERM' if exc.exit_code == 143 else 'SIGINT'}: the "

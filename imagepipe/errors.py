@@ -107,6 +107,12 @@ class StoreUnreachable(StoreFailed):
 
     exit_code = 75
 
+    def __init__(self, store_error: str, run_id: str | None = None) -> None:
+        resume = f": imagepipe resume {escape_control(run_id)}" if run_id else ""
+        super().__init__(f"{store_error}; try again once it is back{resume}")
+        #: the store's own words, without what to do about them
+        self.store_error = store_error
+
 
 class RunBusy(ImagepipeError):
     """A live process is executing this run right now."""
@@ -178,8 +184,7 @@ def from_core(exc: DurableError, run_id: str | None = None) -> ImagepipeError:
     if isinstance(exc, core.StoreBusy):
         return StoreBusy(f"{exc}; try again")
     if isinstance(exc, core.StoreUnreachable):
-        resume = f": imagepipe resume {run_id}" if run_id else ""
-        return StoreUnreachable(f"{exc}; try again once it is back{resume}")
+        return StoreUnreachable(str(exc), run_id)
     if isinstance(exc, core.StoreReadOnly):
         return StoreFailed(f"{exc}; check its permissions")
     if isinstance(exc, core.StoreFull):

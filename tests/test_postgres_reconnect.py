@@ -166,7 +166,9 @@ def test_a_server_restart_mid_write_is_ridden_out(
     assert_resolved_once(proc, openai_fake, postgres_server, postgres_url)
 
 
-def test_a_server_away_longer_than_the_setting_is_exit_75_then_resume_finishes(
+@pytest.mark.parametrize("kind", ["run", "worker"])
+def test_a_server_away_longer_than_the_setting_is_exit_75_then_the_run_finishes(
+    kind: str,
     openai_fake: OpenAIFake,
     gate: threading.Event,
     postgres_server: PostgresServer,
@@ -174,7 +176,7 @@ def test_a_server_away_longer_than_the_setting_is_exit_75_then_resume_finishes(
     tmp_path: Path,
     procs: list[subprocess.Popen[str]],
 ) -> None:
-    proc = start("run", postgres_url, tmp_path / "img", procs, IMAGEPIPE_DB_RECONNECT="0.5")
+    proc = start(kind, postgres_url, tmp_path / "img", procs, IMAGEPIPE_DB_RECONNECT="0.5")
     openai_fake.wait_for(lambda: openai_fake.requests["create"] >= BRANCHES, timeout=60)
     postgres_server.shut_down()
     try:
@@ -186,11 +188,16 @@ def test_a_server_away_longer_than_the_setting_is_exit_75_then_resume_finishes(
     [line] = err.strip().splitlines()
     assert line.startswith("error: the store postgres@"), line
     assert "cannot be reached" in line
-    assert "gave up after 0.5 s" in line
-    assert f"imagepipe resume {RUN}" in line
-    resumed = cli(postgres_url, "resume", RUN, "--json")
-    assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout)["state"] == "resolved"
+    assert "gave up after 0.5 s; try again once it is back" in line
+    if kind == "run":
+        assert line.endswith(f": imagepipe resume {RUN}")
+        again = cli(postgres_url, "resume", RUN, "--json")
+    else:
+        assert "imagepipe resume" not in line
+        # the stopped worker's claims lapse after the lease timeout: a short one here
+        again = cli(postgres_url, "worker", "--once", IMAGEPIPE_LEASE_TIMEOUT="1")
+    assert again.returncode == 0, again.stderr
+    assert [state for state, *_ in branches(postgres_server, postgres_url)] == ["resolved"] * 2
 
 
 def test_presence_rows_of_workers_long_gone_are_deleted(
