@@ -16,6 +16,7 @@ images, screens or exit codes, and imports nothing else from imagepipe.
 - :mod:`.events` — what the core tells observers
 - :mod:`.errors` — the core's own errors
 - :mod:`.guard` — a driver's errors in a store method become the core's store errors
+- :mod:`.secrets` — store URLs and driver messages without their passwords
 """
 
 from imagepipe.durable.context import AttemptTimeout, RunContext
