@@ -80,7 +80,7 @@ def start(
         argv = ["worker", "--once", "-c", "4"]
     proc = subprocess.Popen(
         cli_argv(*argv),
-        env=pg_env(url, IMAGEPIPE_BUSY_TIMEOUT="120", **env),
+        env=pg_env(url, **{"IMAGEPIPE_BUSY_TIMEOUT": "120", **env}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
