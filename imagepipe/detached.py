@@ -33,6 +33,7 @@ from imagepipe.durable import (
     PromiseResolved,
     Store,
     StoreConflict,
+    StoreError,
     StoreMissing,
     WriteBatch,
 )
@@ -46,7 +47,7 @@ from imagepipe.durable.worker import (
     plan_branches,
     planned_creates,
 )
-from imagepipe.errors import ImagepipeError, Interrupted, UnknownRun
+from imagepipe.errors import ImagepipeError, Interrupted, StoreUnreachable, UnknownRun
 from imagepipe.execution import (
     Execution,
     check_same_spec,
@@ -216,6 +217,7 @@ def run_worker(
 
     async def work() -> WorkerStats:
         async with opened_store(url, create=True, write=True) as store:
+            await _forget_gone_workers(store)
             worker = Worker(
                 store,
                 _job_maker(invocation),
@@ -234,6 +236,8 @@ def run_worker(
 
     try:
         return run_command(work, "worker", executes=True)
+    except StoreUnreachable as exc:  # no run to resume: a worker is simply started again
+        raise StoreUnreachable(exc.store_error) from None
     except Interrupted as exc:
         stopped = ImagepipeError(
             f"worker stopped by {'SIGTERM' if exc.exit_code == 143 else 'SIGINT'}: the "
@@ -253,8 +257,8 @@ def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -
             async with opened_store(url, create=False, write=False) as store:
                 root = await read_root(store, run_id)
                 return await _follow(store, root, reporter, resumed=False, poll=poll)
-        except StoreMissing:
-            raise UnknownRun(run_id, url) from None
+        except StoreMissing as missing:
+            raise UnknownRun(run_id, missing.where) from None
 
     return run_command(watch, run_id, executes=True)
 
@@ -404,6 +408,18 @@ class WorkerInfo:
     heartbeat_age: float
 
 
+#: a worker's presence row is deleted once its heartbeat is this many lease timeouts old
+PRESENCE_KEPT = 10
+
+
+async def _forget_gone_workers(store: Store) -> None:
+    """Delete the presence rows (``worker:<id>``) of workers that stopped, or were killed
+    long ago: their heartbeat is ``PRESENCE_KEPT`` lease timeouts old. No write is fenced
+    by such a row, and no worker takes one again (each has an id of its own)."""
+    older_than = PRESENCE_KEPT * settings.lease_timeout()
+    await store.forget_leases(WORKER_PREFIX, older_than=older_than)
+
+
 def list_workers(url: str) -> list[WorkerInfo]:
     """The workers whose heartbeat is younger than the lease timeout."""
     stale_after = settings.lease_timeout()
@@ -411,6 +427,8 @@ def list_workers(url: str) -> list[WorkerInfo]:
     async def listing() -> list[WorkerInfo]:
         try:
             async with opened_store(url, create=False, write=False) as store:
+                with contextlib.suppress(StoreError):  # a read-only store still lists
+                    await _forget_gone_workers(store)
                 held = await store.held_leases()
         except StoreMissing:
             return []

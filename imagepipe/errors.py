@@ -13,7 +13,8 @@ Exit codes (also in docs/reference/exit-codes.md):
 65    the stored run does not match what the code produces now (non-determinism)
 74    the store, or the run's image folder, cannot be read or written (read-only, disk
       full, corrupt, newer)
-75    the run or the store is busy in another process; try again later
+75    the run or the store is busy in another process, or the store's server stayed
+      unreachable; try again later
 130   interrupted by Ctrl-C (143 for SIGTERM); the run is resumable
 ====  ==========================================================================
 """
@@ -39,6 +40,7 @@ __all__ = [
     "RunLost",
     "StoreBusy",
     "StoreFailed",
+    "StoreUnreachable",
     "UnknownRun",
     "UnusableStore",
     "from_core",
@@ -106,6 +108,19 @@ class StoreBusy(StoreFailed):
     """Another process holds the store's write lock for too long."""
 
     exit_code = 75
+
+
+class StoreUnreachable(StoreFailed):
+    """The store's server went away mid-use and did not come back in time
+    (``IMAGEPIPE_DB_RECONNECT``): nothing is lost, resume once it is back."""
+
+    exit_code = 75
+
+    def __init__(self, store_error: str, run_id: str | None = None) -> None:
+        resume = f": imagepipe resume {escape_control(run_id)}" if run_id else ""
+        super().__init__(f"{store_error}; try again once it is back{resume}")
+        #: the store's own words, without what to do about them
+        self.store_error = store_error
 
 
 class RunBusy(ImagepipeError):
@@ -177,6 +192,8 @@ def from_core(exc: DurableError, run_id: str | None = None) -> ImagepipeError:
         return UnusableStore(f"cannot use --db: {exc}")
     if isinstance(exc, core.StoreBusy):
         return StoreBusy(f"{exc}; try again")
+    if isinstance(exc, core.StoreUnreachable):
+        return StoreUnreachable(str(exc), run_id)
     if isinstance(exc, core.StoreReadOnly):
         return StoreFailed(f"{exc}; check its permissions")
     if isinstance(exc, core.StoreFull):

@@ -88,6 +88,7 @@ async def opened_store(url: str, *, create: bool, write: bool) -> AsyncIterator[
         verify=write,
         busy_timeout=settings.busy_timeout(),
         max_pages=settings.simulated_max_pages(),
+        reconnect=settings.db_reconnect(),
     )
     store = await open_store(url, options)
     try:

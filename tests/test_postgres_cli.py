@@ -70,3 +70,59 @@ def test_an_unreachable_server_is_exit_2_in_one_line_without_the_password(
     assert result.stderr.count("\n") == 1
     assert "Connection refused" in result.stderr
     assert SECRET not in result.stderr
+
+
+def test_watch_of_an_unknown_run_does_not_print_the_password(pg_db: str) -> None:
+    result = invoke("watch", "nope")
+    assert result.exit_code == 2
+    assert "no run with id 'nope'" in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "secrets"),
+    [
+        # libpq quotes the bad percent-encoding: the password itself
+        ("postgresql://u:Pw%ZZ_{s}@/db?host=/tmp", ["ZZ_"]),
+        # malformed: spaces in the password and in the host, two ports
+        ("postgresql://u:pass {s}@ho st:x:y/db", ["pass "]),
+        # the password as a query parameter of a URL that does not parse
+        ("postgresql://u@/db?host=/tmp&password={s}&bogus=1", []),
+        ("postgresql://u@/db?host=/tmp&password='{s} x'&sslmode=bogus", []),
+        # not a store URL at all
+        ("mysql://u:{s}@db.local/runs", []),
+    ],
+)
+def test_a_url_that_cannot_be_used_is_one_line_without_the_password(
+    url: str, secrets: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMAGEPIPE_DB", url.format(s=SECRET))
+    result = invoke("list")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: ")
+    for secret in [SECRET, *secrets]:
+        assert secret not in result.stderr + result.stdout
+
+
+def test_text_that_is_not_utf8_in_the_url_is_refused_without_the_password() -> None:
+    result = invoke("list", "--db", f"postgresql://u:{SECRET}\udcff@db.local/runs")
+    assert result.exit_code == 2
+    assert "--db is not valid UTF-8" in result.stderr
+    assert SECRET not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://bob:{s}@db.local:5433/runs",
+        "postgres://bob@db.local/runs?password={s}&sslmode=require",
+        "postgresql://bob:p@ss{s}@db.local/runs",
+    ],
+)
+def test_db_path_prints_the_url_without_its_password(url: str) -> None:
+    result = invoke("db-path", "--db", url.format(s=SECRET))
+    assert result.exit_code == 0
+    assert SECRET not in result.stdout
+    assert "***" in result.stdout
+    assert "db.local" in result.stdout

@@ -358,3 +358,33 @@ async def _waiting_for_a_lock(conn: psycopg.AsyncConnection[tuple[object, ...]])
     )
     row = await cur.fetchone()
     return row is not None and row[0] == 1
+
+
+async def test_a_write_whose_commit_answer_was_lost_is_looked_up_not_written_again(
+    postgres_url: str,
+) -> None:
+    """The connection is lost after the server committed a batch and before the client
+    heard so: the store asks the server (``txid_status``) and returns as if it had heard;
+    writing the batch again would insert its failed attempt twice (a conflict)."""
+    from pg_proxy import CommitCutter
+
+    from imagepipe.durable.records import AttemptFailure, ErrorInfo
+
+    with CommitCutter(postgres_url) as proxy:
+        store = await open_store(proxy.url)
+        try:
+            await store.apply(WriteBatch(creates=[new("r"), new("r.0", "r", 0)]))
+            error = ErrorInfo("E", "x").to_json()
+            batch = WriteBatch(
+                failures=[AttemptFailure("r.0", 1, 1.0, 2.0, error)],
+                settlements=[Settlement("r.0", "resolved", '"ok"', None, 3.0)],
+            )
+            proxy.cut_next_commit()
+            assert await store.apply(batch) == {}
+            assert proxy.cuts == 1
+            record = await store.get("r.0")
+            assert record is not None
+            assert (record.state, record.failures) == ("resolved", 1)
+            assert len(await store.failed_attempts("r")) == 1
+        finally:
+            await store.close()

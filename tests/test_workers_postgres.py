@@ -137,8 +137,8 @@ def test_a_database_restart_mid_run_ends_in_a_finished_run(
     tmp_path: Path,
     procs: list[subprocess.Popen[str]],
 ) -> None:
-    """Workers either ride out the restart (the pool reconnects) or stop with one line
-    saying the store cannot be reached; a worker started afterwards finishes the run."""
+    """Both workers ride out the restart (they reconnect) and finish the run; a worker
+    started afterwards finds nothing left to do."""
 
     def sql(statement: str) -> list[tuple[Any, ...]]:
         return postgres_server.execute(postgres_url, statement)
@@ -156,10 +156,7 @@ def test_a_database_restart_mid_run_ends_in_a_finished_run(
     for worker in workers:
         _out, err = worker.communicate(timeout=120)
         outcomes.append(worker.returncode)
-        if worker.returncode != 0:  # a clear line, then a later worker finishes the run
-            assert worker.returncode in (74, 75), err
-            assert err.strip().splitlines()[-1].startswith("error: the store postgres@"), err
-            print(err.strip().splitlines()[-1])
+        assert worker.returncode == 0, err
     finish = cli(postgres_url, "worker", "--once", "-c", "8", "--sim-latency", "0", **env)
     assert finish.returncode == 0, finish.stderr
     states = sql("SELECT state, count(*) FROM imagepipe.promises GROUP BY state")

@@ -140,6 +140,10 @@ def _check_utf8(arguments: dict[str, Any]) -> None:
         value = arguments.get(name)
         for text in value if isinstance(value, list) else [value]:
             if text is not None and invalid_utf8(str(text)):
+                if name == "db":  # a URL: shown without its password
+                    from imagepipe.durable.secrets import mask_password
+
+                    text = mask_password(str(text), str(text))
                 raise BadInput(f"{label} is not valid UTF-8: {quoted(str(text))}")
     for joined in arguments.get("option") or ():  # -o KEY VALUE, joined as KEY=VALUE
         key, _, value = str(joined).partition("=")
@@ -344,6 +348,14 @@ def store_url(db: str | None) -> str:
     from imagepipe.settings import default_db_path
 
     if db and "://" in db:
+        scheme = db.partition("://")[0]
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            from imagepipe.durable.secrets import mask_password
+
+            raise UnusableStore(
+                f"--db {quoted(mask_password(db, db))} is not a store URL: use a file path, "
+                "sqlite:///path/file.db or postgresql://user:password@host/dbname"
+            )
         return db
     if db:
         path = Path(db).expanduser()

@@ -123,8 +123,13 @@ def verify(
 
 
 def db_path(db: DbOption = None) -> None:
-    """Print the store's path; open it with: sqlite3 "$(imagepipe db-path)"."""
-    print(store_url(db))
+    """Print the store's path; open it with: sqlite3 "$(imagepipe db-path)". A URL is
+    printed without its password."""
+    from imagepipe.durable.secrets import mask_password
+    from imagepipe.text import escape_control
+
+    url = store_url(db)
+    print(escape_control(mask_password(url, url)))
 
 
 def register(app: typer.Typer) -> None:

@@ -17,6 +17,7 @@ images, screens or exit codes, and imports nothing else from imagepipe.
 - :mod:`.events` — what the core tells observers
 - :mod:`.errors` — the core's own errors
 - :mod:`.guard` — a driver's errors in a store method become the core's store errors
+- :mod:`.secrets` — store URLs and driver messages without their passwords
 """
 
 from imagepipe.durable.context import AttemptTimeout, RunContext
@@ -35,6 +36,7 @@ from imagepipe.durable.errors import (
     StoreMissing,
     StoreNewer,
     StoreReadOnly,
+    StoreUnreachable,
     StoreUnusable,
     StoreWriteFailed,
 )
@@ -107,6 +109,7 @@ __all__ = [
     "StoreNewer",
     "StoreOptions",
     "StoreReadOnly",
+    "StoreUnreachable",
     "StoreUnusable",
     "StoreWriteFailed",
     "WriteBatch",

@@ -28,6 +28,7 @@ __all__ = [
     "StoreMissing",
     "StoreNewer",
     "StoreReadOnly",
+    "StoreUnreachable",
     "StoreUnusable",
     "StoreWriteFailed",
 ]
@@ -82,6 +83,12 @@ class StoreFull(StoreError):
 class StoreWriteFailed(StoreError):
     """The operating system refused a write (an I/O error: a quota, a file-size limit, a
     failing disk): the write did not happen."""
+
+
+class StoreUnreachable(StoreError):
+    """The store's server cannot be reached: it went away mid-use (a restart, a lost
+    network, a terminated session) and did not come back within the time the store rides
+    such an outage out. Nothing is lost; trying again once it is back may work."""
 
 
 class StoreCorrupt(StoreError):

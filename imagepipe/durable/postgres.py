@@ -7,16 +7,27 @@ write is one ``executemany``, which psycopg sends in pipeline mode: a batch of a
 writes is a handful of round trips, not a thousand. Time for leases is the database's
 clock (``clock_timestamp()``), never the caller's.
 
-``where`` names the store as ``user@host:port/dbname``: never the password.
+A lost connection is ridden out: every method that meets one (a server restart, a
+terminated session, a lost network) waits for the server to take connections again, for
+up to ``StoreOptions.reconnect`` seconds, and runs again on a new connection; only then
+does it give up with :class:`StoreUnreachable`. Running again is safe: a transaction the
+lost connection cut off before its COMMIT was rolled back by the server, and one cut off
+during its COMMIT is looked up by its transaction id (``txid_status``) before anything is
+run again. A claim whose answer was lost is the one exception: its leases lapse unused.
+
+``where`` names the store as ``user@host:port/dbname``: never the password, and no error
+text carries it (:func:`~.secrets.mask_password`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -28,9 +39,10 @@ from imagepipe.durable.errors import (
     LeaseLost,
     StoreConflict,
     StoreCorrupt,
+    StoreUnreachable,
     StoreUnusable,
 )
-from imagepipe.durable.postgres_errors import describe_url, guarded, reason, translate
+from imagepipe.durable.postgres_errors import describe_url, lost_connection, reason, translate
 from imagepipe.durable.postgres_schema import prepare_schema
 from imagepipe.durable.records import (
     AttemptRecord,
@@ -67,6 +79,34 @@ _STATES = frozenset({"pending", "resolved", "rejected"})
 _CONNECT_TIMEOUT = 10
 #: connections per store: a run's writes are serial; the heartbeat and reads need a few more
 _POOL_SIZE = 4
+#: seconds between tries to reach a server that went away: the first, then at most
+_PROBE_FIRST, _PROBE_MOST = 0.05, 1.0
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _rides_out(
+    method: Callable[Concatenate[PostgresStore, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[PostgresStore, P], Coroutine[Any, Any, R]]:
+    """A store method that rides out a lost connection (see :meth:`PostgresStore._ride_out`)
+    and raises every other psycopg error as the core's one-line :class:`StoreError`."""
+
+    @functools.wraps(method)
+    async def wrapper(self: PostgresStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._ride_out(lambda: method(self, *args, **kwargs))
+
+    return wrapper
+
+
+@dataclass
+class _Sent:
+    """The id of the transaction that :meth:`PostgresStore._pipelined` is committing; set
+    before its COMMIT is sent, so that a connection lost during the COMMIT can be followed
+    by asking the server whether it committed."""
+
+    xid: int | None = None
+
 
 # The pool logs each failed reconnection (a server restarting) as a warning; with no
 # logging configured Python would print those on stderr, through a run's output. An
@@ -82,16 +122,22 @@ class PostgresStore(Store):
 
     notifies = True
 
-    def __init__(
-        self,
-        pool: AsyncConnectionPool,
-        where: str,
-        connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
-    ) -> None:
-        self._pool = pool
+    def __init__(self, url: str, where: str, kwargs: dict[str, Any], options: StoreOptions) -> None:
+        self._url = url
         self.where = where
-        #: opens the connection that LISTENs for progress (see :meth:`wait_for_progress`)
-        self._connect = connect
+        self._kwargs = kwargs
+        self._lock_ms = str(max(1, round(options.busy_timeout * 1000)))
+        self._pool_timeout = max(_CONNECT_TIMEOUT, options.busy_timeout)
+        #: seconds a lost connection is ridden out before :class:`StoreUnreachable`
+        self._reconnect = options.reconnect
+        self._pool = self._new_pool()
+        #: held by the one task that replaces a pool whose server went away
+        self._replacing = asyncio.Lock()
+        #: the pool whose server went away, and how: callers wait for its replacement
+        #: rather than for a connection from it (its own retries back off up to 16 s)
+        self._lost: tuple[AsyncConnectionPool, psycopg.Error] | None = None
+        self._old_pools: set[asyncio.Task[None]] = set()
+        self._closed = False
         self._listener: psycopg.AsyncConnection[Any] | None = None
 
     # -- opening -------------------------------------------------------------------
@@ -107,62 +153,122 @@ class PostgresStore(Store):
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
-            why = reason(exc)
+            why = reason(exc, url)
             raise StoreUnusable(where, f"is not a valid PostgreSQL URL ({why})") from None
-        secret = str(params.get("password") or "")
-        lock_ms = str(max(1, round(options.busy_timeout * 1000)))
         kwargs: dict[str, Any] = {"autocommit": True, "application_name": "imagepipe"}
         if "connect_timeout" not in params:
             kwargs["connect_timeout"] = _CONNECT_TIMEOUT
-
-        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
-            await conn.execute("SELECT set_config('lock_timeout', %s, false)", (lock_ms,))
-
         try:
             conn = await psycopg.AsyncConnection.connect(url, **kwargs)
         except psycopg.Error as exc:
-            raise StoreUnusable(where, f"cannot be opened: {reason(exc, secret)}") from None
+            raise StoreUnusable(where, f"cannot be opened: {reason(exc, url)}") from None
+        store = cls(url, where, kwargs, options)
         try:
             async with conn:
-                await configure(conn)
+                await store._configure(conn)
                 await prepare_schema(conn, where, create=options.create)
         except psycopg.Error as exc:
-            raise translate(exc, where) from exc
-        pool: AsyncConnectionPool = AsyncConnectionPool(
-            url,
-            kwargs=kwargs,
+            raise translate(exc, where, url) from exc
+        await store._pool.open()
+        return store
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute("SELECT set_config('lock_timeout', %s, false)", (self._lock_ms,))
+
+    def _new_pool(self) -> AsyncConnectionPool:
+        return AsyncConnectionPool(
+            self._url,
+            kwargs=self._kwargs,
             min_size=1,
             max_size=_POOL_SIZE,
             open=False,
-            configure=configure,
-            check=AsyncConnectionPool.check_connection,
-            timeout=max(_CONNECT_TIMEOUT, options.busy_timeout),
-            name=f"imagepipe {where}",
+            configure=self._configure,
+            timeout=self._pool_timeout,
+            name=f"imagepipe {self.where}",
         )
-        await pool.open()
-
-        async def listener() -> psycopg.AsyncConnection[Any]:
-            conn = await psycopg.AsyncConnection.connect(url, **kwargs)
-            await conn.execute(f"LISTEN {PROGRESS_CHANNEL}")
-            return conn
-
-        return cls(pool, where, listener)
 
     async def close(self) -> None:
+        self._closed = True
         if self._listener is not None:
             with contextlib.suppress(psycopg.Error):
                 await self._listener.close()
         await self._pool.close()
+        await asyncio.gather(*self._old_pools)
+
+    # -- riding out a lost connection ----------------------------------------------
+
+    async def _ride_out(self, call: Callable[[], Awaitable[R]]) -> R:
+        """``call()``, run again on a new connection for as long as it meets a lost one,
+        up to ``reconnect`` seconds from the first; any other psycopg error becomes the
+        core's one-line error. ``call`` must be safe to run again after a lost connection:
+        every store method is (see the module's docstring)."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while True:
+            pool = self._pool
+            if self._lost is None or self._lost[0] is not pool:
+                try:
+                    return await call()
+                except psycopg.Error as exc:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        # psycopg's clean-up of a cancelled call can fail in its place
+                        raise asyncio.CancelledError from None
+                    if self._closed or not lost_connection(exc):
+                        raise translate(exc, self.where, self._url) from exc
+                    if self._pool is pool:
+                        self._lost = (pool, exc)
+            if deadline is None:
+                deadline = loop.time() + self._reconnect
+            if self._lost is not None and self._lost[0] is pool:
+                await self._reconnected(pool, deadline, self._lost[1])
+
+    async def _reconnected(
+        self, lost: AsyncConnectionPool, deadline: float, exc: psycopg.Error
+    ) -> None:
+        """Return once the server takes connections again, with a new pool in place of
+        ``lost`` (whose connections are dead, and whose own reconnection waits longer and
+        longer between tries: 1, 2, 4, ... 16 s). One task probes and replaces the pool;
+        the others wait for it. :class:`StoreUnreachable` at ``deadline``."""
+        last = exc
+        try:
+            async with asyncio.timeout_at(deadline), self._replacing:
+                if self._pool is not lost:
+                    return  # another task has reconnected meanwhile
+                pause = _PROBE_FIRST
+                while True:
+                    try:
+                        probe = await psycopg.AsyncConnection.connect(self._url, **self._kwargs)
+                    except psycopg.Error as error:
+                        if not lost_connection(error):
+                            raise translate(error, self.where, self._url) from error
+                        last = error
+                        await asyncio.sleep(pause)
+                        pause = min(pause * 2, _PROBE_MOST)
+                        continue
+                    await probe.close()
+                    break
+                self._pool = self._new_pool()
+                self._lost = None
+                await self._pool.open()
+                # The old pool's waiting callers fail (PoolClosed) and come here, to find
+                # the new one; its connections in use are closed as they come back.
+                closing = asyncio.create_task(lost.close())
+                self._old_pools.add(closing)
+                closing.add_done_callback(self._old_pools.discard)
+        except TimeoutError:
+            why = reason(last, self._url)
+            raise StoreUnreachable(
+                self.where, f"cannot be reached ({why}); gave up after {self._reconnect:g} s"
+            ) from None
 
     async def wait_for_progress(self, run_id: str, at_most: float) -> None:
         """LISTEN on the progress channel: every batch NOTIFYs the runs it wrote to (on
         commit), so a watcher wakes at a write instead of polling."""
         try:
             if self._listener is None or self._listener.closed:
-                if self._connect is None:
-                    await asyncio.sleep(at_most)
-                    return
-                self._listener = await self._connect()
+                self._listener = await psycopg.AsyncConnection.connect(self._url, **self._kwargs)
+                await self._listener.execute(f"LISTEN {PROGRESS_CHANNEL}")
             async for note in self._listener.notifies(timeout=at_most):
                 if note.payload == run_id or note.payload.startswith(run_id + "."):
                     return
@@ -185,27 +291,53 @@ class PostgresStore(Store):
 
     # -- the one write path --------------------------------------------------------
 
-    @guarded
     async def apply(self, batch: WriteBatch) -> Mapping[str, Settled]:
-        async with self._pipelined() as (conn, sync):
-            if batch.fence is not None:
-                cur = conn.cursor()
-                await cur.execute(
-                    "SELECT epoch FROM imagepipe.leases WHERE key = %s FOR SHARE",
-                    (batch.fence.key,),
-                )
-                row = await cur.fetchone()
-                if row is None or row[0] != batch.fence.epoch:
-                    raise LeaseLost(batch.fence.key, batch.fence.epoch)
-            return await self._write(conn, batch, sync)
+        sent = _Sent()
 
-    @guarded
+        async def once() -> Mapping[str, Settled]:
+            if await self._committed_before(sent):
+                return await self._lost_settlements(batch)
+            async with self._pipelined(sent) as (conn, sync):
+                if batch.fence is not None:
+                    cur = conn.cursor()
+                    await cur.execute(
+                        "SELECT epoch FROM imagepipe.leases WHERE key = %s FOR SHARE",
+                        (batch.fence.key,),
+                    )
+                    row = await cur.fetchone()
+                    if row is None or row[0] != batch.fence.epoch:
+                        raise LeaseLost(batch.fence.key, batch.fence.epoch)
+                return await self._write(conn, batch, sync)
+
+        return await self._ride_out(once)
+
     async def apply_each(
         self, batches: Sequence[WriteBatch]
     ) -> list[Mapping[str, Settled] | LeaseLost]:
         if not batches:
             return []
-        async with self._pipelined() as (conn, sync):
+        sent = _Sent()
+        #: the fences the transaction found current (known before its COMMIT)
+        held: set[Fence] = set()
+
+        async def once() -> Mapping[str, Settled]:
+            if await self._committed_before(sent):
+                live = [b for b in batches if b.fence is None or b.fence in held]
+                return await self._lost_settlements(merged(live)) if live else {}
+            return await self._apply_each_once(batches, sent, held)
+
+        lost = await self._ride_out(once)
+        return [
+            LeaseLost(b.fence.key, b.fence.epoch)
+            if b.fence is not None and b.fence not in held
+            else {s.id: lost[s.id] for s in b.settlements if s.id in lost}
+            for b in batches
+        ]
+
+    async def _apply_each_once(
+        self, batches: Sequence[WriteBatch], sent: _Sent, held: set[Fence]
+    ) -> Mapping[str, Settled]:
+        async with self._pipelined(sent) as (conn, sync):
             fences = sorted({b.fence for b in batches if b.fence is not None}, key=fence_key)
             # Every fence in one statement, locked in key order, and exclusively: this
             # transaction may end some of these leases, and upgrading a share lock while
@@ -217,7 +349,8 @@ class PostgresStore(Store):
                 " ORDER BY key FOR NO KEY UPDATE",
                 ([f.key for f in fences],),
             )
-            held = {Fence(key, epoch) for key, epoch in await cur.fetchall()}
+            held.clear()
+            held.update(Fence(key, epoch) for key, epoch in await cur.fetchall())
             live = [b for b in batches if b.fence is None or b.fence in held]
             ended = ended_claims(live)
             if ended:  # sent with the writes below
@@ -227,28 +360,62 @@ class PostgresStore(Store):
                     " WHERE l.key = f.key AND l.epoch = f.epoch",
                     ([f.key for f in ended], [f.epoch for f in ended]),
                 )
-            lost = await self._write(conn, merged(live), sync) if live else {}
-        return [
-            LeaseLost(b.fence.key, b.fence.epoch)
-            if b.fence is not None and b.fence not in held
-            else {s.id: lost[s.id] for s in b.settlements if s.id in lost}
-            for b in batches
-        ]
+            return await self._write(conn, merged(live), sync) if live else {}
 
     @contextlib.asynccontextmanager
     async def _pipelined(
-        self,
+        self, sent: _Sent
     ) -> AsyncIterator[tuple[psycopg.AsyncConnection[Any], Callable[[], Awaitable[None]]]]:
         """One transaction in pipeline mode: statements are sent without waiting for each
         other's results, and the client waits only where it reads one (a fence) or calls
         ``sync``; BEGIN goes with the first statement and COMMIT with the last sync. A
-        write batch is three round trips, however many kinds of writes it holds."""
+        write batch is three round trips, however many kinds of writes it holds.
+
+        The transaction's id is asked for with its first statement and kept in ``sent``
+        before the COMMIT goes out (its answer came with the writes' sync: no round trip
+        of its own): a connection lost during the COMMIT leaves the outcome to be looked
+        up (:meth:`_committed_before`); one lost earlier rolled everything back."""
+        sent.xid = None
         async with (
             self._pool.connection() as conn,
             conn.pipeline() as pipe,
             conn.transaction(),
         ):
+            xid = conn.cursor()
+            await xid.execute("SELECT txid_current()")
             yield conn, pipe.sync
+            row = await xid.fetchone()
+            sent.xid = None if row is None else int(row[0])
+
+    async def _committed_before(self, sent: _Sent) -> bool:
+        """Whether the transaction of an earlier try, which a lost connection cut off during
+        its COMMIT, did commit (then it must not be written again). Its server session may
+        not have ended yet: then its outcome is waited for, up to ``reconnect`` seconds."""
+        if sent.xid is None:
+            return False
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._reconnect
+        while True:
+            async with self._reading() as cur:
+                await cur.execute("SELECT txid_status(%s)", (sent.xid,))
+                row = await cur.fetchone()
+            status = None if row is None else row[0]
+            if status != "in progress" or loop.time() > give_up:
+                break
+            await asyncio.sleep(_PROBE_FIRST)
+        if status == "in progress":
+            raise StoreUnreachable(self.where, "cannot tell whether a write committed")
+        if status != "committed":
+            sent.xid = None  # rolled back: the next try writes it afresh
+            return False
+        return True
+
+    async def _lost_settlements(self, batch: WriteBatch) -> dict[str, Settled]:
+        """What :meth:`apply` returns for ``batch`` once it is known to be committed."""
+        if not batch.settlements:
+            return {}
+        async with self._reading() as cur:
+            return await self._earlier_outcomes(cur, batch)
 
     async def _write(
         self,
@@ -377,7 +544,7 @@ class PostgresStore(Store):
 
     # -- reads ---------------------------------------------------------------------
 
-    @guarded
+    @_rides_out
     async def get(self, promise_id: str) -> PromiseRecord | None:
         async with self._reading() as cur:
             await cur.execute(
@@ -386,7 +553,7 @@ class PostgresStore(Store):
             row = await cur.fetchone()
         return None if row is None else promise_from_row(row, self.where)
 
-    @guarded
+    @_rides_out
     async def children(self, parent_id: str) -> list[PromiseRecord]:
         async with self._reading() as cur:
             await cur.execute(
@@ -397,7 +564,7 @@ class PostgresStore(Store):
             rows = await cur.fetchall()
         return [promise_from_row(row, self.where) for row in rows]
 
-    @guarded
+    @_rides_out
     async def child_columns(self, parent_id: str) -> ChildColumns:
         columns = ChildColumns(self.where)
         async with self._reading() as cur:
@@ -409,7 +576,7 @@ class PostgresStore(Store):
                 add_child_rows(columns, rows)
         return columns
 
-    @guarded
+    @_rides_out
     async def roots(self, limit: int | None = None) -> list[RootRecord]:
         async with self._reading() as cur:
             await cur.execute(
@@ -429,7 +596,7 @@ class PostgresStore(Store):
                 counts[parent_id][state] = n
         return [root_from_row(row, counts.get(row[0]), self.where) for row in rows]
 
-    @guarded
+    @_rides_out
     async def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
         async with self._reading() as cur:
             await cur.execute(
@@ -444,7 +611,7 @@ class PostgresStore(Store):
 
     # -- leases --------------------------------------------------------------------
 
-    @guarded
+    @_rides_out
     async def acquire_lease(
         self, claim: Lease, *, stale_after: float, holder_gone: Callable[[Lease], bool]
     ) -> Lease:
@@ -477,7 +644,7 @@ class PostgresStore(Store):
             )
         return Lease(claim.key, claim.owner, claim.pid, claim.host, epoch, 0.0)
 
-    @guarded
+    @_rides_out
     async def lease_holder(self, key: str) -> Lease | None:
         async with self._reading() as cur:
             await cur.execute(
@@ -488,7 +655,7 @@ class PostgresStore(Store):
             row = await cur.fetchone()
         return None if row is None else Lease(key, *row)
 
-    @guarded
+    @_rides_out
     async def renew_lease(self, lease: Lease) -> None:
         async with self._transaction() as cur:
             await cur.execute(
@@ -499,7 +666,7 @@ class PostgresStore(Store):
             if cur.rowcount != 1:
                 raise LeaseLost(lease.key, lease.epoch)
 
-    @guarded
+    @_rides_out
     async def release_lease(self, lease: Lease) -> None:
         async with self._transaction() as cur:
             await cur.execute(
@@ -510,7 +677,7 @@ class PostgresStore(Store):
 
     # -- workers -------------------------------------------------------------------
 
-    @guarded
+    @_rides_out
     async def claim(
         self, worker: Lease, *, limit: int, stale_after: float, run_id: str | None = None
     ) -> list[Claim]:
@@ -569,7 +736,7 @@ class PostgresStore(Store):
             for row in rows
         ]
 
-    @guarded
+    @_rides_out
     async def renew_claims(self, worker: Lease, fences: Sequence[Fence]) -> list[Fence]:
         if not fences:
             return []
@@ -596,7 +763,7 @@ class PostgresStore(Store):
             ended = {(key, int(epoch)) for key, epoch in await cur.fetchall()}
         return [fence for fence in missed if (fence.key, fence.epoch) not in ended]
 
-    @guarded
+    @_rides_out
     async def any_pending(self, parent_id: str) -> bool:
         async with self._reading() as cur:
             # served by the index of pending children: no count over the run
@@ -608,7 +775,7 @@ class PostgresStore(Store):
             row = await cur.fetchone()
         return bool(row and row[0])
 
-    @guarded
+    @_rides_out
     async def held_leases(self, prefix: str = "") -> list[Lease]:
         async with self._reading() as cur:
             await cur.execute(
@@ -619,6 +786,18 @@ class PostgresStore(Store):
             )
             rows = await cur.fetchall()
         return [Lease(*row) for row in rows]
+
+    @_rides_out
+    async def forget_leases(self, prefix: str, *, older_than: float) -> int:
+        if not prefix:
+            raise ValueError("forget_leases needs a key prefix: branch leases stay")
+        async with self._reading() as cur:  # autocommit: the one statement is the transaction
+            await cur.execute(
+                "DELETE FROM imagepipe.leases WHERE left(key, length(%s)) = %s"
+                f" AND (owner IS NULL OR {_NOW} - heartbeat_at > %s)",
+                (prefix, prefix, older_than),
+            )
+            return cur.rowcount
 
 
 #: the channel every write batch NOTIFYs with the ids of the runs it wrote to

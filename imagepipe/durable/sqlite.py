@@ -550,6 +550,18 @@ class SQLiteStore(Store):
         )
         return [Lease(*row) for row in rows]
 
+    @_guarded
+    async def forget_leases(self, prefix: str, *, older_than: float) -> int:
+        if not prefix:
+            raise ValueError("forget_leases needs a key prefix: branch leases stay")
+        with self._transaction() as db:
+            cur = db.execute(
+                "DELETE FROM leases WHERE substr(key, 1, ?) = ?"
+                f" AND (owner IS NULL OR {_NOW} - heartbeat_at > ?)",
+                (len(prefix), prefix, older_than),
+            )
+            return cur.rowcount
+
 
 #: how many children of the row ``promises`` are in each state, as a JSON object
 _CHILD_COUNTS = (

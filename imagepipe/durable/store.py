@@ -53,12 +53,16 @@ class StoreOptions:
     - ``verify``: check the store's integrity before writing to it
     - ``busy_timeout``: seconds to wait for another writer's lock
     - ``max_pages``: fault injection (SQLite): the file may not grow past this many pages
+    - ``reconnect``: seconds a store on a server (PostgreSQL) rides out a lost connection,
+      waiting for the server to come back, before it gives up with
+      :class:`~.errors.StoreUnreachable`
     """
 
     create: bool = True
     verify: bool = False
     busy_timeout: float = 5.0
     max_pages: int | None = None
+    reconnect: float = 30.0
 
 
 class Store(ABC):
@@ -176,6 +180,14 @@ class Store(ABC):
     async def held_leases(self, prefix: str = "") -> list[Lease]:
         """Every held lease whose key starts with ``prefix``, with its age by the store's
         clock, ordered by key (``imagepipe workers``)."""
+
+    @abstractmethod
+    async def forget_leases(self, prefix: str, *, older_than: float) -> int:
+        """Delete the lease rows whose key starts with ``prefix`` (not empty) that nobody
+        holds, or whose heartbeat is older than ``older_than`` seconds by the store's
+        clock, in one statement; return how many. Only for keys that no write is fenced
+        by and that are never taken again (a worker's presence, ``worker:<id>``): a
+        branch's or a run's row keeps its epoch for ever, so that fencing holds."""
 
     #: whether :meth:`wait_for_progress` returns as soon as another process writes
     notifies: bool = False

@@ -202,6 +202,11 @@ class Fault:
     def answer(cls, raw: bytes, status: int = 200) -> Fault:
         return cls(status, raw=raw)
 
+    @classmethod
+    def held(cls, until: threading.Event) -> Fault:
+        """Answer normally, but only once ``until`` is set (see :attr:`held_until`)."""
+        return cls(held_until=until)
+
     @property
     def streams(self) -> bool:
         """Whether the fake sends this fault's own body (see :meth:`FakeServer._stream`)."""

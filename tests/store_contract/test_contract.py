@@ -430,3 +430,30 @@ async def test_apply_each_refuses_every_batch_on_a_conflict(store: Store) -> Non
     assert d0.state == "pending"
     assert [h.key for h in await store.held_leases("d.")] == ["d.0", "d.1"]
     assert await store.apply_each([]) == []
+
+
+async def test_forget_leases_deletes_released_or_silent_rows_under_the_prefix_only(
+    store: Store,
+) -> None:
+    here = (os.getpid(), socket.gethostname())
+    live = Lease("worker:a", "a", *here)
+    await store.acquire_lease(live, stale_after=10, holder_gone=never_gone)
+    done = await store.acquire_lease(
+        Lease("worker:b", "b", *here), stale_after=10, holder_gone=never_gone
+    )
+    await store.release_lease(done)
+    branch = await store.acquire_lease(
+        Lease("d.0", "c", *here), stale_after=10, holder_gone=never_gone
+    )
+    await store.release_lease(branch)
+    assert await store.forget_leases("worker:", older_than=3600) == 1  # worker:b, released
+    assert [h.key for h in await store.held_leases()] == ["worker:a"]
+    assert await store.forget_leases("worker:", older_than=-1) == 1  # silent past the limit
+    assert await store.held_leases() == []
+    # a branch's row is never deleted: its epoch goes on
+    again = await store.acquire_lease(
+        Lease("d.0", "e", *here), stale_after=10, holder_gone=never_gone
+    )
+    assert again.epoch == branch.epoch + 1
+    with pytest.raises(ValueError, match="prefix"):
+        await store.forget_leases("", older_than=0)
