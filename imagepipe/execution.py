@@ -89,6 +89,7 @@ async def opened_store(url: str, *, create: bool, write: bool) -> AsyncIterator[
         busy_timeout=settings.busy_timeout(),
         max_pages=settings.simulated_max_pages(),
         reconnect=settings.db_reconnect(),
+        stalled_after=settings.lease_timeout(),
     )
     store = await open_store(url, options)
     try:

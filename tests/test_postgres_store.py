@@ -388,3 +388,32 @@ async def test_a_write_whose_commit_answer_was_lost_is_looked_up_not_written_aga
             assert len(await store.failed_attempts("r")) == 1
         finally:
             await store.close()
+
+
+async def test_a_session_paused_inside_a_transaction_does_not_hold_the_lease_row(
+    postgres_url: str,
+) -> None:
+    """A process stopped in the middle of a transaction (SIGSTOP between a lease write and
+    its COMMIT) held the lease row locked for as long as it was stopped: nobody could take
+    the run over. With ``stalled_after``, the server ends such a session and the lock goes."""
+    from imagepipe.durable.lease import holder_gone
+
+    paused = await open_store(postgres_url, StoreOptions(stalled_after=0.3, busy_timeout=5))
+    other = await open_store(postgres_url, StoreOptions(busy_timeout=5))
+    try:
+        first = Lease("stall", "a", 1, "elsewhere")
+        await paused.acquire_lease(first, stale_after=0.1, holder_gone=holder_gone)
+        async with paused._pool.connection() as conn:  # the paused process's own session
+            await conn.execute("BEGIN")
+            await conn.execute("UPDATE imagepipe.leases SET owner = owner WHERE key = 'stall'")
+            await asyncio.sleep(0.2)  # past the stale lease, before the timeout
+            taker = Lease("stall", "b", 2, "elsewhere")
+            taken = await asyncio.wait_for(
+                other.acquire_lease(taker, stale_after=0.1, holder_gone=holder_gone), 4
+            )
+            assert taken.epoch == 2
+            with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+                await conn.execute("COMMIT")  # the server ended the paused session
+    finally:
+        await paused.close()
+        await other.close()

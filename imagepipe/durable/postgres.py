@@ -127,6 +127,8 @@ class PostgresStore(Store):
         self.where = where
         self._kwargs = kwargs
         self._lock_ms = str(max(1, round(options.busy_timeout * 1000)))
+        stalled = options.stalled_after
+        self._stalled_ms = None if stalled is None else str(max(1, round(stalled * 1000)))
         self._pool_timeout = max(_CONNECT_TIMEOUT, options.busy_timeout)
         #: seconds a lost connection is ridden out before :class:`StoreUnreachable`
         self._reconnect = options.reconnect
@@ -174,6 +176,11 @@ class PostgresStore(Store):
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute("SELECT set_config('lock_timeout', %s, false)", (self._lock_ms,))
+        if self._stalled_ms is not None:
+            await conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (self._stalled_ms,),
+            )
 
     def _new_pool(self) -> AsyncConnectionPool:
         return AsyncConnectionPool(

@@ -56,6 +56,10 @@ class StoreOptions:
     - ``reconnect``: seconds a store on a server (PostgreSQL) rides out a lost connection,
       waiting for the server to come back, before it gives up with
       :class:`~.errors.StoreUnreachable`
+    - ``stalled_after``: seconds a session of a store on a server (PostgreSQL) may sit idle
+      inside a transaction before the server ends it, releasing its locks: a process paused
+      in the middle of one (SIGSTOP, a suspended machine) must not hold the rows, and so
+      the run, past the time after which its lease may be taken over (None: no limit)
     """
 
     create: bool = True
@@ -63,6 +67,7 @@ class StoreOptions:
     busy_timeout: float = 5.0
     max_pages: int | None = None
     reconnect: float = 30.0
+    stalled_after: float | None = None
 
 
 class Store(ABC):
