@@ -99,13 +99,16 @@ def detach_run(url: str, run_id: str, spec: RunSpec, invocation: Invocation) -> 
     spec.validate()
     invocation.validate()
     spec = with_provider(spec, invocation)
-    if invocation.out_dir:
+    out_dir = image_dir(invocation.out_dir) if invocation.out_dir else None
+    if out_dir is not None:
         # the folder the workers will write to is the run's: refused now if it cannot be
-        claim_image_dir(image_dir(invocation.out_dir), run_id)
+        claim_image_dir(out_dir, run_id, mark=False)
 
     async def detach() -> str:
         async with opened_store(url, create=True, write=True) as store:
             if await store.get(run_id) is None:
+                if out_dir is not None:
+                    claim_image_dir(out_dir, run_id)
                 planned = await plan_branches(image_pipeline, **spec.kwargs())
                 now = time.time()
                 creates = [

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ OWNER_FILE = "run"
 #: the folder in :data:`STATE_DIR` where attempts write their images before promotion
 STAGING_DIR = "staging"
 _STAGED_SHA_CHARS = 16
+#: the longest owner mark read (a run id is far shorter)
+_MAX_OWNER_BYTES = 4096
 
 _HASH_CHARS = 10
 _CHUNK = 1 << 20
@@ -319,8 +322,10 @@ def _staging(directory: Path) -> Path:
     return directory / STATE_DIR / STAGING_DIR
 
 
-def claim_image_dir(directory: Path, run_id: str) -> None:
-    """Make ``directory`` (and its staging folder) and mark it as ``run_id``'s.
+def claim_image_dir(directory: Path, run_id: str, *, mark: bool = True) -> None:
+    """Make ``directory`` (and its staging folder) and mark it as ``run_id``'s (with
+    ``mark`` false, only check that it could be: for bad input found later, such as a
+    reused run id, to leave no mark behind).
 
     Raises :class:`ImageDirTaken` if the folder is marked as another run's, and
     :class:`ImageDirUnusable` if it cannot be created or written (a file is written to the
@@ -337,10 +342,10 @@ def claim_image_dir(directory: Path, run_id: str) -> None:
                 "folder of its own (a symbolic link?); remove it or choose another --out"
             )
         holder = image_dir_owner(directory)
-        if holder is None:
+        if holder is None and mark:
             _mark_owner(directory, run_id)
             holder = image_dir_owner(directory)  # another run may have marked it first
-        if holder != run_id:
+        if holder not in (None, run_id):
             raise ImageDirTaken(
                 f"the image folder {shown} holds the images of run {quoted(holder or '')}; "
                 "give this run another --out (or omit --out)"
@@ -358,10 +363,22 @@ def claim_image_dir(directory: Path, run_id: str) -> None:
 def image_dir_owner(directory: Path) -> str | None:
     """The run whose images ``directory`` holds, by its mark; None if it has none (an
     empty mark, as a crash while writing it may have left, counts as none)."""
+    mark = directory / STATE_DIR / OWNER_FILE
     try:
-        text = (directory / STATE_DIR / OWNER_FILE).read_bytes()
+        # a plain file, read without following a link and no further than a run id goes
+        # (a FIFO or a link to /dev/zero planted there must not hang or fill the memory)
+        fd = os.open(mark, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageDirUnusable(
+                f"the image folder {escape_control(repr(str(directory)))} has a "
+                f"{STATE_DIR}/{OWNER_FILE} that is not a file; remove it or choose another --out"
+            )
+        text = os.read(fd, _MAX_OWNER_BYTES)
+    finally:
+        os.close(fd)
     holder = text.decode("utf-8", "surrogateescape").strip()
     return holder or None
 

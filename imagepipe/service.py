@@ -91,7 +91,7 @@ def start_run(
     if invocation.out_dir:
         # before the store is opened: a folder that cannot take the images is bad input,
         # and nothing is paid for that could not be kept
-        claim_image_dir(image_dir(invocation.out_dir), run_id)
+        claim_image_dir(image_dir(invocation.out_dir), run_id, mark=False)
 
     async def start() -> RunOutcome:
         async with opened_store(url, create=True, write=True) as store:

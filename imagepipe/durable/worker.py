@@ -457,7 +457,7 @@ class Worker:
         for run_id, left in branches_left.items():
             if not left:
                 job = await self._job(run_id)
-                if await settle_root_if_done(self.store, run_id, job.summarize):
+                if await settle_root_if_done(self.store, run_id, job.summarize, job.on_run_settled):
                     self.stats.runs_settled += 1
         return bool(branches_left)
 
