@@ -153,3 +153,16 @@ def test_a_plugin_lacking_a_member_is_one_line_exit_2_and_writes_nothing(
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
     assert not db.exists()
+
+
+def test_providers_names_a_plugin_lacking_a_member_in_one_line(tmp_path: Path) -> None:
+    site, db = tmp_path / "site", tmp_path / "runs.db"
+    install_plugin(site, "imagepipe_inkjet:Broken", _without("generate"))
+    proc = imagepipe(site, db, "providers", "--json")
+    assert proc.returncode == 0, proc.stderr
+    names = [info["name"] for info in json.loads(proc.stdout)]
+    assert names == ["simulated", "openai", "replicate"]
+    assert proc.stderr == (
+        "warning: provider 'inkjet' (from imagepipe-inkjet): class Inkjet lacks generate; "
+        "add a method async def generate(self, request, steps) -> ProviderImage\n"
+    )
