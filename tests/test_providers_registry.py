@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from imagepipe.errors import BadInput
+from imagepipe.providers import registry
 from imagepipe.providers.base import ImageProvider
 from imagepipe.providers.contract import MEMBERS, ProviderClass, missing_member
 from imagepipe.providers.openai import OpenAIOptions, OpenAIProvider
@@ -250,3 +251,17 @@ def test_the_builtins_are_imagepipes_own_entry_points() -> None:
     }
     for name in ours:
         assert missing_member(get_provider_class(name)) is None
+
+
+def test_an_install_without_the_builtin_entry_points_says_to_reinstall(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Metadata written before the built-ins were entry points (an old editable install)
+    finds no built-in: one line saying to reinstall, not "unknown provider 'simulated'"."""
+    monkeypatch.setattr(registry, "BUILTIN_DISTRIBUTION", "imagepipe-not-installed")
+    registry._entry_points.cache_clear()
+    try:
+        with pytest.raises(ProviderLoadError, match=r"reinstall it, e\.g\. pip install -e \.$"):
+            get_provider_class("simulated")
+    finally:
+        registry._entry_points.cache_clear()

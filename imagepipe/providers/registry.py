@@ -101,7 +101,13 @@ def _entry_points(path: tuple[str, ...]) -> tuple[dict[str, EntryPoint], dict[st
 
 
 def _registered() -> tuple[dict[str, EntryPoint], dict[str, EntryPoint]]:
-    return _entry_points(tuple(sys.path))
+    builtins, plugins = _entry_points(tuple(sys.path))
+    if not builtins:  # imported from a source tree, or installed before the entry points
+        raise ProviderLoadError(
+            "imagepipe's own providers are not registered (its installed metadata has no "
+            f"{ENTRY_POINT_GROUP} entry points): reinstall it, e.g. pip install -e ."
+        )
+    return builtins, plugins
 
 
 def _known() -> list[str]:
