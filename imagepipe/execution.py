@@ -43,7 +43,8 @@ from imagepipe.files import (
     reconcile_images,
 )
 from imagepipe.pipeline import Deps, recorded_images
-from imagepipe.providers import SimulatedProvider
+from imagepipe.providers.base import ProviderError
+from imagepipe.providers.contract import ProviderClass, ProviderSettings
 from imagepipe.providers.options import ProviderOptions, build_options, identity
 from imagepipe.providers.registry import get_provider_class
 from imagepipe.runs import (
@@ -123,9 +124,9 @@ def with_provider(spec: RunSpec, invocation: Invocation) -> RunSpec:
     """The spec with its provider's identity options and its styles' templates, checked
     before anything is written: an unknown provider, a bad option or a missing key is bad
     input."""
-    provider_class: Any = get_provider_class(spec.provider)
+    provider_class = get_provider_class(spec.provider)
     options = build_options(provider_class.Options, spec.provider, list(invocation.option_pairs))
-    provider_class.check_credentials(options)
+    _check_credentials(provider_class, options)
     return dataclasses.replace(
         spec, options=identity(options), templates=templates_for(spec.all_styles)
     )
@@ -267,15 +268,15 @@ def execution_for(root: PromiseRecord, invocation: Invocation) -> Execution:
     """The run's provider (checked for its key) with its stored identity options and this
     invocation's connection settings, its image folder and its retry policy."""
     spec = RunSpec.from_stored(root.args)
-    provider_class: Any = get_provider_class(spec.provider)
+    provider_class = get_provider_class(spec.provider)
     options = _invocation_options(root.id, spec, provider_class, invocation)
-    provider_class.check_credentials(options)
+    _check_credentials(provider_class, options)
     out_dir = image_dir_of(root, invocation)
     claim_image_dir(out_dir, root.id)
     max_attempts = invocation.max_attempts or int(
         root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
     )
-    provider = _provider(provider_class, options, invocation)
+    provider = provider_class.create(options, _settings(invocation))
     return Execution(
         spec=spec,
         deps=Deps(provider, options, spec.templates, out_dir),
@@ -290,8 +291,18 @@ def execution_for(root: PromiseRecord, invocation: Invocation) -> Execution:
     )
 
 
+def _check_credentials(provider_class: ProviderClass, options: ProviderOptions) -> None:
+    """The provider's key checked before anything is written: whatever provider error it
+    raises (:class:`~imagepipe.providers.base.MissingCredentials` for a missing key) is bad
+    input, exit 2, in the provider's words (they name the variable to set)."""
+    try:
+        provider_class.check_credentials(options)
+    except ProviderError as exc:
+        raise BadInput(exc.message) from exc
+
+
 def _invocation_options(
-    run_id: str, spec: RunSpec, provider_class: Any, invocation: Invocation
+    run_id: str, spec: RunSpec, provider_class: ProviderClass, invocation: Invocation
 ) -> ProviderOptions:
     """The run's provider options: its stored identity, with this invocation's connection
     settings (``-o base_url ...``); an identity option that differs is a conflict."""
@@ -303,23 +314,15 @@ def _invocation_options(
     return build_options(provider_class.Options, spec.provider, pairs)
 
 
-def _provider(provider_class: Any, options: ProviderOptions, invocation: Invocation) -> Any:
-    """One provider instance for the run, shared by its branches."""
-    if provider_class is SimulatedProvider:
-        return SimulatedProvider(
-            options,
-            time_scale=invocation.time_scale,
-            latency_ms=invocation.sim_latency_ms,
-            faults=invocation.faults,
-        )
-    from imagepipe.providers.http import Pacer
-
-    pacer = Pacer(
-        rpm=invocation.rpm,
-        coordinated=settings.coordinated_backoff(),
+def _settings(invocation: Invocation) -> ProviderSettings:
+    """What of this invocation the provider is built with (not the run's identity)."""
+    return ProviderSettings(
         time_scale=invocation.time_scale,
+        rpm=invocation.rpm,
+        coordinated_backoff=settings.coordinated_backoff(),
+        sim_latency_ms=invocation.sim_latency_ms,
+        faults=invocation.faults,
     )
-    return provider_class(options, pacer=pacer, time_scale=invocation.time_scale)
 
 
 def image_dir_of(root: PromiseRecord, invocation: Invocation | None = None) -> Path:

@@ -10,9 +10,13 @@ from pathlib import Path
 import pytest
 
 from imagepipe.errors import BadInput
+from imagepipe.providers import registry
+from imagepipe.providers.base import ImageProvider
+from imagepipe.providers.contract import MEMBERS, ProviderClass, missing_member
 from imagepipe.providers.openai import OpenAIOptions, OpenAIProvider
 from imagepipe.providers.options import BadOption, identity
 from imagepipe.providers.registry import (
+    ENTRY_POINT_GROUP,
     ProviderLoadError,
     UnknownProvider,
     get_provider_class,
@@ -144,6 +148,20 @@ class PlugProvider:
     default_concurrency = 2
     guarantee = "at least once"
 
+    @staticmethod
+    def check_credentials(options):
+        pass
+
+    @classmethod
+    def create(cls, options, settings):
+        return cls()
+
+    async def generate(self, request, steps):
+        raise NotImplementedError
+
+    async def aclose(self):
+        pass
+
 NotAProvider = 3
 """
 
@@ -197,5 +215,53 @@ def test_a_broken_plugin_is_one_line_not_a_traceback(plugin: str) -> None:
     assert info.value.message == (
         f"provider 'missing' cannot be loaded: ModuleNotFoundError: No module named '{plugin}_nope'"
     )
-    with pytest.raises(ProviderLoadError, match="'notaclass' is not a provider class"):
+    not_a_class = r"'notaclass' \(from imagepipe-plug\) is not a provider class"
+    with pytest.raises(ProviderLoadError, match=not_a_class):
         get_provider_class("notaclass")
+
+
+def test_the_contract_table_names_every_member_of_the_protocols() -> None:
+    """What the loader checks (MEMBERS) is exactly what the two protocols declare: the
+    class's (ProviderClass) and its instances' (ImageProvider)."""
+
+    def declared(protocol: type) -> set[str]:
+        names = set(vars(protocol).get("__annotations__", {}))
+        return names | {
+            n for n, v in vars(protocol).items() if callable(v) or isinstance(v, property)
+        }
+
+    members = declared(ProviderClass) | declared(ImageProvider)
+    assert set(MEMBERS) == {m for m in members if not m.startswith("_")}
+
+
+def test_the_builtins_are_imagepipes_own_entry_points() -> None:
+    """The built-ins load through the same entry-point group as plugins, and each follows
+    the contract."""
+    from importlib.metadata import entry_points
+
+    ours = {
+        ep.name: ep.value
+        for ep in entry_points(group=ENTRY_POINT_GROUP)
+        if ep.dist and ep.dist.name == "imagepipe"
+    }
+    assert ours == {
+        "simulated": "imagepipe.providers.simulated:SimulatedProvider",
+        "openai": "imagepipe.providers.openai:OpenAIProvider",
+        "replicate": "imagepipe.providers.replicate:ReplicateProvider",
+    }
+    for name in ours:
+        assert missing_member(get_provider_class(name)) is None
+
+
+def test_an_install_without_the_builtin_entry_points_says_to_reinstall(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Metadata written before the built-ins were entry points (an old editable install)
+    finds no built-in: one line saying to reinstall, not "unknown provider 'simulated'"."""
+    monkeypatch.setattr(registry, "BUILTIN_DISTRIBUTION", "imagepipe-not-installed")
+    registry._entry_points.cache_clear()
+    try:
+        with pytest.raises(ProviderLoadError, match=r"reinstall it, e\.g\. pip install -e \.$"):
+            get_provider_class("simulated")
+    finally:
+        registry._entry_points.cache_clear()

@@ -16,18 +16,25 @@ def providers(json_out: JsonFlag = False, no_color: NoColorOption = False) -> No
     """List the image providers (built-in and plugins) with their -o options.
 
     Example: imagepipe run "a lighthouse" --provider openai -o quality low"""
+    import sys
+    import warnings
     from dataclasses import asdict
 
     from imagepipe.providers.registry import list_providers
+    from imagepipe.text import escape_control
 
-    infos = list_providers()
+    # A plugin that cannot be loaded is left out and named, one line each (not Python's
+    # two-line warning with a file name).
+    with warnings.catch_warnings(record=True) as broken:
+        warnings.simplefilter("always")
+        infos = list_providers()
+    for warning in broken:
+        print(f"warning: {escape_control(str(warning.message))}", file=sys.stderr)
     if json_out:
         print(json.dumps([asdict(info) for info in infos], default=str))
         return
     from rich.table import Table
     from rich.text import Text
-
-    from imagepipe.text import escape_control
 
     console = make_console(no_color)
     for info in infos:

@@ -423,9 +423,13 @@ def execute_and_report(
         failed = outcome.failures
         first = failed[0]
         detail = f"{first.style} ({first.id}): {first.error.message}" if first.error else first.id
-        # A refused key fails every branch alike: that is bad input (exit 2), not a run
-        # that failed on its own (exit 1).
-        bad_key = any(b.error and b.error.type == "AuthenticationFailed" for b in failed)
+        # A missing or refused key fails every branch alike: that is bad input (exit 2),
+        # not a run that failed on its own (exit 1). The exit code comes from the class of
+        # the branches' errors (CredentialsError.exit_code), found by its stored name.
+        from imagepipe.providers.base import exit_code_of
+
+        code = max((exit_code_of(b.error.type) for b in failed if b.error), default=1)
+        bad_key = code == CredentialsRejected.exit_code
         raise (CredentialsRejected if bad_key else RunFailed)(
             f"run {outcome.id} failed: {len(failed)} of {len(outcome.branches)} branches "
             f"rejected, first {detail}; retry them with: imagepipe retry {outcome.id}"

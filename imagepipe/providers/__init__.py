@@ -1,8 +1,12 @@
-"""Image providers: a registry of built-ins (``simulated``, ``openai``, ``replicate``) and
-plugins from the entry-point group ``imagepipe.providers``, one :class:`ImageProvider`
-protocol, and the errors a provider raises. Provider modules load only when used."""
+"""Image providers: a registry of the entry-point group ``imagepipe.providers`` (the
+built-ins ``simulated``, ``openai`` and ``replicate``, and plugins), the contract a
+provider class follows (:mod:`imagepipe.providers.contract`), its instances'
+:class:`ImageProvider` protocol, and the errors a provider raises. Provider modules load
+only when used."""
 
 from imagepipe.providers.base import (
+    AuthenticationFailed,
+    CredentialsError,
     ImageProvider,
     InvalidRequest,
     MissingCredentials,
@@ -13,9 +17,12 @@ from imagepipe.providers.base import (
     SubSteps,
     TransientProviderError,
 )
-from imagepipe.providers.simulated import Faults, SimulatedProvider, image_url, nominal_duration_ms
+from imagepipe.providers.faults import Faults
+from imagepipe.providers.simulated import SimulatedProvider, image_url, nominal_duration_ms
 
 __all__ = [
+    "AuthenticationFailed",
+    "CredentialsError",
     "Faults",
     "ImageProvider",
     "InvalidRequest",

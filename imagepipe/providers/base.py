@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
-from imagepipe.errors import BadInput
 from imagepipe.text import one_line
 
 if TYPE_CHECKING:
@@ -24,6 +23,7 @@ __all__ = [
     "AnswerTooLarge",
     "AuthenticationFailed",
     "ContentRejected",
+    "CredentialsError",
     "ImageProvider",
     "InvalidRequest",
     "MissingCredentials",
@@ -40,6 +40,7 @@ __all__ = [
     "ServerError",
     "SubSteps",
     "TransientProviderError",
+    "exit_code_of",
     "one_line",
 ]
 
@@ -136,6 +137,8 @@ class ProviderError(Exception):
     retry_after: float | None = None
     status: int | None = None
     code: str | None = None
+    #: the exit code of a run that fails with this error: 1, a run that failed on its own
+    exit_code: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -208,7 +211,15 @@ class QuotaExceeded(InvalidRequest):
     """Out of credit (a 429 ``insufficient_quota``): waiting does not help."""
 
 
-class AuthenticationFailed(InvalidRequest):
+class CredentialsError(InvalidRequest):
+    """The key is missing or refused: every branch would fail alike, so the run is bad
+    input (exit 2), not a run that failed on its own (exit 1). A plugin raises this or a
+    subclass for its own key errors."""
+
+    exit_code = 2
+
+
+class AuthenticationFailed(CredentialsError):
     """Bad key or no permission (401, 403)."""
 
 
@@ -237,11 +248,29 @@ class RefusedURL(ProviderError):
     retryable = False
 
 
-class MissingCredentials(ProviderError, BadInput):
+class MissingCredentials(CredentialsError):
     """The key's environment variable is not set: exit 2 before anything is written."""
-
-    retryable = False
 
     def __init__(self, variable: str) -> None:
         super().__init__(f"no API key: set {variable} (this provider reads its key from it)")
         self.variable = variable
+
+
+def exit_code_of(type_name: str) -> int:
+    """The exit code of a run whose branch failed with a stored error of ``type_name``.
+
+    A stored error keeps only its class's name (``ErrorInfo.type``), so the name is looked
+    up among :class:`ProviderError` and its subclasses (a plugin's own are there once its
+    provider is loaded) and that class's :attr:`~ProviderError.exit_code` is the answer; 1
+    for any other name."""
+    codes = [cls.exit_code for cls in _subclasses(ProviderError) if cls.__name__ == type_name]
+    return max(codes, default=ProviderError.exit_code)
+
+
+def _subclasses(base: type[ProviderError]) -> list[type[ProviderError]]:
+    found, pending = [], [base]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found

@@ -15,7 +15,7 @@ from an answer only if :func:`~imagepipe.providers.http.check_image_url` allows 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from imagepipe.providers.base import MissingCredentials
 from imagepipe.providers.http import (
@@ -32,6 +32,8 @@ from imagepipe.providers.options import ProviderOptions
 
 if TYPE_CHECKING:
     import httpx
+
+    from imagepipe.providers.contract import ProviderSettings
 
 __all__ = ["HTTPProvider"]
 
@@ -76,6 +78,11 @@ class HTTPProvider:
         """Raise :class:`MissingCredentials` (exit 2, naming the variable) without a key."""
         if not os.environ.get(cls.key_variable):
             raise MissingCredentials(cls.key_variable)
+
+    @classmethod
+    def create(cls, options: ProviderOptions, settings: ProviderSettings) -> Self:
+        """The run's instance, with a pacer for this invocation's ``--rpm``."""
+        return cls(options, pacer=settings.pacer(), time_scale=settings.time_scale)
 
     def api_key(self) -> str:
         key = self._api_key or os.environ.get(self.key_variable)

@@ -1,33 +1,40 @@
-"""Which providers exist: the built-ins and third-party ones from the entry-point group.
+"""Which providers exist: every provider, built-in or plugin, comes from the entry-point
+group ``imagepipe.providers``, as llm's plugins do.
 
-Built-ins: ``simulated`` (the default, no key), ``openai`` and ``replicate``. A plugin
-registers a provider class in its own packaging metadata, as llm's plugins do::
+imagepipe's own pyproject.toml registers the built-ins (``simulated``, the default, no
+key; ``openai``; ``replicate``) in that group; a plugin registers its provider class in
+its own packaging metadata::
 
     [project.entry-points."imagepipe.providers"]
     myprovider = "imagepipe_myprovider:MyProvider"
 
-A provider class has the class attributes ``name``, ``description``, ``Options`` (a
-:class:`~imagepipe.providers.options.ProviderOptions` dataclass), ``default_concurrency``
-and ``guarantee``, and is built as ``cls(options, pacer=..., time_scale=...)``; its
-instances follow :class:`~imagepipe.providers.base.ImageProvider`. A built-in name cannot be
-taken by a plugin. Provider modules are imported only when asked for.
+A provider class follows :class:`~imagepipe.providers.contract.ProviderClass`, checked
+when it is loaded: a class lacking a member is one line naming it and what to add (exit
+2). A built-in name cannot be taken by a plugin. The group is read once per ``sys.path``,
+and only when a provider is needed (not for ``--help``); a provider's module is imported
+only when it is asked for.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
+import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from imagepipe.errors import BadInput
 from imagepipe.providers.base import one_line
+from imagepipe.providers.contract import MEMBERS, ProviderClass, missing_member
 from imagepipe.providers.options import (
     OptionInfo,
     ProviderOptions,
     build_options,
     describe_options,
 )
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -40,7 +47,10 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "imagepipe.providers"
-REQUIRED = ("name", "description", "Options", "default_concurrency", "guarantee")
+#: the distribution whose entry points are the built-ins
+BUILTIN_DISTRIBUTION = "imagepipe"
+#: the provider a run uses without ``-p``: listed first, the other built-ins by name
+DEFAULT_PROVIDER = "simulated"
 
 
 class UnknownProvider(BadInput):
@@ -52,14 +62,7 @@ class UnknownProvider(BadInput):
 
 
 class ProviderLoadError(BadInput):
-    """A plugin's entry point cannot be imported or does not describe a provider."""
-
-
-BUILTINS = {
-    "simulated": "imagepipe.providers.simulated:SimulatedProvider",
-    "openai": "imagepipe.providers.openai:OpenAIProvider",
-    "replicate": "imagepipe.providers.replicate:ReplicateProvider",
-}
+    """A plugin's entry point cannot be imported or does not follow the provider contract."""
 
 
 @dataclass(frozen=True)
@@ -74,42 +77,67 @@ class ProviderInfo:
     plugin: str | None  # the distribution that provides it; None for a built-in
 
 
-def _load(target: str) -> Any:
-    module, _, attr = target.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _distribution(ep: EntryPoint) -> str | None:
+    return ep.dist.name if ep.dist is not None else None
 
 
-def _check(name: str, cls: Any) -> type:
-    missing = [a for a in REQUIRED if not hasattr(cls, a)]
-    if not isinstance(cls, type) or missing:
-        raise ProviderLoadError(
-            f"provider {name!r} is not a provider class (missing: {', '.join(missing) or 'class'})"
-        )
-    return cls
+@functools.lru_cache(maxsize=4)
+def _entry_points(path: tuple[str, ...]) -> tuple[dict[str, EntryPoint], dict[str, EntryPoint]]:
+    """The group's entry points found on ``path`` (``sys.path``, the cache's key): the
+    built-ins in their declared order, and the plugins by name."""
+    from importlib.metadata import entry_points  # ~20 ms: only when a provider is needed
 
-
-def _plugins() -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    from importlib.metadata import entry_points  # ~20 ms: only when a plugin is looked for
-
+    builtins: dict[str, EntryPoint] = {}
+    plugins: dict[str, EntryPoint] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in BUILTINS and ep.name not in found:
-            found[ep.name] = ep
-    return found
+        if _distribution(ep) == BUILTIN_DISTRIBUTION:
+            builtins.setdefault(ep.name, ep)
+        else:
+            plugins.setdefault(ep.name, ep)
+    for name in builtins:
+        plugins.pop(name, None)
+    first = sorted(builtins, key=lambda name: (name != DEFAULT_PROVIDER, name))
+    return {name: builtins[name] for name in first}, dict(sorted(plugins.items()))
+
+
+def _registered() -> tuple[dict[str, EntryPoint], dict[str, EntryPoint]]:
+    builtins, plugins = _entry_points(tuple(sys.path))
+    if not builtins:  # imported from a source tree, or installed before the entry points
+        raise ProviderLoadError(
+            "imagepipe's own providers are not registered (its installed metadata has no "
+            f"{ENTRY_POINT_GROUP} entry points): reinstall it, e.g. pip install -e ."
+        )
+    return builtins, plugins
 
 
 def _known() -> list[str]:
-    return [*BUILTINS, *sorted(_plugins())]
+    builtins, plugins = _registered()
+    return [*builtins, *plugins]
 
 
-def get_provider_class(name: str) -> type:
-    """The provider class registered under ``name``; an unknown name lists the known ones."""
-    if name in BUILTINS:
-        return _check(name, _load(BUILTINS[name]))
-    ep = _plugins().get(name)
+def _check(name: str, ep: EntryPoint, cls: object) -> ProviderClass:
+    """``cls`` if it follows the provider contract, else one line saying what to add."""
+    origin = _distribution(ep)
+    where = f"provider {name!r}" + (
+        f" (from {origin})" if origin not in (None, BUILTIN_DISTRIBUTION) else ""
+    )
+    if not isinstance(cls, type):
+        raise ProviderLoadError(
+            f"{where} is not a provider class: its entry point {ep.value} is a {type(cls).__name__}"
+        )
+    missing = missing_member(cls)
+    if missing is not None:
+        raise ProviderLoadError(
+            f"{where}: class {cls.__name__} lacks {missing}; add {MEMBERS[missing]}"
+        )
+    return cast(ProviderClass, cls)
+
+
+def get_provider_class(name: str) -> ProviderClass:
+    """The provider class registered under ``name``, checked against the contract; an
+    unknown name lists the known ones."""
+    builtins, plugins = _registered()
+    ep = builtins.get(name) or plugins.get(name)
     if ep is None:
         raise UnknownProvider(name, _known())
     try:
@@ -117,10 +145,10 @@ def get_provider_class(name: str) -> type:
     except Exception as exc:  # a broken plugin must not take the CLI down with a traceback
         detail = one_line(f"{type(exc).__name__}: {exc}", 200)
         raise ProviderLoadError(f"provider {name!r} cannot be loaded: {detail}") from exc
-    return _check(name, cls)
+    return _check(name, ep, cls)
 
 
-def _info(name: str, cls: Any, plugin: str | None) -> ProviderInfo:
+def _info(name: str, cls: ProviderClass, plugin: str | None) -> ProviderInfo:
     return ProviderInfo(
         name=name,
         description=str(cls.description),
@@ -133,19 +161,18 @@ def _info(name: str, cls: Any, plugin: str | None) -> ProviderInfo:
 
 def list_providers() -> list[ProviderInfo]:
     """Every provider: the built-ins first, then plugins by name (a broken one is warned)."""
-    infos = [_info(name, get_provider_class(name), None) for name in BUILTINS]
-    for name, ep in sorted(_plugins().items()):
+    builtins, plugins = _registered()
+    infos = [_info(name, get_provider_class(name), None) for name in builtins]
+    for name, ep in plugins.items():
         try:
             cls = get_provider_class(name)
         except ProviderLoadError as exc:
             warnings.warn(exc.message, stacklevel=2)
             continue
-        dist = ep.dist.name if ep.dist is not None else None
-        infos.append(_info(name, cls, dist))
+        infos.append(_info(name, cls, _distribution(ep)))
     return infos
 
 
 def parse_options(provider_name: str, raw: list[tuple[str, str]]) -> ProviderOptions:
     """Validate ``-o KEY VALUE`` pairs for ``provider_name``: BadOption, UnknownProvider."""
-    cls: Any = get_provider_class(provider_name)
-    return build_options(cls.Options, provider_name, raw)
+    return build_options(get_provider_class(provider_name).Options, provider_name, raw)

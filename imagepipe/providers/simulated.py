@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -27,9 +26,11 @@ from imagepipe.providers.base import (
     SubSteps,
     TransientProviderError,
 )
+from imagepipe.providers.faults import Faults
 from imagepipe.providers.options import ProviderOptions, option
 
 if TYPE_CHECKING:
+    from imagepipe.providers.contract import ProviderSettings
     from imagepipe.providers.http import Pacer
 
 __all__ = [
@@ -59,27 +60,6 @@ def image_url(prompt: str, style: str, variation: int = 0) -> str:
     key = f"{prompt}:{style}" if variation == 0 else f"{prompt}:{style}:{variation}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"https://images.example.com/{quote(style, safe='')}-{digest}.png"
-
-
-@dataclass(frozen=True)
-class Faults:
-    """How the simulated provider misbehaves during one invocation (not the run's identity)."""
-
-    fail_rate: float = 0.0
-    seed: int = 0
-    fail_styles: frozenset[str] = frozenset()
-    hang_rate: float = 0.0
-
-    def draw(self, request: ProviderRequest, what: str) -> float:
-        """A number in [0, 1), the same for the same seed, branch, attempt and purpose."""
-        rng = random.Random(f"{self.seed}:{request.idempotency_key}:{request.attempt}:{what}")
-        return rng.random()
-
-    def fails(self, request: ProviderRequest) -> bool:
-        return self.fail_rate > 0 and self.draw(request, "fail") < self.fail_rate
-
-    def hangs(self, request: ProviderRequest) -> bool:
-        return self.hang_rate > 0 and self.draw(request, "hang") < self.hang_rate
 
 
 @dataclass(frozen=True)
@@ -136,6 +116,16 @@ class SimulatedProvider:
     @staticmethod
     def check_credentials(options: ProviderOptions | None = None) -> None:
         """No key needed."""
+
+    @classmethod
+    def create(cls, options: ProviderOptions, settings: ProviderSettings) -> SimulatedProvider:
+        """No pacer (nothing to rate-limit); the invocation's latency and faults."""
+        return cls(
+            options,
+            time_scale=settings.time_scale,
+            latency_ms=settings.sim_latency_ms,
+            faults=settings.faults,
+        )
 
     async def aclose(self) -> None:
         pass
