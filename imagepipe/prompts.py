@@ -29,7 +29,6 @@ again, :func:`first_changed_row` says which row differs.
 from __future__ import annotations
 
 import csv
-import gc
 import io
 import json
 import re
@@ -135,10 +134,6 @@ def load_prompts(path: Path, *, styles: int = 1, variations: int = 1) -> list[Pr
     parse = {".txt": _parse_txt, ".csv": _parse_csv}.get(suffix, _parse_jsonl)
     rows: list[PromptRow] = []
     total = 0
-    # The rows hold no cycles; collecting while 100,000 of them are made only costs time
-    # (the more objects the process already holds, the more).
-    collecting = gc.isenabled()
-    gc.disable()
     try:
         for row in parse(text):
             if len(rows) == MAX_ROWS:
@@ -153,9 +148,6 @@ def load_prompts(path: Path, *, styles: int = 1, variations: int = 1) -> list[Pr
             rows.append(row)
     except _Bad as bad:
         raise PromptFileError(path, bad.line, bad.reason) from None
-    finally:
-        if collecting:
-            gc.enable()
     if not rows:
         raise PromptFileError(path, None, "no prompts in the file")
     return rows

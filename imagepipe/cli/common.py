@@ -277,16 +277,12 @@ _EXECUTION_DEFAULTS: dict[str, Any] = {"fail_rate": 0.0, "hang_rate": 0.0, "seed
 
 def execution_options(command: Callable[..., R]) -> Callable[..., R]:
     """Give a command the execution options above, delivered as ``invocation=``."""
-    # Resolve the command's own annotations but not ``invocation``'s, so that --help
-    # need not import the run model (and the durable core and asyncio behind it).
+    # The commands' modules do not use ``from __future__ import annotations``: their
+    # annotations are the real types typer reads, all but ``invocation``'s, which stays
+    # the string "Invocation" so that --help need not import the run model (and the
+    # durable core and asyncio behind it); typer never sees it.
     signature = inspect.signature(command)
-    own = [
-        p.replace(annotation=eval(p.annotation, command.__globals__))
-        if isinstance(p.annotation, str)
-        else p
-        for p in signature.parameters.values()
-        if p.name != "invocation"
-    ]
+    own = [p for p in signature.parameters.values() if p.name != "invocation"]
     extra = [
         inspect.Parameter(
             name,

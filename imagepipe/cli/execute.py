@@ -1,7 +1,5 @@
 """Commands that execute a run: ``run``, ``resume`` and ``retry``."""
 
-from __future__ import annotations
-
 import dataclasses
 from typing import TYPE_CHECKING, Annotated
 
@@ -112,7 +110,7 @@ def run(
     quiet: QuietOption = False,
     no_color: NoColorOption = False,
     *,
-    invocation: Invocation,
+    invocation: "Invocation",
 ) -> None:
     """Generate the styles of PROMPT in parallel, each branch a durable promise."""
     from imagepipe.runs import RunSpec, new_run_id
@@ -149,7 +147,7 @@ def _prompt_file_spec(
     crash: bool,
     variations: int,
     provider: str,
-) -> RunSpec:
+) -> "RunSpec":
     """The spec of a run over a prompt file; every row is checked before anything starts."""
     from pathlib import Path
 
@@ -181,7 +179,7 @@ def resume(
     quiet: QuietOption = False,
     no_color: NoColorOption = False,
     *,
-    invocation: Invocation,
+    invocation: "Invocation",
 ) -> None:
     """Finish an interrupted run: settled branches are read from the store, not redone."""
     from imagepipe.service import resume_run
@@ -202,7 +200,7 @@ def retry(
     quiet: QuietOption = False,
     no_color: NoColorOption = False,
     *,
-    invocation: Invocation,
+    invocation: "Invocation",
 ) -> None:
     """Re-run only the rejected branches of a failed run; resolved ones stay untouched.
 

@@ -1,7 +1,5 @@
 """Commands for detached runs on many processes: ``worker``, ``watch`` and ``workers``."""
 
-from __future__ import annotations
-
 import json
 import socket
 import sys
@@ -35,7 +33,7 @@ def worker(
         typer.Option("--once", help="Exit once no detached run is left pending (tests, cron)."),
     ] = False,
     *,
-    invocation: Invocation,
+    invocation: "Invocation",
 ) -> None:
     """Execute the branches of detached runs (`run --detach`), shared with other workers.
 
