@@ -239,10 +239,12 @@ def test_second_executor_is_refused_and_a_dead_one_is_taken_over_at_once(
 def test_two_resumes_at_once_exactly_one_executes(
     db_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
-    # Leave a pending run behind: kill it before it can finish.
-    env = cli_env(db_path, IMAGEPIPE_TIME_SCALE="1")
+    # Leave a pending run behind: its attempts hang until it is killed.
     first = subprocess.Popen(
-        cli_argv("run", "a cat", "--id", "twin"), env=env, stdout=subprocess.PIPE, text=True
+        cli_argv("run", "a cat", "--id", "twin", "--hang-rate", "1"),
+        env=cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01"),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     procs.append(first)
     assert first.stdout is not None
@@ -251,6 +253,8 @@ def test_two_resumes_at_once_exactly_one_executes(
             break
     first.kill()
     first.wait()
+    # At full time scale the two resumes take over a second: they usually overlap.
+    env = cli_env(db_path, IMAGEPIPE_TIME_SCALE="1")
     pair = [
         subprocess.Popen(
             cli_argv("resume", "twin", "--json"),
