@@ -69,7 +69,7 @@ def resume_json(db: Path, run_id: str, scale: str = "0.01") -> dict[str, Any]:
         env=cli_env(db, IMAGEPIPE_TIME_SCALE=scale),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     data: dict[str, Any] = json.loads(proc.stdout)
@@ -155,7 +155,7 @@ def test_a_polite_signal_leaves_a_resumable_run_and_says_how(
     assert proc.stderr is not None
     read_until(proc.stdout, lambda lines: any("[cartoon]" in x and "Done:" in x for x in lines))
     proc.send_signal(sig)
-    assert proc.wait(timeout=30) == code
+    assert proc.wait(timeout=300) == code
     err = proc.stderr.read()
     assert f"interrupted by {sig.name}" in err
     assert "Resume with: imagepipe resume sig" in err

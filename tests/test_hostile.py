@@ -162,8 +162,8 @@ def test_a_brief_lock_during_a_heartbeat_does_not_kill_the_run(
 ) -> None:
     # The fake holds the three creates, so the attempts last exactly as long as the test
     # needs. It locks the store once they are all in flight and keeps it locked until
-    # the heartbeat (every second, with a 0.2 s busy timeout) is 2.5 s old: at least two
-    # beats met the lock, well inside the 10 s after which an owner gives its run up.
+    # the heartbeat (every 3 s, with a 0.2 s busy timeout) is 4 s old: a beat met the
+    # lock, and the owner, which gives its run up after 30 s of silence, had to bear it.
     held = threading.Event()
     openai_fake.add_fault(Fault(held_until=held), times=3)
     proc = start(
@@ -177,16 +177,17 @@ def test_a_brief_lock_during_a_heartbeat_does_not_kill_the_run(
         "--out",
         str(tmp_path / "images"),
         IMAGEPIPE_BUSY_TIMEOUT="0.2",
+        IMAGEPIPE_LEASE_TIMEOUT="30",
     )
     procs.append(proc)
-    openai_fake.wait_for(lambda: openai_fake.requests["create"] == 3, timeout=60)
+    openai_fake.wait_for(lambda: openai_fake.requests["create"] == 3, timeout=300)
     with write_lock(db_path):
-        deadline = time.monotonic() + 60
-        while (lease_age(db_path) or 0) < 2.5:
-            assert time.monotonic() < deadline, "the lease was never 2.5 s old"
+        deadline = time.monotonic() + 300
+        while (lease_age(db_path) or 0) < 4:
+            assert time.monotonic() < deadline, "the lease was never 4 s old"
             time.sleep(0.05)
     held.set()
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert err == b""
     assert out.count(b"Done:") == 3

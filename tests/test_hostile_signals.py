@@ -71,7 +71,7 @@ def test_two_ctrl_c_in_a_row_exit_130_at_once_and_leave_a_resumable_run(
         proc.send_signal(signal.SIGINT)
         time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()

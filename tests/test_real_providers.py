@@ -204,7 +204,7 @@ def failed_attempts(db: Path) -> int:
         conn.close()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+def wait_until(condition: Callable[[], bool], timeout: float = 300.0) -> None:
     """Poll ``condition`` until it holds; AssertionError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -242,12 +242,12 @@ def test_a_429_storm_pauses_every_branch(
         text=True,
     )
     procs.append(proc)
-    openai_fake.wait_for(lambda: openai_fake.requests["create"] == 4, timeout=60)
+    openai_fake.wait_for(lambda: openai_fake.requests["create"] == 4, timeout=300)
     answered = time.monotonic()  # the client reads the 429 (and pauses) after this
     answer_429.set()
     wait_until(lambda: failed_attempts(db_path) == 1)
     release.set()
-    openai_fake.wait_for(lambda: openai_fake.requests["create"] > 4, timeout=60)
+    openai_fake.wait_for(lambda: openai_fake.requests["create"] > 4, timeout=300)
     if coordinated == "0":  # the check bites: another branch sends during the pause
         (limited,) = [a for a in creates(openai_fake) if a.status == 429]
         first = min((a for a in creates(openai_fake) if a.time > answered), key=lambda a: a.time)
@@ -255,7 +255,7 @@ def test_a_429_storm_pauses_every_branch(
         assert first.key != limited.key
         return  # (the run is killed: its 429'd branch would wait the whole long pause)
 
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     data = json.loads(out)
     assert data["state"] == "resolved"

@@ -230,7 +230,7 @@ def test_second_executor_is_refused_and_a_dead_one_is_taken_over_at_once(
     owner.send_signal(signal.SIGKILL)
     owner.wait()
     taken = subprocess.run(
-        cli_argv("resume", "busy", "--json"), env=env, capture_output=True, text=True, timeout=60
+        cli_argv("resume", "busy", "--json"), env=env, capture_output=True, text=True, timeout=300
     )
     assert taken.returncode == 0, taken.stderr
     assert json.loads(taken.stdout)["state"] == "resolved"
