@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import sqlite3
@@ -11,6 +12,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+
+from imagepipe.providers import Faults
+from imagepipe.providers.simulated import simulated_request
 
 from conftest import cli_argv, cli_env
 
@@ -37,6 +41,18 @@ def read_until(stream: IO[str], done: Callable[[list[str]], bool]) -> list[str]:
     raise AssertionError("process ended before the expected output:\n" + "\n".join(lines))
 
 
+def seed_for(run_id: str, fault: str, branch: int) -> int:
+    """A ``--seed`` under which, at a rate of 0.5, the first attempt of this one of the
+    run's three branches meets ``fault`` ("fail" or "hang") and the others' do not."""
+    for seed in itertools.count():
+        faults = Faults(seed=seed, **{f"{fault}_rate": 0.5})
+        meets = faults.fails if fault == "fail" else faults.hangs
+        first = [simulated_request("", "", 0, f"{run_id}.{n}", 1) for n in range(3)]
+        if [meets(request) for request in first] == [n == branch for n in range(3)]:
+            return seed
+    raise AssertionError("unreachable")
+
+
 def branches(db: Path, run_id: str) -> dict[str, dict[str, Any]]:
     conn = sqlite3.connect(db)
     rows = conn.execute(
@@ -53,7 +69,7 @@ def resume_json(db: Path, run_id: str, scale: str = "0.01") -> dict[str, Any]:
         env=cli_env(db, IMAGEPIPE_TIME_SCALE=scale),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     data: dict[str, Any] = json.loads(proc.stdout)
@@ -63,8 +79,11 @@ def resume_json(db: Path, run_id: str, scale: str = "0.01") -> dict[str, Any]:
 def test_sigkill_during_backoff_then_resume(
     db_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
-    # Scale 0.5: abstract fails at 150 ms and backs off 1 s; the others finish meanwhile.
-    proc = start(db_path, "run", "A futuristic city skyline", "--crash", "--id", "k1", scale="0.5")
+    # Abstract's first attempt fails at once and backs off 2 s x 100: killed in its back-off
+    # whenever the test gets to it; the others take 1 ms x 100.
+    seed = str(seed_for("k1", "fail", 2))
+    args = ("--fail-rate", "0.5", "--seed", seed, "--sim-latency", "1")
+    proc = start(db_path, "run", "A futuristic city skyline", "--id", "k1", *args, scale="100")
     procs.append(proc)
     assert proc.stdout is not None
     read_until(
@@ -96,8 +115,10 @@ def test_sigkill_during_backoff_then_resume(
 def test_sigkill_during_an_attempt_continues_with_the_next_attempt_number(
     db_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
-    # Scale 1: cartoon is done at 0.8 s while photorealistic is still in its attempt (1.2 s).
-    proc = start(db_path, "run", "a lighthouse", "--id", "k2", scale="1")
+    # Photorealistic's first attempt hangs until the kill; cartoon's is done in 8 ms.
+    seed = str(seed_for("k2", "hang", 0))
+    args = ("--hang-rate", "0.5", "--seed", seed)
+    proc = start(db_path, "run", "a lighthouse", "--id", "k2", *args, scale="0.01")
     procs.append(proc)
     assert proc.stdout is not None
     read_until(proc.stdout, lambda lines: any("[cartoon]" in x and "Done:" in x for x in lines))
@@ -125,13 +146,16 @@ def test_sigkill_during_an_attempt_continues_with_the_next_attempt_number(
 def test_a_polite_signal_leaves_a_resumable_run_and_says_how(
     db_path: Path, procs: list[subprocess.Popen[str]], sig: signal.Signals, code: int
 ) -> None:
-    proc = start(db_path, "run", "a lighthouse", "--id", "sig", scale="1")
+    # Photorealistic's first attempt hangs until the signal; cartoon's is done in 8 ms.
+    seed = str(seed_for("sig", "hang", 0))
+    args = ("--hang-rate", "0.5", "--seed", seed)
+    proc = start(db_path, "run", "a lighthouse", "--id", "sig", *args, scale="0.01")
     procs.append(proc)
     assert proc.stdout is not None
     assert proc.stderr is not None
     read_until(proc.stdout, lambda lines: any("[cartoon]" in x and "Done:" in x for x in lines))
     proc.send_signal(sig)
-    assert proc.wait(timeout=30) == code
+    assert proc.wait(timeout=300) == code
     err = proc.stderr.read()
     assert f"interrupted by {sig.name}" in err
     assert "Resume with: imagepipe resume sig" in err

@@ -14,6 +14,7 @@ import random
 import shutil
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -21,10 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.common import Fault
+from tests.fakes.openai_server import OpenAIFake
+
 from conftest import FAST, cli_argv, cli_env
-from storeview import checkpointed_bytes, table_rows
+from storeview import checkpointed_bytes, lease_age, table_rows
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ["tests.fakes.plugin"]
 
 
 def cli(db: Path, *args: str, **env: str) -> subprocess.CompletedProcess[bytes]:
@@ -153,31 +158,36 @@ def test_racing_runs_with_one_id_never_run_each_others_prompt(
 
 
 def test_a_brief_lock_during_a_heartbeat_does_not_kill_the_run(
-    db_path: Path, procs: list[subprocess.Popen[bytes]]
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    # Scale 0.5: the attempts take 2 s; the heartbeat beats every second.
+    # The fake holds the three creates, so the attempts last exactly as long as the test
+    # needs. It locks the store once they are all in flight and keeps it locked until
+    # the heartbeat (every 3 s, with a 0.2 s busy timeout) is 4 s old: a beat met the
+    # lock, and the owner, which gives its run up after 30 s of silence, had to bear it.
+    held = threading.Event()
+    openai_fake.add_fault(Fault(held_until=held), times=3)
     proc = start(
         db_path,
         "run",
         "a lighthouse",
+        "--provider",
+        "openai",
         "--id",
         "beat",
-        "--sim-latency",
-        "4000",
+        "--out",
+        str(tmp_path / "images"),
         IMAGEPIPE_BUSY_TIMEOUT="0.2",
-        IMAGEPIPE_TIME_SCALE="0.5",
+        IMAGEPIPE_LEASE_TIMEOUT="30",
     )
     procs.append(proc)
-    assert proc.stdout is not None
-    for line in iter(proc.stdout.readline, b""):
-        if b"Generating image" in line:  # the lease is taken, the attempts have started
-            break
-    began = time.monotonic()
-    time.sleep(0.8)  # the lock's timing is the reproduction: it spans the beat at 1 s
+    openai_fake.wait_for(lambda: openai_fake.requests["create"] == 3, timeout=300)
     with write_lock(db_path):
-        time.sleep(0.7)
-    assert time.monotonic() - began < 1.9, "the attempts ended before the lock did"
-    out, err = proc.communicate(timeout=30)
+        deadline = time.monotonic() + 300
+        while (lease_age(db_path) or 0) < 4:
+            assert time.monotonic() < deadline, "the lease was never 4 s old"
+            time.sleep(0.05)
+    held.set()
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert err == b""
     assert out.count(b"Done:") == 3
@@ -186,6 +196,7 @@ def test_a_brief_lock_during_a_heartbeat_does_not_kill_the_run(
     assert states.fetchall() == [("resolved", 1)] * 3  # every attempt kept, none redone
     conn.close()
     assert table_rows(db_path, "attempts") == []
+    assert openai_fake.paid_creates == 3
 
 
 # -- 4. exit 65 writes nothing -------------------------------------------------------

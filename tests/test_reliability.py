@@ -194,9 +194,13 @@ def test_non_determinism_is_refused_naming_the_first_mismatch(db_path: Path) -> 
 def test_second_executor_is_refused_and_a_dead_one_is_taken_over_at_once(
     db_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
-    env = cli_env(db_path, IMAGEPIPE_TIME_SCALE="1")
+    # The owner never finishes by itself, however slow the machine: every attempt hangs
+    # (there is no attempt timeout) until this test kills it. Its lease goes stale only
+    # after an hour of silence, so the takeover below can only come from the owner's
+    # death being noticed, at once.
+    env = cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01", IMAGEPIPE_LEASE_TIMEOUT="3600")
     owner = subprocess.Popen(
-        cli_argv("run", "a cat", "--crash", "--id", "busy"),
+        cli_argv("run", "a cat", "--crash", "--id", "busy", "--hang-rate", "1"),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -221,11 +225,12 @@ def test_second_executor_is_refused_and_a_dead_one_is_taken_over_at_once(
     )
     assert rerun.returncode == 75
 
+    assert owner.poll() is None  # it was the owner all along
+
     owner.send_signal(signal.SIGKILL)
     owner.wait()
-    fast = cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01")
     taken = subprocess.run(
-        cli_argv("resume", "busy", "--json"), env=fast, capture_output=True, text=True, timeout=30
+        cli_argv("resume", "busy", "--json"), env=env, capture_output=True, text=True, timeout=300
     )
     assert taken.returncode == 0, taken.stderr
     assert json.loads(taken.stdout)["state"] == "resolved"
@@ -234,10 +239,12 @@ def test_second_executor_is_refused_and_a_dead_one_is_taken_over_at_once(
 def test_two_resumes_at_once_exactly_one_executes(
     db_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
-    # Leave a pending run behind: kill it before it can finish.
-    env = cli_env(db_path, IMAGEPIPE_TIME_SCALE="1")
+    # Leave a pending run behind: its attempts hang until it is killed.
     first = subprocess.Popen(
-        cli_argv("run", "a cat", "--id", "twin"), env=env, stdout=subprocess.PIPE, text=True
+        cli_argv("run", "a cat", "--id", "twin", "--hang-rate", "1"),
+        env=cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01"),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     procs.append(first)
     assert first.stdout is not None
@@ -246,6 +253,8 @@ def test_two_resumes_at_once_exactly_one_executes(
             break
     first.kill()
     first.wait()
+    # At full time scale the two resumes take over a second: they usually overlap.
+    env = cli_env(db_path, IMAGEPIPE_TIME_SCALE="1")
     pair = [
         subprocess.Popen(
             cli_argv("resume", "twin", "--json"),

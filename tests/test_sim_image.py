@@ -76,12 +76,12 @@ def test_takes_a_few_milliseconds() -> None:
     draw_png("warm-up", "cartoon", 0)
     times = []
     for variation in range(9):
-        start = time.perf_counter()
+        start = time.process_time()  # CPU time: another job on the machine does not count
         draw_png("a lighthouse on a cliff at dusk", "watercolor", variation)
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     median = sorted(times)[len(times) // 2]
-    print(f"draw_png 256x256: median {median * 1000:.1f} ms")
-    assert median < 0.05  # ~5 ms here; generous for a busy shared machine
+    print(f"draw_png 256x256: median {median * 1000:.1f} ms of CPU")
+    assert median < 0.05  # ~5 ms here
 
 
 def test_importing_the_media_modules_does_not_import_pillow() -> None:
