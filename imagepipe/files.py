@@ -351,7 +351,7 @@ def claim_image_dir(directory: Path, run_id: str, *, mark: bool = True) -> None:
                 "give this run another --out (or omit --out)"
             )
         probe = staging / f"probe.{secrets.token_hex(8)}"
-        _write_new_file(probe, b"")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         probe.unlink()
     except OSError as exc:
         raise ImageDirUnusable(

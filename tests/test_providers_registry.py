@@ -259,9 +259,9 @@ def test_an_install_without_the_builtin_entry_points_says_to_reinstall(
     """Metadata written before the built-ins were entry points (an old editable install)
     finds no built-in: one line saying to reinstall, not "unknown provider 'simulated'"."""
     monkeypatch.setattr(registry, "BUILTIN_DISTRIBUTION", "imagepipe-not-installed")
-    registry._entry_points.cache_clear()
+    registry._builtins_read_from_own_metadata_only.cache_clear()
     try:
         with pytest.raises(ProviderLoadError, match=r"reinstall it, e\.g\. pip install -e \.$"):
             get_provider_class("simulated")
     finally:
-        registry._entry_points.cache_clear()
+        registry._builtins_read_from_own_metadata_only.cache_clear()

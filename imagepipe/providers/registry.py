@@ -82,32 +82,52 @@ def _distribution(ep: EntryPoint) -> str | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _entry_points(path: tuple[str, ...]) -> tuple[dict[str, EntryPoint], dict[str, EntryPoint]]:
-    """The group's entry points found on ``path`` (``sys.path``, the cache's key): the
-    built-ins in their declared order, and the plugins by name."""
-    from importlib.metadata import entry_points  # ~20 ms: only when a provider is needed
+def _builtins_read_from_own_metadata_only(path: tuple[str, ...]) -> dict[str, EntryPoint]:
+    """imagepipe's own providers, from its own installed metadata alone (``path`` is
+    ``sys.path``, the cache's key), in their declared order, the default first.
 
-    builtins: dict[str, EntryPoint] = {}
+    Reading one distribution's entry points takes ~0.1 ms; scanning the group across every
+    installed package takes 20-30 ms in the test environment, 5% of a 10,000-branch
+    simulated run end to end (measured: 0.567 s against 0.596 s). A run of a built-in
+    provider needs only these; the plugins are scanned only when asked for."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        own = list(distribution(BUILTIN_DISTRIBUTION).entry_points)
+    except PackageNotFoundError:
+        own = []
+    found = {ep.name: ep for ep in own if ep.group == ENTRY_POINT_GROUP}
+    first = sorted(found, key=lambda name: (name != DEFAULT_PROVIDER, name))
+    return {name: found[name] for name in first}
+
+
+@functools.lru_cache(maxsize=4)
+def _plugins(path: tuple[str, ...]) -> dict[str, EntryPoint]:
+    """The group's entry points of other distributions found on ``path`` (``sys.path``,
+    the cache's key), by name; none may take a built-in's name."""
+    from importlib.metadata import entry_points  # 20-30 ms: only when a plugin is needed
+
+    builtins = _builtins_read_from_own_metadata_only(path)
     plugins: dict[str, EntryPoint] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if _distribution(ep) == BUILTIN_DISTRIBUTION:
-            builtins.setdefault(ep.name, ep)
-        else:
+        if _distribution(ep) != BUILTIN_DISTRIBUTION and ep.name not in builtins:
             plugins.setdefault(ep.name, ep)
-    for name in builtins:
-        plugins.pop(name, None)
-    first = sorted(builtins, key=lambda name: (name != DEFAULT_PROVIDER, name))
-    return {name: builtins[name] for name in first}, dict(sorted(plugins.items()))
+    return dict(sorted(plugins.items()))
 
 
-def _registered() -> tuple[dict[str, EntryPoint], dict[str, EntryPoint]]:
-    builtins, plugins = _entry_points(tuple(sys.path))
+def _builtins() -> dict[str, EntryPoint]:
+    builtins = _builtins_read_from_own_metadata_only(tuple(sys.path))
     if not builtins:  # imported from a source tree, or installed before the entry points
         raise ProviderLoadError(
             "imagepipe's own providers are not registered (its installed metadata has no "
             f"{ENTRY_POINT_GROUP} entry points): reinstall it, e.g. pip install -e ."
         )
-    return builtins, plugins
+    return builtins
+
+
+def _registered() -> tuple[dict[str, EntryPoint], dict[str, EntryPoint]]:
+    builtins = _builtins()
+    return builtins, _plugins(tuple(sys.path))
 
 
 def _known() -> list[str]:
@@ -136,8 +156,7 @@ def _check(name: str, ep: EntryPoint, cls: object) -> ProviderClass:
 def get_provider_class(name: str) -> ProviderClass:
     """The provider class registered under ``name``, checked against the contract; an
     unknown name lists the known ones."""
-    builtins, plugins = _registered()
-    ep = builtins.get(name) or plugins.get(name)
+    ep = _builtins().get(name) or _registered()[1].get(name)
     if ep is None:
         raise UnknownProvider(name, _known())
     try:
