@@ -55,10 +55,10 @@ from imagepipe.execution import (
     image_dir,
     opened_store,
     read_root,
-    reconcile_outcomes,
     root_promise,
     run_command,
     run_outcome,
+    tidy_after_execution,
     with_provider,
 )
 from imagepipe.files import ImageDirUnusable, claim_image_dir
@@ -165,7 +165,7 @@ def _tidy_images(run_id: str, directory: Path | None, children: list[PromiseReco
     so its image folder is brought in line with the store (staged files promoted, orphans
     removed)."""
     outcomes = [(c.state, c.value) for c in children]
-    reconcile_outcomes(run_id, directory, outcomes, exclusive=True)
+    tidy_after_execution(run_id, directory, outcomes)
 
 
 def _branch_job(run_id: str, execution: Execution, invocation: Invocation) -> BranchJob[Deps]:

@@ -8,8 +8,8 @@ runs (:mod:`imagepipe.service`) and detached ones (:mod:`imagepipe.detached`) al
 - :func:`execution_for` / :class:`Execution`: the provider, image folder and retry policy
   this invocation executes a stored run's branches with, whoever executes them
 - :func:`run_outcome`: a run as a command reports it
-- :func:`image_dir_of`, :func:`reconcile_run_images`, :func:`reconcile_outcomes`: a run's
-  image folder, and bringing it in line with the store
+- :func:`image_dir_of`, :func:`reconcile_run_images`, :func:`reconcile_outcomes`,
+  :func:`tidy_after_execution`: a run's image folder, and bringing it in line with the store
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ from imagepipe.files import (
     claim_image_dir,
     default_image_dir,
     has_staged,
+    image_dir_owner,
     reconcile_images,
+    remove_temporaries,
 )
 from imagepipe.pipeline import Deps, recorded_images
 from imagepipe.providers.base import ProviderError
@@ -72,6 +74,7 @@ __all__ = [
     "root_promise",
     "run_command",
     "run_outcome",
+    "tidy_after_execution",
     "with_provider",
 ]
 
@@ -358,6 +361,21 @@ def reconcile_outcomes(
         return ReconcileReport()
     recorded = recorded_images(directory, outcomes)
     return reconcile_images(directory, recorded, exclusive=exclusive, owner=run_id)
+
+
+def tidy_after_execution(
+    run_id: str, directory: Path | None, outcomes: Iterable[tuple[str, Any]]
+) -> ReconcileReport:
+    """What ends an execution that settled the run (every branch is settled, so no other
+    process can be writing its images legitimately): reconcile its folder, and remove the
+    temporary files older versions wrote beside the images and a kill left behind. Not on
+    a mere ``resume`` of a settled run: listing a folder of 100,000 images each time would
+    cost more than the files it might find."""
+    report = reconcile_outcomes(run_id, directory, outcomes, exclusive=True)
+    if directory is not None and image_dir_owner(directory) == run_id:
+        removed = remove_temporaries(directory)
+        report = dataclasses.replace(report, removed=report.removed + removed)
+    return report
 
 
 def image_dir(path: str | Path) -> Path:

@@ -36,11 +36,11 @@ from imagepipe.execution import (
     image_dir_of,
     opened_store,
     read_root,
-    reconcile_outcomes,
     reconcile_run_images,
     root_promise,
     run_command,
     run_outcome,
+    tidy_after_execution,
     with_provider,
 )
 from imagepipe.files import (
@@ -284,7 +284,7 @@ async def _execute(
         # every branch is settled and this process holds the run: finish what kills
         # left in the image folder (staged files recorded but not renamed, orphans)
         outcomes = ((h.state, h.value) for h in ctx.launched)
-        reconcile_outcomes(root.id, execution.deps.out_dir, outcomes, exclusive=True)
+        tidy_after_execution(root.id, execution.deps.out_dir, outcomes)
     finally:
         await lease.release()
         await provider.aclose()

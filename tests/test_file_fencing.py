@@ -262,3 +262,43 @@ def test_verify_fix_puts_recorded_images_in_place_and_removes_orphans(
     assert image.read_bytes() == data
     assert staged(out) == []
     assert sorted(p.name for p in out.iterdir()) == [".imagepipe", "a.png"]
+
+
+@pytest.mark.parametrize("executor", ["resume", "worker"])
+def test_temporary_files_a_kill_left_are_removed_by_the_next_execution(
+    executor: str, db_path: Path, tmp_path: Path
+) -> None:
+    """Older versions wrote ``.<random>.imagepipe-tmp`` beside the images, and a kill left
+    them there for ever (nothing called remove_temporaries). The execution that settles the
+    run removes them, whoever it is; a user's own files stay."""
+    out = tmp_path / "img"
+    url = str(db_path)
+    args = ["run", "a fox", "-s", "a", "-s", "b", "--id", "t", "--out", str(out)]
+    if executor == "worker":
+        args.append("--detach")
+    else:
+        args += ["--hang-rate", "1"]  # the first process never finishes a branch ...
+    first = subprocess.Popen(
+        cli_argv(*args),
+        env=env_for(url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if executor == "resume":
+        assert first.stdout is not None
+        for line in first.stdout:  # ... and is killed once its attempts have started
+            if "attempt 1" in line:
+                break
+        first.kill()
+    first.communicate(timeout=60)
+    leftover = out / ".0123456789abcdef.imagepipe-tmp"
+    leftover.write_bytes(b"half an image")
+    mine = out / "notes.txt"
+    mine.write_text("the user's own")
+
+    finished = cli(url, "resume", "t") if executor == "resume" else cli(url, "worker", "--once")
+    assert finished.returncode == 0, finished.stderr
+    assert not leftover.exists()
+    assert mine.read_text() == "the user's own"
+    assert cli(url, "verify", "t").returncode == 0
