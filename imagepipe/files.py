@@ -293,16 +293,23 @@ def save_image(directory: Path, name: str, data: bytes) -> SavedImage:
     ``name``; re-saving the same name replaces the file atomically. The directory and its
     parents are created if needed. No copy of ``data`` is made.
     """
-    _check_name(name)
-    mime = sniff_mime(data)
-    width, height = _dimensions(data, mime)
+    saved = _describe(directory, name, data)
     final = directory / name
     try:
         _write_atomically(directory, final, data)
     except OSError as exc:
         raise ImageFileError(f"cannot write {str(final)!r}: {exc.strerror or exc}") from exc
+    return saved
+
+
+def _describe(directory: Path, name: str, data: bytes) -> SavedImage:
+    """What ``data`` saved as ``directory/name`` will be: checked to be a plain file name
+    and an image whose header Pillow reads."""
+    _check_name(name)
+    mime = sniff_mime(data)
+    width, height = _dimensions(data, mime)
     return SavedImage(
-        path=str(final.absolute()),
+        path=str((directory / name).absolute()),
         sha256=hashlib.sha256(data).hexdigest(),
         bytes=len(data),
         mime=mime,
@@ -416,13 +423,10 @@ def stage_image(directory: Path, name: str, data: bytes) -> StagedImage:
     :func:`promote` makes it ``directory/name``; until then a reader sees the file that
     was there before, if any. Raises :class:`ImageFileError` for bytes that are not an image
     and ``OSError`` when the disk refuses the write."""
-    _check_name(name)
-    mime = sniff_mime(data)
-    width, height = _dimensions(data, mime)
-    sha256 = hashlib.sha256(data).hexdigest()
+    saved = _describe(directory, name, data)
     staging = _staging(directory)
     _make_dirs(staging)
-    staged = staging / f"{name}.{sha256[:_STAGED_SHA_CHARS]}.{secrets.token_hex(4)}"
+    staged = staging / f"{name}.{saved['sha256'][:_STAGED_SHA_CHARS]}.{secrets.token_hex(4)}"
     _write_new_file(staged, data)
     try:
         _fsync_dir(staging)
@@ -430,15 +434,7 @@ def stage_image(directory: Path, name: str, data: bytes) -> StagedImage:
         with contextlib.suppress(OSError):
             staged.unlink()
         raise
-    return StagedImage(
-        path=str((directory / name).absolute()),
-        sha256=sha256,
-        bytes=len(data),
-        mime=mime,
-        width=width,
-        height=height,
-        staged=str(staged.absolute()),
-    )
+    return StagedImage(**saved, staged=str(staged.absolute()))
 
 
 def promote(staged: str, final: str) -> bool:
