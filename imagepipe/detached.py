@@ -63,16 +63,15 @@ from imagepipe.execution import (
 )
 from imagepipe.files import ImageDirUnusable, claim_image_dir
 from imagepipe.pipeline import Deps, generate_image, image_pipeline
-from imagepipe.runs import (
+from imagepipe.runs.model import (
     DEFAULT_MAX_ATTEMPTS,
     Branch,
     Invocation,
-    Reporter,
-    RunInfo,
-    RunOutcome,
     RunSpec,
     validate_run_id,
 )
+from imagepipe.runs.outcome import RunOutcome
+from imagepipe.runs.reporting import Reporter, RunInfo
 
 __all__ = [
     "WorkerInfo",

@@ -49,14 +49,8 @@ from imagepipe.providers.base import ProviderError
 from imagepipe.providers.contract import ProviderClass, ProviderSettings
 from imagepipe.providers.options import ProviderOptions, build_options, identity
 from imagepipe.providers.registry import get_provider_class
-from imagepipe.runs import (
-    DEFAULT_MAX_ATTEMPTS,
-    Branch,
-    Invocation,
-    RunOutcome,
-    RunSpec,
-    run_state,
-)
+from imagepipe.runs.model import DEFAULT_MAX_ATTEMPTS, Branch, Invocation, RunSpec
+from imagepipe.runs.outcome import RunOutcome, run_state
 from imagepipe.styles import templates_for
 from imagepipe.text import quoted
 
@@ -324,7 +318,6 @@ def _settings(invocation: Invocation) -> ProviderSettings:
         rpm=invocation.rpm,
         coordinated_backoff=settings.coordinated_backoff(),
         sim_latency_ms=invocation.sim_latency_ms,
-        faults=invocation.faults,
     )
 
 

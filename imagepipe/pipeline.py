@@ -7,7 +7,9 @@ all live below, in :mod:`imagepipe.durable`.
 A branch asks the run's provider for one image (sub-steps, such as a job's creation, go
 through the branch's durable :class:`~imagepipe.durable.Step`), saves it to disk
 atomically, and returns what the store keeps of it: the file's path, hash and size, never
-its bytes. :class:`BranchArgs` is the one reader of a stored branch's arguments.
+its bytes. The arguments of both functions are the fields of the run's model
+(:class:`~imagepipe.runs.model.RunSpec`, :class:`~imagepipe.runs.model.BranchArgs`), which
+reads them back from the store without importing this module.
 """
 
 from __future__ import annotations
@@ -20,22 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from imagepipe.durable import Handle, RunContext, Step, StopRun, bind_args
-from imagepipe.durable.records import ARGS_VERSION
+from imagepipe.durable import Handle, RunContext, Step, StopRun
 from imagepipe.providers import ImageProvider, ProviderImage, ProviderRequest
 from imagepipe.providers.options import ProviderOptions
 from imagepipe.styles import render
 
 __all__ = [
-    "BranchArgs",
     "Deps",
     "ImageValue",
     "PipelineResult",
     "generate_image",
-    "image_location",
     "image_pipeline",
     "recorded_images",
-    "variation_label",
 ]
 
 
@@ -194,46 +192,6 @@ async def image_pipeline(
     return {"prompt": prompt, "images": images, "total_ms": sum(i["duration_ms"] for i in images)}
 
 
-@dataclass(frozen=True, slots=True)
-class BranchArgs:
-    """A ``generate_image`` branch's arguments, by name, defaults filled in."""
-
-    prompt: str
-    style: str
-    variation: int = 0
-    crash: bool = False
-    #: the row of a prompt file, None for a run of one prompt
-    prompt_index: int | None = None
-
-    @classmethod
-    def read(cls, args: Mapping[str, Any]) -> BranchArgs:
-        """From a branch's arguments: the stored object (``{"version": ..}``) or the
-        call's keyword arguments."""
-        if "version" not in args:  # the call's own keyword arguments
-            named = args
-        elif args["version"] == ARGS_VERSION:  # stored by name: no signature to consult
-            named = args["kwargs"]
-        else:
-            named = bind_args(generate_image, args)
-        try:
-            index = named.get("prompt_index")
-            return cls(
-                str(named["prompt"]),
-                str(named["style"]),
-                int(named.get("variation", 0)),
-                bool(named.get("crash", False)),
-                None if index is None else int(index),
-            )
-        except (KeyError, TypeError, ValueError):
-            return cls("?", "?", 0, False)
-
-    @property
-    def label(self) -> str:
-        """``style#n``, after ``#row`` for a prompt file's branch: ``#3 cartoon#1``."""
-        label = variation_label(self.style, self.variation)
-        return label if self.prompt_index is None else f"#{self.prompt_index + 1} {label}"
-
-
 def recorded_images(directory: Path, outcomes: Iterable[tuple[str, Any]]) -> dict[str, str]:
     """The file name and sha256 of each resolved branch's image in ``directory``, from the
     branches' (state, value)."""
@@ -244,15 +202,3 @@ def recorded_images(directory: Path, outcomes: Iterable[tuple[str, Any]]) -> dic
             if path.parent == directory:
                 recorded[path.name] = str(value.get("sha256", ""))
     return recorded
-
-
-def image_location(value: Mapping[str, Any]) -> str | None:
-    """Where a branch's image is, as a line of output shows it: the provider's URL where
-    there is one (the simulated provider keeps the reference's), else the file."""
-    location = value.get("url") or value.get("path")
-    return None if location is None else str(location)
-
-
-def variation_label(style: str, variation: int) -> str:
-    """How a branch is named on screen: its style, with ``#n`` for variations n > 0."""
-    return style if variation == 0 else f"{style}#{variation}"

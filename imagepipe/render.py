@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from imagepipe.pipeline import image_location
-from imagepipe.runs import Branch, RunOutcome, RunSummary, duration_ms
+from imagepipe.runs.model import Branch, image_location
+from imagepipe.runs.outcome import RunOutcome, RunSummary, duration_ms
 from imagepipe.text import escape_control
 from imagepipe.ui import Board, Row, board_renderable
 

@@ -51,18 +51,15 @@ from imagepipe.files import (
     remove_temporaries,
 )
 from imagepipe.pipeline import image_pipeline
-from imagepipe.runs import (
-    Invocation,
+from imagepipe.runs.model import Invocation, RunSpec, validate_run_id
+from imagepipe.runs.outcome import (
     LaunchedBranches,
-    Reporter,
-    RunInfo,
     RunOutcome,
-    RunSpec,
     RunSummary,
     StoredBranches,
     run_state,
-    validate_run_id,
 )
+from imagepipe.runs.reporting import Reporter, RunInfo
 
 __all__ = ["fix_run_images", "list_runs", "resume_run", "show_run", "start_run"]
 

@@ -37,8 +37,8 @@ from imagepipe.durable import (
     PromiseReplayed,
     PromiseResolved,
 )
-from imagepipe.pipeline import BranchArgs, image_location
-from imagepipe.runs import RunInfo
+from imagepipe.runs.model import BranchArgs, image_location
+from imagepipe.runs.reporting import RunInfo
 from imagepipe.text import escape_control, quoted
 
 __all__ = [

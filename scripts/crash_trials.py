@@ -58,9 +58,9 @@ from executor_trials import (
     file_takeover_trials,
 )
 
-from imagepipe.pipeline import BranchArgs
-from imagepipe.providers import Faults, SimulatedProvider
-from imagepipe.providers.simulated import simulated_request
+from imagepipe.providers import SimulatedProvider
+from imagepipe.providers.simulated import SimulatedOptions, simulated_request
+from imagepipe.runs.model import BranchArgs
 from imagepipe.styles import BUILTIN_TEMPLATES
 
 KNOWN_STYLES = list(BUILTIN_TEMPLATES)
@@ -117,15 +117,18 @@ class Plan:
         )
 
     def fault_flags(self) -> list[str]:
-        flags = ["--fail-rate", str(self.fail_rate), "--seed", str(self.fault_seed)]
+        flags = ["-o", "fail_rate", str(self.fail_rate), "-o", "fault_seed", str(self.fault_seed)]
         flags += ["--max-attempts", str(self.max_attempts)]
         if self.fail_style:
-            flags += ["--fail-style", self.fail_style]
+            flags += ["-o", "fail_style", self.fail_style]
         return flags
 
     def provider(self) -> SimulatedProvider:
-        fail_styles = frozenset([self.fail_style] if self.fail_style else [])
-        return SimulatedProvider(faults=Faults(self.fail_rate, self.fault_seed, fail_styles))
+        return SimulatedProvider(
+            SimulatedOptions(
+                fail_rate=self.fail_rate, fault_seed=self.fault_seed, fail_style=self.fail_style
+            )
+        )
 
 
 @dataclass

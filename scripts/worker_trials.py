@@ -88,14 +88,16 @@ def trial(rng: random.Random, db: str, work: Path, run_id: str) -> Result:
         str(rng.randint(20, 60)),
         "--id",
         run_id,
-        "--fail-rate",
+        "-o",
+        "fail_rate",
         "0.2",
-        "--seed",
+        "-o",
+        "fault_seed",
         str(rng.randint(0, 999)),
         "--detach",
     ]
     subprocess.run(cli(*spec), env=env, check=True, capture_output=True)
-    worker = cli("worker", "--once", "-c", "8", "--sim-latency", "3000", "--fail-rate", "0.2")
+    worker = cli("worker", "--once", "-c", "8", "--sim-latency", "3000", "-o", "fail_rate", "0.2")
     running = [
         subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(3)

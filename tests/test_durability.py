@@ -82,7 +82,7 @@ def test_sigkill_during_backoff_then_resume(
     # Abstract's first attempt fails at once and backs off 2 s x 100: killed in its back-off
     # whenever the test gets to it; the others take 1 ms x 100.
     seed = str(seed_for("k1", "fail", 2))
-    args = ("--fail-rate", "0.5", "--seed", seed, "--sim-latency", "1")
+    args = ("-o", "fail_rate", "0.5", "-o", "fault_seed", seed, "--sim-latency", "1")
     proc = start(db_path, "run", "A futuristic city skyline", "--id", "k1", *args, scale="100")
     procs.append(proc)
     assert proc.stdout is not None
@@ -117,7 +117,7 @@ def test_sigkill_during_an_attempt_continues_with_the_next_attempt_number(
 ) -> None:
     # Photorealistic's first attempt hangs until the kill; cartoon's is done in 8 ms.
     seed = str(seed_for("k2", "hang", 0))
-    args = ("--hang-rate", "0.5", "--seed", seed)
+    args = ("-o", "hang_rate", "0.5", "-o", "fault_seed", seed)
     proc = start(db_path, "run", "a lighthouse", "--id", "k2", *args, scale="0.01")
     procs.append(proc)
     assert proc.stdout is not None
@@ -148,7 +148,7 @@ def test_a_polite_signal_leaves_a_resumable_run_and_says_how(
 ) -> None:
     # Photorealistic's first attempt hangs until the signal; cartoon's is done in 8 ms.
     seed = str(seed_for("sig", "hang", 0))
-    args = ("--hang-rate", "0.5", "--seed", seed)
+    args = ("-o", "hang_rate", "0.5", "-o", "fault_seed", seed)
     proc = start(db_path, "run", "a lighthouse", "--id", "sig", *args, scale="0.01")
     procs.append(proc)
     assert proc.stdout is not None

@@ -277,7 +277,7 @@ def test_temporary_files_a_kill_left_are_removed_by_the_next_execution(
     if executor == "worker":
         args.append("--detach")
     else:
-        args += ["--hang-rate", "1"]  # the first process never finishes a branch ...
+        args += ["-o", "hang_rate", "1"]  # the first process never finishes a branch ...
     first = subprocess.Popen(
         cli_argv(*args),
         env=env_for(url),

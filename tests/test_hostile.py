@@ -221,7 +221,7 @@ def test_a_brief_lock_during_a_heartbeat_does_not_kill_the_run(
 def test_retry_refused_for_a_replay_mismatch_leaves_the_store_unchanged(
     db_path: Path, mismatch: str, where: str
 ) -> None:
-    failed = cli(db_path, "run", "a fox", "--id", "f", "--fail-style", "abstract")
+    failed = cli(db_path, "run", "a fox", "--id", "f", "-o", "fail_style", "abstract")
     assert failed.returncode == 1
     sql(db_path, mismatch)
     before = checkpointed_bytes(db_path)

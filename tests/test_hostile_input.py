@@ -43,7 +43,7 @@ def assert_refused(done: subprocess.CompletedProcess[str], message: str) -> None
         (["show", "x\udcff"], "the run id is not valid UTF-8: 'x\\xff'"),
         (["resume", "x\udcff"], "the run id is not valid UTF-8: 'x\\xff'"),
         (["run", "x", "-s", "\udcffcartoon"], "--style is not valid UTF-8: '\\xffcartoon'"),
-        (["run", "x", "--fail-style", "\udcff"], "--fail-style is not valid UTF-8: '\\xff'"),
+        (["run", "x", "-o", "fail_style", "\udcff"], "-o fail_style is not valid UTF-8: '\\xff'"),
         # -o KEY VALUE, -o KEY=VALUE: the name and the value; for every command that runs
         (["run", "x", "-o", "model", "gpt\udcff"], "-o model is not valid UTF-8: 'gpt\\xff'"),
         (["run", "x", "-o", "model=gpt\udcff"], "-o model is not valid UTF-8: 'gpt\\xff'"),

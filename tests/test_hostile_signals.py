@@ -58,7 +58,7 @@ def test_two_ctrl_c_in_a_row_exit_130_at_once_and_leave_a_resumable_run(
     db = tmp_path / "s.db"
     env = cli_env(db, IMAGEPIPE_TIME_SCALE="1")
     proc = subprocess.Popen(
-        cli_argv("run", "x", "--hang-rate", "1", "-n", "50", "--id", "s"),
+        cli_argv("run", "x", "-o", "hang_rate", "1", "-n", "50", "--id", "s"),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -2,7 +2,7 @@
 
 import json
 
-from imagepipe.json_stream import EncodedItems, json_chunks
+from imagepipe.json_stream import json_chunks
 
 
 def test_a_document_is_written_as_json_dumps_writes_it_with_iterators_as_arrays() -> None:
@@ -10,9 +10,3 @@ def test_a_document_is_written_as_json_dumps_writes_it_with_iterators_as_arrays(
     document = {"id": "r\n1", "items": iter(items), "empty": iter([]), "tail": [1, None]}
     text = "".join(json_chunks(document))
     assert text == json.dumps(document | {"items": items, "empty": []})
-
-
-def test_encoded_items_are_written_as_they_are() -> None:
-    texts = [json.dumps({"n": i}) for i in range(1_001)]
-    text = "".join(json_chunks({"items": EncodedItems(texts), "n": 2}))
-    assert json.loads(text) == {"items": [{"n": i} for i in range(1_001)], "n": 2}

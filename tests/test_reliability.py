@@ -50,7 +50,20 @@ def integrity(db: Path) -> str:
 
 
 def test_seeded_failure_rate_fails_exactly_the_drawn_attempts(db_path: Path) -> None:
-    args = ["run", "a cat", "--id", "fr", "-n", "6", "--fail-rate", "0.5", "--seed", "7"]
+    args = [
+        "run",
+        "a cat",
+        "--id",
+        "fr",
+        "-n",
+        "6",
+        "-o",
+        "fail_rate",
+        "0.5",
+        "-o",
+        "fault_seed",
+        "7",
+    ]
     result = invoke(*args, "--max-attempts", "3", "--json")
     faults = Faults(fail_rate=0.5, seed=7)
     history = rows(
@@ -75,7 +88,7 @@ def test_seeded_failure_rate_fails_exactly_the_drawn_attempts(db_path: Path) -> 
 
 
 def test_non_retryable_error_rejects_at_once_and_the_rest_finish(db_path: Path) -> None:
-    result = invoke("run", "a cat", "--id", "nr", "--fail-style", "cartoon", "--json")
+    result = invoke("run", "a cat", "--id", "nr", "-o", "fail_style", "cartoon", "--json")
     assert result.exit_code == 1
     data = json.loads(result.stdout)
     assert data["state"] == "failed"
@@ -99,7 +112,8 @@ def test_exhausted_branch_is_rejected_with_its_last_error(db_path: Path) -> None
         "abstract",
         "--id",
         "ex",
-        "--fail-rate",
+        "-o",
+        "fail_rate",
         "1",
         "--max-attempts",
         "3",
@@ -122,7 +136,8 @@ def test_a_hang_is_a_retryable_timeout(db_path: Path) -> None:
         "cartoon",
         "--id",
         "hg",
-        "--hang-rate",
+        "-o",
+        "hang_rate",
         "1",
         "--attempt-timeout",
         "0.05",
@@ -137,7 +152,7 @@ def test_a_hang_is_a_retryable_timeout(db_path: Path) -> None:
 
 
 def test_retry_reruns_only_rejected_branches_and_keeps_history(db_path: Path) -> None:
-    invoke("run", "a cat", "--id", "rt", "--fail-style", "abstract", "--json")
+    invoke("run", "a cat", "--id", "rt", "-o", "fail_style", "abstract", "--json")
     before = branches(db_path, "rt")
     result = invoke("retry", "rt", "--json")
     assert result.exit_code == 0, result.stderr
@@ -160,7 +175,7 @@ def test_retry_reruns_only_rejected_branches_and_keeps_history(db_path: Path) ->
 
 
 def test_resume_retry_failed_is_the_same_as_retry(db_path: Path) -> None:
-    invoke("run", "a cat", "--id", "rf", "--fail-style", "cartoon", "--json")
+    invoke("run", "a cat", "--id", "rf", "-o", "fail_style", "cartoon", "--json")
     plain = invoke("resume", "rf", "--json")
     assert plain.exit_code == 1, "resume alone leaves a failed run failed"
     result = invoke("resume", "rf", "--retry-failed", "--json")
@@ -169,7 +184,7 @@ def test_resume_retry_failed_is_the_same_as_retry(db_path: Path) -> None:
 
 
 def test_non_determinism_is_refused_naming_the_first_mismatch(db_path: Path) -> None:
-    invoke("run", "a cat", "--id", "nd", "--fail-style", "abstract", "--json")
+    invoke("run", "a cat", "--id", "nd", "-o", "fail_style", "abstract", "--json")
     conn = sqlite3.connect(db_path)
     conn.execute(
         "UPDATE promises SET args = ? WHERE id = 'nd.1'",
@@ -200,7 +215,7 @@ def test_second_executor_is_refused_and_a_dead_one_is_taken_over_at_once(
     # death being noticed, at once.
     env = cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01", IMAGEPIPE_LEASE_TIMEOUT="3600")
     owner = subprocess.Popen(
-        cli_argv("run", "a cat", "--crash", "--id", "busy", "--hang-rate", "1"),
+        cli_argv("run", "a cat", "--crash", "--id", "busy", "-o", "hang_rate", "1"),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -241,7 +256,7 @@ def test_two_resumes_at_once_exactly_one_executes(
 ) -> None:
     # Leave a pending run behind: its attempts hang until it is killed.
     first = subprocess.Popen(
-        cli_argv("run", "a cat", "--id", "twin", "--hang-rate", "1"),
+        cli_argv("run", "a cat", "--id", "twin", "-o", "hang_rate", "1"),
         env=cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01"),
         stdout=subprocess.PIPE,
         text=True,

@@ -31,7 +31,7 @@ def stored(db: Path) -> dict[str, tuple[Any, ...]]:
 
 def test_two_thousand_branches_with_failures_survive_a_kill(db_path: Path) -> None:
     # small images: this is about 2,000 durable branches, not about drawing 2,000 PNGs
-    flags = ["--fail-rate", "0.3", "--seed", "4", "--max-attempts", "10", "-c", "64"]
+    flags = ["-o", "fail_rate", "0.3", "-o", "fault_seed", "4", "--max-attempts", "10", "-c", "64"]
     flags += ["--sim-latency", "20", "-o", "size", "8x8"]
     env = cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.001")
     proc = subprocess.Popen(

@@ -31,7 +31,7 @@ LEASE_TIMEOUT = 1.0
 SCALE = "0.2"
 RUN_ID = "split"
 #: seed 1 fails attempt 1 of two of the nine branches (photorealistic#2, abstract#1)
-SLOW_FLAKY = ("--sim-latency", "3000", "-n", "3", "--fail-rate", "0.5", "--seed", "1")
+SLOW_FLAKY = ("--sim-latency", "3000", "-n", "3", "-o", "fail_rate", "0.5", "-o", "fault_seed", "1")
 _LINE = re.compile(r"^\[(?P<label>[^\]]+)\]\s+(?P<what>.*)$")
 
 

@@ -18,7 +18,8 @@ from imagepipe.durable import (
     PromiseRejectedEvent,
     PromiseResolved,
 )
-from imagepipe.runs import RunInfo, RunSpec
+from imagepipe.runs.model import RunSpec
+from imagepipe.runs.reporting import RunInfo
 from imagepipe.ui import FULL_TABLE_LIMIT, Board, board_renderable
 
 from conftest import cli_argv, cli_env
@@ -70,7 +71,7 @@ def test_live_table_shows_every_branch_the_retry_and_the_final_states(db_path: P
 
 def test_resume_shows_replayed_branches_at_once(db_path: Path) -> None:
     proc = subprocess.run(
-        cli_argv("run", "a cat", "--id", "tty2", "--fail-style", "cartoon", "--json"),
+        cli_argv("run", "a cat", "--id", "tty2", "-o", "fail_style", "cartoon", "--json"),
         env=cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01"),
         capture_output=True,
         text=True,

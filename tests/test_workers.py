@@ -154,13 +154,13 @@ def test_two_runs_at_once_across_workers_and_watch_reports_each(
     )
     assert (
         cli(
-            db_path, "run", "a cat", "--fail-style", "cartoon", "--id", "two", "--detach"
+            db_path, "run", "a cat", "-o", "fail_style", "cartoon", "--id", "two", "--detach"
         ).returncode
         == 0
     )
     watchers = [spawn(db_path, procs, "watch", run) for run in ("one", "two")]
     workers = [
-        spawn(db_path, procs, "worker", "--once", "-c", "2", "--fail-style", "cartoon")
+        spawn(db_path, procs, "worker", "--once", "-c", "2", "-o", "fail_style", "cartoon")
         for _ in range(2)
     ]
     for worker in workers:
@@ -253,7 +253,7 @@ def test_retry_of_a_failed_detached_run_shares_its_reopened_branches_with_a_work
     calls, gate = tmp_path / "calls.log", tmp_path / "gate"
     spec = ("run", "x", "-s", "photorealistic", "-s", "cartoon", "-n", "4", "--id", "f")
     assert cli(db_path, *spec, "--detach").returncode == 0
-    failed = cli(db_path, "worker", "--once", "--fail-style", "cartoon")
+    failed = cli(db_path, "worker", "--once", "-o", "fail_style", "cartoon")
     assert failed.returncode == 0, failed.stderr
     assert rows(db_path, "SELECT state FROM promises WHERE id = 'f'") == [("rejected",)]
     # the retry's calls stay in flight until the gate file exists

@@ -115,11 +115,13 @@ def test_two_runs_at_once_across_workers_on_postgresql_with_watch_woken_by_notif
 ) -> None:
     one = cli(postgres_url, "run", "a fox", "-s", "abstract", "-n", "3", "--id", "one", "--detach")
     assert one.returncode == 0, one.stderr
-    two = cli(postgres_url, "run", "a cat", "--fail-style", "cartoon", "--id", "two", "--detach")
+    two = cli(
+        postgres_url, "run", "a cat", "-o", "fail_style", "cartoon", "--id", "two", "--detach"
+    )
     assert two.returncode == 0, two.stderr
     watchers = [spawn(procs, postgres_url, "watch", run) for run in ("one", "two")]
     workers = [
-        spawn(procs, postgres_url, "worker", "--once", "-c", "2", "--fail-style", "cartoon")
+        spawn(procs, postgres_url, "worker", "--once", "-c", "2", "-o", "fail_style", "cartoon")
         for _ in range(2)
     ]
     for worker in workers:

@@ -24,7 +24,9 @@ from imagepipe.text import escape_control, invalid_utf8, quoted
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from imagepipe.runs import Invocation, Reporter, RunOutcome
+    from imagepipe.runs.model import Invocation
+    from imagepipe.runs.outcome import RunOutcome
+    from imagepipe.runs.reporting import Reporter
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -123,7 +125,6 @@ _TEXT_PARAMETERS = {
     "prompt": "the prompt",
     "run_id": "the run id",
     "style": "--style",
-    "fail_style": "--fail-style",
     "db": "--db",
     "out": "--out",  # stored with the run, and in each image's path
     "prompts": "--prompts",  # its file name is stored as the run's label
@@ -222,24 +223,6 @@ _EXECUTION_OPTIONS: dict[str, tuple[Any, Any]] = {
             show_default=False,
         ),
     ),
-    "fail_rate": (
-        float,
-        typer.Option(
-            "--fail-rate",
-            metavar="P",
-            help="Simulate transient provider failures in this share of attempts.",
-        ),
-    ),
-    "hang_rate": (
-        float,
-        typer.Option(
-            "--hang-rate",
-            metavar="P",
-            help="Simulate a provider that never answers in this share of attempts "
-            "(use with --attempt-timeout).",
-        ),
-    ),
-    "seed": (int, typer.Option("--seed", metavar="N", help="Seed of the simulated faults.")),
     "option": (
         list[str] | None,
         typer.Option(
@@ -262,17 +245,7 @@ _EXECUTION_OPTIONS: dict[str, tuple[Any, Any]] = {
             show_default=False,
         ),
     ),
-    "fail_style": (
-        list[str] | None,
-        typer.Option(
-            "--fail-style",
-            metavar="STYLE",
-            help="Simulate a provider that refuses this style (non-retryable); repeatable.",
-            show_default=False,
-        ),
-    ),
 }
-_EXECUTION_DEFAULTS: dict[str, Any] = {"fail_rate": 0.0, "hang_rate": 0.0, "seed": 0}
 
 
 def execution_options(command: Callable[..., R]) -> Callable[..., R]:
@@ -287,7 +260,7 @@ def execution_options(command: Callable[..., R]) -> Callable[..., R]:
         inspect.Parameter(
             name,
             inspect.Parameter.KEYWORD_ONLY,
-            default=_EXECUTION_DEFAULTS.get(name),
+            default=None,
             annotation=Annotated[kind, option],
         )
         for name, (kind, option) in _EXECUTION_OPTIONS.items()
@@ -311,15 +284,10 @@ def make_invocation(
     concurrency: int | None = None,
     attempt_timeout: float | None = None,
     sim_latency: int | None = None,
-    fail_rate: float = 0.0,
-    hang_rate: float = 0.0,
-    seed: int = 0,
-    fail_style: list[str] | None = None,
     option: list[str] | None = None,
     rpm: int | None = None,
 ) -> "Invocation":
-    from imagepipe.providers import Faults
-    from imagepipe.runs import Invocation
+    from imagepipe.runs.model import Invocation
     from imagepipe.settings import time_scale
 
     return Invocation(  # validated by the service before it opens the store
@@ -328,7 +296,6 @@ def make_invocation(
         time_scale=time_scale(),
         sim_latency_ms=sim_latency,
         attempt_timeout=attempt_timeout,
-        faults=Faults(fail_rate, seed, frozenset(fail_style or ()), hang_rate),
         option_pairs=tuple(_pair(joined) for joined in option or ()),
         rpm=rpm,
     )
@@ -397,11 +364,13 @@ def execute_and_report(
 
     Live table in a terminal, plain lines elsewhere, nothing for --json and --quiet. A
     failed run then exits 1 naming its first rejected branch."""
-    from imagepipe.runs import QuietReporter
+    from imagepipe.runs.reporting import QuietReporter
 
     if json_out:
+        from imagepipe.runs.json_output import result_json
+
         outcome = call(QuietReporter())
-        write_lines(outcome.result_json_text())
+        write_lines(result_json(outcome))
     else:
         from imagepipe.render import print_outcome
         from imagepipe.ui import LiveReporter, PlainReporter

@@ -18,7 +18,7 @@ from imagepipe.cli.common import (
 from imagepipe.errors import BadInput
 
 if TYPE_CHECKING:
-    from imagepipe.runs import Invocation, RunSpec
+    from imagepipe.runs.model import Invocation, RunSpec
 
 IdArgument = Annotated[str, typer.Argument(metavar="ID", help="The run's id.")]
 
@@ -113,7 +113,7 @@ def run(
     invocation: "Invocation",
 ) -> None:
     """Generate the styles of PROMPT in parallel, each branch a durable promise."""
-    from imagepipe.runs import RunSpec, new_run_id
+    from imagepipe.runs.model import RunSpec, new_run_id
     from imagepipe.service import start_run
     from imagepipe.styles import DEFAULT_STYLES
 
@@ -152,7 +152,7 @@ def _prompt_file_spec(
     from pathlib import Path
 
     from imagepipe.prompts import load_prompts, prompts_identity
-    from imagepipe.runs import RunSpec
+    from imagepipe.runs.model import RunSpec
 
     if prompt is not None:
         raise BadInput("give a PROMPT or --prompts FILE, not both")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -35,7 +34,9 @@ def list_runs(
         raise BadInput(f"--limit must be at least 1, not {limit}")
     runs = listing(store_url(db), limit)
     if json_out:
-        print(json.dumps([r.to_json() for r in runs]))
+        from imagepipe.runs.json_output import list_json
+
+        print(list_json(runs))
     else:
         print_run_list(make_console(no_color), runs)
 
@@ -72,7 +73,9 @@ def show(
         history = [a for a in outcome.history if a.promise_id in {b.id for b in chosen}]
         outcome = dataclasses.replace(outcome, branches=chosen, history=history)
     if json_out:
-        write_lines(outcome.show_json_text())
+        from imagepipe.runs.json_output import show_json
+
+        write_lines(show_json(outcome))
     else:
         from imagepipe.render import print_show  # rich: only for a table
 

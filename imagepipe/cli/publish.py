@@ -11,7 +11,8 @@ import typer
 from imagepipe.cli.common import DbOption, reports_errors, store_url
 
 if TYPE_CHECKING:
-    from imagepipe.runs import Branch, RunOutcome
+    from imagepipe.runs.model import Branch
+    from imagepipe.runs.outcome import RunOutcome
 
 IdArgument = Annotated[str, typer.Argument(metavar="ID", help="The run.")]
 

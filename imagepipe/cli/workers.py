@@ -21,7 +21,7 @@ from imagepipe.cli.common import (
 from imagepipe.text import escape_control
 
 if TYPE_CHECKING:
-    from imagepipe.runs import Invocation
+    from imagepipe.runs.model import Invocation
 
 __all__ = ["register", "watch", "worker", "workers"]
 

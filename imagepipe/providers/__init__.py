@@ -17,8 +17,12 @@ from imagepipe.providers.base import (
     SubSteps,
     TransientProviderError,
 )
-from imagepipe.providers.faults import Faults
-from imagepipe.providers.simulated import SimulatedProvider, image_url, nominal_duration_ms
+from imagepipe.providers.simulated import (
+    Faults,
+    SimulatedProvider,
+    image_url,
+    nominal_duration_ms,
+)
 
 __all__ = [
     "AuthenticationFailed",

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from imagepipe.providers.base import ImageProvider
-from imagepipe.providers.faults import Faults
 
 if TYPE_CHECKING:
     from imagepipe.providers.http import Pacer
@@ -33,9 +32,8 @@ class ProviderSettings:
     rpm: int | None = None
     #: ``IMAGEPIPE_COORDINATED_BACKOFF``: a 429 pauses every branch of the run
     coordinated_backoff: bool = True
-    #: ``--sim-latency`` and the fault options: the simulated provider's
+    #: ``--sim-latency``: the simulated provider's
     sim_latency_ms: int | None = None
-    faults: Faults | None = None
 
     def pacer(self) -> Pacer:
         """The run's pacer (rate limit and coordinated back-off) for an HTTP provider."""

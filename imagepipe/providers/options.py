@@ -73,13 +73,14 @@ def option(
     choices: tuple[str, ...] | None = None,
     pattern: str | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     positive: bool = False,
 ) -> Any:
     """Declare one option field: its default, a one-sentence help, and how to validate it.
 
     ``identity=False`` marks a connection setting. ``choices`` lists the allowed values,
     ``pattern`` is a regular expression a string must match in full (its description is the
-    help text), ``minimum`` bounds a number from below, ``positive`` requires it above 0.
+    help text), ``minimum`` and ``maximum`` bound a number, ``positive`` requires it above 0.
     """
     meta = {
         "help": help,
@@ -87,6 +88,7 @@ def option(
         "choices": choices,
         "pattern": pattern,
         "minimum": minimum,
+        "maximum": maximum,
         "positive": positive,
     }
     return dataclasses.field(default=default, metadata=meta)
@@ -141,6 +143,9 @@ def _convert(provider: str, f: dataclasses.Field[Any], base: type, raw: str) -> 
         minimum = meta.get("minimum")
         if minimum is not None and not value >= minimum:
             raise BadOption(provider, f.name, f"{_show(raw)} must be at least {minimum:g}")
+        maximum = meta.get("maximum")
+        if maximum is not None and not value <= maximum:
+            raise BadOption(provider, f.name, f"{_show(raw)} must be at most {maximum:g}")
         return value
     if base is not str:
         raise TypeError(f"option {f.name}: unsupported type {base!r}")

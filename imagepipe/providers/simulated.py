@@ -4,15 +4,17 @@ Durations, the crash mode and the URL shape follow the reference example; the im
 real small PNG (a gradient with the prompt and style drawn on it, Pillow), so the default
 demo leaves files to look at. At ``--sim-latency 0`` (benchmarks) it draws nothing and no
 file is written, so that a benchmark measures imagepipe rather than Pillow and the disk.
-Fault injection (failure rate, a style that always fails, hangs) is for tests and demos;
-every random choice is seeded by ``(seed, branch id, attempt)``, so a test can tell in
-advance which attempt fails.
+Fault injection (failure rate, a style that always fails, hangs) is for tests and demos,
+through its options (``-o fail_rate 0.3``); they are this invocation's, not the run's
+identity. Every random choice is seeded by ``(fault_seed, branch id, attempt)``, so a test
+can tell in advance which attempt fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -26,7 +28,6 @@ from imagepipe.providers.base import (
     SubSteps,
     TransientProviderError,
 )
-from imagepipe.providers.faults import Faults
 from imagepipe.providers.options import ProviderOptions, option
 
 if TYPE_CHECKING:
@@ -68,6 +69,53 @@ class SimulatedOptions(ProviderOptions):
     size: str = option(
         "256x256", "WIDTHxHEIGHT of the drawn PNG", pattern=r"[1-9]\d{0,3}x[1-9]\d{0,3}"
     )
+    # Faults, for tests and demos: this invocation's, not the run's identity.
+    fail_rate: float = option(
+        0.0,
+        "share of attempts that fail with a transient error (tests, demos)",
+        identity=False,
+        minimum=0,
+        maximum=1,
+    )
+    hang_rate: float = option(
+        0.0,
+        "share of attempts that never answer; use with --attempt-timeout (tests, demos)",
+        identity=False,
+        minimum=0,
+        maximum=1,
+    )
+    fail_style: str | None = option(
+        None, "a style whose every attempt is refused, not retryable (tests, demos)", identity=False
+    )
+    fault_seed: int = option(
+        0, "seed of the faults: the same seed fails the same attempts", identity=False
+    )
+
+
+@dataclass(frozen=True)
+class Faults:
+    """How the simulated provider misbehaves: its fault options."""
+
+    fail_rate: float = 0.0
+    seed: int = 0
+    fail_styles: frozenset[str] = frozenset()
+    hang_rate: float = 0.0
+
+    @classmethod
+    def of(cls, options: SimulatedOptions) -> Faults:
+        styles = frozenset([options.fail_style] if options.fail_style else [])
+        return cls(options.fail_rate, options.fault_seed, styles, options.hang_rate)
+
+    def draw(self, request: ProviderRequest, what: str) -> float:
+        """A number in [0, 1), the same for the same seed, branch, attempt and purpose."""
+        rng = random.Random(f"{self.seed}:{request.idempotency_key}:{request.attempt}:{what}")
+        return rng.random()
+
+    def fails(self, request: ProviderRequest) -> bool:
+        return self.fail_rate > 0 and self.draw(request, "fail") < self.fail_rate
+
+    def hangs(self, request: ProviderRequest) -> bool:
+        return self.hang_rate > 0 and self.draw(request, "hang") < self.hang_rate
 
 
 def simulated_request(
@@ -102,13 +150,12 @@ class SimulatedProvider:
         pacer: Pacer | None = None,
         time_scale: float = 1.0,
         latency_ms: int | None = None,
-        faults: Faults | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.options = options if isinstance(options, SimulatedOptions) else SimulatedOptions()
         self.time_scale = time_scale
         self.latency_ms = latency_ms
-        self.faults = faults or Faults()
+        self.faults = Faults.of(self.options)
         self.sleep = sleep
         width, _, height = self.options.size.partition("x")
         self.size = (int(width), int(height))
@@ -119,13 +166,8 @@ class SimulatedProvider:
 
     @classmethod
     def create(cls, options: ProviderOptions, settings: ProviderSettings) -> SimulatedProvider:
-        """No pacer (nothing to rate-limit); the invocation's latency and faults."""
-        return cls(
-            options,
-            time_scale=settings.time_scale,
-            latency_ms=settings.sim_latency_ms,
-            faults=settings.faults,
-        )
+        """No pacer (nothing to rate-limit); the invocation's latency."""
+        return cls(options, time_scale=settings.time_scale, latency_ms=settings.sim_latency_ms)
 
     async def aclose(self) -> None:
         pass

@@ -1,0 +1,41 @@
+"""What the commands tell while they work: a :class:`Reporter` is told the run started,
+then fed the core's events."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from imagepipe.durable import Event
+from imagepipe.runs.model import RunSpec
+
+__all__ = ["QuietReporter", "Reporter", "RunInfo"]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a reporter is told when execution starts."""
+
+    id: str
+    spec: RunSpec
+    resumed: bool
+    max_attempts: int
+
+
+class Reporter(Protocol):
+    def run_started(self, info: RunInfo) -> None: ...
+
+    @property
+    def on_event(self) -> Callable[[Event], None] | None:
+        """Where the core's events go; None for a reporter that ignores them."""
+        ...
+
+
+class QuietReporter:
+    """Reports nothing; ``on_event`` is None so the core does not even build events."""
+
+    on_event = None
+
+    def run_started(self, info: RunInfo) -> None:
+        pass
