@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -83,13 +82,6 @@ __all__ = [
     "watch_run",
 ]
 
-#: tests only: a file to which every provider call made by a worker (or by a ``resume``
-#: of a detached run) appends a line
-CALL_LOG = "IMAGEPIPE_TEST_CALL_LOG"
-#: tests only: with CALL_LOG, every provider call waits until this file exists (a test
-#: holds a process's calls in flight, its claims live, until it says so)
-CALL_GATE = "IMAGEPIPE_TEST_CALL_GATE"
-
 
 def detach_run(url: str, run_id: str, spec: RunSpec, invocation: Invocation) -> str:
     """Record the run and all its branches as pending for workers; execute nothing.
@@ -136,29 +128,6 @@ def summarize(children: list[PromiseRecord]) -> tuple[Any, ErrorInfo | None]:
     return {"images": len(children), "total_ms": total}, None
 
 
-class _LoggedProvider:
-    """Tests only: appends ``<branch id> <attempt> <pid>`` for every provider call; with
-    ``IMAGEPIPE_TEST_CALL_GATE``, the call then waits for that file to exist."""
-
-    def __init__(self, inner: Any, path: str) -> None:
-        self._inner = inner
-        self.name = inner.name
-        # line-buffered: every line is on disk before the call, even if kill -9 follows
-        self._log = open(path, "a", buffering=1)  # noqa: SIM115 (closed by aclose)
-        self._gate = os.environ.get(CALL_GATE)
-
-    async def generate(self, request: Any, steps: Any) -> Any:
-        self._log.write(f"{request.idempotency_key} {request.attempt} {os.getpid()}\n")
-        # another process's file: no event to wait on, so poll (tests only)
-        while self._gate and not os.path.exists(self._gate):  # noqa: ASYNC110, ASYNC240
-            await asyncio.sleep(0.01)
-        return await self._inner.generate(request, steps)
-
-    async def aclose(self) -> None:
-        self._log.close()
-        await self._inner.aclose()
-
-
 def _tidy_images(run_id: str, directory: Path | None, children: list[PromiseRecord]) -> None:
     """A run's root is settled: no process can still be writing its images legitimately,
     so its image folder is brought in line with the store (staged files promoted, orphans
@@ -169,12 +138,9 @@ def _tidy_images(run_id: str, directory: Path | None, children: list[PromiseReco
 
 def _branch_job(run_id: str, execution: Execution, invocation: Invocation) -> BranchJob[Deps]:
     """How this process runs a run's branches, whether a worker or a ``resume``."""
-    deps = execution.deps
-    if os.environ.get(CALL_LOG):
-        deps = replace(deps, provider=_LoggedProvider(deps.provider, os.environ[CALL_LOG]))
     return BranchJob(
         fn=generate_image,
-        deps=deps,
+        deps=execution.deps,
         retry=execution.retry,
         summarize=summarize,
         attempt_timeout=invocation.attempt_timeout,

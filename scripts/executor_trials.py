@@ -4,11 +4,12 @@ after its own; both on SQLite or PostgreSQL (a store URL):
 - **resume-beside-workers trials**: a detached run is executed by two ``worker --once``
   processes and a ``resume`` beside them; random ones of them are SIGKILLed at random
   moments and started again, until the run settles. Checked, from the store and from the
-  provider-call log (``IMAGEPIPE_TEST_CALL_LOG``, written by workers and by a ``resume`` of a
-  detached run alike): every branch resolved once, and kept its value; every call is the
-  one that resolved its branch or one cut off by the kill of the process that made it (no
-  branch executed twice by live processes, no attempt called twice). Paid calls per image
-  are reported: 1 plus the calls the kills cut off.
+  provider-call log (the tests' ``calllog`` provider, ``tests/plugins``: the simulated
+  provider writing ``IMAGEPIPE_TEST_CALL_LOG``, in workers and in a ``resume`` alike):
+  every branch resolved once, and kept its value; every call is the one that resolved its
+  branch or one cut off by the kill of the process that made it (no branch executed twice
+  by live processes, no attempt called twice). Paid calls per image are reported: 1 plus
+  the calls the kills cut off.
 - **takeover-with-files trials**: a run against the loopback fake of the OpenAI API, whose
   creates answer after a delay, is SIGSTOPped mid-request; ``resume`` takes it over once its
   lease has lapsed (``IMAGEPIPE_LEASE_TIMEOUT``) and finishes it; then the old owner gets
@@ -131,6 +132,12 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "imagepipe", *args]
 
 
+def _with_test_plugins() -> str:
+    """PYTHONPATH with the tests' provider plugins (``calllog``) in front."""
+    plugins = str(ROOT / "tests" / "plugins")
+    return os.pathsep.join([plugins, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def _env(db: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEPIPE_", "OPENAI_"))}
     env.update(IMAGEPIPE_DB=db, NO_COLOR="1", TERM="dumb", PYTHONUNBUFFERED="1")
@@ -190,9 +197,11 @@ def _one_beside(
         IMAGEPIPE_TIME_SCALE="0.1",
         IMAGEPIPE_LEASE_TIMEOUT=LEASE,
         IMAGEPIPE_TEST_CALL_LOG=str(calls),
+        PYTHONPATH=_with_test_plugins(),
     )
     variations = rng.randint(8, 20)
     spec = ["run", "a fox", "-s", "cartoon", "-s", "sketch", "-n", str(variations)]
+    spec += ["-p", "calllog"]  # the simulated provider, each call logged
     spec += ["--id", run_id, "--out", str(workdir / run_id)]
     subprocess.run(_cli(*spec, "--detach"), env=env, check=True, capture_output=True)
     flags = ["-c", "4", "--sim-latency", "5000"]  # 0.5 s a call at this time scale

@@ -4,7 +4,8 @@
 Each trial records a detached run (random size, failure rate and seed), starts three
 workers, SIGKILLs a random worker at random moments and starts a new one in its place,
 until the run settles. Checked, from the store and from the provider-call log that the
-workers write (``IMAGEPIPE_TEST_CALL_LOG``):
+workers write (the tests' ``calllog`` provider, ``tests/plugins``: the simulated provider
+writing ``IMAGEPIPE_TEST_CALL_LOG``):
 
 - **lost**: a branch seen resolved before a kill that is not resolved, with the same
   value, afterwards;
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 LEASE = "2"
+#: the tests' provider plugins: ``-p calllog`` is the simulated provider, each call logged
+PLUGINS = Path(__file__).resolve().parent.parent / "tests" / "plugins"
 
 
 @dataclass
@@ -60,6 +63,7 @@ def env_for(db: str, calls: Path) -> dict[str, str]:
         IMAGEPIPE_TIME_SCALE="0.1",
         IMAGEPIPE_LEASE_TIMEOUT=LEASE,
         IMAGEPIPE_TEST_CALL_LOG=str(calls),
+        PYTHONPATH=os.pathsep.join([str(PLUGINS), *filter(None, [env.get("PYTHONPATH")])]),
         NO_COLOR="1",
         TERM="dumb",
     )
@@ -94,6 +98,8 @@ def trial(rng: random.Random, db: str, work: Path, run_id: str) -> Result:
         "-o",
         "fault_seed",
         str(rng.randint(0, 999)),
+        "-p",
+        "calllog",
         "--detach",
     ]
     subprocess.run(cli(*spec), env=env, check=True, capture_output=True)

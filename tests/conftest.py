@@ -23,6 +23,10 @@ pytest_plugins = ["postgres_server"]
 
 FAST = "0.01"
 ROOT = Path(__file__).resolve().parent.parent
+#: the tests' own provider plugins, each a module with its dist-info (entry points): on a
+#: subprocess's PYTHONPATH, ``-p calllog`` is the simulated provider with each call
+#: logged (``IMAGEPIPE_TEST_CALL_LOG``) and held (``IMAGEPIPE_TEST_CALL_GATE``)
+PLUGINS = ROOT / "tests" / "plugins"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -34,7 +38,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     caches are written atomically (pytest-xdist's workers may do this at once)."""
     import compileall
 
-    for folder in (ROOT / "imagepipe", ROOT / "tests" / "fakes", ROOT / "scripts"):
+    for folder in (ROOT / "imagepipe", ROOT / "tests" / "fakes", PLUGINS, ROOT / "scripts"):
         compileall.compile_dir(folder, quiet=2)
 
 
@@ -94,6 +98,12 @@ def cli_env(db: Path, **extra: str) -> dict[str, str]:
     env.update(IMAGEPIPE_DB=str(db), PYTHONUNBUFFERED="1", NO_COLOR="1", TERM="dumb")
     env.update(extra)
     return env
+
+
+def with_plugins(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the tests' provider plugins (:data:`PLUGINS`) on its PYTHONPATH."""
+    paths = [str(PLUGINS), *filter(None, [env.get("PYTHONPATH")])]
+    return env | {"PYTHONPATH": os.pathsep.join(paths)}
 
 
 def cli_argv(*args: str) -> list[str]:

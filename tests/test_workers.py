@@ -14,14 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_argv, cli_env
+from conftest import cli_argv, cli_env, with_plugins
 
 LEASE = "1"
 
 
 def cli(db: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        cli_argv(*args), env=cli_env(db, **env), capture_output=True, text=True, timeout=60
+        cli_argv(*args),
+        env=with_plugins(cli_env(db, **env)),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -30,7 +34,7 @@ def spawn(
 ) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         cli_argv(*args),
-        env=cli_env(db, **env),
+        env=with_plugins(cli_env(db, **env)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -82,6 +86,7 @@ def test_three_workers_share_2000_branches_and_one_killed_loses_nothing(
 ) -> None:
     calls = tmp_path / "calls.log"
     spec = ("run", "x", "-s", "photorealistic", "-s", "cartoon", "-n", "1000", "--id", "big")
+    spec += ("-p", "calllog")  # the simulated provider, its calls logged
     assert cli(db_path, *spec, "--detach").returncode == 0
     env = {"IMAGEPIPE_LEASE_TIMEOUT": LEASE, "IMAGEPIPE_TEST_CALL_LOG": str(calls)}
     args = ("worker", "--once", "-c", "16", "--sim-latency", "0")
@@ -190,7 +195,8 @@ def test_workers_lists_a_live_worker_with_its_claims(
 
 
 def calls_made(log: Path) -> list[tuple[str, int, int]]:
-    """The provider calls logged (IMAGEPIPE_TEST_CALL_LOG): branch, attempt, pid."""
+    """The provider calls logged (``-p calllog``: IMAGEPIPE_TEST_CALL_LOG): branch, attempt,
+    pid."""
     if not log.exists():
         return []
     return [
@@ -199,7 +205,20 @@ def calls_made(log: Path) -> list[tuple[str, int, int]]:
     ]
 
 
-SPEC_B = ("run", "x", "-s", "photorealistic", "-s", "cartoon", "-n", "4", "--id", "b")
+SPEC_B = (
+    "run",
+    "x",
+    "-s",
+    "photorealistic",
+    "-s",
+    "cartoon",
+    "-n",
+    "4",
+    "--id",
+    "b",
+    "-p",
+    "calllog",
+)
 
 
 @pytest.mark.parametrize("command", [("resume", "b"), SPEC_B], ids=["resume", "run --id"])
@@ -252,6 +271,7 @@ def test_retry_of_a_failed_detached_run_shares_its_reopened_branches_with_a_work
     claims: a worker started meanwhile takes its share, nothing runs twice."""
     calls, gate = tmp_path / "calls.log", tmp_path / "gate"
     spec = ("run", "x", "-s", "photorealistic", "-s", "cartoon", "-n", "4", "--id", "f")
+    spec += ("-p", "calllog")
     assert cli(db_path, *spec, "--detach").returncode == 0
     failed = cli(db_path, "worker", "--once", "-o", "fail_style", "cartoon")
     assert failed.returncode == 0, failed.stderr

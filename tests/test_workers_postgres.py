@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from postgres_server import PostgresServer
 
-from conftest import cli_argv, cli_env
+from conftest import cli_argv, cli_env, with_plugins
 
 LEASE = "3"  # a loaded machine must not make a live worker look gone
 
 
 def pg_env(url: str, **extra: str) -> dict[str, str]:
-    env = cli_env(Path("/nonexistent"), **extra)
+    env = with_plugins(cli_env(Path("/nonexistent"), **extra))
     env["IMAGEPIPE_DB"] = url
     return env
 
@@ -61,6 +61,7 @@ def test_three_workers_share_2000_branches_on_postgresql_and_a_killed_one_loses_
 
     calls = tmp_path / "calls.log"
     spec = ("run", "x", "-s", "photorealistic", "-s", "cartoon", "-n", "1000", "--id", "big")
+    spec += ("-p", "calllog")  # the simulated provider, its calls logged
     detached = cli(postgres_url, *spec, "--detach")
     assert detached.returncode == 0, detached.stderr
     env = {"IMAGEPIPE_LEASE_TIMEOUT": LEASE, "IMAGEPIPE_TEST_CALL_LOG": str(calls)}
@@ -146,7 +147,7 @@ def test_a_database_restart_mid_run_ends_in_a_finished_run(
         return postgres_server.execute(postgres_url, statement)
 
     calls = tmp_path / "calls.log"
-    spec = ("run", "x", "-s", "cartoon", "-n", "300", "--id", "rs")
+    spec = ("run", "x", "-s", "cartoon", "-n", "300", "--id", "rs", "-p", "calllog")
     assert cli(postgres_url, *spec, "--detach").returncode == 0
     env = {"IMAGEPIPE_LEASE_TIMEOUT": LEASE, "IMAGEPIPE_TEST_CALL_LOG": str(calls)}
     args = ("worker", "--once", "-c", "8", "--sim-latency", "30")
@@ -187,6 +188,7 @@ def test_resume_beside_a_worker_on_postgresql_runs_each_branch_once(
 
     calls, gate = tmp_path / "calls.log", tmp_path / "gate"
     spec = ("run", "x", "-s", "photorealistic", "-s", "cartoon", "-n", "4", "--id", "b")
+    spec += ("-p", "calllog")
     assert cli(postgres_url, *spec, "--detach").returncode == 0
     # the worker's 4 calls stay in flight (its claims live) until the gate file exists
     held = {"IMAGEPIPE_TEST_CALL_LOG": str(calls), "IMAGEPIPE_TEST_CALL_GATE": str(gate)}
