@@ -85,7 +85,6 @@ async def opened_store(url: str, *, create: bool, write: bool) -> AsyncIterator[
         create=create,
         verify=write,
         busy_timeout=settings.busy_timeout(),
-        max_pages=settings.simulated_max_pages(),
         reconnect=settings.db_reconnect(),
         stalled_after=settings.lease_timeout(),
     )

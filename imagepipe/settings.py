@@ -16,8 +16,6 @@
   process may take a run over (default 10); the owner renews every tenth of it.
 - ``IMAGEPIPE_COORDINATED_BACKOFF``: ``0`` turns coordinated back-off off (a 429 then
   pauses only the branch that got it), to measure what it is worth; default on.
-- ``IMAGEPIPE_SIMULATE_MAX_PAGES``: fault injection for tests: cap the store at this many
-  pages (SQLite ``max_page_count``) so that growing it fails as a full disk would.
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ __all__ = [
     "db_reconnect",
     "default_db_path",
     "lease_timeout",
-    "simulated_max_pages",
     "time_scale",
 ]
 
@@ -72,11 +69,6 @@ def busy_timeout() -> float:
 def db_reconnect() -> float:
     """Seconds a lost connection to a PostgreSQL store is ridden out."""
     return _number("IMAGEPIPE_DB_RECONNECT", 30.0, maximum=86_400)
-
-
-def simulated_max_pages() -> int | None:
-    pages = _number("IMAGEPIPE_SIMULATE_MAX_PAGES", 0, maximum=2**31 - 1)
-    return int(pages) or None
 
 
 def lease_timeout() -> float:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -347,22 +349,36 @@ def test_corrupt_store_is_a_clear_error_and_not_written(db_path: Path) -> None:
     assert db_path.read_bytes() == bytes(data)
 
 
-def test_full_disk_stops_the_run_keeps_results_and_resume_finishes(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@contextlib.contextmanager
+def disk_full_after(pages: int) -> Iterator[None]:
+    """Inside, every SQLite connection this process opens may not grow its database past
+    ``pages`` pages (``PRAGMA max_page_count``): SQLite then fails a write exactly as on
+    a full disk (SQLITE_FULL). The store's own code is unchanged; only the disk is small."""
+    connect = sqlite3.connect
+
+    def connect_to_a_small_disk(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        conn.execute(f"PRAGMA max_page_count = {int(pages)}")
+        return conn
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sqlite3, "connect", connect_to_a_small_disk)
+        yield
+
+
+def test_full_disk_stops_the_run_keeps_results_and_resume_finishes(db_path: Path) -> None:
     invoke("run", "a cat", "--id", "seed", "--json")
     pages = rows(db_path, "PRAGMA page_count")[0][0]
-    monkeypatch.setenv("IMAGEPIPE_SIMULATE_MAX_PAGES", str(pages + 3))
     # 60 branches of a 700-character prompt need ~11 pages: three run out (600 branches
     # did too, and made the resume below take 8 s)
-    result = invoke("run", "a long prompt " * 50, "--id", "full", "-n", "20", "--json")
+    with disk_full_after(pages + 3):
+        result = invoke("run", "a long prompt " * 50, "--id", "full", "-n", "20", "--json")
     assert result.exit_code == 74
     assert result.stderr == f"error: the disk holding {db_path} is full; free space and resume\n"
     assert integrity(db_path) == "ok"
     assert [b[0] for b in branches(db_path, "seed").values()] == ["resolved"] * 3
     kept = {k: v for k, v in branches(db_path, "full").items() if v[0] == "resolved"}
 
-    monkeypatch.delenv("IMAGEPIPE_SIMULATE_MAX_PAGES")
     resumed = invoke("resume", "full", "--json")
     assert resumed.exit_code == 0, resumed.stderr
     after = branches(db_path, "full")

@@ -150,7 +150,7 @@ class PostgresStore(Store):
 
         The database must exist; with ``options.create`` false, one that holds no store
         is :class:`StoreMissing`. ``options.busy_timeout`` is the lock timeout;
-        ``verify`` and ``max_pages`` are SQLite's (PostgreSQL checks its own pages)."""
+        ``verify`` is SQLite's (PostgreSQL checks its own pages)."""
         where = describe_url(url)
         try:
             params = conninfo_to_dict(url)

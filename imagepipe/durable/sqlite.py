@@ -184,8 +184,6 @@ class SQLiteStore(Store):
                     MIGRATIONS[number - 1](db)
                     db.execute(f"PRAGMA user_version = {number}")
                 db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        if options.max_pages is not None:
-            db.execute(f"PRAGMA max_page_count = {int(options.max_pages)}")
 
     def _verify_before_writing(self) -> None:
         if self._unverified:

@@ -52,7 +52,6 @@ class StoreOptions:
     - ``create``: create the store if it does not exist (else :class:`~.errors.StoreMissing`)
     - ``verify``: check the store's integrity before writing to it
     - ``busy_timeout``: seconds to wait for another writer's lock
-    - ``max_pages``: fault injection (SQLite): the file may not grow past this many pages
     - ``reconnect``: seconds a store on a server (PostgreSQL) rides out a lost connection,
       waiting for the server to come back, before it gives up with
       :class:`~.errors.StoreUnreachable`
@@ -65,7 +64,6 @@ class StoreOptions:
     create: bool = True
     verify: bool = False
     busy_timeout: float = 5.0
-    max_pages: int | None = None
     reconnect: float = 30.0
     stalled_after: float | None = None
 
