@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, overload
 
-from imagepipe.durable import AttemptRecord, ErrorInfo
+from imagepipe.durable import AttemptRecord, ErrorInfo, Handle
 from imagepipe.errors import StoreFailed
 from imagepipe.runs.model import Branch, RunSpec
 from imagepipe.text import quoted
@@ -106,7 +106,7 @@ class LaunchedBranches(BranchView):
 
     __slots__ = ("_handles",)
 
-    def __init__(self, handles: Sequence[Any]) -> None:
+    def __init__(self, handles: Sequence[Handle[Any]]) -> None:
         self._handles = handles
 
     def __len__(self) -> int:
