@@ -17,17 +17,27 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from imagepipe.durable import Handle, RunContext, Step, StopRun
+from imagepipe.durable import (
+    BranchOutcome,
+    ErrorInfo,
+    Handle,
+    PromiseRejected,
+    RunContext,
+    Step,
+    StopRun,
+    Workflow,
+)
 from imagepipe.providers import ImageProvider, ProviderImage, ProviderRequest
 from imagepipe.providers.options import ProviderOptions
 from imagepipe.styles import render
 
 __all__ = [
+    "IMAGE_RUN",
     "Deps",
     "ImageValue",
     "PipelineResult",
@@ -190,6 +200,22 @@ async def image_pipeline(
         images.append(await handle)
 
     return {"prompt": prompt, "images": images, "total_ms": sum(i["duration_ms"] for i in images)}
+
+
+def summarize_run(branches: Sequence[BranchOutcome]) -> tuple[Any, ErrorInfo | None]:
+    """What a run's root settles with, whoever settles it: the images' count and time, or
+    the first rejected branch (in launch order) as the run's error."""
+    for branch in branches:
+        if branch.state == "rejected":
+            error = branch.error or ErrorInfo("Error", "rejected")
+            message = str(PromiseRejected(branch.id, error))
+            return None, ErrorInfo("BranchRejected", message, retryable=False)
+    total = sum(int((b.value or {}).get("duration_ms", 0)) for b in branches)
+    return {"images": len(branches), "total_ms": total}, None
+
+
+#: the run the core executes: :func:`image_pipeline`, settled by :func:`summarize_run`
+IMAGE_RUN = Workflow(image_pipeline, summarize=summarize_run)
 
 
 def recorded_images(directory: Path, outcomes: Iterable[tuple[str, Any]]) -> dict[str, str]:

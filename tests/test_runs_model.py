@@ -3,7 +3,6 @@ what shows a run (the console, ``show``, the JSON) does not load it."""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import subprocess
 import sys
@@ -11,30 +10,20 @@ from collections.abc import Callable
 from typing import Any
 
 from imagepipe.pipeline import generate_image, image_pipeline
+from imagepipe.runs import model
 from imagepipe.runs.model import BranchArgs, RunSpec
 
 
-def _parameters(fn: Callable[..., Any]) -> list[tuple[str, Any]]:
-    """The workflow function's parameters after its context, with their defaults."""
-    return [(p.name, p.default) for p in list(inspect.signature(fn).parameters.values())[1:]]
+def _parameters(fn: Callable[..., Any]) -> list[tuple[str, Any, Any]]:
+    """A function's parameters after its context or step: name, default, annotation."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return [(p.name, p.default, p.annotation) for p in params]
 
 
-def _fields(cls: type) -> list[tuple[str, Any]]:
-    return [
-        (f.name, f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty)
-        for f in dataclasses.fields(cls)
-    ]
-
-
-def test_a_branchs_arguments_are_the_fields_of_branch_args_in_order() -> None:
-    # a version-0 stored call is a positional list, named by these fields
-    assert _fields(BranchArgs) == _parameters(generate_image)
-
-
-def test_a_runs_arguments_are_the_fields_of_its_spec_in_order() -> None:
-    assert [name for name, _ in _fields(RunSpec)] == [
-        name for name, _ in _parameters(image_pipeline)
-    ]
+def test_the_models_signatures_are_the_workflows() -> None:
+    # bind_args names a stored call by them, and fills in its defaults
+    assert _parameters(model._run_parameters) == _parameters(image_pipeline)
+    assert _parameters(model._branch_parameters) == _parameters(generate_image)
 
 
 def test_a_stored_positional_call_is_read_by_name() -> None:

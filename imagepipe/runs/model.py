@@ -7,20 +7,20 @@
 
 The workflow (:mod:`imagepipe.pipeline`) is called with these arguments; this module does
 not import it, so that whatever shows a run (the console, the gallery) needs only the
-model. Its stored arguments are read by name here (see :func:`_named`); a test holds the
-fields of :class:`RunSpec` and :class:`BranchArgs` to the workflow's parameters.
+model. Stored arguments are named by the core's one reader, :func:`bind_args`, from the
+workflow's signatures as written here (:func:`_run_parameters`,
+:func:`_branch_parameters`); tests/test_runs_model.py holds them equal to the workflow's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from imagepipe.durable import ErrorInfo, Handle, PromiseRecord
+from imagepipe.durable import ErrorInfo, Handle, PromiseRecord, bind_args
 from imagepipe.errors import BadInput
 from imagepipe.styles import validate_style
 from imagepipe.text import quoted
@@ -55,20 +55,31 @@ _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
 _CHILD_SUFFIX = re.compile(r"\.\d+$")
 
 
-def _named(args: Mapping[str, Any], fields: tuple[str, ...]) -> Mapping[str, Any]:
-    """A call's arguments by name: the call's own keyword arguments, or its stored object
-    (``{"version": 1, "kwargs": {...}}``; version 0, a positional list that migration 3
-    wrapped, is named by ``fields``, the workflow's parameters in order)."""
-    if "version" not in args:
-        return args
-    if args["version"] == 0:
-        return dict(zip(fields, args.get("positional", []), strict=False))
-    kwargs: Mapping[str, Any] = args.get("kwargs", {})
-    return kwargs
+def _run_parameters(
+    ctx: object,
+    prompt: str,
+    styles: list[str],
+    crash: bool = False,
+    variations: int = 1,
+    provider: str = "simulated",
+    options: Mapping[str, Any] | None = None,
+    templates: Mapping[str, str] | None = None,
+    prompts: list[dict[str, Any]] | None = None,
+) -> None:
+    """The signature of the workflow (``image_pipeline``), by which :func:`bind_args`
+    names a run's stored arguments and fills in their defaults."""
 
 
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+def _branch_parameters(
+    step: object,
+    prompt: str,
+    style: str,
+    variation: int = 0,
+    crash: bool = False,
+    prompt_index: int | None = None,
+) -> None:
+    """The signature of the workflow's branch (``generate_image``), by which
+    :func:`bind_args` names a branch's stored arguments and fills in their defaults."""
 
 
 # -- what a run is -------------------------------------------------------------------
@@ -77,7 +88,7 @@ def _field_names(cls: type) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class RunSpec:
     """The identity of a run: reusing an id with a different spec is refused. Its fields
-    are the workflow's parameters, in their order (``image_pipeline``)."""
+    are the workflow's arguments (``image_pipeline``)."""
 
     prompt: str
     styles: tuple[str, ...]
@@ -139,16 +150,16 @@ class RunSpec:
     def from_stored(cls, args: Mapping[str, Any]) -> RunSpec:
         """The spec of a stored run, from its root's stored arguments. Runs stored before
         styles were templates get the templates they were made with: none."""
-        named = _named(args, _field_names(cls))
+        named = bind_args(_run_parameters, args)
         return cls(
             str(named["prompt"]),
             tuple(named["styles"]),
-            bool(named.get("crash", False)),
-            int(named.get("variations", 1)),
-            str(named.get("provider", "simulated")),
-            dict(named.get("options") or {}),
-            dict(named.get("templates") or {}),
-            tuple(named.get("prompts") or ()),
+            bool(named["crash"]),
+            int(named["variations"]),
+            str(named["provider"]),
+            dict(named["options"] or {}),
+            dict(named["templates"] or {}),
+            tuple(named["prompts"] or ()),
         )
 
     def validate(self) -> None:
@@ -229,8 +240,8 @@ def new_run_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class BranchArgs:
-    """A branch's arguments, by name, defaults filled in. Its fields are the parameters
-    of the workflow's branch (``generate_image``), in their order."""
+    """A branch's arguments, by name, defaults filled in: those of the workflow's branch
+    (``generate_image``)."""
 
     prompt: str
     style: str
@@ -243,7 +254,7 @@ class BranchArgs:
     def read(cls, args: Mapping[str, Any]) -> BranchArgs:
         """From a branch's arguments: the stored object (``{"version": ..}``) or the
         call's keyword arguments (an event's)."""
-        named = _named(args, _field_names(cls))
+        named = args if "version" not in args else bind_args(_branch_parameters, args)
         try:
             index = named.get("prompt_index")
             return cls(

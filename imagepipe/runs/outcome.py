@@ -16,7 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, overload
 
-from imagepipe.durable import AttemptRecord, ErrorInfo, Handle
+from imagepipe.durable import ErrorInfo, Handle
+from imagepipe.durable.records import AttemptRecord
 from imagepipe.errors import StoreFailed
 from imagepipe.runs.model import Branch, RunSpec
 from imagepipe.text import quoted

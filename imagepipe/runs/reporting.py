@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from imagepipe.durable import Event
+from imagepipe.durable.events import Event
 from imagepipe.runs.model import RunSpec
 
 __all__ = ["QuietReporter", "Reporter", "RunInfo"]
