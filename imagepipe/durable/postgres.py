@@ -53,6 +53,7 @@ from imagepipe.durable.records import (
     PromiseRecord,
     RootRecord,
     Settled,
+    Spending,
     WriteBatch,
     decode_json,
     named_params,
@@ -550,6 +551,97 @@ class PostgresStore(Store):
         return lost
 
     # -- reads ---------------------------------------------------------------------
+
+    # -- spending --------------------------------------------------------------------
+
+    @_rides_out
+    async def set_spending_limit(self, run_id: str, limit: int | None) -> None:
+        async with self._reading() as cur:
+            await cur.execute(
+                "INSERT INTO imagepipe.spending (run_id, cap) VALUES (%s, %s)"
+                " ON CONFLICT (run_id) DO UPDATE SET cap = excluded.cap",
+                (run_id, limit),
+            )
+
+    @_rides_out
+    async def spending(self, run_id: str) -> Spending | None:
+        async with self._reading() as cur:
+            await cur.execute(
+                "SELECT cap, spent FROM imagepipe.spending WHERE run_id = %s", (run_id,)
+            )
+            row = await cur.fetchone()
+        return None if row is None else Spending(row[0], row[1])
+
+    @_rides_out
+    async def reserve_attempt(
+        self, fence: Fence | None, run_id: str, promise_id: str, attempt: int, units: int
+    ) -> Spending | None:
+        async with self._transaction() as cur:
+            if fence is not None:
+                await self._check_fence(cur, fence)
+            await cur.execute(
+                "SELECT attempts FROM imagepipe.promises WHERE id = %s AND state = 'pending'"
+                " FOR UPDATE",
+                (promise_id,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise StoreConflict(self.where, f"holds no pending promise {promise_id!r}")
+            if row[0] >= attempt:
+                return None  # started before, with its reservation
+            await cur.execute(
+                "INSERT INTO imagepipe.spending (run_id) VALUES (%s) ON CONFLICT DO NOTHING",
+                (run_id,),
+            )
+            # locked: the workers that reserve for one run take turns here
+            await cur.execute(
+                "SELECT cap, spent FROM imagepipe.spending WHERE run_id = %s FOR UPDATE",
+                (run_id,),
+            )
+            cap, spent = await cur.fetchone() or (None, 0)
+            spending = Spending(cap, spent)
+            if not spending.allows(units):
+                return spending
+            await cur.execute(
+                "UPDATE imagepipe.spending SET spent = spent + %s WHERE run_id = %s",
+                (units, run_id),
+            )
+            await cur.execute(
+                "INSERT INTO imagepipe.reservations (promise_id, attempt, reserved)"
+                " VALUES (%s, %s, %s)",
+                (promise_id, attempt, units),
+            )
+            await cur.execute(
+                "UPDATE imagepipe.promises SET attempts = %s WHERE id = %s", (attempt, promise_id)
+            )
+        return None
+
+    @_rides_out
+    async def settle_cost(
+        self, fence: Fence | None, run_id: str, promise_id: str, attempt: int, cost: int
+    ) -> None:
+        async with self._transaction() as cur:
+            if fence is not None:
+                await self._check_fence(cur, fence)
+            await cur.execute(
+                "UPDATE imagepipe.reservations SET cost = %s WHERE promise_id = %s"
+                " AND attempt = %s AND cost IS NULL RETURNING reserved",
+                (cost, promise_id, attempt),
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                await cur.execute(
+                    "UPDATE imagepipe.spending SET spent = spent + %s WHERE run_id = %s",
+                    (cost - row[0], run_id),
+                )
+
+    async def _check_fence(self, cur: psycopg.AsyncCursor[Any], fence: Fence) -> None:
+        await cur.execute(
+            "SELECT epoch FROM imagepipe.leases WHERE key = %s FOR SHARE", (fence.key,)
+        )
+        row = await cur.fetchone()
+        if row is None or row[0] != fence.epoch:
+            raise LeaseLost(fence.key, fence.epoch)
 
     @_rides_out
     async def get(self, promise_id: str) -> PromiseRecord | None:

@@ -98,9 +98,26 @@ _MIGRATION_3 = (
     " WHERE p.parent_id IS NULL AND p.state != 'pending'",
 )
 
+#: A run's spending cap and what its attempts reserved or cost (in the app's units): a row
+#: only for a run that has a cap or has reserved something.
+_MIGRATION_4 = (
+    """CREATE TABLE imagepipe.spending (
+        run_id text COLLATE "C" PRIMARY KEY,
+        cap bigint,
+        spent bigint NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE imagepipe.reservations (
+        promise_id text COLLATE "C" NOT NULL,
+        attempt integer NOT NULL,
+        reserved bigint NOT NULL,
+        cost bigint,
+        PRIMARY KEY (promise_id, attempt)
+    )""",
+)
+
 #: Migration N (the N-th entry) turns schema version N-1 into N: statements run in order,
 #: in the migrating transaction. Append only; never edit a released one.
-MIGRATIONS: Sequence[Sequence[str]] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3)
+MIGRATIONS: Sequence[Sequence[str]] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3, _MIGRATION_4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -42,6 +42,7 @@ from imagepipe.durable.records import (
     PromiseRecord,
     RootRecord,
     Settled,
+    Spending,
     WriteBatch,
     decode_json,
     named_params,
@@ -345,6 +346,71 @@ class SQLiteStore(Store):
         row = db.execute("SELECT epoch FROM leases WHERE key = ?", (fence.key,)).fetchone()
         if row is None or row[0] != fence.epoch:
             raise LeaseLost(fence.key, fence.epoch)
+
+    # -- spending --------------------------------------------------------------------
+
+    @_guarded
+    async def set_spending_limit(self, run_id: str, limit: int | None) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO spending (run_id, cap) VALUES (?, ?)"
+                " ON CONFLICT (run_id) DO UPDATE SET cap = excluded.cap",
+                (run_id, limit),
+            )
+
+    @_guarded
+    async def spending(self, run_id: str) -> Spending | None:
+        row = self._db.execute(
+            "SELECT cap, spent FROM spending WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        return None if row is None else Spending(row[0], row[1])
+
+    @_guarded
+    async def reserve_attempt(
+        self, fence: Fence | None, run_id: str, promise_id: str, attempt: int, units: int
+    ) -> Spending | None:
+        with self._transaction() as db:  # BEGIN IMMEDIATE: one reserver at a time
+            if fence is not None:
+                self._check_fence(db, fence)
+            row = db.execute(
+                "SELECT attempts FROM promises WHERE id = ? AND state = 'pending'", (promise_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreConflict(self.where, f"holds no pending promise {promise_id!r}")
+            if row[0] >= attempt:
+                return None  # started before, with its reservation
+            db.execute("INSERT INTO spending (run_id) VALUES (?) ON CONFLICT DO NOTHING", (run_id,))
+            cap, spent = db.execute(
+                "SELECT cap, spent FROM spending WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            spending = Spending(cap, spent)
+            if not spending.allows(units):
+                return spending
+            db.execute("UPDATE spending SET spent = spent + ? WHERE run_id = ?", (units, run_id))
+            db.execute(
+                "INSERT INTO reservations (promise_id, attempt, reserved) VALUES (?, ?, ?)",
+                (promise_id, attempt, units),
+            )
+            db.execute("UPDATE promises SET attempts = ? WHERE id = ?", (attempt, promise_id))
+        return None
+
+    @_guarded
+    async def settle_cost(
+        self, fence: Fence | None, run_id: str, promise_id: str, attempt: int, cost: int
+    ) -> None:
+        with self._transaction() as db:
+            if fence is not None:
+                self._check_fence(db, fence)
+            row = db.execute(
+                "UPDATE reservations SET cost = ? WHERE promise_id = ? AND attempt = ?"
+                " AND cost IS NULL RETURNING reserved",
+                (cost, promise_id, attempt),
+            ).fetchone()
+            if row is not None:
+                db.execute(
+                    "UPDATE spending SET spent = spent + ? WHERE run_id = ?",
+                    (cost - row[0], run_id),
+                )
 
     # -- reads ---------------------------------------------------------------------
 

@@ -26,10 +26,11 @@ from imagepipe.durable.records import (
     PromiseRecord,
     RootRecord,
     Settled,
+    Spending,
     WriteBatch,
 )
 
-__all__ = ["DETACHED", "Claim", "Store", "StoreOptions"]
+__all__ = ["DETACHED", "Claim", "SpendingStore", "Store", "StoreOptions"]
 
 #: The root option that puts a run's branches on the queue that workers claim from:
 #: ``options[DETACHED] is True`` on a pending root promise.
@@ -70,7 +71,39 @@ class StoreOptions:
     stalled_after: float | None = None
 
 
-class Store(ABC):
+class SpendingStore(ABC):
+    """A run's spending cap, held by the store so that it holds across processes and
+    machines: an attempt that may cost something reserves its worst case before it starts,
+    in the transaction that records its start, and the run's cap is checked there."""
+
+    @abstractmethod
+    async def set_spending_limit(self, run_id: str, limit: int | None) -> None:
+        """Set (or raise, or lift with None) what run ``run_id`` may spend in all."""
+
+    @abstractmethod
+    async def spending(self, run_id: str) -> Spending | None:
+        """What the run may spend and has spent; None if nothing was ever reserved or
+        capped for it."""
+
+    @abstractmethod
+    async def reserve_attempt(
+        self, fence: Fence | None, run_id: str, promise_id: str, attempt: int, units: int
+    ) -> Spending | None:
+        """Start attempt ``attempt`` of pending promise ``promise_id`` (a branch of run
+        ``run_id``) with ``units`` reserved against the run's cap, in one transaction fenced
+        by ``fence``: None when done (or done before: a call repeated after a lost
+        connection reserves nothing twice), else the run's spending, which ``units`` do not
+        fit (nothing written)."""
+
+    @abstractmethod
+    async def settle_cost(
+        self, fence: Fence | None, run_id: str, promise_id: str, attempt: int, cost: int
+    ) -> None:
+        """What attempt ``attempt`` of ``promise_id`` actually cost replaces its reservation
+        in what run ``run_id`` has spent (once: a repeated call changes nothing)."""
+
+
+class Store(SpendingStore, ABC):
     """Durable promises and leases. ``where`` names the store in messages (no secrets)."""
 
     where: str
