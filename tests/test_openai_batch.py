@@ -335,17 +335,29 @@ async def test_errors_are_classified_and_the_key_is_required(
         await client.get_batch("batch_1")
 
 
-async def test_a_line_longer_than_the_limit_is_refused_with_its_number(
+async def test_a_line_longer_than_the_limit_rejects_its_branch_and_the_rest_is_read(
     openai_batch_fake: OpenAIBatchFake, tmp_path: Path
 ) -> None:
     fake = openai_batch_fake
     fake.image_bytes = 2_000_000  # ~2.7 MB of base64 a line
     client = OpenAIBatchClient(OpenAIOptions(timeout=5.0, max_image_mb=1.0))
     try:
-        batch = await submit(client, tmp_path, PROMPTS[:2])
+        batch = await submit(client, tmp_path, PROMPTS[:3])
         fake.clock.advance(12)
-        with pytest.raises(AnswerTooLarge, match=r"line 1 of the provider's batch file is longer"):
-            await collect(client, await client.get_batch(batch.id))
+        done = await client.get_batch(batch.id)
+        results = await collect(client, done)
+        assert sorted(r.custom_id for r in results) == ["run-1.0", "run-1.1", "run-1.2"]
+        for number, result in enumerate(results, 1):
+            assert isinstance(result.error, AnswerTooLarge)
+            assert not result.error.retryable
+            assert str(result.error).startswith(
+                f"line {number} of the provider's batch file is longer than 2.33333 MB"
+            )
+        # a line too long whose custom_id cannot be read refuses the file
+        noise = b'{"response": "' + b"x" * 2_400_000 + b'", "custom_id": "run-1.0"}\n'
+        fake.add_fault(Fault.answer(noise), endpoint="content")
+        with pytest.raises(AnswerTooLarge, match=r"^line 1 of the provider's batch file"):
+            await collect(client, done)
     finally:
         await client.aclose()
 
@@ -356,9 +368,15 @@ async def test_split_lines_bounds_a_line_and_keeps_lines_split_across_chunks() -
             yield part
 
     got = [x async for x in split_lines(chunks(b'{"a"', b":1}\n\n{", b'"b":2}\n{"c":3}'), 10)]
-    assert got == [(1, b'{"a":1}'), (3, b'{"b":2}'), (4, b'{"c":3}')]
-    with pytest.raises(AnswerTooLarge, match="line 2 "):
-        _ = [x async for x in split_lines(chunks(b"short\n", b"x" * 6, b"x" * 6), 10)]
+    assert got == [(1, b'{"a":1}', True), (3, b'{"b":2}', True), (4, b'{"c":3}', True)]
+    long = [b"short\n", b"abcdef", b"ghijkl", b"mnop\nnext\n", b"0123456789ABC"]
+    got = [x async for x in split_lines(chunks(*long), 10)]
+    assert got == [
+        (1, b"short", True),
+        (2, b"abcdefghij", False),  # only its first bytes (here: the limit's worth)
+        (3, b"next", True),
+        (4, b"0123456789", False),
+    ]
 
 
 async def test_a_line_without_custom_id_is_a_protocol_error(

@@ -16,7 +16,9 @@ Not yet used by any command: ``run --batch`` (docs/internals/batch.md) will buil
   find what an earlier process sent but never recorded.
 - :meth:`~OpenAIBatchClient.results` streams a batch's output and error files line by
   line, each parsed into a :class:`BatchResult`, with memory bounded by the longest line
-  allowed (a base64 image of ``-o max_image_mb``), never by the file's size.
+  allowed (a base64 image of ``-o max_image_mb``), never by the file's size; a longer
+  line rejects its branch (:class:`~imagepipe.providers.base.AnswerTooLarge`) and the
+  reading goes on.
 
 Errors are raised as the synchronous provider's are (:func:`~imagepipe.providers.http.
 classify`: 429, 5xx and timeouts retryable; 400, 401, 403 and 404 not), the key redacted.
@@ -31,11 +33,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 from urllib.parse import quote
 
 from imagepipe.providers.base import (
@@ -86,6 +89,7 @@ __all__ = [
     "BatchProvider",
     "BatchResult",
     "InputFile",
+    "Line",
     "OpenAIBatchClient",
     "RequestCounts",
     "RequestLine",
@@ -400,32 +404,57 @@ def write_input_file(path: Path, lines: Iterable[RequestLine]) -> InputFile:
 # ------------------------------------------------------------------ reading files
 
 
-async def split_lines(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[tuple[int, bytes]]:
-    """The non-blank lines of a byte stream, numbered from 1, without their newline.
-    Memory: at most one line of ``limit`` bytes (and the chunk being read); a longer
-    line raises :class:`AnswerTooLarge` as soon as it is known to be longer."""
+#: what is kept of a line longer than the limit: enough to find its custom_id (OpenAI
+#: writes it second, after the line's own id)
+LINE_PREFIX = 4096
+
+
+class Line(NamedTuple):
+    """A line of a batch file, numbered from 1, without its newline. ``whole`` False: it
+    was longer than the limit, and ``data`` is only its first bytes."""
+
+    number: int
+    data: bytes
+    whole: bool = True
+
+
+async def split_lines(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[Line]:
+    """The non-blank lines of a byte stream. Memory: at most one line of ``limit`` bytes
+    (and the chunk being read). A longer line is read through but not kept: it comes as
+    its first :data:`LINE_PREFIX` bytes, ``whole`` False, and the lines after it follow."""
     pending = bytearray()
     number = 0
+    cut = False  # the line being read is longer than the limit: only its prefix is kept
+    keep = min(limit, LINE_PREFIX)
     async for chunk in chunks:
         start = 0
         while (end := chunk.find(b"\n", start)) >= 0:
             number += 1
-            if len(pending) + end - start > limit:
-                raise _too_long(number, limit)
-            if pending:
+            if not cut and len(pending) + end - start > limit:
+                cut = True
+            if cut:
+                pending += chunk[start : start + max(0, keep - len(pending))]
+                yield Line(number, bytes(pending[:keep]), whole=False)
+            elif pending:
                 pending += chunk[start:end]
-                line = bytes(pending)
-                pending.clear()
-            else:
-                line = chunk[start:end]
-            if line.strip():
-                yield number, line
+                if pending.strip():
+                    yield Line(number, bytes(pending))
+            elif chunk[start:end].strip():
+                yield Line(number, chunk[start:end])
+            pending.clear()
+            cut = False
             start = end + 1
-        if len(pending) + len(chunk) - start > limit:
-            raise _too_long(number + 1, limit)
-        pending += chunk[start:]
-    if pending.strip():
-        yield number + 1, bytes(pending)
+        if not cut and len(pending) + len(chunk) - start > limit:
+            cut = True
+        if cut:
+            pending += chunk[start : start + max(0, keep - len(pending))]
+            del pending[keep:]
+        else:
+            pending += chunk[start:]
+    if cut:
+        yield Line(number + 1, bytes(pending[:keep]), whole=False)
+    elif pending.strip():
+        yield Line(number + 1, bytes(pending))
 
 
 def _too_long(number: int, limit: int) -> AnswerTooLarge:
@@ -433,6 +462,27 @@ def _too_long(number: int, limit: int) -> AnswerTooLarge:
         f"line {number} of the provider's batch file is longer than {limit / MB:g} MB; "
         "refused (-o max_image_mb sets the limit)"
     )
+
+
+#: a line's custom_id, as a JSON string, where it starts
+_CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def _cut_result(line: Line, limit: int) -> BatchResult:
+    """The result of a line longer than ``limit``: its branch is rejected as an image
+    over the limit would be, if its custom_id can be read from the line's first bytes;
+    else the whole file is refused."""
+    error = _too_long(line.number, limit)
+    found = _CUSTOM_ID.search(line.data)
+    if found is None:
+        raise error
+    try:
+        custom_id = json.loads(found.group(1))
+    except ValueError:
+        raise error from None
+    if not isinstance(custom_id, str) or not custom_id:
+        raise error
+    return BatchResult(custom_id, error=error)
 
 
 # ------------------------------------------------------------------- the client
@@ -616,13 +666,20 @@ class OpenAIBatchClient(HTTPProvider):
                 yield result
 
     async def read_file(self, file_id: str) -> AsyncIterator[BatchResult]:
-        """One output or error file, streamed (see :meth:`results`)."""
+        """One output or error file, streamed (see :meth:`results`). A line longer than
+        :attr:`line_limit` rejects its branch with :class:`AnswerTooLarge` (the file
+        goes on), or, when no custom_id starts it, stops the file with that error."""
         secret = self.api_key()
         model = self.options.model
-        async for number, line in self._lines(file_id):
-            yield _result(line, number, secret=secret, model=model, limit=self.image_limit)
+        async for line in self._lines(file_id):
+            if not line.whole:
+                yield _cut_result(line, self.line_limit)
+                continue
+            yield _result(
+                line.data, line.number, secret=secret, model=model, limit=self.image_limit
+            )
 
-    async def _lines(self, file_id: str) -> AsyncIterator[tuple[int, bytes]]:
+    async def _lines(self, file_id: str) -> AsyncIterator[Line]:
         import httpx
 
         url = f"{self.base_url}/files/{_id(file_id)}/content"
@@ -631,8 +688,8 @@ class OpenAIBatchClient(HTTPProvider):
         try:
             async with self.http().stream("GET", url, headers=headers) as response:
                 await self._check(response)
-                async for numbered in split_lines(response.aiter_raw(), self.line_limit):
-                    yield numbered
+                async for line in split_lines(response.aiter_raw(), self.line_limit):
+                    yield line
         except httpx.TransportError as exc:
             raise transport_error(exc) from exc
 
