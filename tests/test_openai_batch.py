@@ -303,6 +303,38 @@ async def test_an_upload_and_a_batch_the_fake_got_are_found_after_a_kill(
     assert len(fake.uploads) == 1
 
 
+async def test_find_batch_pages_through_the_listing_and_stops_at_older_batches(
+    openai_batch_fake: OpenAIBatchFake, client: OpenAIBatchClient, tmp_path: Path
+) -> None:
+    fake = openai_batch_fake
+    made = []
+    for k in range(5):
+        made.append(await submit(client, tmp_path, PROMPTS[:1], name=f"run-{k}"))
+        fake.clock.advance(10)
+    client.batch_page = 2
+    client.file_page = 2
+    oldest = made[0]
+    assert oldest.input_file_id is not None
+    found = await client.find_batch(oldest.input_file_id)
+    assert found is not None
+    assert found.id == oldest.id
+    assert fake.requests["batch_list"] == 3  # newest first, two a page: the oldest is last
+    assert (await client.find_upload("run-0.jsonl")) is not None
+    # a batch created before the file it is asked for cannot be its batch: the listing
+    # stops at the first one (on the first page here)
+    newest = made[-1]
+    assert await client.find_batch("file-none", not_before=newest.created_at or 0) is None
+    assert fake.requests["batch_list"] == 4
+
+
+def test_a_run_makes_the_client_with_a_pacer_of_its_own() -> None:
+    from imagepipe.providers.contract import ProviderSettings
+
+    client = OpenAIBatchClient.create(OpenAIOptions(), ProviderSettings(time_scale=0.5, rpm=6))
+    assert client.pacer.rpm is None  # --rpm is the images API's, not the Batch API's
+    assert client.pacer.time_scale == 0.5
+
+
 async def test_deleting_a_file_twice_is_not_an_error(
     openai_batch_fake: OpenAIBatchFake, client: OpenAIBatchClient, tmp_path: Path
 ) -> None:

@@ -38,7 +38,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, Self
 from urllib.parse import quote
 
 from imagepipe.providers.base import (
@@ -55,6 +55,7 @@ from imagepipe.providers.http import (
     ERROR_BODY_LIMIT,
     MB,
     BodyLimit,
+    Pacer,
     classify,
     json_type,
     read_body,
@@ -75,6 +76,8 @@ from imagepipe.text import one_line
 
 if TYPE_CHECKING:
     import httpx
+
+    from imagepipe.providers.contract import ProviderSettings
 
 __all__ = [
     "COMPLETION_WINDOW",
@@ -307,7 +310,9 @@ class BatchProvider(Protocol):
     that has already stopped returns it, :meth:`delete_file` of a missing file returns
     False. A provider whose batch mode takes its requests inline (Gemini's, for small
     batches) uploads nothing: its :meth:`upload_file` may keep the file's content for
-    :meth:`create_batch` to send.
+    :meth:`create_batch` to send. A run makes its instance as it makes a provider's:
+    ``create(options, settings)`` (see :class:`~imagepipe.providers.contract.
+    ProviderClass`).
     """
 
     @property
@@ -504,6 +509,17 @@ class OpenAIBatchClient(HTTPProvider):
     options: OpenAIOptions
     max_requests: int = MAX_REQUESTS
     max_file_bytes: int = MAX_FILE_BYTES
+    #: items a page when :meth:`find_upload` and :meth:`find_batch` list (the most each
+    #: listing allows)
+    file_page: int = 10_000
+    batch_page: int = 100
+
+    @classmethod
+    def create(cls, options: ProviderOptions, settings: ProviderSettings) -> Self:
+        """The run's batch client. Its pacer is its own: the Batch API has rate limits of
+        its own, so ``--rpm`` (the images API's) does not slow its polls."""
+        pacer = Pacer(coordinated=settings.coordinated_backoff, time_scale=settings.time_scale)
+        return cls(options, pacer=pacer, time_scale=settings.time_scale)
 
     @staticmethod
     def refusal(options: OpenAIOptions) -> str | None:
@@ -553,7 +569,8 @@ class OpenAIBatchClient(HTTPProvider):
     async def find_upload(self, filename: str, *, not_before: int = 0) -> StoredFile | None:
         """The newest batch file named ``filename`` created at ``not_before`` or later,
         or None: after a kill during :meth:`upload_file`, whether the file got there."""
-        async for item in self._pages("/files", {"purpose": "batch", "limit": "1000"}):
+        query = {"purpose": "batch", "limit": str(self.file_page)}
+        async for item in self._pages("/files", query):
             stored = _stored_file(item)
             if stored.created_at < not_before:
                 break
@@ -598,7 +615,7 @@ class OpenAIBatchClient(HTTPProvider):
     async def find_batch(self, input_file_id: str, *, not_before: int = 0) -> BatchInfo | None:
         """The newest batch made from ``input_file_id`` (created at ``not_before`` or
         later), or None: after a kill during :meth:`create_batch`, whether the batch exists."""
-        async for item in self._pages("/batches", {"limit": "100"}):
+        async for item in self._pages("/batches", {"limit": str(self.batch_page)}):
             batch = BatchInfo.from_json(item)
             if batch.created_at is not None and batch.created_at < not_before:
                 break
