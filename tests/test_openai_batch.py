@@ -226,23 +226,63 @@ async def test_a_cancelled_batch_gives_its_partial_results(
         assert [r.unfinished for r in left] == ["batch_cancelled"] * 2
 
 
-async def test_a_duplicate_custom_id_fails_validation_with_the_line(
-    openai_batch_fake: OpenAIBatchFake, client: OpenAIBatchClient, tmp_path: Path
+def _line(custom_id: str, prompt: str, url: str = "/v1/images/generations") -> RequestLine:
+    body = {"model": "gpt-image-1", "prompt": prompt, "n": 1}
+    data = {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+    return RequestLine(custom_id, json.dumps(data).encode() + b"\n")
+
+
+@pytest.mark.parametrize(
+    ("lines", "problem"),
+    [
+        (
+            [_line("run-1.0", "a kite"), _line("run-1.0", "a fox")],
+            ("duplicate_custom_id", 2, "custom_id"),
+        ),
+        (
+            [_line("run-1.0", "a kite"), _line("run-1.1", "a fox", url="/v1/images/edits")],
+            ("mismatched_url", 2, "url"),
+        ),
+        (
+            [_line(f"run-1.{i}", "a kite") for i in range(3)],
+            ("too_many_requests", None, None),
+        ),
+    ],
+    ids=["duplicate custom_id", "another endpoint", "too many requests"],
+)
+async def test_an_input_file_that_fails_validation_fails_the_batch(
+    openai_batch_fake: OpenAIBatchFake,
+    client: OpenAIBatchClient,
+    tmp_path: Path,
+    lines: list[RequestLine],
+    problem: tuple[str, int | None, str | None],
 ) -> None:
-    first = client.request_line(request("a lighthouse", "run-1.0"))
-    again = client.request_line(request("a red fox", "run-1.0"))
-    path = tmp_path / "dup.jsonl"
-    write_input_file(path, [first, again])
-    uploaded = await client.upload_file(path, filename="dup.jsonl")
+    openai_batch_fake.max_requests = 2
+    path = tmp_path / "bad.jsonl"
+    write_input_file(path, lines)
+    uploaded = await client.upload_file(path, filename="bad.jsonl")
     batch = await client.create_batch(uploaded.id)
+    assert batch.status == "validating"
     openai_batch_fake.clock.advance(1)
     failed = await client.get_batch(batch.id)
     assert failed.status == "failed"
+    assert failed.terminal
+    assert "failed_at" in failed.stamps
     assert failed.result_files == ()
-    assert [(p.code, p.line, p.param) for p in failed.errors] == [
-        ("duplicate_custom_id", 2, "custom_id")
-    ]
+    assert [(p.code, p.line, p.param) for p in failed.errors] == [problem]
     assert await collect(client, failed) == []
+
+
+async def test_an_input_file_over_the_size_limit_is_refused_at_the_upload(
+    openai_batch_fake: OpenAIBatchFake, client: OpenAIBatchClient, tmp_path: Path
+) -> None:
+    openai_batch_fake.max_file_bytes = 100
+    path = tmp_path / "big.jsonl"
+    write_input_file(path, [_line("run-1.0", "a kite " * 20)])
+    with pytest.raises(InvalidRequest, match="at most 100 bytes") as refused:
+        await client.upload_file(path, filename="big.jsonl")
+    assert refused.value.status == 400
+    assert openai_batch_fake.uploads == []
 
 
 async def test_a_bad_endpoint_is_refused_at_the_create(
