@@ -130,6 +130,16 @@ async def test_a_line_carries_the_synchronous_request_body(
     }
 
 
+def test_only_gpt_image_models_answering_in_base64_can_be_batched() -> None:
+    assert OpenAIBatchClient.refusal(OpenAIOptions()) is None
+    assert OpenAIBatchClient.refusal(OpenAIOptions(model="gpt-image-1-mini")) is None
+    refused = OpenAIBatchClient.refusal(OpenAIOptions(model="dall-e-3\x1b[2J"))
+    assert refused == "the model 'dall-e-3\\x1b[2J' has no batch mode (GPT Image models do)"
+    url = OpenAIBatchClient.refusal(OpenAIOptions(response_format="url"))
+    assert url is not None
+    assert "b64_json only" in url
+
+
 async def test_results_come_in_random_order_and_are_matched_by_custom_id(
     openai_batch_fake: OpenAIBatchFake, client: OpenAIBatchClient, tmp_path: Path
 ) -> None:

@@ -72,7 +72,7 @@ from imagepipe.providers.openai import (
     provider_image,
 )
 from imagepipe.providers.options import ProviderOptions
-from imagepipe.text import one_line
+from imagepipe.text import one_line, quoted
 
 if TYPE_CHECKING:
     import httpx
@@ -525,9 +525,7 @@ class OpenAIBatchClient(HTTPProvider):
     def refusal(options: OpenAIOptions) -> str | None:
         """Why a run with ``options`` cannot go through the Batch API, or None."""
         if not options.model.startswith(BATCH_MODEL_PREFIXES):
-            return (
-                f"the model '{one_line(options.model, 60)}' has no batch mode (GPT Image models do)"
-            )
+            return f"the model {quoted(options.model)} has no batch mode (GPT Image models do)"
         if options.response_format == "url":
             return "a batch answers with b64_json only, not a URL (-o response_format)"
         return None
