@@ -27,7 +27,7 @@ calls: list[int] = []
 
 async def paid(step: Step[None], i: int) -> int:
     calls.append(i)
-    step.cost = 60  # cheaper than its worst case (100): the rest is given back
+    step.cost = {"usd": 60}  # cheaper than its worst case (100): the rest is given back
     return i
 
 
@@ -57,8 +57,8 @@ def summarize(branches: Sequence[BranchOutcome]) -> tuple[Any, ErrorInfo | None]
 WORKFLOW = Workflow(fan_out, summarize=summarize)
 
 
-def worst_case(func: str, kwargs: Mapping[str, Any]) -> int:
-    return 100
+def worst_case(func: str, kwargs: Mapping[str, Any]) -> dict[str, int]:
+    return {"usd": 100}
 
 
 HOW = Execution(retry=RetryPolicy(max_attempts=1), concurrency=1, cost_of_attempt=worst_case)
@@ -85,30 +85,30 @@ async def test_a_run_is_recorded_once_and_settled_from_its_branches(store: Store
 async def test_a_cap_that_fits_k_attempts_starts_exactly_k(store: Store) -> None:
     root, _ = await record_run(store, "r", WORKFLOW, {"n": 5}, options={})
     # 100 reserved per attempt, 60 actually spent: 60 + 60 + 100 <= 250, a fourth does not fit
-    await store.set_spending_limit("r", 250)
+    await store.set_spending_limit("r", "usd", 250)
     with pytest.raises(SpendingCapReached) as reached:
         await execute_run(store, root, WORKFLOW, None, HOW)
     assert calls == [0, 1, 2]
     assert (reached.value.spent, reached.value.cap) == (180, 250)
     states = [c.state for c in await store.children("r")]
     assert states == ["resolved", "resolved", "resolved", "pending", "pending"]
-    assert await store.spending("r") == Spending(250, 180)
+    assert await store.spending("r") == {"usd": Spending(250, 180)}
     root = await store.get("r")  # type: ignore[assignment]
     assert root is not None
     assert root.state == "pending", "a capped run stays resumable"
 
     # the cap raised, the rest is made and nothing is paid twice
-    await store.set_spending_limit("r", 1000)
+    await store.set_spending_limit("r", "usd", 1000)
     executed = await execute_run(store, root, WORKFLOW, None, HOW)
     assert executed.root.state == "resolved"
     assert calls == [0, 1, 2, 3, 4]
-    assert await store.spending("r") == Spending(1000, 300)
+    assert await store.spending("r") == {"usd": Spending(1000, 300)}
 
 
 async def test_an_unpaid_failure_gives_its_reservation_back(store: Store) -> None:
     root, _ = await record_run(store, "r", WORKFLOW, {"n": 3, "fn": "refused"}, options={})
-    await store.set_spending_limit("r", 100)
+    await store.set_spending_limit("r", "usd", 100)
     executed = await execute_run(store, root, WORKFLOW, None, HOW)
     assert executed.root.state == "rejected"
     assert calls == [0, 1, 2], "each refusal gave back its 100: the next one fit"
-    assert await store.spending("r") == Spending(100, 0)
+    assert await store.spending("r") == {"usd": Spending(100, 0)}

@@ -158,13 +158,15 @@ class StopRun(DurableError):
 
 
 class SpendingCapReached(StopRun):
-    """An attempt's worst-case cost does not fit in what is left of the run's spending cap:
-    it does not start, and neither does any other; the attempts in flight end and are
-    recorded, then the run stops, the rest left pending (raise the cap, then resume)."""
+    """An attempt's worst-case cost does not fit in what is left of one of the run's
+    spending caps (on ``meter``): it does not start, and neither does any other; the
+    attempts in flight end and are recorded, then the run stops, the rest left pending
+    (raise the cap, then resume)."""
 
-    def __init__(self, run_id: str, spent: int, cap: int, needed: int) -> None:
-        super().__init__(f"run {run_id!r} has spent {spent} of its cap of {cap}")
+    def __init__(self, run_id: str, meter: str, spent: int, cap: int, needed: int) -> None:
+        super().__init__(f"run {run_id!r} has spent {spent} {meter} of its cap of {cap}")
         self.run_id = run_id
+        self.meter = meter
         self.spent = spent
         self.cap = cap
         self.needed = needed

@@ -70,7 +70,7 @@ class Lanes:
         retry: RetryPolicy,
         attempt_timeout: float | None,
         sleep: Callable[[float], Awaitable[None]],
-        cost_of_attempt: Callable[[str, Mapping[str, Any]], int] | None = None,
+        cost_of_attempt: Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None = None,
     ) -> None:
         self._state = state
         self._sub_steps = sub_steps
@@ -162,7 +162,7 @@ class Lanes:
                 started_at = time.time()
                 # the attempt count is durable before the call, with its worst-case cost
                 # reserved against the run's cap if it may cost anything
-                reserved = self._cost_of_attempt(func, kwargs) if self._cost_of_attempt else 0
+                reserved = self._cost_of_attempt(func, kwargs) if self._cost_of_attempt else None
                 if reserved:
                     await self._reserve(promise_id, current, reserved)
                 else:
@@ -179,7 +179,7 @@ class Lanes:
                     raise
                 except Exception as exc:
                     if reserved and getattr(exc, "unpaid", False):
-                        step.cost = 0  # refused before any work: nothing to pay
+                        step.cost = dict.fromkeys(reserved, 0)  # refused before any work
                     if reserved and step.cost is not None:
                         await self._settle_cost(promise_id, current, step.cost)
                     error = ErrorInfo.from_exception(exc)
@@ -297,19 +297,22 @@ class Lanes:
             if not self._settling:
                 self._notify()
 
-    async def _reserve(self, promise_id: str, attempt: int, units: int) -> None:
-        """Start the attempt with ``units`` reserved against the run's spending cap, in one
-        transaction under the run's (or branch's) fence, once the branch's promise is in the
-        store; :class:`~.errors.SpendingCapReached` if they do not fit."""
+    async def _reserve(self, promise_id: str, attempt: int, units: Mapping[str, int]) -> None:
+        """Start the attempt with ``units`` reserved on the run's meters, in one transaction
+        under the run's (or branch's) fence, once the branch's promise is in the store;
+        :class:`~.errors.SpendingCapReached` if they do not fit a cap."""
         state = self._state
         fence = await state.commit.durable()
-        over = await state.store.reserve_attempt(fence, state.run_id, promise_id, attempt, units)
-        if over is not None:
-            assert over.limit is not None, "only a cap refuses a reservation"
-            raise SpendingCapReached(state.run_id, over.spent, over.limit, units)
+        refused = await state.store.reserve_attempt(fence, state.run_id, promise_id, attempt, units)
+        if refused is not None:
+            meter, spending = refused
+            assert spending.limit is not None, "only a cap refuses a reservation"
+            raise SpendingCapReached(
+                state.run_id, meter, spending.spent, spending.limit, units[meter]
+            )
 
-    async def _settle_cost(self, promise_id: str, attempt: int, cost: int) -> None:
-        """What the attempt actually cost replaces its reservation."""
+    async def _settle_cost(self, promise_id: str, attempt: int, cost: Mapping[str, int]) -> None:
+        """What the attempt actually cost replaces its reservation, meter by meter."""
         state = self._state
         fence = await state.commit.durable()
         await state.store.settle_cost(fence, state.run_id, promise_id, attempt, cost)

@@ -555,27 +555,33 @@ class PostgresStore(Store):
     # -- spending --------------------------------------------------------------------
 
     @_rides_out
-    async def set_spending_limit(self, run_id: str, limit: int | None) -> None:
+    async def set_spending_limit(self, run_id: str, meter: str, limit: int | None) -> None:
         async with self._reading() as cur:
             await cur.execute(
-                "INSERT INTO imagepipe.spending (run_id, cap) VALUES (%s, %s)"
-                " ON CONFLICT (run_id) DO UPDATE SET cap = excluded.cap",
-                (run_id, limit),
+                "INSERT INTO imagepipe.spending (run_id, meter, cap) VALUES (%s, %s, %s)"
+                " ON CONFLICT (run_id, meter) DO UPDATE SET cap = excluded.cap",
+                (run_id, meter, limit),
             )
 
     @_rides_out
-    async def spending(self, run_id: str) -> Spending | None:
+    async def spending(self, run_id: str) -> dict[str, Spending]:
         async with self._reading() as cur:
             await cur.execute(
-                "SELECT cap, spent FROM imagepipe.spending WHERE run_id = %s", (run_id,)
+                "SELECT meter, cap, spent FROM imagepipe.spending WHERE run_id = %s", (run_id,)
             )
-            row = await cur.fetchone()
-        return None if row is None else Spending(row[0], row[1])
+            rows = await cur.fetchall()
+        return {meter: Spending(cap, spent) for meter, cap, spent in rows}
 
     @_rides_out
     async def reserve_attempt(
-        self, fence: Fence | None, run_id: str, promise_id: str, attempt: int, units: int
-    ) -> Spending | None:
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        units: Mapping[str, int],
+    ) -> tuple[str, Spending] | None:
+        refused: tuple[str, Spending] | None = None
         async with self._transaction() as cur:
             if fence is not None:
                 await self._check_fence(cur, fence)
@@ -589,51 +595,65 @@ class PostgresStore(Store):
                 raise StoreConflict(self.where, f"holds no pending promise {promise_id!r}")
             if row[0] >= attempt:
                 return None  # started before, with its reservation
-            await cur.execute(
-                "INSERT INTO imagepipe.spending (run_id) VALUES (%s) ON CONFLICT DO NOTHING",
-                (run_id,),
-            )
-            # locked: the workers that reserve for one run take turns here
-            await cur.execute(
-                "SELECT cap, spent FROM imagepipe.spending WHERE run_id = %s FOR UPDATE",
-                (run_id,),
-            )
-            cap, spent = await cur.fetchone() or (None, 0)
-            spending = Spending(cap, spent)
-            if not spending.allows(units):
-                return spending
-            await cur.execute(
-                "UPDATE imagepipe.spending SET spent = spent + %s WHERE run_id = %s",
-                (units, run_id),
-            )
-            await cur.execute(
-                "INSERT INTO imagepipe.reservations (promise_id, attempt, reserved)"
-                " VALUES (%s, %s, %s)",
-                (promise_id, attempt, units),
-            )
+            for meter, needed in sorted(units.items()):  # locked in one order: no deadlock
+                await cur.execute(
+                    "INSERT INTO imagepipe.spending (run_id, meter) VALUES (%s, %s)"
+                    " ON CONFLICT DO NOTHING",
+                    (run_id, meter),
+                )
+                # locked: the workers that reserve on one run's meter take turns here
+                await cur.execute(
+                    "SELECT cap, spent FROM imagepipe.spending WHERE run_id = %s AND meter = %s"
+                    " FOR UPDATE",
+                    (run_id, meter),
+                )
+                found = await cur.fetchone()
+                spending = Spending(*found) if found else Spending(None, 0)
+                if not spending.allows(needed):
+                    refused = meter, spending
+                    raise psycopg.Rollback  # nothing of this call is kept
+
+            for meter, needed in units.items():
+                await cur.execute(
+                    "UPDATE imagepipe.spending SET spent = spent + %s"
+                    " WHERE run_id = %s AND meter = %s",
+                    (needed, run_id, meter),
+                )
+                await cur.execute(
+                    "INSERT INTO imagepipe.reservations (promise_id, attempt, meter, reserved)"
+                    " VALUES (%s, %s, %s, %s)",
+                    (promise_id, attempt, meter, needed),
+                )
             await cur.execute(
                 "UPDATE imagepipe.promises SET attempts = %s WHERE id = %s", (attempt, promise_id)
             )
-        return None
+        return refused
 
     @_rides_out
     async def settle_cost(
-        self, fence: Fence | None, run_id: str, promise_id: str, attempt: int, cost: int
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        cost: Mapping[str, int],
     ) -> None:
         async with self._transaction() as cur:
             if fence is not None:
                 await self._check_fence(cur, fence)
-            await cur.execute(
-                "UPDATE imagepipe.reservations SET cost = %s WHERE promise_id = %s"
-                " AND attempt = %s AND cost IS NULL RETURNING reserved",
-                (cost, promise_id, attempt),
-            )
-            row = await cur.fetchone()
-            if row is not None:
+            for meter, actual in cost.items():
                 await cur.execute(
-                    "UPDATE imagepipe.spending SET spent = spent + %s WHERE run_id = %s",
-                    (cost - row[0], run_id),
+                    "UPDATE imagepipe.reservations SET cost = %s WHERE promise_id = %s"
+                    " AND attempt = %s AND meter = %s AND cost IS NULL RETURNING reserved",
+                    (actual, promise_id, attempt, meter),
                 )
+                row = await cur.fetchone()
+                if row is not None:
+                    await cur.execute(
+                        "UPDATE imagepipe.spending SET spent = spent + %s"
+                        " WHERE run_id = %s AND meter = %s",
+                        (actual - row[0], run_id, meter),
+                    )
 
     async def _check_fence(self, cur: psycopg.AsyncCursor[Any], fence: Fence) -> None:
         await cur.execute(

@@ -98,20 +98,23 @@ _MIGRATION_3 = (
     " WHERE p.parent_id IS NULL AND p.state != 'pending'",
 )
 
-#: A run's spending cap and what its attempts reserved or cost (in the app's units): a row
-#: only for a run that has a cap or has reserved something.
+#: A run's spending caps and what its attempts reserved or cost, per meter (the app's units:
+#: micro-dollars, images): a row only for a meter a run caps or has reserved on.
 _MIGRATION_4 = (
     """CREATE TABLE imagepipe.spending (
-        run_id text COLLATE "C" PRIMARY KEY,
+        run_id text COLLATE "C" NOT NULL,
+        meter text COLLATE "C" NOT NULL,
         cap bigint,
-        spent bigint NOT NULL DEFAULT 0
+        spent bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (run_id, meter)
     )""",
     """CREATE TABLE imagepipe.reservations (
         promise_id text COLLATE "C" NOT NULL,
         attempt integer NOT NULL,
+        meter text COLLATE "C" NOT NULL,
         reserved bigint NOT NULL,
         cost bigint,
-        PRIMARY KEY (promise_id, attempt)
+        PRIMARY KEY (promise_id, attempt, meter)
     )""",
 )
 

@@ -42,10 +42,10 @@ class Execution:
     lease_timeout: float = DEFAULT_STALE_AFTER
     #: told of every branch's progress (None: events are not even built)
     on_event: Callable[[Event], None] | None = None
-    #: the worst case an attempt of ``func(**kwargs)`` may cost, in the units of the run's
-    #: spending cap (see :class:`~.store.SpendingStore`), reserved before it starts; None
-    #: or 0: nothing to reserve
-    cost_of_attempt: Callable[[str, Mapping[str, Any]], int] | None = None
+    #: the worst case an attempt of ``func(**kwargs)`` may cost on each meter of the run's
+    #: spending caps (see :class:`~.store.SpendingStore`), reserved before it starts; None
+    #: or empty: nothing to reserve
+    cost_of_attempt: Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None = None
 
 
 def _nobody_listens(event: Event) -> None:

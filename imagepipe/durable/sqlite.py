@@ -350,25 +350,30 @@ class SQLiteStore(Store):
     # -- spending --------------------------------------------------------------------
 
     @_guarded
-    async def set_spending_limit(self, run_id: str, limit: int | None) -> None:
+    async def set_spending_limit(self, run_id: str, meter: str, limit: int | None) -> None:
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO spending (run_id, cap) VALUES (?, ?)"
-                " ON CONFLICT (run_id) DO UPDATE SET cap = excluded.cap",
-                (run_id, limit),
+                "INSERT INTO spending (run_id, meter, cap) VALUES (?, ?, ?)"
+                " ON CONFLICT (run_id, meter) DO UPDATE SET cap = excluded.cap",
+                (run_id, meter, limit),
             )
 
     @_guarded
-    async def spending(self, run_id: str) -> Spending | None:
-        row = self._db.execute(
-            "SELECT cap, spent FROM spending WHERE run_id = ?", (run_id,)
-        ).fetchone()
-        return None if row is None else Spending(row[0], row[1])
+    async def spending(self, run_id: str) -> dict[str, Spending]:
+        rows = self._db.execute(
+            "SELECT meter, cap, spent FROM spending WHERE run_id = ?", (run_id,)
+        ).fetchall()
+        return {meter: Spending(cap, spent) for meter, cap, spent in rows}
 
     @_guarded
     async def reserve_attempt(
-        self, fence: Fence | None, run_id: str, promise_id: str, attempt: int, units: int
-    ) -> Spending | None:
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        units: Mapping[str, int],
+    ) -> tuple[str, Spending] | None:
         with self._transaction() as db:  # BEGIN IMMEDIATE: one reserver at a time
             if fence is not None:
                 self._check_fence(db, fence)
@@ -379,38 +384,51 @@ class SQLiteStore(Store):
                 raise StoreConflict(self.where, f"holds no pending promise {promise_id!r}")
             if row[0] >= attempt:
                 return None  # started before, with its reservation
-            db.execute("INSERT INTO spending (run_id) VALUES (?) ON CONFLICT DO NOTHING", (run_id,))
-            cap, spent = db.execute(
-                "SELECT cap, spent FROM spending WHERE run_id = ?", (run_id,)
-            ).fetchone()
-            spending = Spending(cap, spent)
-            if not spending.allows(units):
-                return spending
-            db.execute("UPDATE spending SET spent = spent + ? WHERE run_id = ?", (units, run_id))
-            db.execute(
-                "INSERT INTO reservations (promise_id, attempt, reserved) VALUES (?, ?, ?)",
-                (promise_id, attempt, units),
-            )
+            for meter, needed in sorted(units.items()):
+                found = db.execute(
+                    "SELECT cap, spent FROM spending WHERE run_id = ? AND meter = ?",
+                    (run_id, meter),
+                ).fetchone()
+                spending = Spending(*found) if found else Spending(None, 0)
+                if not spending.allows(needed):
+                    return meter, spending
+            for meter, needed in units.items():
+                db.execute(
+                    "INSERT INTO spending (run_id, meter, spent) VALUES (?, ?, ?)"
+                    " ON CONFLICT (run_id, meter) DO UPDATE SET spent = spent + excluded.spent",
+                    (run_id, meter, needed),
+                )
+                db.execute(
+                    "INSERT INTO reservations (promise_id, attempt, meter, reserved)"
+                    " VALUES (?, ?, ?, ?)",
+                    (promise_id, attempt, meter, needed),
+                )
             db.execute("UPDATE promises SET attempts = ? WHERE id = ?", (attempt, promise_id))
         return None
 
     @_guarded
     async def settle_cost(
-        self, fence: Fence | None, run_id: str, promise_id: str, attempt: int, cost: int
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        cost: Mapping[str, int],
     ) -> None:
         with self._transaction() as db:
             if fence is not None:
                 self._check_fence(db, fence)
-            row = db.execute(
-                "UPDATE reservations SET cost = ? WHERE promise_id = ? AND attempt = ?"
-                " AND cost IS NULL RETURNING reserved",
-                (cost, promise_id, attempt),
-            ).fetchone()
-            if row is not None:
-                db.execute(
-                    "UPDATE spending SET spent = spent + ? WHERE run_id = ?",
-                    (cost - row[0], run_id),
-                )
+            for meter, actual in cost.items():
+                row = db.execute(
+                    "UPDATE reservations SET cost = ? WHERE promise_id = ? AND attempt = ?"
+                    " AND meter = ? AND cost IS NULL RETURNING reserved",
+                    (actual, promise_id, attempt, meter),
+                ).fetchone()
+                if row is not None:
+                    db.execute(
+                        "UPDATE spending SET spent = spent + ? WHERE run_id = ? AND meter = ?",
+                        (actual - row[0], run_id, meter),
+                    )
 
     # -- reads ---------------------------------------------------------------------
 

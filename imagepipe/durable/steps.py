@@ -201,9 +201,9 @@ class Step(Generic[D]):
         self.deps = deps
         #: what :meth:`after_recorded` was given, in order (None: nothing)
         self.on_recorded: list[Callable[[], object]] | None = None
-        #: what this attempt actually cost, in the units of the run's spending cap, once
-        #: the step function knows (None: unknown, its worst case stays counted)
-        self.cost: int | None = None
+        #: what this attempt actually cost on each meter of the run's spending caps, once
+        #: the step function knows (a meter left out: unknown, its worst case stays counted)
+        self.cost: dict[str, int] | None = None
         self._sub_steps = sub_steps
         self._stored = stored
         self._next = 0
