@@ -23,7 +23,7 @@ from typing import Any, TypedDict
 from imagepipe.durable import Handle, RunContext, Step, StopRun, bind_args
 from imagepipe.durable.records import ARGS_VERSION
 from imagepipe.providers import ImageProvider, ProviderImage, ProviderRequest
-from imagepipe.providers.options import ProviderOptions
+from imagepipe.providers.options import ProviderOptions, identity
 from imagepipe.styles import render
 
 __all__ = [
@@ -71,6 +71,8 @@ class ImageValue(TypedDict, total=False):
     seed: int | None
     revised_prompt: str | None
     usage: dict[str, Any] | None
+    #: what the attempt cost (:meth:`imagepipe.cost.Cost.to_json`)
+    cost: dict[str, Any]
 
 
 class PipelineResult(TypedDict):
@@ -122,7 +124,25 @@ async def generate_image(
     for key in ("seed", "revised_prompt", "usage"):
         if getattr(image, key) is not None:
             value[key] = getattr(image, key)
+    value["cost"] = _cost(deps, image)
     return value
+
+
+def _cost(deps: Deps, image: ProviderImage) -> dict[str, Any]:
+    """What the image cost, as its value stores it (see :mod:`imagepipe.cost`). A prices
+    file broken since the run was checked leaves the cost unknown, not the image lost."""
+    from imagepipe.cost import FREE, UNKNOWN, image_cost
+    from imagepipe.errors import BadInput
+    from imagepipe.prices import FREE_PROVIDERS, current_prices
+
+    if deps.provider.name in FREE_PROVIDERS:
+        return FREE.to_json()
+    try:
+        prices = current_prices()
+    except BadInput:
+        return UNKNOWN.to_json()
+    options = identity(deps.options)
+    return image_cost(deps.provider.name, options, image.model, image.usage, prices).to_json()
 
 
 async def _stage(

@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 from imagepipe.durable import (
     AttemptRecord,
@@ -30,6 +30,9 @@ from imagepipe.pipeline import BranchArgs, image_pipeline
 from imagepipe.providers import Faults
 from imagepipe.styles import validate_style
 from imagepipe.text import quoted
+
+if TYPE_CHECKING:
+    from imagepipe.cost import Spending
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -482,8 +485,14 @@ class RunOutcome:
                 "images": images,
                 "wall_ms": self.wall_ms,
                 "sequential_ms": self.sequential_ms,
+                "cost": self._cost_json(),
             }
         )
+
+    def _cost_json(self) -> dict[str, Any]:
+        from imagepipe.run_costs import cost_json  # prices are read only for a report
+
+        return cost_json(self)
 
     def show_json(self) -> dict[str, Any]:
         """The ``show --json`` shape."""
@@ -498,7 +507,7 @@ class RunOutcome:
         else:
             branches = map(_show_item, self.branches)
         head = {"id": self.id, "state": self.state, "prompt": self.spec.prompt}
-        return json_chunks(head | {"branches": branches})
+        return json_chunks(head | {"cost": self._cost_json(), "branches": branches})
 
 
 def duration_ms(branch_id: str, value: Mapping[str, Any]) -> int:
@@ -523,6 +532,7 @@ def _image_item(
         "duration_ms": duration_ms(branch_id, value),
         "attempts": attempts,
         "replayed": replayed,
+        "cost": value.get("cost"),
     }
 
 
@@ -544,6 +554,8 @@ class RunSummary:
     prompt: str
     created_at: float
     counts: dict[str, int]
+    #: what its images cost (:class:`imagepipe.cost.Spending`)
+    spent: Spending | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -551,6 +563,7 @@ class RunSummary:
             "state": self.state,
             "prompt": self.prompt,
             "created_at": _iso(self.created_at),
+            **({"cost": self.spent.to_json()} if self.spent else {}),
         }
 
 

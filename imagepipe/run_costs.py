@@ -1,0 +1,146 @@
+"""A run's cost as the commands show it: what it was estimated to cost, what it spent.
+
+- estimated: one paid attempt a branch, at today's prices (:func:`run_estimate`);
+- spent: the costs stored with its images, plus the worst case of each failed attempt
+  that may have been paid (its history, read by ``show``; see
+  :func:`imagepipe.cost.failed_attempt_cost`).
+
+Everything here reads what :mod:`imagepipe.runs` holds; ``runs``, ``render``, the gallery
+and the export call it for their one line or key each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from imagepipe.cost import (
+    FREE,
+    Cost,
+    CostRange,
+    Spending,
+    attempt_range,
+    failed_attempt_cost,
+    format_usd,
+    spending,
+)
+from imagepipe.durable import Store
+from imagepipe.errors import BadInput
+from imagepipe.pipeline import BranchArgs
+from imagepipe.prices import CURRENCY, FREE_PROVIDERS, PriceTable, current_prices
+from imagepipe.runs import Branch, RunOutcome, RunSpec, StoredBranches
+from imagepipe.styles import render
+
+__all__ = [
+    "branch_cost",
+    "cost_json",
+    "cost_line",
+    "image_micro_usd",
+    "run_estimate",
+    "run_spending",
+    "spent_cell",
+    "stored_spending",
+]
+
+
+def _prices() -> PriceTable | None:
+    """Today's prices; None when the user's file is broken (a report still shows what was
+    spent: that is stored)."""
+    try:
+        return current_prices()
+    except BadInput:
+        return None
+
+
+def _sent(spec: RunSpec, args: BranchArgs) -> str:
+    return render(spec.templates.get(args.style, "{prompt}"), args.prompt, args.style)
+
+
+def run_estimate(spec: RunSpec, prices: PriceTable | None) -> CostRange:
+    """What the run's branches cost at one paid attempt each, at today's prices."""
+    if prices is None:
+        return CostRange(None, None)
+    from imagepipe.dryrun import sent_prompts
+
+    total = CostRange(0, 0)
+    for text, _style, count in sent_prompts(spec):
+        total = total + attempt_range(spec.provider, spec.options, text, prices).times(count)
+    return total
+
+
+def _resolved_values(outcome: RunOutcome) -> Iterable[Mapping[str, Any] | None]:
+    branches = outcome.branches
+    if isinstance(branches, StoredBranches):
+        c = branches.columns
+        return (v for s, v in zip(c.states, c.values, strict=True) if s == "resolved")
+    return (b.value for b in branches if b.state == "resolved")
+
+
+def run_spending(outcome: RunOutcome, prices: PriceTable | None) -> Spending:
+    """What the run spent: its images' stored costs and its failed attempts' worst cases."""
+    spec = outcome.spec
+    failed: list[int | None] = []
+    if outcome.history:
+        by_id = {b.id: b for b in outcome.branches}
+        for attempt in outcome.history:
+            branch = by_id.get(attempt.promise_id)
+            if branch is None or prices is None:
+                failed.append(None)
+                continue
+            error = attempt.error.type if attempt.error else None
+            text = _sent(spec, branch.args)
+            failed.append(failed_attempt_cost(error, spec.provider, spec.options, text, prices))
+    return spending(_resolved_values(outcome), failed)
+
+
+def cost_json(outcome: RunOutcome) -> dict[str, Any]:
+    """The ``cost`` key of ``run --json`` and ``show --json``."""
+    prices = _prices()
+    return {
+        "currency": CURRENCY,
+        "estimated": run_estimate(outcome.spec, prices).to_json(),
+        "spent": run_spending(outcome, prices).to_json(),
+    }
+
+
+def cost_line(outcome: RunOutcome) -> str | None:
+    """``Cost: $0.0327 for 3 images (estimated $0.0330 to $0.5018)``; None for a provider
+    that costs nothing (the simulated one: its demo output stays as it was)."""
+    if outcome.spec.provider in FREE_PROVIDERS:
+        return None
+    prices = _prices()
+    estimate = run_estimate(outcome.spec, prices)
+    if estimate.low == estimate.high:
+        estimated = format_usd(estimate.low)
+    else:
+        estimated = f"{format_usd(estimate.low)} to {format_usd(estimate.high)}"
+    return f"Cost: {run_spending(outcome, prices).line()} (estimated {estimated})"
+
+
+def branch_cost(branch: Branch) -> str | None:
+    """One image's cost as a line shows it (``$0.0109``, ``unknown``); None when its value
+    holds none (stored by an older version, or not resolved) or it was free."""
+    cost = Cost.of_value(branch.value)
+    return None if cost is None or cost.basis == FREE.basis else format_usd(cost.micro_usd)
+
+
+async def stored_spending(store: Store, run_id: str) -> Spending:
+    """What a stored run's images cost (``list``: failed attempts are counted by ``show``)."""
+    columns = await store.child_columns(run_id)
+    values = (v for s, v in zip(columns.states, columns.values, strict=True) if s == "resolved")
+    return spending(values)
+
+
+def spent_cell(spent: Spending | None) -> str:
+    """A run's cost in ``list``: ``$0.0327``, with ``+?`` when some images' is unknown."""
+    if spent is None:
+        return ""
+    if spent.images and spent.unknown_images == spent.images:
+        return "unknown"
+    return format_usd(spent.images_micro_usd) + ("+?" if spent.unknown_images else "")
+
+
+def image_micro_usd(value: Mapping[str, Any] | None) -> int | None:
+    """What an image cost in micro-dollars, as its value stores it; None when unknown."""
+    cost = Cost.of_value(value)
+    return None if cost is None else cost.micro_usd
