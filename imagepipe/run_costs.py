@@ -24,7 +24,7 @@ from imagepipe.cost import (
     format_usd,
     spending,
 )
-from imagepipe.durable import Store
+from imagepipe.durable import RootRecord, Store
 from imagepipe.errors import BadInput
 from imagepipe.pipeline import BranchArgs
 from imagepipe.prices import CURRENCY, FREE_PROVIDERS, PriceTable, current_prices
@@ -58,6 +58,8 @@ def _sent(spec: RunSpec, args: BranchArgs) -> str:
 
 def run_estimate(spec: RunSpec, prices: PriceTable | None) -> CostRange:
     """What the run's branches cost at one paid attempt each, at today's prices."""
+    if spec.provider in FREE_PROVIDERS:
+        return CostRange(0, 0)
     if prices is None:
         return CostRange(None, None)
     from imagepipe.dryrun import sent_prompts
@@ -124,17 +126,27 @@ def branch_cost(branch: Branch) -> str | None:
     return None if cost is None or cost.basis == FREE.basis else format_usd(cost.micro_usd)
 
 
-async def stored_spending(store: Store, run_id: str) -> Spending:
-    """What a stored run's images cost (``list``: failed attempts are counted by ``show``)."""
-    columns = await store.child_columns(run_id)
+#: ``list`` sums the costs of runs of up to this many branches: reading a run's values
+#: costs ~10 ms a thousand branches, and ``list`` must not grow with the runs' sizes
+#: (docs/performance.md). A larger run's cost is in ``show``.
+LIST_COST_BRANCHES = 2_000
+
+
+async def stored_spending(store: Store, root: RootRecord) -> Spending | None:
+    """What a stored run's images cost, for ``list`` (failed attempts are counted by
+    ``show``); None for a run of more than :data:`LIST_COST_BRANCHES` branches."""
+    if sum(root.counts.values()) > LIST_COST_BRANCHES:
+        return None
+    columns = await store.child_columns(root.id)
     values = (v for s, v in zip(columns.states, columns.values, strict=True) if s == "resolved")
     return spending(values)
 
 
 def spent_cell(spent: Spending | None) -> str:
-    """A run's cost in ``list``: ``$0.0327``, with ``+?`` when some images' is unknown."""
+    """A run's cost in ``list``: ``$0.0327``, with ``+?`` when some images' is unknown;
+    ``see show`` for a run too large to sum here."""
     if spent is None:
-        return ""
+        return "see show"
     if spent.images and spent.unknown_images == spent.images:
         return "unknown"
     return format_usd(spent.images_micro_usd) + ("+?" if spent.unknown_images else "")

@@ -563,7 +563,7 @@ class RunSummary:
             "state": self.state,
             "prompt": self.prompt,
             "created_at": _iso(self.created_at),
-            **({"cost": self.spent.to_json()} if self.spent else {}),
+            "cost": None if self.spent is None else self.spent.to_json(),
         }
 
 

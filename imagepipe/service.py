@@ -199,7 +199,7 @@ def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
         try:
             async with opened_store(url, create=False, write=False) as store:
                 roots = [r for r in await store.roots(limit) if r.func == WORKFLOW]
-                spent = [await stored_spending(store, r.id) for r in roots]
+                spent = [await stored_spending(store, r) for r in roots]
         except StoreMissing:
             return []
         return [
