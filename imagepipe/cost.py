@@ -11,7 +11,9 @@
   provider answered with a refusal (a 4xx or 5xx error, a rate limit, a content policy
   refusal) was not billed and costs 0; one whose outcome is not known (a timeout, a
   dropped connection, an answer that could not be used, a process killed mid-request)
-  may have been billed and counts at its worst case, as an estimate.
+  may have been billed and counts at its worst case, as an estimate. A Replicate
+  prediction that failed costs 0 on a model billed by output, its worst case on one
+  billed by the second.
 
 A branch's cost is stored in its value (``ImageValue["cost"]``, :meth:`Cost.to_json`);
 a failed attempt's is worked out from its stored error when the run is shown.
@@ -52,7 +54,6 @@ NOT_BILLED = frozenset(
         "MissingCredentials",
         "RateLimited",
         "ServerError",
-        "PredictionFailed",
         "BranchRejected",
     }
 )
@@ -267,6 +268,10 @@ def failed_attempt_cost(
     ``error_type`` None: the attempt never ended (its process was killed)."""
     if provider in FREE_PROVIDERS or error_type in NOT_BILLED:
         return 0
+    if error_type == "PredictionFailed":  # billed by its time, if at all: not by output
+        price = prices.get(provider, options.get("model"))
+        if price is not None and price.per_image:
+            return 0
     return attempt_range(provider, options, prompt, prices).high
 
 

@@ -124,7 +124,7 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
         )
     ):
         console.print(speedup, markup=False)
-    if cost := cost_line(outcome):
+    if cost := cost_line(outcome, attempts=False):
         console.print(cost, markup=False, highlight=False)
     if outcome.state == "failed":
         failed = outcome.failures
@@ -185,7 +185,7 @@ def print_show(console: Console, outcome: RunOutcome) -> None:
             if value.get("revised_prompt"):
                 revised = f"    revised prompt: {value['revised_prompt']}"
                 console.print(escape_control(revised), markup=False, highlight=False)
-    if cost := cost_line(outcome):
+    if cost := cost_line(outcome, attempts=True):
         console.print(cost, markup=False, highlight=False)
     if outcome.history:
         console.print(Text("Failed attempts:", style="bold"))

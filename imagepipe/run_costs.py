@@ -78,34 +78,44 @@ def _resolved_values(outcome: RunOutcome) -> Iterable[Mapping[str, Any] | None]:
     return (b.value for b in branches if b.state == "resolved")
 
 
-def run_spending(outcome: RunOutcome, prices: PriceTable | None) -> Spending:
-    """What the run spent: its images' stored costs and its failed attempts' worst cases."""
-    spec = outcome.spec
+def run_spending(outcome: RunOutcome, prices: PriceTable | None, *, attempts: bool) -> Spending:
+    """What the run spent: its images' stored costs and, with ``attempts`` (its history
+    read, by ``show``), the worst case of each attempt that failed or never ended and may
+    have been paid. An attempt never ended when its process was killed mid-request: a
+    branch's started attempts that are neither in its history nor its value."""
     failed: list[int | None] = []
-    if outcome.history:
-        by_id = {b.id: b for b in outcome.branches}
+    if attempts:
+        spec = outcome.spec
+        failures: dict[str, list[str | None]] = {}
         for attempt in outcome.history:
-            branch = by_id.get(attempt.promise_id)
-            if branch is None or prices is None:
-                failed.append(None)
-                continue
             error = attempt.error.type if attempt.error else None
+            failures.setdefault(attempt.promise_id, []).append(error)
+        for branch in outcome.branches:
+            errors = failures.get(branch.id, [])
+            unended = branch.attempts - len(errors) - (branch.state == "resolved")
+            if not errors and unended <= 0:
+                continue
+            if prices is None:
+                failed += [None] * (len(errors) + max(unended, 0))
+                continue
             text = _sent(spec, branch.args)
-            failed.append(failed_attempt_cost(error, spec.provider, spec.options, text, prices))
+            for error in [*errors, *[None] * max(unended, 0)]:
+                failed.append(failed_attempt_cost(error, spec.provider, spec.options, text, prices))
     return spending(_resolved_values(outcome), failed)
 
 
-def cost_json(outcome: RunOutcome) -> dict[str, Any]:
-    """The ``cost`` key of ``run --json`` and ``show --json``."""
+def cost_json(outcome: RunOutcome, *, attempts: bool) -> dict[str, Any]:
+    """The ``cost`` key of ``run --json`` and (``attempts``: failed ones counted)
+    ``show --json``."""
     prices = _prices()
     return {
         "currency": CURRENCY,
         "estimated": run_estimate(outcome.spec, prices).to_json(),
-        "spent": run_spending(outcome, prices).to_json(),
+        "spent": run_spending(outcome, prices, attempts=attempts).to_json(),
     }
 
 
-def cost_line(outcome: RunOutcome) -> str | None:
+def cost_line(outcome: RunOutcome, *, attempts: bool) -> str | None:
     """``Cost: $0.0327 for 3 images (estimated $0.0330 to $0.5018)``; None for a provider
     that costs nothing (the simulated one: its demo output stays as it was)."""
     if outcome.spec.provider in FREE_PROVIDERS:
@@ -116,7 +126,8 @@ def cost_line(outcome: RunOutcome) -> str | None:
         estimated = format_usd(estimate.low)
     else:
         estimated = f"{format_usd(estimate.low)} to {format_usd(estimate.high)}"
-    return f"Cost: {run_spending(outcome, prices).line()} (estimated {estimated})"
+    spent = run_spending(outcome, prices, attempts=attempts)
+    return f"Cost: {spent.line()} (estimated {estimated})"
 
 
 def branch_cost(branch: Branch) -> str | None:

@@ -485,14 +485,14 @@ class RunOutcome:
                 "images": images,
                 "wall_ms": self.wall_ms,
                 "sequential_ms": self.sequential_ms,
-                "cost": self._cost_json(),
+                "cost": self._cost_json(attempts=False),
             }
         )
 
-    def _cost_json(self) -> dict[str, Any]:
+    def _cost_json(self, *, attempts: bool) -> dict[str, Any]:
         from imagepipe.run_costs import cost_json  # prices are read only for a report
 
-        return cost_json(self)
+        return cost_json(self, attempts=attempts)
 
     def show_json(self) -> dict[str, Any]:
         """The ``show --json`` shape."""
@@ -507,7 +507,8 @@ class RunOutcome:
         else:
             branches = map(_show_item, self.branches)
         head = {"id": self.id, "state": self.state, "prompt": self.spec.prompt}
-        return json_chunks(head | {"cost": self._cost_json(), "branches": branches})
+        cost = self._cost_json(attempts=True)  # ``show`` has read the attempts' history
+        return json_chunks(head | {"cost": cost, "branches": branches})
 
 
 def duration_ms(branch_id: str, value: Mapping[str, Any]) -> int:

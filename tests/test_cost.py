@@ -297,3 +297,33 @@ def test_dry_run_of_the_simulated_provider_costs_nothing_and_knows_its_time() ->
     assert data["cost"] == {"low_micro_usd": 0, "high_micro_usd": 0, "currency": "USD"}
     # (1200 + 800 + 1000) x 4 ms over 2 in flight, in real time (not the tests' scale)
     assert data["time"]["seconds"] == 6.0
+
+
+def test_an_attempt_killed_mid_request_counts_as_may_have_been_paid(
+    openai_fake: OpenAIFake,
+    db_path: Path,
+    tmp_path: Path,
+    procs: list[subprocess.Popen[str]],
+) -> None:
+    """The provider made (and billed) the image, the process died before the answer."""
+    openai_fake.add_fault(Fault.paid_then_hang(), times=1)
+    args = openai_run("k1", tmp_path / "img", "-s", "cartoon", "-o", "quality", "high")
+    env = cli_env(db_path, XDG_CONFIG_HOME=str(tmp_path / "c"))
+    proc = subprocess.Popen(cli_argv(*args), env=env, stdout=subprocess.DEVNULL, text=True)
+    procs.append(proc)
+    openai_fake.wait_for(lambda: openai_fake.paid_creates == 1)
+    proc.kill()
+    proc.wait()
+    cartoon = render(templates_for(["cartoon"])["cartoon"], PROMPT, "cartoon")
+    worst = 167_500 + 5 * len(cartoon.encode())  # $0.167, its rounding, the prompt's bytes
+
+    spent = json_of("show", "k1", "--json")["cost"]["spent"]
+    assert (spent["images"], spent["failed_attempts"]) == (0, 1)
+    assert spent["failed_attempts_micro_usd"] == worst
+
+    resumed = subprocess.run(cli_argv("resume", "k1"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    spent = json_of("show", "k1", "--json")["cost"]["spent"]
+    assert (spent["images"], spent["failed_attempts"]) == (1, 1)
+    assert spent["micro_usd"] == words("cartoon") * 5 + OUTPUT_TOKENS[("high", "1024x1024")] * 40
+    assert spent["failed_attempts_micro_usd"] == worst

@@ -86,7 +86,7 @@ def export(
             f"{len(report.files)} images {verb} to {report.data_dir}; metadata: {report.metadata}"
         )
     )
-    if cost := cost_line(outcome):
+    if cost := cost_line(outcome, attempts=True):
         print(escape_control(cost))
 
 
@@ -133,7 +133,9 @@ def gallery(
             f"run {quoted(run_id)} has no image files (a --sim-latency 0 run draws none)"
         )
     target = sorted(folders)[0]
-    run = GalleryRun(outcome.id, outcome.created_at, tuple(cells), cost=cost_line(outcome))
+    run = GalleryRun(
+        outcome.id, outcome.created_at, tuple(cells), cost=cost_line(outcome, attempts=True)
+    )
     page = write_gallery(run, target)
     print(escape_control(str(page)))
     if open_it and not open_in_browser(page):
