@@ -37,6 +37,7 @@ __all__ = [
     "CostRange",
     "Spending",
     "attempt_range",
+    "cost_json_of",
     "failed_attempt_cost",
     "format_usd",
     "image_cost",
@@ -73,9 +74,11 @@ class Cost:
 
     @classmethod
     def of_value(cls, value: Mapping[str, Any] | None) -> Cost | None:
-        """The cost a branch's stored value holds; None for a value stored without one
-        (by an older version) or damaged."""
+        """The cost a branch's stored value holds (a free provider's image holds none: it
+        cost 0); None for a value stored without one (by an older version) or damaged."""
         stored = value.get("cost") if value else None
+        if stored is None and value and value.get("provider") in FREE_PROVIDERS:
+            return FREE
         if not isinstance(stored, Mapping) or stored.get("currency") != CURRENCY:
             return None
         amount = stored.get("micro_usd")
@@ -86,6 +89,12 @@ class Cost:
 
 UNKNOWN = Cost(None, "unknown")
 FREE = Cost(0, "free")
+
+
+def cost_json_of(value: Mapping[str, Any]) -> dict[str, Any] | None:
+    """An image's ``cost`` as ``run --json`` gives it; None when it is not known."""
+    cost = Cost.of_value(value)
+    return None if cost is None else cost.to_json()
 
 
 @dataclass(frozen=True)

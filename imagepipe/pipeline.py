@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
+from imagepipe.cost import UNKNOWN, image_cost
 from imagepipe.durable import Handle, RunContext, Step, StopRun, bind_args
 from imagepipe.durable.records import ARGS_VERSION
+from imagepipe.errors import BadInput
+from imagepipe.prices import FREE_PROVIDERS, current_prices
 from imagepipe.providers import ImageProvider, ProviderImage, ProviderRequest
 from imagepipe.providers.options import ProviderOptions, identity
 from imagepipe.styles import render
@@ -71,7 +74,7 @@ class ImageValue(TypedDict, total=False):
     seed: int | None
     revised_prompt: str | None
     usage: dict[str, Any] | None
-    #: what the attempt cost (:meth:`imagepipe.cost.Cost.to_json`)
+    #: what the attempt cost (:meth:`imagepipe.cost.Cost.to_json`); none when it was free
     cost: dict[str, Any]
 
 
@@ -124,19 +127,14 @@ async def generate_image(
     for key in ("seed", "revised_prompt", "usage"):
         if getattr(image, key) is not None:
             value[key] = getattr(image, key)
-    value["cost"] = _cost(deps, image)
+    if deps.provider.name not in FREE_PROVIDERS:  # a free image's value holds no cost
+        value["cost"] = _cost(deps, image)
     return value
 
 
 def _cost(deps: Deps, image: ProviderImage) -> dict[str, Any]:
     """What the image cost, as its value stores it (see :mod:`imagepipe.cost`). A prices
     file broken since the run was checked leaves the cost unknown, not the image lost."""
-    from imagepipe.cost import FREE, UNKNOWN, image_cost
-    from imagepipe.errors import BadInput
-    from imagepipe.prices import FREE_PROVIDERS, current_prices
-
-    if deps.provider.name in FREE_PROVIDERS:
-        return FREE.to_json()
     try:
         prices = current_prices()
     except BadInput:

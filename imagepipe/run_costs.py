@@ -70,6 +70,13 @@ def run_estimate(spec: RunSpec, prices: PriceTable | None) -> CostRange:
     return total
 
 
+def _states(outcome: RunOutcome) -> Iterable[str]:
+    branches = outcome.branches
+    if isinstance(branches, StoredBranches):
+        return branches.columns.states
+    return (b.state for b in branches)
+
+
 def _resolved_values(outcome: RunOutcome) -> Iterable[Mapping[str, Any] | None]:
     branches = outcome.branches
     if isinstance(branches, StoredBranches):
@@ -83,6 +90,9 @@ def run_spending(outcome: RunOutcome, prices: PriceTable | None, *, attempts: bo
     read, by ``show``), the worst case of each attempt that failed or never ended and may
     have been paid. An attempt never ended when its process was killed mid-request: a
     branch's started attempts that are neither in its history nor its value."""
+    if outcome.spec.provider in FREE_PROVIDERS:  # nothing to read: every image cost 0
+        images = sum(1 for state in _states(outcome) if state == "resolved")
+        return Spending(0, images, 0, 0, 0, 0)
     failed: list[int | None] = []
     if attempts:
         spec = outcome.spec

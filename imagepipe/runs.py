@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
+from imagepipe.cost import cost_json_of
 from imagepipe.durable import (
     AttemptRecord,
     ChildColumns,
@@ -533,7 +534,7 @@ def _image_item(
         "duration_ms": duration_ms(branch_id, value),
         "attempts": attempts,
         "replayed": replayed,
-        "cost": value.get("cost"),
+        "cost": cost_json_of(value),
     }
 
 
