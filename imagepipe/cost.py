@@ -230,8 +230,8 @@ def attempt_range(
     """What one paid attempt for ``prompt`` (the text sent) may cost, low to high.
 
     gpt-image models: the image output at the published per-image price of the quality
-    and size (every priced one when unset or ``auto``; at the high end with half a unit
-    of the figure's last digit, which its rounding may have taken off), plus the
+    and size (every priced one when unset or ``auto``; give or take half a unit of the
+    figure's last digit, which its rounding may have added or taken off), plus the
     prompt's text tokens: none at the low end, one a byte of UTF-8 at the high end (a
     byte-level tokenizer makes no more). Per-image models: the price of the quality and
     size. Per-second models: the row's ``seconds`` times the price per second; unknown
@@ -245,6 +245,7 @@ def attempt_range(
     if images:
         low, high = min(images), max(images)
         if price.bills_tokens:
+            low -= _rounding(low)
             if price.text_input_per_1m is None:
                 return CostRange(micros(low), None)
             high += _rounding(high)
@@ -259,8 +260,8 @@ def attempt_range(
 def _rounding(figure: Decimal) -> Decimal:
     """Half a unit of ``figure``'s last digit: a token-billed model's per-image figure is
     its output tokens' price rounded (gpt-image-1's medium square image is 1056 tokens at
-    $40 a million, $0.04224, published as $0.042), so the worst case adds what the
-    rounding may have taken off."""
+    $40 a million, $0.04224, published as $0.042; a low one 272 tokens, $0.01088,
+    published as $0.011), so the range widens by what the rounding may have changed."""
     exponent = figure.as_tuple().exponent
     return Decimal(5).scaleb(int(exponent) - 1) if isinstance(exponent, int) else Decimal(0)
 
