@@ -42,6 +42,7 @@ __all__ = [
     "format_usd",
     "image_cost",
     "spending",
+    "worst_case_attempt",
 ]
 
 #: error types of an attempt the provider answered without billing it
@@ -255,6 +256,14 @@ def attempt_range(
         fast, slow = price.seconds
         return CostRange(micros(fast * price.per_second), micros(slow * price.per_second))
     return UNKNOWN_RANGE
+
+
+def worst_case_attempt(
+    provider: str, options: Mapping[str, Any], prompt: str, prices: PriceTable
+) -> int | None:
+    """The most one paid attempt for ``prompt`` may cost, in micro-dollars; None when the
+    price is unknown (what a spending cap must reserve before the attempt starts)."""
+    return attempt_range(provider, options, prompt, prices).high
 
 
 def _rounding(figure: Decimal) -> Decimal:

@@ -203,6 +203,8 @@ BROKEN = {
     "an unknown key": ('[openai."m"]\nper_imgae = 1\n', "unknown key 'per_imgae'"),
     "unknown hardware": ('[replicate."a/b"]\nhardware = "gpu-z9"\n', "'gpu-z9', which has no"),
     "a row's currency": ('[openai."m"]\nper_image = 1\ncurrency = "GBP"\n', "priced in 'GBP'"),
+    # what the file says is shown escaped: it cannot clear the terminal
+    "an escape in a name": ('[openai."\\u001b[2J"]\nper_imgae = 1\n', "'openai.\\x1b[2J' has"),
 }
 
 
@@ -222,6 +224,7 @@ def test_a_broken_prices_file_is_one_line_exit_2_and_nothing_written(
         assert result.stderr.startswith("error: "), result.stderr
         assert message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+        assert "\x1b" not in result.stderr
     assert not db_path.exists()
     assert not out.exists()
     assert not (tmp_path / "data").exists()
