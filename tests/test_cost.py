@@ -199,6 +199,7 @@ BROKEN = {
     "not TOML": ("[openai\n", "is not valid TOML"),
     "another currency": ('currency = "EUR"\n', "'EUR', an unknown currency"),
     "a negative price": ('[openai."m"]\nper_image = -1\n', "must be a number of USD >= 0"),
+    "a price of nan": ('[openai."m"]\nper_image = nan\n', "must be a number of USD >= 0"),
     "a price as text": ('[openai."m"]\nper_image = "cheap"\n', "must be a number of USD >= 0"),
     "an unknown key": ('[openai."m"]\nper_imgae = 1\n', "unknown key 'per_imgae'"),
     "unknown hardware": ('[replicate."a/b"]\nhardware = "gpu-z9"\n', "'gpu-z9', which has no"),
