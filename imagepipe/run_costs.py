@@ -100,18 +100,28 @@ def run_spending(outcome: RunOutcome, prices: PriceTable | None, *, attempts: bo
         for attempt in outcome.history:
             error = attempt.error.type if attempt.error else None
             failures.setdefault(attempt.promise_id, []).append(error)
-        for branch in outcome.branches:
-            errors = failures.get(branch.id, [])
-            unended = branch.attempts - len(errors) - (branch.state == "resolved")
-            if not errors and unended <= 0:
+        for index, branch_id, started, state in _attempt_counts(outcome):
+            errors = failures.get(branch_id, [])
+            unended = max(started - len(errors) - (state == "resolved"), 0)
+            if not errors and not unended:
                 continue
             if prices is None:
-                failed += [None] * (len(errors) + max(unended, 0))
+                failed += [None] * (len(errors) + unended)
                 continue
-            text = _sent(spec, branch.args)
-            for error in [*errors, *[None] * max(unended, 0)]:
+            text = _sent(spec, outcome.branches[index].args)  # built only for these
+            for error in [*errors, *[None] * unended]:
                 failed.append(failed_attempt_cost(error, spec.provider, spec.options, text, prices))
     return spending(_resolved_values(outcome), failed)
+
+
+def _attempt_counts(outcome: RunOutcome) -> Iterable[tuple[int, str, int, str]]:
+    """(index, id, attempts started, state) of each branch, without building the stored
+    ones (``show --json`` of a 100,000-branch run)."""
+    branches = outcome.branches
+    if isinstance(branches, StoredBranches):
+        c = branches.columns
+        return zip(range(len(c)), c.ids, c.attempts, c.states, strict=True)
+    return ((i, b.id, b.attempts, b.state) for i, b in enumerate(branches))
 
 
 def cost_json(outcome: RunOutcome, *, attempts: bool) -> dict[str, Any]:
