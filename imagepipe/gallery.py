@@ -57,7 +57,7 @@ class GalleryCell:
     attempts: int = 0
     duration_ms: int | None = None
     error: str | None = None
-    #: what the image cost, as a line shows it (``$0.0109``, ``unknown``)
+    #: what the image cost, as a line shows it (``cost $0.0109``, ``cost unknown``)
     cost: str | None = None
 
 

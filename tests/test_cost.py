@@ -100,7 +100,7 @@ def test_each_image_costs_its_usage_tokens_and_the_run_sums_them(
     assert gallery.exit_code == 0, gallery.stderr
     page = (tmp_path / "img" / "index.html").read_text()
     assert f"Cost: {total} for 3 images" in page
-    assert f"${expected['abstract'] / 1e6:.4f}" in page
+    assert f"cost ${expected['abstract'] / 1e6:.4f}</figcaption>" in page
 
     exported = invoke("export", "u1", str(tmp_path / "set"))
     assert exported.exit_code == 0, exported.stderr

@@ -125,7 +125,7 @@ def gallery(
                 attempts=b.attempts,
                 duration_ms=value.get("duration_ms"),
                 error=None if b.error is None else f"{b.error.type}: {b.error.message}",
-                cost=branch_cost(b),
+                cost=None if (cost := branch_cost(b)) is None else f"cost {cost}",
             )
         )
     if not folders:
