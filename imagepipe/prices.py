@@ -66,7 +66,6 @@ _TODAY = "2026-12-07"
 _GPT_IMAGE_1 = "https://developers.openai.com/ja-JP/api/docs/models/gpt-image-1"
 _GPT_IMAGE_1_MINI = "https://developers.openai.com/de-DE/api/docs/models/gpt-image-1-mini"
 _DALLE_COPY = "https://github.com/kevinhermawan/Canvas/blob/main/model-info.json"
-_REPLICATE_PRICING = "https://replicate.com/pricing"
 _REPLICATE_TRANSCRIPT = (
     "https://raw.githubusercontent.com/api-evangelist/replicate/refs/heads/main/plans/"
     "replicate-plans-pricing.yml"
@@ -160,7 +159,8 @@ BUILTIN: dict[str, Any] = {
         },
         # Public models that are not "official" are billed by the second of hardware
         # time (metrics.predict_time); which hardware a model runs on is on its page:
-        # name it in prices.toml (hardware = "gpu-l40s") to price such a model.
+        # name it in prices.toml (hardware = "gpu-l40s") to price such a model. USD a
+        # second, read at https://replicate.com/pricing on 2026-12-07.
         "hardware": {
             "cpu": "0.000100",
             "gpu-t4": "0.000225",
@@ -184,8 +184,6 @@ BUILTIN: dict[str, Any] = {
         },
     },
 }
-#: where the hardware table's figures were read (USD per second)
-HARDWARE_SOURCE = (_REPLICATE_PRICING, _TODAY)
 
 _ROW_KEYS = frozenset(
     {
@@ -234,23 +232,6 @@ class ModelPrice:
             if key in self.per_image:
                 return self.per_image[key]
         return None
-
-    def to_json(self) -> dict[str, Any]:
-        def text(value: Decimal | None) -> str | None:
-            return None if value is None else str(value)
-
-        return {
-            "provider": self.provider,
-            "model": self.model,
-            "currency": CURRENCY,
-            "text_input_per_1m": text(self.text_input_per_1m),
-            "image_input_per_1m": text(self.image_input_per_1m),
-            "image_output_per_1m": text(self.image_output_per_1m),
-            "per_image": {k: str(v) for k, v in self.per_image.items()},
-            "per_second": text(self.per_second),
-            "source": self.source,
-            "date": self.date,
-        }
 
 
 @dataclass(frozen=True)
