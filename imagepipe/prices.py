@@ -134,10 +134,10 @@ BUILTIN: dict[str, Any] = {
     "replicate": {
         "black-forest-labs/flux-schnell": {
             "per_image": {"*": "0.003"},
-            "source": _REPLICATE_TRANSCRIPT,
-            "date": "2026-10-07",
-            "note": "$3.00 per thousand output images, as transcribed from "
-            "https://replicate.com/pricing on 2026-10-07.",
+            "source": "https://internal.replicate.com/black-forest-labs/flux-schnell",
+            "date": _TODAY,
+            "note": "The model's page on a Replicate host: $3 per thousand output images "
+            "(also so in the transcript of https://replicate.com/pricing of 2026-10-07).",
         },
         "black-forest-labs/flux-dev": {
             "per_image": {"*": "0.025"},
