@@ -122,6 +122,30 @@ def test_a_replicate_model_by_the_second_costs_its_predict_time(
     # no seconds in the row: what a prediction takes is not known before it runs
     assert data["cost"]["estimated"]["high_micro_usd"] is None
 
+    prices_file(
+        tmp_path,
+        monkeypatch,
+        '[replicate."acme/painter"]\nhardware = "gpu-l40s"\nseconds = [2, 8]\n',
+    )
+    sent = sum(replicate_fake.requests.values())
+    planned = json_of(*args, "-n", "10", "--dry-run", "--json")
+    # 2 to 8 s at $0.000975 a second, ten times
+    assert planned["cost"] == {"low_micro_usd": 19_500, "high_micro_usd": 78_000, "currency": "USD"}
+    assert sum(replicate_fake.requests.values()) == sent
+
+
+def test_a_dall_e_image_costs_its_per_image_price(openai_fake: OpenAIFake, tmp_path: Path) -> None:
+    """No usage in the answer (DALL-E models return none): the price of its size and
+    quality, here hd at 1792x1024."""
+    args = ["-o", "model", "dall-e-3", "-o", "quality", "hd", "-o", "size", "1792x1024"]
+    data = json_of(*openai_run("d1", tmp_path / "img", "-s", "cartoon", *args, "--json"))
+    assert data["images"][0]["cost"] == {
+        "micro_usd": 120_000,
+        "currency": "USD",
+        "basis": "per-image",
+    }
+    assert data["cost"]["estimated"]["low_micro_usd"] == 120_000
+
 
 def test_a_failed_attempt_that_may_have_been_paid_is_counted_and_a_refused_one_is_not(
     openai_fake: OpenAIFake, tmp_path: Path
