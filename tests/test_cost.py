@@ -341,7 +341,7 @@ def test_an_attempt_killed_mid_request_counts_as_may_have_been_paid(
     env = cli_env(db_path, XDG_CONFIG_HOME=str(tmp_path / "c"))
     proc = subprocess.Popen(cli_argv(*args), env=env, stdout=subprocess.DEVNULL, text=True)
     procs.append(proc)
-    openai_fake.wait_for(lambda: openai_fake.paid_creates == 1)
+    openai_fake.wait_for(lambda: openai_fake.paid_creates == 1, timeout=300)
     proc.kill()
     proc.wait()
     cartoon = render(templates_for(["cartoon"])["cartoon"], PROMPT, "cartoon")
