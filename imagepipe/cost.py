@@ -155,10 +155,9 @@ def _image_prices(price: ModelPrice, options: Mapping[str, Any]) -> list[Decimal
         return [exact]
     found = []
     for key, value in price.per_image.items():
-        key_quality, _, key_size = key.rpartition("/")
+        key_quality, _, key_size = key.rpartition("/")  # "1024x1024": no quality
         if key == "*" or (
-            (quality is None or key_quality == quality)
-            and (size is None or key_size == size or (not key_quality and key == size))
+            (quality is None or key_quality == quality) and (size is None or key_size == size)
         ):
             found.append(value)
     return found
