@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
+from imagepipe.cost import UNKNOWN, image_cost
 from imagepipe.durable import (
     BranchOutcome,
     ErrorInfo,
@@ -31,8 +32,10 @@ from imagepipe.durable import (
     Workflow,
     bind_args,
 )
+from imagepipe.errors import BadInput
+from imagepipe.prices import FREE_PROVIDERS, current_prices
 from imagepipe.providers import ImageProvider, ProviderImage, ProviderRequest
-from imagepipe.providers.options import ProviderOptions
+from imagepipe.providers.options import ProviderOptions, identity
 from imagepipe.styles import render
 
 __all__ = [
@@ -81,6 +84,8 @@ class ImageValue(TypedDict, total=False):
     seed: int | None
     revised_prompt: str | None
     usage: dict[str, Any] | None
+    #: what the attempt cost (:meth:`imagepipe.cost.Cost.to_json`); none when it was free
+    cost: dict[str, Any]
 
 
 class PipelineResult(TypedDict):
@@ -132,7 +137,20 @@ async def generate_image(
     for key in ("seed", "revised_prompt", "usage"):
         if getattr(image, key) is not None:
             value[key] = getattr(image, key)
+    if deps.provider.name not in FREE_PROVIDERS:  # a free image's value holds no cost
+        value["cost"] = _cost(deps, image)
     return value
+
+
+def _cost(deps: Deps, image: ProviderImage) -> dict[str, Any]:
+    """What the image cost, as its value stores it (see :mod:`imagepipe.cost`). A prices
+    file broken since the run was checked leaves the cost unknown, not the image lost."""
+    try:
+        prices = current_prices()
+    except BadInput:
+        return UNKNOWN.to_json()
+    options = identity(deps.options)
+    return image_cost(deps.provider.name, options, image.model, image.usage, prices).to_json()
 
 
 async def _stage(
