@@ -37,6 +37,7 @@ from imagepipe.durable import (
     StoreMissing,
     WriteBatch,
 )
+from imagepipe.durable.errors import DrainRun
 from imagepipe.durable.retry import RetryPolicy
 from imagepipe.durable.store import DETACHED
 from imagepipe.durable.worker import (
@@ -47,7 +48,13 @@ from imagepipe.durable.worker import (
     plan_branches,
     planned_creates,
 )
-from imagepipe.errors import ImagepipeError, Interrupted, StoreUnreachable, UnknownRun
+from imagepipe.errors import (
+    AccountStopped,
+    ImagepipeError,
+    Interrupted,
+    StoreUnreachable,
+    UnknownRun,
+)
 from imagepipe.execution import (
     Execution,
     check_same_spec,
@@ -215,7 +222,12 @@ def _idle_poll() -> float:
 def run_worker(
     url: str, invocation: Invocation, *, once: bool, on_lost: Callable[[str], None]
 ) -> WorkerStats:
-    """Claim and run branches of detached runs; with ``once``, until none is pending."""
+    """Claim and run branches of detached runs; with ``once``, until none is pending.
+
+    A provider's error of the account or the set-up (a refused key...) stops the worker
+    once its requests in flight have ended (:class:`~imagepipe.errors.AccountStopped`,
+    naming the run): every branch it would claim would meet it, while other workers,
+    set up otherwise, may go on with them."""
     invocation.validate()
 
     async def work() -> WorkerStats:
@@ -232,6 +244,9 @@ def run_worker(
             )
             try:
                 return await worker.run()
+            except DrainRun as exc:
+                fix = getattr(exc.__cause__, "fix", None)
+                raise AccountStopped(str(exc), fix, worker.drained, worker=True) from exc
             finally:
                 for job in worker.jobs():
                     if job.deps is not None:  # a refusing job has no provider

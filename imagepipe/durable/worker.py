@@ -15,6 +15,12 @@ A claim is a lease on the branch's id (:meth:`~.store.Store.claim`). A worker th
 stopped or cut off past ``stale_after`` loses its claims to another worker; its renewal
 then finds them taken (the branch stops at once), and any write it still makes is refused
 by the store because its epoch is stale.
+
+A branch that raises :class:`~.errors.DrainRun` (its cause is this worker's set-up, a key
+say, which every branch here would meet) makes the worker drain and stop: it claims
+nothing more, starts no attempt, lets the attempts in flight end and their settlements be
+written, releases its other claims (those branches stay pending, for any worker), and
+raises that error (:attr:`Worker.drained` names the run it came from).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from imagepipe.durable.context import RunContext
-from imagepipe.durable.errors import LeaseLost, StoreBusy, StoreError
+from imagepipe.durable.errors import DrainRun, LeaseLost, StoreBusy, StoreError
 from imagepipe.durable.lease import LeaseKeeper, holder_gone, reraise_if_cancelled
 from imagepipe.durable.records import (
     ErrorInfo,
@@ -284,6 +290,12 @@ class Worker:
         self._counted_fns: dict[Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]] = {}
         #: set when a branch gives its slot back before its task ends
         self._freed = asyncio.Event()
+        #: branches whose call is running (an attempt in flight: a drain waits for it)
+        self._attempting: set[str] = set()
+        #: the DrainRun a branch raised, once one has (see :meth:`_drain_step`)
+        self._draining: DrainRun | None = None
+        #: the run of the branch that raised it
+        self.drained: str | None = None
 
     def jobs(self) -> list[BranchJob[Any]]:
         """The jobs of the runs this worker has branches of (to close their providers)."""
@@ -312,6 +324,9 @@ class Worker:
 
     async def _loop(self) -> None:
         while True:
+            if self._draining is not None:
+                await self._drain_step()
+                continue
             self._freed.clear()
             active = len(self._running) - len(self._settling)
             free = self.concurrency - active
@@ -353,6 +368,27 @@ class Worker:
                 self._background.discard(task)
                 task.result()
 
+    async def _drain_step(self) -> None:
+        """Draining: cancel the branches that are not in an attempt nor writing its
+        settlement (in a back-off, just claimed: their claims are released, they stay
+        pending); wait for one of the others to end; raise the DrainRun once none is
+        left."""
+        busy = self._attempting | self._settling
+        for task in self._running:
+            if task.get_name() not in busy and not task.cancelling():
+                task.cancel()
+        if not self._running:
+            assert self._draining is not None
+            raise self._draining
+        self._freed.clear()
+        freed = asyncio.ensure_future(self._freed.wait())
+        await asyncio.wait({*self._running, freed}, return_when=asyncio.FIRST_COMPLETED)
+        freed.cancel()
+        for task in [t for t in self._running if t.done()]:
+            self._running.discard(task)
+            if not task.cancelled():
+                task.result()  # a store failure stops the worker at once
+
     def _start(self, claim: Claim) -> None:
         self.stats.claimed += 1
         self._running.add(asyncio.create_task(self._branch(claim), name=claim.fence.key))
@@ -361,7 +397,13 @@ class Worker:
         run_id = claim.record.parent_id
         assert run_id is not None
         job = await self._job(run_id)
-        outcome = await self._run(claim, job)
+        try:
+            outcome = await self._run(claim, job)
+        except DrainRun as exc:  # the branch stays pending, its claim released
+            if self._draining is None:
+                self._draining, self.drained = exc, run_id
+            self._freed.set()
+            return
         if outcome == "lost":
             self.stats.lost += 1
             self._on_lost(claim.fence.key)
@@ -430,7 +472,16 @@ class Worker:
 
             @functools.wraps(fn)
             async def counted(step: Step[Any], /, **kwargs: Any) -> Any:
-                value = await fn(step, **kwargs)
+                draining = self._draining
+                if draining is not None:  # no request starts while the worker drains
+                    raise DrainRun(str(draining)) from draining.__cause__
+                self._attempting.add(step.id)
+                try:
+                    value = await fn(step, **kwargs)
+                finally:
+                    self._attempting.discard(step.id)
+                    if self._draining is not None:
+                        self._freed.set()  # a drain waits for the attempts in flight
                 self._settling.add(step.id)  # the branch's durable id: its claim's key
                 self._freed.set()
                 return value
