@@ -132,8 +132,9 @@ def test_an_account_error_stops_the_run_and_a_fixed_one_lets_resume_finish(
     assert len([p for p in out.iterdir() if p.suffix == ".png"]) == BRANCHES
 
 
+@pytest.mark.parametrize("how", ["run", "worker"])
 def test_the_requests_in_flight_end_and_are_recorded_the_rest_left_pending(
-    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path, how: str
 ) -> None:
     """Three branches, three at a time: two are held in flight at the fake, the third is
     told the quota is exhausted. The two are answered once the test says so: their images
@@ -143,6 +144,9 @@ def test_the_requests_in_flight_end_and_are_recorded_the_rest_left_pending(
     openai_fake.add_fault(Fault.insufficient_quota(), times=-1)
     out = tmp_path / "images"
     args = ["run", PROMPT, "-p", "openai", "-c", "3", "--id", "f1", "--out", str(out)]
+    if how == "worker":
+        assert cli(db_path, *args, "--detach").returncode == 0
+        args = ["worker", "--once", "-c", "3"]
     proc = subprocess.Popen(
         cli_argv(*args), env=cli_env(db_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
@@ -158,6 +162,7 @@ def test_the_requests_in_flight_end_and_are_recorded_the_rest_left_pending(
             proc.communicate()
     assert proc.returncode == 78, err
     assert "fix it, then `imagepipe resume f1`" in err
+    assert err.count("\n") == 1
     assert openai_fake.requests["create"] == 3
     assert openai_fake.paid_creates == 2
     assert states(db_path, "f1") == {"resolved": 2, "pending": 1}
@@ -340,3 +345,51 @@ def test_account_errors_are_classified_from_the_published_bodies(
         from imagepipe.providers.openai import OpenAIProvider
 
         assert OpenAIProvider().what_to_fix(error) == fix
+
+
+# -- only connections refused in a row blame the base URL --------------------------------
+
+
+def _not_listening(port: int = 0) -> socket.socket:
+    """A socket bound to ``port`` on 127.0.0.1 and not listening: connections are refused."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+async def test_an_answer_in_between_clears_the_count_of_refused_connections() -> None:
+    from imagepipe.providers.base import BaseURLUnusable, CannotConnect, ProviderRequest
+    from imagepipe.providers.openai import OpenAIOptions, OpenAIProvider
+
+    refusing = _not_listening()
+    port = refusing.getsockname()[1]
+    options = OpenAIOptions(base_url=f"http://127.0.0.1:{port}/v1")
+    provider = OpenAIProvider(options, api_key="sk-test")
+    request = ProviderRequest("a lighthouse", "run-1.0", 1, options)
+    steps: Any = None  # the OpenAI provider has no sub-steps
+    try:
+        for _ in range(2):
+            with pytest.raises(CannotConnect):
+                await provider.generate(request, steps)
+        refusing.close()
+        fake = OpenAIFake(api_key="sk-test")
+        fake.start(port)
+        try:
+            await provider.generate(request, steps)  # answered: the count starts again
+        finally:
+            fake.stop()
+            await provider.aclose()  # no pooled connection to the stopped fake
+        refusing = _not_listening(port)
+        for _ in range(2):
+            with pytest.raises(CannotConnect):
+                await provider.generate(request, steps)
+        with pytest.raises(BaseURLUnusable) as info:
+            await provider.generate(request, steps)
+        assert info.value.message.startswith(
+            f"the base URL 'http://127.0.0.1:{port}/v1' cannot be reached (3 requests in a row"
+        )
+        assert info.value.fix == "check OPENAI_BASE_URL or -o base_url"
+    finally:
+        refusing.close()
+        await provider.aclose()

@@ -90,7 +90,7 @@ class Lanes:
         self._announcing: _Announcements | None = None
         #: done when a task ends or the last settlement in flight is committed
         self._changed: asyncio.Future[None] | None = None
-        #: what makes the run drain (see :meth:`_drain`), once a step has raised it
+        #: what makes the run drain (see :meth:`drain`), once a step has raised it
         self._draining: DrainRun | None = None
         #: branches between an attempt's start and that attempt's end (its settlement
         #: written, or its failure recorded and its back-off begun): what a drain awaits
@@ -141,7 +141,7 @@ class Lanes:
             except DrainRun as exc:
                 # no outcome, and none is told: the branch stays pending, its awaiters
                 # waiting until the drain ends and stops the run
-                self._drain(exc)
+                self.drain(exc)
                 return
             except Exception as exc:
                 handle.fail(exc)
@@ -313,10 +313,10 @@ class Lanes:
             if self._draining is not None:
                 self._check_drained()
 
-    def _drain(self, stop: DrainRun) -> None:
-        """A step raised ``stop``: start no attempt from now on, and stop the run with it
-        once the attempts in flight have ended and their settlements are committed (the
-        first one wins; the later ones are its echoes)."""
+    def drain(self, stop: DrainRun) -> None:
+        """A step raised ``stop`` (or the run is told to drain): start no attempt from now
+        on, and stop the run with it once the attempts in flight have ended and their
+        settlements are committed (the first one wins; the later ones are its echoes)."""
         if self._draining is None:
             self._draining = stop
             self._slots.close()

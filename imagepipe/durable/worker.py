@@ -18,9 +18,10 @@ by the store because its epoch is stale.
 
 A branch that raises :class:`~.errors.DrainRun` (its cause is this worker's set-up, a key
 say, which every branch here would meet) makes the worker drain and stop: it claims
-nothing more, starts no attempt, lets the attempts in flight end and their settlements be
-written, releases its other claims (those branches stay pending, for any worker), and
-raises that error (:attr:`Worker.drained` names the run it came from).
+nothing more, and every branch it holds drains (:meth:`.RunContext.drain`): no attempt
+starts, those in flight end and are recorded, the others' claims are released (those
+branches stay pending, for any worker); then the worker raises that error
+(:attr:`Worker.drained` names the run it came from).
 """
 
 from __future__ import annotations
@@ -170,6 +171,11 @@ async def _settle(
     handle = ctx.adopt(record, fn)
     try:
         await ctx.settle_all()
+    except DrainRun:
+        await ctx.cancel_all()
+        if handle.settled:  # its outcome was recorded before the drain stopped the branch
+            return handle.state
+        raise
     except (LeaseLost, StoreBusy):
         await ctx.cancel_all()
         if handle.settled:
@@ -290,8 +296,8 @@ class Worker:
         self._counted_fns: dict[Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]] = {}
         #: set when a branch gives its slot back before its task ends
         self._freed = asyncio.Event()
-        #: branches whose call is running (an attempt in flight: a drain waits for it)
-        self._attempting: set[str] = set()
+        #: the context of each branch running, by its id
+        self._contexts: dict[str, RunContext[Any]] = {}
         #: the DrainRun a branch raised, once one has (see :meth:`_drain_step`)
         self._draining: DrainRun | None = None
         #: the run of the branch that raised it
@@ -369,25 +375,15 @@ class Worker:
                 task.result()
 
     async def _drain_step(self) -> None:
-        """Draining: cancel the branches that are not in an attempt nor writing its
-        settlement (in a back-off, just claimed: their claims are released, they stay
-        pending); wait for one of the others to end; raise the DrainRun once none is
-        left."""
-        busy = self._attempting | self._settling
-        for task in self._running:
-            if task.get_name() not in busy and not task.cancelling():
-                task.cancel()
+        """Draining: claim nothing; wait for a branch to end (each drains: see
+        :meth:`_branch`); raise the DrainRun once none is left."""
         if not self._running:
             assert self._draining is not None
             raise self._draining
-        self._freed.clear()
-        freed = asyncio.ensure_future(self._freed.wait())
-        await asyncio.wait({*self._running, freed}, return_when=asyncio.FIRST_COMPLETED)
-        freed.cancel()
+        await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
         for task in [t for t in self._running if t.done()]:
             self._running.discard(task)
-            if not task.cancelled():
-                task.result()  # a store failure stops the worker at once
+            task.result()  # a store failure stops the worker at once
 
     def _start(self, claim: Claim) -> None:
         self.stats.claimed += 1
@@ -402,7 +398,8 @@ class Worker:
         except DrainRun as exc:  # the branch stays pending, its claim released
             if self._draining is None:
                 self._draining, self.drained = exc, run_id
-            self._freed.set()
+                for ctx in self._contexts.values():
+                    ctx.drain(exc)  # every branch held here would meet it too
             return
         if outcome == "lost":
             self.stats.lost += 1
@@ -456,9 +453,13 @@ class Worker:
                 attempt_timeout=job.attempt_timeout,
                 writes=self._writes,
             )
+            self._contexts[key] = ctx
+            if self._draining is not None:  # claimed as the worker began to drain
+                ctx.drain(self._draining)
             return await _settle(ctx, keeper, claim.record, self._counted(job.fn))
         finally:
             self._keepers.pop(key, None)
+            self._contexts.pop(key, None)
             self._settling.discard(key)
 
     def _counted(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -472,16 +473,7 @@ class Worker:
 
             @functools.wraps(fn)
             async def counted(step: Step[Any], /, **kwargs: Any) -> Any:
-                draining = self._draining
-                if draining is not None:  # no request starts while the worker drains
-                    raise DrainRun(str(draining)) from draining.__cause__
-                self._attempting.add(step.id)
-                try:
-                    value = await fn(step, **kwargs)
-                finally:
-                    self._attempting.discard(step.id)
-                    if self._draining is not None:
-                        self._freed.set()  # a drain waits for the attempts in flight
+                value = await fn(step, **kwargs)
                 self._settling.add(step.id)  # the branch's durable id: its claim's key
                 self._freed.set()
                 return value
