@@ -25,6 +25,7 @@ from tests.fakes.openai_server import OpenAIFake
 from tests.fakes.replicate_server import ReplicateFake
 
 from conftest import cli_argv, cli_env
+from storeview import checkpointed_bytes
 
 pytest_plugins = ["tests.fakes.plugin"]
 
@@ -207,6 +208,20 @@ def test_a_base_url_without_scheme_or_host_is_refused_before_anything_is_written
     assert not db_path.exists()
     assert not (tmp_path / "images").exists()
     assert openai_fake.log == []
+
+
+def test_a_resume_with_a_base_url_without_scheme_leaves_the_store_unchanged(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    stopped = cli(db_path, *openai_run("u2", tmp_path / "images"), OPENAI_API_KEY="sk-wrong")
+    assert stopped.returncode == 78, stopped.stderr
+    sent = openai_fake.requests["create"]
+    before = checkpointed_bytes(db_path)
+    done = cli(db_path, "resume", "u2", OPENAI_BASE_URL="127.0.0.1:1/v1")
+    assert done.returncode == 2, done.stderr
+    assert "the base URL '127.0.0.1:1/v1' (from OPENAI_BASE_URL)" in the_line(done)
+    assert checkpointed_bytes(db_path) == before
+    assert openai_fake.requests["create"] == sent
 
 
 @pytest.fixture
