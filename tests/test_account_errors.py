@@ -30,6 +30,10 @@ from storeview import checkpointed_bytes
 pytest_plugins = ["tests.fakes.plugin"]
 
 PROMPT = "a lighthouse"
+#: what an unknown model's line says to fix
+MODEL_FIX = (
+    "check -o model (a run keeps its model: get access to it, or start a new run with another)"
+)
 #: 3 styles x 4 variations: 12 branches, 2 requests at a time
 BRANCHES, CONCURRENCY = 12, 2
 
@@ -85,7 +89,7 @@ CASES = {
         "Billing hard limit has been reached",
         "add credit to the account of OPENAI_API_KEY or raise its spending limit",
     ),
-    "unknown model": ("The model `gpt-image-9` does not exist", "check -o model"),
+    "unknown model": ("The model `gpt-image-9` does not exist", MODEL_FIX),
 }
 
 
@@ -305,7 +309,7 @@ def test_replicate_unknown_model_stops_the_run_naming_the_option(
     assert (
         "no model 'nobody/nothing' here (404: The requested resource could not be found.)" in line
     )
-    assert "check -o model (and REPLICATE_BASE_URL or -o base_url)" in line
+    assert f"({MODEL_FIX}; or REPLICATE_BASE_URL or -o base_url)" in line
     assert 1 <= replicate_fake.requests["create"] <= CONCURRENCY
     assert states(db_path, "r1") == {"pending": BRANCHES}
 
@@ -337,9 +341,9 @@ def _openai(message: str, code: str | None, type_: str | None, param: str | None
               b' "status": 402}', "QuotaExceeded", None),
         (404, _openai("The model `gpt-5` does not exist or you do not have access to it.",
                       "model_not_found", "invalid_request_error"),
-         "UnknownModel", "check -o model"),
+         "UnknownModel", MODEL_FIX),
         (400, _openai("Invalid value: 'dall-e-9'.", "invalid_value", "invalid_request_error",
-                      "model"), "UnknownModel", "check -o model"),
+                      "model"), "UnknownModel", MODEL_FIX),
         (429, _openai("Rate limit reached", "rate_limit_exceeded", "requests"),
          "RateLimited", None),
     ],

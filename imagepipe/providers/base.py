@@ -248,7 +248,9 @@ class UnknownModel(AccountError):
     """The provider does not know the model, or this account may not use it (OpenAI's
     ``model_not_found``, Replicate's 404 for a model)."""
 
-    fix = "check -o model"
+    fix = (
+        "check -o model (a run keeps its model: get access to it, or start a new run with another)"
+    )
 
 
 class BaseURLUnusable(AccountError):

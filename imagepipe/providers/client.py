@@ -225,7 +225,7 @@ class HTTPProvider:
         if isinstance(error, QuotaExceeded):
             return f"add credit to the account of {key} or raise its spending limit"
         if isinstance(error, UnknownModel):
-            return "check -o model"
+            return UnknownModel.fix
         if isinstance(error, BaseURLUnusable):
             return self._base_url_fix()
         return error.fix

@@ -154,7 +154,7 @@ class ReplicateProvider(HTTPProvider):
                 raise UnknownModel(
                     f"no model {quoted(model)} here ({exc.status}: {exc.message})",
                     status=exc.status,
-                    fix=f"check -o model (and {self.base_url_variable} or -o base_url)",
+                    fix=f"{UnknownModel.fix}; or {self.base_url_variable} or -o base_url",
                 ) from exc
             raise
         return _prediction(reply)
