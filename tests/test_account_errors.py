@@ -32,7 +32,7 @@ pytest_plugins = ["tests.fakes.plugin"]
 PROMPT = "a lighthouse"
 #: what an unknown model's line says to fix
 MODEL_FIX = (
-    "check -o model (a run keeps its model: get access to it, or start a new run with another)"
+    "check -o model; a run keeps its model, so get access to it or start a new run with another"
 )
 #: 3 styles x 4 variations: 12 branches, 2 requests at a time
 BRANCHES, CONCURRENCY = 12, 2

@@ -249,7 +249,7 @@ class UnknownModel(AccountError):
     ``model_not_found``, Replicate's 404 for a model)."""
 
     fix = (
-        "check -o model (a run keeps its model: get access to it, or start a new run with another)"
+        "check -o model; a run keeps its model, so get access to it or start a new run with another"
     )
 
 
