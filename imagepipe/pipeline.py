@@ -32,9 +32,10 @@ from imagepipe.durable import (
     Workflow,
     bind_args,
 )
+from imagepipe.durable.errors import DrainRun
 from imagepipe.errors import BadInput
 from imagepipe.prices import FREE_PROVIDERS, current_prices
-from imagepipe.providers import ImageProvider, ProviderImage, ProviderRequest
+from imagepipe.providers import AccountError, ImageProvider, ProviderImage, ProviderRequest
 from imagepipe.providers.options import ProviderOptions, identity
 from imagepipe.styles import render
 
@@ -103,7 +104,12 @@ async def generate_image(
     prompt_index: int | None = None,
 ) -> ImageValue:
     """One branch: one image from the provider, keyed by the branch's durable id, written
-    to disk before the branch resolves. ``prompt_index``: the row of a prompt file."""
+    to disk before the branch resolves. ``prompt_index``: the row of a prompt file.
+
+    An error of the account or the set-up (a refused key, no credit, an unknown model, a
+    base URL that cannot be used) is not this image's: every branch would meet it, so the
+    run drains and stops (:class:`~imagepipe.durable.errors.DrainRun`), this branch and
+    the ones not started left pending, for a ``resume`` once it is fixed."""
     deps = step.deps
     template = deps.templates.get(style, "{prompt}")
     request = ProviderRequest(
@@ -117,7 +123,10 @@ async def generate_image(
         crash=crash,
     )
     started = time.perf_counter()
-    image = await deps.provider.generate(request, step)
+    try:
+        image = await deps.provider.generate(request, step)
+    except AccountError as exc:
+        raise DrainRun(exc.message) from exc
     elapsed_ms = round((time.perf_counter() - started) * 1000)
     value: ImageValue = {
         "style": style,
