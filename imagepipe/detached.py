@@ -10,7 +10,6 @@ options (keys from the worker's own environment), and settle the root with the l
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import time
@@ -30,6 +29,7 @@ from imagepipe.durable import (
     bind_args,
     record_run,
 )
+from imagepipe.durable.errors import DrainRun
 from imagepipe.durable.events import (
     AttemptStarted,
     Event,
@@ -40,8 +40,15 @@ from imagepipe.durable.events import (
 )
 from imagepipe.durable.lifecycle import reopen_run
 from imagepipe.durable.retry import RetryPolicy
+from imagepipe.durable.tasks import owned_tasks
 from imagepipe.durable.worker import WORKER_PREFIX, BranchJob, Worker, WorkerStats
-from imagepipe.errors import ImagepipeError, Interrupted, StoreUnreachable, UnknownRun
+from imagepipe.errors import (
+    AccountStopped,
+    ImagepipeError,
+    Interrupted,
+    StoreUnreachable,
+    UnknownRun,
+)
 from imagepipe.execution import (
     WORKFLOW,
     RunSetup,
@@ -165,7 +172,12 @@ def _idle_poll() -> float:
 def run_worker(
     url: str, invocation: Invocation, *, once: bool, on_lost: Callable[[str], None]
 ) -> WorkerStats:
-    """Claim and run branches of detached runs; with ``once``, until none is pending."""
+    """Claim and run branches of detached runs; with ``once``, until none is pending.
+
+    A provider's error of the account or the set-up (a refused key...) stops the worker
+    once its requests in flight have ended (:class:`~imagepipe.errors.AccountStopped`,
+    naming the run): every branch it would claim would meet it, while other workers,
+    set up otherwise, may go on with them."""
     invocation.validate()
 
     async def work() -> WorkerStats:
@@ -182,6 +194,9 @@ def run_worker(
             )
             try:
                 return await worker.run()
+            except DrainRun as exc:
+                fix = getattr(exc.__cause__, "fix", None)
+                raise AccountStopped(str(exc), fix, worker.drained, worker=True) from exc
             finally:
                 for job in worker.jobs():
                     if job.deps is not None:  # a refusing job has no provider
@@ -224,13 +239,11 @@ async def _follow(
     resumed: bool,
     poll: float,
     max_attempts: int | None = None,
-    beside: asyncio.Task[Any] | None = None,
 ) -> RunOutcome:
     """Report a run from the store until its root settles; the outcome is the run as
     stored then. A watcher (not ``resumed``) shows every branch as executed, timed from
     the run's start; a ``resume`` shows the branches settled before it began as replayed,
-    timed from its own start. ``beside``: the task executing the run here, whose failure
-    ends the wait."""
+    timed from its own start."""
     run_id = root.id
     started = time.perf_counter()
     spec = RunSpec.from_stored(root.args)
@@ -258,8 +271,6 @@ async def _follow(
             else:
                 wall_ms = round(((root.settled_at or 0) - root.created_at) * 1000)
             return run_outcome(root, branches, wall_ms=wall_ms, executed=True)
-        if beside is not None and beside.done():
-            beside.result()  # its failure is this command's
         # PostgreSQL wakes the watcher at each write (LISTEN/NOTIFY); SQLite polls
         await store.wait_for_progress(run_id, 2.0 if store.notifies else poll)
 
@@ -301,8 +312,10 @@ async def execute_detached(
             stale_after=settings.lease_timeout(),
             poll=_idle_poll(),
         )
-        working = asyncio.create_task(worker.run(), name=f"resume:{root.id}")
-        try:
+        # the worker is this block's task: an interruption cancels it (its branches stop,
+        # their claims released), and its failure ends the following
+        async with owned_tasks() as tasks:
+            working = tasks.create_task(worker.run(), name=f"resume:{root.id}")
             outcome = await _follow(
                 store,
                 root,
@@ -310,13 +323,8 @@ async def execute_detached(
                 resumed=True,
                 poll=worker.poll,
                 max_attempts=execution.retry.max_attempts,
-                beside=working,
             )
             await working  # it stops once it sees the root settled
-        finally:
-            if not working.done():
-                working.cancel()  # interrupted: its branches stop, their claims released
-            await asyncio.gather(working, return_exceptions=True)
     finally:
         await job.deps.provider.aclose()
     return outcome

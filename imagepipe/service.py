@@ -49,6 +49,7 @@ from imagepipe.files import (
     remove_temporaries,
 )
 from imagepipe.pipeline import IMAGE_RUN
+from imagepipe.run_costs import stored_spending
 from imagepipe.runs.model import Invocation, RunSpec, validate_run_id
 from imagepipe.runs.outcome import (
     LaunchedBranches,
@@ -181,6 +182,7 @@ def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
         try:
             async with opened_store(url, create=False, write=False) as store:
                 roots = [r for r in await store.roots(limit) if r.func == WORKFLOW]
+                spent = [await stored_spending(store, r) for r in roots]
         except StoreMissing:
             return []
         return [
@@ -190,8 +192,9 @@ def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
                 RunSpec.from_stored(r.args).prompt,
                 r.created_at,
                 r.counts,
+                cost,
             )
-            for r in roots
+            for r, cost in zip(roots, spent, strict=True)
         ]
 
     return run_command(listing, None)

@@ -13,6 +13,13 @@ A claim is a lease on the branch's id (:meth:`~.store.Store.claim`). A worker th
 stopped or cut off past ``stale_after`` loses its claims to another worker; its renewal
 then finds them taken (the branch stops at once), and any write it still makes is refused
 by the store because its epoch is stale.
+
+A branch that raises :class:`~.errors.DrainRun` (its cause is this worker's set-up, a key
+say, which every branch here would meet) makes the worker drain and stop: it claims
+nothing more, and every branch it holds drains (:meth:`.RunContext.drain`): no attempt
+starts, those in flight end and are recorded, the others' claims are released (those
+branches stay pending, for any worker); then the worker raises that error
+(:attr:`Worker.drained` names the run it came from).
 """
 
 from __future__ import annotations
@@ -23,12 +30,12 @@ import functools
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from imagepipe.durable.context import RunContext
-from imagepipe.durable.errors import LeaseLost, StoreBusy, StoreError
+from imagepipe.durable.errors import DrainRun, LeaseLost, StoreBusy, StoreError
 from imagepipe.durable.lease import LeaseKeeper, holder_gone, reraise_if_cancelled
 from imagepipe.durable.lifecycle import BranchOutcome, Summarize, settle_root_if_done
 from imagepipe.durable.records import (
@@ -40,6 +47,7 @@ from imagepipe.durable.retry import RetryPolicy
 from imagepipe.durable.run_state import Execution
 from imagepipe.durable.steps import Step
 from imagepipe.durable.store import DETACHED, Claim, Store
+from imagepipe.durable.tasks import owned_tasks
 from imagepipe.durable.worker_commit import SharedCommit
 
 __all__ = [
@@ -50,6 +58,7 @@ __all__ = [
 ]
 
 D = TypeVar("D")
+T = TypeVar("T")
 
 #: a worker's own lease (its presence for ``imagepipe workers``) is ``worker:<owner>``
 WORKER_PREFIX = "worker:"
@@ -96,6 +105,11 @@ async def _settle(
     handle = ctx.adopt(record, fn)
     try:
         await ctx.settle_all()
+    except DrainRun:
+        await ctx.cancel_all()
+        if handle.settled:  # its outcome was recorded before the drain stopped the branch
+            return handle.state
+        raise
     except (LeaseLost, StoreBusy):
         await ctx.cancel_all()
         if handle.settled:
@@ -178,12 +192,20 @@ class Worker:
         self.stats = WorkerStats()
         self._keepers: dict[str, _ClaimedLease] = {}
         self._running: set[asyncio.Task[None]] = set()
+        #: what owns every task of this worker while it runs (see :meth:`run`)
+        self._tasks: asyncio.TaskGroup | None = None
         #: branches whose call has returned, only their settlement left to write: they
         #: hold no slot (a slot is a provider call, as in a plain run)
         self._settling: set[str] = set()
         self._counted_fns: dict[Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]] = {}
         #: set when a branch gives its slot back before its task ends
         self._freed = asyncio.Event()
+        #: the context of each branch running, by its id
+        self._contexts: dict[str, RunContext[Any]] = {}
+        #: the DrainRun a branch raised, once one has (see :meth:`_drain_step`)
+        self._draining: DrainRun | None = None
+        #: the run of the branch that raised it
+        self.drained: str | None = None
 
     def jobs(self) -> list[BranchJob[Any]]:
         """The jobs of the runs this worker has branches of (to close their providers)."""
@@ -194,24 +216,35 @@ class Worker:
         ]
 
     async def run(self) -> WorkerStats:
-        """Work until the queue is drained (``once``) or the task is cancelled."""
+        """Work until the queue is drained (``once``) or the task is cancelled. The branches,
+        the root checks and the renewal are tasks of this call: none outlives it, and a
+        store failure in any of them stops the worker."""
         self.me = await self.store.acquire_lease(
             self.me, stale_after=self.stale_after, holder_gone=holder_gone
         )
-        renewer = asyncio.create_task(self._renew(), name="worker:renew")
         try:
-            await self._loop()
+            async with owned_tasks() as tasks:
+                self._tasks = tasks
+                renewer = tasks.create_task(self._renew(), name="worker:renew")
+                try:
+                    await self._loop()
+                finally:
+                    renewer.cancel()
         finally:
-            renewer.cancel()
-            for task in self._running | self._background:
-                task.cancel()
-            await asyncio.gather(renewer, *self._running, *self._background, return_exceptions=True)
+            self._tasks = None
             with contextlib.suppress(StoreError, LeaseLost):
                 await self.store.release_lease(self.me)
         return self.stats
 
+    def _task(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        assert self._tasks is not None, "tasks are started while the worker runs"
+        return self._tasks.create_task(coro, name=name)
+
     async def _loop(self) -> None:
         while True:
+            if self._draining is not None:
+                await self._drain_step()
+                continue
             self._freed.clear()
             active = len(self._running) - len(self._settling)
             free = self.concurrency - active
@@ -246,22 +279,37 @@ class Worker:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 freed.cancel()
-            for task in [t for t in self._running if t.done()]:
-                self._running.discard(task)
-                task.result()  # a store failure stops the worker
-            for task in [t for t in self._background if t.done()]:
-                self._background.discard(task)
-                task.result()
+            # (a task that failed has cancelled this loop already: see run)
+            self._running = {t for t in self._running if not t.done()}
+            self._background = {t for t in self._background if not t.done()}
+
+    async def _drain_step(self) -> None:
+        """Draining: claim nothing; wait for a branch to end (each drains: see
+        :meth:`_branch`); raise the DrainRun once none is left."""
+        if not self._running:
+            assert self._draining is not None
+            raise self._draining
+        await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+        for task in [t for t in self._running if t.done()]:
+            self._running.discard(task)
+            task.result()  # a store failure stops the worker at once
 
     def _start(self, claim: Claim) -> None:
         self.stats.claimed += 1
-        self._running.add(asyncio.create_task(self._branch(claim), name=claim.fence.key))
+        self._running.add(self._task(self._branch(claim), name=claim.fence.key))
 
     async def _branch(self, claim: Claim) -> None:
         run_id = claim.record.parent_id
         assert run_id is not None
         job = await self._job(run_id)
-        outcome = await self._run(claim, job)
+        try:
+            outcome = await self._run(claim, job)
+        except DrainRun as exc:  # the branch stays pending, its claim released
+            if self._draining is None:
+                self._draining, self.drained = exc, run_id
+                for ctx in self._contexts.values():
+                    ctx.drain(exc)  # every branch held here would meet it too
+            return
         if outcome == "lost":
             self.stats.lost += 1
             self._on_lost(claim.fence.key)
@@ -273,7 +321,7 @@ class Worker:
         """The app's part for the run, made once and shared by its branches."""
         making = self._jobs.get(run_id)
         if making is None or (making.done() and (making.cancelled() or making.exception())):
-            making = self._jobs[run_id] = asyncio.create_task(self._make_job(run_id))
+            making = self._jobs[run_id] = self._task(self._make_job(run_id), name=f"job:{run_id}")
         return await asyncio.shield(making)  # shared by the run's branches: not cancelled
 
     async def _make_job(self, run_id: str) -> BranchJob[Any]:
@@ -288,7 +336,7 @@ class Worker:
         yet is joined (it starts after their settlements are durable, so it sees them); one
         already running may not see them, so a new one is started beside it."""
         if run_id not in self._root_checks:
-            check = asyncio.create_task(self._root_check(run_id, job), name=f"root:{run_id}")
+            check = self._task(self._root_check(run_id, job), name=f"root:{run_id}")
             self._root_checks[run_id] = check
             self._background.add(check)
 
@@ -309,9 +357,13 @@ class Worker:
             ctx: RunContext[Any] = RunContext(
                 self.store, run_id, job.deps, how, lease=keeper, writes=self._writes
             )
+            self._contexts[key] = ctx
+            if self._draining is not None:  # claimed as the worker began to drain
+                ctx.drain(self._draining)
             return await _settle(ctx, keeper, claim.record, self._counted(job.fn))
         finally:
             self._keepers.pop(key, None)
+            self._contexts.pop(key, None)
             self._settling.discard(key)
 
     def _counted(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

@@ -5,6 +5,7 @@ provider class follows (:mod:`imagepipe.providers.contract`), its instances'
 only when used."""
 
 from imagepipe.providers.base import (
+    AccountError,
     AuthenticationFailed,
     CredentialsError,
     ImageProvider,
@@ -25,6 +26,7 @@ from imagepipe.providers.simulated import (
 )
 
 __all__ = [
+    "AccountError",
     "AuthenticationFailed",
     "CredentialsError",
     "Faults",

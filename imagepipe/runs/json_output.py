@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from imagepipe.cost import cost_json_of
 from imagepipe.json_stream import json_chunks
 from imagepipe.runs.outcome import BranchRow, RunOutcome, RunSummary, duration_ms, iso_time
 
@@ -28,6 +29,7 @@ def result_json(outcome: RunOutcome) -> Iterator[str]:
             "images": (item for item in images if item is not None),
             "wall_ms": outcome.wall_ms,
             "sequential_ms": outcome.sequential_ms,
+            "cost": _cost(outcome, attempts=False),
         }
     )
 
@@ -39,6 +41,8 @@ def show_json(outcome: RunOutcome) -> Iterator[str]:
             "id": outcome.id,
             "state": outcome.state,
             "prompt": outcome.spec.prompt,
+            # ``show`` has read the attempts' history: failed attempts are counted
+            "cost": _cost(outcome, attempts=True),
             "branches": map(_show_item, outcome.view.rows()),
         }
     )
@@ -47,6 +51,12 @@ def show_json(outcome: RunOutcome) -> Iterator[str]:
 def list_json(runs: Iterable[RunSummary]) -> str:
     """The ``list --json`` document: an array, one object a run."""
     return json.dumps([_summary_item(summary) for summary in runs])
+
+
+def _cost(outcome: RunOutcome, *, attempts: bool) -> dict[str, Any]:
+    from imagepipe.run_costs import cost_json  # prices are read only for a report
+
+    return cost_json(outcome, attempts=attempts)
 
 
 def _image_item(row: BranchRow) -> dict[str, Any] | None:
@@ -60,6 +70,7 @@ def _image_item(row: BranchRow) -> dict[str, Any] | None:
         "duration_ms": duration_ms(row.id, value),
         "attempts": row.attempts,
         "replayed": row.replayed,
+        "cost": cost_json_of(value),
     }
 
 
@@ -81,4 +92,5 @@ def _summary_item(summary: RunSummary) -> dict[str, Any]:
         "state": summary.state,
         "prompt": summary.prompt,
         "created_at": iso_time(summary.created_at),
+        "cost": None if summary.spent is None else summary.spent.to_json(),
     }

@@ -14,13 +14,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, overload
 
 from imagepipe.durable import ErrorInfo, Handle
 from imagepipe.durable.records import AttemptRecord
 from imagepipe.errors import StoreFailed
 from imagepipe.runs.model import Branch, RunSpec
 from imagepipe.text import quoted
+
+if TYPE_CHECKING:
+    from imagepipe.cost import Spending
 
 __all__ = [
     "BranchColumns",
@@ -262,6 +265,8 @@ class RunSummary:
     prompt: str
     created_at: float
     counts: dict[str, int]
+    #: what its images cost (:class:`imagepipe.cost.Spending`)
+    spent: Spending | None = None
 
 
 def iso_time(ts: float) -> str:
