@@ -15,19 +15,32 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from imagepipe.durable import Handle, RunContext, Step, StopRun, bind_args
+from imagepipe.cost import UNKNOWN, image_cost
+from imagepipe.durable import (
+    BranchOutcome,
+    ErrorInfo,
+    Handle,
+    PromiseRejected,
+    RunContext,
+    Step,
+    StopRun,
+    Workflow,
+    bind_args,
+)
 from imagepipe.durable.errors import DrainRun
-from imagepipe.durable.records import ARGS_VERSION
+from imagepipe.errors import BadInput
+from imagepipe.prices import FREE_PROVIDERS, current_prices
 from imagepipe.providers import AccountError, ImageProvider, ProviderImage, ProviderRequest
-from imagepipe.providers.options import ProviderOptions
+from imagepipe.providers.options import ProviderOptions, identity
 from imagepipe.styles import render
 
 __all__ = [
+    "IMAGE_RUN",
     "BranchArgs",
     "Deps",
     "ImageValue",
@@ -72,6 +85,8 @@ class ImageValue(TypedDict, total=False):
     seed: int | None
     revised_prompt: str | None
     usage: dict[str, Any] | None
+    #: what the attempt cost (:meth:`imagepipe.cost.Cost.to_json`); none when it was free
+    cost: dict[str, Any]
 
 
 class PipelineResult(TypedDict):
@@ -131,7 +146,22 @@ async def generate_image(
     for key in ("seed", "revised_prompt", "usage"):
         if getattr(image, key) is not None:
             value[key] = getattr(image, key)
+    if deps.provider.name not in FREE_PROVIDERS:  # a free image's value holds no cost
+        value["cost"] = _cost(deps, image)
+        if value["cost"]["micro_usd"] is not None:  # replaces its reservation (imagepipe.budget)
+            step.cost = {"micro_usd": value["cost"]["micro_usd"]}
     return value
+
+
+def _cost(deps: Deps, image: ProviderImage) -> dict[str, Any]:
+    """What the image cost, as its value stores it (see :mod:`imagepipe.cost`). A prices
+    file broken since the run was checked leaves the cost unknown, not the image lost."""
+    try:
+        prices = current_prices()
+    except BadInput:
+        return UNKNOWN.to_json()
+    options = identity(deps.options)
+    return image_cost(deps.provider.name, options, image.model, image.usage, prices).to_json()
 
 
 async def _stage(
@@ -203,6 +233,22 @@ async def image_pipeline(
     return {"prompt": prompt, "images": images, "total_ms": sum(i["duration_ms"] for i in images)}
 
 
+def summarize_run(branches: Sequence[BranchOutcome]) -> tuple[Any, ErrorInfo | None]:
+    """What a run's root settles with, whoever settles it: the images' count and time, or
+    the first rejected branch (in launch order) as the run's error."""
+    for branch in branches:
+        if branch.state == "rejected":
+            error = branch.error or ErrorInfo("Error", "rejected")
+            message = str(PromiseRejected(branch.id, error))
+            return None, ErrorInfo("BranchRejected", message, retryable=False)
+    total = sum(int((b.value or {}).get("duration_ms", 0)) for b in branches)
+    return {"images": len(branches), "total_ms": total}, None
+
+
+#: the run the core executes: :func:`image_pipeline`, settled by :func:`summarize_run`
+IMAGE_RUN = Workflow(image_pipeline, summarize=summarize_run)
+
+
 @dataclass(frozen=True, slots=True)
 class BranchArgs:
     """A ``generate_image`` branch's arguments, by name, defaults filled in."""
@@ -218,12 +264,8 @@ class BranchArgs:
     def read(cls, args: Mapping[str, Any]) -> BranchArgs:
         """From a branch's arguments: the stored object (``{"version": ..}``) or the
         call's keyword arguments."""
-        if "version" not in args:  # the call's own keyword arguments
-            named = args
-        elif args["version"] == ARGS_VERSION:  # stored by name: no signature to consult
-            named = args["kwargs"]
-        else:
-            named = bind_args(generate_image, args)
+        # the call's own keyword arguments, or as stored
+        named = args if "version" not in args else bind_args(generate_image, args)
         try:
             index = named.get("prompt_index")
             return cls(

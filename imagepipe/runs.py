@@ -13,23 +13,22 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
-from imagepipe.durable import (
-    AttemptRecord,
-    ChildColumns,
-    ErrorInfo,
-    Event,
-    Handle,
-    PromiseRecord,
-    bind_args,
-)
+from imagepipe.cost import cost_json_of
+from imagepipe.durable import ErrorInfo, Handle, PromiseRecord, bind_args
+from imagepipe.durable.events import Event
+from imagepipe.durable.records import AttemptRecord, ChildColumns
 from imagepipe.errors import BadInput, StoreFailed
 from imagepipe.json_stream import EncodedItems, json_chunks
 from imagepipe.pipeline import BranchArgs, image_pipeline
 from imagepipe.providers import Faults
 from imagepipe.styles import validate_style
 from imagepipe.text import quoted
+
+if TYPE_CHECKING:
+    from imagepipe.budget import Caps
+    from imagepipe.cost import Spending
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -188,8 +187,22 @@ class Invocation:
     rpm: int | None = None
     #: where to write the images (default: the run's own directory)
     out_dir: str | None = None
+    #: ``--max-cost`` as typed (US dollars) and ``--max-images``: the run's caps, kept
+    #: with it (None: keep the stored ones)
+    max_cost: str | None = None
+    max_images: int | None = None
+
+    def caps(self) -> Caps:
+        """The caps given, checked: bad input otherwise."""
+        from imagepipe.budget import Caps, parse_max_cost
+
+        max_cost = None if self.max_cost is None else parse_max_cost(self.max_cost)
+        caps = Caps(max_cost, self.max_images)
+        caps.validate()
+        return caps
 
     def validate(self) -> None:
+        self.caps()
         if self.max_attempts is not None and self.max_attempts < 1:
             raise BadInput(f"--max-attempts must be at least 1, not {self.max_attempts}")
         if self.concurrency is not None and self.concurrency < 1:
@@ -482,8 +495,14 @@ class RunOutcome:
                 "images": images,
                 "wall_ms": self.wall_ms,
                 "sequential_ms": self.sequential_ms,
+                "cost": self._cost_json(attempts=False),
             }
         )
+
+    def _cost_json(self, *, attempts: bool) -> dict[str, Any]:
+        from imagepipe.run_costs import cost_json  # prices are read only for a report
+
+        return cost_json(self, attempts=attempts)
 
     def show_json(self) -> dict[str, Any]:
         """The ``show --json`` shape."""
@@ -498,7 +517,8 @@ class RunOutcome:
         else:
             branches = map(_show_item, self.branches)
         head = {"id": self.id, "state": self.state, "prompt": self.spec.prompt}
-        return json_chunks(head | {"branches": branches})
+        cost = self._cost_json(attempts=True)  # ``show`` has read the attempts' history
+        return json_chunks(head | {"cost": cost, "branches": branches})
 
 
 def duration_ms(branch_id: str, value: Mapping[str, Any]) -> int:
@@ -523,6 +543,7 @@ def _image_item(
         "duration_ms": duration_ms(branch_id, value),
         "attempts": attempts,
         "replayed": replayed,
+        "cost": cost_json_of(value),
     }
 
 
@@ -544,6 +565,8 @@ class RunSummary:
     prompt: str
     created_at: float
     counts: dict[str, int]
+    #: what its images cost (:class:`imagepipe.cost.Spending`)
+    spent: Spending | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -551,6 +574,7 @@ class RunSummary:
             "state": self.state,
             "prompt": self.prompt,
             "created_at": _iso(self.created_at),
+            "cost": None if self.spent is None else self.spent.to_json(),
         }
 
 

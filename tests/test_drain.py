@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from test_context import NO_WAIT, context
 
-from imagepipe.durable import RunContext, Step, Store, WriteBatch
+from imagepipe.durable import RunContext, Step, Store
 from imagepipe.durable.errors import DrainRun
-from imagepipe.durable.records import NewPromise, PromiseRecord, encode_args
+from imagepipe.durable.records import NewPromise, PromiseRecord, WriteBatch, encode_args
 from imagepipe.durable.worker import BranchJob, Worker
 
 

@@ -24,7 +24,8 @@ from imagepipe.text import escape_control, invalid_utf8, quoted
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from imagepipe.runs import Invocation, Reporter, RunOutcome
+    from imagepipe.prices import PriceTable
+    from imagepipe.runs import Invocation, Reporter, RunOutcome, RunSpec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -262,6 +263,27 @@ _EXECUTION_OPTIONS: dict[str, tuple[Any, Any]] = {
             show_default=False,
         ),
     ),
+    "max_cost": (
+        str | None,
+        typer.Option(
+            "--max-cost",
+            metavar="USD",
+            help="Spend at most this many US dollars on the run, across crashes, resumes "
+            "and workers: an attempt starts only if its worst case fits; then the run "
+            "stops, the rest pending. Kept with the run; resume --max-cost raises it.",
+            show_default=False,
+        ),
+    ),
+    "max_images": (
+        int | None,
+        typer.Option(
+            "--max-images",
+            metavar="N",
+            help="Pay for at most N images on the run (attempts that may have been paid "
+            "count), kept with it as --max-cost is.",
+            show_default=False,
+        ),
+    ),
     "fail_style": (
         list[str] | None,
         typer.Option(
@@ -317,6 +339,8 @@ def make_invocation(
     fail_style: list[str] | None = None,
     option: list[str] | None = None,
     rpm: int | None = None,
+    max_cost: str | None = None,
+    max_images: int | None = None,
 ) -> "Invocation":
     from imagepipe.providers import Faults
     from imagepipe.runs import Invocation
@@ -331,7 +355,46 @@ def make_invocation(
         faults=Faults(fail_rate, seed, frozenset(fail_style or ()), hang_rate),
         option_pairs=tuple(_pair(joined) for joined in option or ()),
         rpm=rpm,
+        max_cost=max_cost,
+        max_images=max_images,
     )
+
+
+# -- prices and dry runs -------------------------------------------------------------
+
+
+def check_prices() -> "PriceTable":
+    """The price table, with the user's prices file: a broken one is bad input (exit 2)
+    before anything is written."""
+    from imagepipe.prices import current_prices
+
+    return current_prices()
+
+
+def print_dry_run(
+    run_id: str | None,
+    spec: "RunSpec",
+    invocation: "Invocation",
+    prices: "PriceTable",
+    *,
+    json_out: bool,
+) -> None:
+    """``run --dry-run``: the run checked as ``run`` checks it, planned, printed; no
+    store opened, no folder made, nothing sent (see :mod:`imagepipe.dryrun`)."""
+    from imagepipe.dryrun import plan_run, spec_for_dry_run
+    from imagepipe.runs import validate_run_id
+
+    if run_id is not None:
+        validate_run_id(run_id)
+    spec.validate()
+    invocation.validate()
+    plan = plan_run(run_id, spec_for_dry_run(spec, invocation), invocation, prices)
+    if json_out:
+        import json
+
+        print(json.dumps(plan.to_json()))
+    else:
+        print("\n".join(plan.lines()))
 
 
 # -- where things go -----------------------------------------------------------------

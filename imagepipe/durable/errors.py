@@ -21,6 +21,7 @@ __all__ = [
     "LeaseLost",
     "NonDeterminism",
     "PromiseRejected",
+    "SpendingCapReached",
     "StopRun",
     "StoreBusy",
     "StoreConflict",
@@ -166,3 +167,18 @@ class DrainRun(StopRun):
     recorded as usual, then the run stops with this error. As with :class:`StopRun`, the
     step's attempt is not recorded as a failure and the branch stays pending, for a later
     ``resume`` once the cause is fixed. ``__cause__`` holds what the step met."""
+
+
+class SpendingCapReached(DrainRun):
+    """An attempt's worst-case cost does not fit in what is left of one of the run's
+    spending caps (on ``meter``): it does not start, and neither does any other; the
+    attempts in flight end and are recorded, then the run stops, the rest left pending
+    (raise the cap, then resume)."""
+
+    def __init__(self, run_id: str, meter: str, spent: int, cap: int, needed: int) -> None:
+        super().__init__(f"run {run_id!r} has spent {spent} {meter} of its cap of {cap}")
+        self.run_id = run_id
+        self.meter = meter
+        self.spent = spent
+        self.cap = cap
+        self.needed = needed
