@@ -15,6 +15,7 @@ import time
 
 from imagepipe import settings
 from imagepipe.durable import (
+    ChildColumns,
     ErrorInfo,
     LeaseKeeper,
     NonDeterminism,
@@ -72,7 +73,7 @@ __all__ = ["fix_run_images", "list_runs", "resume_run", "show_run", "start_run"]
 
 async def _stored_outcome(store: Store, root: PromiseRecord) -> RunOutcome:
     """A run that nothing executed in this invocation, as stored."""
-    branches = StoredBranches(await store.child_columns(root.id))
+    branches = StoredBranches(await ChildColumns.collect(store.where, store.child_rows(root.id)))
     return run_outcome(root, branches, wall_ms=0, executed=False)
 
 

@@ -15,6 +15,7 @@ import pytest
 from postgres_server import PostgresServer, database_name
 
 from imagepipe.durable import (
+    ChildColumns,
     Lease,
     LeaseHeld,
     NewPromise,
@@ -151,7 +152,7 @@ async def test_a_damaged_row_is_corrupt_not_a_traceback(
         with pytest.raises(StoreCorrupt):
             await store.children("r")
         with pytest.raises(StoreCorrupt, match=r"r\.0.*damaged value"):
-            await store.child_columns("r")
+            await ChildColumns.collect(store.where, store.child_rows("r"))
     finally:
         await store.close()
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from imagepipe.cli import app
 from imagepipe.durable import (
+    ChildColumns,
     StoreCorrupt,
     StoreMissing,
     StoreNewer,
@@ -272,7 +273,7 @@ def test_damaged_rows_are_a_corrupt_store_error_never_a_traceback(db_path: Path)
             with pytest.raises(StoreCorrupt, match=r"r\.0"):
                 await store.children("r")
             with pytest.raises(StoreCorrupt, match=r"r\.0.*damaged value"):
-                await store.child_columns("r")
+                await ChildColumns.collect(store.where, store.child_rows("r"))
         finally:
             await store.close()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ __all__ = [
     "AttemptRecord",
     "AttemptStart",
     "ChildColumns",
+    "ChildRow",
     "ErrorInfo",
     "Fence",
     "Lease",
@@ -167,12 +168,31 @@ class PromiseRecord:
         return self.state != "pending"
 
 
+@dataclass(slots=True)
+class ChildRow:
+    """A child of a promise as a report reads it (``Store.child_rows``): no full record,
+    its arguments left as stored text, and its value kept as the text stored besides the
+    decoded object, for a report that repeats it."""
+
+    id: str
+    state: PromiseState
+    attempts: int
+    #: the value, decoded: an object, or None while pending or when rejected
+    value: dict[str, Any] | None
+    #: the value as stored: the JSON text of ``value``
+    value_text: str | None
+    error: ErrorInfo | None
+    #: the argument object as stored, JSON text
+    arguments: str
+
+
 @dataclass(frozen=True)
 class ChildColumns:
-    """The children of a promise in launch order, one list per column: what a report of a
-    run reads (``Store.child_columns``). There is no record per child, arguments are left
-    as stored text, and each value is kept as the text stored besides, for a report that
-    repeats it: reading back a run of 100,000 branches as records cost seconds."""
+    """The children of a promise in launch order, one list per column, gathered from the
+    rows ``Store.child_rows`` yields (:meth:`collect`): what a report of a run holds.
+    There is no record per child kept, arguments are left as stored text, and each value
+    is kept as the text stored besides, for a report that repeats it: reading back a run
+    of 100,000 branches as records cost seconds."""
 
     where: str
     ids: list[str] = field(default_factory=list)
@@ -185,6 +205,26 @@ class ChildColumns:
     errors: list[ErrorInfo | None] = field(default_factory=list)
     #: each argument object as stored, JSON text: decode one with :meth:`args`
     arguments: list[str] = field(default_factory=list)
+
+    @classmethod
+    async def collect(cls, where: str, chunks: AsyncIterable[Iterable[ChildRow]]) -> ChildColumns:
+        """The rows of ``chunks`` (``store.child_rows(parent_id)``) as columns; ``where``
+        names the store in messages."""
+        columns = cls(where)
+        async for rows in chunks:
+            columns.extend(rows)
+        return columns
+
+    def extend(self, rows: Iterable[ChildRow]) -> None:
+        """Append ``rows`` at the end."""
+        for row in rows:
+            self.ids.append(row.id)
+            self.states.append(row.state)
+            self.attempts.append(row.attempts)
+            self.values.append(row.value)
+            self.value_texts.append(row.value_text)
+            self.errors.append(row.error)
+            self.arguments.append(row.arguments)
 
     def __len__(self) -> int:
         return len(self.ids)

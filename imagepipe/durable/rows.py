@@ -6,14 +6,14 @@ and PostgreSQL stores, so that a damaged column is the same :class:`StoreCorrupt
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 from imagepipe.durable.errors import StoreCorrupt
 from imagepipe.durable.records import (
     AttemptRecord,
-    ChildColumns,
+    ChildRow,
     ErrorInfo,
+    Lease,
     PromiseRecord,
     RootRecord,
     decode_json,
@@ -24,10 +24,12 @@ from imagepipe.durable.records import (
 __all__ = [
     "CHILD_COLUMNS",
     "CLAIM_COLUMNS",
+    "LEASE_COLUMNS",
     "PROMISE_COLUMNS",
     "ROOT_COLUMNS",
-    "add_child_rows",
     "attempt_from_row",
+    "child_from_row",
+    "lease_from_row",
     "promise_from_row",
     "root_from_row",
 ]
@@ -40,25 +42,19 @@ PROMISE_COLUMNS = (
 #: the same, of a branch ``p`` joined with its run (the workers' claims)
 CLAIM_COLUMNS = ", ".join(f"p.{name.strip()}" for name in PROMISE_COLUMNS.split(","))
 
-#: what ``Store.child_columns`` reads of each child, before its validity flag and picks
+#: the columns :func:`child_from_row` reads (``Store.child_rows``), in its order
 CHILD_COLUMNS = "id, state, attempts, value, error, args"
 
 
-def promise_from_row(
-    row: tuple[Any, ...], where: str, json_values: list[Any] | None = None
-) -> PromiseRecord:
-    """A row of :data:`PROMISE_COLUMNS`; ``json_values``: its args and value, if the caller
-    has decoded them already."""
+def promise_from_row(row: tuple[Any, ...], where: str) -> PromiseRecord:
+    """A row of :data:`PROMISE_COLUMNS`."""
     (promise_id, parent_id, seq, func, args, state, value, error) = row[:8]
     (attempts, failures, created_at, settled_at, options) = row[8:13]
     where = f"{where}, promise {promise_id!r},"
     if not isinstance(attempts, int) or not isinstance(failures, int):
         raise StoreCorrupt(where, "holds a damaged attempt count")
-    if json_values is None:
-        args = decode_json(args, "argument list", where)
-        value = None if value is None else decode_json(value, "value", where)
-    else:
-        args, value = json_values
+    args = decode_json(args, "argument list", where)
+    value = None if value is None else decode_json(value, "value", where)
     return PromiseRecord(
         id=promise_id,
         parent_id=parent_id,
@@ -125,30 +121,33 @@ def attempt_from_row(row: tuple[Any, ...], where: str) -> AttemptRecord:
     )
 
 
-def add_child_rows(columns: ChildColumns, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Append rows of :data:`CHILD_COLUMNS`. Each value is decoded on its own: one
-    ``json.loads`` over a batch is faster, but damaged texts could merge or split there,
+def child_from_row(row: tuple[Any, ...], where: str) -> ChildRow:
+    """A row of :data:`CHILD_COLUMNS`. Each value is decoded on its own: one
+    ``json.loads`` over many rows is faster, but damaged texts could merge or split there,
     and a value is written out again as the text stored."""
-    if not rows:
-        return
-    ids, states, attempts, texts, errors, arguments = zip(*rows, strict=True)
-    where = columns.where
-    for promise_id, state, count, args in zip(ids, states, attempts, arguments, strict=True):
-        if state not in _STATES or type(count) is not int or type(args) is not str:
-            raise StoreCorrupt(f"{where}, promise {promise_id!r},", "holds a damaged row")
-    columns.ids.extend(ids)
-    columns.states.extend(states)
-    columns.attempts.extend(attempts)
-    columns.values.extend(
-        None if text is None else _stored_value(text, promise_id, where)
-        for promise_id, text in zip(ids, texts, strict=True)
+    promise_id, state, attempts, text, error, args = row
+    if state not in _STATES or type(attempts) is not int or type(args) is not str:
+        raise StoreCorrupt(f"{where}, promise {promise_id!r},", "holds a damaged row")
+    return ChildRow(
+        promise_id,
+        state,
+        attempts,
+        None if text is None else _stored_value(text, promise_id, where),
+        text,
+        None if error is None else ErrorInfo.from_json(error, f"{where}, promise {promise_id!r},"),
+        args,
     )
-    columns.value_texts.extend(texts)
-    columns.errors.extend(
-        None if error is None else ErrorInfo.from_json(error, f"{where}, promise {id_!r},")
-        for id_, error in zip(ids, errors, strict=True)
-    )
-    columns.arguments.extend(arguments)
+
+
+#: the columns :func:`lease_from_row` reads, in its order (the age by the store's clock
+#: follows them, as an expression of the dialect)
+LEASE_COLUMNS = "owner, pid, host, epoch"
+
+
+def lease_from_row(key: str, row: tuple[Any, ...]) -> Lease:
+    """A row of :data:`LEASE_COLUMNS` and the lease's age: ``key``'s holder."""
+    owner, pid, host, epoch, age = row
+    return Lease(key=key, owner=owner, pid=pid, host=host, epoch=epoch, age=age)
 
 
 _STATES = frozenset(("pending", "resolved", "rejected"))

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from imagepipe.durable import (
+    ChildColumns,
     ErrorInfo,
     Lease,
     LeaseHeld,
@@ -153,7 +154,7 @@ async def test_child_columns_read_a_run_back_column_by_column(store: Store) -> N
     await store.apply(
         WriteBatch(settlements=[resolve("r.0", '{"url":"u","n":1}'), reject("r.1", failed)])
     )
-    columns = await store.child_columns("r")
+    columns = await ChildColumns.collect(store.where, store.child_rows("r"))
     assert len(columns) == 3
     assert columns.ids == ["r.0", "r.1", "r.2"]
     assert columns.states == ["resolved", "rejected", "pending"]
@@ -161,7 +162,7 @@ async def test_child_columns_read_a_run_back_column_by_column(store: Store) -> N
     assert columns.value_texts == ['{"url":"u","n":1}', None, None]
     assert columns.errors == [None, failed, None]
     assert columns.args(1) == {"version": 1, "kwargs": {"style": "b"}}
-    assert len(await store.child_columns("nobody")) == 0
+    assert len(await ChildColumns.collect(store.where, store.child_rows("nobody"))) == 0
 
 
 async def test_roots_list_runs_newest_first_with_counts(store: Store) -> None:
