@@ -284,6 +284,28 @@ def test_damaged_rows_are_a_corrupt_store_error_never_a_traceback(db_path: Path)
     assert "corrupt" in result.stderr or "damaged" in result.stderr  # type: ignore[attr-defined]
 
 
+def test_two_damaged_rows_that_would_make_valid_json_together_are_still_corrupt(
+    db_path: Path,
+) -> None:
+    """Each row's columns are decoded on their own: joined into one JSON text, the value of
+    r.0 and the arguments of r.1 (each damaged) made two well-formed rows, and a resume
+    would have replayed data that no one wrote."""
+    invoke("run", "a cat", "--id", "r", "--json")
+    with sqlite3.connect(db_path) as db:
+        db.execute("""UPDATE promises SET value = '{"v":"' WHERE id = 'r.0'""")
+        db.execute("""UPDATE promises SET args = 'x"}],[{"b":2}' WHERE id = 'r.1'""")
+
+    async def read() -> None:
+        store = await open_store(str(db_path))
+        try:
+            with pytest.raises(StoreCorrupt, match=r"r\.0"):
+                await store.children("r")
+        finally:
+            await store.close()
+
+    asyncio.run(read())
+
+
 def test_a_damaged_store_that_needs_migrating_is_not_migrated_by_a_read(db_path: Path) -> None:
     conn = sqlite3.connect(db_path, isolation_level=None)
     for migration in MIGRATIONS[:3]:  # the previous main's schema

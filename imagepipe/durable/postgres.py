@@ -501,10 +501,11 @@ class _PostgresTx(Tx):
         sync: Callable[[], Awaitable[None]] | None,
         where: str,
     ) -> None:
+        super().__init__(where)
         self._conn = conn
         self._sync = sync
-        self._where = where
-        self._counted: list[tuple[psycopg.AsyncCursor[Any], int, str]] = []
+        #: what a broken unique key means: a pipeline reports an error at its next sync,
+        #: whichever statement it was
         self._duplicate: str | None = None
 
     async def fetchall(self, sql: str, params: Params) -> list[Row]:
@@ -517,39 +518,28 @@ class _PostgresTx(Tx):
         await cur.execute(sql, params)
         return cur
 
-    async def send_many(
-        self,
-        sql: str,
-        params: Iterable[Params],
-        *,
-        expect: int | None = None,
-        refusal: str = "",
-        duplicate: str | None = None,
+    async def _executemany(
+        self, sql: str, params: Iterable[Params], duplicate: str | None
     ) -> Counted:
         if duplicate is not None:
             self._duplicate = duplicate
         cur = self._conn.cursor()
-        try:  # a pipeline reports an error at its next sync: any statement's
+        try:
             await cur.executemany(sql, params)
         except psycopg.errors.UniqueViolation:
             raise self._refused() from None
-        if expect is not None:
-            self._counted.append((cur, expect, refusal))
         return cur
 
-    async def check(self) -> None:
+    async def _wait(self) -> None:
         if self._sync is not None:
             try:
                 await self._sync()
             except psycopg.errors.UniqueViolation:
                 raise self._refused() from None
-        for cur, expected, refusal in self._counted:
-            if cur.rowcount != expected:
-                raise StoreConflict(self._where, refusal)
 
     def _refused(self) -> StoreConflict:
         """A broken unique key: only a statement sent with ``duplicate`` can break one."""
-        return StoreConflict(self._where, self._duplicate or "already holds a row it writes")
+        return StoreConflict(self.where, self._duplicate or "already holds a row it writes")
 
 
 #: the channel every write batch NOTIFYs with the ids of the runs it wrote to

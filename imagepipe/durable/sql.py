@@ -258,7 +258,16 @@ Fetch = Callable[[str, Params], Awaitable[list[Row]]]
 
 class Tx(ABC):
     """One transaction as the shared methods use it. A backend may send statements without
-    waiting for their results (PostgreSQL's pipeline mode): :meth:`check` waits for them."""
+    waiting for their results (PostgreSQL's pipeline mode): :meth:`check` waits for them.
+
+    ``where`` names the store in messages."""
+
+    #: a count of changed rows is checked as soon as its statement ran, not at :meth:`check`
+    checks_each: ClassVar[bool] = False
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self._expected: list[tuple[Counted, int, str]] = []
 
     @abstractmethod
     async def fetchall(self, sql: str, params: Params) -> list[Row]:
@@ -272,7 +281,6 @@ class Tx(ABC):
     async def send(self, sql: str, params: Params) -> Counted:
         """Run a statement whose rows are not read."""
 
-    @abstractmethod
     async def send_many(
         self,
         sql: str,
@@ -285,11 +293,35 @@ class Tx(ABC):
         """Run a statement once per parameter set (``executemany``). With ``expect``, a
         count of changed rows other than it is :class:`StoreConflict` ``refusal``; with
         ``duplicate``, so is a row that breaks a unique key."""
+        cur = await self._executemany(sql, params, duplicate)
+        if expect is not None:
+            self._expected.append((cur, expect, refusal))
+            if self.checks_each:
+                self._compare()
+        return cur
+
+    async def check(self) -> None:
+        """Wait for every statement sent; raise the :class:`StoreConflict` of the first
+        that did not change the rows it was expected to."""
+        await self._wait()
+        self._compare()
+
+    def _compare(self) -> None:
+        for cur, expected, refusal in self._expected:
+            if cur.rowcount != expected:
+                raise StoreConflict(self.where, refusal)
+        self._expected.clear()
 
     @abstractmethod
-    async def check(self) -> None:
-        """Wait for every statement sent; raise the :class:`StoreConflict` of one that
-        did not change the rows it was expected to."""
+    async def _executemany(
+        self, sql: str, params: Iterable[Params], duplicate: str | None
+    ) -> Counted:
+        """``executemany``; a broken unique key is :class:`StoreConflict` ``duplicate``
+        (when given) as soon as it is known, here or in :meth:`_wait`."""
+
+    @abstractmethod
+    async def _wait(self) -> None:
+        """Wait for the statements sent and not waited for yet."""
 
 
 def _params(items: Sequence[Any]) -> Iterator[dict[str, Any]]:

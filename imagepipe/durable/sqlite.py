@@ -224,23 +224,24 @@ class SQLiteStore(SQLStore):
     # -- transactions and reads -----------------------------------------------------
 
     async def _in_transaction(self, body: Callable[[Tx], Awaitable[T]]) -> T:
-        try:
-            with self._transaction() as db:
-                return await body(_SQLiteTx(db, self.where))
-        except _DRIVER_ERRORS as exc:
-            raise _translate(exc, self.where) from exc
+        with self._translated(), self._transaction() as db:
+            return await body(_SQLiteTx(db, self.where))
 
     async def _fetchall(self, sql: str, params: Params) -> list[Row]:
-        try:
+        with self._translated():
             return self._db.execute(sql, params).fetchall()
-        except _DRIVER_ERRORS as exc:
-            raise _translate(exc, self.where) from exc
 
     async def _chunks(self, sql: str, params: Params) -> AsyncIterator[list[Row]]:
-        try:
+        with self._translated():
             cursor = self._db.execute(sql, params)
             while rows := cursor.fetchmany(CHUNK_ROWS):
                 yield rows
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Any ``sqlite3`` error of the block as a one-line :class:`StoreError`."""
+        try:
+            yield
         except _DRIVER_ERRORS as exc:
             raise _translate(exc, self.where) from exc
 
@@ -316,9 +317,11 @@ class _SQLiteTx(Tx):
     """A transaction of the SQLite store: every statement runs at once, and a count of
     changed rows is checked as soon as it is known."""
 
+    checks_each = True
+
     def __init__(self, db: sqlite3.Connection, where: str) -> None:
+        super().__init__(where)
         self._db = db
-        self._where = where
 
     async def fetchall(self, sql: str, params: Params) -> list[Row]:
         return self._db.execute(sql, params).fetchall()
@@ -326,27 +329,18 @@ class _SQLiteTx(Tx):
     async def send(self, sql: str, params: Params) -> Counted:
         return self._db.execute(sql, params)
 
-    async def send_many(
-        self,
-        sql: str,
-        params: Iterable[Params],
-        *,
-        expect: int | None = None,
-        refusal: str = "",
-        duplicate: str | None = None,
+    async def _executemany(
+        self, sql: str, params: Iterable[Params], duplicate: str | None
     ) -> Counted:
         try:
-            cur = self._db.executemany(sql, params)
+            return self._db.executemany(sql, params)
         except sqlite3.IntegrityError:
             if duplicate is None:
                 raise
-            raise StoreConflict(self._where, duplicate) from None
-        if expect is not None and cur.rowcount != expect:
-            raise StoreConflict(self._where, refusal)
-        return cur
+            raise StoreConflict(self.where, duplicate) from None
 
-    async def check(self) -> None:
-        """Nothing waits: each statement was checked as it ran."""
+    async def _wait(self) -> None:
+        """Nothing waits: each statement ran when it was sent."""
 
 
 #: a claim takes the lease on the branch's id with the next epoch
