@@ -25,7 +25,15 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -324,7 +332,7 @@ class PostgresStore(SQLStore):
             await cur.execute(sql, params)
             return await cur.fetchall()
 
-    async def _chunks(self, sql: str, params: Params) -> AsyncIterator[list[Row]]:
+    async def _chunks(self, sql: str, params: Params) -> AsyncGenerator[list[Row], None]:
         """The rows of a read, :data:`CHUNK_ROWS` at a time. Its statement rides out a
         lost connection; once it has answered, every row is on this side (a client-side
         cursor), and the chunks are made from it."""

@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -363,7 +365,7 @@ class SQLStore(Store):
         """The rows of a read, outside any write transaction."""
 
     @abstractmethod
-    def _chunks(self, sql: str, params: Params) -> AsyncIterator[list[Row]]:
+    def _chunks(self, sql: str, params: Params) -> AsyncGenerator[list[Row], None]:
         """The rows of a read, :data:`CHUNK_ROWS` at a time (``fetchmany``)."""
 
     async def _announce(self, tx: Tx, batch: WriteBatch) -> None:
@@ -502,8 +504,12 @@ class SQLStore(Store):
 
     async def child_rows(self, parent_id: str) -> AsyncIterator[list[ChildRow]]:
         where = self.where
-        async for rows in self._chunks(self.sql.child_rows, {"parent": parent_id}):
-            yield [child_from_row(row, where) for row in rows]
+        # closed at once when a damaged row ends the reading (no connection kept meanwhile)
+        async with contextlib.aclosing(
+            self._chunks(self.sql.child_rows, {"parent": parent_id})
+        ) as chunks:
+            async for rows in chunks:
+                yield [child_from_row(row, where) for row in rows]
 
     async def roots(self, limit: int | None = None) -> list[RootRecord]:
         sql = self.sql

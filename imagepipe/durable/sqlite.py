@@ -13,7 +13,7 @@ import contextlib
 import os
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -231,7 +231,7 @@ class SQLiteStore(SQLStore):
         with self._translated():
             return self._db.execute(sql, params).fetchall()
 
-    async def _chunks(self, sql: str, params: Params) -> AsyncIterator[list[Row]]:
+    async def _chunks(self, sql: str, params: Params) -> AsyncGenerator[list[Row], None]:
         with self._translated():
             cursor = self._db.execute(sql, params)
             while rows := cursor.fetchmany(CHUNK_ROWS):

@@ -165,6 +165,13 @@ async def test_child_columns_read_a_run_back_column_by_column(store: Store) -> N
     assert len(await ChildColumns.collect(store.where, store.child_rows("nobody"))) == 0
 
 
+async def test_child_rows_come_a_chunk_at_a_time_in_launch_order(store: Store) -> None:
+    await store.apply(WriteBatch(creates=[new("r"), *(new(f"r.{i}", "r", i) for i in range(2500))]))
+    chunks = [[row.id for row in rows] async for rows in store.child_rows("r")]
+    assert [len(rows) for rows in chunks] == [1000, 1000, 500]
+    assert [promise_id for rows in chunks for promise_id in rows] == [f"r.{i}" for i in range(2500)]
+
+
 async def test_roots_list_runs_newest_first_with_counts(store: Store) -> None:
     older = NewPromise("a", None, None, "wf", encode_args({"p": 1}), 1.0)
     newer = NewPromise("b", None, None, "wf", encode_args({"p": 2}), 2.0)
