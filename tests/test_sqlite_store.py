@@ -292,6 +292,10 @@ def test_two_damaged_rows_that_would_make_valid_json_together_are_still_corrupt(
     would have replayed data that no one wrote."""
     invoke("run", "a cat", "--id", "r", "--json")
     with sqlite3.connect(db_path) as db:
+        db.execute(
+            "UPDATE promises SET state = 'pending', value = NULL, settled_at = NULL,"
+            " child_counts = NULL WHERE id = 'r'"
+        )
         db.execute("""UPDATE promises SET value = '{"v":"' WHERE id = 'r.0'""")
         db.execute("""UPDATE promises SET args = 'x"}],[{"b":2}' WHERE id = 'r.1'""")
 
@@ -304,6 +308,10 @@ def test_two_damaged_rows_that_would_make_valid_json_together_are_still_corrupt(
             await store.close()
 
     asyncio.run(read())
+    result = invoke("resume", "r")
+    assert result.exit_code == 74  # type: ignore[attr-defined]
+    assert result.stderr.count("\n") == 1  # type: ignore[attr-defined]
+    assert "'r.0', holds a damaged value" in result.stderr  # type: ignore[attr-defined]
 
 
 def test_a_damaged_store_that_needs_migrating_is_not_migrated_by_a_read(db_path: Path) -> None:
