@@ -343,8 +343,8 @@ class PostgresStore(SQLStore):
                 conn = await held.enter_async_context(self._pool.connection())
                 cur = await held.enter_async_context(conn.cursor())
                 await cur.execute(sql, params)
-            except BaseException as exc:
-                await held.__aexit__(type(exc), exc, exc.__traceback__)
+            except BaseException:
+                await held.aclose()  # the connection goes back to the pool (or is dropped)
                 raise
             return held, cur
 
