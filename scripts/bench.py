@@ -162,8 +162,15 @@ def store_floor(db: Path, n: int, per_flush: int = 16) -> float:
     settlements. What the rest of a run adds is the difference. Branches/s."""
     import asyncio
 
-    from imagepipe.durable import WriteBatch, open_store
-    from imagepipe.durable.records import AttemptStart, Fence, Lease, NewPromise, Settlement
+    from imagepipe.durable import open_store
+    from imagepipe.durable.records import (
+        AttemptStart,
+        Fence,
+        Lease,
+        NewPromise,
+        Settlement,
+        WriteBatch,
+    )
 
     value = json.dumps({"style": "cartoon", "url": "https://images.example.com/cartoon-0.png"})
     args = json.dumps({"version": 1, "kwargs": {"prompt": "cats", "style": "cartoon"}})

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from imagepipe.cli import app
-from imagepipe.durable import encode_args
+from imagepipe.durable.records import encode_args
 from imagepipe.durable.sqlite_schema import SCHEMA_VERSION
 from imagepipe.providers import Faults
 from imagepipe.providers.simulated import simulated_request

@@ -14,17 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from imagepipe.cli import app
-from imagepipe.durable import (
-    ChildColumns,
-    StoreCorrupt,
-    StoreMissing,
-    StoreNewer,
-    StoreOptions,
-    StoreUnusable,
-    WriteBatch,
-    open_store,
-)
-from imagepipe.durable.records import Lease, Settlement
+from imagepipe.durable import StoreMissing, StoreOptions, open_store
+from imagepipe.durable.errors import StoreCorrupt, StoreNewer, StoreUnusable
+from imagepipe.durable.records import ChildColumns, Lease, Settlement, WriteBatch
 from imagepipe.durable.sqlite_schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 
 from conftest import cli_argv, cli_env

@@ -9,19 +9,18 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from imagepipe.durable import (
+from imagepipe.durable import ErrorInfo, LeaseHeld, LeaseLost, Store, StoreConflict
+from imagepipe.durable.records import (
+    AttemptFailure,
+    AttemptStart,
     ChildColumns,
-    ErrorInfo,
+    Fence,
     Lease,
-    LeaseHeld,
-    LeaseLost,
     NewPromise,
-    Store,
-    StoreConflict,
+    Settlement,
     WriteBatch,
     encode_args,
 )
-from imagepipe.durable.records import AttemptFailure, AttemptStart, Fence, Settlement
 
 Reopen = Callable[[], Awaitable[Store]]
 
