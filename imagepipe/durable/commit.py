@@ -179,6 +179,12 @@ class GroupCommit:
             attempts=attempts,
         )
 
+    async def durable(self) -> Fence | None:
+        """Wait until every write made so far is committed (the lease taken with the first);
+        the fence they were written under."""
+        await self._next_commit()
+        return self._fence
+
     @property
     def held(self) -> bool:
         """True while writes wait for :meth:`release` (nothing is flushed)."""

@@ -79,6 +79,7 @@ class RunContext(Generic[D]):
             concurrency=execution.concurrency or None,
             retry=execution.retry,
             attempt_timeout=execution.attempt_timeout,
+            cost_of_attempt=execution.cost_of_attempt,
             sleep=sleep,
         )
         #: the children in the store, by seq, until launched (read by :meth:`load`)

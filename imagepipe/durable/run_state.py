@@ -10,7 +10,7 @@ and nothing of the context's own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -42,6 +42,10 @@ class Execution:
     lease_timeout: float = DEFAULT_STALE_AFTER
     #: told of every branch's progress (None: events are not even built)
     on_event: Callable[[Event], None] | None = None
+    #: the worst case an attempt of ``func(**kwargs)`` may cost on each meter of the run's
+    #: spending caps (see :class:`~.store.SpendingStore`), reserved before it starts; None
+    #: or empty: nothing to reserve
+    cost_of_attempt: Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None = None
 
 
 def _nobody_listens(event: Event) -> None:

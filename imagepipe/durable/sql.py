@@ -41,6 +41,7 @@ from imagepipe.durable.records import (
     PromiseRecord,
     RootRecord,
     Settled,
+    Spending,
     WriteBatch,
     decode_json,
     named_params,
@@ -219,6 +220,36 @@ class Statements:
             f"DELETE FROM {leases} WHERE {prefixed} AND (owner IS NULL OR {age} > :older_than)"
         )
 
+        # -- spending: a run's caps and its attempts' reservations, per meter
+        spending, reservations = d.table("spending"), d.table("reservations")
+        self.set_cap = sql(
+            f"INSERT INTO {spending} (run_id, meter, cap) VALUES (:run, :meter, :cap)"
+            " ON CONFLICT (run_id, meter) DO UPDATE SET cap = excluded.cap"
+        )
+        self.spending = sql(f"SELECT meter, cap, spent FROM {spending} WHERE run_id = :run")
+        self.pending_attempts = sql(
+            f"SELECT attempts FROM {promises} WHERE id = :id AND state = 'pending'{d.update_lock}"
+        )
+        self.meter_row = sql(
+            f"INSERT INTO {spending} (run_id, meter) VALUES (:run, :meter) ON CONFLICT DO NOTHING"
+        )
+        self.meter = sql(
+            f"SELECT cap, spent FROM {spending} WHERE run_id = :run AND meter = :meter"
+            f"{d.update_lock}"
+        )
+        self.spend = sql(
+            f"UPDATE {spending} SET spent = spent + :units WHERE run_id = :run AND meter = :meter"
+        )
+        self.reserve = sql(
+            f"INSERT INTO {reservations} (promise_id, attempt, meter, reserved)"
+            " VALUES (:id, :attempt, :meter, :units)"
+        )
+        self.start_reserved = sql(f"UPDATE {promises} SET attempts = :attempt WHERE id = :id")
+        self.cost = sql(
+            f"UPDATE {reservations} SET cost = :cost WHERE promise_id = :id"
+            " AND attempt = :attempt AND meter = :meter AND cost IS NULL RETURNING reserved"
+        )
+
         # -- reads
         self.get = sql(f"SELECT {PROMISE_COLUMNS} FROM {promises} WHERE id = :id")
         self.children = sql(
@@ -376,10 +407,7 @@ class SQLStore(Store):
 
     async def apply(self, batch: WriteBatch) -> Mapping[str, Settled]:
         async def write(tx: Tx) -> Mapping[str, Settled]:
-            if batch.fence is not None:
-                row = await tx.fetchone(self.sql.fence, {"key": batch.fence.key})
-                if row is None or row[0] != batch.fence.epoch:
-                    raise LeaseLost(batch.fence.key, batch.fence.epoch)
+            await self._check_fence(tx, batch.fence)
             return await self._write(tx, batch)
 
         async def recovered(fetch: Fetch) -> Mapping[str, Settled]:
@@ -421,6 +449,13 @@ class SQLStore(Store):
             else {s.id: lost[s.id] for s in b.settlements if s.id in lost}
             for b in batches
         ]
+
+    async def _check_fence(self, tx: Tx, fence: Fence | None) -> None:
+        """:class:`LeaseLost` unless ``fence`` is current (the lease row stays locked)."""
+        if fence is not None:
+            row = await tx.fetchone(self.sql.fence, {"key": fence.key})
+            if row is None or row[0] != fence.epoch:
+                raise LeaseLost(fence.key, fence.epoch)
 
     async def _write(self, tx: Tx, batch: WriteBatch) -> dict[str, Settled]:
         """The writes of ``batch`` in ``tx`` (its fence checked): each kind of write is one
@@ -595,6 +630,85 @@ class SQLStore(Store):
             return cur.rowcount
 
         return await self._in_transaction(forget)
+
+    # -- spending --------------------------------------------------------------------
+
+    async def set_spending_limit(self, run_id: str, meter: str, limit: int | None) -> None:
+        async def set_cap(tx: Tx) -> None:
+            await tx.send(self.sql.set_cap, {"run": run_id, "meter": meter, "cap": limit})
+
+        await self._in_transaction(set_cap)
+
+    async def spending(self, run_id: str) -> dict[str, Spending]:
+        rows = await self._fetchall(self.sql.spending, {"run": run_id})
+        return {meter: Spending(limit=cap, spent=spent) for meter, cap, spent in rows}
+
+    async def reserve_attempt(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        units: Mapping[str, int],
+    ) -> tuple[str, Spending] | None:
+        sql = self.sql
+
+        async def reserve(tx: Tx) -> None:
+            await self._check_fence(tx, fence)
+            row = await tx.fetchone(sql.pending_attempts, {"id": promise_id})
+            if row is None:
+                raise StoreConflict(self.where, f"holds no pending promise {promise_id!r}")
+            if row[0] >= attempt:
+                return  # started before, with its reservation
+            for meter, needed in sorted(units.items()):  # locked in one order: no deadlock
+                # locked: the workers that reserve on one run's meter take turns here
+                await tx.send(sql.meter_row, {"run": run_id, "meter": meter})
+                found = await tx.fetchone(sql.meter, {"run": run_id, "meter": meter})
+                cap, spent = found if found else (None, 0)
+                spending = Spending(limit=cap, spent=spent)
+                if not spending.allows(needed):
+                    raise _CapReached(meter, spending)  # nothing of this call is kept
+            for meter, needed in units.items():
+                params = {"run": run_id, "meter": meter, "units": needed}
+                await tx.send(sql.spend, params)
+                await tx.send(sql.reserve, {**params, "id": promise_id, "attempt": attempt})
+            await tx.send(sql.start_reserved, {"id": promise_id, "attempt": attempt})
+
+        try:
+            await self._in_transaction(reserve)
+        except _CapReached as refused:
+            return refused.meter, refused.spending
+        return None
+
+    async def settle_cost(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        cost: Mapping[str, int],
+    ) -> None:
+        sql = self.sql
+
+        async def settle(tx: Tx) -> None:
+            await self._check_fence(tx, fence)
+            for meter, actual in cost.items():
+                params = {"id": promise_id, "attempt": attempt, "meter": meter}
+                row = await tx.fetchone(sql.cost, {**params, "cost": actual})
+                if row is not None:  # the reservation gives way to the actual cost
+                    units = actual - row[0]
+                    await tx.send(sql.spend, {"run": run_id, "meter": meter, "units": units})
+
+        await self._in_transaction(settle)
+
+
+class _CapReached(Exception):
+    """A reservation that does not fit: raised out of its transaction, which rolls it back."""
+
+    def __init__(self, meter: str, spending: Spending) -> None:
+        super().__init__(meter)
+        self.meter = meter
+        self.spending = spending
 
 
 def lease_params(key: str, epoch: int, owner: Lease) -> dict[str, Any]:

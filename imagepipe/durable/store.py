@@ -4,7 +4,8 @@
   and the leases that fence the writes
 - :class:`Queue` — the branches of detached runs, as workers claim them
 - :class:`Reports` — runs, a run's branches as rows, failed attempts
-- :class:`Store` — all three: what the engine and the commands hold
+- :class:`SpendingStore` — a run's spending caps, and the reservations of its attempts
+- :class:`Store` — all four: what the engine and the commands hold
 
 A store is opened from a URL (:func:`~.opening.open_store`): ``sqlite:///path/to/file.db``
 (or a plain path) for the embedded SQLite backend, ``postgresql://user@host/dbname`` (or
@@ -33,10 +34,20 @@ from imagepipe.durable.records import (
     PromiseRecord,
     RootRecord,
     Settled,
+    Spending,
     WriteBatch,
 )
 
-__all__ = ["DETACHED", "Claim", "Promises", "Queue", "Reports", "Store", "StoreOptions"]
+__all__ = [
+    "DETACHED",
+    "Claim",
+    "Promises",
+    "Queue",
+    "Reports",
+    "SpendingStore",
+    "Store",
+    "StoreOptions",
+]
 
 #: The root option that puts a run's branches on the queue that workers claim from:
 #: ``options[DETACHED] is True`` on a pending root promise.
@@ -75,6 +86,49 @@ class StoreOptions:
     max_pages: int | None = None
     reconnect: float = 30.0
     stalled_after: float | None = None
+
+
+class SpendingStore(ABC):
+    """A run's spending caps, held by the store so that they hold across processes and
+    machines. Spending is counted per meter, in the app's units (micro-dollars, images): an
+    attempt that may cost something reserves its worst case on each meter before it starts,
+    in the transaction that records its start, and every cap of the run is checked there.
+    Until the attempt's actual cost replaces it, the reservation counts as spent."""
+
+    @abstractmethod
+    async def set_spending_limit(self, run_id: str, meter: str, limit: int | None) -> None:
+        """Set (raise, lower, or lift with None) what run ``run_id`` may spend on ``meter``."""
+
+    @abstractmethod
+    async def spending(self, run_id: str) -> dict[str, Spending]:
+        """What the run may spend and has spent, by meter (only meters capped or used)."""
+
+    @abstractmethod
+    async def reserve_attempt(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        units: Mapping[str, int],
+    ) -> tuple[str, Spending] | None:
+        """Start attempt ``attempt`` of pending promise ``promise_id`` (a branch of run
+        ``run_id``) with ``units`` reserved on each meter, in one transaction fenced by
+        ``fence``. None when done (or done before: a call repeated after a lost connection
+        reserves nothing twice); else the first meter whose cap ``units`` do not fit, with
+        its spending, and nothing is written."""
+
+    @abstractmethod
+    async def settle_cost(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        cost: Mapping[str, int],
+    ) -> None:
+        """What attempt ``attempt`` of ``promise_id`` actually cost on each meter replaces
+        its reservation there (once: a repeated call changes nothing)."""
 
 
 class Promises(ABC):
@@ -220,5 +274,6 @@ class Reports(ABC):
         """Every failed attempt of ``parent_id`` and of its children, in launch order."""
 
 
-class Store(Promises, Queue, Reports):
-    """A store: promises and leases, the workers' queue, and reports, in one database."""
+class Store(Promises, Queue, Reports, SpendingStore):
+    """A store: promises and leases, the workers' queue, reports, and runs' spending, in
+    one database."""
