@@ -41,6 +41,7 @@ from imagepipe.durable.events import (
 )
 from imagepipe.durable.lifecycle import reopen_run
 from imagepipe.durable.retry import RetryPolicy
+from imagepipe.durable.tasks import owned_tasks
 from imagepipe.durable.worker import WORKER_PREFIX, BranchJob, Worker, WorkerStats
 from imagepipe.errors import ImagepipeError, Interrupted, StoreUnreachable, UnknownRun
 from imagepipe.execution import (
@@ -259,13 +260,11 @@ async def _follow(
     resumed: bool,
     poll: float,
     max_attempts: int | None = None,
-    beside: asyncio.Task[Any] | None = None,
 ) -> RunOutcome:
     """Report a run from the store until its root settles; the outcome is the run as
     stored then. A watcher (not ``resumed``) shows every branch as executed, timed from
     the run's start; a ``resume`` shows the branches settled before it began as replayed,
-    timed from its own start. ``beside``: the task executing the run here, whose failure
-    ends the wait."""
+    timed from its own start."""
     run_id = root.id
     started = time.perf_counter()
     spec = RunSpec.from_stored(root.args)
@@ -293,8 +292,6 @@ async def _follow(
             else:
                 wall_ms = round(((root.settled_at or 0) - root.created_at) * 1000)
             return run_outcome(root, branches, wall_ms=wall_ms, executed=True)
-        if beside is not None and beside.done():
-            beside.result()  # its failure is this command's
         # PostgreSQL wakes the watcher at each write (LISTEN/NOTIFY); SQLite polls
         await store.wait_for_progress(run_id, 2.0 if store.notifies else poll)
 
@@ -336,8 +333,10 @@ async def execute_detached(
             stale_after=settings.lease_timeout(),
             poll=_idle_poll(),
         )
-        working = asyncio.create_task(worker.run(), name=f"resume:{root.id}")
-        try:
+        # the worker is this block's task: an interruption cancels it (its branches stop,
+        # their claims released), and its failure ends the following
+        async with owned_tasks() as tasks:
+            working = tasks.create_task(worker.run(), name=f"resume:{root.id}")
             outcome = await _follow(
                 store,
                 root,
@@ -345,13 +344,8 @@ async def execute_detached(
                 resumed=True,
                 poll=worker.poll,
                 max_attempts=execution.retry.max_attempts,
-                beside=working,
             )
             await working  # it stops once it sees the root settled
-        finally:
-            if not working.done():
-                working.cancel()  # interrupted: its branches stop, their claims released
-            await asyncio.gather(working, return_exceptions=True)
     finally:
         await job.deps.provider.aclose()
     return outcome

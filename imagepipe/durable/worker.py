@@ -23,7 +23,7 @@ import functools
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -40,6 +40,7 @@ from imagepipe.durable.retry import RetryPolicy
 from imagepipe.durable.run_state import Execution
 from imagepipe.durable.steps import Step
 from imagepipe.durable.store import DETACHED, Claim, Store
+from imagepipe.durable.tasks import owned_tasks
 from imagepipe.durable.worker_commit import SharedCommit
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 D = TypeVar("D")
+T = TypeVar("T")
 
 #: a worker's own lease (its presence for ``imagepipe workers``) is ``worker:<owner>``
 WORKER_PREFIX = "worker:"
@@ -178,6 +180,8 @@ class Worker:
         self.stats = WorkerStats()
         self._keepers: dict[str, _ClaimedLease] = {}
         self._running: set[asyncio.Task[None]] = set()
+        #: what owns every task of this worker while it runs (see :meth:`run`)
+        self._tasks: asyncio.TaskGroup | None = None
         #: branches whose call has returned, only their settlement left to write: they
         #: hold no slot (a slot is a provider call, as in a plain run)
         self._settling: set[str] = set()
@@ -194,21 +198,29 @@ class Worker:
         ]
 
     async def run(self) -> WorkerStats:
-        """Work until the queue is drained (``once``) or the task is cancelled."""
+        """Work until the queue is drained (``once``) or the task is cancelled. The branches,
+        the root checks and the renewal are tasks of this call: none outlives it, and a
+        store failure in any of them stops the worker."""
         self.me = await self.store.acquire_lease(
             self.me, stale_after=self.stale_after, holder_gone=holder_gone
         )
-        renewer = asyncio.create_task(self._renew(), name="worker:renew")
         try:
-            await self._loop()
+            async with owned_tasks() as tasks:
+                self._tasks = tasks
+                renewer = tasks.create_task(self._renew(), name="worker:renew")
+                try:
+                    await self._loop()
+                finally:
+                    renewer.cancel()
         finally:
-            renewer.cancel()
-            for task in self._running | self._background:
-                task.cancel()
-            await asyncio.gather(renewer, *self._running, *self._background, return_exceptions=True)
+            self._tasks = None
             with contextlib.suppress(StoreError, LeaseLost):
                 await self.store.release_lease(self.me)
         return self.stats
+
+    def _task(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        assert self._tasks is not None, "tasks are started while the worker runs"
+        return self._tasks.create_task(coro, name=name)
 
     async def _loop(self) -> None:
         while True:
@@ -246,16 +258,13 @@ class Worker:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 freed.cancel()
-            for task in [t for t in self._running if t.done()]:
-                self._running.discard(task)
-                task.result()  # a store failure stops the worker
-            for task in [t for t in self._background if t.done()]:
-                self._background.discard(task)
-                task.result()
+            # (a task that failed has cancelled this loop already: see run)
+            self._running = {t for t in self._running if not t.done()}
+            self._background = {t for t in self._background if not t.done()}
 
     def _start(self, claim: Claim) -> None:
         self.stats.claimed += 1
-        self._running.add(asyncio.create_task(self._branch(claim), name=claim.fence.key))
+        self._running.add(self._task(self._branch(claim), name=claim.fence.key))
 
     async def _branch(self, claim: Claim) -> None:
         run_id = claim.record.parent_id
@@ -273,7 +282,7 @@ class Worker:
         """The app's part for the run, made once and shared by its branches."""
         making = self._jobs.get(run_id)
         if making is None or (making.done() and (making.cancelled() or making.exception())):
-            making = self._jobs[run_id] = asyncio.create_task(self._make_job(run_id))
+            making = self._jobs[run_id] = self._task(self._make_job(run_id), name=f"job:{run_id}")
         return await asyncio.shield(making)  # shared by the run's branches: not cancelled
 
     async def _make_job(self, run_id: str) -> BranchJob[Any]:
@@ -288,7 +297,7 @@ class Worker:
         yet is joined (it starts after their settlements are durable, so it sees them); one
         already running may not see them, so a new one is started beside it."""
         if run_id not in self._root_checks:
-            check = asyncio.create_task(self._root_check(run_id, job), name=f"root:{run_id}")
+            check = self._task(self._root_check(run_id, job), name=f"root:{run_id}")
             self._root_checks[run_id] = check
             self._background.add(check)
 
