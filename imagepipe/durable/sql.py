@@ -100,7 +100,8 @@ class Dialect:
     json_lists: bool
     #: the lock a fenced write takes on its lease row: the fence cannot move meanwhile
     share_lock: str
-    #: the lock on a lease row that a transaction reads, then takes
+    #: the lock on a row a transaction reads, then changes (a lease it takes, a promise
+    #: it starts, a meter it spends on)
     update_lock: str
     #: the lock on the lease rows a shared commit may end (exclusive, but not of the key:
     #: upgrading a share lock while the worker's renewal waits for the row deadlocks)
@@ -115,7 +116,8 @@ class Dialect:
         return self.schema + name
 
     def render(self, text: str) -> str:
-        """``text``, written with ``:name`` parameters, for this dialect's driver."""
+        """``text``, written with ``:name`` parameters, for this dialect's driver (no
+        string literal of a shared statement holds a colon before a letter)."""
         if not self.pyformat:
             return text
         return _PARAM.sub(r"%(\1)s", text.replace("%", "%%"))
