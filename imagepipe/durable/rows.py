@@ -6,12 +6,13 @@ and PostgreSQL stores, so that a damaged column is the same :class:`StoreCorrupt
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from imagepipe.durable.errors import StoreCorrupt
 from imagepipe.durable.records import (
     AttemptRecord,
-    ChildRow,
+    ChildRows,
     ErrorInfo,
     Lease,
     PromiseRecord,
@@ -28,7 +29,7 @@ __all__ = [
     "PROMISE_COLUMNS",
     "ROOT_COLUMNS",
     "attempt_from_row",
-    "child_from_row",
+    "children_from_rows",
     "lease_from_row",
     "promise_from_row",
     "root_from_row",
@@ -42,7 +43,7 @@ PROMISE_COLUMNS = (
 #: the same, of a branch ``p`` joined with its run (the workers' claims)
 CLAIM_COLUMNS = ", ".join(f"p.{name.strip()}" for name in PROMISE_COLUMNS.split(","))
 
-#: the columns :func:`child_from_row` reads (``Store.child_rows``), in its order
+#: the columns :func:`children_from_rows` reads (``Store.child_rows``), in its order
 CHILD_COLUMNS = "id, state, attempts, value, error, args"
 
 
@@ -121,22 +122,25 @@ def attempt_from_row(row: tuple[Any, ...], where: str) -> AttemptRecord:
     )
 
 
-def child_from_row(row: tuple[Any, ...], where: str) -> ChildRow:
-    """A row of :data:`CHILD_COLUMNS`. Each value is decoded on its own: one
+def children_from_rows(rows: Sequence[tuple[Any, ...]], where: str) -> ChildRows:
+    """Rows of :data:`CHILD_COLUMNS`, as one chunk. Each value is decoded on its own: one
     ``json.loads`` over many rows is faster, but damaged texts could merge or split there,
     and a value is written out again as the text stored."""
-    promise_id, state, attempts, text, error, args = row
-    if state not in _STATES or type(attempts) is not int or type(args) is not str:
-        raise StoreCorrupt(f"{where}, promise {promise_id!r},", "holds a damaged row")
-    return ChildRow(
-        promise_id,
-        state,
-        attempts,
-        None if text is None else _stored_value(text, promise_id, where),
-        text,
-        None if error is None else ErrorInfo.from_json(error, f"{where}, promise {promise_id!r},"),
-        args,
-    )
+    if not rows:
+        return ChildRows((), (), (), (), (), (), ())
+    ids, states, attempts, texts, errors, arguments = zip(*rows, strict=True)
+    for promise_id, state, count, args in zip(ids, states, attempts, arguments, strict=True):
+        if state not in _STATES or type(count) is not int or type(args) is not str:
+            raise StoreCorrupt(f"{where}, promise {promise_id!r},", "holds a damaged row")
+    values = [
+        None if text is None else _stored_value(text, promise_id, where)
+        for promise_id, text in zip(ids, texts, strict=True)
+    ]
+    decoded_errors = [
+        None if error is None else ErrorInfo.from_json(error, f"{where}, promise {id_!r},")
+        for id_, error in zip(ids, errors, strict=True)
+    ]
+    return ChildRows(ids, states, attempts, values, texts, decoded_errors, arguments)
 
 
 #: the columns :func:`lease_from_row` reads, in its order (the age by the store's clock

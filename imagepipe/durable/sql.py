@@ -34,7 +34,7 @@ from imagepipe.durable.batches import ended_claims, fence_key, merged
 from imagepipe.durable.errors import LeaseHeld, LeaseLost, StoreConflict, StoreCorrupt
 from imagepipe.durable.records import (
     AttemptRecord,
-    ChildRow,
+    ChildRows,
     ErrorInfo,
     Fence,
     Lease,
@@ -53,7 +53,7 @@ from imagepipe.durable.rows import (
     PROMISE_COLUMNS,
     ROOT_COLUMNS,
     attempt_from_row,
-    child_from_row,
+    children_from_rows,
     lease_from_row,
     promise_from_row,
     root_from_row,
@@ -539,14 +539,14 @@ class SQLStore(Store):
         rows = await self._fetchall(self.sql.children, {"parent": parent_id})
         return [promise_from_row(row, self.where) for row in rows]
 
-    async def child_rows(self, parent_id: str) -> AsyncIterator[list[ChildRow]]:
+    async def child_rows(self, parent_id: str) -> AsyncIterator[ChildRows]:
         where = self.where
         # closed at once when a damaged row ends the reading (no connection kept meanwhile)
         async with contextlib.aclosing(
             self._chunks(self.sql.child_rows, {"parent": parent_id})
         ) as chunks:
             async for rows in chunks:
-                yield [child_from_row(row, where) for row in rows]
+                yield children_from_rows(rows, where)
 
     async def roots(self, limit: int | None = None) -> list[RootRecord]:
         sql = self.sql

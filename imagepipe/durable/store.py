@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from imagepipe.durable.errors import LeaseLost
 from imagepipe.durable.records import (
     AttemptRecord,
-    ChildRow,
+    ChildRows,
     Fence,
     Lease,
     PromiseRecord,
@@ -259,9 +259,10 @@ class Reports(ABC):
     """What reports read: runs, a run's branches as rows, failed attempts."""
 
     @abstractmethod
-    def child_rows(self, parent_id: str) -> AsyncIterator[list[ChildRow]]:
+    def child_rows(self, parent_id: str) -> AsyncIterator[ChildRows]:
         """The children of a promise in launch order, a chunk of rows at a time (read
-        with ``fetchmany``): what a report of a whole run reads, never every row at once.
+        with ``fetchmany``; each chunk iterates as :class:`~.records.ChildRow` records):
+        what a report of a whole run reads, never every row at once.
         :meth:`~.records.ChildColumns.collect` gathers them for a report."""
 
     @abstractmethod
