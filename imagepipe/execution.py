@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imagepipe import settings
-from imagepipe.budget import Caps, cap_reached, reservation
+from imagepipe.budget import Caps, cap_reached, reservation, with_image_cap
 from imagepipe.durable import (
     DurableError,
     PromiseRecord,
@@ -153,6 +153,7 @@ async def stopped_at_cap(store: Store, run_id: str, reached: SpendingCapReached)
     root = await read_root(store, run_id)
     spec = RunSpec.from_stored(root.args)
     reserve = reservation(spec.provider, spec.options, spec.templates, _prices())
+    reserve = await with_image_cap(store, run_id, reserve)
     pending = [c for c in await store.children(run_id) if not c.settled]
     return cap_reached(reached, run_id, pending, reserve)
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from imagepipe import settings
+from imagepipe.budget import with_image_cap
 from imagepipe.durable import (
     BranchOutcome,
     Execution,
@@ -263,7 +264,7 @@ async def _execute(
         attempt_timeout=invocation.attempt_timeout,
         lease_timeout=settings.lease_timeout(),
         on_event=reporter.on_event,
-        cost_of_attempt=execution.reserve,
+        cost_of_attempt=await with_image_cap(store, root.id, execution.reserve),
     )
     begun = time.perf_counter()
     try:

@@ -185,3 +185,13 @@ def test_two_workers_on_postgresql_sharing_a_cap_never_exceed_it_together(
                            text=True, timeout=60)  # fmt: skip
     counted = [b["state"] for b in json.loads(shown.stdout)["branches"]]
     assert (counted.count("resolved"), counted.count("pending")) == (5, 7)
+
+
+def test_an_image_cap_holds_for_the_free_simulated_provider_too(db_path: Path) -> None:
+    args = ["run", "a fox", "-n", "2", "--id", "sim", "--sim-latency", "0", "--max-images", "4"]
+    capped = imagepipe(db_path, *args)
+    assert capped.returncode == 3, capped.stderr
+    assert "imagepipe resume sim --max-images 6 goes on" in capped.stderr
+    assert states(db_path, "sim") == {"resolved": 4, "pending": 2}
+    assert imagepipe(db_path, "resume", "sim", "--max-images", "6").returncode == 0
+    assert states(db_path, "sim") == {"resolved": 6}
