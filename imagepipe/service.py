@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from imagepipe import settings
+from imagepipe.budget import with_image_cap
 from imagepipe.durable import (
     BranchOutcome,
     Execution,
@@ -24,11 +25,14 @@ from imagepipe.durable import (
     execute_run,
     record_run,
 )
+from imagepipe.durable.errors import SpendingCapReached
 from imagepipe.durable.lifecycle import is_detached
+from imagepipe.durable.records import ChildColumns
 from imagepipe.errors import UnknownRun
 from imagepipe.execution import (
     WORKFLOW,
     check_same_spec,
+    checked_caps,
     execution_for,
     image_dir,
     image_dir_of,
@@ -38,6 +42,7 @@ from imagepipe.execution import (
     run_command,
     run_options,
     run_outcome,
+    stopped_at_cap,
     tidy_after_execution,
     with_provider,
 )
@@ -68,7 +73,7 @@ __all__ = ["fix_run_images", "list_runs", "resume_run", "show_run", "start_run"]
 
 async def _stored_outcome(store: Store, root: PromiseRecord) -> RunOutcome:
     """A run that nothing executed in this invocation, as stored."""
-    branches = StoredBranches(await store.child_columns(root.id))
+    branches = StoredBranches(await ChildColumns.collect(store.where, store.child_rows(root.id)))
     return run_outcome(root, branches, wall_ms=0, executed=False)
 
 
@@ -83,6 +88,7 @@ def start_run(
     spec.validate()
     invocation.validate()
     spec = with_provider(spec, invocation)
+    caps = checked_caps(spec, invocation)
 
     if invocation.out_dir:
         # before the store is opened: a folder that cannot take the images is bad input,
@@ -99,6 +105,7 @@ def start_run(
             if root.parent_id is not None or root.func != WORKFLOW:
                 raise UnknownRun(run_id, store.where)
             check_same_spec(run_id, RunSpec.from_stored(root.args), spec)
+            await caps.store(store, run_id)
             if root.settled:
                 await reconcile_run_images(store, root)
                 return await _stored_outcome(store, root)
@@ -125,6 +132,8 @@ def resume_run(
         try:
             async with opened_store(url, create=False, write=True) as store:
                 root = await read_root(store, run_id)
+                caps = checked_caps(RunSpec.from_stored(root.args), invocation)
+                await caps.store(store, run_id)
                 reopen = retry_failed and root.state == "rejected"
                 if root.settled and not reopen:
                     await reconcile_run_images(store, root)
@@ -252,6 +261,7 @@ async def _execute(
         attempt_timeout=invocation.attempt_timeout,
         lease_timeout=settings.lease_timeout(),
         on_event=reporter.on_event,
+        cost_of_attempt=await with_image_cap(store, root.id, execution.reserve),
     )
     begun = time.perf_counter()
     try:
@@ -265,6 +275,8 @@ async def _execute(
             on_started=started,
             on_settled=tidy,
         )
+    except SpendingCapReached as reached:
+        raise await stopped_at_cap(store, root.id, reached) from None
     finally:
         await provider.aclose()
     wall_ms = round((time.perf_counter() - begun) * 1000)
