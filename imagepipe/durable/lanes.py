@@ -272,7 +272,7 @@ class Lanes:
         )
         batch = self._announcing
         if batch is None or batch.written is not settling.written:
-            batch = self._announcing = _Announcements(self, settling.written)
+            batch = self._announcing = _Announcements(self._announce, settling.written)
             settling.written.add_done_callback(batch)
         batch.settlements.append(
             _Announce(handle=handle, settling=settling, cause=cause, effects=effects)
@@ -466,14 +466,14 @@ class _Announcements:
     """The done-callback of a batch's future that announces the settlements in it: one
     loop callback per commit, not one per branch."""
 
-    __slots__ = ("lanes", "settlements", "written")
+    __slots__ = ("announce", "settlements", "written")
 
-    def __init__(self, lanes: Lanes, written: Committed) -> None:
-        self.lanes, self.written = lanes, written
+    def __init__(self, announce: Callable[[_Announcements], None], written: Committed) -> None:
+        self.announce, self.written = announce, written
         self.settlements: list[_Announce] = []
 
     def __call__(self, written: Committed) -> None:
-        self.lanes._announce(self)
+        self.announce(self)
 
 
 class _StoredError(Exception):
