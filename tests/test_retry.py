@@ -150,6 +150,38 @@ async def test_budget_and_backoff_continue_from_the_store_after_resume(store: St
     assert sleep.waits == [8]  # the wait after attempt 3, not tenacity's first (2 s)
 
 
+class Wait(Exception):
+    """A failure that is a wait, not a failed attempt (as a provider's rate limit is)."""
+
+    counts_as_attempt = False
+    retry_after: float | None = 3.0
+
+
+async def test_a_wait_is_not_a_failed_attempt(store: Store) -> None:
+    sleep = FakeSleep()
+    step = failing(4, Wait)
+    policy = RetryPolicy(max_attempts=1, jitter=False)
+    assert await run_one(store, step, policy, sleep) == "ok"
+    assert step.calls == [1, 1, 1, 1, 1]  # type: ignore[attr-defined]  # all in attempt 1
+    assert sleep.waits == [3, 3, 3, 3]  # each wait as long as it asks for
+    failed = [e for e in run_one.events if isinstance(e, AttemptFailed)]  # type: ignore[attr-defined]
+    assert [(e.attempt, e.retry_in) for e in failed] == [(1, 3)] * 4
+    record = await store.get("run.0")
+    assert record is not None
+    assert (record.state, record.attempts, record.failures) == ("resolved", 1, 0)
+    assert await store.failed_attempts("run.0") == []
+
+
+async def test_a_wait_that_names_no_time_backs_off_by_the_waits_so_far(store: Store) -> None:
+    class Unnamed(Wait):
+        retry_after = None
+
+    sleep = FakeSleep()
+    policy = RetryPolicy(max_attempts=1, jitter=False, time_scale=0.5)
+    assert await run_one(store, failing(3, Unnamed), policy, sleep) == "ok"
+    assert sleep.waits == [1, 2, 4]  # 2, 4, 8 s scaled
+
+
 async def test_cancellation_is_not_retried(store: Store) -> None:
     sleep = FakeSleep()
     started = asyncio.Event()

@@ -257,8 +257,8 @@ _EXECUTION_OPTIONS: dict[str, tuple[Any, Any]] = {
         typer.Option(
             "--rpm",
             metavar="N",
-            help="At most N provider requests a minute, spread evenly, shared by all "
-            "branches [default: no client-side limit].",
+            help="At most N provider requests a minute, shared by all branches: one every "
+            "60/N seconds, never a burst [default: the provider's stated limit, if any].",
             show_default=False,
         ),
     ),

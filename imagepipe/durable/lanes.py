@@ -36,7 +36,7 @@ from imagepipe.durable.events import (
     PromiseResolved,
 )
 from imagepipe.durable.records import ErrorInfo, Settled
-from imagepipe.durable.retry import RetryPolicy, retry_failed
+from imagepipe.durable.retry import RetryPolicy, retry_failed, waited_out
 from imagepipe.durable.run_state import RunState
 from imagepipe.durable.slots import Slots
 from imagepipe.durable.steps import Handle, Step, SubSteps
@@ -149,8 +149,17 @@ class Lanes:
         holding = True  # a branch starts with the slot it was started with
         step: Step[Any] | None = None  # the latest attempt's
 
+        async def call() -> Any:
+            nonlocal step
+            if self._state.listening:
+                self._state.emit(AttemptStarted(promise_id, func, current))
+            step = Step(promise_id, current, self._state.deps, self._sub_steps, handle.stored)
+            if self._attempt_timeout is None:
+                return await fn(step, **kwargs)
+            return await self._call_with_timeout(fn(step, **kwargs))
+
         async def attempt() -> Any:
-            nonlocal current, holding, step
+            nonlocal current, holding
             if not holding:
                 await slots.take()
                 holding = True
@@ -159,13 +168,12 @@ class Lanes:
                 started_at = time.time()
                 # the attempt count is durable before the call
                 await self._state.commit.start_attempt(promise_id, current)
-                if self._state.listening:
-                    self._state.emit(AttemptStarted(promise_id, func, current))
-                step = Step(promise_id, current, self._state.deps, self._sub_steps, handle.stored)
                 try:
-                    if self._attempt_timeout is None:
-                        return await fn(step, **kwargs)
-                    return await self._call_with_timeout(fn(step, **kwargs))
+                    # a failure that is a wait (a rate limit) is waited out and called
+                    # again in this same attempt: it is not a failed attempt
+                    return await waited_out(
+                        self._retry, call, before_wait=before_sleep, sleep=self._sleep
+                    )
                 except DurableError:
                     raise
                 except Exception as exc:

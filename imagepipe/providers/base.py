@@ -4,7 +4,9 @@ A provider (:class:`ImageProvider`) gets a :class:`ProviderRequest` and the bran
 :class:`SubSteps`, and returns a :class:`ProviderImage`; the pipeline saves it to disk.
 
 Every :class:`ProviderError` carries ``retryable`` and ``retry_after`` (the seconds the
-server asked for, or ``None``); its message is the provider's own, on one line.
+server asked for, or ``None``), and ``counts_as_attempt``: False for a rate limit, which
+the core waits out and tries again without using up ``--max-attempts`` (the pacer bounds
+those waits by the run's patience); its message is the provider's own, on one line.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "ProviderRequest",
     "ProviderTimeout",
     "QuotaExceeded",
+    "RateLimitPatienceExceeded",
     "RateLimited",
     "RefusedURL",
     "ServerError",
@@ -137,6 +140,9 @@ class ProviderError(Exception):
     retry_after: float | None = None
     status: int | None = None
     code: str | None = None
+    #: False: a failure that is a wait, not a failed attempt (the core retries it without
+    #: counting it against ``--max-attempts``, see imagepipe.durable.retry)
+    counts_as_attempt: bool = True
     #: the exit code of a run that fails with this error: 1, a run that failed on its own
     exit_code: ClassVar[int] = 1
 
@@ -179,7 +185,11 @@ class ServerError(TransientProviderError):
 
 
 class RateLimited(TransientProviderError):
-    """A 429 rate limit. Not retryable here when the server asks for more than 120 s."""
+    """A 429 rate limit: a wait, not a failed attempt (it does not use up
+    ``--max-attempts``; the run's patience bounds it). Not retryable here when the server
+    asks for more than 120 s."""
+
+    counts_as_attempt = False
 
     def __init__(
         self,
@@ -195,6 +205,15 @@ class RateLimited(TransientProviderError):
         super().__init__(
             message, retryable=retryable, retry_after=retry_after, status=status, code=code
         )
+
+
+class RateLimitPatienceExceeded(ProviderError):
+    """The provider's rate limit let no request through for the run's patience
+    (``IMAGEPIPE_RATE_LIMIT_PATIENCE``): not retried, and every later request of the run
+    raises it without being sent. The run is to stop on it, its rest left pending for a
+    later ``imagepipe resume``, as on an account-wide error."""
+
+    retryable = False
 
 
 class InvalidRequest(ProviderError):
