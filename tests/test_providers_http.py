@@ -164,13 +164,20 @@ EPSILON = 1e-3
 
 
 def acquire_times(
-    pacer: Pacer, n: int, *, during: Callable[[int], None] | None = None
+    pacer: Pacer,
+    n: int,
+    *,
+    before: Callable[[], None] | None = None,
+    during: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """When each of ``n`` requests queued at once may go (loop time, from 0); ``during(i)``
-    is called right after the ``i``-th (0-based) one is let through."""
+    """When each of ``n`` requests queued at once may go (loop time, from 0); ``before()``
+    is called first, on the loop, and ``during(i)`` right after the ``i``-th (0-based)
+    request is let through."""
 
     async def main() -> list[float]:
         loop = asyncio.get_running_loop()
+        if before is not None:
+            before()
         times: list[float] = []
 
         async def one() -> None:
@@ -243,6 +250,29 @@ def test_pacing_follows_the_limit_the_headers_state() -> None:
     assert min(gaps(times[1:])) >= 0.2  # 5 a second from then on, evenly
     assert min(times[11:]) >= times[10] + 1.0  # the pause holds everyone
     assert most_in_one_second(times[1:]) <= 5  # and ends without a burst
+
+
+def test_no_burst_after_a_pause_for_an_exhausted_quota() -> None:
+    """The headers say 600 a minute, and that 1 is left for the 3 requests in flight: every
+    branch waits for the reset (2 s), one request goes first, and once its answer says the
+    quota came back the others go at the stated pace, not at once."""
+    pacer = Pacer()
+
+    def run_out() -> None:
+        pacer.observe_limit({"x-ratelimit-limit-requests": "600"})
+        pacer.in_flight = 3
+        headers = {"x-ratelimit-remaining-requests": "1", "x-ratelimit-reset-requests": "2s"}
+        assert not pacer.observe_quota(headers)
+        pacer.in_flight = 0
+
+    def answered(i: int) -> None:
+        if i == 0:  # the request that went first is answered: the quota is back
+            pacer.answered(quota_left=True)
+
+    times = acquire_times(pacer, 20, before=run_out, during=answered)
+    assert min(times) >= 2.0
+    assert min(gaps(times)) >= 0.1
+    assert most_in_one_second(times) <= 10
 
 
 def test_a_stated_limit_above_rpm_keeps_the_rpm_pace() -> None:
