@@ -15,54 +15,51 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from imagepipe import settings
 from imagepipe.durable import (
-    AttemptStarted,
+    BranchOutcome,
     ErrorInfo,
+    PromiseRecord,
+    Store,
+    StoreError,
+    StoreMissing,
+    bind_args,
+    record_run,
+)
+from imagepipe.durable.events import (
+    AttemptStarted,
     Event,
     PromiseQueued,
-    PromiseRecord,
-    PromiseRejected,
     PromiseRejectedEvent,
     PromiseReplayed,
     PromiseResolved,
-    Store,
-    StoreConflict,
-    StoreError,
-    StoreMissing,
-    WriteBatch,
 )
+from imagepipe.durable.lifecycle import reopen_run
 from imagepipe.durable.retry import RetryPolicy
-from imagepipe.durable.store import DETACHED
-from imagepipe.durable.worker import (
-    WORKER_PREFIX,
-    BranchJob,
-    Worker,
-    WorkerStats,
-    plan_branches,
-    planned_creates,
-)
+from imagepipe.durable.tasks import owned_tasks
+from imagepipe.durable.worker import WORKER_PREFIX, BranchJob, Worker, WorkerStats
 from imagepipe.errors import ImagepipeError, Interrupted, StoreUnreachable, UnknownRun
 from imagepipe.execution import (
-    Execution,
+    WORKFLOW,
+    RunSetup,
     check_same_spec,
     execution_for,
     image_dir,
     opened_store,
     read_root,
-    root_promise,
     run_command,
+    run_options,
     run_outcome,
     tidy_after_execution,
     with_provider,
 )
 from imagepipe.files import ImageDirUnusable, claim_image_dir
-from imagepipe.pipeline import Deps, generate_image, image_pipeline
+from imagepipe.pipeline import IMAGE_RUN, Deps, generate_image, summarize_run
 from imagepipe.runs import (
     DEFAULT_MAX_ATTEMPTS,
     Branch,
@@ -80,7 +77,6 @@ __all__ = [
     "execute_detached",
     "list_workers",
     "run_worker",
-    "summarize",
     "watch_run",
 ]
 
@@ -106,35 +102,23 @@ def detach_run(url: str, run_id: str, spec: RunSpec, invocation: Invocation) -> 
 
     async def detach() -> str:
         async with opened_store(url, create=True, write=True) as store:
-            if await store.get(run_id) is None:
-                if out_dir is not None:
-                    claim_image_dir(out_dir, run_id)
-                planned = await plan_branches(image_pipeline, **spec.kwargs())
-                now = time.time()
-                creates = [
-                    root_promise(run_id, spec, invocation, now, **{DETACHED: True}),
-                    *planned_creates(run_id, planned, now),
-                ]
-                # another process may have created it first: its spec is checked below
-                with contextlib.suppress(StoreConflict):
-                    await store.apply(WriteBatch(creates=creates))
-            root_record = await read_root(store, run_id)
-            check_same_spec(run_id, RunSpec.from_stored(root_record.args), spec)
+            if out_dir is not None and await store.get(run_id) is None:
+                claim_image_dir(out_dir, run_id)
+            root, _ = await record_run(
+                store,
+                run_id,
+                IMAGE_RUN,
+                spec.kwargs(),
+                options=run_options(run_id, invocation),
+                detached=True,
+            )
+            # another process may have recorded it first: its spec is the one to check
+            if root.parent_id is not None or root.func != WORKFLOW:
+                raise UnknownRun(run_id, store.where)
+            check_same_spec(run_id, RunSpec.from_stored(root.args), spec)
             return run_id
 
     return run_command(detach, run_id)
-
-
-def summarize(children: list[PromiseRecord]) -> tuple[Any, ErrorInfo | None]:
-    """What a run's root settles with, as a plain run settles it: the images' count and
-    time, or the first rejected branch (in launch order) as the run's error."""
-    for child in children:
-        if child.state == "rejected":
-            error = child.error or ErrorInfo("Error", "rejected")
-            message = str(PromiseRejected(child.id, error))
-            return None, ErrorInfo("BranchRejected", message, retryable=False)
-    total = sum(int((c.value or {}).get("duration_ms", 0)) for c in children)
-    return {"images": len(children), "total_ms": total}, None
 
 
 class _LoggedProvider:
@@ -160,7 +144,7 @@ class _LoggedProvider:
         await self._inner.aclose()
 
 
-def _tidy_images(run_id: str, directory: Path | None, children: list[PromiseRecord]) -> None:
+def _tidy_images(run_id: str, directory: Path | None, children: Sequence[BranchOutcome]) -> None:
     """A run's root is settled: no process can still be writing its images legitimately,
     so its image folder is brought in line with the store (staged files promoted, orphans
     removed)."""
@@ -168,7 +152,7 @@ def _tidy_images(run_id: str, directory: Path | None, children: list[PromiseReco
     tidy_after_execution(run_id, directory, outcomes)
 
 
-def _branch_job(run_id: str, execution: Execution, invocation: Invocation) -> BranchJob[Deps]:
+def _branch_job(run_id: str, execution: RunSetup, invocation: Invocation) -> BranchJob[Deps]:
     """How this process runs a run's branches, whether a worker or a ``resume``."""
     deps = execution.deps
     if os.environ.get(CALL_LOG):
@@ -177,7 +161,7 @@ def _branch_job(run_id: str, execution: Execution, invocation: Invocation) -> Br
         fn=generate_image,
         deps=deps,
         retry=execution.retry,
-        summarize=summarize,
+        summarize=summarize_run,
         attempt_timeout=invocation.attempt_timeout,
         on_run_settled=functools.partial(_tidy_images, run_id, execution.deps.out_dir),
     )
@@ -193,7 +177,9 @@ def _refusing_job(error: ImageDirUnusable) -> BranchJob[None]:
     async def refuse(step: Any, /, **kwargs: Any) -> Any:
         raise error
 
-    return BranchJob(fn=refuse, deps=None, retry=RetryPolicy(max_attempts=1), summarize=summarize)
+    return BranchJob(
+        fn=refuse, deps=None, retry=RetryPolicy(max_attempts=1), summarize=summarize_run
+    )
 
 
 def _job_maker(invocation: Invocation) -> Callable[[PromiseRecord], Any]:
@@ -274,13 +260,11 @@ async def _follow(
     resumed: bool,
     poll: float,
     max_attempts: int | None = None,
-    beside: asyncio.Task[Any] | None = None,
 ) -> RunOutcome:
     """Report a run from the store until its root settles; the outcome is the run as
     stored then. A watcher (not ``resumed``) shows every branch as executed, timed from
     the run's start; a ``resume`` shows the branches settled before it began as replayed,
-    timed from its own start. ``beside``: the task executing the run here, whose failure
-    ends the wait."""
+    timed from its own start."""
     run_id = root.id
     started = time.perf_counter()
     spec = RunSpec.from_stored(root.args)
@@ -308,8 +292,6 @@ async def _follow(
             else:
                 wall_ms = round(((root.settled_at or 0) - root.created_at) * 1000)
             return run_outcome(root, branches, wall_ms=wall_ms, executed=True)
-        if beside is not None and beside.done():
-            beside.result()  # its failure is this command's
         # PostgreSQL wakes the watcher at each write (LISTEN/NOTIFY); SQLite polls
         await store.wait_for_progress(run_id, 2.0 if store.notifies else poll)
 
@@ -340,8 +322,7 @@ async def execute_detached(
 
     try:
         if reopen:
-            rejected = [r.id for r in await store.children(root.id) if r.state == "rejected"]
-            await store.apply(WriteBatch(reopens=[*rejected, root.id]))
+            await reopen_run(store, root.id)
             root = await read_root(store, root.id)
         worker = Worker(
             store,
@@ -352,8 +333,10 @@ async def execute_detached(
             stale_after=settings.lease_timeout(),
             poll=_idle_poll(),
         )
-        working = asyncio.create_task(worker.run(), name=f"resume:{root.id}")
-        try:
+        # the worker is this block's task: an interruption cancels it (its branches stop,
+        # their claims released), and its failure ends the following
+        async with owned_tasks() as tasks:
+            working = tasks.create_task(worker.run(), name=f"resume:{root.id}")
             outcome = await _follow(
                 store,
                 root,
@@ -361,13 +344,8 @@ async def execute_detached(
                 resumed=True,
                 poll=worker.poll,
                 max_attempts=execution.retry.max_attempts,
-                beside=working,
             )
             await working  # it stops once it sees the root settled
-        finally:
-            if not working.done():
-                working.cancel()  # interrupted: its branches stop, their claims released
-            await asyncio.gather(working, return_exceptions=True)
     finally:
         await job.deps.provider.aclose()
     return outcome
@@ -379,7 +357,7 @@ def _changes(children: list[PromiseRecord], seen: dict[str, tuple[str, int]]) ->
     for r in children:
         before = seen.get(r.id)
         seen[r.id] = (r.state, r.attempts)
-        kwargs = r.args.get("kwargs", {})
+        kwargs = bind_args(generate_image, r.args)
         if before is None:
             if r.settled:
                 events.append(

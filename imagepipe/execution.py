@@ -3,9 +3,9 @@ runs (:mod:`imagepipe.service`) and detached ones (:mod:`imagepipe.detached`) al
 
 - :func:`opened_store`, :func:`read_root`: the store at a URL, a run's root promise
 - :func:`run_command`: an event loop on which Ctrl-C and SIGTERM are a clean stop
-- :func:`with_provider`, :func:`check_same_spec`, :func:`root_promise`: a run's identity
-  checked, and its root promise
-- :func:`execution_for` / :class:`Execution`: the provider, image folder and retry policy
+- :func:`with_provider`, :func:`check_same_spec`, :func:`run_options`: a run's identity
+  checked, and what it stores beside it
+- :func:`execution_for` / :class:`RunSetup`: the provider, image folder and retry policy
   this invocation executes a stored run's branches with, whoever executes them
 - :func:`run_outcome`: a run as a command reports it
 - :func:`image_dir_of`, :func:`reconcile_run_images`, :func:`reconcile_outcomes`,
@@ -26,12 +26,10 @@ from typing import Any, TypeVar
 from imagepipe import settings
 from imagepipe.durable import (
     DurableError,
-    NewPromise,
     PromiseRecord,
     RetryPolicy,
     Store,
     StoreOptions,
-    encode_args,
     open_store,
 )
 from imagepipe.errors import BadInput, Interrupted, RunConflict, UnknownRun, from_core
@@ -44,7 +42,7 @@ from imagepipe.files import (
     reconcile_images,
     remove_temporaries,
 )
-from imagepipe.pipeline import Deps, recorded_images
+from imagepipe.pipeline import IMAGE_RUN, Deps, recorded_images
 from imagepipe.providers.base import ProviderError
 from imagepipe.providers.contract import ProviderClass, ProviderSettings
 from imagepipe.providers.options import ProviderOptions, build_options, identity
@@ -62,7 +60,7 @@ from imagepipe.text import quoted
 
 __all__ = [
     "WORKFLOW",
-    "Execution",
+    "RunSetup",
     "check_same_spec",
     "execution_for",
     "image_dir",
@@ -71,8 +69,8 @@ __all__ = [
     "read_root",
     "reconcile_outcomes",
     "reconcile_run_images",
-    "root_promise",
     "run_command",
+    "run_options",
     "run_outcome",
     "tidy_after_execution",
     "with_provider",
@@ -81,7 +79,7 @@ __all__ = [
 T = TypeVar("T")
 
 #: the function name a run's root promise is stored under
-WORKFLOW = "image_pipeline"
+WORKFLOW = IMAGE_RUN.name
 
 
 @contextlib.asynccontextmanager
@@ -135,25 +133,13 @@ def with_provider(spec: RunSpec, invocation: Invocation) -> RunSpec:
     )
 
 
-def root_promise(
-    run_id: str, spec: RunSpec, invocation: Invocation, created_at: float, **options: Any
-) -> NewPromise:
-    """A run's root promise: its spec as arguments; its retry budget, image folder and any
-    other ``options`` (a detached run's mark) as options."""
+def run_options(run_id: str, invocation: Invocation) -> dict[str, Any]:
+    """What a new run stores beside its spec: its retry budget and image folder."""
     out_dir = image_dir(invocation.out_dir or default_image_dir(run_id))
-    options |= {
+    return {
         "max_attempts": invocation.max_attempts or DEFAULT_MAX_ATTEMPTS,
         "out_dir": str(out_dir),
     }
-    return NewPromise(
-        id=run_id,
-        parent_id=None,
-        seq=None,
-        func=WORKFLOW,
-        args_json=encode_args(spec.kwargs()),
-        created_at=created_at,
-        options_json=_json(options),
-    )
 
 
 def check_same_spec(run_id: str, stored: RunSpec, given: RunSpec) -> None:
@@ -257,7 +243,7 @@ def run_command(
 
 
 @dataclass(frozen=True)
-class Execution:
+class RunSetup:
     """What executing a stored run's branches takes in this invocation, whoever executes
     them (``run``/``resume`` here, or a worker)."""
 
@@ -267,7 +253,7 @@ class Execution:
     default_concurrency: int
 
 
-def execution_for(root: PromiseRecord, invocation: Invocation) -> Execution:
+def execution_for(root: PromiseRecord, invocation: Invocation) -> RunSetup:
     """The run's provider (checked for its key) with its stored identity options and this
     invocation's connection settings, its image folder and its retry policy."""
     spec = RunSpec.from_stored(root.args)
@@ -280,7 +266,7 @@ def execution_for(root: PromiseRecord, invocation: Invocation) -> Execution:
         root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
     )
     provider = provider_class.create(options, _settings(invocation))
-    return Execution(
+    return RunSetup(
         spec=spec,
         deps=Deps(provider, options, spec.templates, out_dir),
         # The simulated provider has no shared rate limit to spread retries over: no
@@ -382,9 +368,3 @@ def tidy_after_execution(
 def image_dir(path: str | Path) -> Path:
     """Where a run's images go, made absolute (the store may be read from elsewhere)."""
     return Path(path).expanduser().absolute()
-
-
-def _json(value: object) -> str:
-    from imagepipe.durable.records import canonical_json
-
-    return canonical_json(value)

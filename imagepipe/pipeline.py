@@ -15,18 +15,28 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from imagepipe.durable import Handle, RunContext, Step, StopRun, bind_args
-from imagepipe.durable.records import ARGS_VERSION
+from imagepipe.durable import (
+    BranchOutcome,
+    ErrorInfo,
+    Handle,
+    PromiseRejected,
+    RunContext,
+    Step,
+    StopRun,
+    Workflow,
+    bind_args,
+)
 from imagepipe.providers import ImageProvider, ProviderImage, ProviderRequest
 from imagepipe.providers.options import ProviderOptions
 from imagepipe.styles import render
 
 __all__ = [
+    "IMAGE_RUN",
     "BranchArgs",
     "Deps",
     "ImageValue",
@@ -194,6 +204,22 @@ async def image_pipeline(
     return {"prompt": prompt, "images": images, "total_ms": sum(i["duration_ms"] for i in images)}
 
 
+def summarize_run(branches: Sequence[BranchOutcome]) -> tuple[Any, ErrorInfo | None]:
+    """What a run's root settles with, whoever settles it: the images' count and time, or
+    the first rejected branch (in launch order) as the run's error."""
+    for branch in branches:
+        if branch.state == "rejected":
+            error = branch.error or ErrorInfo("Error", "rejected")
+            message = str(PromiseRejected(branch.id, error))
+            return None, ErrorInfo("BranchRejected", message, retryable=False)
+    total = sum(int((b.value or {}).get("duration_ms", 0)) for b in branches)
+    return {"images": len(branches), "total_ms": total}, None
+
+
+#: the run the core executes: :func:`image_pipeline`, settled by :func:`summarize_run`
+IMAGE_RUN = Workflow(image_pipeline, summarize=summarize_run)
+
+
 @dataclass(frozen=True, slots=True)
 class BranchArgs:
     """A ``generate_image`` branch's arguments, by name, defaults filled in."""
@@ -209,12 +235,8 @@ class BranchArgs:
     def read(cls, args: Mapping[str, Any]) -> BranchArgs:
         """From a branch's arguments: the stored object (``{"version": ..}``) or the
         call's keyword arguments."""
-        if "version" not in args:  # the call's own keyword arguments
-            named = args
-        elif args["version"] == ARGS_VERSION:  # stored by name: no signature to consult
-            named = args["kwargs"]
-        else:
-            named = bind_args(generate_image, args)
+        # the call's own keyword arguments, or as stored
+        named = args if "version" not in args else bind_args(generate_image, args)
         try:
             index = named.get("prompt_index")
             return cls(

@@ -15,15 +15,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, overload
 
-from imagepipe.durable import (
-    AttemptRecord,
-    ChildColumns,
-    ErrorInfo,
-    Event,
-    Handle,
-    PromiseRecord,
-    bind_args,
-)
+from imagepipe.durable import ErrorInfo, Handle, PromiseRecord, bind_args
+from imagepipe.durable.events import Event
+from imagepipe.durable.records import AttemptRecord, ChildColumns
 from imagepipe.errors import BadInput, StoreFailed
 from imagepipe.json_stream import EncodedItems, json_chunks
 from imagepipe.pipeline import BranchArgs, image_pipeline

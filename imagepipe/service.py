@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 
 from imagepipe import settings
 from imagepipe.durable import (
-    ErrorInfo,
-    LeaseKeeper,
-    NonDeterminism,
+    BranchOutcome,
+    Execution,
     PromiseRecord,
-    PromiseRejected,
-    RunContext,
     Store,
-    StoreConflict,
     StoreMissing,
-    WriteBatch,
+    execute_run,
+    record_run,
 )
-from imagepipe.durable.store import DETACHED
+from imagepipe.durable.lifecycle import is_detached
 from imagepipe.errors import UnknownRun
 from imagepipe.execution import (
     WORKFLOW,
@@ -37,8 +35,8 @@ from imagepipe.execution import (
     opened_store,
     read_root,
     reconcile_run_images,
-    root_promise,
     run_command,
+    run_options,
     run_outcome,
     tidy_after_execution,
     with_provider,
@@ -50,7 +48,7 @@ from imagepipe.files import (
     image_dir_owner,
     remove_temporaries,
 )
-from imagepipe.pipeline import image_pipeline
+from imagepipe.pipeline import IMAGE_RUN
 from imagepipe.runs import (
     Invocation,
     LaunchedBranches,
@@ -95,12 +93,11 @@ def start_run(
 
     async def start() -> RunOutcome:
         async with opened_store(url, create=True, write=True) as store:
-            root = await store.get(run_id)
-            created = False
-            if root is None:
+            if await store.get(run_id) is None:
                 claim_image_dir(image_dir(invocation.out_dir or default_image_dir(run_id)), run_id)
-                created = await _create_root(store, run_id, spec, invocation)
-                root = await read_root(store, run_id)
+            root, created = await record_run(
+                store, run_id, IMAGE_RUN, spec.kwargs(), options=run_options(run_id, invocation)
+            )
             if root.parent_id is not None or root.func != WORKFLOW:
                 raise UnknownRun(run_id, store.where)
             check_same_spec(run_id, RunSpec.from_stored(root.args), spec)
@@ -110,17 +107,6 @@ def start_run(
             return await _execute_stored(store, root, invocation, reporter, resumed=not created)
 
     return run_command(start, run_id, executes=True)
-
-
-async def _create_root(store: Store, run_id: str, spec: RunSpec, invocation: Invocation) -> bool:
-    """Write the run's root; False if another process created it first (then the spec
-    stored by that process is the one to check)."""
-    root = root_promise(run_id, spec, invocation, time.time())
-    try:
-        await store.apply(WriteBatch(creates=[root]))
-    except StoreConflict:
-        return False
-    return True
 
 
 def resume_run(
@@ -230,7 +216,7 @@ async def _execute_stored(
     under their own leases: this process joins them as one more worker of that run
     (:func:`imagepipe.detached.execute_detached`), never running a branch that a live
     worker holds. Any other run is executed here under the run's lease."""
-    if root.options.get(DETACHED) is True:
+    if is_detached(root):
         from imagepipe.detached import execute_detached  # the worker machinery: only here
 
         return await execute_detached(store, root, invocation, reporter, reopen=reopen)
@@ -246,50 +232,41 @@ async def _execute(
     resumed: bool,
     reopen: bool = False,
 ) -> RunOutcome:
-    """The run itself: the workflow, then the root's settlement, under the run's lease
-    (taken with the first write, after the replay check)."""
+    """The run itself, executed here by the core's run lifecycle (under the run's lease);
+    once it has settled, its image folder is tidied while this process still holds it."""
     execution = execution_for(root, invocation)
     spec, provider = execution.spec, execution.deps.provider
-    lease = LeaseKeeper(store, root.id, stale_after=settings.lease_timeout())
-    await lease.check_free()
-    ctx = RunContext(
-        store,
-        root.id,
-        execution.deps,
+
+    def started() -> None:
+        reporter.run_started(RunInfo(root.id, spec, resumed, execution.retry.max_attempts))
+
+    def tidy(branches: Sequence[BranchOutcome]) -> None:
+        # every branch is settled and this process holds the run: finish what kills left
+        # in the image folder (staged files recorded but not renamed, orphans)
+        outcomes = ((b.state, b.value) for b in branches)
+        tidy_after_execution(root.id, execution.deps.out_dir, outcomes)
+
+    how = Execution(
         retry=execution.retry,
-        lease=lease,
-        on_event=reporter.on_event,
         concurrency=invocation.concurrency or execution.default_concurrency,
         attempt_timeout=invocation.attempt_timeout,
+        lease_timeout=settings.lease_timeout(),
+        on_event=reporter.on_event,
     )
-    started = time.perf_counter()
+    begun = time.perf_counter()
     try:
-        await ctx.load(reopen_rejected=reopen)
-        reporter.run_started(RunInfo(root.id, spec, resumed, execution.retry.max_attempts))
-        try:
-            result = await ctx.run_workflow(image_pipeline, **spec.kwargs())
-            summary = {"images": len(result["images"]), "total_ms": result["total_ms"]}
-            settled = await ctx.settle_run(value=summary)
-        except PromiseRejected as exc:
-            await ctx.settle_all()  # every other branch still finishes
-            error = ErrorInfo("BranchRejected", str(exc), retryable=False)
-            settled = await ctx.settle_run(error=error)
-        except NonDeterminism:
-            await ctx.cancel_all()
-            ctx.discard()  # nothing of this invocation is written
-            raise
-        except BaseException:
-            await ctx.cancel_all()  # interrupted or broken: pending branches stay resumable
-            raise
-        # every branch is settled and this process holds the run: finish what kills
-        # left in the image folder (staged files recorded but not renamed, orphans)
-        outcomes = ((h.state, h.value) for h in ctx.launched)
-        tidy_after_execution(root.id, execution.deps.out_dir, outcomes)
+        executed = await execute_run(
+            store,
+            root,
+            IMAGE_RUN,
+            execution.deps,
+            how,
+            reopen=reopen,
+            on_started=started,
+            on_settled=tidy,
+        )
     finally:
-        await lease.release()
         await provider.aclose()
-    wall_ms = round((time.perf_counter() - started) * 1000)
-    branches = LaunchedBranches(ctx.launched)
-    # Not read back: every branch is known to the context, as committed.
-    executed_root = dataclasses.replace(root, state=settled.state)
-    return run_outcome(executed_root, branches, wall_ms=wall_ms, executed=True)
+    wall_ms = round((time.perf_counter() - begun) * 1000)
+    branches = LaunchedBranches(executed.branches)
+    return run_outcome(executed.root, branches, wall_ms=wall_ms, executed=True)

@@ -27,10 +27,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from imagepipe.durable import (
+from imagepipe.durable import ErrorInfo
+from imagepipe.durable.events import (
     AttemptFailed,
     AttemptStarted,
-    ErrorInfo,
     Event,
     PromiseQueued,
     PromiseRejectedEvent,

@@ -37,8 +37,13 @@ Retry-After beyond that:
   (10 in any one second), in real time: at ``--rpm R``, >= 95% of R with <= 1% of requests
   answered 429; without ``--rpm``, adapting from 429s and headers, >= 85% with < 5%
 - 1,000 branches of 1 MB images: wall time and peak RSS (< 200 MB)
+- batch collect: a 50,000-line Batch API output file (a 20 KB image a line, ~1.4 GB) from
+  the Files and Batches fake, collected by the batch client (each line parsed and its
+  image decoded) in a process of its own: its peak RSS (< 150 MB, flat in the file's
+  size) and its time per line against a process that only reads the file (also alone:
+  ``--batch``)
 
-    python scripts/bench.py [--repeat 7] [--quick] [--json] [--providers]
+    python scripts/bench.py [--repeat 7] [--quick] [--json] [--providers] [--batch]
 """
 
 from __future__ import annotations
@@ -165,8 +170,15 @@ def store_floor(db: Path, n: int, per_flush: int = 16) -> float:
     settlements. What the rest of a run adds is the difference. Branches/s."""
     import asyncio
 
-    from imagepipe.durable import WriteBatch, open_store
-    from imagepipe.durable.records import AttemptStart, Fence, Lease, NewPromise, Settlement
+    from imagepipe.durable import open_store
+    from imagepipe.durable.records import (
+        AttemptStart,
+        Fence,
+        Lease,
+        NewPromise,
+        Settlement,
+        WriteBatch,
+    )
 
     value = json.dumps({"style": "cartoon", "url": "https://images.example.com/cartoon-0.png"})
     args = json.dumps({"version": 1, "kwargs": {"prompt": "cats", "style": "cartoon"}})
@@ -645,7 +657,117 @@ def provider_figures() -> dict[str, Any]:
         fake.stop()
     figures["big_wall_s"] = time.perf_counter() - start
     figures["big_bytes"] = sum(p.stat().st_size for p in (work / "big").iterdir())
+    figures["batch"] = batch_figures()
     return figures
+
+
+#: the batch collect row: lines of the output file, and the image in each
+BATCH_LINES = 50_000
+BATCH_IMAGE_BYTES = 20_000
+BATCH_PEAK_MB = 150
+
+#: a process that reads a batch's output file: ``read`` only counts its bytes and lines,
+#: ``collect`` parses each line and decodes its image as a batch run would; it prints its
+#: figures as JSON, its peak RSS (VmHWM) included
+_BATCH_CHILD = """
+import asyncio, json, sys, time
+from contextlib import aclosing
+from imagepipe.providers.openai import OpenAIOptions
+from imagepipe.providers.openai_batch import OpenAIBatchClient
+
+async def main(mode, batch_id):
+    client = OpenAIBatchClient(OpenAIOptions(timeout=120.0))
+    batch = await client.get_batch(batch_id)
+    lines = size = 0
+    start = time.perf_counter()
+    if mode == "read":
+        url = f"{client.base_url}/files/{batch.output_file_id}/content"
+        async with client.http().stream("GET", url, headers=client.auth_headers()) as reply:
+            async for chunk in reply.aiter_raw():
+                size += len(chunk)
+                lines += chunk.count(b"\\n")
+    else:
+        async with aclosing(client.results(batch)) as results:
+            async for result in results:
+                assert result.image is not None, result
+                lines += 1
+                size += len(result.image.data)
+    seconds = time.perf_counter() - start
+    await client.aclose()
+    with open("/proc/self/status") as status:
+        peak = next(l for l in status if l.startswith("VmHWM:")).split()[1]
+    print(json.dumps({"seconds": seconds, "lines": lines, "bytes": size, "peak_kib": int(peak)}))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def batch_figures(lines: int = BATCH_LINES, image_bytes: int = BATCH_IMAGE_BYTES) -> dict[str, Any]:
+    """A batch of ``lines`` requests submitted to the Files and Batches fake, completed,
+    then its output file read by a ``read`` process and collected by a ``collect`` one."""
+    import asyncio
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from imagepipe.providers.base import ProviderRequest
+    from imagepipe.providers.openai import OpenAIOptions
+    from imagepipe.providers.openai_batch import OpenAIBatchClient, write_input_file
+    from tests.fakes.openai_batch_server import OpenAIBatchFake
+
+    fake = OpenAIBatchFake(api_key="sk-bench")
+    fake.image_bytes = image_bytes
+    fake.in_progress_seconds = 0
+    url = fake.start()
+    work = Path(tempfile.mkdtemp(prefix="imagepipe-bench-batch-"))
+
+    async def submit() -> str:
+        client = OpenAIBatchClient(OpenAIOptions(base_url=url), api_key="sk-bench")
+        try:
+            requests = (
+                ProviderRequest(f"a scene {i}", f"bench.{i}", 1, OpenAIOptions())
+                for i in range(lines)
+            )
+            path = work / "bench.jsonl"
+            write_input_file(path, (client.request_line(r) for r in requests))
+            uploaded = await client.upload_file(path, filename=path.name)
+            return (await client.create_batch(uploaded.id)).id
+        finally:
+            await client.aclose()
+
+    try:
+        batch_id = asyncio.run(submit())
+        fake.clock.advance(2)
+        status = fake.batch(batch_id)
+        assert status["status"] == "completed", status
+        env = env_for(Path("/nonexistent"), OPENAI_API_KEY="sk-bench", OPENAI_BASE_URL=url)
+        found: dict[str, Any] = {"lines": lines, "image_bytes": image_bytes}
+        for mode in ("read", "collect"):
+            proc = subprocess.run(
+                [sys.executable, "-c", _BATCH_CHILD, mode, batch_id],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0:
+                raise SystemExit(f"batch {mode} failed: {proc.stderr[-800:]}")
+            found[mode] = json.loads(proc.stdout)
+        found["file_bytes"] = found["read"]["bytes"]
+        return found
+    finally:
+        fake.stop()
+
+
+def batch_table(b: dict[str, Any]) -> list[str]:
+    read, collect = b["read"], b["collect"]
+    per_read = read["seconds"] / max(1, read["lines"]) * 1e6
+    per_line = collect["seconds"] / max(1, collect["lines"]) * 1e6
+    peak = collect["peak_kib"] / 1024
+    return [
+        f"| batch collect, {collect['lines']:,} lines ({b['file_bytes'] / 1e9:.2f} GB), peak RSS "
+        f"| {peak:.0f} MB (reading only: {read['peak_kib'] / 1024:.0f} MB) | < {BATCH_PEAK_MB} MB "
+        f"| {'ok' if peak < BATCH_PEAK_MB and collect['lines'] == b['lines'] else 'MISSED'} |",
+        f"| batch collect, time per line | {per_line:.0f} µs collected, {per_read:.0f} µs only "
+        f"read ({per_line / per_read:.1f}x) | | |",
+    ]
 
 
 def provider_table(f: dict[str, Any]) -> str:
@@ -691,6 +813,7 @@ def provider_table(f: dict[str, Any]) -> str:
         f"({f['big_bytes'] / 1e9:.2f} GB written) | | |",
         f"| 1,000 branches of 1 MB, peak RSS | {f['big_peak_rss_mb']:.0f} MB | < 200 MB | "
         f"{'ok' if f['big_peak_rss_mb'] < 200 else 'MISSED'} |",
+        *batch_table(f["batch"]),
     ]
     return "\n".join(lines)
 
@@ -872,7 +995,15 @@ def main() -> int:
     parser.add_argument(
         "--workers", action="store_true", help="measure 1, 2, 4 and 8 workers on PostgreSQL"
     )
+    parser.add_argument(
+        "--batch", action="store_true", help="only the batch collect row (Batch API fake)"
+    )
     args = parser.parse_args()
+    if args.batch:
+        batch = batch_figures()
+        header = ["| measure | value | target | |", "|---|---|---|---|"]
+        print(json.dumps(batch, indent=2) if args.json else "\n".join(header + batch_table(batch)))
+        return 0
     if args.workers:
         measured = worker_figures()
         print(json.dumps(measured, indent=2) if args.json else worker_table(measured))

@@ -11,22 +11,23 @@ from typing import Any
 import pytest
 
 from imagepipe.durable import (
-    AttemptStarted,
-    Event,
-    LeaseKeeper,
-    NewPromise,
+    Execution,
     NonDeterminism,
-    PromiseQueued,
     PromiseRejected,
-    PromiseReplayed,
-    PromiseResolved,
     RetryPolicy,
     RunContext,
     Step,
     Store,
-    WriteBatch,
-    encode_args,
 )
+from imagepipe.durable.events import (
+    AttemptStarted,
+    Event,
+    PromiseQueued,
+    PromiseReplayed,
+    PromiseResolved,
+)
+from imagepipe.durable.lease import LeaseKeeper
+from imagepipe.durable.records import NewPromise, WriteBatch, encode_args
 
 Calls = list[tuple[str, int]]
 _keepers: list[LeaseKeeper] = []
@@ -74,15 +75,13 @@ async def context(
     keeper = LeaseKeeper(store, "run") if lease else None
     if keeper is not None:
         _keepers.append(keeper)
-    ctx: RunContext[None] = RunContext(
-        store,
-        "run",
-        None,
+    execution = Execution(
         retry=kwargs.pop("retry", NO_WAIT),
-        lease=keeper,
         on_event=kwargs.pop("on_event", events.append if events is not None else None),
-        **kwargs,
+        concurrency=kwargs.pop("concurrency", None),
+        attempt_timeout=kwargs.pop("attempt_timeout", None),
     )
+    ctx: RunContext[None] = RunContext(store, "run", None, execution, lease=keeper, **kwargs)
     await ctx.load()
     return ctx
 

@@ -10,16 +10,9 @@ from typing import Any
 import pytest
 from test_context import NO_WAIT, context
 
-from imagepipe.durable import (
-    PromiseRejected,
-    PromiseResolved,
-    Settled,
-    Step,
-    Store,
-    StoreError,
-    WriteBatch,
-)
-from imagepipe.durable.records import Settlement
+from imagepipe.durable import PromiseRejected, Step, Store, StoreError
+from imagepipe.durable.events import PromiseResolved
+from imagepipe.durable.records import Settled, Settlement, WriteBatch
 
 
 class Sink:

@@ -14,24 +14,12 @@ import psycopg
 import pytest
 from postgres_server import PostgresServer, database_name
 
-from imagepipe.durable import (
-    Lease,
-    LeaseHeld,
-    NewPromise,
-    StoreBusy,
-    StoreCorrupt,
-    StoreMissing,
-    StoreNewer,
-    StoreOptions,
-    StoreUnusable,
-    WriteBatch,
-    encode_args,
-    open_store,
-)
+from imagepipe.durable import LeaseHeld, StoreMissing, StoreOptions, open_store
+from imagepipe.durable.errors import StoreBusy, StoreCorrupt, StoreNewer, StoreUnusable
 from imagepipe.durable.postgres import PostgresStore
 from imagepipe.durable.postgres_errors import describe_url
 from imagepipe.durable.postgres_schema import SCHEMA_VERSION
-from imagepipe.durable.records import Fence, Settlement
+from imagepipe.durable.records import Fence, Lease, NewPromise, Settlement, WriteBatch, encode_args
 
 SECRET = "s3cr3t-pw"
 
@@ -253,7 +241,8 @@ async def test_a_watcher_wakes_at_another_stores_write_not_at_its_timeout(
     import asyncio
     import time
 
-    from imagepipe.durable import NewPromise, WriteBatch, encode_args, open_store
+    from imagepipe.durable import open_store
+    from imagepipe.durable.records import NewPromise, WriteBatch, encode_args
 
     watcher, writer = await open_store(postgres_url), await open_store(postgres_url)
     try:

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from imagepipe.cli import app
-from imagepipe.durable import encode_args
+from imagepipe.durable.records import encode_args
 from imagepipe.durable.sqlite_schema import SCHEMA_VERSION
 from imagepipe.providers import Faults
 from imagepipe.providers.simulated import simulated_request
@@ -371,8 +371,8 @@ def test_newer_schema_is_a_clear_error(db_path: Path) -> None:
 def test_a_file_size_limit_says_what_to_do_and_the_run_resumes(db_path: Path) -> None:
     import resource
 
-    def small_files() -> None:  # ulimit -f 64: files of at most 64 KiB
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    def small_files() -> None:  # ulimit -f 128: files of at most 128 KiB (the new store fits)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (128 * 1024, 128 * 1024))
 
     args = ["run", "a prompt to fill the store", "-n", "300", "--sim-latency", "0", "--id", "q"]
     done = subprocess.run(

@@ -8,19 +8,15 @@ import random
 import pytest
 from test_context import context
 
-from imagepipe.durable import (
-    AttemptFailed,
-    ErrorInfo,
-    Event,
+from imagepipe.durable import ErrorInfo, PromiseRejected, RetryPolicy, Step, Store
+from imagepipe.durable.events import AttemptFailed, Event
+from imagepipe.durable.records import (
+    AttemptFailure,
+    AttemptStart,
     NewPromise,
-    PromiseRejected,
-    RetryPolicy,
-    Step,
-    Store,
     WriteBatch,
     encode_args,
 )
-from imagepipe.durable.records import AttemptFailure, AttemptStart
 from imagepipe.providers import InvalidRequest, TransientProviderError
 
 

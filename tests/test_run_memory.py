@@ -8,17 +8,9 @@ import json
 import tracemalloc
 from typing import Any
 
-from imagepipe.durable import (
-    LeaseKeeper,
-    NewPromise,
-    PromiseRejected,
-    RetryPolicy,
-    RunContext,
-    Step,
-    Store,
-    WriteBatch,
-    encode_args,
-)
+from imagepipe.durable import Execution, PromiseRejected, RetryPolicy, RunContext, Step, Store
+from imagepipe.durable.lease import LeaseKeeper
+from imagepipe.durable.records import NewPromise, WriteBatch, encode_args
 from imagepipe.runs import Branch, LaunchedBranches, RunOutcome, RunSpec
 
 #: every FAIL_EVERY-th branch is rejected
@@ -44,7 +36,8 @@ async def run_context(store: Store) -> tuple[RunContext[None], LeaseKeeper]:
     await store.apply(WriteBatch(creates=[NewPromise("run", None, None, "wf", encode_args({}), 1)]))
     keeper = LeaseKeeper(store, "run")
     retry = RetryPolicy(max_attempts=1, jitter=False, time_scale=0)
-    ctx: RunContext[None] = RunContext(store, "run", None, retry=retry, lease=keeper, concurrency=4)
+    how = Execution(retry=retry, concurrency=4)
+    ctx: RunContext[None] = RunContext(store, "run", None, how, lease=keeper)
     await ctx.load()
     return ctx, keeper
 

@@ -64,9 +64,12 @@ async def test_queued_branches_get_a_task_only_when_a_slot_frees(store: Store) -
         await gate.wait()
         return i
 
-    before = len(asyncio.all_tasks())
+    def branch_tasks() -> int:  # the group commit's flush is one task of its own
+        return len([t for t in asyncio.all_tasks() if t.get_name() != "commit"])
+
+    before = branch_tasks()
     handles = [ctx.begin_run(step, i=i) for i in range(50)]
-    assert len(asyncio.all_tasks()) - before == 2, "48 queued branches, no task for them"
+    assert branch_tasks() - before == 2, "48 queued branches, no task for them"
     gate.set()
     # The last handle is awaited before its branch has started, and still gets its value.
     assert await handles[-1] == 49

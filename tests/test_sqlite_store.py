@@ -14,16 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from imagepipe.cli import app
-from imagepipe.durable import (
-    StoreCorrupt,
-    StoreMissing,
-    StoreNewer,
-    StoreOptions,
-    StoreUnusable,
-    WriteBatch,
-    open_store,
-)
-from imagepipe.durable.records import Lease, Settlement
+from imagepipe.durable import StoreMissing, StoreOptions, open_store
+from imagepipe.durable.errors import StoreCorrupt, StoreNewer, StoreUnusable
+from imagepipe.durable.records import Lease, Settlement, WriteBatch
 from imagepipe.durable.sqlite_schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 
 from conftest import cli_argv, cli_env
@@ -45,7 +38,7 @@ def previous_main_store(path: Path) -> Path:
 async def test_schema_is_versioned(db_path: Path) -> None:
     await (await open_store(str(db_path))).close()
     with sqlite3.connect(db_path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 

@@ -10,10 +10,10 @@ import pexpect
 import pytest
 from rich.console import Console
 
-from imagepipe.durable import (
+from imagepipe.durable import ErrorInfo
+from imagepipe.durable.events import (
     AttemptFailed,
     AttemptStarted,
-    ErrorInfo,
     PromiseQueued,
     PromiseRejectedEvent,
     PromiseResolved,

@@ -11,8 +11,16 @@ from typing import Any
 
 import pytest
 
-from imagepipe.durable import LeaseLost, Store, WriteBatch, encode_args
-from imagepipe.durable.records import AttemptStart, Lease, NewPromise, Settled, Settlement
+from imagepipe.durable import LeaseLost, Store
+from imagepipe.durable.records import (
+    AttemptStart,
+    Lease,
+    NewPromise,
+    Settled,
+    Settlement,
+    WriteBatch,
+    encode_args,
+)
 from imagepipe.durable.sqlite import SQLiteStore
 from imagepipe.durable.store import Claim, StoreOptions
 from imagepipe.durable.worker_commit import SharedCommit

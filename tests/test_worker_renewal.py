@@ -11,8 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from imagepipe.durable import WriteBatch, encode_args
-from imagepipe.durable.records import ErrorInfo, Fence, Lease, NewPromise, PromiseRecord
+from imagepipe.durable.records import (
+    ErrorInfo,
+    Fence,
+    Lease,
+    NewPromise,
+    PromiseRecord,
+    WriteBatch,
+    encode_args,
+)
 from imagepipe.durable.retry import RetryPolicy
 from imagepipe.durable.sqlite import SQLiteStore
 from imagepipe.durable.steps import Step

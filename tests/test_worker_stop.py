@@ -9,7 +9,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from imagepipe.durable import LeaseKeeper, Store, StoreError
+from imagepipe.durable import Store, StoreError
+from imagepipe.durable.lease import LeaseKeeper
 from imagepipe.durable.records import Fence, Lease, PromiseRecord
 from imagepipe.durable.worker import BranchJob, Worker
 

@@ -1,6 +1,12 @@
 """Durable promises on a store: the core of imagepipe, a library that knows nothing of
 images, screens or exit codes, and imports nothing else from imagepipe.
 
+What an app needs is exported here; events are in :mod:`.events`, every error in
+:mod:`.errors`, and the stored shapes and write records stay inside the core.
+
+- :mod:`.lifecycle` — a run's lifecycle: :class:`Workflow`, :func:`record_run`,
+  :func:`execute_run` (the lease, the replay check, the root's settlement, the clean-up)
+- :mod:`.worker` — workers that share the branches of detached runs
 - :mod:`.store` — the async :class:`Store` interface
 - :mod:`.opening` — :func:`open_store`: the backend a URL names
 - :mod:`.sqlite` — the SQLite backend (WAL, numbered migrations in :mod:`.sqlite_schema`)
@@ -28,92 +34,32 @@ from imagepipe.durable.errors import (
     NonDeterminism,
     PromiseRejected,
     StopRun,
-    StoreBusy,
     StoreConflict,
-    StoreCorrupt,
     StoreError,
-    StoreFull,
     StoreMissing,
-    StoreNewer,
-    StoreReadOnly,
-    StoreUnreachable,
-    StoreUnusable,
-    StoreWriteFailed,
 )
-from imagepipe.durable.events import (
-    AttemptFailed,
-    AttemptStarted,
-    Event,
-    PromiseQueued,
-    PromiseRejectedEvent,
-    PromiseReplayed,
-    PromiseResolved,
+from imagepipe.durable.lifecycle import (
+    BranchOutcome,
+    Executed,
+    Workflow,
+    execute_run,
+    record_run,
 )
-from imagepipe.durable.lease import DEFAULT_STALE_AFTER, LeaseKeeper
 from imagepipe.durable.opening import open_store
-from imagepipe.durable.records import (
-    AttemptRecord,
-    ChildColumns,
-    ErrorInfo,
-    Lease,
-    NewPromise,
-    PromiseRecord,
-    PromiseState,
-    RootRecord,
-    Settled,
-    WriteBatch,
-    bind_args,
-    encode_args,
-)
+from imagepipe.durable.records import ErrorInfo, PromiseRecord, bind_args
 from imagepipe.durable.retry import RetryPolicy
+from imagepipe.durable.run_state import Execution
 from imagepipe.durable.steps import Handle, Step
 from imagepipe.durable.store import Store, StoreOptions
 
-__all__ = [
-    "DEFAULT_STALE_AFTER",
-    "AttemptFailed",
-    "AttemptRecord",
-    "AttemptStarted",
-    "AttemptTimeout",
-    "ChildColumns",
-    "DurableError",
-    "ErrorInfo",
-    "Event",
-    "Handle",
-    "Lease",
-    "LeaseHeld",
-    "LeaseKeeper",
-    "LeaseLost",
-    "NewPromise",
-    "NonDeterminism",
-    "PromiseQueued",
-    "PromiseRecord",
-    "PromiseRejected",
-    "PromiseRejectedEvent",
-    "PromiseReplayed",
-    "PromiseResolved",
-    "PromiseState",
-    "RetryPolicy",
-    "RootRecord",
-    "RunContext",
-    "Settled",
-    "Step",
-    "StopRun",
-    "Store",
-    "StoreBusy",
-    "StoreConflict",
-    "StoreCorrupt",
-    "StoreError",
-    "StoreFull",
-    "StoreMissing",
-    "StoreNewer",
-    "StoreOptions",
-    "StoreReadOnly",
-    "StoreUnreachable",
-    "StoreUnusable",
-    "StoreWriteFailed",
-    "WriteBatch",
-    "bind_args",
-    "encode_args",
-    "open_store",
-]
+__all__ = [  # noqa: RUF022 (grouped by what they are for)
+    # a run's lifecycle
+    "Workflow", "Execution", "Executed", "BranchOutcome", "record_run", "execute_run",
+    # inside a run
+    "RunContext", "Handle", "Step", "RetryPolicy", "AttemptTimeout",
+    # the store, and what it holds
+    "Store", "StoreOptions", "open_store", "PromiseRecord", "ErrorInfo", "bind_args",
+    # errors an app tells apart (every one is in .errors)
+    "DurableError", "StoreError", "StoreMissing", "StoreConflict", "LeaseHeld", "LeaseLost",
+    "NonDeterminism", "PromiseRejected", "StopRun",
+]  # fmt: skip

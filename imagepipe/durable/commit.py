@@ -121,6 +121,8 @@ class GroupCommit:
         self._written: Committed | None = None
         self._flushing = False
         self._held = False
+        #: the flush under way, owned here: :meth:`close` waits for it
+        self._flush_task: asyncio.Task[None] | None = None
 
     # -- writes ------------------------------------------------------------------------
 
@@ -177,6 +179,12 @@ class GroupCommit:
             attempts=attempts,
         )
 
+    async def durable(self) -> Fence | None:
+        """Wait until every write made so far is committed (the lease taken with the first);
+        the fence they were written under."""
+        await self._next_commit()
+        return self._fence
+
     @property
     def held(self) -> bool:
         """True while writes wait for :meth:`release` (nothing is flushed)."""
@@ -211,19 +219,31 @@ class GroupCommit:
     def _schedule(self) -> None:
         if not self._flushing and not self._held:
             self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush_next_turn)
+            self._flush_task = asyncio.create_task(self._flush(), name="commit")
+            self._flush_task.add_done_callback(self._flush_ended)
 
-    def _flush_next_turn(self) -> None:
-        # One more loop turn: the tasks this turn's writes woke (a freed concurrency slot
-        # starting the next attempt) add their writes to the same commit (halves commits).
-        asyncio.get_running_loop().call_soon(self._start_flush)
+    def _flush_ended(self, task: asyncio.Task[None]) -> None:
+        _retrieved(task)
+        if task is self._flush_task and task.cancelled():
+            # possibly before it began: its writers must not wait for ever
+            self._flushing = False
+            for future in (self._committed, self._written):
+                if future is not None and not future.done():
+                    future.cancel()
+            self._committed = self._written = None
 
-    def _start_flush(self) -> None:
-        flush = asyncio.ensure_future(self._flush())
-        flush.add_done_callback(_retrieved)
+    async def close(self) -> None:
+        """Wait for the flush under way, if any: nothing this commit started outlives it.
+        Its writers were told of its outcome, whatever it was."""
+        if self._flush_task is not None:
+            await asyncio.gather(self._flush_task, return_exceptions=True)
 
     async def _flush(self) -> None:
+        # Two loop turns first: the tasks this turn's writes woke (a freed concurrency slot
+        # starting the next attempt) add their writes to the same commit (halves commits).
         try:
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
             while self._committed is not None and self._written is not None and not self._held:
                 batch, told = self._batch, (self._written, self._committed)
                 self._batch, self._committed, self._written = WriteBatch(), None, None
@@ -246,7 +266,7 @@ class GroupCommit:
                         if not future.done():
                             future.set_result(lost)
         finally:
-            self._flushing = False
+            self._flushing = False  # in this task: a write right after starts the next
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from imagepipe.durable.commit import BatchSink, GroupCommit
-from imagepipe.durable.events import Event, PromiseQueued, PromiseReplayed
+from imagepipe.durable.events import PromiseQueued, PromiseReplayed
 from imagepipe.durable.lanes import AttemptTimeout, Lanes
 from imagepipe.durable.lease import LeaseKeeper
 from imagepipe.durable.records import (
@@ -35,8 +35,7 @@ from imagepipe.durable.records import (
     Settled,
     encode_args,
 )
-from imagepipe.durable.retry import RetryPolicy
-from imagepipe.durable.run_state import RunState
+from imagepipe.durable.run_state import Execution, RunState
 from imagepipe.durable.steps import Handle, SubSteps, check_replay
 from imagepipe.durable.store import Store
 
@@ -54,31 +53,33 @@ class RunContext(Generic[D]):
         store: Store,
         run_id: str,
         deps: D,
+        execution: Execution | None = None,
         *,
-        retry: RetryPolicy,
         lease: LeaseKeeper | None = None,
-        on_event: Callable[[Event], None] | None = None,
-        concurrency: int | None = None,
-        attempt_timeout: float | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         writes: BatchSink | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """``execution``: how the branches run (retry policy, concurrency, listener);
+        ``writes``: where the batches go if not straight to the store (a worker's branches
+        share one commit, see :mod:`.worker_commit`); ``sleep``: how back-offs wait."""
+        execution = execution or Execution()
         self.store = store
         self.run_id = run_id
         self.deps = deps
-        # ``writes``: where the batches go if not straight to the store (a worker's branches
-        # share one commit, see :mod:`.worker_commit`)
         commit = GroupCommit(writes or store, acquire=None if lease is None else lease.acquire)
         #: what the lanes, handles and sub-steps share with this context (see :mod:`.run_state`)
-        self._state = RunState(store, run_id, deps, commit, lease=lease, on_event=on_event)
+        self._state = RunState(
+            store, run_id, deps, commit, lease=lease, on_event=execution.on_event
+        )
         self._sub_steps = SubSteps(self._state)
         #: the tasks that run the branches (see :mod:`.lanes`)
         self._lanes = Lanes(
             self._state,
             self._sub_steps,
-            concurrency=concurrency or None,
-            retry=retry,
-            attempt_timeout=attempt_timeout,
+            concurrency=execution.concurrency or None,
+            retry=execution.retry,
+            attempt_timeout=execution.attempt_timeout,
+            cost_of_attempt=execution.cost_of_attempt,
             sleep=sleep,
         )
         #: the children in the store, by seq, until launched (read by :meth:`load`)
@@ -215,6 +216,10 @@ class RunContext(Generic[D]):
     def discard(self) -> None:
         """Drop this invocation's writes not yet flushed (nothing of it is kept)."""
         self._state.commit.discard()
+
+    async def close(self) -> None:
+        """Wait for the commit under way, if any: nothing of this context outlives it."""
+        await self._state.commit.close()
 
 
 def _reopened(record: PromiseRecord) -> PromiseRecord:

@@ -19,6 +19,7 @@ __all__ = [
     "LeaseLost",
     "NonDeterminism",
     "PromiseRejected",
+    "SpendingCapReached",
     "StopRun",
     "StoreBusy",
     "StoreConflict",
@@ -154,3 +155,18 @@ class StopRun(DurableError):
     be kept, say), so it stops as it does when the store fails. The step's attempt is not
     recorded as a failure and uses up no retry: the branch stays pending, for a later
     ``resume`` once the cause is fixed. ``__cause__`` holds what the step met."""
+
+
+class SpendingCapReached(StopRun):
+    """An attempt's worst-case cost does not fit in what is left of one of the run's
+    spending caps (on ``meter``): it does not start, and neither does any other; the
+    attempts in flight end and are recorded, then the run stops, the rest left pending
+    (raise the cap, then resume)."""
+
+    def __init__(self, run_id: str, meter: str, spent: int, cap: int, needed: int) -> None:
+        super().__init__(f"run {run_id!r} has spent {spent} {meter} of its cap of {cap}")
+        self.run_id = run_id
+        self.meter = meter
+        self.spent = spent
+        self.cap = cap
+        self.needed = needed

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from imagepipe.durable.commit import Committed, Settling
@@ -26,6 +26,7 @@ from imagepipe.durable.errors import (
     DurableError,
     LeaseLost,
     NonDeterminism,
+    SpendingCapReached,
     StopRun,
     StoreError,
 )
@@ -69,12 +70,14 @@ class Lanes:
         retry: RetryPolicy,
         attempt_timeout: float | None,
         sleep: Callable[[float], Awaitable[None]],
+        cost_of_attempt: Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None = None,
     ) -> None:
         self._state = state
         self._sub_steps = sub_steps
         self._retry = retry
         self._attempt_timeout = attempt_timeout
         self._sleep = sleep
+        self._cost_of_attempt = cost_of_attempt
         self._slots: Slots[_Branch] = Slots(concurrency, self._start)
         #: tasks not finished yet (each runs a chain of branches, see _run_chain)
         self.running: set[asyncio.Task[None]] = set()
@@ -151,9 +154,9 @@ class Lanes:
 
         async def call() -> Any:
             nonlocal step
+            step = Step(promise_id, current, self._state.deps, self._sub_steps, handle.stored)
             if self._state.listening:
                 self._state.emit(AttemptStarted(promise_id, func, current))
-            step = Step(promise_id, current, self._state.deps, self._sub_steps, handle.stored)
             if self._attempt_timeout is None:
                 return await fn(step, **kwargs)
             return await self._call_with_timeout(fn(step, **kwargs))
@@ -166,20 +169,33 @@ class Lanes:
             try:
                 current += 1
                 started_at = time.time()
-                # the attempt count is durable before the call
-                await self._state.commit.start_attempt(promise_id, current)
+                # the attempt count is durable before the call, with its worst-case cost
+                # reserved against the run's cap if it may cost anything
+                reserved = self._cost_of_attempt(func, kwargs) if self._cost_of_attempt else None
+                if reserved:
+                    await self._reserve(promise_id, current, reserved)
+                else:
+                    await self._state.commit.start_attempt(promise_id, current)
                 try:
                     # a failure that is a wait (a rate limit) is waited out and called
                     # again in this same attempt: it is not a failed attempt
-                    return await waited_out(
+                    value = await waited_out(
                         self._retry, call, before_wait=before_sleep, sleep=self._sleep
                     )
                 except DurableError:
                     raise
                 except Exception as exc:
+                    assert step is not None  # made by call() before anything it runs
+                    if reserved and getattr(exc, "unpaid", False):
+                        step.cost = dict.fromkeys(reserved, 0)  # refused before any work
+                    if reserved and step.cost is not None:
+                        await self._settle_cost(promise_id, current, step.cost)
                     error = ErrorInfo.from_exception(exc)
                     await self._state.commit.fail_attempt(promise_id, current, started_at, error)
                     raise
+                if reserved and step is not None and step.cost is not None:
+                    await self._settle_cost(promise_id, current, step.cost)
+                return value
             except BaseException:
                 # Not kept for the retry: the back-off holds no slot. The next waiter gets
                 # it (a queued branch in a task of its own: this one is busy retrying).
@@ -288,6 +304,26 @@ class Lanes:
             self._settling -= len(batch.settlements)
             if not self._settling:
                 self._notify()
+
+    async def _reserve(self, promise_id: str, attempt: int, units: Mapping[str, int]) -> None:
+        """Start the attempt with ``units`` reserved on the run's meters, in one transaction
+        under the run's (or branch's) fence, once the branch's promise is in the store;
+        :class:`~.errors.SpendingCapReached` if they do not fit a cap."""
+        state = self._state
+        fence = await state.commit.durable()
+        refused = await state.store.reserve_attempt(fence, state.run_id, promise_id, attempt, units)
+        if refused is not None:
+            meter, spending = refused
+            assert spending.limit is not None, "only a cap refuses a reservation"
+            raise SpendingCapReached(
+                state.run_id, meter, spending.spent, spending.limit, units[meter]
+            )
+
+    async def _settle_cost(self, promise_id: str, attempt: int, cost: Mapping[str, int]) -> None:
+        """What the attempt actually cost replaces its reservation, meter by meter."""
+        state = self._state
+        fence = await state.commit.durable()
+        await state.store.settle_cost(fence, state.run_id, promise_id, attempt, cost)
 
     async def _call_with_timeout(self, call: Awaitable[T]) -> T:
         try:

@@ -53,6 +53,7 @@ from imagepipe.durable.records import (
     PromiseRecord,
     RootRecord,
     Settled,
+    Spending,
     WriteBatch,
     decode_json,
     named_params,
@@ -550,6 +551,117 @@ class PostgresStore(Store):
         return lost
 
     # -- reads ---------------------------------------------------------------------
+
+    # -- spending --------------------------------------------------------------------
+
+    @_rides_out
+    async def set_spending_limit(self, run_id: str, meter: str, limit: int | None) -> None:
+        async with self._reading() as cur:
+            await cur.execute(
+                "INSERT INTO imagepipe.spending (run_id, meter, cap) VALUES (%s, %s, %s)"
+                " ON CONFLICT (run_id, meter) DO UPDATE SET cap = excluded.cap",
+                (run_id, meter, limit),
+            )
+
+    @_rides_out
+    async def spending(self, run_id: str) -> dict[str, Spending]:
+        async with self._reading() as cur:
+            await cur.execute(
+                "SELECT meter, cap, spent FROM imagepipe.spending WHERE run_id = %s", (run_id,)
+            )
+            rows = await cur.fetchall()
+        return {meter: Spending(cap, spent) for meter, cap, spent in rows}
+
+    @_rides_out
+    async def reserve_attempt(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        units: Mapping[str, int],
+    ) -> tuple[str, Spending] | None:
+        refused: tuple[str, Spending] | None = None
+        async with self._transaction() as cur:
+            if fence is not None:
+                await self._check_fence(cur, fence)
+            await cur.execute(
+                "SELECT attempts FROM imagepipe.promises WHERE id = %s AND state = 'pending'"
+                " FOR UPDATE",
+                (promise_id,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise StoreConflict(self.where, f"holds no pending promise {promise_id!r}")
+            if row[0] >= attempt:
+                return None  # started before, with its reservation
+            for meter, needed in sorted(units.items()):  # locked in one order: no deadlock
+                await cur.execute(
+                    "INSERT INTO imagepipe.spending (run_id, meter) VALUES (%s, %s)"
+                    " ON CONFLICT DO NOTHING",
+                    (run_id, meter),
+                )
+                # locked: the workers that reserve on one run's meter take turns here
+                await cur.execute(
+                    "SELECT cap, spent FROM imagepipe.spending WHERE run_id = %s AND meter = %s"
+                    " FOR UPDATE",
+                    (run_id, meter),
+                )
+                found = await cur.fetchone()
+                spending = Spending(*found) if found else Spending(None, 0)
+                if not spending.allows(needed):
+                    refused = meter, spending
+                    raise psycopg.Rollback  # nothing of this call is kept
+
+            for meter, needed in units.items():
+                await cur.execute(
+                    "UPDATE imagepipe.spending SET spent = spent + %s"
+                    " WHERE run_id = %s AND meter = %s",
+                    (needed, run_id, meter),
+                )
+                await cur.execute(
+                    "INSERT INTO imagepipe.reservations (promise_id, attempt, meter, reserved)"
+                    " VALUES (%s, %s, %s, %s)",
+                    (promise_id, attempt, meter, needed),
+                )
+            await cur.execute(
+                "UPDATE imagepipe.promises SET attempts = %s WHERE id = %s", (attempt, promise_id)
+            )
+        return refused
+
+    @_rides_out
+    async def settle_cost(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        cost: Mapping[str, int],
+    ) -> None:
+        async with self._transaction() as cur:
+            if fence is not None:
+                await self._check_fence(cur, fence)
+            for meter, actual in cost.items():
+                await cur.execute(
+                    "UPDATE imagepipe.reservations SET cost = %s WHERE promise_id = %s"
+                    " AND attempt = %s AND meter = %s AND cost IS NULL RETURNING reserved",
+                    (actual, promise_id, attempt, meter),
+                )
+                row = await cur.fetchone()
+                if row is not None:
+                    await cur.execute(
+                        "UPDATE imagepipe.spending SET spent = spent + %s"
+                        " WHERE run_id = %s AND meter = %s",
+                        (actual - row[0], run_id, meter),
+                    )
+
+    async def _check_fence(self, cur: psycopg.AsyncCursor[Any], fence: Fence) -> None:
+        await cur.execute(
+            "SELECT epoch FROM imagepipe.leases WHERE key = %s FOR SHARE", (fence.key,)
+        )
+        row = await cur.fetchone()
+        if row is None or row[0] != fence.epoch:
+            raise LeaseLost(fence.key, fence.epoch)
 
     @_rides_out
     async def get(self, promise_id: str) -> PromiseRecord | None:

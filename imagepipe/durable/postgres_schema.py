@@ -98,9 +98,29 @@ _MIGRATION_3 = (
     " WHERE p.parent_id IS NULL AND p.state != 'pending'",
 )
 
+#: A run's spending caps and what its attempts reserved or cost, per meter (the app's units:
+#: micro-dollars, images): a row only for a meter a run caps or has reserved on.
+_MIGRATION_4 = (
+    """CREATE TABLE imagepipe.spending (
+        run_id text COLLATE "C" NOT NULL,
+        meter text COLLATE "C" NOT NULL,
+        cap bigint,
+        spent bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (run_id, meter)
+    )""",
+    """CREATE TABLE imagepipe.reservations (
+        promise_id text COLLATE "C" NOT NULL,
+        attempt integer NOT NULL,
+        meter text COLLATE "C" NOT NULL,
+        reserved bigint NOT NULL,
+        cost bigint,
+        PRIMARY KEY (promise_id, attempt, meter)
+    )""",
+)
+
 #: Migration N (the N-th entry) turns schema version N-1 into N: statements run in order,
 #: in the migrating transaction. Append only; never edit a released one.
-MIGRATIONS: Sequence[Sequence[str]] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3)
+MIGRATIONS: Sequence[Sequence[str]] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3, _MIGRATION_4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

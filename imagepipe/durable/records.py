@@ -35,6 +35,7 @@ __all__ = [
     "RootRecord",
     "Settled",
     "Settlement",
+    "Spending",
     "WriteBatch",
     "bind_args",
     "canonical_json",
@@ -218,6 +219,18 @@ class Settled:
     value: Any
     error: ErrorInfo | None
     attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Spending:
+    """What a run may spend and has spent, in the app's units (micro-dollars, say): every
+    attempt's reservation until its actual cost replaced it. ``limit`` None: no cap."""
+
+    limit: int | None
+    spent: int
+
+    def allows(self, units: int) -> bool:
+        return self.limit is None or self.spent + units <= self.limit
 
 
 @dataclass(frozen=True, slots=True)

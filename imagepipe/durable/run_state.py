@@ -10,20 +10,42 @@ and nothing of the context's own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from imagepipe.durable.commit import GroupCommit
 from imagepipe.durable.errors import DurableError, NonDeterminism
 from imagepipe.durable.events import Event
+from imagepipe.durable.lease import DEFAULT_STALE_AFTER
+from imagepipe.durable.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from imagepipe.durable.lease import LeaseKeeper
     from imagepipe.durable.store import Store
 
-__all__ = ["Replay", "RunState"]
+__all__ = ["Execution", "Replay", "RunState"]
 
 D = TypeVar("D")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How this process executes a run's branches (not the run's identity: it may differ
+    from one invocation to the next)."""
+
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: how many branches run at once (None: no limit)
+    concurrency: int | None = None
+    attempt_timeout: float | None = None
+    #: a lease not renewed for this long may be taken over
+    lease_timeout: float = DEFAULT_STALE_AFTER
+    #: told of every branch's progress (None: events are not even built)
+    on_event: Callable[[Event], None] | None = None
+    #: the worst case an attempt of ``func(**kwargs)`` may cost on each meter of the run's
+    #: spending caps (see :class:`~.store.SpendingStore`), reserved before it starts; None
+    #: or empty: nothing to reserve
+    cost_of_attempt: Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None = None
 
 
 def _nobody_listens(event: Event) -> None:

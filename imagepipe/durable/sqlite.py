@@ -42,6 +42,7 @@ from imagepipe.durable.records import (
     PromiseRecord,
     RootRecord,
     Settled,
+    Spending,
     WriteBatch,
     decode_json,
     named_params,
@@ -345,6 +346,89 @@ class SQLiteStore(Store):
         row = db.execute("SELECT epoch FROM leases WHERE key = ?", (fence.key,)).fetchone()
         if row is None or row[0] != fence.epoch:
             raise LeaseLost(fence.key, fence.epoch)
+
+    # -- spending --------------------------------------------------------------------
+
+    @_guarded
+    async def set_spending_limit(self, run_id: str, meter: str, limit: int | None) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO spending (run_id, meter, cap) VALUES (?, ?, ?)"
+                " ON CONFLICT (run_id, meter) DO UPDATE SET cap = excluded.cap",
+                (run_id, meter, limit),
+            )
+
+    @_guarded
+    async def spending(self, run_id: str) -> dict[str, Spending]:
+        rows = self._db.execute(
+            "SELECT meter, cap, spent FROM spending WHERE run_id = ?", (run_id,)
+        ).fetchall()
+        return {meter: Spending(cap, spent) for meter, cap, spent in rows}
+
+    @_guarded
+    async def reserve_attempt(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        units: Mapping[str, int],
+    ) -> tuple[str, Spending] | None:
+        with self._transaction() as db:  # BEGIN IMMEDIATE: one reserver at a time
+            if fence is not None:
+                self._check_fence(db, fence)
+            row = db.execute(
+                "SELECT attempts FROM promises WHERE id = ? AND state = 'pending'", (promise_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreConflict(self.where, f"holds no pending promise {promise_id!r}")
+            if row[0] >= attempt:
+                return None  # started before, with its reservation
+            for meter, needed in sorted(units.items()):
+                found = db.execute(
+                    "SELECT cap, spent FROM spending WHERE run_id = ? AND meter = ?",
+                    (run_id, meter),
+                ).fetchone()
+                spending = Spending(*found) if found else Spending(None, 0)
+                if not spending.allows(needed):
+                    return meter, spending
+            for meter, needed in units.items():
+                db.execute(
+                    "INSERT INTO spending (run_id, meter, spent) VALUES (?, ?, ?)"
+                    " ON CONFLICT (run_id, meter) DO UPDATE SET spent = spent + excluded.spent",
+                    (run_id, meter, needed),
+                )
+                db.execute(
+                    "INSERT INTO reservations (promise_id, attempt, meter, reserved)"
+                    " VALUES (?, ?, ?, ?)",
+                    (promise_id, attempt, meter, needed),
+                )
+            db.execute("UPDATE promises SET attempts = ? WHERE id = ?", (attempt, promise_id))
+        return None
+
+    @_guarded
+    async def settle_cost(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        cost: Mapping[str, int],
+    ) -> None:
+        with self._transaction() as db:
+            if fence is not None:
+                self._check_fence(db, fence)
+            for meter, actual in cost.items():
+                row = db.execute(
+                    "UPDATE reservations SET cost = ? WHERE promise_id = ? AND attempt = ?"
+                    " AND meter = ? AND cost IS NULL RETURNING reserved",
+                    (actual, promise_id, attempt, meter),
+                ).fetchone()
+                if row is not None:
+                    db.execute(
+                        "UPDATE spending SET spent = spent + ? WHERE run_id = ? AND meter = ?",
+                        (actual - row[0], run_id, meter),
+                    )
 
     # -- reads ---------------------------------------------------------------------
 

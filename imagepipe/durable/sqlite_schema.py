@@ -1,12 +1,14 @@
 """The SQLite store's schema: numbered migrations, applied in order, each once.
 
-Schema (version 5)::
+Schema (version 6)::
 
     promises(id PK, parent_id, seq, func, args JSON, options JSON, state, value JSON,
              error JSON, attempts, failures, created_at, settled_at, child_counts JSON)
         -- indexed by (parent_id, seq); the pending ones also by parent and by age
     attempts(promise_id, attempt, started_at, finished_at, error JSON)   -- failed ones
     leases(key PK, owner, pid, host, heartbeat_at, epoch)                 -- who executes
+    spending(run_id, meter, cap, spent)                     -- a run's caps, what it spent
+    reservations(promise_id, attempt, meter, reserved, cost)   -- each paid attempt's part
 
 ``PRAGMA user_version`` is the schema version and ``PRAGMA application_id`` marks the file
 as imagepipe's. Migration N turns version N-1 into N; a released one is never edited (they
@@ -152,6 +154,20 @@ def _migration_5(db: sqlite3.Connection) -> None:
     )
 
 
+def _migration_6(db: sqlite3.Connection) -> None:
+    """A run's spending caps and what its attempts reserved or cost, per meter (the app's
+    units: micro-dollars, images): a row only for a meter a run caps or has reserved on."""
+    db.execute(
+        "CREATE TABLE spending (run_id TEXT NOT NULL, meter TEXT NOT NULL, cap INTEGER,"
+        " spent INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run_id, meter))"
+    )
+    db.execute(
+        "CREATE TABLE reservations (promise_id TEXT NOT NULL, attempt INTEGER NOT NULL,"
+        " meter TEXT NOT NULL, reserved INTEGER NOT NULL, cost INTEGER,"
+        " PRIMARY KEY (promise_id, attempt, meter))"
+    )
+
+
 #: Migration N turns schema version N-1 into N. Append only; never edit a released one.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
@@ -159,5 +175,6 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_3,
     _migration_4,
     _migration_5,
+    _migration_6,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

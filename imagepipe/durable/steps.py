@@ -180,7 +180,16 @@ class Handle(Generic[T]):
 class Step(Generic[D]):
     """What a step function receives."""
 
-    __slots__ = ("_next", "_stored", "_sub_steps", "attempt", "deps", "id", "on_recorded")
+    __slots__ = (
+        "_next",
+        "_stored",
+        "_sub_steps",
+        "attempt",
+        "cost",
+        "deps",
+        "id",
+        "on_recorded",
+    )
 
     def __init__(
         self, promise_id: str, attempt: int, deps: D, sub_steps: SubSteps, stored: bool
@@ -192,6 +201,9 @@ class Step(Generic[D]):
         self.deps = deps
         #: what :meth:`after_recorded` was given, in order (None: nothing)
         self.on_recorded: list[Callable[[], object]] | None = None
+        #: what this attempt actually cost on each meter of the run's spending caps, once
+        #: the step function knows (a meter left out: unknown, its worst case stays counted)
+        self.cost: dict[str, int] | None = None
         self._sub_steps = sub_steps
         self._stored = stored
         self._next = 0

@@ -26,10 +26,11 @@ from imagepipe.durable.records import (
     PromiseRecord,
     RootRecord,
     Settled,
+    Spending,
     WriteBatch,
 )
 
-__all__ = ["DETACHED", "Claim", "Store", "StoreOptions"]
+__all__ = ["DETACHED", "Claim", "SpendingStore", "Store", "StoreOptions"]
 
 #: The root option that puts a run's branches on the queue that workers claim from:
 #: ``options[DETACHED] is True`` on a pending root promise.
@@ -70,7 +71,50 @@ class StoreOptions:
     stalled_after: float | None = None
 
 
-class Store(ABC):
+class SpendingStore(ABC):
+    """A run's spending caps, held by the store so that they hold across processes and
+    machines. Spending is counted per meter, in the app's units (micro-dollars, images): an
+    attempt that may cost something reserves its worst case on each meter before it starts,
+    in the transaction that records its start, and every cap of the run is checked there.
+    Until the attempt's actual cost replaces it, the reservation counts as spent."""
+
+    @abstractmethod
+    async def set_spending_limit(self, run_id: str, meter: str, limit: int | None) -> None:
+        """Set (raise, lower, or lift with None) what run ``run_id`` may spend on ``meter``."""
+
+    @abstractmethod
+    async def spending(self, run_id: str) -> dict[str, Spending]:
+        """What the run may spend and has spent, by meter (only meters capped or used)."""
+
+    @abstractmethod
+    async def reserve_attempt(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        units: Mapping[str, int],
+    ) -> tuple[str, Spending] | None:
+        """Start attempt ``attempt`` of pending promise ``promise_id`` (a branch of run
+        ``run_id``) with ``units`` reserved on each meter, in one transaction fenced by
+        ``fence``. None when done (or done before: a call repeated after a lost connection
+        reserves nothing twice); else the first meter whose cap ``units`` do not fit, with
+        its spending, and nothing is written."""
+
+    @abstractmethod
+    async def settle_cost(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        promise_id: str,
+        attempt: int,
+        cost: Mapping[str, int],
+    ) -> None:
+        """What attempt ``attempt`` of ``promise_id`` actually cost on each meter replaces
+        its reservation there (once: a repeated call changes nothing)."""
+
+
+class Store(SpendingStore, ABC):
     """Durable promises and leases. ``where`` names the store in messages (no secrets)."""
 
     where: str

@@ -1,13 +1,11 @@
 """Workers: processes, on any host that reaches the store, that share the branches of
 detached runs.
 
-- :func:`plan_branches` — a workflow's fan-out without executing it: the calls its
-  ``begin_run`` would make, to record a detached run's branches as pending
 - :class:`BranchJob` — the app's part of running a run's branches; a claimed branch runs
   through the same machinery as a run (attempt counting, failure history, retry policy,
   sub-steps, group commit), every write fenced by the branch's own lease
-- :func:`settle_root_if_done` — settle a run's root once its last branch has settled,
-  whichever worker settled it (the first settle wins, so a double settle is harmless)
+- a run's root is settled by whichever worker settles its last branch
+  (:func:`.lifecycle.settle_root_if_done`: the first settle wins, so a double one is harmless)
 - :class:`Worker` — the loop: claim up to ``concurrency`` branches, run them, renew their
   leases, claim more; with ``once``, stop when no detached run is left pending
 
@@ -24,103 +22,39 @@ import contextlib
 import functools
 import os
 import socket
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from imagepipe.durable.context import RunContext
 from imagepipe.durable.errors import LeaseLost, StoreBusy, StoreError
 from imagepipe.durable.lease import LeaseKeeper, holder_gone, reraise_if_cancelled
+from imagepipe.durable.lifecycle import BranchOutcome, Summarize, settle_root_if_done
 from imagepipe.durable.records import (
-    ErrorInfo,
     Fence,
     Lease,
-    NewPromise,
     PromiseRecord,
-    Settlement,
-    WriteBatch,
-    canonical_json,
-    encode_args,
 )
 from imagepipe.durable.retry import RetryPolicy
+from imagepipe.durable.run_state import Execution
 from imagepipe.durable.steps import Step
 from imagepipe.durable.store import DETACHED, Claim, Store
+from imagepipe.durable.tasks import owned_tasks
 from imagepipe.durable.worker_commit import SharedCommit
 
 __all__ = [
     "WORKER_PREFIX",
     "BranchJob",
-    "Planned",
     "Worker",
     "WorkerStats",
-    "plan_branches",
-    "planned_creates",
-    "settle_root_if_done",
 ]
 
 D = TypeVar("D")
+T = TypeVar("T")
 
 #: a worker's own lease (its presence for ``imagepipe workers``) is ``worker:<owner>``
 WORKER_PREFIX = "worker:"
-
-#: what a run's root settles with: a value, or an error if a branch was rejected
-Summarize = Callable[[list[PromiseRecord]], tuple[Any, ErrorInfo | None]]
-
-
-# -- planning a detached run ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Planned:
-    """One ``begin_run`` call of a workflow's fan-out."""
-
-    fn: Callable[..., Awaitable[Any]]
-    kwargs: dict[str, Any]
-
-
-class _FanOutDone(Exception):
-    """Raised when the planned workflow first awaits a result: its fan-out is complete."""
-
-
-class _Unexecuted:
-    """A planned branch's handle: awaiting it ends the planning."""
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        raise _FanOutDone
-        yield  # a generator, as __await__ must return
-
-
-class _Planner:
-    """Stands in for a :class:`RunContext`: records calls, executes nothing."""
-
-    def __init__(self) -> None:
-        self.planned: list[Planned] = []
-
-    def begin_run(self, fn: Callable[..., Awaitable[Any]], /, **kwargs: Any) -> _Unexecuted:
-        self.planned.append(Planned(fn, kwargs))
-        return _Unexecuted()
-
-
-async def plan_branches(workflow: Callable[..., Awaitable[Any]], **kwargs: Any) -> list[Planned]:
-    """The branches ``workflow(ctx, **kwargs)`` launches before it first waits for one:
-    the same calls, in the same order, as a run would make (so the same ids)."""
-    planner = _Planner()
-    with contextlib.suppress(_FanOutDone):
-        await workflow(planner, **kwargs)
-    return planner.planned
-
-
-def planned_creates(run_id: str, planned: list[Planned], created_at: float) -> list[NewPromise]:
-    """The pending child promises ``<run>.0``, ``<run>.1``, ... of a planned fan-out."""
-    return [
-        NewPromise(
-            f"{run_id}.{seq}", run_id, seq, call.fn.__name__, encode_args(call.kwargs), created_at
-        )
-        for seq, call in enumerate(planned)
-    ]
-
 
 # -- running one claimed branch ------------------------------------------------------
 
@@ -137,7 +71,7 @@ class BranchJob(Generic[D]):
     attempt_timeout: float | None = None
     #: called with the run's branches once this worker has settled the run's root (every
     #: branch settled: no process can still be executing one), e.g. to tidy its files
-    on_run_settled: Callable[[list[PromiseRecord]], object] | None = None
+    on_run_settled: Callable[[Sequence[BranchOutcome]], object] | None = None
 
 
 class _ClaimedLease(LeaseKeeper):
@@ -179,6 +113,7 @@ async def _settle(
         await ctx.cancel_all()
         raise
     finally:
+        await ctx.close()
         if handle.settled:
             keeper.lease = None  # the claim ended with the settlement, in its transaction
         await keeper.release()
@@ -187,39 +122,6 @@ async def _settle(
 
 def claim_epoch(keeper: LeaseKeeper) -> int:
     return 0 if keeper.lease is None else keeper.lease.epoch
-
-
-async def settle_root_if_done(
-    store: Store,
-    run_id: str,
-    summarize: Summarize,
-    on_settled: Callable[[list[PromiseRecord]], object] | None = None,
-) -> bool:
-    """Settle the run's root if every branch has settled; True if this call settled it.
-
-    Called by whoever settles a branch, after that settlement is durable: of two workers
-    settling the last two branches at once, the later check sees both. Two settling the
-    root at once is harmless: the first settle wins."""
-    if await store.any_pending(run_id):
-        return False
-    root = await store.get(run_id)
-    if root is None or root.settled:
-        return False
-    children = await store.children(run_id)
-    value, error = summarize(children)
-    settlement = Settlement(
-        run_id,
-        "rejected" if error is not None else "resolved",
-        None if value is None else canonical_json(value),
-        None if error is None else error.to_json(),
-        time.time(),
-    )
-    lost = await store.apply(WriteBatch(settlements=[settlement]))
-    if run_id in lost:
-        return False
-    if on_settled is not None:
-        on_settled(children)
-    return True
 
 
 # -- the worker loop -------------------------------------------------------------------
@@ -278,6 +180,8 @@ class Worker:
         self.stats = WorkerStats()
         self._keepers: dict[str, _ClaimedLease] = {}
         self._running: set[asyncio.Task[None]] = set()
+        #: what owns every task of this worker while it runs (see :meth:`run`)
+        self._tasks: asyncio.TaskGroup | None = None
         #: branches whose call has returned, only their settlement left to write: they
         #: hold no slot (a slot is a provider call, as in a plain run)
         self._settling: set[str] = set()
@@ -294,21 +198,29 @@ class Worker:
         ]
 
     async def run(self) -> WorkerStats:
-        """Work until the queue is drained (``once``) or the task is cancelled."""
+        """Work until the queue is drained (``once``) or the task is cancelled. The branches,
+        the root checks and the renewal are tasks of this call: none outlives it, and a
+        store failure in any of them stops the worker."""
         self.me = await self.store.acquire_lease(
             self.me, stale_after=self.stale_after, holder_gone=holder_gone
         )
-        renewer = asyncio.create_task(self._renew(), name="worker:renew")
         try:
-            await self._loop()
+            async with owned_tasks() as tasks:
+                self._tasks = tasks
+                renewer = tasks.create_task(self._renew(), name="worker:renew")
+                try:
+                    await self._loop()
+                finally:
+                    renewer.cancel()
         finally:
-            renewer.cancel()
-            for task in self._running | self._background:
-                task.cancel()
-            await asyncio.gather(renewer, *self._running, *self._background, return_exceptions=True)
+            self._tasks = None
             with contextlib.suppress(StoreError, LeaseLost):
                 await self.store.release_lease(self.me)
         return self.stats
+
+    def _task(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        assert self._tasks is not None, "tasks are started while the worker runs"
+        return self._tasks.create_task(coro, name=name)
 
     async def _loop(self) -> None:
         while True:
@@ -346,16 +258,13 @@ class Worker:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 freed.cancel()
-            for task in [t for t in self._running if t.done()]:
-                self._running.discard(task)
-                task.result()  # a store failure stops the worker
-            for task in [t for t in self._background if t.done()]:
-                self._background.discard(task)
-                task.result()
+            # (a task that failed has cancelled this loop already: see run)
+            self._running = {t for t in self._running if not t.done()}
+            self._background = {t for t in self._background if not t.done()}
 
     def _start(self, claim: Claim) -> None:
         self.stats.claimed += 1
-        self._running.add(asyncio.create_task(self._branch(claim), name=claim.fence.key))
+        self._running.add(self._task(self._branch(claim), name=claim.fence.key))
 
     async def _branch(self, claim: Claim) -> None:
         run_id = claim.record.parent_id
@@ -373,7 +282,7 @@ class Worker:
         """The app's part for the run, made once and shared by its branches."""
         making = self._jobs.get(run_id)
         if making is None or (making.done() and (making.cancelled() or making.exception())):
-            making = self._jobs[run_id] = asyncio.create_task(self._make_job(run_id))
+            making = self._jobs[run_id] = self._task(self._make_job(run_id), name=f"job:{run_id}")
         return await asyncio.shield(making)  # shared by the run's branches: not cancelled
 
     async def _make_job(self, run_id: str) -> BranchJob[Any]:
@@ -388,7 +297,7 @@ class Worker:
         yet is joined (it starts after their settlements are durable, so it sees them); one
         already running may not see them, so a new one is started beside it."""
         if run_id not in self._root_checks:
-            check = asyncio.create_task(self._root_check(run_id, job), name=f"root:{run_id}")
+            check = self._task(self._root_check(run_id, job), name=f"root:{run_id}")
             self._root_checks[run_id] = check
             self._background.add(check)
 
@@ -405,14 +314,9 @@ class Worker:
         assert run_id is not None, "a claim is a branch of a run"
         keeper = self._keepers[key] = _ClaimedLease(self.store, claim, self.me, self.stale_after)
         try:
+            how = Execution(retry=job.retry, attempt_timeout=job.attempt_timeout)
             ctx: RunContext[Any] = RunContext(
-                self.store,
-                run_id,
-                job.deps,
-                retry=job.retry,
-                lease=keeper,
-                attempt_timeout=job.attempt_timeout,
-                writes=self._writes,
+                self.store, run_id, job.deps, how, lease=keeper, writes=self._writes
             )
             return await _settle(ctx, keeper, claim.record, self._counted(job.fn))
         finally:

@@ -31,10 +31,19 @@ from imagepipe.providers.base import (
     SubSteps,
 )
 from imagepipe.providers.client import HTTPProvider
-from imagepipe.providers.http import json_type, sniff_mime
+from imagepipe.providers.http import BodyLimit, json_type, sniff_mime
 from imagepipe.providers.options import ProviderOptions, option
 
-__all__ = ["DEFAULT_BASE_URL", "OpenAIOptions", "OpenAIProvider", "check_credentials"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "OpenAIOptions",
+    "OpenAIProvider",
+    "b64_image",
+    "check_credentials",
+    "image_item",
+    "image_request_body",
+    "provider_image",
+]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 URL_PATTERN = r"https?://\S+"
@@ -88,14 +97,7 @@ class OpenAIProvider(HTTPProvider):
     options: OpenAIOptions
 
     def _body(self, request: ProviderRequest) -> dict[str, Any]:
-        opts = request.options if isinstance(request.options, OpenAIOptions) else self.options
-        body: dict[str, Any] = {"model": opts.model, "prompt": request.prompt, "n": 1}
-        body["size"] = opts.size
-        if opts.quality is not None:
-            body["quality"] = opts.quality
-        if opts.response_format is not None:
-            body["response_format"] = opts.response_format
-        return body
+        return image_request_body(request, self.options)
 
     async def generate(self, request: ProviderRequest, steps: SubSteps) -> ProviderImage:
         """Make one image: one paced POST (an error is raised classified), then decode it."""
@@ -104,19 +106,11 @@ class OpenAIProvider(HTTPProvider):
         reply = await self.request(
             "POST", f"{self.base_url}/images/generations", json=self._body(request), headers=headers
         )
-        answer, item = _image_item(reply.json())
+        answer, item = image_item(reply.json())
         source_url = None
-        b64 = item.get("b64_json")
         url = item.get("url")
-        if b64:
-            if not isinstance(b64, str):
-                raise _shape("data[0].b64_json", "a string", b64)
-            try:
-                data = base64.b64decode(b64, validate=True)
-            except (binascii.Error, ValueError):
-                raise ProviderError("the provider's b64_json is not valid base64") from None
-            if len(data) > self.image_limit.bytes:
-                raise self.image_limit.error()
+        if item.get("b64_json"):
+            data = b64_image(item, self.image_limit)
         elif url:
             if not isinstance(url, str):
                 raise _shape("data[0].url", "a string", url)
@@ -124,18 +118,67 @@ class OpenAIProvider(HTTPProvider):
             data = await self.download(source_url)
         else:
             raise ProviderProtocolError("the provider's answer has neither b64_json nor url")
-        usage = answer.get("usage")
-        model = answer.get("model")
-        revised = item.get("revised_prompt")
-        return ProviderImage(
-            data=data,
-            mime=sniff_mime(data),
-            model=model if isinstance(model, str) and model else self._body(request)["model"],
+        return provider_image(
+            answer,
+            item,
+            data,
+            model=self._body(request)["model"],
             request_id=reply.headers.get("x-request-id"),
-            revised_prompt=revised if isinstance(revised, str) else None,
-            usage=usage if isinstance(usage, dict) else None,
             source_url=source_url,
         )
+
+
+def image_request_body(request: ProviderRequest, default: OpenAIOptions) -> dict[str, Any]:
+    """The JSON body of ``POST /images/generations`` for one branch (``n: 1``), with the
+    request's own options, or ``default`` when it carries another provider's. The batch
+    client (:mod:`imagepipe.providers.openai_batch`) sends the same body in each line."""
+    opts = request.options if isinstance(request.options, OpenAIOptions) else default
+    body: dict[str, Any] = {"model": opts.model, "prompt": request.prompt, "n": 1}
+    body["size"] = opts.size
+    if opts.quality is not None:
+        body["quality"] = opts.quality
+    if opts.response_format is not None:
+        body["response_format"] = opts.response_format
+    return body
+
+
+def b64_image(item: dict[str, Any], limit: BodyLimit) -> bytes:
+    """The image in an answer's ``data[0].b64_json``, decoded, within ``limit``."""
+    b64 = item.get("b64_json")
+    if not isinstance(b64, str):
+        raise _shape("data[0].b64_json", "a string", b64)
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProviderError("the provider's b64_json is not valid base64") from None
+    if len(data) > limit.bytes:
+        raise limit.error()
+    return data
+
+
+def provider_image(
+    answer: dict[str, Any],
+    item: dict[str, Any],
+    data: bytes,
+    *,
+    model: str,
+    request_id: str | None,
+    source_url: str | None = None,
+) -> ProviderImage:
+    """The :class:`ProviderImage` of an answer and its decoded image; ``model`` is the one
+    asked for, used when the answer does not name one."""
+    usage = answer.get("usage")
+    named = answer.get("model")
+    revised = item.get("revised_prompt")
+    return ProviderImage(
+        data=data,
+        mime=sniff_mime(data),
+        model=named if isinstance(named, str) and named else model,
+        request_id=request_id,
+        revised_prompt=revised if isinstance(revised, str) else None,
+        usage=usage if isinstance(usage, dict) else None,
+        source_url=source_url,
+    )
 
 
 def _shape(field: str, expected: str, value: Any) -> ProviderProtocolError:
@@ -144,7 +187,7 @@ def _shape(field: str, expected: str, value: Any) -> ProviderProtocolError:
     )
 
 
-def _image_item(answer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def image_item(answer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The answer and its ``data[0]``, or a :class:`ProviderProtocolError` naming what is
     not of the documented shape."""
     if not isinstance(answer, dict):

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -243,6 +243,7 @@ class Request:
     path: str
     headers: dict[str, str]  # lower-case names
     body: Any  # parsed JSON or None
+    raw: bytes = b""  # the body as sent (a multipart upload is not JSON)
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,9 @@ class Answer:
     body: bytes
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    #: when set, the body is these pieces instead of ``body``, made while they are sent
+    #: (never held in memory as a whole) and sent chunked
+    pieces: Iterable[bytes] | None = None
 
     @classmethod
     def json(cls, status: int, data: Any, **headers: str) -> Answer:
@@ -400,6 +404,9 @@ class FakeServer:
                 fake._serve(self)
 
             def do_POST(self) -> None:
+                fake._serve(self)
+
+            def do_DELETE(self) -> None:
                 fake._serve(self)
 
         self._httpd = _Server(("127.0.0.1", port), Handler)
@@ -558,6 +565,7 @@ class FakeServer:
             handler.path,
             {k.lower(): v for k, v in handler.headers.items()},
             body,
+            raw,
         )
         arrived = time.monotonic()
         key = request.headers.get("idempotency-key")
@@ -586,6 +594,9 @@ class FakeServer:
         with self.lock:
             self.log.append(Arrival(arrived, endpoint, answer.status, key))
         self.notify()
+        if answer.pieces is not None:
+            self._send_pieces(handler, endpoint, answer)
+            return
         handler.send_response(answer.status)
         handler.send_header("Content-Type", answer.content_type)
         handler.send_header("Content-Length", str(len(answer.body)))
@@ -649,6 +660,35 @@ class FakeServer:
         with self.lock:
             self.sent[endpoint] += 1
 
+    def _send_pieces(self, handler: BaseHTTPRequestHandler, endpoint: str, answer: Answer) -> None:
+        """Send an answer made of :attr:`Answer.pieces`, chunked, counting the bytes written
+        in :attr:`streamed`; stop when the client leaves."""
+        assert answer.pieces is not None
+        handler.close_connection = True
+        handler.send_response(answer.status)
+        handler.send_header("Content-Type", answer.content_type)
+        handler.send_header("Transfer-Encoding", "chunked")
+        for name, value in answer.headers.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        try:
+            for piece in answer.pieces:
+                if not piece:
+                    continue
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                with self.lock:
+                    self.streamed[endpoint] += len(piece)
+                self.notify()  # a test may wait for a download to get so far
+            handler.wfile.write(b"0\r\n\r\n")
+            handler.wfile.flush()
+        except OSError:  # the client stopped reading and closed the connection
+            return
+        finally:
+            self.notify()
+        with self.lock:
+            self.sent[endpoint] += 1
+        self.notify()
+
     def _drip(self, every: float) -> Any:
         while not self._stopping.wait(every * self.time_scale):
             yield b" "
@@ -661,6 +701,9 @@ def _filler(size: int, piece: int = 1 << 16) -> Any:
 
 
 class _Server(ThreadingHTTPServer):
+    #: the listen backlog: socketserver's 5 overflowed when 16 clients connected at once
+    #: (connections reset: a client's ReadError)
+    request_queue_size = 128
     #: told +1 as a connection is accepted (before its thread starts), -1 once it is closed
     on_connection: Callable[[int], None] = staticmethod(lambda change: None)
 

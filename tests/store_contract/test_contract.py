@@ -9,18 +9,17 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from imagepipe.durable import (
-    ErrorInfo,
+from imagepipe.durable import ErrorInfo, LeaseHeld, LeaseLost, Store, StoreConflict
+from imagepipe.durable.records import (
+    AttemptFailure,
+    AttemptStart,
+    Fence,
     Lease,
-    LeaseHeld,
-    LeaseLost,
     NewPromise,
-    Store,
-    StoreConflict,
+    Settlement,
     WriteBatch,
     encode_args,
 )
-from imagepipe.durable.records import AttemptFailure, AttemptStart, Fence, Settlement
 
 Reopen = Callable[[], Awaitable[Store]]
 

@@ -18,23 +18,17 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from imagepipe.durable import (
-    ErrorInfo,
-    Lease,
-    LeaseLost,
-    NewPromise,
-    Store,
-    StoreConflict,
-    WriteBatch,
-    encode_args,
-    open_store,
-)
+from imagepipe.durable import ErrorInfo, LeaseLost, Store, StoreConflict, open_store
 from imagepipe.durable.records import (
     AttemptFailure,
     AttemptStart,
     Fence,
+    Lease,
+    NewPromise,
     Settlement,
+    WriteBatch,
     canonical_json,
+    encode_args,
 )
 from store_contract.conftest import Backend
 
