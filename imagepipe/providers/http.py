@@ -640,7 +640,8 @@ async def send(
 ) -> Reply:
     """One request through ``pacer``; a failure raises the classified :class:`ProviderError`.
 
-    - ``paced=False`` waits out back-off pauses but does not count against ``rpm`` (polls).
+    - ``paced=False`` waits out back-off pauses but does not count against ``rpm`` (polls),
+      and its answer neither sets the pace nor counts as one the rate limit let through.
     - The answer's body is read within ``limit`` (decompressed bytes; an error answer's
       within :data:`ERROR_BODY_LIMIT`, truncated); the whole request, from sending to the
       last byte of the answer, within ``deadline`` seconds (a retryable timeout), not only
@@ -655,15 +656,17 @@ async def send(
     try:
         async with asyncio.timeout(deadline):
             async with client.stream(method, url, **kwargs) as response:
-                pacer.observe_limit(response.headers)
+                if paced:  # the paced requests' answers tell of their limit (not polls)
+                    pacer.observe_limit(response.headers)
                 if not 200 <= response.status_code < 300:
                     body = await read_body(response, ERROR_BODY_LIMIT, truncate=True)
                     error = classify(response.status_code, response.headers, body, secret=secret)
-                    if not isinstance(error, RateLimited):
+                    if paced and not isinstance(error, RateLimited):
                         pacer.let_through()
                     pacer.observe(error)
                     raise pacer.gave_up() or error
-                pacer.let_through()
+                if paced:
+                    pacer.let_through()
                 body = await read_body(response, limit.bytes)
         quota_left = pacer.observe_quota(response.headers)
         return Reply(response.status_code, response.headers, body, secret)
