@@ -34,6 +34,7 @@ from imagepipe.text import quoted
 
 __all__ = [
     "busy_timeout",
+    "check_provider_settings",
     "coordinated_backoff",
     "db_reconnect",
     "default_db_path",
@@ -84,6 +85,13 @@ def rate_limit_patience() -> float | None:
     if not os.environ.get("IMAGEPIPE_RATE_LIMIT_PATIENCE", "").strip():
         return None
     return _number("IMAGEPIPE_RATE_LIMIT_PATIENCE", 0.0, maximum=86_400)
+
+
+def check_provider_settings() -> None:
+    """Read the settings a provider is built with, for their one-line error (exit 2)
+    before a run is written, not once it is stored."""
+    coordinated_backoff()
+    rate_limit_patience()
 
 
 def simulated_max_pages() -> int | None:

@@ -4,7 +4,8 @@ second, 429 beyond that, with OpenAI's headers), everything counted at the fake.
 
 - ``--rpm`` sends no burst: not at the start, not after a pause for a 429.
 - A rate-limit wait is not a failed attempt: it never uses up ``--max-attempts``.
-- The run's patience (``IMAGEPIPE_RATE_LIMIT_PATIENCE``) bounds those waits instead.
+- The run's patience (``IMAGEPIPE_RATE_LIMIT_PATIENCE``) bounds those waits instead; a bad
+  value of it is refused before anything is written.
 
 The pacer's exact spacing is tested on a virtual clock in test_providers_http.py.
 """
@@ -15,6 +16,8 @@ import json
 import subprocess
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.fakes.common import Fault
 from tests.fakes.openai_server import OpenAIFake
@@ -117,3 +120,30 @@ def test_patience_ends_the_waits_of_a_rate_limit_that_lets_nothing_through(
     assert {b["error"].partition(":")[0] for b in branches} == {"RateLimitPatienceExceeded"}
     assert {b["attempts"] for b in branches} == {1}  # the 429s before were waits
     assert 1 <= len(statuses(openai_fake)) <= 4 * (5 + 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("IMAGEPIPE_RATE_LIMIT_PATIENCE", "soon"),
+        ("IMAGEPIPE_RATE_LIMIT_PATIENCE", "-1"),
+        ("IMAGEPIPE_RATE_LIMIT_PATIENCE", "nan"),
+        ("IMAGEPIPE_COORDINATED_BACKOFF", "maybe"),
+    ],
+)
+def test_a_bad_rate_limit_setting_is_refused_before_anything_is_written(
+    openai_fake: OpenAIFake, tmp_path: Path, name: str, value: str
+) -> None:
+    proc = subprocess.run(
+        cli_argv("run", "cats", "-p", "openai", "--out", str(tmp_path / "out")),
+        env=cli_env(tmp_path / "db.sqlite", **{name: value}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert name in proc.stderr
+    assert not (tmp_path / "db.sqlite").exists()
+    assert not (tmp_path / "out").exists()
+    assert openai_fake.requests["create"] == 0

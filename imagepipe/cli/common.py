@@ -320,8 +320,9 @@ def make_invocation(
 ) -> "Invocation":
     from imagepipe.providers import Faults
     from imagepipe.runs import Invocation
-    from imagepipe.settings import time_scale
+    from imagepipe.settings import check_provider_settings, time_scale
 
+    check_provider_settings()
     return Invocation(  # validated by the service before it opens the store
         max_attempts=max_attempts,
         concurrency=concurrency,
