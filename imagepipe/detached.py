@@ -31,6 +31,7 @@ from imagepipe.durable import (
     bind_args,
     record_run,
 )
+from imagepipe.durable.errors import DrainRun
 from imagepipe.durable.events import (
     AttemptStarted,
     Event,
@@ -43,7 +44,13 @@ from imagepipe.durable.lifecycle import reopen_run
 from imagepipe.durable.retry import RetryPolicy
 from imagepipe.durable.tasks import owned_tasks
 from imagepipe.durable.worker import WORKER_PREFIX, BranchJob, Worker, WorkerStats
-from imagepipe.errors import ImagepipeError, Interrupted, StoreUnreachable, UnknownRun
+from imagepipe.errors import (
+    AccountStopped,
+    ImagepipeError,
+    Interrupted,
+    StoreUnreachable,
+    UnknownRun,
+)
 from imagepipe.execution import (
     WORKFLOW,
     RunSetup,
@@ -201,7 +208,12 @@ def _idle_poll() -> float:
 def run_worker(
     url: str, invocation: Invocation, *, once: bool, on_lost: Callable[[str], None]
 ) -> WorkerStats:
-    """Claim and run branches of detached runs; with ``once``, until none is pending."""
+    """Claim and run branches of detached runs; with ``once``, until none is pending.
+
+    A provider's error of the account or the set-up (a refused key...) stops the worker
+    once its requests in flight have ended (:class:`~imagepipe.errors.AccountStopped`,
+    naming the run): every branch it would claim would meet it, while other workers,
+    set up otherwise, may go on with them."""
     invocation.validate()
 
     async def work() -> WorkerStats:
@@ -218,6 +230,9 @@ def run_worker(
             )
             try:
                 return await worker.run()
+            except DrainRun as exc:
+                fix = getattr(exc.__cause__, "fix", None)
+                raise AccountStopped(str(exc), fix, worker.drained, worker=True) from exc
             finally:
                 for job in worker.jobs():
                     if job.deps is not None:  # a refusing job has no provider

@@ -15,6 +15,9 @@ Exit codes (also in docs/reference/exit-codes.md):
       full, corrupt, newer)
 75    the run or the store is busy in another process, or the store's server stayed
       unreachable; try again later
+78    the provider met an error of the account or the set-up (a refused key, no credit
+      left, an unknown model, a base URL that cannot be used): the run stopped after the
+      requests in flight, its unfinished branches pending; fix it, then resume
 130   interrupted by Ctrl-C (143 for SIGTERM); the run is resumable
 ====  ==========================================================================
 """
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     from imagepipe.durable.errors import DurableError
 
 __all__ = [
+    "AccountStopped",
     "BadInput",
     "CredentialsRejected",
     "ImagepipeError",
@@ -170,6 +174,32 @@ class CredentialsRejected(RunFailed):
     exit_code = 2
 
 
+class AccountStopped(ImagepipeError):
+    """The provider met an error of the account or the set-up (a refused key, no credit
+    left, an unknown model, a base URL that cannot be used): no new request was sent, the
+    requests in flight finished and were recorded, and the rest of the run is pending.
+    Fix what is named, then resume (not ``retry``: nothing was rejected)."""
+
+    exit_code = 78
+
+    def __init__(
+        self, reason: str, fix: str | None, run_id: str | None, *, worker: bool = False
+    ) -> None:
+        what = escape_control(reason) + ("" if fix is None else f" ({escape_control(fix)})")
+        resume = f"`imagepipe resume {escape_control(run_id)}`" if run_id else "resume the run"
+        if worker:
+            super().__init__(
+                f"worker stopped, the run's unfinished branches pending: {what}; "
+                f"fix it, then {resume} or start the workers again"
+            )
+        else:
+            stopped = f"run {quoted(run_id)}" if run_id else "the run"
+            super().__init__(
+                f"{stopped} stopped, its unfinished branches pending: {what}; fix it, then {resume}"
+            )
+        self.run_id = run_id
+
+
 class Interrupted(ImagepipeError):
     """The run was stopped by a signal; it is pending and resumable."""
 
@@ -214,6 +244,8 @@ def from_core(exc: DurableError, run_id: str | None = None) -> ImagepipeError:
         return RunBusy(run_id or "?", "another process writing the same run")
     if isinstance(exc, core.StoreError):
         return StoreFailed(str(exc))
+    if isinstance(exc, core.DrainRun):
+        return AccountStopped(str(exc), getattr(exc.__cause__, "fix", None), run_id)
     if isinstance(exc, core.StopRun):
         return StoreFailed(
             f"{escape_control(str(exc))}; the run stopped and its unfinished branches stay "

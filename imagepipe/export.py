@@ -56,6 +56,8 @@ METADATA_COLUMNS = (
     "sha256",
     "attempts",
     "request_id",
+    "cost_micro_usd",
+    "cost_currency",
 )
 #: The directory under ``out_dir`` that holds the images and the metadata.
 SPLIT_DIR = "train"
@@ -82,6 +84,9 @@ class ExportItem:
     sha256: str
     attempts: int
     request_id: str | None
+    #: what the image cost, in micro-dollars (None: unknown)
+    cost_micro_usd: int | None = None
+    cost_currency: str = "USD"
 
 
 @dataclass(frozen=True)

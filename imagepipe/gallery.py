@@ -57,6 +57,8 @@ class GalleryCell:
     attempts: int = 0
     duration_ms: int | None = None
     error: str | None = None
+    #: what the image cost, as a line shows it (``cost $0.0109``, ``cost unknown``)
+    cost: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,8 @@ class GalleryRun:
     run_id: str
     created_at: float
     cells: tuple[GalleryCell, ...]
+    #: the run's cost line (``Cost: $0.0327 for 3 images (estimated ...)``)
+    cost: str | None = None
 
 
 def write_gallery(run: GalleryRun, out_dir: Path) -> Path:
@@ -141,6 +145,7 @@ def _head(run: GalleryRun, prompts: int, styles: int, counts: dict[str, int]) ->
     parts.extend(f"{counts[s]} {s}" for s in ("rejected", "pending") if counts[s])
     summary = " · ".join(parts)
     run_id = _text(run.run_id)
+    cost = "" if run.cost is None else f'<p class="cost">{_text(run.cost)}</p>'
     return (
         '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
@@ -149,7 +154,7 @@ def _head(run: GalleryRun, prompts: int, styles: int, counts: dict[str, int]) ->
         '<meta name="referrer" content="no-referrer">\n'
         f"<title>imagepipe · {run_id}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         f'<header><h1>Run <span class="run-id">{run_id}</span></h1>'
-        f'<p class="summary">{summary} · created {created}</p></header>\n'
+        f'<p class="summary">{summary} · created {created}</p>{cost}</header>\n'
     )
 
 
@@ -166,6 +171,8 @@ def _figure(cell: GalleryCell, base: tuple[Path, ...], lazy: bool) -> str:
     meta = [f"v{cell.variation}", _plural(cell.attempts, "attempt")]
     if cell.duration_ms is not None:
         meta.append(_duration(cell.duration_ms))
+    if cell.cost is not None:
+        meta.append(_text(cell.cost))
     caption = f"<figcaption>{' · '.join(meta)}</figcaption>"
     if cell.state == "resolved" and cell.image is not None and cell.image.is_file():
         src = html.escape(_src(cell.image, base))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
+from imagepipe.cost import UNKNOWN, image_cost
 from imagepipe.durable import (
     BranchOutcome,
     ErrorInfo,
@@ -31,8 +32,11 @@ from imagepipe.durable import (
     Workflow,
     bind_args,
 )
-from imagepipe.providers import ImageProvider, ProviderImage, ProviderRequest
-from imagepipe.providers.options import ProviderOptions
+from imagepipe.durable.errors import DrainRun
+from imagepipe.errors import BadInput
+from imagepipe.prices import FREE_PROVIDERS, current_prices
+from imagepipe.providers import AccountError, ImageProvider, ProviderImage, ProviderRequest
+from imagepipe.providers.options import ProviderOptions, identity
 from imagepipe.styles import render
 
 __all__ = [
@@ -81,6 +85,8 @@ class ImageValue(TypedDict, total=False):
     seed: int | None
     revised_prompt: str | None
     usage: dict[str, Any] | None
+    #: what the attempt cost (:meth:`imagepipe.cost.Cost.to_json`); none when it was free
+    cost: dict[str, Any]
 
 
 class PipelineResult(TypedDict):
@@ -98,7 +104,12 @@ async def generate_image(
     prompt_index: int | None = None,
 ) -> ImageValue:
     """One branch: one image from the provider, keyed by the branch's durable id, written
-    to disk before the branch resolves. ``prompt_index``: the row of a prompt file."""
+    to disk before the branch resolves. ``prompt_index``: the row of a prompt file.
+
+    An error of the account or the set-up (a refused key, no credit, an unknown model, a
+    base URL that cannot be used) is not this image's: every branch would meet it, so the
+    run drains and stops (:class:`~imagepipe.durable.errors.DrainRun`), this branch and
+    the ones not started left pending, for a ``resume`` once it is fixed."""
     deps = step.deps
     template = deps.templates.get(style, "{prompt}")
     request = ProviderRequest(
@@ -112,7 +123,10 @@ async def generate_image(
         crash=crash,
     )
     started = time.perf_counter()
-    image = await deps.provider.generate(request, step)
+    try:
+        image = await deps.provider.generate(request, step)
+    except AccountError as exc:
+        raise DrainRun(exc.message) from exc
     elapsed_ms = round((time.perf_counter() - started) * 1000)
     value: ImageValue = {
         "style": style,
@@ -132,7 +146,20 @@ async def generate_image(
     for key in ("seed", "revised_prompt", "usage"):
         if getattr(image, key) is not None:
             value[key] = getattr(image, key)
+    if deps.provider.name not in FREE_PROVIDERS:  # a free image's value holds no cost
+        value["cost"] = _cost(deps, image)
     return value
+
+
+def _cost(deps: Deps, image: ProviderImage) -> dict[str, Any]:
+    """What the image cost, as its value stores it (see :mod:`imagepipe.cost`). A prices
+    file broken since the run was checked leaves the cost unknown, not the image lost."""
+    try:
+        prices = current_prices()
+    except BadInput:
+        return UNKNOWN.to_json()
+    options = identity(deps.options)
+    return image_cost(deps.provider.name, options, image.model, image.usage, prices).to_json()
 
 
 async def _stage(

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from imagepipe.pipeline import image_location
+from imagepipe.run_costs import branch_cost, cost_line, spent_cell
 from imagepipe.runs import Branch, RunOutcome, RunSummary, duration_ms
 from imagepipe.text import escape_control
 from imagepipe.ui import Board, Row, board_renderable
@@ -123,6 +124,8 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
         )
     ):
         console.print(speedup, markup=False)
+    if cost := cost_line(outcome, attempts=False):
+        console.print(cost, markup=False, highlight=False)
     if outcome.state == "failed":
         failed = outcome.failures
         console.print(
@@ -176,11 +179,14 @@ def print_show(console: Console, outcome: RunOutcome) -> None:
             value = b.value
             details = [f"{value.get('width')}x{value.get('height')}", f"{value.get('bytes'):,} B"]
             details += [f"request {value['request_id']}"] if value.get("request_id") else []
+            details += [f"cost {cost}"] if (cost := branch_cost(b)) else []
             line = f"  {b.label}  {value['path']}  ({', '.join(details)})"
             console.print(escape_control(line), markup=False, highlight=False, soft_wrap=True)
             if value.get("revised_prompt"):
                 revised = f"    revised prompt: {value['revised_prompt']}"
                 console.print(escape_control(revised), markup=False, highlight=False)
+    if cost := cost_line(outcome, attempts=True):
+        console.print(cost, markup=False, highlight=False)
     if outcome.history:
         console.print(Text("Failed attempts:", style="bold"))
         for attempt in outcome.history:
@@ -201,7 +207,7 @@ def print_run_list(console: Console, runs: list[RunSummary]) -> None:
         console.print('No runs yet. Start one with: imagepipe run "a prompt"', markup=False)
         return
     table = Table(box=None, header_style="bold")
-    for name in ("id", "state", "branches", "created", "prompt"):
+    for name in ("id", "state", "branches", "cost", "created", "prompt"):
         table.add_column(name, no_wrap=name != "prompt", overflow="ellipsis")
     for run in runs:
         total = sum(run.counts.values())
@@ -215,6 +221,7 @@ def print_run_list(console: Console, runs: list[RunSummary]) -> None:
             Text(escape_control(run.id)),  # Text: no rich markup in stored strings
             Text(run.state, RUN_STATE_STYLE.get(run.state, "")),
             branches,
+            spent_cell(run.spent),
             created,
             Text(prompt),
         )

@@ -13,8 +13,9 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
+from imagepipe.cost import cost_json_of
 from imagepipe.durable import ErrorInfo, Handle, PromiseRecord, bind_args
 from imagepipe.durable.events import Event
 from imagepipe.durable.records import AttemptRecord, ChildColumns
@@ -24,6 +25,9 @@ from imagepipe.pipeline import BranchArgs, image_pipeline
 from imagepipe.providers import Faults
 from imagepipe.styles import validate_style
 from imagepipe.text import quoted
+
+if TYPE_CHECKING:
+    from imagepipe.cost import Spending
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -476,8 +480,14 @@ class RunOutcome:
                 "images": images,
                 "wall_ms": self.wall_ms,
                 "sequential_ms": self.sequential_ms,
+                "cost": self._cost_json(attempts=False),
             }
         )
+
+    def _cost_json(self, *, attempts: bool) -> dict[str, Any]:
+        from imagepipe.run_costs import cost_json  # prices are read only for a report
+
+        return cost_json(self, attempts=attempts)
 
     def show_json(self) -> dict[str, Any]:
         """The ``show --json`` shape."""
@@ -492,7 +502,8 @@ class RunOutcome:
         else:
             branches = map(_show_item, self.branches)
         head = {"id": self.id, "state": self.state, "prompt": self.spec.prompt}
-        return json_chunks(head | {"branches": branches})
+        cost = self._cost_json(attempts=True)  # ``show`` has read the attempts' history
+        return json_chunks(head | {"cost": cost, "branches": branches})
 
 
 def duration_ms(branch_id: str, value: Mapping[str, Any]) -> int:
@@ -517,6 +528,7 @@ def _image_item(
         "duration_ms": duration_ms(branch_id, value),
         "attempts": attempts,
         "replayed": replayed,
+        "cost": cost_json_of(value),
     }
 
 
@@ -538,6 +550,8 @@ class RunSummary:
     prompt: str
     created_at: float
     counts: dict[str, int]
+    #: what its images cost (:class:`imagepipe.cost.Spending`)
+    spent: Spending | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -545,6 +559,7 @@ class RunSummary:
             "state": self.state,
             "prompt": self.prompt,
             "created_at": _iso(self.created_at),
+            "cost": None if self.spent is None else self.spent.to_json(),
         }
 
 

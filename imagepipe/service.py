@@ -49,6 +49,7 @@ from imagepipe.files import (
     remove_temporaries,
 )
 from imagepipe.pipeline import IMAGE_RUN
+from imagepipe.run_costs import stored_spending
 from imagepipe.runs import (
     Invocation,
     LaunchedBranches,
@@ -184,6 +185,7 @@ def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
         try:
             async with opened_store(url, create=False, write=False) as store:
                 roots = [r for r in await store.roots(limit) if r.func == WORKFLOW]
+                spent = [await stored_spending(store, r) for r in roots]
         except StoreMissing:
             return []
         return [
@@ -193,8 +195,9 @@ def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
                 RunSpec.from_stored(r.args).prompt,
                 r.created_at,
                 r.counts,
+                cost,
             )
-            for r in roots
+            for r, cost in zip(roots, spent, strict=True)
         ]
 
     return run_command(listing, None)

@@ -12,6 +12,8 @@
   carrying on; a server gone for longer ends it with exit 75 (default 30).
 - ``IMAGEPIPE_STYLES``: the style-template file (default ``styles.toml`` in the user
   config directory, e.g. ``~/.config/imagepipe/styles.toml``).
+- ``IMAGEPIPE_PRICES``: the prices file (default ``prices.toml`` in the user config
+  directory), read by :mod:`imagepipe.prices`.
 - ``IMAGEPIPE_LEASE_TIMEOUT``: seconds of silence (no heartbeat) after which another
   process may take a run over (default 10); the owner renews every tenth of it.
 - ``IMAGEPIPE_COORDINATED_BACKOFF``: ``0`` turns coordinated back-off off (a 429 then

@@ -17,8 +17,8 @@ from imagepipe.cli import app
 from conftest import cli_argv, cli_env
 
 runner = CliRunner()
-RESULT_KEYS = {"id", "state", "prompt", "images", "wall_ms", "sequential_ms"}
-IMAGE_KEYS = {"style", "url", "path", "duration_ms", "attempts", "replayed"}
+RESULT_KEYS = {"id", "state", "prompt", "images", "wall_ms", "sequential_ms", "cost"}
+IMAGE_KEYS = {"style", "url", "path", "duration_ms", "attempts", "replayed", "cost"}
 
 
 def invoke(*args: str) -> Any:
@@ -111,7 +111,7 @@ def test_show_and_list_json() -> None:
     run_json("first prompt", "--id", "a1")
     run_json("second prompt", "--id", "a2", "--crash")
     shown = json.loads(invoke("show", "a2", "--json").stdout)
-    assert set(shown) == {"id", "state", "prompt", "branches"}
+    assert set(shown) == {"id", "state", "prompt", "cost", "branches"}
     assert [b["id"] for b in shown["branches"]] == ["a2.0", "a2.1", "a2.2"]
     branch = shown["branches"][2]
     assert set(branch) == {"id", "style", "state", "attempts", "value", "error"}
@@ -119,7 +119,7 @@ def test_show_and_list_json() -> None:
     assert branch["value"]["url"].startswith("https://images.example.com/abstract-")
     listed = json.loads(invoke("list", "--json").stdout)
     assert [r["id"] for r in listed] == ["a2", "a1"]
-    assert set(listed[0]) == {"id", "state", "prompt", "created_at"}
+    assert set(listed[0]) == {"id", "state", "prompt", "created_at", "cost"}
     assert listed[1]["prompt"] == "first prompt"
 
 

@@ -127,6 +127,8 @@ def test_the_export_loads_in_datasets_with_every_row_and_column(
         "sha256",
         "attempts",
         "request_id",
+        "cost_micro_usd",
+        "cost_currency",
     }
     assert len(loaded["rows"]) == 6
     assert {r["prompt"] for r in loaded["rows"]} == {

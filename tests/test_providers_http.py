@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from imagepipe.providers.base import (
+    AccountError,
     AuthenticationFailed,
     ContentRejected,
     InvalidRequest,
@@ -334,8 +335,10 @@ def test_patience_gives_up_on_a_rate_limit_that_lets_nothing_through() -> None:
         pacer.observe(RateLimited("slow down", retry_after=1.0))
         error = pacer.gave_up()
         assert isinstance(error, RateLimitPatienceExceeded)
+        assert isinstance(error, AccountError)  # it stops the run, the rest pending
         assert not error.retryable
-        assert "IMAGEPIPE_RATE_LIMIT_PATIENCE" in error.message
+        assert error.message == "rate limited: the provider let no request through for 10 s"
+        assert "IMAGEPIPE_RATE_LIMIT_PATIENCE" in error.fix
         with pytest.raises(RateLimitPatienceExceeded):
             await pacer.acquire()  # nothing more is sent
 

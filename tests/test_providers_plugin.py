@@ -96,22 +96,24 @@ class InkKeyRefused(CredentialsError):
 
 class RefusingInkjet(Inkjet):
     async def generate(self, request, steps):
-        raise InkKeyRefused("the ink service refused the key")
+        raise InkKeyRefused("the ink service refused the key", fix="check INK_KEY")
 """
 
 
-def test_a_plugins_own_credentials_error_exits_2_by_its_class(tmp_path: Path) -> None:
-    """Exit 2 comes from the error's class (a CredentialsError subclass with a name of its
-    own), not from its type name being "AuthenticationFailed"."""
+def test_a_plugins_own_credentials_error_stops_the_run_by_its_class(tmp_path: Path) -> None:
+    """A plugin's CredentialsError subclass (a name of its own, not "AuthenticationFailed")
+    is an account error by its class: the run stops (exit 78), its branches pending, and
+    the line names what the plugin says to fix."""
     site, db = tmp_path / "site", tmp_path / "runs.db"
     install_plugin(site, "imagepipe_inkjet:RefusingInkjet", REFUSING)
     proc = imagepipe(site, db, "run", "a lighthouse", "-p", "inkjet", "--id", "r1", "--json")
-    assert proc.returncode == 2, proc.stderr
-    assert json.loads(proc.stdout)["state"] == "failed"
+    assert proc.returncode == 78, proc.stderr
     assert proc.stderr == (
-        "error: run r1 failed: 3 of 3 branches rejected, first photorealistic (r1.0): the ink "
-        "service refused the key; retry them with: imagepipe retry r1\n"
+        "error: run 'r1' stopped, its unfinished branches pending: the ink service refused "
+        "the key (check INK_KEY); fix it, then `imagepipe resume r1`\n"
     )
+    shown = imagepipe(site, db, "show", "r1", "--json")
+    assert {b["state"] for b in json.loads(shown.stdout)["branches"]} == {"pending"}
 
 
 def _without(member: str) -> str:

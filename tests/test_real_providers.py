@@ -320,19 +320,23 @@ def test_a_moderation_block_rejects_one_branch_with_the_providers_message(
 # -- 7. a bad key, a missing key ------------------------------------------------------
 
 
-def test_a_bad_key_exits_2_without_retrying(
+def test_a_bad_key_stops_the_run_without_retrying(
     openai_fake: OpenAIFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A refused key is the account's error: the run stops (exit 78), nothing rejected
+    (see tests/test_account_errors.py for the whole of it)."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
     result = invoke(*openai_run("b1", tmp_path / "images"))
-    assert result.exit_code == 2, result.stderr
+    assert result.exit_code == 78, result.stderr
     assert "Incorrect API key provided" in result.stderr
-    assert "imagepipe retry b1" in result.stderr
+    assert "OPENAI_API_KEY" in result.stderr
+    assert "imagepipe resume b1" in result.stderr
+    assert "retry" not in result.stderr
     assert result.stderr.count("\n") == 1
-    assert [a.status for a in creates(openai_fake)] == [401] * 3
-    assert openai_fake.keys == {"b1.0": 1, "b1.1": 1, "b1.2": 1}  # none retried
+    assert {a.status for a in creates(openai_fake)} == {401}
+    assert max(openai_fake.keys.values()) == 1  # none retried
     assert openai_fake.paid_creates == 0
-    assert {b["attempts"] for b in show_json("b1")["branches"]} == {1}
+    assert {b["state"] for b in show_json("b1")["branches"]} == {"pending"}
 
 
 def test_a_missing_key_exits_2_naming_the_variable_and_writes_nothing(

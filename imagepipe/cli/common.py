@@ -24,7 +24,8 @@ from imagepipe.text import escape_control, invalid_utf8, quoted
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from imagepipe.runs import Invocation, Reporter, RunOutcome
+    from imagepipe.prices import PriceTable
+    from imagepipe.runs import Invocation, Reporter, RunOutcome, RunSpec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -333,6 +334,43 @@ def make_invocation(
         option_pairs=tuple(_pair(joined) for joined in option or ()),
         rpm=rpm,
     )
+
+
+# -- prices and dry runs -------------------------------------------------------------
+
+
+def check_prices() -> "PriceTable":
+    """The price table, with the user's prices file: a broken one is bad input (exit 2)
+    before anything is written."""
+    from imagepipe.prices import current_prices
+
+    return current_prices()
+
+
+def print_dry_run(
+    run_id: str | None,
+    spec: "RunSpec",
+    invocation: "Invocation",
+    prices: "PriceTable",
+    *,
+    json_out: bool,
+) -> None:
+    """``run --dry-run``: the run checked as ``run`` checks it, planned, printed; no
+    store opened, no folder made, nothing sent (see :mod:`imagepipe.dryrun`)."""
+    from imagepipe.dryrun import plan_run, spec_for_dry_run
+    from imagepipe.runs import validate_run_id
+
+    if run_id is not None:
+        validate_run_id(run_id)
+    spec.validate()
+    invocation.validate()
+    plan = plan_run(run_id, spec_for_dry_run(spec, invocation), invocation, prices)
+    if json_out:
+        import json
+
+        print(json.dumps(plan.to_json()))
+    else:
+        print("\n".join(plan.lines()))
 
 
 # -- where things go -----------------------------------------------------------------

@@ -10,8 +10,10 @@ from imagepipe.cli.common import (
     JsonOption,
     NoColorOption,
     QuietOption,
+    check_prices,
     execute_and_report,
     execution_options,
+    print_dry_run,
     reports_errors,
     store_url,
 )
@@ -106,6 +108,14 @@ def run(
             "`imagepipe worker` processes execute it; `imagepipe watch ID` follows it.",
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print what the run would do: its branches and requests, its estimated "
+            "cost and time; send nothing, write nothing.",
+        ),
+    ] = False,
     json_out: JsonOption = False,
     quiet: QuietOption = False,
     no_color: NoColorOption = False,
@@ -124,6 +134,10 @@ def run(
         raise BadInput('say what to draw: imagepipe run "a lighthouse", or --prompts FILE')
     else:
         spec = RunSpec(prompt, styles, crash, variations, provider=provider)
+    prices = check_prices()  # a broken prices file is bad input before anything starts
+    if dry_run:
+        print_dry_run(run_id, spec, invocation, prices, json_out=json_out)
+        return
     if out is not None:
         invocation = dataclasses.replace(invocation, out_dir=out)
     path, chosen_id = store_url(db), new_run_id() if run_id is None else run_id
@@ -184,6 +198,7 @@ def resume(
     """Finish an interrupted run: settled branches are read from the store, not redone."""
     from imagepipe.service import resume_run
 
+    check_prices()
     path = store_url(db)
     execute_and_report(
         lambda reporter: resume_run(path, run_id, invocation, reporter, retry_failed=retry_failed),

@@ -36,11 +36,12 @@ def export(
 ) -> None:
     """Export a run's images as a Hugging Face `imagefolder` data set: DIR/train/ holds the
     files and a metadata.jsonl (file_name, prompt, style, variation, provider, model, size,
-    seed, sha256, attempts, request_id). Load it with
+    seed, sha256, attempts, request_id, cost_micro_usd, cost_currency). Load it with
     datasets.load_dataset("imagefolder", data_dir=DIR). Rejected branches are listed on
     stderr and left out."""
     from imagepipe.errors import BadInput
     from imagepipe.export import ExportItem, export_dataset
+    from imagepipe.run_costs import cost_line, image_micro_usd
     from imagepipe.service import show_run
     from imagepipe.text import escape_control, quoted
 
@@ -66,6 +67,7 @@ def export(
                 sha256=str(value["sha256"]),
                 attempts=b.attempts,
                 request_id=value.get("request_id"),
+                cost_micro_usd=image_micro_usd(value),
             )
         )
     for b in outcome.branches:
@@ -84,6 +86,8 @@ def export(
             f"{len(report.files)} images {verb} to {report.data_dir}; metadata: {report.metadata}"
         )
     )
+    if cost := cost_line(outcome, attempts=True):
+        print(escape_control(cost))
 
 
 def gallery(
@@ -98,6 +102,7 @@ def gallery(
     disk, with no server and no network."""
     from imagepipe.errors import BadInput
     from imagepipe.gallery import GalleryCell, GalleryRun, open_in_browser, write_gallery
+    from imagepipe.run_costs import branch_cost, cost_line
     from imagepipe.service import show_run
     from imagepipe.text import escape_control, quoted
 
@@ -120,6 +125,7 @@ def gallery(
                 attempts=b.attempts,
                 duration_ms=value.get("duration_ms"),
                 error=None if b.error is None else f"{b.error.type}: {b.error.message}",
+                cost=None if (cost := branch_cost(b)) is None else f"cost {cost}",
             )
         )
     if not folders:
@@ -127,7 +133,10 @@ def gallery(
             f"run {quoted(run_id)} has no image files (a --sim-latency 0 run draws none)"
         )
     target = sorted(folders)[0]
-    page = write_gallery(GalleryRun(outcome.id, outcome.created_at, tuple(cells)), target)
+    run = GalleryRun(
+        outcome.id, outcome.created_at, tuple(cells), cost=cost_line(outcome, attempts=True)
+    )
+    page = write_gallery(run, target)
     print(escape_control(str(page)))
     if open_it and not open_in_browser(page):
         print("no web browser could be started; open the file above", file=sys.stderr)

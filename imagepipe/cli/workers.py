@@ -12,6 +12,7 @@ from imagepipe.cli.common import (
     JsonOption,
     NoColorOption,
     QuietOption,
+    check_prices,
     execute_and_report,
     execution_options,
     make_console,
@@ -49,6 +50,7 @@ def worker(
             file=sys.stderr,
         )
 
+    check_prices()  # a broken prices file: exit 2 before any branch is claimed
     stats = run_worker(store_url(db), invocation, once=once, on_lost=lost)
     print(
         f"worker {socket.gethostname()}: {stats.claimed} branches claimed, "

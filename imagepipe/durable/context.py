@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from imagepipe.durable.commit import BatchSink, GroupCommit
+from imagepipe.durable.errors import DrainRun
 from imagepipe.durable.events import PromiseQueued, PromiseReplayed
 from imagepipe.durable.lanes import AttemptTimeout, Lanes
 from imagepipe.durable.lease import LeaseKeeper
@@ -202,6 +203,12 @@ class RunContext(Generic[D]):
         commit. What stopped the run (a store failure, the lease lost) is raised."""
         await self._lanes.wait_idle(tasks=True, stops=self._state.stops())
         self._state.raise_if_stopped()
+
+    def drain(self, stop: DrainRun) -> None:
+        """Stop the run as if a step had raised ``stop`` (see :mod:`.lanes`): no attempt
+        starts from now on, and once the attempts in flight have ended and are recorded,
+        the run stops with it."""
+        self._lanes.drain(stop)
 
     async def cancel_all(self) -> None:
         """Cancel unfinished children; they stay pending in the store, resumable. Queued

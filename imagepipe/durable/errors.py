@@ -7,6 +7,7 @@ the application that embeds the core decides how each is shown and what it means
 - :class:`NonDeterminism` — replay asked for other work than the store holds
 - :class:`PromiseRejected` — awaiting a promise that was rejected
 - :class:`StopRun` — raised by a step: the run cannot go on, the branch stays pending
+- :class:`DrainRun` — raised by a step: as :class:`StopRun`, once the attempts in flight end
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Protocol
 
 __all__ = [
+    "DrainRun",
     "DurableError",
     "LeaseHeld",
     "LeaseLost",
@@ -157,7 +159,17 @@ class StopRun(DurableError):
     ``resume`` once the cause is fixed. ``__cause__`` holds what the step met."""
 
 
-class SpendingCapReached(StopRun):
+class DrainRun(StopRun):
+    """Raised by a step function: the run cannot go on, for a reason that every attempt
+    would meet alike (a refused key, say), but the attempts already in flight may still
+    succeed and are worth their result. So the run stops once they have ended: no attempt
+    starts from now on (no queued branch, no retry), the attempts in flight end and are
+    recorded as usual, then the run stops with this error. As with :class:`StopRun`, the
+    step's attempt is not recorded as a failure and the branch stays pending, for a later
+    ``resume`` once the cause is fixed. ``__cause__`` holds what the step met."""
+
+
+class SpendingCapReached(DrainRun):
     """An attempt's worst-case cost does not fit in what is left of one of the run's
     spending caps (on ``meter``): it does not start, and neither does any other; the
     attempts in flight end and are recorded, then the run stops, the rest left pending

@@ -12,6 +12,11 @@ attempt start joins the same group commit as the previous branch's settlement.
 A branch whose attempt fails gives its slot back at once (the queued branch it goes to
 starts in a task of its own, the rare path) and waits out its back-off in its task. A
 store failure, in a branch or in a settlement's commit, stops the run (fail fast).
+
+A step that raises :class:`~.errors.DrainRun` makes the run drain: from then on no attempt
+starts (the slots are closed: no queued branch starts, no retry), the attempts in flight
+end and their settlements are committed as usual, and then the run stops with that error,
+its branch and every other one not settled left pending.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, TypeVar
 
 from imagepipe.durable.commit import Committed, Settling
 from imagepipe.durable.errors import (
+    DrainRun,
     DurableError,
     LeaseLost,
     NonDeterminism,
@@ -87,6 +93,11 @@ class Lanes:
         self._announcing: _Announcements | None = None
         #: done when a task ends or the last settlement in flight is committed
         self._changed: asyncio.Future[None] | None = None
+        #: what makes the run drain (see :meth:`drain`), once a step has raised it
+        self._draining: DrainRun | None = None
+        #: branches between an attempt's start and that attempt's end (its settlement
+        #: written, or its failure recorded and its back-off begun): what a drain awaits
+        self._attempting = 0
 
     def launch(
         self,
@@ -130,6 +141,11 @@ class Lanes:
             handle = branch.handle
             try:
                 holding = await self._run_branch(branch)
+            except DrainRun as exc:
+                # no outcome, and none is told: the branch stays pending, its awaiters
+                # waiting until the drain ends and stops the run
+                self.drain(exc)
+                return
             except Exception as exc:
                 handle.fail(exc)
                 if isinstance(exc, _STOPS_RUN):
@@ -140,6 +156,7 @@ class Lanes:
                 raise
             finally:
                 self._sub_steps.forget(handle.id)
+                self._idle(branch)  # its settlement is written, or it stopped without one
             branch = self._slots.pass_on() if holding else None
 
     async def _run_branch(self, branch: _Branch) -> bool:
@@ -167,6 +184,10 @@ class Lanes:
                 await slots.take()
                 holding = True
             try:
+                if self._draining is not None:  # no attempt starts while the run drains
+                    raise DrainRun(str(self._draining)) from self._draining.__cause__
+                branch.busy = True
+                self._attempting += 1
                 current += 1
                 started_at = time.time()
                 # the attempt count is durable before the call, with its worst-case cost
@@ -204,6 +225,7 @@ class Lanes:
                 raise
 
         def before_sleep(exc: BaseException, delay: float) -> None:
+            self._idle(branch)  # its failure is recorded: a drain does not await its back-off
             error = ErrorInfo.from_exception(exc)
             self._state.emit(AttemptFailed(promise_id, func, current, error, delay))
 
@@ -304,6 +326,30 @@ class Lanes:
             self._settling -= len(batch.settlements)
             if not self._settling:
                 self._notify()
+                self._check_drained()
+
+    def _idle(self, branch: _Branch) -> None:
+        """``branch``'s attempt has ended: its failure is recorded, or its settlement
+        written (or it stopped without either)."""
+        if branch.busy:
+            branch.busy = False
+            self._attempting -= 1
+            if self._draining is not None:
+                self._check_drained()
+
+    def drain(self, stop: DrainRun) -> None:
+        """A step raised ``stop`` (or the run is told to drain): start no attempt from now
+        on, and stop the run with it once the attempts in flight have ended and their
+        settlements are committed (the first one wins; the later ones are its echoes)."""
+        if self._draining is None:
+            self._draining = stop
+            self._slots.close()
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        """Stop the run if it drains and nothing is left in flight."""
+        if self._draining is not None and not self._attempting and not self._settling:
+            self._state.fail_fast(self._draining)
 
     async def _reserve(self, promise_id: str, attempt: int, units: Mapping[str, int]) -> None:
         """Start the attempt with ``units`` reserved on the run's meters, in one transaction
@@ -379,7 +425,7 @@ class _Branch:
     small object with slots (a closure and its cells cost ~230 bytes a branch, measured at
     100,000 branches)."""
 
-    __slots__ = ("failures", "fn", "handle", "kwargs")
+    __slots__ = ("busy", "failures", "fn", "handle", "kwargs")
 
     def __init__(
         self,
@@ -390,6 +436,8 @@ class _Branch:
         failures: int,
     ) -> None:
         self.handle, self.fn, self.kwargs, self.failures = handle, fn, kwargs, failures
+        #: an attempt of it has started and not ended (counted in ``Lanes._attempting``)
+        self.busy = False
 
 
 class _Announce:

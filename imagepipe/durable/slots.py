@@ -6,7 +6,7 @@ handed to it, either the branch that gave the slot back runs it next in its own 
 (:meth:`Slots.pass_on`, the common path: a run of 10,000 branches at a limit of 16 holds
 16 tasks and a queue), or it is started with the ``start`` callback (:meth:`Slots.give_back`).
 A branch that waits to retry waits as a future (:meth:`Slots.take`), as it would on a
-semaphore.
+semaphore. Once closed (:meth:`Slots.close`: the run drains), no slot is handed out.
 """
 
 from __future__ import annotations
@@ -39,11 +39,15 @@ class Slots(Generic[Q]):
         self._limit = limit
         self._start = start
         self._taken = 0
+        #: no slot is handed out any more (see :meth:`close`)
+        self._closed = False
         #: who gets the next free slot: a queued item, or a waiting task's grant
         self._waiting: deque[Q | _Grant] = deque()
 
     def try_take(self) -> bool:
         """Take a slot if one is free and nobody is waiting for it."""
+        if self._closed:
+            return False
         if self._limit is None:
             return True
         if self._taken < self._limit and not self._waiting:
@@ -71,7 +75,7 @@ class Slots(Generic[Q]):
     def pass_on(self) -> Q | None:
         """Free a slot, unless the first waiter is a queued item: then the slot stays taken
         and the item is returned, for the caller to run next in its own task."""
-        if self._limit is None:
+        if self._limit is None or self._closed:
             return None
         while self._waiting:
             waiter = self._waiting.popleft()
@@ -89,6 +93,11 @@ class Slots(Generic[Q]):
         item = self.pass_on()
         if item is not None:
             self._start(item)
+
+    def close(self) -> None:
+        """Hand out no slot from now on: the queued items and the waiting tasks wait until
+        they are forgotten (:meth:`forget_waiters`) or cancelled."""
+        self._closed = True
 
     def forget_waiters(self) -> list[Q]:
         """Drop every waiter (the run is being cancelled); return the queued items."""

@@ -13,6 +13,13 @@ A claim is a lease on the branch's id (:meth:`~.store.Store.claim`). A worker th
 stopped or cut off past ``stale_after`` loses its claims to another worker; its renewal
 then finds them taken (the branch stops at once), and any write it still makes is refused
 by the store because its epoch is stale.
+
+A branch that raises :class:`~.errors.DrainRun` (its cause is this worker's set-up, a key
+say, which every branch here would meet) makes the worker drain and stop: it claims
+nothing more, and every branch it holds drains (:meth:`.RunContext.drain`): no attempt
+starts, those in flight end and are recorded, the others' claims are released (those
+branches stay pending, for any worker); then the worker raises that error
+(:attr:`Worker.drained` names the run it came from).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from imagepipe.durable.context import RunContext
-from imagepipe.durable.errors import LeaseLost, StoreBusy, StoreError
+from imagepipe.durable.errors import DrainRun, LeaseLost, StoreBusy, StoreError
 from imagepipe.durable.lease import LeaseKeeper, holder_gone, reraise_if_cancelled
 from imagepipe.durable.lifecycle import BranchOutcome, Summarize, settle_root_if_done
 from imagepipe.durable.records import (
@@ -98,6 +105,11 @@ async def _settle(
     handle = ctx.adopt(record, fn)
     try:
         await ctx.settle_all()
+    except DrainRun:
+        await ctx.cancel_all()
+        if handle.settled:  # its outcome was recorded before the drain stopped the branch
+            return handle.state
+        raise
     except (LeaseLost, StoreBusy):
         await ctx.cancel_all()
         if handle.settled:
@@ -188,6 +200,12 @@ class Worker:
         self._counted_fns: dict[Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]] = {}
         #: set when a branch gives its slot back before its task ends
         self._freed = asyncio.Event()
+        #: the context of each branch running, by its id
+        self._contexts: dict[str, RunContext[Any]] = {}
+        #: the DrainRun a branch raised, once one has (see :meth:`_drain_step`)
+        self._draining: DrainRun | None = None
+        #: the run of the branch that raised it
+        self.drained: str | None = None
 
     def jobs(self) -> list[BranchJob[Any]]:
         """The jobs of the runs this worker has branches of (to close their providers)."""
@@ -224,6 +242,9 @@ class Worker:
 
     async def _loop(self) -> None:
         while True:
+            if self._draining is not None:
+                await self._drain_step()
+                continue
             self._freed.clear()
             active = len(self._running) - len(self._settling)
             free = self.concurrency - active
@@ -262,6 +283,17 @@ class Worker:
             self._running = {t for t in self._running if not t.done()}
             self._background = {t for t in self._background if not t.done()}
 
+    async def _drain_step(self) -> None:
+        """Draining: claim nothing; wait for a branch to end (each drains: see
+        :meth:`_branch`); raise the DrainRun once none is left."""
+        if not self._running:
+            assert self._draining is not None
+            raise self._draining
+        await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+        for task in [t for t in self._running if t.done()]:
+            self._running.discard(task)
+            task.result()  # a store failure stops the worker at once
+
     def _start(self, claim: Claim) -> None:
         self.stats.claimed += 1
         self._running.add(self._task(self._branch(claim), name=claim.fence.key))
@@ -270,7 +302,14 @@ class Worker:
         run_id = claim.record.parent_id
         assert run_id is not None
         job = await self._job(run_id)
-        outcome = await self._run(claim, job)
+        try:
+            outcome = await self._run(claim, job)
+        except DrainRun as exc:  # the branch stays pending, its claim released
+            if self._draining is None:
+                self._draining, self.drained = exc, run_id
+                for ctx in self._contexts.values():
+                    ctx.drain(exc)  # every branch held here would meet it too
+            return
         if outcome == "lost":
             self.stats.lost += 1
             self._on_lost(claim.fence.key)
@@ -318,9 +357,13 @@ class Worker:
             ctx: RunContext[Any] = RunContext(
                 self.store, run_id, job.deps, how, lease=keeper, writes=self._writes
             )
+            self._contexts[key] = ctx
+            if self._draining is not None:  # claimed as the worker began to drain
+                ctx.drain(self._draining)
             return await _settle(ctx, keeper, claim.record, self._counted(job.fn))
         finally:
             self._keepers.pop(key, None)
+            self._contexts.pop(key, None)
             self._settling.discard(key)
 
     def _counted(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

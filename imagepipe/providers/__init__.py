@@ -5,6 +5,7 @@ provider class follows (:mod:`imagepipe.providers.contract`), its instances'
 only when used."""
 
 from imagepipe.providers.base import (
+    AccountError,
     AuthenticationFailed,
     CredentialsError,
     ImageProvider,
@@ -21,6 +22,7 @@ from imagepipe.providers.faults import Faults
 from imagepipe.providers.simulated import SimulatedProvider, image_url, nominal_duration_ms
 
 __all__ = [
+    "AccountError",
     "AuthenticationFailed",
     "CredentialsError",
     "Faults",

@@ -6,7 +6,10 @@ A provider (:class:`ImageProvider`) gets a :class:`ProviderRequest` and the bran
 Every :class:`ProviderError` carries ``retryable`` and ``retry_after`` (the seconds the
 server asked for, or ``None``), and ``counts_as_attempt``: False for a rate limit, which
 the core waits out and tries again without using up ``--max-attempts`` (the pacer bounds
-those waits by the run's patience); its message is the provider's own, on one line.
+those waits by the run's patience); its message is the provider's own, on one line. An
+:class:`AccountError` is one of the account or the set-up (a refused key, no credit left,
+an unknown model, a base URL that cannot be used, a rate limit that let nothing through
+for the run's patience), not of one image: it stops the run.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_RETRY_AFTER",
+    "AccountError",
     "AnswerTooLarge",
     "AuthenticationFailed",
+    "BaseURLUnusable",
+    "CannotConnect",
     "ContentRejected",
     "CredentialsError",
     "ImageProvider",
@@ -43,6 +49,7 @@ __all__ = [
     "ServerError",
     "SubSteps",
     "TransientProviderError",
+    "UnknownModel",
     "exit_code_of",
     "one_line",
 ]
@@ -180,6 +187,12 @@ class ProviderConnectionError(TransientProviderError):
     """The connection failed or was dropped before a complete answer."""
 
 
+class CannotConnect(ProviderConnectionError):
+    """No connection could be made (refused, the host not found, no route): retryable
+    once, but a base URL that every request fails to reach so is the set-up's fault
+    (:class:`BaseURLUnusable`)."""
+
+
 class ServerError(TransientProviderError):
     """A 5xx answer (or 408/409): the provider's side failed."""
 
@@ -207,15 +220,6 @@ class RateLimited(TransientProviderError):
         )
 
 
-class RateLimitPatienceExceeded(ProviderError):
-    """The provider's rate limit let no request through for the run's patience
-    (``IMAGEPIPE_RATE_LIMIT_PATIENCE``): not retried, and every later request of the run
-    raises it without being sent. The run is to stop on it, its rest left pending for a
-    later ``imagepipe resume``, as on an account-wide error."""
-
-    retryable = False
-
-
 class InvalidRequest(ProviderError):
     """The provider refuses the request itself (content policy, bad style): never retried."""
 
@@ -226,15 +230,63 @@ class ContentRejected(InvalidRequest):
     """Refused by the provider's content policy or moderation."""
 
 
-class QuotaExceeded(InvalidRequest):
-    """Out of credit (a 429 ``insufficient_quota``): waiting does not help."""
+class AccountError(ProviderError):
+    """An error of the account or the set-up, not of one image: every request would meet
+    it alike, so the run stops (imagepipe turns it into :class:`~imagepipe.durable.
+    DrainRun`): no new request is sent, those in flight end, and the rest of the run
+    stays pending until it is fixed and resumed. Never retried. ``fix`` says what to fix,
+    naming the variable or option (``check OPENAI_API_KEY``); a plugin raises this, or a
+    subclass, for its own account errors."""
+
+    retryable = False
+    #: what to fix when the provider does not say better (see :class:`HTTPProvider`)
+    fix = "check the provider's settings"
+
+    def __init__(self, message: str, *, fix: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        if fix is not None:
+            self.fix = fix
 
 
-class CredentialsError(InvalidRequest):
-    """The key is missing or refused: every branch would fail alike, so the run is bad
-    input (exit 2), not a run that failed on its own (exit 1). A plugin raises this or a
-    subclass for its own key errors."""
+class QuotaExceeded(AccountError):
+    """Out of credit or over a spending limit (OpenAI's 429 ``insufficient_quota``, its
+    ``billing_hard_limit_reached``, Replicate's 402): waiting does not help."""
 
+    fix = "add credit to the account or raise its spending limit"
+
+
+class UnknownModel(AccountError):
+    """The provider does not know the model, or this account may not use it (OpenAI's
+    ``model_not_found``, Replicate's 404 for a model)."""
+
+    fix = (
+        "check -o model; a run keeps its model, so get access to it or start a new run with another"
+    )
+
+
+class BaseURLUnusable(AccountError):
+    """The base URL cannot be used: no scheme or host, or nothing answers there
+    (connection refused, or its host not found, for several requests in a row)."""
+
+    fix = "check the provider's base URL"
+
+
+class RateLimitPatienceExceeded(AccountError):
+    """The provider's rate limit let no request through for the run's patience
+    (``IMAGEPIPE_RATE_LIMIT_PATIENCE``): every later request of the run raises it without
+    being sent, and the run stops, its rest pending for a later ``imagepipe resume``."""
+
+    fix = "wait for the provider's rate limit, or raise IMAGEPIPE_RATE_LIMIT_PATIENCE"
+
+
+class CredentialsError(AccountError):
+    """The key is missing or refused: every branch would fail alike. Missing, it is bad
+    input before the run starts (exit 2); refused, the run stops as for any
+    :class:`AccountError`. A plugin raises this or a subclass for its own key errors.
+    ``exit_code`` is that of a run whose branches were rejected with it by older versions
+    (a key error is no longer stored as a branch's rejection)."""
+
+    fix = "check the provider's API key"
     exit_code = 2
 
 
@@ -271,7 +323,10 @@ class MissingCredentials(CredentialsError):
     """The key's environment variable is not set: exit 2 before anything is written."""
 
     def __init__(self, variable: str) -> None:
-        super().__init__(f"no API key: set {variable} (this provider reads its key from it)")
+        super().__init__(
+            f"no API key: set {variable} (this provider reads its key from it)",
+            fix=f"set {variable}",
+        )
         self.variable = variable
 
 

@@ -6,8 +6,12 @@ bounded answers.
 - :func:`classify` turns an HTTP error answer into the right :class:`ProviderError`, in one
   place: retry timeouts, connection errors, 408, 409, 429 rate limits and 5xx; never 400
   (content policy included), 401, 403, 404, 422 or a 429 ``insufficient_quota``;
-  ``x-should-retry: true|false`` overrides. :func:`transport_error` does the same for
-  httpx's exceptions (timeouts, refused or dropped connections).
+  ``x-should-retry: true|false`` overrides. The account's errors are an
+  :class:`AccountError` (they stop the run): 401 and 403, no credit left
+  (``insufficient_quota`` and its family, ``billing_hard_limit_reached``, 402) and an
+  unknown model (``model_not_found``, or a 400 or 404 about the ``model`` parameter).
+  :func:`transport_error` does the same for httpx's exceptions (timeouts, refused or
+  dropped connections).
 - :class:`Pacer` is shared by every branch of one provider: coordinated back-off (a 429
   with Retry-After pauses every branch's next request until then), an optional
   client-side ``rpm`` limit through aiolimiter, one request every ``60/rpm`` s (never a
@@ -44,6 +48,7 @@ from imagepipe.providers.base import (
     MAX_RETRY_AFTER,
     AnswerTooLarge,
     AuthenticationFailed,
+    CannotConnect,
     ContentRejected,
     InvalidRequest,
     ProviderConnectionError,
@@ -56,6 +61,7 @@ from imagepipe.providers.base import (
     RefusedURL,
     ServerError,
     TransientProviderError,
+    UnknownModel,
     one_line,
 )
 
@@ -94,6 +100,18 @@ CONTENT_POLICY_CODES = frozenset(
         "moderation_blocked",
         "content_filter",
         "image_generation_user_error",
+    }
+)
+#: error codes (or types) that mean "no credit left" (OpenAI's billing errors share the
+#: type ``insufficient_quota`` and name the cause in the code; DALL·E's hard limit is a 400)
+QUOTA_CODES = frozenset(
+    {
+        "insufficient_quota",
+        "billing_hard_limit_reached",
+        "credit_balance_exhausted",
+        "organization_spend_limit_exceeded",
+        "project_spend_limit_exceeded",
+        "organization_usage_limit_exceeded",
     }
 )
 #: seconds every branch pauses after a 429 that names no wait
@@ -203,18 +221,20 @@ def classify(
     message = redact(message, secret)
     retry_after = parse_retry_after(headers, now)
     data = _json(body)
-    err_type = None
+    err_type = param = None
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
         err_type = data["error"].get("type")
+        param = data["error"].get("param")
     codes = {code, err_type}
     error: ProviderError
-    if status == 429:
-        if "insufficient_quota" in codes:
-            error = QuotaExceeded(message, status=status, code=code)
-        else:
-            error = RateLimited(message, retry_after=retry_after, code=code)
+    if codes & QUOTA_CODES or status == 402:
+        error = QuotaExceeded(message, status=status, code=code)
+    elif status == 429:
+        error = RateLimited(message, retry_after=retry_after, code=code)
     elif status in (400, 422) and codes & CONTENT_POLICY_CODES:
         error = ContentRejected(message, status=status, code=code)
+    elif "model_not_found" in codes or (status in (400, 404) and param == "model"):
+        error = UnknownModel(message, status=status, code=code)
     elif status in (401, 403):
         error = AuthenticationFailed(message, status=status, code=code)
     elif status == 408:
@@ -266,6 +286,8 @@ def transport_error(exc: Exception) -> ProviderError:
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.TimeoutException):
         return ProviderTimeout(f"the provider did not answer in time ({detail})")
+    if isinstance(exc, httpx.ConnectError):  # refused, host not found: no connection at all
+        return CannotConnect(f"cannot connect: {detail}")
     return ProviderConnectionError(f"connection failed: {detail}")
 
 
@@ -439,8 +461,7 @@ class Pacer:
             self._limited_since = now
         elif self._gave_up is None and now - self._limited_since > self.patience * self.time_scale:
             self._gave_up = (
-                f"rate limited: the provider let no request through for {self.patience:g} s "
-                "(IMAGEPIPE_RATE_LIMIT_PATIENCE); try again later"
+                f"rate limited: the provider let no request through for {self.patience:g} s"
             )
 
     def gave_up(self) -> RateLimitPatienceExceeded | None:

@@ -10,7 +10,9 @@ an hour) is downloaded before :meth:`OpenAIProvider.generate` returns, if
 limit that follows ``-o max_image_mb`` (its base64 image included); an answer of another
 shape is a :class:`~imagepipe.providers.base.ProviderProtocolError`. Errors are
 classified by :func:`imagepipe.providers.http.classify`; tenacity in the core is the only
-retry layer, so this module never retries.
+retry layer, so this module never retries. A 404 that names no model means that nothing
+serves the Images API at the base URL (one without ``/v1``, say): the set-up's fault,
+:class:`~imagepipe.providers.base.BaseURLUnusable`.
 
 Guarantee: at least once. The Idempotency-Key lets a compatible server answer a repeated
 request without billing it again, but nothing here can prove it did.
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from imagepipe.providers.base import (
+    BaseURLUnusable,
+    InvalidRequest,
     ProviderError,
     ProviderImage,
     ProviderProtocolError,
@@ -33,6 +37,7 @@ from imagepipe.providers.base import (
 from imagepipe.providers.client import HTTPProvider
 from imagepipe.providers.http import BodyLimit, json_type, sniff_mime
 from imagepipe.providers.options import ProviderOptions, option
+from imagepipe.text import quoted
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -103,9 +108,18 @@ class OpenAIProvider(HTTPProvider):
         """Make one image: one paced POST (an error is raised classified), then decode it."""
         self.api_key()  # a missing key fails before any request
         headers = {**self.auth_headers(), "Idempotency-Key": request.idempotency_key}
-        reply = await self.request(
-            "POST", f"{self.base_url}/images/generations", json=self._body(request), headers=headers
-        )
+        endpoint = f"{self.base_url}/images/generations"
+        try:
+            reply = await self.request("POST", endpoint, json=self._body(request), headers=headers)
+        except InvalidRequest as exc:
+            if exc.status != 404:
+                raise
+            raise BaseURLUnusable(
+                f"{quoted(endpoint)} answered 404 ({exc.message}): no Images API at the base URL "
+                f"(it includes /v1, as in {DEFAULT_BASE_URL})",
+                status=404,
+                fix=self._base_url_fix(),
+            ) from exc
         answer, item = image_item(reply.json())
         source_url = None
         url = item.get("url")

@@ -27,6 +27,10 @@ prediction still running when a process died is polled again, never created agai
 
 Base URL: ``-o base_url``, else ``$REPLICATE_BASE_URL``, else https://api.replicate.com
 (the host root, as in the official client). Token: ``$REPLICATE_API_TOKEN``.
+
+Account errors stop the run (:class:`~imagepipe.providers.base.AccountError`): 401 and 403
+(the token), 402 (no credit), and a create answered 404 (no such model) or 422 about the
+version (no such version).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from imagepipe.providers.base import (
+    InvalidRequest,
     PredictionFailed,
     ProviderError,
     ProviderImage,
@@ -44,10 +49,12 @@ from imagepipe.providers.base import (
     ProviderRequest,
     ProviderTimeout,
     SubSteps,
+    UnknownModel,
 )
 from imagepipe.providers.client import HTTPProvider
 from imagepipe.providers.http import Reply, json_type, sniff_mime
 from imagepipe.providers.options import ProviderOptions, option
+from imagepipe.text import quoted
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -137,7 +144,20 @@ class ReplicateProvider(HTTPProvider):
         headers = self.auth_headers()
         if wait:
             headers["Prefer"] = "wait"
-        return _prediction(await self.request("POST", url, json=body, headers=headers))
+        try:
+            reply = await self.request("POST", url, json=body, headers=headers)
+        except InvalidRequest as exc:
+            # a model that does not exist (or that this token may not use) is a 404; a
+            # version id that is not one, a 422 about the version
+            about_version = "version" in body and "version" in exc.message.lower()
+            if exc.status == 404 or (exc.status == 422 and about_version):
+                raise UnknownModel(
+                    f"no model {quoted(model)} here ({exc.status}: {exc.message})",
+                    status=exc.status,
+                    fix=f"{UnknownModel.fix}; or {self.base_url_variable} or -o base_url",
+                ) from exc
+            raise
+        return _prediction(reply)
 
     async def get_prediction(self, prediction_id: str) -> dict[str, Any]:
         """The prediction's current state (a poll: waits out back-off, not counted in rpm)."""

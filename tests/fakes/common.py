@@ -144,6 +144,25 @@ class Fault:
         )
 
     @classmethod
+    def billing_hard_limit(cls) -> Fault:
+        """DALL·E's answer once the account's hard spending limit is reached (a 400)."""
+        return cls(
+            400,
+            "Billing hard limit has been reached",
+            "billing_hard_limit_reached",
+            "invalid_request_error",
+        )
+
+    @classmethod
+    def model_not_found(cls, model: str) -> Fault:
+        return cls(
+            404,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            "model_not_found",
+            "invalid_request_error",
+        )
+
+    @classmethod
     def moderation_blocked(cls) -> Fault:
         return cls(
             400,
@@ -337,6 +356,11 @@ class FakeServer:
         """
         with self.lock:
             self._rules.append(_Rule(fault, endpoint, prompt, after, times))
+
+    def clear_faults(self) -> None:
+        """Forget every fault added: requests get the normal answer again."""
+        with self.lock:
+            self._rules.clear()
 
     def limit_rpm(self, rpm: int, *, per_second: bool = False) -> None:
         """Allow only ``rpm`` creates per 60 s × time_scale (sliding); 429 beyond that.

@@ -1,6 +1,7 @@
 """A loopback fake of the OpenAI Images API: ``POST /v1/images/generations``.
 
-Answers ``{"created", "data": [{"b64_json" | "url", "revised_prompt"}], "usage"}`` with an
+Answers ``{"created", "data": [{"b64_json" | "url", "revised_prompt"}], "usage"}`` (``usage``
+for gpt-image models only, with ``input_tokens_details``, as the API documents it) with an
 ``x-request-id``; ``respond_with_url = True`` gives a URL served by the same fake
 (``GET /files/<name>.png``). A repeated Idempotency-Key replays the first successful answer
 and is not counted as a paid create, as OpenAI documents for its idempotent requests.
@@ -99,15 +100,9 @@ class OpenAIFake(FakeServer):
             item["b64_json"] = _BIG_MARK  # spliced in below: the same bytes every time
         else:
             item["b64_json"] = base64.b64encode(png).decode()
-        data = {
-            "created": created,
-            "data": [item],
-            "usage": {
-                "input_tokens": len(prompt.split()),
-                "output_tokens": 272,
-                "total_tokens": len(prompt.split()) + 272,
-            },
-        }
+        data: dict[str, Any] = {"created": created, "data": [item]}
+        if str(body.get("model", "gpt-image-1")).startswith("gpt-image"):
+            data["usage"] = _usage(prompt, body)  # "for the GPT image models only"
         body = json.dumps(data).encode()
         if big and "b64_json" in item:
             # Encoding a megabyte-long string as JSON costs ~5 ms of the test process's CPU
@@ -123,6 +118,37 @@ class OpenAIFake(FakeServer):
         if png is None:
             return self.error(404, "no such file", None, None)
         return Answer(200, png, "image/png")
+
+
+#: image output tokens by quality and size: figures a forum thread gives for gpt-image-1
+#: (https://community.openai.com/t/gpt-image-1-collected-pricing-information-and-why-
+#: responses-is-undocumented/1275254); "auto" (the default) answers as "low"
+OUTPUT_TOKENS = {
+    ("low", "1024x1024"): 272,
+    ("low", "1024x1536"): 408,
+    ("low", "1536x1024"): 400,
+    ("medium", "1024x1024"): 1056,
+    ("medium", "1024x1536"): 1584,
+    ("medium", "1536x1024"): 1568,
+    ("high", "1024x1024"): 4160,
+    ("high", "1024x1536"): 6240,
+    ("high", "1536x1024"): 6208,
+}
+
+
+def _usage(prompt: str, body: dict[str, Any]) -> dict[str, Any]:
+    """``usage`` as the Images API documents it: input tokens (of text here, one a word)
+    with their details, and the output image's tokens."""
+    quality = str(body.get("quality") or "auto").replace("auto", "low")
+    size = str(body.get("size") or "1024x1024").replace("auto", "1024x1024")
+    text = len(prompt.split())
+    output = OUTPUT_TOKENS.get((quality, size), 272)
+    return {
+        "input_tokens": text,
+        "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
+        "output_tokens": output,
+        "total_tokens": text + output,
+    }
 
 
 #: stands for the big image's base64 text in an answer until it is spliced in
