@@ -276,6 +276,29 @@ def test_no_burst_after_a_pause_for_an_exhausted_quota() -> None:
     assert most_in_one_second(times) <= 10
 
 
+def test_without_rpm_or_headers_the_first_429_sets_the_pace() -> None:
+    """A provider that states no limit let through 5 requests sent in one second, then
+    answered 429: from then on, 5 a second, evenly, and no burst after the pause."""
+    pacer = Pacer()
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        for _ in range(5):  # sent 0.1 s apart, each let through
+            await pacer.acquire()
+            sent = loop.time()
+            await asyncio.sleep(0.1)
+            pacer.let_through(sent)
+        pacer.observe(RateLimited("slow down", retry_after=1.0))
+        start = loop.time()
+        return [t - start for t in await asyncio.gather(*(_acquired_at(pacer) for _ in range(12)))]
+
+    times = run(main())
+    assert pacer.learned_rpm == 300
+    assert min(times) >= 1.0  # the pause first
+    assert min(gaps(times)) >= 0.2  # then 5 a second, not 12 at once
+    assert most_in_one_second(times) <= 5
+
+
 def test_a_stated_limit_above_rpm_keeps_the_rpm_pace() -> None:
     pacer = Pacer(rpm=60)
     pacer.observe_limit({"x-ratelimit-limit-requests": "600"})

@@ -39,6 +39,7 @@ import re
 import socket
 import time
 import zlib
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -119,6 +120,8 @@ DEFAULT_PAUSE = 1.0
 #: how much longer than 60/rpm s the pacer spaces requests: a provider counts them as they
 #: arrive, and the way there may bring two a little closer than they were sent
 PACE_GUARD = 0.02
+#: seconds of answers the pacer looks back on to learn a pace from a 429
+LEARN_SECONDS = 5.0
 #: seconds a run waits for a provider's rate limit to let a request through before it
 #: gives up (IMAGEPIPE_RATE_LIMIT_PATIENCE sets it)
 DEFAULT_PATIENCE = 600.0
@@ -340,6 +343,9 @@ class Pacer:
     - Pacing from headers: an answer's ``x-ratelimit-limit-requests`` (the requests a
       minute OpenAI allows) paces every request the same way at that rate, when it is
       lower than ``rpm`` or there is none (:meth:`observe_limit`).
+    - Pacing from 429s: with neither, the first 429 sets the pace at the most requests
+      the provider let through in one second of the last few (:meth:`_learn_pace`); a
+      stated limit that comes later wins over it.
     - Patience: while a provider's rate limit lets no request through, 429s are waits, not
       failed attempts; once it has let none through for ``patience`` seconds, the next
       429, and every :meth:`acquire` after it, raises
@@ -373,8 +379,13 @@ class Pacer:
         self._until = 0.0  # loop time
         #: the requests a minute the provider's headers stated, if they did
         self.stated_rpm: int | None = None
-        #: requests a minute the limiter paces at (``rpm`` or the stated one), or None
+        #: requests a minute the limiter paces at (``rpm``, the stated or learned one)
         self.pace: float | None = None
+        #: the pace learned from the first 429 when nothing else set one
+        self.learned_rpm: int | None = None
+        #: when the requests let through in the last few seconds were sent (loop times),
+        #: kept while there is no pace
+        self._through: deque[float] = deque()
         self._limiter: AsyncLimiter | None = None
         #: loop time of the first 429 since a request was last let through, or None
         self._limited_since: float | None = None
@@ -444,6 +455,7 @@ class Pacer:
         that has let no request through for longer than the patience gives up."""
         if isinstance(error, RateLimited) and error.retryable:
             self._rate_limited()
+            self._learn_pace()
         if not self.coordinated or not error.retryable:
             return
         if error.retry_after is not None:
@@ -451,9 +463,33 @@ class Pacer:
         elif isinstance(error, RateLimited):
             self.pause(DEFAULT_PAUSE)
 
-    def let_through(self) -> None:
-        """The provider answered a request with something other than a rate limit."""
+    def let_through(self, sent_at: float | None = None) -> None:
+        """The provider answered a request with something other than a rate limit;
+        ``sent_at``: the loop time it was sent."""
         self._limited_since = None
+        if self.pace is None and sent_at is not None:  # to learn a pace at the first 429
+            self._through.append(sent_at)
+            now = asyncio.get_running_loop().time()
+            while self._through and self._through[0] < now - LEARN_SECONDS * self.time_scale:
+                self._through.popleft()
+
+    def _learn_pace(self) -> None:
+        """At the first 429 with no pace (no ``rpm``, no stated limit), pace at the most
+        requests sent in one second of the last few that the provider let through, 60
+        times a minute: what a limit enforced in one-second slices allows."""
+        if self.pace is not None or not self.coordinated or self.time_scale <= 0:
+            return
+        second = self.time_scale
+        times = sorted(self._through)
+        self._through.clear()
+        most, first = 0, 0
+        for last, sent in enumerate(times):  # the most sent within one second
+            while times[first] <= sent - second:
+                first += 1
+            most = max(most, last - first + 1)
+        if most:
+            self.learned_rpm = 60 * most
+            self._pace_at(self.learned_rpm)
 
     def _rate_limited(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -672,6 +708,7 @@ async def send(
     import httpx
 
     await (pacer.acquire() if paced else pacer.backoff())
+    sent_at = asyncio.get_running_loop().time()
     pacer.in_flight += 1
     quota_left = False
     try:
@@ -683,11 +720,11 @@ async def send(
                     body = await read_body(response, ERROR_BODY_LIMIT, truncate=True)
                     error = classify(response.status_code, response.headers, body, secret=secret)
                     if paced and not isinstance(error, RateLimited):
-                        pacer.let_through()
+                        pacer.let_through(sent_at)
                     pacer.observe(error)
                     raise pacer.gave_up() or error
                 if paced:
-                    pacer.let_through()
+                    pacer.let_through(sent_at)
                 body = await read_body(response, limit.bytes)
         quota_left = pacer.observe_quota(response.headers)
         return Reply(response.status_code, response.headers, body, secret)

@@ -320,6 +320,7 @@ class FakeServer:
         self._rpm: tuple[int, deque[float]] | None = None
         #: limit_rpm(per_second=True): the slices, and the stated limit's (level, time)
         self._per_second = False
+        self._stated = True
         self._bucket = (0.0, 0.0)
         self._stopping = threading.Event()
         self._httpd: _Server | None = None
@@ -362,7 +363,7 @@ class FakeServer:
         with self.lock:
             self._rules.clear()
 
-    def limit_rpm(self, rpm: int, *, per_second: bool = False) -> None:
+    def limit_rpm(self, rpm: int, *, per_second: bool = False, stated: bool = True) -> None:
         """Allow only ``rpm`` creates per 60 s × time_scale (sliding); 429 beyond that.
 
         ``per_second``: enforce it in one-second slices, as OpenAI's rate-limit guide says
@@ -371,10 +372,12 @@ class FakeServer:
         publishes, its stated per-minute limit replenished continuously:
         ``x-ratelimit-limit-requests`` (``rpm``), ``-remaining-requests`` and
         ``-reset-requests`` (the time until it is whole again), on a 429 too, with
-        ``retry-after-ms`` and ``retry-after``."""
+        ``retry-after-ms`` and ``retry-after``; ``stated=False``: without those headers
+        (a provider that states no limit, only its 429s' waits)."""
         with self.lock:
             self._rpm = (rpm, deque())
             self._per_second = per_second
+            self._stated = stated
             self._bucket = (float(rpm), time.monotonic())
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -525,7 +528,7 @@ class FakeServer:
             "x-ratelimit-remaining-requests": str(int(level)),
             "x-ratelimit-reset-requests": f"{reset * 1000:.0f}ms",
         }
-        return wait, headers
+        return wait, headers if self._stated else {}
 
     def prompt_of(self, request: Request) -> str | None:
         return None
