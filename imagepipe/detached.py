@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe import settings
+from imagepipe.budget import with_image_cap
 from imagepipe.durable import (
     BranchOutcome,
     ErrorInfo,
@@ -31,7 +32,7 @@ from imagepipe.durable import (
     bind_args,
     record_run,
 )
-from imagepipe.durable.errors import DrainRun
+from imagepipe.durable.errors import DrainRun, SpendingCapReached
 from imagepipe.durable.events import (
     AttemptStarted,
     Event,
@@ -46,6 +47,7 @@ from imagepipe.durable.tasks import owned_tasks
 from imagepipe.durable.worker import WORKER_PREFIX, BranchJob, Worker, WorkerStats
 from imagepipe.errors import (
     AccountStopped,
+    BadInput,
     ImagepipeError,
     Interrupted,
     StoreUnreachable,
@@ -55,6 +57,7 @@ from imagepipe.execution import (
     WORKFLOW,
     RunSetup,
     check_same_spec,
+    checked_caps,
     execution_for,
     image_dir,
     opened_store,
@@ -62,6 +65,7 @@ from imagepipe.execution import (
     run_command,
     run_options,
     run_outcome,
+    stopped_at_cap,
     tidy_after_execution,
     with_provider,
 )
@@ -102,6 +106,7 @@ def detach_run(url: str, run_id: str, spec: RunSpec, invocation: Invocation) -> 
     spec.validate()
     invocation.validate()
     spec = with_provider(spec, invocation)
+    caps = checked_caps(spec, invocation)
     out_dir = image_dir(invocation.out_dir) if invocation.out_dir else None
     if out_dir is not None:
         # the folder the workers will write to is the run's: refused now if it cannot be
@@ -123,6 +128,7 @@ def detach_run(url: str, run_id: str, spec: RunSpec, invocation: Invocation) -> 
             if root.parent_id is not None or root.func != WORKFLOW:
                 raise UnknownRun(run_id, store.where)
             check_same_spec(run_id, RunSpec.from_stored(root.args), spec)
+            await caps.store(store, run_id)  # the workers' reservations check them
             return run_id
 
     return run_command(detach, run_id)
@@ -159,8 +165,11 @@ def _tidy_images(run_id: str, directory: Path | None, children: Sequence[BranchO
     tidy_after_execution(run_id, directory, outcomes)
 
 
-def _branch_job(run_id: str, execution: RunSetup, invocation: Invocation) -> BranchJob[Deps]:
+async def _branch_job(
+    store: Store, run_id: str, execution: RunSetup, invocation: Invocation
+) -> BranchJob[Deps]:
     """How this process runs a run's branches, whether a worker or a ``resume``."""
+    reserve = await with_image_cap(store, run_id, execution.reserve)
     deps = execution.deps
     if os.environ.get(CALL_LOG):
         deps = replace(deps, provider=_LoggedProvider(deps.provider, os.environ[CALL_LOG]))
@@ -170,6 +179,7 @@ def _branch_job(run_id: str, execution: RunSetup, invocation: Invocation) -> Bra
         retry=execution.retry,
         summarize=summarize_run,
         attempt_timeout=invocation.attempt_timeout,
+        cost_of_attempt=reserve,
         on_run_settled=functools.partial(_tidy_images, run_id, execution.deps.out_dir),
     )
 
@@ -189,13 +199,13 @@ def _refusing_job(error: ImageDirUnusable) -> BranchJob[None]:
     )
 
 
-def _job_maker(invocation: Invocation) -> Callable[[PromiseRecord], Any]:
+def _job_maker(store: Store, invocation: Invocation) -> Callable[[PromiseRecord], Any]:
     async def job_for(root: PromiseRecord) -> BranchJob[Any]:
         try:
             execution = execution_for(root, invocation)
         except ImageDirUnusable as exc:
             return _refusing_job(exc)
-        return _branch_job(root.id, execution, invocation)
+        return await _branch_job(store, root.id, execution, invocation)
 
     return job_for
 
@@ -209,19 +219,24 @@ def run_worker(
     url: str, invocation: Invocation, *, once: bool, on_lost: Callable[[str], None]
 ) -> WorkerStats:
     """Claim and run branches of detached runs; with ``once``, until none is pending.
+    A run's spending caps are its own (given to ``run`` or ``resume``), not a worker's.
 
     A provider's error of the account or the set-up (a refused key...) stops the worker
     once its requests in flight have ended (:class:`~imagepipe.errors.AccountStopped`,
     naming the run): every branch it would claim would meet it, while other workers,
     set up otherwise, may go on with them."""
     invocation.validate()
+    if invocation.max_cost is not None or invocation.max_images is not None:
+        raise BadInput(
+            "--max-cost and --max-images are a run's: give them to run --detach or resume ID"
+        )
 
     async def work() -> WorkerStats:
         async with opened_store(url, create=True, write=True) as store:
             await _forget_gone_workers(store)
             worker = Worker(
                 store,
-                _job_maker(invocation),
+                _job_maker(store, invocation),
                 concurrency=invocation.concurrency or 16,
                 once=once,
                 on_lost=on_lost,
@@ -230,6 +245,8 @@ def run_worker(
             )
             try:
                 return await worker.run()
+            except SpendingCapReached as reached:
+                raise await stopped_at_cap(store, reached.run_id, reached) from None
             except DrainRun as exc:
                 fix = getattr(exc.__cause__, "fix", None)
                 raise AccountStopped(str(exc), fix, worker.drained, worker=True) from exc
@@ -330,7 +347,7 @@ async def execute_detached(
     With ``reopen`` (``retry`` of a failed run), its rejected branches and its root are
     set back to pending first (their attempt history stays), for any worker to claim."""
     execution = execution_for(root, invocation)  # the provider and its key, checked first
-    job = _branch_job(root.id, execution, invocation)
+    job = await _branch_job(store, root.id, execution, invocation)
 
     async def job_for(record: PromiseRecord) -> BranchJob[Deps]:
         return job  # this worker claims the branches of this one run only
@@ -350,17 +367,20 @@ async def execute_detached(
         )
         # the worker is this block's task: an interruption cancels it (its branches stop,
         # their claims released), and its failure ends the following
-        async with owned_tasks() as tasks:
-            working = tasks.create_task(worker.run(), name=f"resume:{root.id}")
-            outcome = await _follow(
-                store,
-                root,
-                reporter,
-                resumed=True,
-                poll=worker.poll,
-                max_attempts=execution.retry.max_attempts,
-            )
-            await working  # it stops once it sees the root settled
+        try:
+            async with owned_tasks() as tasks:
+                working = tasks.create_task(worker.run(), name=f"resume:{root.id}")
+                outcome = await _follow(
+                    store,
+                    root,
+                    reporter,
+                    resumed=True,
+                    poll=worker.poll,
+                    max_attempts=execution.retry.max_attempts,
+                )
+                await working  # it stops once it sees the root settled
+        except SpendingCapReached as reached:
+            raise await stopped_at_cap(store, root.id, reached) from None
     finally:
         await job.deps.provider.aclose()
     return outcome

@@ -10,6 +10,8 @@ Exit codes (also in docs/reference/exit-codes.md):
 0     success
 1     the run failed: a branch was rejected (others still finished)
 2     bad input: arguments, unknown run id, reused id, unusable ``--db`` path
+3     the run stopped at its spending cap (``--max-cost``, ``--max-images``), its
+      unfinished branches pending; raise the cap with resume
 65    the stored run does not match what the code produces now (non-determinism)
 74    the store, or the run's image folder, cannot be read or written (read-only, disk
       full, corrupt, newer)
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AccountStopped",
     "BadInput",
+    "CapReached",
     "CredentialsRejected",
     "ImagepipeError",
     "Interrupted",
@@ -200,6 +203,14 @@ class AccountStopped(ImagepipeError):
         self.run_id = run_id
 
 
+class CapReached(ImagepipeError):
+    """The run stopped at one of its spending caps (``--max-cost``, ``--max-images``): the
+    requests in flight finished, its unfinished branches are pending; raise the cap and
+    resume."""
+
+    exit_code = 3
+
+
 class Interrupted(ImagepipeError):
     """The run was stopped by a signal; it is pending and resumable."""
 
@@ -244,6 +255,12 @@ def from_core(exc: DurableError, run_id: str | None = None) -> ImagepipeError:
         return RunBusy(run_id or "?", "another process writing the same run")
     if isinstance(exc, core.StoreError):
         return StoreFailed(str(exc))
+    if isinstance(exc, core.SpendingCapReached):
+        name = "--max-cost" if exc.meter == "micro_usd" else "--max-images"
+        return CapReached(
+            f"{escape_control(str(exc))}; its unfinished branches are pending: raise the cap "
+            f"with imagepipe resume {quoted(run_id or '?')} {name} ..."
+        )
     if isinstance(exc, core.DrainRun):
         return AccountStopped(str(exc), getattr(exc.__cause__, "fix", None), run_id)
     if isinstance(exc, core.StopRun):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imagepipe import settings
+from imagepipe.budget import Caps, cap_reached, reservation, with_image_cap
 from imagepipe.durable import (
     DurableError,
     PromiseRecord,
@@ -32,7 +33,8 @@ from imagepipe.durable import (
     StoreOptions,
     open_store,
 )
-from imagepipe.errors import BadInput, Interrupted, RunConflict, UnknownRun, from_core
+from imagepipe.durable.errors import SpendingCapReached
+from imagepipe.errors import BadInput, CapReached, Interrupted, RunConflict, UnknownRun, from_core
 from imagepipe.files import (
     ReconcileReport,
     claim_image_dir,
@@ -43,6 +45,7 @@ from imagepipe.files import (
     remove_temporaries,
 )
 from imagepipe.pipeline import IMAGE_RUN, Deps, recorded_images
+from imagepipe.prices import PriceTable, current_prices
 from imagepipe.providers.base import ProviderError
 from imagepipe.providers.contract import ProviderClass, ProviderSettings
 from imagepipe.providers.options import ProviderOptions, build_options, identity
@@ -62,6 +65,7 @@ __all__ = [
     "WORKFLOW",
     "RunSetup",
     "check_same_spec",
+    "checked_caps",
     "execution_for",
     "image_dir",
     "image_dir_of",
@@ -72,6 +76,7 @@ __all__ = [
     "run_command",
     "run_options",
     "run_outcome",
+    "stopped_at_cap",
     "tidy_after_execution",
     "with_provider",
 ]
@@ -131,6 +136,26 @@ def with_provider(spec: RunSpec, invocation: Invocation) -> RunSpec:
     return dataclasses.replace(
         spec, options=identity(options), templates=templates_for(spec.all_styles)
     )
+
+
+def checked_caps(spec: RunSpec, invocation: Invocation) -> Caps:
+    """This command's spending caps for the run, checked before anything is written: a
+    cost cap on a model whose price is unknown is bad input."""
+    caps = invocation.caps()
+    if caps.max_cost is not None:
+        caps.check_priced(spec.provider, spec.options, current_prices())
+    return caps
+
+
+async def stopped_at_cap(store: Store, run_id: str, reached: SpendingCapReached) -> CapReached:
+    """The one line for a run stopped at a spending cap, with the cap that would finish
+    its pending branches at their worst case."""
+    root = await read_root(store, run_id)
+    spec = RunSpec.from_stored(root.args)
+    reserve = reservation(spec.provider, spec.options, spec.templates, _prices())
+    reserve = await with_image_cap(store, run_id, reserve)
+    pending = [c for c in await store.children(run_id) if not c.settled]
+    return cap_reached(reached, run_id, pending, reserve)
 
 
 def run_options(run_id: str, invocation: Invocation) -> dict[str, Any]:
@@ -251,6 +276,8 @@ class RunSetup:
     deps: Deps
     retry: RetryPolicy
     default_concurrency: int
+    #: what an attempt reserves against the run's spending caps (None: a free provider)
+    reserve: Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None = None
 
 
 def execution_for(root: PromiseRecord, invocation: Invocation) -> RunSetup:
@@ -277,7 +304,17 @@ def execution_for(root: PromiseRecord, invocation: Invocation) -> RunSetup:
             time_scale=invocation.time_scale,
         ),
         default_concurrency=int(provider_class.default_concurrency),
+        reserve=reservation(spec.provider, spec.options, spec.templates, _prices()),
     )
+
+
+def _prices() -> PriceTable | None:
+    """Today's prices; None when the user's file is broken (checked by the commands before
+    they start: a file broken since then leaves the price unknown, reserving images only)."""
+    try:
+        return current_prices()
+    except BadInput:
+        return None
 
 
 def _check_credentials(provider_class: ProviderClass, options: ProviderOptions) -> None:

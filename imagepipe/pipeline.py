@@ -148,6 +148,8 @@ async def generate_image(
             value[key] = getattr(image, key)
     if deps.provider.name not in FREE_PROVIDERS:  # a free image's value holds no cost
         value["cost"] = _cost(deps, image)
+        if value["cost"]["micro_usd"] is not None:  # replaces its reservation (imagepipe.budget)
+            step.cost = {"micro_usd": value["cost"]["micro_usd"]}
     return value
 
 

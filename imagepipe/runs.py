@@ -27,6 +27,7 @@ from imagepipe.styles import validate_style
 from imagepipe.text import quoted
 
 if TYPE_CHECKING:
+    from imagepipe.budget import Caps
     from imagepipe.cost import Spending
 
 __all__ = [
@@ -186,8 +187,22 @@ class Invocation:
     rpm: int | None = None
     #: where to write the images (default: the run's own directory)
     out_dir: str | None = None
+    #: ``--max-cost`` as typed (US dollars) and ``--max-images``: the run's caps, kept
+    #: with it (None: keep the stored ones)
+    max_cost: str | None = None
+    max_images: int | None = None
+
+    def caps(self) -> Caps:
+        """The caps given, checked: bad input otherwise."""
+        from imagepipe.budget import Caps, parse_max_cost
+
+        max_cost = None if self.max_cost is None else parse_max_cost(self.max_cost)
+        caps = Caps(max_cost, self.max_images)
+        caps.validate()
+        return caps
 
     def validate(self) -> None:
+        self.caps()
         if self.max_attempts is not None and self.max_attempts < 1:
             raise BadInput(f"--max-attempts must be at least 1, not {self.max_attempts}")
         if self.concurrency is not None and self.concurrency < 1:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from imagepipe import settings
+from imagepipe.budget import with_image_cap
 from imagepipe.durable import (
     BranchOutcome,
     Execution,
@@ -24,11 +25,13 @@ from imagepipe.durable import (
     execute_run,
     record_run,
 )
+from imagepipe.durable.errors import SpendingCapReached
 from imagepipe.durable.lifecycle import is_detached
 from imagepipe.errors import UnknownRun
 from imagepipe.execution import (
     WORKFLOW,
     check_same_spec,
+    checked_caps,
     execution_for,
     image_dir,
     image_dir_of,
@@ -38,6 +41,7 @@ from imagepipe.execution import (
     run_command,
     run_options,
     run_outcome,
+    stopped_at_cap,
     tidy_after_execution,
     with_provider,
 )
@@ -86,6 +90,7 @@ def start_run(
     spec.validate()
     invocation.validate()
     spec = with_provider(spec, invocation)
+    caps = checked_caps(spec, invocation)
 
     if invocation.out_dir:
         # before the store is opened: a folder that cannot take the images is bad input,
@@ -102,6 +107,7 @@ def start_run(
             if root.parent_id is not None or root.func != WORKFLOW:
                 raise UnknownRun(run_id, store.where)
             check_same_spec(run_id, RunSpec.from_stored(root.args), spec)
+            await caps.store(store, run_id)
             if root.settled:
                 await reconcile_run_images(store, root)
                 return await _stored_outcome(store, root)
@@ -128,6 +134,8 @@ def resume_run(
         try:
             async with opened_store(url, create=False, write=True) as store:
                 root = await read_root(store, run_id)
+                caps = checked_caps(RunSpec.from_stored(root.args), invocation)
+                await caps.store(store, run_id)
                 reopen = retry_failed and root.state == "rejected"
                 if root.settled and not reopen:
                     await reconcile_run_images(store, root)
@@ -255,6 +263,7 @@ async def _execute(
         attempt_timeout=invocation.attempt_timeout,
         lease_timeout=settings.lease_timeout(),
         on_event=reporter.on_event,
+        cost_of_attempt=await with_image_cap(store, root.id, execution.reserve),
     )
     begun = time.perf_counter()
     try:
@@ -268,6 +277,8 @@ async def _execute(
             on_started=started,
             on_settled=tidy,
         )
+    except SpendingCapReached as reached:
+        raise await stopped_at_cap(store, root.id, reached) from None
     finally:
         await provider.aclose()
     wall_ms = round((time.perf_counter() - begun) * 1000)

@@ -263,6 +263,27 @@ _EXECUTION_OPTIONS: dict[str, tuple[Any, Any]] = {
             show_default=False,
         ),
     ),
+    "max_cost": (
+        str | None,
+        typer.Option(
+            "--max-cost",
+            metavar="USD",
+            help="Spend at most this many US dollars on the run, across crashes, resumes "
+            "and workers: an attempt starts only if its worst case fits; then the run "
+            "stops, the rest pending. Kept with the run; resume --max-cost raises it.",
+            show_default=False,
+        ),
+    ),
+    "max_images": (
+        int | None,
+        typer.Option(
+            "--max-images",
+            metavar="N",
+            help="Pay for at most N images on the run (attempts that may have been paid "
+            "count), kept with it as --max-cost is.",
+            show_default=False,
+        ),
+    ),
     "fail_style": (
         list[str] | None,
         typer.Option(
@@ -318,6 +339,8 @@ def make_invocation(
     fail_style: list[str] | None = None,
     option: list[str] | None = None,
     rpm: int | None = None,
+    max_cost: str | None = None,
+    max_images: int | None = None,
 ) -> "Invocation":
     from imagepipe.providers import Faults
     from imagepipe.runs import Invocation
@@ -333,6 +356,8 @@ def make_invocation(
         faults=Faults(fail_rate, seed, frozenset(fail_style or ()), hang_rate),
         option_pairs=tuple(_pair(joined) for joined in option or ()),
         rpm=rpm,
+        max_cost=max_cost,
+        max_images=max_images,
     )
 
 

@@ -171,6 +171,11 @@ class Lanes:
 
         async def call() -> Any:
             nonlocal step
+            if not branch.busy:  # again after a wait, during which the branch was idle
+                if self._draining is not None:  # nothing more is sent while the run drains
+                    raise DrainRun(str(self._draining)) from self._draining.__cause__
+                branch.busy = True
+                self._attempting += 1
             step = Step(promise_id, current, self._state.deps, self._sub_steps, handle.stored)
             if self._state.listening:
                 self._state.emit(AttemptStarted(promise_id, func, current))
@@ -199,7 +204,8 @@ class Lanes:
                     await self._state.commit.start_attempt(promise_id, current)
                 try:
                     # a failure that is a wait (a rate limit) is waited out and called
-                    # again in this same attempt: it is not a failed attempt
+                    # again in this same attempt: it is not a failed attempt (the branch is
+                    # idle while it waits, see before_sleep: a drain does not wait for it)
                     value = await waited_out(
                         self._retry, call, before_wait=before_sleep, sleep=self._sleep
                     )

@@ -30,7 +30,7 @@ import functools
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -76,6 +76,8 @@ class BranchJob(Generic[D]):
     retry: RetryPolicy
     summarize: Summarize
     attempt_timeout: float | None = None
+    #: what an attempt reserves against the run's spending caps (see :class:`.Execution`)
+    cost_of_attempt: Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None = None
     #: called with the run's branches once this worker has settled the run's root (every
     #: branch settled: no process can still be executing one), e.g. to tidy its files
     on_run_settled: Callable[[Sequence[BranchOutcome]], object] | None = None
@@ -353,7 +355,11 @@ class Worker:
         assert run_id is not None, "a claim is a branch of a run"
         keeper = self._keepers[key] = _ClaimedLease(self.store, claim, self.me, self.stale_after)
         try:
-            how = Execution(retry=job.retry, attempt_timeout=job.attempt_timeout)
+            how = Execution(
+                retry=job.retry,
+                attempt_timeout=job.attempt_timeout,
+                cost_of_attempt=job.cost_of_attempt,
+            )
             ctx: RunContext[Any] = RunContext(
                 self.store, run_id, job.deps, how, lease=keeper, writes=self._writes
             )

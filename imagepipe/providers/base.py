@@ -174,6 +174,13 @@ class ProviderError(Exception):
         self.status = status
         self.code = code
 
+    @property
+    def unpaid(self) -> bool:
+        """The provider answered with an error status: it made nothing and bills nothing
+        (a spending cap gives the attempt's reservation back). A timeout, a dropped
+        connection or an answer that could not be used may have been paid."""
+        return self.status is not None and self.status >= 400
+
 
 class TransientProviderError(ProviderError):
     """Overloaded, rate limited, a dropped connection: worth another attempt."""

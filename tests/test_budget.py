@@ -1,0 +1,197 @@
+"""Issue 21, the durable budget: --max-cost and --max-images through the real CLI, against
+the loopback OpenAI fake (gpt-image-1 at low quality: $0.011 an image published, about
+$0.0116 reserved at worst with its prompt), counted at the fake."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.common import Fault
+from tests.fakes.openai_server import OpenAIFake
+
+from conftest import cli_argv, cli_env
+
+pytest_plugins = ["tests.fakes.plugin"]
+
+LOW = ("-o", "quality", "low", "-o", "size", "1024x1024")
+
+
+@pytest.fixture(autouse=True)
+def no_user_prices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("IMAGEPIPE_PRICES", raising=False)
+
+
+def imagepipe(db: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cli_argv(*args), env=cli_env(db), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_args(run_id: str, out: Path, *extra: str) -> list[str]:
+    return ["run", "a lighthouse", "-p", "openai", *LOW, "-n", "2", "--id", run_id,
+            "--out", str(out), *extra]  # fmt: skip
+
+
+def states(db: Path, run_id: str) -> dict[str, int]:
+    shown = imagepipe(db, "show", run_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    counts: dict[str, int] = {}
+    for branch in json.loads(shown.stdout)["branches"]:
+        counts[branch["state"]] = counts.get(branch["state"], 0) + 1
+    return counts
+
+
+def test_a_cap_that_fits_k_images_makes_exactly_k_paid_requests_then_resume_goes_on(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    """$0.03 fits two images (each reserved at ~$0.0116, then costs ~$0.0109), not three."""
+    capped = imagepipe(db_path, *run_args("cap", tmp_path / "img", "--max-cost", "0.03", "-c", "1"))
+    assert capped.returncode == 3, capped.stderr
+    assert capped.stderr.count("\n") == 1
+    assert capped.stderr.startswith("error: budget reached: $0.02")
+    assert "spent of $0.0300; imagepipe resume cap --max-cost 0.07 goes on" in capped.stderr
+    assert openai_fake.paid_creates == 2
+    assert states(db_path, "cap") == {"resolved": 2, "pending": 4}
+
+    again = imagepipe(db_path, "resume", "cap", "--max-cost", "0.07")
+    assert again.returncode == 0, again.stderr
+    assert openai_fake.paid_creates == 6, "the 4 left, and nothing paid twice"
+    assert states(db_path, "cap") == {"resolved": 6}
+
+
+def test_an_image_cap_stops_at_n_images(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    capped = imagepipe(db_path, *run_args("n3", tmp_path / "img", "--max-images", "3"))
+    assert capped.returncode == 3, capped.stderr
+    assert "image cap reached: 3 of 3 images made or paid for" in capped.stderr
+    assert "imagepipe resume n3 --max-images 6 goes on" in capped.stderr
+    assert openai_fake.paid_creates == 3
+    assert states(db_path, "n3") == {"resolved": 3, "pending": 3}
+
+
+def test_an_attempt_refused_by_the_provider_gives_its_reservation_back(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    """Three 500s answered (not billed) then success: a cap of one image still makes it."""
+    openai_fake.add_fault(Fault(status=500), times=3)
+    done = imagepipe(
+        db_path,
+        "run", "a fox", "-p", "openai", *LOW, "-s", "cartoon", "--id", "one",
+        "--out", str(tmp_path / "img"), "--max-images", "1", "--max-attempts", "5",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert openai_fake.paid_creates == 1
+
+
+def test_a_killed_run_never_exceeds_its_cap_across_resumes(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    """Two requests held at the fake, the process killed with them in flight: their outcome
+    is unknown, so they stay counted at their worst case; the resume under the same cap
+    (three worst cases, $0.0352) may start one more attempt, never more."""
+    release = threading.Event()
+    openai_fake.add_fault(Fault.held(release), times=2)
+    args = run_args("k", tmp_path / "img", "--max-cost", "0.036", "-c", "2")
+    proc = subprocess.Popen(cli_argv(*args), env=cli_env(db_path), text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        openai_fake.wait_for(lambda: openai_fake.requests["create"] == 2, timeout=120)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    openai_fake.wait_idle(timeout=60)
+    resumed = imagepipe(db_path, "resume", "k")
+    assert resumed.returncode == 3, resumed.stderr
+    # at most three creates in all, as the cap allows: the two killed in flight, one more
+    assert openai_fake.requests["create"] == 3
+    assert states(db_path, "k")["pending"] >= 3
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ("-1", "--max-cost must be a number of US dollars, 0 or more"),
+        ("nan", "--max-cost must be a number of US dollars, 0 or more"),
+        ("five", "--max-cost must be a number of US dollars, 0 or more"),
+        ("5 EUR", "--max-cost is in USD, not 'EUR'"),
+    ],
+)
+def test_a_bad_max_cost_is_one_line_and_writes_nothing(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path, given: str, said: str
+) -> None:
+    done = imagepipe(db_path, *run_args("bad", tmp_path / "img", "--max-cost", given))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert said in done.stderr
+    assert not db_path.exists()
+    assert not (tmp_path / "img").exists()
+    assert openai_fake.paid_creates == 0
+
+
+def test_a_cost_cap_on_a_model_without_a_price_is_refused(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    args = run_args("u", tmp_path / "img", "-o", "model", "gpt-image-9", "--max-cost", "5")
+    done = imagepipe(db_path, *args)
+    assert done.returncode == 2
+    assert "--max-cost needs a price" in done.stderr
+    assert "'gpt-image-9'" in done.stderr
+    assert not db_path.exists()
+
+
+def test_a_worker_takes_no_cap_of_its_own(db_path: Path) -> None:
+    done = imagepipe(db_path, "worker", "--once", "--max-cost", "5")
+    assert done.returncode == 2
+    assert "--max-cost and --max-images are a run's" in done.stderr
+
+
+def test_two_workers_on_postgresql_sharing_a_cap_never_exceed_it_together(
+    openai_fake: OpenAIFake, postgres_url: str, tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """12 branches, a cap of 5 images, two workers claiming at once: 5 paid creates in all,
+    each worker stopping at the cap with its one line, the rest pending."""
+    env = cli_env(tmp_path / "unused.db")
+    env["IMAGEPIPE_DB"] = postgres_url
+    detach = ["run", "a fox", "-p", "openai", *LOW, "-n", "4", "--id", "pg", "--out",
+              str(tmp_path / "img"), "--max-images", "5", "--detach"]  # fmt: skip
+    assert subprocess.run(cli_argv(*detach), env=env, timeout=120).returncode == 0
+    workers = [
+        subprocess.Popen(
+            cli_argv("worker", "--once", "-c", "3"),
+            env=env,
+            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    procs.extend(workers)
+    errors = [w.communicate(timeout=120)[1] for w in workers]
+    assert [w.returncode for w in workers] == [3, 3], errors
+    assert all("image cap reached: 5 of 5 images" in e for e in errors), errors
+    assert openai_fake.paid_creates == 5
+    shown = subprocess.run(cli_argv("show", "pg", "--json"), env=env, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    counted = [b["state"] for b in json.loads(shown.stdout)["branches"]]
+    assert (counted.count("resolved"), counted.count("pending")) == (5, 7)
+
+
+def test_an_image_cap_holds_for_the_free_simulated_provider_too(db_path: Path) -> None:
+    args = ["run", "a fox", "-n", "2", "--id", "sim", "--sim-latency", "0", "--max-images", "4"]
+    capped = imagepipe(db_path, *args)
+    assert capped.returncode == 3, capped.stderr
+    assert "imagepipe resume sim --max-images 6 goes on" in capped.stderr
+    assert states(db_path, "sim") == {"resolved": 4, "pending": 2}
+    assert imagepipe(db_path, "resume", "sim", "--max-images", "6").returncode == 0
+    assert states(db_path, "sim") == {"resolved": 6}
