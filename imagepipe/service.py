@@ -27,6 +27,7 @@ from imagepipe.durable import (
 )
 from imagepipe.durable.errors import SpendingCapReached
 from imagepipe.durable.lifecycle import is_detached
+from imagepipe.durable.records import ChildColumns
 from imagepipe.errors import UnknownRun
 from imagepipe.execution import (
     WORKFLOW,
@@ -75,7 +76,7 @@ __all__ = ["fix_run_images", "list_runs", "resume_run", "show_run", "start_run"]
 
 async def _stored_outcome(store: Store, root: PromiseRecord) -> RunOutcome:
     """A run that nothing executed in this invocation, as stored."""
-    branches = StoredBranches(await store.child_columns(root.id))
+    branches = StoredBranches(await ChildColumns.collect(store.where, store.child_rows(root.id)))
     return run_outcome(root, branches, wall_ms=0, executed=False)
 
 
