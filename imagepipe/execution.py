@@ -339,6 +339,7 @@ def _settings(invocation: Invocation) -> ProviderSettings:
         time_scale=invocation.time_scale,
         rpm=invocation.rpm,
         coordinated_backoff=settings.coordinated_backoff(),
+        rate_limit_patience=settings.rate_limit_patience(),
         sim_latency_ms=invocation.sim_latency_ms,
     )
 

@@ -18,6 +18,9 @@
   process may take a run over (default 10); the owner renews every tenth of it.
 - ``IMAGEPIPE_COORDINATED_BACKOFF``: ``0`` turns coordinated back-off off (a 429 then
   pauses only the branch that got it), to measure what it is worth; default on.
+- ``IMAGEPIPE_RATE_LIMIT_PATIENCE``: seconds (0 to 86400) a run waits for a provider's
+  rate limit to let a request through; rate-limit waits do not count as failed attempts,
+  this bounds them instead (default 600).
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from imagepipe.text import quoted
 
 __all__ = [
     "busy_timeout",
+    "check_provider_settings",
     "coordinated_backoff",
     "db_reconnect",
     "default_db_path",
     "lease_timeout",
+    "rate_limit_patience",
     "time_scale",
 ]
 
@@ -71,6 +76,21 @@ def busy_timeout() -> float:
 def db_reconnect() -> float:
     """Seconds a lost connection to a PostgreSQL store is ridden out."""
     return _number("IMAGEPIPE_DB_RECONNECT", 30.0, maximum=86_400)
+
+
+def rate_limit_patience() -> float | None:
+    """Seconds a run waits for a provider's rate limit to let a request through; None
+    when unset (the provider's default, 600)."""
+    if not os.environ.get("IMAGEPIPE_RATE_LIMIT_PATIENCE", "").strip():
+        return None
+    return _number("IMAGEPIPE_RATE_LIMIT_PATIENCE", 0.0, maximum=86_400)
+
+
+def check_provider_settings() -> None:
+    """Read the settings a provider is built with, for their one-line error (exit 2)
+    before a run is written, not once it is stored."""
+    coordinated_backoff()
+    rate_limit_patience()
 
 
 def lease_timeout() -> float:
