@@ -43,6 +43,10 @@ __all__ = [
 #: the meters a run's spending is counted on
 MICRO_USD, IMAGES = "micro_usd", "images"
 
+#: the most a cap may be on any meter: what both stores' 64-bit integers hold with room to
+#: spare (10**18 micro-dollars: a trillion dollars)
+MOST = 10**18
+
 #: ``5``, ``5.50``, ``$5``, ``5 USD``, ``USD 5``
 _AMOUNT = re.compile(r"^\s*(?:\$|([A-Za-z]{3})\s*)?\s*([^\s$A-Za-z]+)\s*([A-Za-z]{3})?\s*$")
 
@@ -57,6 +61,8 @@ class Caps:
     def validate(self) -> None:
         if self.max_images is not None and self.max_images < 0:
             raise BadInput(f"--max-images must be 0 or more, not {self.max_images}")
+        if self.max_images is not None and self.max_images > MOST:
+            raise BadInput(f"--max-images must be at most {MOST}, not {self.max_images}")
 
     @property
     def given(self) -> bool:
@@ -103,6 +109,10 @@ def parse_max_cost(text: str) -> int:
     if not amount.is_finite() or amount < 0:
         raise BadInput(
             f"--max-cost must be a number of US dollars, 0 or more (5, 2.50), not {quoted(text)}"
+        )
+    if micros(amount) > MOST:
+        raise BadInput(
+            f"--max-cost must be at most {MOST // 1_000_000} dollars, not {quoted(text)}"
         )
     return micros(amount)
 

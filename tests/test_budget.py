@@ -16,6 +16,7 @@ from tests.fakes.common import Fault
 from tests.fakes.openai_server import OpenAIFake
 
 from conftest import cli_argv, cli_env
+from storeview import checkpointed_bytes
 
 pytest_plugins = ["tests.fakes.plugin"]
 
@@ -185,3 +186,30 @@ def test_two_workers_on_postgresql_sharing_a_cap_never_exceed_it_together(
                            text=True, timeout=60)  # fmt: skip
     counted = [b["state"] for b in json.loads(shown.stdout)["branches"]]
     assert (counted.count("resolved"), counted.count("pending")) == (5, 7)
+
+
+@pytest.mark.parametrize(
+    ("flag", "given", "said"),
+    [
+        ("--max-cost", "9999999999999999999999", "--max-cost must be at most 1000000000000"),
+        ("--max-images", "99999999999999999999", "--max-images must be at most 10"),
+    ],
+)
+def test_a_cap_too_large_for_the_store_is_one_line_and_writes_nothing(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path, flag: str, given: str, said: str
+) -> None:
+    """Not a traceback from the store's 64-bit integers after the run was recorded."""
+    done = imagepipe(db_path, *run_args("big", tmp_path / "img", flag, given))
+    assert (done.returncode, done.stderr.count("\n")) == (2, 1), done.stderr
+    assert said in done.stderr
+    assert not db_path.exists()
+    assert not (tmp_path / "img").exists()
+
+    made = imagepipe(db_path, *run_args("big", tmp_path / "img", "--max-images", "0"))
+    assert made.returncode == 3, made.stderr
+    before = checkpointed_bytes(db_path)
+    resumed = imagepipe(db_path, "resume", "big", flag, given)
+    assert (resumed.returncode, resumed.stderr.count("\n")) == (2, 1), resumed.stderr
+    assert said in resumed.stderr
+    assert checkpointed_bytes(db_path) == before
+    assert openai_fake.requests["create"] == 0
