@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import sqlite3
 import subprocess
 import threading
 from pathlib import Path
@@ -213,3 +215,66 @@ def test_a_cap_too_large_for_the_store_is_one_line_and_writes_nothing(
     assert said in resumed.stderr
     assert checkpointed_bytes(db_path) == before
     assert openai_fake.requests["create"] == 0
+
+
+def spending_rows(db: Path) -> dict[str, tuple[int | None, int]]:
+    with sqlite3.connect(db) as conn:
+        found = conn.execute("SELECT meter, cap, spent FROM spending").fetchall()
+    return {meter: (cap, spent) for meter, cap, spent in found}
+
+
+def test_a_refused_key_gives_back_what_its_attempts_reserved(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    """The provider answered 401: nothing was made or billed. A cap of exactly the run's
+    images stays enough for the resume once the key is fixed (it made none: the drained
+    attempts' reservations had stayed counted as made)."""
+    args = run_args("key", tmp_path / "img", "-s", "cartoon", "-c", "2", "--max-images", "2")
+    stopped = subprocess.run(
+        cli_argv(*args), env=cli_env(db_path, OPENAI_API_KEY="sk-wrong"),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert stopped.returncode == 78, stopped.stderr
+    assert spending_rows(db_path)["images"] == (2, 0)
+
+    resumed = imagepipe(db_path, "resume", "key")
+    assert resumed.returncode == 0, resumed.stderr
+    assert openai_fake.paid_creates == 2
+    assert states(db_path, "key") == {"resolved": 2}
+
+
+def test_a_base_url_that_refuses_connections_gives_back_what_was_reserved(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    """A connection refused sent nothing: it is not counted as paid, so the run stopped on
+    an unreachable base URL finishes under the same cap once the URL is fixed."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as refusing:
+        refusing.bind(("127.0.0.1", 0))  # bound, not listening: every connection refused
+        url = f"http://127.0.0.1:{refusing.getsockname()[1]}/v1"
+        args = run_args("url", tmp_path / "img", "-s", "cartoon", "-c", "2",
+                        "--max-images", "2", "-o", "base_url", url)  # fmt: skip
+        stopped = imagepipe(db_path, *args)
+    assert stopped.returncode == 78, stopped.stderr
+    assert spending_rows(db_path)["images"] == (2, 0)
+
+    resumed = imagepipe(db_path, "resume", "url")  # the fake's URL, from OPENAI_BASE_URL
+    assert resumed.returncode == 0, resumed.stderr
+    assert openai_fake.paid_creates == 2
+
+
+def test_an_image_made_whose_download_failed_stays_counted(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    """DALL-E answers a URL: the create was billed before its download failed with a 500.
+    OpenAI bills each create that made an image (the fake replays the Idempotency-Key,
+    OpenAI's image API does not), so a cap of one image allows no second create."""
+    openai_fake.add_fault(Fault(status=500), endpoint="file", times=1)
+    args = ["run", "a fox", "-p", "openai", "-o", "model", "dall-e-2", "-o", "size", "256x256",
+            "-o", "response_format", "url", "-s", "cartoon", "--id", "url", "--out",
+            str(tmp_path / "img"), "--max-images", "1", "--max-attempts", "3"]  # fmt: skip
+    capped = imagepipe(db_path, *args)
+    assert capped.returncode == 3, capped.stderr
+    assert "image cap reached: 1 of 1 images made or paid for" in capped.stderr
+    made = [a for a in openai_fake.log if a.endpoint == "create" and a.status == 200]
+    assert len(made) == 1
+    assert states(db_path, "url") == {"pending": 1}

@@ -196,7 +196,14 @@ class Lanes:
                         value = await fn(step, **kwargs)
                     else:
                         value = await self._call_with_timeout(fn(step, **kwargs))
-                except DurableError:
+                except DurableError as exc:
+                    if (
+                        reserved
+                        and isinstance(exc, DrainRun)
+                        and getattr(exc.__cause__, "unpaid", False)
+                    ):
+                        # an account-wide error the provider answered: nothing to pay for
+                        await self._settle_cost(promise_id, current, dict.fromkeys(reserved, 0))
                     raise
                 except Exception as exc:
                     if reserved and getattr(exc, "unpaid", False):
