@@ -68,19 +68,26 @@ class Caps:
     def given(self) -> bool:
         return self.max_cost is not None or self.max_images is not None
 
-    def check_priced(self, provider: str, options: Mapping[str, Any], prices: PriceTable) -> None:
+    def check_priced(
+        self,
+        provider: str,
+        options: Mapping[str, Any],
+        prices: PriceTable,
+        *,
+        whose: str = "--max-cost",
+    ) -> None:
         """A cost cap needs a price: a model whose price is unknown is refused (the user
-        may give it one in the prices file)."""
+        may give it one in the prices file). ``whose``: the cap, as the line names it."""
         if self.max_cost is None or provider in FREE_PROVIDERS:
             return
         if worst_case_attempt(provider, options, "", prices) is None:
             model = options.get("model")
             raise BadInput(
-                f"--max-cost needs a price, and the price of {provider} model "
+                f"{whose} needs a price, and the price of {provider} model "
                 f"{quoted(str(model))} is unknown: give it one in the prices file "
                 "(see docs/guides/costs.md)"
                 if model is not None
-                else f"--max-cost needs a price, and {provider}'s price is unknown: give it "
+                else f"{whose} needs a price, and {provider}'s price is unknown: give it "
                 "one in the prices file (see docs/guides/costs.md)"
             )
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe import settings
+from imagepipe.budget import Caps
 from imagepipe.durable import (
     BranchOutcome,
     ErrorInfo,
@@ -56,6 +57,7 @@ from imagepipe.execution import (
     WORKFLOW,
     RunSetup,
     check_same_spec,
+    check_stored_cost_cap,
     checked_caps,
     execution_for,
     image_dir,
@@ -195,8 +197,10 @@ def _refusing_job(error: ImageDirUnusable) -> BranchJob[None]:
     )
 
 
-def _job_maker(invocation: Invocation) -> Callable[[PromiseRecord], Any]:
+def _job_maker(store: Store, invocation: Invocation) -> Callable[[PromiseRecord], Any]:
     async def job_for(root: PromiseRecord) -> BranchJob[Any]:
+        # a cost cap this worker cannot price would not hold here: stop (exit 2)
+        await check_stored_cost_cap(store, root, Caps())
         try:
             execution = execution_for(root, invocation)
         except ImageDirUnusable as exc:
@@ -232,7 +236,7 @@ def run_worker(
             await _forget_gone_workers(store)
             worker = Worker(
                 store,
-                _job_maker(invocation),
+                _job_maker(store, invocation),
                 concurrency=invocation.concurrency or 16,
                 once=once,
                 on_lost=on_lost,

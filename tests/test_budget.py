@@ -278,3 +278,46 @@ def test_an_image_made_whose_download_failed_stays_counted(
     made = [a for a in openai_fake.log if a.endpoint == "create" and a.status == 200]
     assert len(made) == 1
     assert states(db_path, "url") == {"pending": 1}
+
+
+#: a prices file that names gpt-image-1 without its low quality: the run's price unknown
+HIGH_ONLY = '[openai."gpt-image-1"]\nper_image = { "high/1024x1024" = 0.167 }\n'
+
+
+def test_a_stored_cost_cap_is_not_lifted_by_a_prices_file_that_unprices_the_model(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    """The attempts of a model without a price reserve images only: a resume (no
+    --max-cost of its own) would go past the run's stored $0.02 without a word (it made
+    three more images, $0.0436 in all)."""
+    capped = imagepipe(db_path, *run_args("p", tmp_path / "img", "--max-cost", "0.02", "-c", "1"))
+    assert capped.returncode == 3, capped.stderr
+    assert openai_fake.paid_creates == 1
+    prices = tmp_path / "config" / "imagepipe" / "prices.toml"
+    prices.parent.mkdir(parents=True)
+    prices.write_text(HIGH_ONLY)
+    before = checkpointed_bytes(db_path)
+
+    resumed = imagepipe(db_path, "resume", "p", "--max-images", "9")
+    assert (resumed.returncode, resumed.stderr.count("\n")) == (2, 1), resumed.stderr
+    assert "the --max-cost stored with run 'p' needs a price" in resumed.stderr
+    assert checkpointed_bytes(db_path) == before
+    assert openai_fake.requests["create"] == 1
+
+
+def test_a_worker_that_cannot_price_a_capped_run_does_not_run_it(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    """A worker's own prices file may not know the run's price: it stops (exit 2) rather
+    than run the run's branches with nothing reserved against its cost cap."""
+    detach = imagepipe(db_path, *run_args("w", tmp_path / "img", "--max-cost", "0.02", "--detach"))
+    assert detach.returncode == 0, detach.stderr
+    prices = tmp_path / "config" / "imagepipe" / "prices.toml"
+    prices.parent.mkdir(parents=True)
+    prices.write_text(HIGH_ONLY)
+
+    worker = imagepipe(db_path, "worker", "--once")
+    assert (worker.returncode, worker.stderr.count("\n")) == (2, 1), worker.stderr
+    assert "the --max-cost stored with run 'w' needs a price" in worker.stderr
+    assert openai_fake.requests["create"] == 0
+    assert states(db_path, "w") == {"pending": 6}
