@@ -16,6 +16,7 @@ import pytest
 
 from tests.fakes.common import Fault
 from tests.fakes.openai_server import OpenAIFake
+from tests.fakes.replicate_server import ReplicateFake
 
 from conftest import cli_argv, cli_env
 from storeview import checkpointed_bytes
@@ -321,3 +322,19 @@ def test_a_worker_that_cannot_price_a_capped_run_does_not_run_it(
     assert "the --max-cost stored with run 'w' needs a price" in worker.stderr
     assert openai_fake.requests["create"] == 0
     assert states(db_path, "w") == {"pending": 6}
+
+
+def test_a_replicate_prediction_whose_poll_failed_stays_counted(
+    replicate_fake: ReplicateFake, db_path: Path, tmp_path: Path
+) -> None:
+    """The prediction was created (and runs, and bills) before its poll was answered 500:
+    its reservation is not given back, or the next branch's create goes past the cap."""
+    replicate_fake.processing_polls = 1
+    replicate_fake.add_fault(Fault(status=500), endpoint="poll", times=1)
+    args = ["run", "a fox", "-p", "replicate", "-s", "cartoon", "-n", "2", "--id", "rp",
+            "--out", str(tmp_path / "img"), "-c", "1", "--max-images", "1",
+            "--max-attempts", "1"]  # fmt: skip
+    capped = imagepipe(db_path, *args)
+    assert capped.returncode == 3, capped.stderr
+    assert "image cap reached: 1 of 1 images made or paid for" in capped.stderr
+    assert replicate_fake.paid_creates == 1
