@@ -38,6 +38,7 @@ __all__ = [
     "cap_reached",
     "parse_max_cost",
     "reservation",
+    "with_image_cap",
 ]
 
 #: the meters a run's spending is counted on
@@ -142,6 +143,22 @@ def reservation(
         return {IMAGES: 1} if high is None else {IMAGES: 1, MICRO_USD: high}
 
     return worst_case
+
+
+async def with_image_cap(
+    store: Store,
+    run_id: str,
+    reserve: Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None,
+) -> Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None:
+    """``reserve``, or for a free provider's run with an image cap, one image an attempt
+    (a free provider reserves nothing otherwise: its attempts need no transaction more)."""
+    if reserve is not None or IMAGES not in await store.spending(run_id):
+        return reserve
+    return _one_image
+
+
+def _one_image(func: str, kwargs: Mapping[str, Any]) -> Mapping[str, int]:
+    return {IMAGES: 1}
 
 
 def cap_reached(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe import settings
-from imagepipe.budget import Caps
+from imagepipe.budget import Caps, with_image_cap
 from imagepipe.durable import (
     BranchOutcome,
     ErrorInfo,
@@ -166,8 +166,11 @@ def _tidy_images(run_id: str, directory: Path | None, children: Sequence[BranchO
     tidy_after_execution(run_id, directory, outcomes)
 
 
-def _branch_job(run_id: str, execution: RunSetup, invocation: Invocation) -> BranchJob[Deps]:
+async def _branch_job(
+    store: Store, run_id: str, execution: RunSetup, invocation: Invocation
+) -> BranchJob[Deps]:
     """How this process runs a run's branches, whether a worker or a ``resume``."""
+    reserve = await with_image_cap(store, run_id, execution.reserve)
     deps = execution.deps
     if os.environ.get(CALL_LOG):
         deps = replace(deps, provider=_LoggedProvider(deps.provider, os.environ[CALL_LOG]))
@@ -177,7 +180,7 @@ def _branch_job(run_id: str, execution: RunSetup, invocation: Invocation) -> Bra
         retry=execution.retry,
         summarize=summarize_run,
         attempt_timeout=invocation.attempt_timeout,
-        cost_of_attempt=execution.reserve,
+        cost_of_attempt=reserve,
         on_run_settled=functools.partial(_tidy_images, run_id, execution.deps.out_dir),
     )
 
@@ -205,7 +208,7 @@ def _job_maker(store: Store, invocation: Invocation) -> Callable[[PromiseRecord]
             execution = execution_for(root, invocation)
         except ImageDirUnusable as exc:
             return _refusing_job(exc)
-        return _branch_job(root.id, execution, invocation)
+        return await _branch_job(store, root.id, execution, invocation)
 
     return job_for
 
@@ -347,7 +350,7 @@ async def execute_detached(
     With ``reopen`` (``retry`` of a failed run), its rejected branches and its root are
     set back to pending first (their attempt history stays), for any worker to claim."""
     execution = execution_for(root, invocation)  # the provider and its key, checked first
-    job = _branch_job(root.id, execution, invocation)
+    job = await _branch_job(store, root.id, execution, invocation)
 
     async def job_for(record: PromiseRecord) -> BranchJob[Deps]:
         return job  # this worker claims the branches of this one run only

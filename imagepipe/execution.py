@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imagepipe import settings
-from imagepipe.budget import MICRO_USD, Caps, cap_reached, reservation
+from imagepipe.budget import MICRO_USD, Caps, cap_reached, reservation, with_image_cap
 from imagepipe.durable import (
     DurableError,
     PromiseRecord,
@@ -171,6 +171,7 @@ async def stopped_at_cap(store: Store, run_id: str, reached: SpendingCapReached)
     root = await read_root(store, run_id)
     spec = RunSpec.from_stored(root.args)
     reserve = reservation(spec.provider, spec.options, spec.templates, _prices())
+    reserve = await with_image_cap(store, run_id, reserve)
     pending = [c for c in await store.children(run_id) if not c.settled]
     return cap_reached(reached, run_id, pending, reserve)
 
@@ -363,6 +364,7 @@ def _settings(invocation: Invocation) -> ProviderSettings:
         time_scale=invocation.time_scale,
         rpm=invocation.rpm,
         coordinated_backoff=settings.coordinated_backoff(),
+        rate_limit_patience=settings.rate_limit_patience(),
         sim_latency_ms=invocation.sim_latency_ms,
         faults=invocation.faults,
     )

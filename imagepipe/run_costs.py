@@ -169,8 +169,12 @@ async def stored_spending(store: Store, root: RootRecord) -> Spending | None:
     ``show``); None for a run of more than :data:`LIST_COST_BRANCHES` branches."""
     if sum(root.counts.values()) > LIST_COST_BRANCHES:
         return None
-    columns = await store.child_columns(root.id)
-    values = (v for s, v in zip(columns.states, columns.values, strict=True) if s == "resolved")
+    values = [
+        row.value
+        async for rows in store.child_rows(root.id)
+        for row in rows
+        if row.state == "resolved"
+    ]
     return spending(values)
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from imagepipe import settings
+from imagepipe.budget import with_image_cap
 from imagepipe.durable import (
     BranchOutcome,
     Execution,
@@ -26,6 +27,7 @@ from imagepipe.durable import (
 )
 from imagepipe.durable.errors import SpendingCapReached
 from imagepipe.durable.lifecycle import is_detached
+from imagepipe.durable.records import ChildColumns
 from imagepipe.errors import UnknownRun
 from imagepipe.execution import (
     WORKFLOW,
@@ -75,7 +77,7 @@ __all__ = ["fix_run_images", "list_runs", "resume_run", "show_run", "start_run"]
 
 async def _stored_outcome(store: Store, root: PromiseRecord) -> RunOutcome:
     """A run that nothing executed in this invocation, as stored."""
-    branches = StoredBranches(await store.child_columns(root.id))
+    branches = StoredBranches(await ChildColumns.collect(store.where, store.child_rows(root.id)))
     return run_outcome(root, branches, wall_ms=0, executed=False)
 
 
@@ -265,7 +267,7 @@ async def _execute(
         attempt_timeout=invocation.attempt_timeout,
         lease_timeout=settings.lease_timeout(),
         on_event=reporter.on_event,
-        cost_of_attempt=execution.reserve,
+        cost_of_attempt=await with_image_cap(store, root.id, execution.reserve),
     )
     begun = time.perf_counter()
     try:

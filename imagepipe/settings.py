@@ -18,6 +18,9 @@
   process may take a run over (default 10); the owner renews every tenth of it.
 - ``IMAGEPIPE_COORDINATED_BACKOFF``: ``0`` turns coordinated back-off off (a 429 then
   pauses only the branch that got it), to measure what it is worth; default on.
+- ``IMAGEPIPE_RATE_LIMIT_PATIENCE``: seconds (0 to 86400) a run waits for a provider's
+  rate limit to let a request through; rate-limit waits do not count as failed attempts,
+  this bounds them instead (default 600).
 - ``IMAGEPIPE_SIMULATE_MAX_PAGES``: fault injection for tests: cap the store at this many
   pages (SQLite ``max_page_count``) so that growing it fails as a full disk would.
 """
@@ -33,10 +36,12 @@ from imagepipe.text import quoted
 
 __all__ = [
     "busy_timeout",
+    "check_provider_settings",
     "coordinated_backoff",
     "db_reconnect",
     "default_db_path",
     "lease_timeout",
+    "rate_limit_patience",
     "simulated_max_pages",
     "time_scale",
 ]
@@ -74,6 +79,21 @@ def busy_timeout() -> float:
 def db_reconnect() -> float:
     """Seconds a lost connection to a PostgreSQL store is ridden out."""
     return _number("IMAGEPIPE_DB_RECONNECT", 30.0, maximum=86_400)
+
+
+def rate_limit_patience() -> float | None:
+    """Seconds a run waits for a provider's rate limit to let a request through; None
+    when unset (the provider's default, 600)."""
+    if not os.environ.get("IMAGEPIPE_RATE_LIMIT_PATIENCE", "").strip():
+        return None
+    return _number("IMAGEPIPE_RATE_LIMIT_PATIENCE", 0.0, maximum=86_400)
+
+
+def check_provider_settings() -> None:
+    """Read the settings a provider is built with, for their one-line error (exit 2)
+    before a run is written, not once it is stored."""
+    coordinated_backoff()
+    rate_limit_patience()
 
 
 def simulated_max_pages() -> int | None:

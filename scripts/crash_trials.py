@@ -21,8 +21,8 @@ Prints one line such as ``100/100 trials ok, 0 lost, 0 re-executed, 213 kills`` 
 non-zero if any trial broke a rule. The test suite runs a short form of it.
 
 Then it runs the job trials (kills between the durable sub-steps of a job-style provider)
-and the takeover trials of ``scripts/job_trials.py``, and the resume-beside-workers and
-takeover-with-files trials of ``scripts/executor_trials.py``, one summary line each.
+and the takeover trials of ``scripts/job_trials.py``, and the resume-beside-workers,
+takeover-with-files and cap trials of ``scripts/executor_trials.py``, one summary line each.
 
 The kill trials and the executor trials run on SQLite (a file in the work directory), or
 on PostgreSQL: ``--db postgresql://...`` (runs are added to that database), or
@@ -30,7 +30,7 @@ on PostgreSQL: ``--db postgresql://...`` (runs are added to that database), or
 job and takeover trials of ``job_trials.py`` always use SQLite.
 
     python scripts/crash_trials.py [--trials 100] [--jobs 10] [--takeovers 5] [--beside 5]
-                                   [--file-takeovers 3] [--seed 1] [--workers 2]
+                                   [--file-takeovers 3] [--caps 5] [--seed 1] [--workers 2]
                                    [--db URL | --postgres] [--keep DIR]
 """
 
@@ -54,6 +54,7 @@ from typing import Any
 from executor_trials import (
     StoreReader,
     beside_trials,
+    cap_trials,
     embedded_postgres,
     file_takeover_trials,
 )
@@ -353,6 +354,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=3,
         help="SIGSTOP takeover trials against the OpenAI fake, then verify (default 3)",
     )
+    parser.add_argument(
+        "--caps",
+        type=int,
+        default=5,
+        help="kill trials of runs under --max-cost against the billing OpenAI fake (default 5)",
+    )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--db", metavar="URL", help="the store of the kill trials (PostgreSQL)")
     where.add_argument(
@@ -405,13 +412,16 @@ def _all_trials(args: argparse.Namespace, db: str, workdir: Path) -> int:
     takeovers = takeover_trials(args.takeovers, args.seed, workdir)
     beside = beside_trials(args.beside, args.seed, db, workdir)
     files = file_takeover_trials(args.file_takeovers, args.seed, db, workdir)
-    for problem in jobs.problems + takeovers.problems + beside.problems + files.problems:
+    caps = cap_trials(args.caps, args.seed, db, workdir)
+    problems = jobs.problems + takeovers.problems + beside.problems + files.problems
+    for problem in problems + caps.problems:
         print(f"FAILED: {problem}", file=sys.stderr)
     print(jobs.line())
     print(takeovers.line())
     print(beside.line())
     print(files.line())
-    summaries = (jobs, takeovers, beside, files)
+    print(caps.line())
+    summaries = (jobs, takeovers, beside, files, caps)
     all_ok = ok == len(results) and all(s.ok == s.trials for s in summaries)
     return 0 if all_ok else 1
 

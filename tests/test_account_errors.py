@@ -62,7 +62,7 @@ def failed_attempts(db: Path) -> int:
     return int(rows(db, "SELECT count(*) FROM attempts")[0][0])
 
 
-def made_once(fake: FakeServer, run_id: str) -> Counter[str]:
+def images_made(fake: FakeServer, run_id: str) -> Counter[str]:
     """How many images each branch got from the fake (answers 200 to its create)."""
     with fake.lock:
         return Counter(
@@ -132,7 +132,7 @@ def test_an_account_error_stops_the_run_and_a_fixed_one_lets_resume_finish(
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["state"] == "resolved"
     assert states(db_path, "a1") == {"resolved": BRANCHES}
-    made = made_once(openai_fake, "a1")
+    made = images_made(openai_fake, "a1")
     assert made == {f"a1.{i}": 1 for i in range(BRANCHES)}  # every image exactly once
     assert len([p for p in out.iterdir() if p.suffix == ".png"]) == BRANCHES
 
@@ -177,7 +177,7 @@ def test_the_requests_in_flight_end_and_are_recorded_the_rest_left_pending(
     openai_fake.clear_faults()
     resumed = cli(db_path, "resume", "f1")
     assert resumed.returncode == 0, resumed.stderr
-    assert made_once(openai_fake, "f1") == {"f1.0": 1, "f1.1": 1, "f1.2": 1}
+    assert images_made(openai_fake, "f1") == {"f1.0": 1, "f1.1": 1, "f1.2": 1}
     assert len([p for p in out.iterdir() if p.suffix == ".png"]) == 3
 
 
@@ -254,7 +254,7 @@ def test_a_base_url_that_refuses_every_connection_stops_the_run_naming_it(
 
     resumed = cli(db_path, "resume", "c1")  # the fake's URL again, from OPENAI_BASE_URL
     assert resumed.returncode == 0, resumed.stderr
-    assert made_once(openai_fake, "c1") == {f"c1.{i}": 1 for i in range(BRANCHES)}
+    assert images_made(openai_fake, "c1") == {f"c1.{i}": 1 for i in range(BRANCHES)}
 
 
 # -- workers ---------------------------------------------------------------------------
@@ -291,7 +291,7 @@ def test_a_worker_with_a_refused_key_stops_and_leaves_the_branches_to_others(
     fixed = cli(db_path, *worker)
     assert fixed.returncode == 0, fixed.stderr
     assert states(db_path, "d1") == {"resolved": BRANCHES}
-    assert made_once(openai_fake, "d1") == {f"d1.{i}": 1 for i in range(BRANCHES)}
+    assert images_made(openai_fake, "d1") == {f"d1.{i}": 1 for i in range(BRANCHES)}
 
 
 # -- Replicate ---------------------------------------------------------------------------

@@ -338,3 +338,13 @@ def test_a_replicate_prediction_whose_poll_failed_stays_counted(
     assert capped.returncode == 3, capped.stderr
     assert "image cap reached: 1 of 1 images made or paid for" in capped.stderr
     assert replicate_fake.paid_creates == 1
+
+
+def test_an_image_cap_holds_for_the_free_simulated_provider_too(db_path: Path) -> None:
+    args = ["run", "a fox", "-n", "2", "--id", "sim", "--sim-latency", "0", "--max-images", "4"]
+    capped = imagepipe(db_path, *args)
+    assert capped.returncode == 3, capped.stderr
+    assert "imagepipe resume sim --max-images 6 goes on" in capped.stderr
+    assert states(db_path, "sim") == {"resolved": 4, "pending": 2}
+    assert imagepipe(db_path, "resume", "sim", "--max-images", "6").returncode == 0
+    assert states(db_path, "sim") == {"resolved": 6}

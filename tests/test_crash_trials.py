@@ -32,7 +32,7 @@ def test_short_crash_trials_find_no_lost_or_repeated_work(tmp_path: Path) -> Non
     proc = trials(
         tmp_path,
         *("--trials", "10", "--jobs", "3", "--takeovers", "1", "--seed", "11"),
-        *("--beside", "1", "--file-takeovers", "0"),
+        *("--beside", "1", "--file-takeovers", "0", "--caps", "1"),
     )
     assert proc.returncode == 0, proc.stderr
     match = re.fullmatch(
@@ -54,6 +54,7 @@ def test_short_crash_trials_find_no_lost_or_repeated_work(tmp_path: Path) -> Non
     takeovers = summary(proc, "takeover trials")
     assert takeovers == "1/1 takeover trials ok (old owner exit 75, no writes after)"
     assert_beside_ok(summary(proc, "resume-beside-workers trials"))
+    assert summary(proc, "cap trials").startswith("1/1 cap trials ok")
 
 
 def assert_beside_ok(line: str) -> None:
@@ -78,7 +79,7 @@ def test_kill_trials_on_postgresql_find_no_lost_or_repeated_work(
     proc = trials(
         tmp_path,
         *("--trials", "4", "--jobs", "0", "--takeovers", "0", "--seed", "12"),
-        *("--beside", "1", "--file-takeovers", "0", "--db", postgres_url),
+        *("--beside", "1", "--file-takeovers", "0", "--caps", "0", "--db", postgres_url),
     )
     assert proc.returncode == 0, proc.stderr
     line = summary(proc, "trials")
@@ -95,7 +96,7 @@ def test_a_stale_owner_continued_after_a_takeover_leaves_the_files_as_stored(
     proc = trials(
         tmp_path,
         *("--trials", "0", "--jobs", "0", "--takeovers", "0", "--seed", "13"),
-        *("--beside", "0", "--file-takeovers", "1"),
+        *("--beside", "0", "--file-takeovers", "1", "--caps", "0"),
     )
     line = summary(proc, "takeover-with-files trials")
     assert line.startswith("1/1 takeover-with-files trials ok"), proc.stderr

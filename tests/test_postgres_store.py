@@ -19,7 +19,15 @@ from imagepipe.durable.errors import StoreBusy, StoreCorrupt, StoreNewer, StoreU
 from imagepipe.durable.postgres import PostgresStore
 from imagepipe.durable.postgres_errors import describe_url
 from imagepipe.durable.postgres_schema import SCHEMA_VERSION
-from imagepipe.durable.records import Fence, Lease, NewPromise, Settlement, WriteBatch, encode_args
+from imagepipe.durable.records import (
+    ChildColumns,
+    Fence,
+    Lease,
+    NewPromise,
+    Settlement,
+    WriteBatch,
+    encode_args,
+)
 
 SECRET = "s3cr3t-pw"
 
@@ -139,7 +147,7 @@ async def test_a_damaged_row_is_corrupt_not_a_traceback(
         with pytest.raises(StoreCorrupt):
             await store.children("r")
         with pytest.raises(StoreCorrupt, match=r"r\.0.*damaged value"):
-            await store.child_columns("r")
+            await ChildColumns.collect(store.where, store.child_rows("r"))
     finally:
         await store.close()
 

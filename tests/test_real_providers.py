@@ -190,18 +190,12 @@ PAUSE = 3.0
 LONG_PAUSE = 100.0
 
 
-def failed_attempts(db: Path) -> int:
-    """How many failed attempts the run has recorded (read straight from the store)."""
-    conn = sqlite3.connect(db)
-    try:
-        found: int = conn.execute(
-            "SELECT count(*) FROM attempts WHERE error IS NOT NULL"
-        ).fetchone()[0]
-        return found
-    except sqlite3.OperationalError:  # the run has not created its store yet
-        return 0
-    finally:
-        conn.close()
+def read_lines(proc: subprocess.Popen[str], seen: list[str], changed: threading.Event) -> None:
+    """Collect ``proc``'s stdout lines into ``seen`` as they come (a thread's target)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        changed.set()
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 300.0) -> None:
@@ -222,7 +216,8 @@ def test_a_429_storm_pauses_every_branch(
 ) -> None:
     # Causality, not timing margins: the fake holds the run's first four creates (OpenAI's
     # concurrency), so that nothing else is in flight when it answers the first with a
-    # 429. The other three are held until the store shows the client has read that 429;
+    # 429. The other three are held until the run prints that it waits for that 429 (a
+    # rate-limit wait is not a failed attempt: nothing is stored for it);
     # released, their branches finish and queued branches take their slots. Every create
     # after the 429 is then one the client decided to send knowing about the pause, so it
     # may arrive no sooner than the pause after the 429 was answered: a lower bound,
@@ -231,21 +226,25 @@ def test_a_429_storm_pauses_every_branch(
     answer_429, release = threading.Event(), threading.Event()
     openai_fake.add_fault(replace(Fault.rate_limited(pause), held_until=answer_429), times=1)
     openai_fake.add_fault(Fault(held_until=release), times=3)
-    args = openai_run("s1", tmp_path / "images", "-s", "cartoon", "-n", "12", "--json")
+    args = openai_run("s1", tmp_path / "images", "-s", "cartoon", "-n", "12")
     proc = subprocess.Popen(
         cli_argv(*args),
         env=cli_env(
             db_path, IMAGEPIPE_TIME_SCALE=str(SCALE), IMAGEPIPE_COORDINATED_BACKOFF=coordinated
         ),
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
     )
     procs.append(proc)
+    seen: list[str] = []
+    changed = threading.Event()
+    reader = threading.Thread(target=read_lines, args=(proc, seen, changed), daemon=True)
+    reader.start()
     openai_fake.wait_for(lambda: openai_fake.requests["create"] == 4, timeout=300)
     answered = time.monotonic()  # the client reads the 429 (and pauses) after this
     answer_429.set()
-    wait_until(lambda: failed_attempts(db_path) == 1)
+    wait_until(lambda: any("'Rate limit reached' (retrying in" in line for line in seen))
     release.set()
     openai_fake.wait_for(lambda: openai_fake.requests["create"] > 4, timeout=300)
     if coordinated == "0":  # the check bites: another branch sends during the pause
@@ -255,11 +254,11 @@ def test_a_429_storm_pauses_every_branch(
         assert first.key != limited.key
         return  # (the run is killed: its 429'd branch would wait the whole long pause)
 
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    data = json.loads(out)
+    assert proc.wait(timeout=300) == 0, "".join(seen)
+    reader.join(60)
+    data = show_json("s1")
     assert data["state"] == "resolved"
-    assert len(data["images"]) == 12
+    assert [b["state"] for b in data["branches"]] == ["resolved"] * 12
     assert openai_fake.paid_creates == 12
     log = creates(openai_fake)
     assert [a.status for a in log].count(429) == 1

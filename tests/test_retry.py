@@ -8,7 +8,8 @@ import random
 import pytest
 from test_context import context
 
-from imagepipe.durable import ErrorInfo, PromiseRejected, RetryPolicy, Step, Store
+from imagepipe.durable import ErrorInfo, PromiseRejected, RetryPolicy, RunContext, Step, Store
+from imagepipe.durable.errors import DrainRun
 from imagepipe.durable.events import AttemptFailed, Event
 from imagepipe.durable.records import (
     AttemptFailure,
@@ -144,6 +145,81 @@ async def test_budget_and_backoff_continue_from_the_store_after_resume(store: St
         await ctx.begin_run(step)
     assert calls == [3, 4]  # attempt numbers continue; only 2 of the 4 remain
     assert sleep.waits == [8]  # the wait after attempt 3, not tenacity's first (2 s)
+
+
+class Wait(Exception):
+    """A failure that is a wait, not a failed attempt (as a provider's rate limit is)."""
+
+    counts_as_attempt = False
+    retry_after: float | None = 3.0
+
+
+async def test_a_wait_is_not_a_failed_attempt(store: Store) -> None:
+    sleep = FakeSleep()
+    step = failing(4, Wait)
+    policy = RetryPolicy(max_attempts=1, jitter=False)
+    assert await run_one(store, step, policy, sleep) == "ok"
+    assert step.calls == [1, 1, 1, 1, 1]  # type: ignore[attr-defined]  # all in attempt 1
+    assert sleep.waits == [3, 3, 3, 3]  # each wait as long as it asks for
+    failed = [e for e in run_one.events if isinstance(e, AttemptFailed)]  # type: ignore[attr-defined]
+    assert [(e.attempt, e.retry_in) for e in failed] == [(1, 3)] * 4
+    record = await store.get("run.0")
+    assert record is not None
+    assert (record.state, record.attempts, record.failures) == ("resolved", 1, 0)
+    assert await store.failed_attempts("run.0") == []
+
+
+async def test_a_wait_that_names_no_time_backs_off_by_the_waits_so_far(store: Store) -> None:
+    class Unnamed(Wait):
+        retry_after = None
+
+    sleep = FakeSleep()
+    policy = RetryPolicy(max_attempts=1, jitter=False, time_scale=0.5)
+    assert await run_one(store, failing(3, Unnamed), policy, sleep) == "ok"
+    assert sleep.waits == [1, 2, 4]  # 2, 4, 8 s scaled
+
+
+async def test_a_branch_waiting_out_a_wait_sends_nothing_more_once_the_run_drains(
+    store: Store,
+) -> None:
+    """Branch 0 meets a wait; while it waits, branch 1 makes the run drain. Waiting, branch
+    0 had nothing in flight, so the drain does not wait for it, and it does not call its
+    step again: the run stops, branch 0 pending in its one attempt, not failed."""
+    calls: list[int] = []
+    waiting = asyncio.Event()  # branch 0 is in its wait
+    drained = asyncio.Event()  # branch 1 has raised DrainRun
+    over = asyncio.Event()  # the test ends branch 0's wait
+
+    async def step(s: Step[None], i: int) -> str:
+        calls.append(i)
+        if i == 1:
+            await waiting.wait()
+            drained.set()
+            raise DrainRun("the key is refused")
+        raise Wait("slow down")
+
+    async def sleep(seconds: float) -> None:
+        waiting.set()
+        await over.wait()
+        await asyncio.sleep(0)  # a turn of the loop, as a real wait takes
+
+    async def workflow(ctx: RunContext[None]) -> list[str]:
+        handles = [ctx.begin_run(step, i=i) for i in range(2)]
+        return [await h for h in handles]
+
+    ctx = await context(store, lease=False, concurrency=2, retry=RetryPolicy(), sleep=sleep)
+    running = asyncio.ensure_future(ctx.run_workflow(workflow))
+    await drained.wait()
+    with pytest.raises(DrainRun, match="the key is refused"):
+        await running  # the drain did not wait for the branch in its wait
+    over.set()  # its wait ends: the loop runs what is ready (no I/O off the loop here)
+    for _ in range(200):
+        await asyncio.sleep(0)
+    assert calls == [0, 1]  # branch 0 never called again
+    await ctx.cancel_all()
+    states = {c.id: (c.state, c.attempts) for c in await store.children("run")}
+    assert states == {"run.0": ("pending", 1), "run.1": ("pending", 1)}
+    assert await store.failed_attempts("run") == []
 
 
 async def test_cancellation_is_not_retried(store: Store) -> None:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from imagepipe.cli import app
 from imagepipe.durable import StoreMissing, StoreOptions, open_store
 from imagepipe.durable.errors import StoreCorrupt, StoreNewer, StoreUnusable
-from imagepipe.durable.records import Lease, Settlement, WriteBatch
+from imagepipe.durable.records import ChildColumns, Lease, Settlement, WriteBatch
 from imagepipe.durable.sqlite_schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 
 from conftest import cli_argv, cli_env
@@ -265,7 +265,7 @@ def test_damaged_rows_are_a_corrupt_store_error_never_a_traceback(db_path: Path)
             with pytest.raises(StoreCorrupt, match=r"r\.0"):
                 await store.children("r")
             with pytest.raises(StoreCorrupt, match=r"r\.0.*damaged value"):
-                await store.child_columns("r")
+                await ChildColumns.collect(store.where, store.child_rows("r"))
         finally:
             await store.close()
 
@@ -274,6 +274,26 @@ def test_damaged_rows_are_a_corrupt_store_error_never_a_traceback(db_path: Path)
     assert result.exit_code == 74  # type: ignore[attr-defined]
     assert result.stderr.count("\n") == 1  # type: ignore[attr-defined]
     assert "corrupt" in result.stderr or "damaged" in result.stderr  # type: ignore[attr-defined]
+
+
+def test_two_damaged_rows_that_would_make_valid_json_together_are_still_corrupt(
+    db_path: Path,
+) -> None:
+    """Each row's columns are decoded on their own: joined into one JSON text, the value of
+    r.0 and the arguments of r.1 (each damaged) made two well-formed rows, and the resume
+    replayed a value that no one wrote (then stopped at a replay mismatch, exit 65)."""
+    invoke("run", "a cat", "--id", "r", "--json")
+    with sqlite3.connect(db_path) as db:
+        db.execute(
+            "UPDATE promises SET state = 'pending', value = NULL, settled_at = NULL,"
+            " child_counts = NULL WHERE id = 'r'"
+        )
+        db.execute("""UPDATE promises SET value = '{"v":"' WHERE id = 'r.0'""")
+        db.execute("""UPDATE promises SET args = 'x"}],[{"b":2}' WHERE id = 'r.1'""")
+    result = invoke("resume", "r")
+    assert result.exit_code == 74  # type: ignore[attr-defined]
+    assert result.stderr.count("\n") == 1  # type: ignore[attr-defined]
+    assert "'r.0', holds a damaged value" in result.stderr  # type: ignore[attr-defined]
 
 
 def test_a_damaged_store_that_needs_migrating_is_not_migrated_by_a_read(db_path: Path) -> None:

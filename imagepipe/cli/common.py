@@ -258,8 +258,8 @@ _EXECUTION_OPTIONS: dict[str, tuple[Any, Any]] = {
         typer.Option(
             "--rpm",
             metavar="N",
-            help="At most N provider requests a minute, spread evenly, shared by all "
-            "branches [default: no client-side limit].",
+            help="At most N provider requests a minute, shared by all branches: one every "
+            "60/N seconds, never a burst [default: the provider's stated limit, if any].",
             show_default=False,
         ),
     ),
@@ -344,8 +344,9 @@ def make_invocation(
 ) -> "Invocation":
     from imagepipe.providers import Faults
     from imagepipe.runs import Invocation
-    from imagepipe.settings import time_scale
+    from imagepipe.settings import check_provider_settings, time_scale
 
+    check_provider_settings()
     return Invocation(  # validated by the service before it opens the store
         max_attempts=max_attempts,
         concurrency=concurrency,

@@ -43,7 +43,7 @@ from imagepipe.durable.events import (
     PromiseResolved,
 )
 from imagepipe.durable.records import ErrorInfo, Settled
-from imagepipe.durable.retry import RetryPolicy, retry_failed
+from imagepipe.durable.retry import RetryPolicy, retry_failed, waited_out
 from imagepipe.durable.run_state import RunState
 from imagepipe.durable.slots import Slots
 from imagepipe.durable.steps import Handle, Step, SubSteps
@@ -169,8 +169,22 @@ class Lanes:
         holding = True  # a branch starts with the slot it was started with
         step: Step[Any] | None = None  # the latest attempt's
 
+        async def call() -> Any:
+            nonlocal step
+            if not branch.busy:  # again after a wait, during which the branch was idle
+                if self._draining is not None:  # nothing more is sent while the run drains
+                    raise DrainRun(str(self._draining)) from self._draining.__cause__
+                branch.busy = True
+                self._attempting += 1
+            step = Step(promise_id, current, self._state.deps, self._sub_steps, handle.stored)
+            if self._state.listening:
+                self._state.emit(AttemptStarted(promise_id, func, current))
+            if self._attempt_timeout is None:
+                return await fn(step, **kwargs)
+            return await self._call_with_timeout(fn(step, **kwargs))
+
         async def attempt() -> Any:
-            nonlocal current, holding, step
+            nonlocal current, holding
             if not holding:
                 await slots.take()
                 holding = True
@@ -188,14 +202,13 @@ class Lanes:
                     await self._reserve(promise_id, current, reserved)
                 else:
                     await self._state.commit.start_attempt(promise_id, current)
-                if self._state.listening:
-                    self._state.emit(AttemptStarted(promise_id, func, current))
-                step = Step(promise_id, current, self._state.deps, self._sub_steps, handle.stored)
                 try:
-                    if self._attempt_timeout is None:
-                        value = await fn(step, **kwargs)
-                    else:
-                        value = await self._call_with_timeout(fn(step, **kwargs))
+                    # a failure that is a wait (a rate limit) is waited out and called
+                    # again in this same attempt: it is not a failed attempt (the branch is
+                    # idle while it waits, see before_sleep: a drain does not wait for it)
+                    value = await waited_out(
+                        self._retry, call, before_wait=before_sleep, sleep=self._sleep
+                    )
                 except DurableError as exc:
                     if (
                         reserved
@@ -206,6 +219,7 @@ class Lanes:
                         await self._settle_cost(promise_id, current, dict.fromkeys(reserved, 0))
                     raise
                 except Exception as exc:
+                    assert step is not None  # made by call() before anything it runs
                     if reserved and getattr(exc, "unpaid", False):
                         step.cost = dict.fromkeys(reserved, 0)  # refused before any work
                     if reserved and step.cost is not None:
@@ -213,7 +227,7 @@ class Lanes:
                     error = ErrorInfo.from_exception(exc)
                     await self._state.commit.fail_attempt(promise_id, current, started_at, error)
                     raise
-                if reserved and step.cost is not None:
+                if reserved and step is not None and step.cost is not None:
                     await self._settle_cost(promise_id, current, step.cost)
                 return value
             except BaseException:
@@ -279,7 +293,7 @@ class Lanes:
         )
         batch = self._announcing
         if batch is None or batch.written is not settling.written:
-            batch = self._announcing = _Announcements(self, settling.written)
+            batch = self._announcing = _Announcements(self._announce, settling.written)
             settling.written.add_done_callback(batch)
         batch.settlements.append(
             _Announce(handle=handle, settling=settling, cause=cause, effects=effects)
@@ -473,14 +487,14 @@ class _Announcements:
     """The done-callback of a batch's future that announces the settlements in it: one
     loop callback per commit, not one per branch."""
 
-    __slots__ = ("lanes", "settlements", "written")
+    __slots__ = ("announce", "settlements", "written")
 
-    def __init__(self, lanes: Lanes, written: Committed) -> None:
-        self.lanes, self.written = lanes, written
+    def __init__(self, announce: Callable[[_Announcements], None], written: Committed) -> None:
+        self.announce, self.written = announce, written
         self.settlements: list[_Announce] = []
 
     def __call__(self, written: Committed) -> None:
-        self.lanes._announce(self)
+        self.announce(self)
 
 
 class _StoredError(Exception):

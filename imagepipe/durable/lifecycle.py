@@ -190,9 +190,10 @@ async def execute_run(
         if on_started is not None:
             on_started()
         try:
-            await ctx.run_workflow(workflow.fn, **bind_args(workflow.fn, root.args))
-        except PromiseRejected:
-            await ctx.settle_all()  # every other branch still finishes
+            try:
+                await ctx.run_workflow(workflow.fn, **bind_args(workflow.fn, root.args))
+            except PromiseRejected:
+                await ctx.settle_all()  # every other branch still finishes
         except NonDeterminism:
             await ctx.cancel_all()
             ctx.discard()  # nothing of this invocation is written

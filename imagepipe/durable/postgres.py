@@ -25,7 +25,15 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -33,48 +41,41 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
-from imagepipe.durable.batches import ended_claims, fence_key, merged
-from imagepipe.durable.errors import (
-    LeaseHeld,
-    LeaseLost,
-    StoreConflict,
-    StoreCorrupt,
-    StoreUnreachable,
-    StoreUnusable,
-)
+from imagepipe.durable.errors import StoreConflict, StoreUnreachable, StoreUnusable
 from imagepipe.durable.postgres_errors import describe_url, lost_connection, reason, translate
 from imagepipe.durable.postgres_schema import prepare_schema
-from imagepipe.durable.records import (
-    AttemptRecord,
-    ChildColumns,
-    ErrorInfo,
-    Fence,
-    Lease,
-    PromiseRecord,
-    RootRecord,
-    Settled,
-    Spending,
-    WriteBatch,
-    decode_json,
-    named_params,
-    stored_state,
+from imagepipe.durable.records import Fence, Lease, WriteBatch
+from imagepipe.durable.rows import CLAIM_COLUMNS, promise_from_row
+from imagepipe.durable.sql import (
+    CHUNK_ROWS,
+    Counted,
+    Dialect,
+    Fetch,
+    Params,
+    Row,
+    SQLStore,
+    Statements,
+    Tx,
 )
-from imagepipe.durable.rows import (
-    CHILD_COLUMNS,
-    CLAIM_COLUMNS,
-    PROMISE_COLUMNS,
-    ROOT_COLUMNS,
-    add_child_rows,
-    attempt_from_row,
-    promise_from_row,
-    root_from_row,
+from imagepipe.durable.store import DETACHED, Claim, StoreOptions
+
+__all__ = ["POSTGRES", "PostgresStore"]
+
+#: PostgreSQL's SQL: the tables in their own schema, rows locked as they are read (a
+#: fence FOR SHARE, a lease FOR UPDATE, the leases a shared commit may end FOR NO KEY
+#: UPDATE), and the database's clock (``clock_timestamp()``) in Unix seconds
+POSTGRES = Dialect(
+    schema="imagepipe.",
+    now="extract(epoch FROM clock_timestamp())::double precision",
+    pyformat=True,
+    json_lists=False,
+    share_lock=" FOR SHARE",
+    update_lock=" FOR UPDATE",
+    end_lock=" FOR NO KEY UPDATE",
+    counts_object="coalesce(json_object_agg(state, n), '{}')::text",
+    no_limit=None,
 )
-from imagepipe.durable.store import DETACHED, Claim, Store, StoreOptions
-
-__all__ = ["PostgresStore"]
-
-#: the database's clock, in Unix seconds
-_NOW = "extract(epoch FROM clock_timestamp())::double precision"
+_NOW = POSTGRES.now
 _STATES = frozenset({"pending", "resolved", "rejected"})
 #: seconds to wait for a connection when the URL does not say
 _CONNECT_TIMEOUT = 10
@@ -118,9 +119,10 @@ logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
 logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 
-class PostgresStore(Store):
+class PostgresStore(SQLStore):
     """A :class:`~imagepipe.durable.store.Store` in a PostgreSQL database."""
 
+    sql = Statements(POSTGRES)
     notifies = True
 
     def __init__(self, url: str, where: str, kwargs: dict[str, Any], options: StoreOptions) -> None:
@@ -285,10 +287,10 @@ class PostgresStore(Store):
             await asyncio.sleep(at_most)
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
+    async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """One transaction: committed at the end of the block, rolled back on error."""
-        async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            yield cur
+        async with self._pool.connection() as conn, conn.transaction():
+            yield conn
 
     @contextlib.asynccontextmanager
     async def _reading(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
@@ -297,78 +299,67 @@ class PostgresStore(Store):
         async with self._pool.connection() as conn, conn.cursor() as cur:
             yield cur
 
-    # -- the one write path --------------------------------------------------------
+    # -- transactions and reads -----------------------------------------------------
 
-    async def apply(self, batch: WriteBatch) -> Mapping[str, Settled]:
-        sent = _Sent()
-
-        async def once() -> Mapping[str, Settled]:
-            if await self._committed_before(sent):
-                return await self._lost_settlements(batch)
-            async with self._pipelined(sent) as (conn, sync):
-                if batch.fence is not None:
-                    cur = conn.cursor()
-                    await cur.execute(
-                        "SELECT epoch FROM imagepipe.leases WHERE key = %s FOR SHARE",
-                        (batch.fence.key,),
-                    )
-                    row = await cur.fetchone()
-                    if row is None or row[0] != batch.fence.epoch:
-                        raise LeaseLost(batch.fence.key, batch.fence.epoch)
-                return await self._write(conn, batch, sync)
+    async def _in_transaction(self, body: Callable[[Tx], Awaitable[R]]) -> R:
+        async def once() -> R:
+            async with self._transaction() as conn:
+                return await body(_PostgresTx(conn, None, self.where))
 
         return await self._ride_out(once)
 
-    async def apply_each(
-        self, batches: Sequence[WriteBatch]
-    ) -> list[Mapping[str, Settled] | LeaseLost]:
-        if not batches:
-            return []
+    async def _commit(
+        self, body: Callable[[Tx], Awaitable[R]], recovered: Callable[[Fetch], Awaitable[R]]
+    ) -> R:
+        """A write batch's transaction, pipelined (:meth:`_pipelined`). When a lost
+        connection cut off an earlier try during its COMMIT and that COMMIT is found to have
+        taken effect (:meth:`_committed_before`), ``recovered`` says what it returned."""
         sent = _Sent()
-        #: the fences the transaction found current (known before its COMMIT)
-        held: set[Fence] = set()
 
-        async def once() -> Mapping[str, Settled]:
+        async def once() -> R:
             if await self._committed_before(sent):
-                live = [b for b in batches if b.fence is None or b.fence in held]
-                return await self._lost_settlements(merged(live)) if live else {}
-            return await self._apply_each_once(batches, sent, held)
+                return await recovered(self._read)
+            async with self._pipelined(sent) as (conn, sync):
+                return await body(_PostgresTx(conn, sync, self.where))
 
-        lost = await self._ride_out(once)
-        return [
-            LeaseLost(b.fence.key, b.fence.epoch)
-            if b.fence is not None and b.fence not in held
-            else {s.id: lost[s.id] for s in b.settlements if s.id in lost}
-            for b in batches
-        ]
+        return await self._ride_out(once)
 
-    async def _apply_each_once(
-        self, batches: Sequence[WriteBatch], sent: _Sent, held: set[Fence]
-    ) -> Mapping[str, Settled]:
-        async with self._pipelined(sent) as (conn, sync):
-            fences = sorted({b.fence for b in batches if b.fence is not None}, key=fence_key)
-            # Every fence in one statement, locked in key order, and exclusively: this
-            # transaction may end some of these leases, and upgrading a share lock while
-            # the worker's renewal waits for the row deadlocks (measured: a flush of 16
-            # branches lost every few thousand).
-            cur = conn.cursor()
-            await cur.execute(
-                "SELECT key, epoch FROM imagepipe.leases WHERE key = ANY(%s)"
-                " ORDER BY key FOR NO KEY UPDATE",
-                ([f.key for f in fences],),
-            )
-            held.clear()
-            held.update(Fence(key, epoch) for key, epoch in await cur.fetchall())
-            live = [b for b in batches if b.fence is None or b.fence in held]
-            ended = ended_claims(live)
-            if ended:  # sent with the writes below
-                await conn.cursor().execute(
-                    "UPDATE imagepipe.leases l SET owner = NULL"
-                    " FROM unnest(%s::text[], %s::bigint[]) AS f(key, epoch)"
-                    " WHERE l.key = f.key AND l.epoch = f.epoch",
-                    ([f.key for f in ended], [f.epoch for f in ended]),
-                )
-            return await self._write(conn, merged(live), sync) if live else {}
+    async def _fetchall(self, sql: str, params: Params) -> list[Row]:
+        return await self._ride_out(lambda: self._read(sql, params))
+
+    async def _read(self, sql: str, params: Params) -> list[Row]:
+        async with self._reading() as cur:
+            await cur.execute(sql, params)
+            return await cur.fetchall()
+
+    async def _chunks(self, sql: str, params: Params) -> AsyncGenerator[list[Row], None]:
+        """The rows of a read, :data:`CHUNK_ROWS` at a time. Its statement rides out a
+        lost connection; once it has answered, every row is on this side (a client-side
+        cursor), and the chunks are made from it."""
+
+        async def started() -> tuple[contextlib.AsyncExitStack, psycopg.AsyncCursor[Any]]:
+            held = contextlib.AsyncExitStack()
+            try:
+                conn = await held.enter_async_context(self._pool.connection())
+                cur = await held.enter_async_context(conn.cursor())
+                await cur.execute(sql, params)
+            except BaseException:
+                await held.aclose()  # the connection goes back to the pool (or is dropped)
+                raise
+            return held, cur
+
+        held, cur = await self._ride_out(started)
+        async with held:
+            try:
+                while rows := await cur.fetchmany(CHUNK_ROWS):
+                    yield rows
+            except psycopg.Error as exc:
+                raise translate(exc, self.where, self._url) from exc
+
+    async def _announce(self, tx: Tx, batch: WriteBatch) -> None:
+        """NOTIFY the runs ``batch`` writes to: delivered when the transaction commits,
+        never if it rolls back."""
+        await tx.send(_NOTIFY, {"runs": sorted(_runs_written(batch))})
 
     @contextlib.asynccontextmanager
     async def _pipelined(
@@ -417,382 +408,6 @@ class PostgresStore(Store):
             sent.xid = None  # rolled back: the next try writes it afresh
             return False
         return True
-
-    async def _lost_settlements(self, batch: WriteBatch) -> dict[str, Settled]:
-        """What :meth:`apply` returns for ``batch`` once it is known to be committed."""
-        if not batch.settlements:
-            return {}
-        async with self._reading() as cur:
-            return await self._earlier_outcomes(cur, batch)
-
-    async def _write(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        batch: WriteBatch,
-        sync: Callable[[], Awaitable[None]],
-    ) -> dict[str, Settled]:
-        """The writes of ``batch`` in the current transaction (fence already checked): each
-        kind of write is one ``executemany``, all sent before one ``sync``; then their row
-        counts are checked (any mismatch refuses the whole transaction)."""
-        counted: list[tuple[psycopg.AsyncCursor[Any], int, str]] = []
-
-        async def send(
-            sql: str, params: list[Any], conflict: str | None = None
-        ) -> psycopg.AsyncCursor[Any]:
-            cur = conn.cursor()
-            try:  # a pipeline reports an error at its next sync: any statement's
-                await cur.executemany(sql, params)
-            except psycopg.errors.UniqueViolation:  # only the attempts can collide
-                raise StoreConflict(self.where, "already holds a failed attempt") from None
-            if conflict is not None:
-                counted.append((cur, len(params), conflict))
-            return cur
-
-        # delivered when this transaction commits, never if it rolls back
-        await conn.cursor().execute(
-            f"SELECT pg_notify('{PROGRESS_CHANNEL}', run) FROM unnest(%s::text[]) AS run",
-            (sorted(_runs_written(batch)),),
-        )
-        if batch.reopens:
-            await send(
-                "UPDATE imagepipe.promises SET state = 'pending', error = NULL,"
-                " settled_at = NULL, failures = 0, child_counts = NULL"
-                " WHERE id = %s AND state = 'rejected'",
-                [(promise_id,) for promise_id in batch.reopens],
-            )
-        if batch.creates:
-            await send(
-                "INSERT INTO imagepipe.promises (id, parent_id, seq, func, args, options,"
-                " state, value, created_at, settled_at) VALUES (%(id)s, %(parent_id)s,"
-                " %(seq)s, %(func)s, %(args_json)s, %(options_json)s, %(state)s,"
-                " %(value_json)s, %(created_at)s, CASE WHEN %(state)s = 'pending'"
-                " THEN NULL ELSE %(created_at)s::double precision END)"
-                " ON CONFLICT (id) DO NOTHING",
-                [named_params(c) for c in batch.creates],
-                "already holds promises this batch creates",
-            )
-        if batch.starts:
-            await send(
-                "UPDATE imagepipe.promises SET attempts = %(attempt)s"
-                " WHERE id = %(id)s AND state = 'pending' AND attempts < %(attempt)s",
-                [named_params(s) for s in batch.starts],
-                "holds settled or further-on promises",
-            )
-        if batch.failures:
-            await send(
-                "INSERT INTO imagepipe.attempts (promise_id, attempt, started_at,"
-                " finished_at, error) VALUES (%(id)s, %(attempt)s, %(started_at)s,"
-                " %(finished_at)s, %(error_json)s)",
-                [named_params(f) for f in batch.failures],
-            )
-            await send(
-                "UPDATE imagepipe.promises SET failures = failures + 1"
-                " WHERE id = %s AND state = 'pending'",
-                [(f.id,) for f in batch.failures],
-                "holds no pending promise for a failed attempt",
-            )
-        settled = None
-        if batch.settlements:
-            settled = await send(
-                "UPDATE imagepipe.promises SET state = %(state)s, value = %(value_json)s,"
-                " error = %(error_json)s, settled_at = %(settled_at)s"
-                " WHERE id = %(id)s AND state = 'pending'",
-                [named_params(s) for s in batch.settlements],
-            )
-            # a run's root settled here keeps its branches' counts (for listing runs)
-            await conn.cursor().execute(
-                "UPDATE imagepipe.promises AS p SET child_counts = (SELECT coalesce("
-                "json_object_agg(state, n), '{}')::text FROM (SELECT c.state, count(*) AS n"
-                " FROM imagepipe.promises AS c WHERE c.parent_id = p.id GROUP BY c.state) AS s)"
-                " WHERE p.id = ANY(%s) AND p.parent_id IS NULL AND p.state != 'pending'"
-                " AND p.child_counts IS NULL",
-                ([s.id for s in batch.settlements],),
-            )
-        try:
-            await sync()
-        except psycopg.errors.UniqueViolation:  # only the attempts can collide
-            raise StoreConflict(self.where, "already holds a failed attempt") from None
-        for cur, expected, conflict in counted:
-            if cur.rowcount != expected:
-                raise StoreConflict(self.where, conflict)
-        if settled is None or settled.rowcount == len(batch.settlements):
-            return {}
-        return await self._earlier_outcomes(conn.cursor(), batch)
-
-    async def _earlier_outcomes(
-        self, cur: psycopg.AsyncCursor[Any], batch: WriteBatch
-    ) -> dict[str, Settled]:
-        """The settlements of ``batch`` that lost: their promises were settled before. A
-        row this batch settled holds exactly what it wrote; any other outcome is earlier."""
-        await cur.execute(
-            "SELECT id, state, value, error, settled_at, attempts FROM imagepipe.promises"
-            " WHERE id = ANY(%s)",
-            ([item.id for item in batch.settlements],),
-        )
-        rows = {row[0]: row[1:] for row in await cur.fetchall()}
-        lost = {}
-        for item in batch.settlements:
-            if item.id not in rows:
-                raise StoreConflict(self.where, f"has no promise {item.id!r} to settle")
-            state, value, error, settled_at, attempts = rows[item.id]
-            if (state, value, error, settled_at) != (
-                item.state,
-                item.value_json,
-                item.error_json,
-                item.settled_at,
-            ):
-                where = f"{self.where}, promise {item.id!r},"
-                lost[item.id] = Settled(
-                    state=stored_state(state, where),
-                    value=None if value is None else decode_json(value, "value", where),
-                    error=None if error is None else ErrorInfo.from_json(error, where),
-                    attempts=attempts,
-                )
-        return lost
-
-    # -- reads ---------------------------------------------------------------------
-
-    # -- spending --------------------------------------------------------------------
-
-    @_rides_out
-    async def set_spending_limit(self, run_id: str, meter: str, limit: int | None) -> None:
-        async with self._reading() as cur:
-            await cur.execute(
-                "INSERT INTO imagepipe.spending (run_id, meter, cap) VALUES (%s, %s, %s)"
-                " ON CONFLICT (run_id, meter) DO UPDATE SET cap = excluded.cap",
-                (run_id, meter, limit),
-            )
-
-    @_rides_out
-    async def spending(self, run_id: str) -> dict[str, Spending]:
-        async with self._reading() as cur:
-            await cur.execute(
-                "SELECT meter, cap, spent FROM imagepipe.spending WHERE run_id = %s", (run_id,)
-            )
-            rows = await cur.fetchall()
-        return {meter: Spending(cap, spent) for meter, cap, spent in rows}
-
-    @_rides_out
-    async def reserve_attempt(
-        self,
-        fence: Fence | None,
-        run_id: str,
-        promise_id: str,
-        attempt: int,
-        units: Mapping[str, int],
-    ) -> tuple[str, Spending] | None:
-        refused: tuple[str, Spending] | None = None
-        async with self._transaction() as cur:
-            if fence is not None:
-                await self._check_fence(cur, fence)
-            await cur.execute(
-                "SELECT attempts FROM imagepipe.promises WHERE id = %s AND state = 'pending'"
-                " FOR UPDATE",
-                (promise_id,),
-            )
-            row = await cur.fetchone()
-            if row is None:
-                raise StoreConflict(self.where, f"holds no pending promise {promise_id!r}")
-            if row[0] >= attempt:
-                return None  # started before, with its reservation
-            for meter, needed in sorted(units.items()):  # locked in one order: no deadlock
-                await cur.execute(
-                    "INSERT INTO imagepipe.spending (run_id, meter) VALUES (%s, %s)"
-                    " ON CONFLICT DO NOTHING",
-                    (run_id, meter),
-                )
-                # locked: the workers that reserve on one run's meter take turns here
-                await cur.execute(
-                    "SELECT cap, spent FROM imagepipe.spending WHERE run_id = %s AND meter = %s"
-                    " FOR UPDATE",
-                    (run_id, meter),
-                )
-                found = await cur.fetchone()
-                spending = Spending(*found) if found else Spending(None, 0)
-                if not spending.allows(needed):
-                    refused = meter, spending
-                    raise psycopg.Rollback  # nothing of this call is kept
-
-            for meter, needed in units.items():
-                await cur.execute(
-                    "UPDATE imagepipe.spending SET spent = spent + %s"
-                    " WHERE run_id = %s AND meter = %s",
-                    (needed, run_id, meter),
-                )
-                await cur.execute(
-                    "INSERT INTO imagepipe.reservations (promise_id, attempt, meter, reserved)"
-                    " VALUES (%s, %s, %s, %s)",
-                    (promise_id, attempt, meter, needed),
-                )
-            await cur.execute(
-                "UPDATE imagepipe.promises SET attempts = %s WHERE id = %s", (attempt, promise_id)
-            )
-        return refused
-
-    @_rides_out
-    async def settle_cost(
-        self,
-        fence: Fence | None,
-        run_id: str,
-        promise_id: str,
-        attempt: int,
-        cost: Mapping[str, int],
-    ) -> None:
-        async with self._transaction() as cur:
-            if fence is not None:
-                await self._check_fence(cur, fence)
-            for meter, actual in cost.items():
-                await cur.execute(
-                    "UPDATE imagepipe.reservations SET cost = %s WHERE promise_id = %s"
-                    " AND attempt = %s AND meter = %s AND cost IS NULL RETURNING reserved",
-                    (actual, promise_id, attempt, meter),
-                )
-                row = await cur.fetchone()
-                if row is not None:
-                    await cur.execute(
-                        "UPDATE imagepipe.spending SET spent = spent + %s"
-                        " WHERE run_id = %s AND meter = %s",
-                        (actual - row[0], run_id, meter),
-                    )
-
-    async def _check_fence(self, cur: psycopg.AsyncCursor[Any], fence: Fence) -> None:
-        await cur.execute(
-            "SELECT epoch FROM imagepipe.leases WHERE key = %s FOR SHARE", (fence.key,)
-        )
-        row = await cur.fetchone()
-        if row is None or row[0] != fence.epoch:
-            raise LeaseLost(fence.key, fence.epoch)
-
-    @_rides_out
-    async def get(self, promise_id: str) -> PromiseRecord | None:
-        async with self._reading() as cur:
-            await cur.execute(
-                f"SELECT {PROMISE_COLUMNS} FROM imagepipe.promises WHERE id = %s", (promise_id,)
-            )
-            row = await cur.fetchone()
-        return None if row is None else promise_from_row(row, self.where)
-
-    @_rides_out
-    async def children(self, parent_id: str) -> list[PromiseRecord]:
-        async with self._reading() as cur:
-            await cur.execute(
-                f"SELECT {PROMISE_COLUMNS} FROM imagepipe.promises"
-                " WHERE parent_id = %s ORDER BY seq",
-                (parent_id,),
-            )
-            rows = await cur.fetchall()
-        return [promise_from_row(row, self.where) for row in rows]
-
-    @_rides_out
-    async def child_columns(self, parent_id: str) -> ChildColumns:
-        columns = ChildColumns(self.where)
-        async with self._reading() as cur:
-            await cur.execute(
-                f"SELECT {CHILD_COLUMNS} FROM imagepipe.promises WHERE parent_id = %s ORDER BY seq",
-                (parent_id,),
-            )
-            while rows := await cur.fetchmany(1000):
-                add_child_rows(columns, rows)
-        return columns
-
-    @_rides_out
-    async def roots(self, limit: int | None = None) -> list[RootRecord]:
-        async with self._reading() as cur:
-            await cur.execute(
-                f"SELECT {ROOT_COLUMNS} FROM imagepipe.promises WHERE parent_id IS NULL"
-                " ORDER BY created_at DESC, id DESC LIMIT %s",
-                (limit,),
-            )
-            rows = await cur.fetchall()
-            # A settled run's counts were stored when it settled; only the others are counted.
-            counts: dict[str, dict[str, int]] = {row[0]: {} for row in rows if row[-1] is None}
-            await cur.execute(
-                "SELECT parent_id, state, count(*) FROM imagepipe.promises"
-                " WHERE parent_id = ANY(%s) GROUP BY parent_id, state",
-                (list(counts),),
-            )
-            for parent_id, state, n in await cur.fetchall():
-                counts[parent_id][state] = n
-        return [root_from_row(row, counts.get(row[0]), self.where) for row in rows]
-
-    @_rides_out
-    async def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
-        async with self._reading() as cur:
-            await cur.execute(
-                "SELECT a.promise_id, a.attempt, a.started_at, a.finished_at, a.error"
-                " FROM imagepipe.attempts a JOIN imagepipe.promises p ON p.id = a.promise_id"
-                " WHERE (p.parent_id = %s OR p.id = %s) AND a.error IS NOT NULL"
-                " ORDER BY p.parent_id IS NOT NULL, p.seq, a.attempt",
-                (parent_id, parent_id),
-            )
-            rows = await cur.fetchall()
-        return [attempt_from_row(row, self.where) for row in rows]
-
-    # -- leases --------------------------------------------------------------------
-
-    @_rides_out
-    async def acquire_lease(
-        self, claim: Lease, *, stale_after: float, holder_gone: Callable[[Lease], bool]
-    ) -> Lease:
-        async with self._transaction() as cur:
-            # The row exists from the first acquisition on (a released one keeps its
-            # epoch); locking it serialises acquirers and waits out a fenced write.
-            await cur.execute(
-                f"INSERT INTO imagepipe.leases (key, heartbeat_at, epoch) VALUES (%s, {_NOW}, 0)"
-                " ON CONFLICT (key) DO NOTHING",
-                (claim.key,),
-            )
-            await cur.execute(
-                f"SELECT owner, pid, host, epoch, {_NOW} - heartbeat_at FROM imagepipe.leases"
-                " WHERE key = %s FOR UPDATE",
-                (claim.key,),
-            )
-            row = await cur.fetchone()
-            if row is None:
-                raise StoreCorrupt(self.where, f"lost the lease row of {claim.key!r}")
-            owner, pid, host, held_epoch, age = row
-            if owner is not None and owner != claim.owner:
-                holder = Lease(claim.key, owner, pid, host, held_epoch, age)
-                if age <= stale_after and not holder_gone(holder):
-                    raise LeaseHeld(claim.key, holder)
-            epoch = held_epoch + 1
-            await cur.execute(
-                f"UPDATE imagepipe.leases SET owner = %s, pid = %s, host = %s,"
-                f" heartbeat_at = {_NOW}, epoch = %s WHERE key = %s",
-                (claim.owner, claim.pid, claim.host, epoch, claim.key),
-            )
-        return Lease(claim.key, claim.owner, claim.pid, claim.host, epoch, 0.0)
-
-    @_rides_out
-    async def lease_holder(self, key: str) -> Lease | None:
-        async with self._reading() as cur:
-            await cur.execute(
-                f"SELECT owner, pid, host, epoch, {_NOW} - heartbeat_at FROM imagepipe.leases"
-                " WHERE key = %s AND owner IS NOT NULL",
-                (key,),
-            )
-            row = await cur.fetchone()
-        return None if row is None else Lease(key, *row)
-
-    @_rides_out
-    async def renew_lease(self, lease: Lease) -> None:
-        async with self._transaction() as cur:
-            await cur.execute(
-                f"UPDATE imagepipe.leases SET heartbeat_at = {_NOW}"
-                " WHERE key = %s AND epoch = %s AND owner = %s",
-                (lease.key, lease.epoch, lease.owner),
-            )
-            if cur.rowcount != 1:
-                raise LeaseLost(lease.key, lease.epoch)
-
-    @_rides_out
-    async def release_lease(self, lease: Lease) -> None:
-        async with self._transaction() as cur:
-            await cur.execute(
-                "UPDATE imagepipe.leases SET owner = NULL WHERE key = %s AND epoch = %s"
-                " AND owner = %s",
-                (lease.key, lease.epoch, lease.owner),
-            )
 
     # -- workers -------------------------------------------------------------------
 
@@ -882,45 +497,62 @@ class PostgresStore(Store):
             ended = {(key, int(epoch)) for key, epoch in await cur.fetchall()}
         return [fence for fence in missed if (fence.key, fence.epoch) not in ended]
 
-    @_rides_out
-    async def any_pending(self, parent_id: str) -> bool:
-        async with self._reading() as cur:
-            # served by the index of pending children: no count over the run
-            await cur.execute(
-                "SELECT EXISTS (SELECT 1 FROM imagepipe.promises"
-                " WHERE parent_id = %s AND state = 'pending')",
-                (parent_id,),
-            )
-            row = await cur.fetchone()
-        return bool(row and row[0])
 
-    @_rides_out
-    async def held_leases(self, prefix: str = "") -> list[Lease]:
-        async with self._reading() as cur:
-            await cur.execute(
-                f"SELECT key, owner, pid, host, epoch, {_NOW} - heartbeat_at"
-                " FROM imagepipe.leases WHERE owner IS NOT NULL"
-                " AND left(key, length(%s)) = %s ORDER BY key",
-                (prefix, prefix),
-            )
-            rows = await cur.fetchall()
-        return [Lease(*row) for row in rows]
+class _PostgresTx(Tx):
+    """A transaction of the PostgreSQL store. In pipeline mode (``sync`` given), the
+    statements whose rows are not read are sent without waiting; :meth:`check` sends the
+    sync and then compares the counts of changed rows."""
 
-    @_rides_out
-    async def forget_leases(self, prefix: str, *, older_than: float) -> int:
-        if not prefix:
-            raise ValueError("forget_leases needs a key prefix: branch leases stay")
-        async with self._reading() as cur:  # autocommit: the one statement is the transaction
-            await cur.execute(
-                "DELETE FROM imagepipe.leases WHERE left(key, length(%s)) = %s"
-                f" AND (owner IS NULL OR {_NOW} - heartbeat_at > %s)",
-                (prefix, prefix, older_than),
-            )
-            return cur.rowcount
+    def __init__(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        sync: Callable[[], Awaitable[None]] | None,
+        where: str,
+    ) -> None:
+        super().__init__(where)
+        self._conn = conn
+        self._sync = sync
+        #: what a broken unique key means: a pipeline reports an error at its next sync,
+        #: whichever statement it was
+        self._duplicate: str | None = None
+
+    async def fetchall(self, sql: str, params: Params) -> list[Row]:
+        cur = self._conn.cursor()
+        await cur.execute(sql, params)
+        return await cur.fetchall()
+
+    async def send(self, sql: str, params: Params) -> Counted:
+        cur = self._conn.cursor()
+        await cur.execute(sql, params)
+        return cur
+
+    async def _executemany(
+        self, sql: str, params: Iterable[Params], duplicate: str | None
+    ) -> Counted:
+        if duplicate is not None:
+            self._duplicate = duplicate
+        cur = self._conn.cursor()
+        try:
+            await cur.executemany(sql, params)
+        except psycopg.errors.UniqueViolation:
+            raise self._refused() from None
+        return cur
+
+    async def _wait(self) -> None:
+        if self._sync is not None:
+            try:
+                await self._sync()
+            except psycopg.errors.UniqueViolation:
+                raise self._refused() from None
+
+    def _refused(self) -> StoreConflict:
+        """A broken unique key: only a statement sent with ``duplicate`` can break one."""
+        return StoreConflict(self.where, self._duplicate or "already holds a row it writes")
 
 
 #: the channel every write batch NOTIFYs with the ids of the runs it wrote to
 PROGRESS_CHANNEL = "imagepipe_progress"
+_NOTIFY = f"SELECT pg_notify('{PROGRESS_CHANNEL}', run) FROM unnest(%(runs)s::text[]) AS run"
 
 
 def _runs_written(batch: WriteBatch) -> set[str]:

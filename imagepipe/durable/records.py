@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +26,8 @@ __all__ = [
     "AttemptRecord",
     "AttemptStart",
     "ChildColumns",
+    "ChildRow",
+    "ChildRows",
     "ErrorInfo",
     "Fence",
     "Lease",
@@ -168,12 +170,63 @@ class PromiseRecord:
         return self.state != "pending"
 
 
+@dataclass(slots=True)
+class ChildRow:
+    """A child of a promise as a report reads it (``Store.child_rows``): no full record,
+    its arguments left as stored text, and its value kept as the text stored besides the
+    decoded object, for a report that repeats it."""
+
+    id: str
+    state: PromiseState
+    attempts: int
+    #: the value, decoded: an object, or None while pending or when rejected
+    value: dict[str, Any] | None
+    #: the value as stored: the JSON text of ``value``
+    value_text: str | None
+    error: ErrorInfo | None
+    #: the argument object as stored, JSON text
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChildRows:
+    """A chunk of a promise's children, in launch order, as ``Store.child_rows`` yields
+    them: iterating it gives a :class:`ChildRow` each. It holds one sequence per column,
+    which :meth:`ChildColumns.collect` takes whole: a record made for every row cost
+    ``resume --json`` of a resolved run of 100,000 branches 5-7% more CPU (0.78 -> 0.83 s,
+    interleaved runs), of 10,000 branches 2-3%."""
+
+    ids: Sequence[str]
+    states: Sequence[PromiseState]
+    attempts: Sequence[int]
+    values: Sequence[dict[str, Any] | None]
+    value_texts: Sequence[str | None]
+    errors: Sequence[ErrorInfo | None]
+    arguments: Sequence[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[ChildRow]:
+        return map(
+            ChildRow,
+            self.ids,
+            self.states,
+            self.attempts,
+            self.values,
+            self.value_texts,
+            self.errors,
+            self.arguments,
+        )
+
+
 @dataclass(frozen=True)
 class ChildColumns:
-    """The children of a promise in launch order, one list per column: what a report of a
-    run reads (``Store.child_columns``). There is no record per child, arguments are left
-    as stored text, and each value is kept as the text stored besides, for a report that
-    repeats it: reading back a run of 100,000 branches as records cost seconds."""
+    """The children of a promise in launch order, one list per column, gathered from the
+    chunks ``Store.child_rows`` yields (:meth:`collect`): what a report of a run holds.
+    There is no record per child kept, arguments are left as stored text, and each value
+    is kept as the text stored besides, for a report that repeats it: reading back a run
+    of 100,000 branches as records cost seconds."""
 
     where: str
     ids: list[str] = field(default_factory=list)
@@ -186,6 +239,21 @@ class ChildColumns:
     errors: list[ErrorInfo | None] = field(default_factory=list)
     #: each argument object as stored, JSON text: decode one with :meth:`args`
     arguments: list[str] = field(default_factory=list)
+
+    @classmethod
+    async def collect(cls, where: str, chunks: AsyncIterable[ChildRows]) -> ChildColumns:
+        """The rows of ``chunks`` (``store.child_rows(parent_id)``) as columns; ``where``
+        names the store in messages."""
+        columns = cls(where)
+        async for rows in chunks:
+            columns.ids.extend(rows.ids)
+            columns.states.extend(rows.states)
+            columns.attempts.extend(rows.attempts)
+            columns.values.extend(rows.values)
+            columns.value_texts.extend(rows.value_texts)
+            columns.errors.extend(rows.errors)
+            columns.arguments.extend(rows.arguments)
+        return columns
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -8,6 +8,12 @@
 - At most ``max_attempts`` failed attempts. The count comes from the store, not from
   tenacity (which starts at 1 in every process), so a resumed promise keeps its budget and
   its next delay.
+- A failure that is a wait, not a failed attempt (an error whose ``counts_as_attempt``
+  attribute is False and that may be retried: a provider's rate limit), does not end the
+  attempt: :func:`waited_out` waits its ``retry_after`` (else the back-off, jittered, by
+  the number of waits so far) and calls again, in the same durable attempt, so it never
+  uses up ``max_attempts``. Whoever raises such errors bounds how long they go on (a
+  provider's pacer gives up after the run's patience with an error that counts).
 - ``retryable`` decides which errors are retried; anything that is not an ``Exception``
   (cancellation, Ctrl-C) never is (tenacity's custom predicates would retry it:
   jd/tenacity#529), nor are the core's own errors.
@@ -31,7 +37,7 @@ from imagepipe.durable.errors import DurableError
 if TYPE_CHECKING:
     from tenacity import RetryCallState
 
-__all__ = ["RetryPolicy", "retry_failed"]
+__all__ = ["RetryPolicy", "retry_failed", "waited_out"]
 
 T = TypeVar("T")
 
@@ -63,6 +69,22 @@ class RetryPolicy:
         if not isinstance(exc, Exception) or isinstance(exc, DurableError):
             return False
         return self.retryable(exc)
+
+    def is_wait(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is a wait, not a failed attempt: a retryable error whose
+        ``counts_as_attempt`` attribute is False."""
+        return getattr(exc, "counts_as_attempt", True) is False and self.should_retry(exc)
+
+    def wait_delay(self, waits: int, error: BaseException) -> float:
+        """Seconds to wait before calling again after the ``waits``-th wait in a row of one
+        attempt: the ``retry_after`` the error asks for, else the jittered back-off."""
+        retry_after = getattr(error, "retry_after", None)
+        if isinstance(retry_after, int | float):
+            return float(retry_after) * self.time_scale
+        wait = self.backoff(waits)
+        if self.jitter:
+            wait *= self.random()
+        return wait * self.time_scale
 
     def backoff(self, attempt: int) -> float:
         """The longest wait after durable attempt ``attempt`` (1, 2, ...) failed, unscaled."""
@@ -124,3 +146,26 @@ async def retry_failed(
                 raise already_failed.pop()
             result = await attempt()
     return result
+
+
+async def waited_out(
+    policy: RetryPolicy,
+    call: Callable[[], Awaitable[T]],
+    *,
+    before_wait: Callable[[BaseException, float], None],
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """``call()``, called again after every failure that is a wait (:meth:`RetryPolicy.
+    is_wait`) once ``before_wait(error, delay)`` is told and the delay has passed; any
+    other outcome is returned or raised as it is. One durable attempt: nothing is counted."""
+    waits = 0
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not policy.is_wait(exc):
+                raise
+            waits += 1
+            delay = policy.wait_delay(waits, exc)
+            before_wait(exc, delay)
+            await sleep(delay)

@@ -12,8 +12,9 @@ from typing import Any
 from imagepipe.durable.errors import StoreCorrupt
 from imagepipe.durable.records import (
     AttemptRecord,
-    ChildColumns,
+    ChildRows,
     ErrorInfo,
+    Lease,
     PromiseRecord,
     RootRecord,
     decode_json,
@@ -24,10 +25,12 @@ from imagepipe.durable.records import (
 __all__ = [
     "CHILD_COLUMNS",
     "CLAIM_COLUMNS",
+    "LEASE_COLUMNS",
     "PROMISE_COLUMNS",
     "ROOT_COLUMNS",
-    "add_child_rows",
     "attempt_from_row",
+    "children_from_rows",
+    "lease_from_row",
     "promise_from_row",
     "root_from_row",
 ]
@@ -40,25 +43,19 @@ PROMISE_COLUMNS = (
 #: the same, of a branch ``p`` joined with its run (the workers' claims)
 CLAIM_COLUMNS = ", ".join(f"p.{name.strip()}" for name in PROMISE_COLUMNS.split(","))
 
-#: what ``Store.child_columns`` reads of each child, before its validity flag and picks
+#: the columns :func:`children_from_rows` reads (``Store.child_rows``), in its order
 CHILD_COLUMNS = "id, state, attempts, value, error, args"
 
 
-def promise_from_row(
-    row: tuple[Any, ...], where: str, json_values: list[Any] | None = None
-) -> PromiseRecord:
-    """A row of :data:`PROMISE_COLUMNS`; ``json_values``: its args and value, if the caller
-    has decoded them already."""
+def promise_from_row(row: tuple[Any, ...], where: str) -> PromiseRecord:
+    """A row of :data:`PROMISE_COLUMNS`."""
     (promise_id, parent_id, seq, func, args, state, value, error) = row[:8]
     (attempts, failures, created_at, settled_at, options) = row[8:13]
     where = f"{where}, promise {promise_id!r},"
     if not isinstance(attempts, int) or not isinstance(failures, int):
         raise StoreCorrupt(where, "holds a damaged attempt count")
-    if json_values is None:
-        args = decode_json(args, "argument list", where)
-        value = None if value is None else decode_json(value, "value", where)
-    else:
-        args, value = json_values
+    args = decode_json(args, "argument list", where)
+    value = None if value is None else decode_json(value, "value", where)
     return PromiseRecord(
         id=promise_id,
         parent_id=parent_id,
@@ -125,30 +122,36 @@ def attempt_from_row(row: tuple[Any, ...], where: str) -> AttemptRecord:
     )
 
 
-def add_child_rows(columns: ChildColumns, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Append rows of :data:`CHILD_COLUMNS`. Each value is decoded on its own: one
-    ``json.loads`` over a batch is faster, but damaged texts could merge or split there,
+def children_from_rows(rows: Sequence[tuple[Any, ...]], where: str) -> ChildRows:
+    """Rows of :data:`CHILD_COLUMNS`, as one chunk. Each value is decoded on its own: one
+    ``json.loads`` over many rows is faster, but damaged texts could merge or split there,
     and a value is written out again as the text stored."""
     if not rows:
-        return
+        return ChildRows((), (), (), (), (), (), ())
     ids, states, attempts, texts, errors, arguments = zip(*rows, strict=True)
-    where = columns.where
     for promise_id, state, count, args in zip(ids, states, attempts, arguments, strict=True):
         if state not in _STATES or type(count) is not int or type(args) is not str:
             raise StoreCorrupt(f"{where}, promise {promise_id!r},", "holds a damaged row")
-    columns.ids.extend(ids)
-    columns.states.extend(states)
-    columns.attempts.extend(attempts)
-    columns.values.extend(
+    values = [
         None if text is None else _stored_value(text, promise_id, where)
         for promise_id, text in zip(ids, texts, strict=True)
-    )
-    columns.value_texts.extend(texts)
-    columns.errors.extend(
+    ]
+    decoded_errors = [
         None if error is None else ErrorInfo.from_json(error, f"{where}, promise {id_!r},")
         for id_, error in zip(ids, errors, strict=True)
-    )
-    columns.arguments.extend(arguments)
+    ]
+    return ChildRows(ids, states, attempts, values, texts, decoded_errors, arguments)
+
+
+#: the columns :func:`lease_from_row` reads, in its order (the age by the store's clock
+#: follows them, as an expression of the dialect)
+LEASE_COLUMNS = "owner, pid, host, epoch"
+
+
+def lease_from_row(key: str, row: tuple[Any, ...]) -> Lease:
+    """A row of :data:`LEASE_COLUMNS` and the lease's age: ``key``'s holder."""
+    owner, pid, host, epoch, age = row
+    return Lease(key=key, owner=owner, pid=pid, host=host, epoch=epoch, age=age)
 
 
 _STATES = frozenset(("pending", "resolved", "rejected"))

@@ -1,11 +1,19 @@
-"""The storage interface every backend implements, and :func:`open_store` to pick one.
+"""The storage interface every backend implements, split by concern, and its options.
 
-A store is opened from a URL: ``sqlite:///path/to/file.db`` (or a plain path) for the
-embedded SQLite backend, ``postgresql://user@host/dbname`` (or ``postgres://``) for a
-PostgreSQL database that several machines share. Every method is ``async``; a backend
-that does its short work synchronously (SQLite) may still do so inside them.
+- :class:`Promises` — the one write path (:meth:`Promises.apply`), reading promises back,
+  and the leases that fence the writes
+- :class:`Queue` — the branches of detached runs, as workers claim them
+- :class:`Reports` — runs, a run's branches as rows, failed attempts
+- :class:`SpendingStore` — a run's spending caps, and the reservations of its attempts
+- :class:`Store` — all four: what the engine and the commands hold
 
-Writes have one path, :meth:`Store.apply`: a :class:`~.records.WriteBatch` is one
+A store is opened from a URL (:func:`~.opening.open_store`): ``sqlite:///path/to/file.db``
+(or a plain path) for the embedded SQLite backend, ``postgresql://user@host/dbname`` (or
+``postgres://``) for a PostgreSQL database that several machines share. Both are written
+over one SQL layer (:mod:`.sql`). Every method is ``async``; a backend that does its short
+work synchronously (SQLite) may still do so inside them.
+
+Writes have one path, :meth:`Promises.apply`: a :class:`~.records.WriteBatch` is one
 transaction, committed before ``apply`` returns, and fenced by the epoch of the lease it
 was made under. Leases are the only other writes, each its own transaction too.
 """
@@ -14,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from imagepipe.durable.errors import LeaseLost
 from imagepipe.durable.records import (
     AttemptRecord,
-    ChildColumns,
+    ChildRows,
     Fence,
     Lease,
     PromiseRecord,
@@ -30,7 +38,16 @@ from imagepipe.durable.records import (
     WriteBatch,
 )
 
-__all__ = ["DETACHED", "Claim", "SpendingStore", "Store", "StoreOptions"]
+__all__ = [
+    "DETACHED",
+    "Claim",
+    "Promises",
+    "Queue",
+    "Reports",
+    "SpendingStore",
+    "Store",
+    "StoreOptions",
+]
 
 #: The root option that puts a run's branches on the queue that workers claim from:
 #: ``options[DETACHED] is True`` on a pending root promise.
@@ -114,8 +131,9 @@ class SpendingStore(ABC):
         its reservation there (once: a repeated call changes nothing)."""
 
 
-class Store(SpendingStore, ABC):
-    """Durable promises and leases. ``where`` names the store in messages (no secrets)."""
+class Promises(ABC):
+    """Durable promises and the leases that fence their writes. ``where`` names the store
+    in messages (no secrets)."""
 
     where: str
 
@@ -145,28 +163,12 @@ class Store(SpendingStore, ABC):
         same transaction (no owner, the epoch kept). A conflict in any batch
         (:class:`~.errors.StoreConflict`) refuses them all."""
 
-    # -- reads ---------------------------------------------------------------------------
-
     @abstractmethod
     async def get(self, promise_id: str) -> PromiseRecord | None: ...
 
     @abstractmethod
     async def children(self, parent_id: str) -> list[PromiseRecord]:
         """The children of a promise in launch order."""
-
-    @abstractmethod
-    async def child_columns(self, parent_id: str) -> ChildColumns:
-        """The children of a promise in launch order, column by column (see
-        :class:`~.records.ChildColumns`): what a report of a whole run reads."""
-
-    @abstractmethod
-    async def roots(self, limit: int | None = None) -> list[RootRecord]:
-        """Root promises (runs), newest first, with their children's counts by state;
-        their values are not read."""
-
-    @abstractmethod
-    async def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
-        """Every failed attempt of ``parent_id`` and of its children, in launch order."""
 
     # -- leases --------------------------------------------------------------------------
 
@@ -192,7 +194,21 @@ class Store(SpendingStore, ABC):
     async def release_lease(self, lease: Lease) -> None:
         """Give the lease up (its epoch stays, so the next holder's is higher)."""
 
-    # -- workers: the branches of detached runs are a queue -------------------------
+    #: whether :meth:`wait_for_progress` returns as soon as another process writes
+    notifies: bool = False
+
+    async def wait_for_progress(self, run_id: str, at_most: float) -> None:
+        """Return once promises of ``run_id`` may have changed, at the latest after
+        ``at_most`` seconds. This base polls (it waits all of it); a backend that
+        can be told of other processes' writes (PostgreSQL: LISTEN/NOTIFY) returns early."""
+        await asyncio.sleep(at_most)
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+class Queue(ABC):
+    """The workers' queue: the branches of detached runs, claimed under leases."""
 
     @abstractmethod
     async def claim(
@@ -206,9 +222,9 @@ class Store(SpendingStore, ABC):
         hold ``DETACHED: true``, the root's own lease (a run executed in one process) is not
         live, and no lease on the branch's id is live: held and renewed less than
         ``stale_after`` seconds ago by the store's clock. Each claim takes the lease on the
-        branch's id with the next epoch (as :meth:`acquire_lease` does). Concurrent callers
-        never get the same branch (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: ``SELECT ...
-        FOR UPDATE SKIP LOCKED``)."""
+        branch's id with the next epoch (as :meth:`Promises.acquire_lease` does).
+        Concurrent callers never get the same branch (SQLite: ``BEGIN IMMEDIATE``;
+        PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED``)."""
 
     @abstractmethod
     async def renew_claims(self, worker: Lease, fences: Sequence[Fence]) -> list[Fence]:
@@ -238,14 +254,27 @@ class Store(SpendingStore, ABC):
         by and that are never taken again (a worker's presence, ``worker:<id>``): a
         branch's or a run's row keeps its epoch for ever, so that fencing holds."""
 
-    #: whether :meth:`wait_for_progress` returns as soon as another process writes
-    notifies: bool = False
 
-    async def wait_for_progress(self, run_id: str, at_most: float) -> None:
-        """Return once promises of ``run_id`` may have changed, at the latest after
-        ``at_most`` seconds. This base polls (it waits all of it); a backend that
-        can be told of other processes' writes (PostgreSQL: LISTEN/NOTIFY) returns early."""
-        await asyncio.sleep(at_most)
+class Reports(ABC):
+    """What reports read: runs, a run's branches as rows, failed attempts."""
 
     @abstractmethod
-    async def close(self) -> None: ...
+    def child_rows(self, parent_id: str) -> AsyncIterator[ChildRows]:
+        """The children of a promise in launch order, a chunk of rows at a time (read
+        with ``fetchmany``; each chunk iterates as :class:`~.records.ChildRow` records):
+        what a report of a whole run reads, never every row at once.
+        :meth:`~.records.ChildColumns.collect` gathers them for a report."""
+
+    @abstractmethod
+    async def roots(self, limit: int | None = None) -> list[RootRecord]:
+        """Root promises (runs), newest first, with their children's counts by state;
+        their values are not read."""
+
+    @abstractmethod
+    async def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
+        """Every failed attempt of ``parent_id`` and of its children, in launch order."""
+
+
+class Store(Promises, Queue, Reports, SpendingStore):
+    """A store: promises and leases, the workers' queue, reports, and runs' spending, in
+    one database."""

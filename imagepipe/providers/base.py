@@ -4,9 +4,12 @@ A provider (:class:`ImageProvider`) gets a :class:`ProviderRequest` and the bran
 :class:`SubSteps`, and returns a :class:`ProviderImage`; the pipeline saves it to disk.
 
 Every :class:`ProviderError` carries ``retryable`` and ``retry_after`` (the seconds the
-server asked for, or ``None``); its message is the provider's own, on one line. An
+server asked for, or ``None``), and ``counts_as_attempt``: False for a rate limit, which
+the core waits out and tries again without using up ``--max-attempts`` (the pacer bounds
+those waits by the run's patience); its message is the provider's own, on one line. An
 :class:`AccountError` is one of the account or the set-up (a refused key, no credit left,
-an unknown model, a base URL that cannot be used), not of one image: it stops the run.
+an unknown model, a base URL that cannot be used, a rate limit that let nothing through
+for the run's patience), not of one image: it stops the run.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = [
     "ProviderRequest",
     "ProviderTimeout",
     "QuotaExceeded",
+    "RateLimitPatienceExceeded",
     "RateLimited",
     "RefusedURL",
     "ServerError",
@@ -143,6 +147,9 @@ class ProviderError(Exception):
     retry_after: float | None = None
     status: int | None = None
     code: str | None = None
+    #: False: a failure that is a wait, not a failed attempt (the core retries it without
+    #: counting it against ``--max-attempts``, see imagepipe.durable.retry)
+    counts_as_attempt: bool = True
     #: the exit code of a run that fails with this error: 1, a run that failed on its own
     exit_code: ClassVar[int] = 1
 
@@ -207,7 +214,11 @@ class ServerError(TransientProviderError):
 
 
 class RateLimited(TransientProviderError):
-    """A 429 rate limit. Not retryable here when the server asks for more than 120 s."""
+    """A 429 rate limit: a wait, not a failed attempt (it does not use up
+    ``--max-attempts``; the run's patience bounds it). Not retryable here when the server
+    asks for more than 120 s."""
+
+    counts_as_attempt = False
 
     def __init__(
         self,
@@ -280,6 +291,14 @@ class BaseURLUnusable(AccountError):
         cause = self.__cause__
         refused = isinstance(cause, CannotConnect) and cause.unpaid
         return (refused and not self.billed) or super().unpaid
+
+
+class RateLimitPatienceExceeded(AccountError):
+    """The provider's rate limit let no request through for the run's patience
+    (``IMAGEPIPE_RATE_LIMIT_PATIENCE``): every later request of the run raises it without
+    being sent, and the run stops, its rest pending for a later ``imagepipe resume``."""
+
+    fix = "wait for the provider's rate limit, or raise IMAGEPIPE_RATE_LIMIT_PATIENCE"
 
 
 class CredentialsError(AccountError):

@@ -33,15 +33,23 @@ class ProviderSettings:
     rpm: int | None = None
     #: ``IMAGEPIPE_COORDINATED_BACKOFF``: a 429 pauses every branch of the run
     coordinated_backoff: bool = True
+    #: ``IMAGEPIPE_RATE_LIMIT_PATIENCE``: seconds a rate limit may let nothing through
+    rate_limit_patience: float | None = None
     #: ``--sim-latency`` and the fault options: the simulated provider's
     sim_latency_ms: int | None = None
     faults: Faults | None = None
 
     def pacer(self) -> Pacer:
         """The run's pacer (rate limit and coordinated back-off) for an HTTP provider."""
-        from imagepipe.providers.http import Pacer
+        from imagepipe.providers.http import DEFAULT_PATIENCE, Pacer
 
-        return Pacer(rpm=self.rpm, coordinated=self.coordinated_backoff, time_scale=self.time_scale)
+        patience = self.rate_limit_patience
+        return Pacer(
+            rpm=self.rpm,
+            coordinated=self.coordinated_backoff,
+            time_scale=self.time_scale,
+            patience=DEFAULT_PATIENCE if patience is None else patience,
+        )
 
 
 class ProviderClass(Protocol):

@@ -13,9 +13,11 @@ bounded answers.
   :func:`transport_error` does the same for httpx's exceptions (timeouts, refused or
   dropped connections).
 - :class:`Pacer` is shared by every branch of one provider: coordinated back-off (a 429
-  with Retry-After pauses every branch's next request until then) and an optional
-  client-side ``rpm`` limit through aiolimiter, spread evenly (never a burst larger than
-  one second's share).
+  with Retry-After pauses every branch's next request until then), an optional
+  client-side ``rpm`` limit through aiolimiter, one request every ``60/rpm`` s (never a
+  burst, not at the start and not after a pause), the same pacing at the limit an
+  answer's ``x-ratelimit-limit-requests`` states, and the run's patience with a rate
+  limit that lets nothing through.
 - :func:`send` is one paced request with classified errors, an overall deadline, and a
   body read within a :class:`BodyLimit` counted in decompressed bytes (:func:`read_body`):
   a huge answer or a gzip bomb is refused at the limit, never held in memory.
@@ -37,6 +39,7 @@ import re
 import socket
 import time
 import zlib
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -55,6 +58,7 @@ from imagepipe.providers.base import (
     ProviderTimeout,
     QuotaExceeded,
     RateLimited,
+    RateLimitPatienceExceeded,
     RefusedURL,
     ServerError,
     TransientProviderError,
@@ -69,6 +73,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCEPT_ENCODING",
     "CONTENT_POLICY_CODES",
+    "DEFAULT_PATIENCE",
     "ERROR_BODY_LIMIT",
     "MB",
     "BodyLimit",
@@ -112,6 +117,14 @@ QUOTA_CODES = frozenset(
 )
 #: seconds every branch pauses after a 429 that names no wait
 DEFAULT_PAUSE = 1.0
+#: how much longer than 60/rpm s the pacer spaces requests: a provider counts them as they
+#: arrive, and the way there may bring two a little closer than they were sent
+PACE_GUARD = 0.02
+#: seconds of answers the pacer looks back on to learn a pace from a 429
+LEARN_SECONDS = 5.0
+#: seconds a run waits for a provider's rate limit to let a request through before it
+#: gives up (IMAGEPIPE_RATE_LIMIT_PATIENCE sets it)
+DEFAULT_PATIENCE = 600.0
 #: a Retry-After longer than this (30 days) is taken for garbage, as if absent
 MAX_SANE_WAIT = 30 * 24 * 3600.0
 
@@ -321,20 +334,39 @@ class Pacer:
 
     - Coordinated back-off: :meth:`observe` of an error with a ``retry_after`` (or a 429
       without one: :data:`DEFAULT_PAUSE`) pauses every later :meth:`acquire` and
-      :meth:`backoff` until then. ``coordinated=False`` turns that off (for benchmarks).
-    - ``rpm``: at most that many :meth:`acquire` a minute, spread evenly: a bucket of one
-      second's share refilled continuously (for ``rpm`` < 60, one request per ``60/rpm`` s).
+      :meth:`backoff` until then. ``coordinated=False`` turns that off, and the pacing
+      from headers below with it (for benchmarks).
+    - ``rpm``: one :meth:`acquire` every ``60/rpm`` seconds (and :data:`PACE_GUARD`),
+      evenly, through an aiolimiter ``AsyncLimiter(1, 60/rpm)``: a bucket that holds one
+      request, so no burst ever goes through, not at the start and not after a pause (a
+      request that got its turn during a pause waits the pause out, then takes a new turn).
+    - Pacing from headers: an answer's ``x-ratelimit-limit-requests`` (the requests a
+      minute OpenAI allows) paces every request the same way at that rate, when it is
+      lower than ``rpm`` or there is none (:meth:`observe_limit`).
+    - Pacing from 429s: with neither, the first 429 sets the pace at the most requests
+      the provider let through in one second of the last few (:meth:`_learn_pace`); a
+      stated limit that comes later wins over it.
+    - Patience: while a provider's rate limit lets no request through, 429s are waits, not
+      failed attempts; once it has let none through for ``patience`` seconds, the next
+      429, and every :meth:`acquire` after it, raises
+      :class:`~imagepipe.providers.base.RateLimitPatienceExceeded`.
     - ``time_scale`` multiplies every wait, so tests can simulate a minute in 0.6 s.
     """
 
     def __init__(
-        self, rpm: float | None = None, *, coordinated: bool = True, time_scale: float = 1.0
+        self,
+        rpm: float | None = None,
+        *,
+        coordinated: bool = True,
+        time_scale: float = 1.0,
+        patience: float = DEFAULT_PATIENCE,
     ) -> None:
         if rpm is not None and rpm <= 0:
             raise ValueError("rpm must be positive")
         self.rpm = rpm
         self.coordinated = coordinated
         self.time_scale = time_scale
+        self.patience = patience
         self.pauses = 0  # how many times coordinated back-off paused the provider
         self.in_flight = 0  # requests sent and not answered yet
         #: after a pause for an exhausted quota, one request at a time until an answer
@@ -345,12 +377,32 @@ class Pacer:
         #: (start, end) in the event loop's clock (time.monotonic) of the latest pause
         self.last_pause: tuple[float, float] | None = None
         self._until = 0.0  # loop time
+        #: the requests a minute the provider's headers stated, if they did
+        self.stated_rpm: int | None = None
+        #: requests a minute the limiter paces at (``rpm``, the stated or learned one)
+        self.pace: float | None = None
+        #: the pace learned from the first 429 when nothing else set one
+        self.learned_rpm: int | None = None
+        #: when the requests let through in the last few seconds were sent (loop times),
+        #: kept while there is no pace
+        self._through: deque[float] = deque()
         self._limiter: AsyncLimiter | None = None
+        #: loop time of the first 429 since a request was last let through, or None
+        self._limited_since: float | None = None
+        #: the message of :class:`RateLimitPatienceExceeded` once patience ran out
+        self._gave_up: str | None = None
         if rpm is not None:
-            from aiolimiter import AsyncLimiter
+            self._pace_at(rpm)
 
-            burst = max(1.0, rpm / 60.0)
-            self._limiter = AsyncLimiter(burst, burst * 60.0 / rpm * time_scale)
+    def _pace_at(self, rpm: float) -> None:
+        """Pace every later :meth:`acquire` at ``rpm`` requests a minute, one at a time."""
+        self.pace = rpm
+        if self.time_scale <= 0:
+            return  # no waiting at all (IMAGEPIPE_TIME_SCALE=0)
+        from aiolimiter import AsyncLimiter
+
+        # A bucket of one: a request goes once the previous one's 60/rpm s have passed.
+        self._limiter = AsyncLimiter(1, 60.0 / rpm * (1 + PACE_GUARD) * self.time_scale)
 
     def paused_for(self) -> float:
         """Seconds (already scaled) until the current pause ends; 0 when not paused."""
@@ -364,6 +416,21 @@ class Pacer:
             self._until = until
             self.pauses += 1
             self.last_pause = (now, until)
+
+    def observe_limit(self, headers: Mapping[str, str]) -> None:
+        """Pace at the provider's stated limit (``x-ratelimit-limit-requests``, requests a
+        minute, as OpenAI sends it on every answer) when it is below ``rpm`` or there is
+        none: evenly, as ``rpm`` is. Off when not coordinated."""
+        if not self.coordinated:
+            return
+        stated = (_header(headers, "x-ratelimit-limit-requests") or "").strip()
+        if not stated.isdigit() or int(stated) <= 0 or int(stated) == self.stated_rpm:
+            return
+        self.stated_rpm = int(stated)
+        if self.rpm is None or self.stated_rpm < self.rpm:
+            self._pace_at(self.stated_rpm)
+        elif self.pace != self.rpm:  # the stated limit went back up, above --rpm
+            self._pace_at(self.rpm)
 
     def observe_quota(self, headers: Mapping[str, str]) -> bool:
         """Pause everyone before the provider's request quota runs out: when what is left
@@ -384,13 +451,58 @@ class Pacer:
         return True
 
     def observe(self, error: ProviderError) -> None:
-        """Pause everyone if ``error`` asks for a wait (coordinated back-off)."""
+        """Pause everyone if ``error`` asks for a wait (coordinated back-off); a rate limit
+        that has let no request through for longer than the patience gives up."""
+        if isinstance(error, RateLimited) and error.retryable:
+            self._rate_limited()
+            self._learn_pace()
         if not self.coordinated or not error.retryable:
             return
         if error.retry_after is not None:
             self.pause(error.retry_after)
         elif isinstance(error, RateLimited):
             self.pause(DEFAULT_PAUSE)
+
+    def let_through(self, sent_at: float | None = None) -> None:
+        """The provider answered a request with something other than a rate limit;
+        ``sent_at``: the loop time it was sent."""
+        self._limited_since = None
+        if self.pace is None and sent_at is not None:  # to learn a pace at the first 429
+            self._through.append(sent_at)
+            now = asyncio.get_running_loop().time()
+            while self._through and self._through[0] < now - LEARN_SECONDS * self.time_scale:
+                self._through.popleft()
+
+    def _learn_pace(self) -> None:
+        """At the first 429 with no pace (no ``rpm``, no stated limit), pace at the most
+        requests sent in one second of the last few that the provider let through, 60
+        times a minute: what a limit enforced in one-second slices allows."""
+        if self.pace is not None or not self.coordinated or self.time_scale <= 0:
+            return
+        second = self.time_scale
+        times = sorted(self._through)
+        self._through.clear()
+        most, first = 0, 0
+        for last, sent in enumerate(times):  # the most sent within one second
+            while times[first] <= sent - second:
+                first += 1
+            most = max(most, last - first + 1)
+        if most:
+            self.learned_rpm = 60 * most
+            self._pace_at(self.learned_rpm)
+
+    def _rate_limited(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if self._limited_since is None:
+            self._limited_since = now
+        elif self._gave_up is None and now - self._limited_since > self.patience * self.time_scale:
+            self._gave_up = (
+                f"rate limited: the provider let no request through for {self.patience:g} s"
+            )
+
+    def gave_up(self) -> RateLimitPatienceExceeded | None:
+        """The error every request raises once the patience ran out, else None."""
+        return None if self._gave_up is None else RateLimitPatienceExceeded(self._gave_up)
 
     async def backoff(self) -> None:
         """Wait out the current pause, if any (pauses may be extended meanwhile)."""
@@ -399,20 +511,30 @@ class Pacer:
             await asyncio.sleep(left)
 
     async def acquire(self) -> None:
-        """Wait until one more request may be sent. After a pause for an exhausted quota,
-        one request goes first: its answer says how much of the quota came back."""
+        """Wait until one more request may be sent: after any pause, at the pace, and,
+        after a pause for an exhausted quota, only once the request that went first (its
+        answer says how much of the quota came back) is answered."""
         while True:
+            if (error := self.gave_up()) is not None:
+                raise error
             await self.backoff()
-            if not self._probing:
-                break
-            if not self._probe_out:
+            if self._probing and self._probe_out:
+                await self._answered.wait()
+                continue
+            limiter = self._limiter
+            if limiter is not None:
+                await limiter.acquire()
+                if limiter is not self._limiter or self.paused_for() > 0:
+                    # A pause began (or the pace changed) while this request waited for its
+                    # turn: going at the pause's end would be a burst. Take a new turn.
+                    continue
+            if self._probing:
+                if self._probe_out:
+                    continue  # another request went first meanwhile
                 self._probe_out = True
-                break
-            answered = self._answered
-            await answered.wait()
-        if self._limiter is not None:
-            await self._limiter.acquire()
-            await self.backoff()
+            if (error := self.gave_up()) is not None:
+                raise error
+            return
 
     def answered(self, quota_left: bool) -> None:
         """A request came back; ``quota_left``: its answer said the quota has room for the
@@ -575,7 +697,8 @@ async def send(
 ) -> Reply:
     """One request through ``pacer``; a failure raises the classified :class:`ProviderError`.
 
-    - ``paced=False`` waits out back-off pauses but does not count against ``rpm`` (polls).
+    - ``paced=False`` waits out back-off pauses but does not count against ``rpm`` (polls),
+      and its answer neither sets the pace nor counts as one the rate limit let through.
     - The answer's body is read within ``limit`` (decompressed bytes; an error answer's
       within :data:`ERROR_BODY_LIMIT`, truncated); the whole request, from sending to the
       last byte of the answer, within ``deadline`` seconds (a retryable timeout), not only
@@ -585,16 +708,23 @@ async def send(
     import httpx
 
     await (pacer.acquire() if paced else pacer.backoff())
+    sent_at = asyncio.get_running_loop().time()
     pacer.in_flight += 1
     quota_left = False
     try:
         async with asyncio.timeout(deadline):
             async with client.stream(method, url, **kwargs) as response:
+                if paced:  # the paced requests' answers tell of their limit (not polls)
+                    pacer.observe_limit(response.headers)
                 if not 200 <= response.status_code < 300:
                     body = await read_body(response, ERROR_BODY_LIMIT, truncate=True)
                     error = classify(response.status_code, response.headers, body, secret=secret)
+                    if paced and not isinstance(error, RateLimited):
+                        pacer.let_through(sent_at)
                     pacer.observe(error)
-                    raise error
+                    raise pacer.gave_up() or error
+                if paced:
+                    pacer.let_through(sent_at)
                 body = await read_body(response, limit.bytes)
         quota_left = pacer.observe_quota(response.headers)
         return Reply(response.status_code, response.headers, body, secret)

@@ -2,9 +2,9 @@
 
 A :class:`Fault` is applied to matching requests (by endpoint, prompt, position) before the
 fake's normal answer; :meth:`FakeServer.limit_rpm` makes it allow only R requests per
-(scaled) minute, answering 429 with Retry-After beyond that. Every wait the fake makes is
-multiplied by ``time_scale``, and every wait it asks for is given unscaled, as a real server
-would: the client's own ``time_scale`` brings it back.
+(scaled) minute, or R/60 in any one second, answering 429 with Retry-After beyond that.
+Every wait the fake makes is multiplied by ``time_scale``, and every wait it asks for is
+given unscaled, as a real server would: the client's own ``time_scale`` brings it back.
 """
 
 from __future__ import annotations
@@ -318,6 +318,10 @@ class FakeServer:
         self._news = threading.Condition()
         self._rules: list[_Rule] = []
         self._rpm: tuple[int, deque[float]] | None = None
+        #: limit_rpm(per_second=True): the slices, and the stated limit's (level, time)
+        self._per_second = False
+        self._stated = True
+        self._bucket = (0.0, 0.0)
         self._stopping = threading.Event()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -359,10 +363,22 @@ class FakeServer:
         with self.lock:
             self._rules.clear()
 
-    def limit_rpm(self, rpm: int) -> None:
-        """Allow only ``rpm`` creates per 60 s × time_scale (sliding); 429 beyond that."""
+    def limit_rpm(self, rpm: int, *, per_second: bool = False, stated: bool = True) -> None:
+        """Allow only ``rpm`` creates per 60 s × time_scale (sliding); 429 beyond that.
+
+        ``per_second``: enforce it in one-second slices, as OpenAI's rate-limit guide says
+        a per-minute limit may be: at most ``rpm/60`` creates in any one second (sliding;
+        below 60 a minute, one in any ``60/rpm`` s), and answer with the headers OpenAI
+        publishes, its stated per-minute limit replenished continuously:
+        ``x-ratelimit-limit-requests`` (``rpm``), ``-remaining-requests`` and
+        ``-reset-requests`` (the time until it is whole again), on a 429 too, with
+        ``retry-after-ms`` and ``retry-after``; ``stated=False``: without those headers
+        (a provider that states no limit, only its 429s' waits)."""
         with self.lock:
             self._rpm = (rpm, deque())
+            self._per_second = per_second
+            self._stated = stated
+            self._bucket = (float(rpm), time.monotonic())
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Block until ``predicate()`` is true, re-checked whenever a request arrives or an
@@ -469,6 +485,8 @@ class FakeServer:
         with self.lock:
             if self._rpm is None:
                 return None, {}
+            if self._per_second:
+                return self._over_slice()
             limit, accepted = self._rpm
             window = 60.0 * self.time_scale
             now = time.monotonic()
@@ -483,6 +501,34 @@ class FakeServer:
                 "x-ratelimit-remaining-requests": str(limit - len(accepted)),
                 "x-ratelimit-reset-requests": f"{reset * 1000:.0f}ms",
             }
+
+    def _over_slice(self) -> tuple[float | None, dict[str, str]]:
+        """:meth:`_over_rpm` in one-second slices (see :meth:`limit_rpm`), with the lock
+        held; the headers go with a 429 too."""
+        assert self._rpm is not None
+        limit, accepted = self._rpm
+        allowed = max(1, limit // 60)
+        window = allowed * 60.0 / limit * self.time_scale
+        now = time.monotonic()
+        while accepted and accepted[0] <= now - window:
+            accepted.popleft()
+        # the stated per-minute limit, replenished continuously (what the headers tell)
+        level, then = self._bucket
+        level = min(float(limit), level + (now - then) / self.time_scale * limit / 60.0)
+        wait = None
+        if len(accepted) >= allowed:
+            wait = (accepted[0] + window - now) / self.time_scale
+        else:
+            accepted.append(now)
+            level = max(0.0, level - 1)
+        self._bucket = (level, now)
+        reset = (limit - level) * 60.0 / limit
+        headers = {
+            "x-ratelimit-limit-requests": str(limit),
+            "x-ratelimit-remaining-requests": str(int(level)),
+            "x-ratelimit-reset-requests": f"{reset * 1000:.0f}ms",
+        }
+        return wait, headers if self._stated else {}
 
     def prompt_of(self, request: Request) -> str | None:
         return None
@@ -506,6 +552,7 @@ class FakeServer:
             wait, rate_headers = self._over_rpm()
             if wait is not None:
                 answer = self.error(429, "Rate limit reached", "rate_limit_exceeded", "requests")
+                answer.headers.update(rate_headers)
                 answer.headers["retry-after-ms"] = f"{wait * 1000:.0f}"
                 answer.headers["retry-after"] = str(max(1, math.ceil(wait)))
                 return answer
@@ -681,6 +728,9 @@ def _filler(size: int, piece: int = 1 << 16) -> Any:
 
 
 class _Server(ThreadingHTTPServer):
+    #: the listen backlog: socketserver's 5 overflowed when 16 clients connected at once
+    #: (connections reset: a client's ReadError)
+    request_queue_size = 128
     #: told +1 as a connection is accepted (before its thread starts), -1 once it is closed
     on_connection: Callable[[int], None] = staticmethod(lambda change: None)
 
@@ -712,11 +762,14 @@ def serve_main(make: Callable[..., FakeServer], description: str) -> None:
     parser.add_argument("--key", default="test-key", help="the API key the fake accepts")
     parser.add_argument("--time-scale", type=float, default=1.0)
     parser.add_argument("--rpm", type=int, default=None, help="allow only N creates a minute")
+    parser.add_argument(
+        "--per-second", action="store_true", help="enforce --rpm in one-second slices"
+    )
     args = parser.parse_args()
     fake = make(api_key=args.key, time_scale=args.time_scale)
     fake.start(args.port)
     if args.rpm:
-        fake.limit_rpm(args.rpm)
+        fake.limit_rpm(args.rpm, per_second=args.per_second)
     print(fake.url, flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -13,6 +13,7 @@ from imagepipe.durable import ErrorInfo, LeaseHeld, LeaseLost, Store, StoreConfl
 from imagepipe.durable.records import (
     AttemptFailure,
     AttemptStart,
+    ChildColumns,
     Fence,
     Lease,
     NewPromise,
@@ -152,7 +153,7 @@ async def test_child_columns_read_a_run_back_column_by_column(store: Store) -> N
     await store.apply(
         WriteBatch(settlements=[resolve("r.0", '{"url":"u","n":1}'), reject("r.1", failed)])
     )
-    columns = await store.child_columns("r")
+    columns = await ChildColumns.collect(store.where, store.child_rows("r"))
     assert len(columns) == 3
     assert columns.ids == ["r.0", "r.1", "r.2"]
     assert columns.states == ["resolved", "rejected", "pending"]
@@ -160,7 +161,14 @@ async def test_child_columns_read_a_run_back_column_by_column(store: Store) -> N
     assert columns.value_texts == ['{"url":"u","n":1}', None, None]
     assert columns.errors == [None, failed, None]
     assert columns.args(1) == {"version": 1, "kwargs": {"style": "b"}}
-    assert len(await store.child_columns("nobody")) == 0
+    assert len(await ChildColumns.collect(store.where, store.child_rows("nobody"))) == 0
+
+
+async def test_child_rows_come_a_chunk_at_a_time_in_launch_order(store: Store) -> None:
+    await store.apply(WriteBatch(creates=[new("r"), *(new(f"r.{i}", "r", i) for i in range(2500))]))
+    chunks = [[row.id for row in rows] async for rows in store.child_rows("r")]
+    assert [len(rows) for rows in chunks] == [1000, 1000, 500]
+    assert [promise_id for rows in chunks for promise_id in rows] == [f"r.{i}" for i in range(2500)]
 
 
 async def test_roots_list_runs_newest_first_with_counts(store: Store) -> None:
