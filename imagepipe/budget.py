@@ -25,6 +25,7 @@ from typing import Any
 from imagepipe.cost import format_usd, worst_case_attempt
 from imagepipe.durable import PromiseRecord, Store
 from imagepipe.durable.errors import SpendingCapReached
+from imagepipe.durable.records import Spending
 from imagepipe.errors import BadInput, CapReached
 from imagepipe.pipeline import BranchArgs
 from imagepipe.prices import CURRENCY, FREE_PROVIDERS, PriceTable, micros
@@ -166,23 +167,38 @@ def cap_reached(
     run_id: str,
     pending: Sequence[PromiseRecord],
     reserve: Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None,
+    spending: Mapping[str, Spending] | None = None,
 ) -> CapReached:
-    """The one line for a run stopped at a cap: what it spent of what, and the cap with
-    which ``resume`` would finish the ``pending`` branches (each at its worst case)."""
-    needed = exc.spent
+    """The one line for a run stopped at a cap: what it spent of what, and the caps with
+    which ``resume`` would finish the ``pending`` branches (each at its worst case): the
+    one reached, and any other of the run's ``spending`` caps they would reach next."""
+    meters = {exc.meter: Spending(exc.cap, exc.spent)}
+    for meter, spent in (spending or {}).items():
+        if meter != exc.meter and spent.limit is not None:
+            meters[meter] = spent
+    needed = {meter: spent.spent for meter, spent in meters.items()}
     for branch in pending:
         if reserve is not None:
-            needed += reserve(branch.func, branch.args).get(exc.meter, 0)
+            units = reserve(branch.func, branch.args)
+            for meter in needed:
+                needed[meter] += units.get(meter, 0)
+    raise_to = []
+    for meter in (MICRO_USD, IMAGES):
+        cap = meters.get(meter)
+        if cap is None or (meter != exc.meter and cap.allows(needed[meter] - cap.spent)):
+            continue  # not capped, or the pending branches fit in it
+        if meter == MICRO_USD:
+            # rounded up to the cent: a cap that finishes the run, not one a cent short
+            cents = math.ceil(Decimal(needed[meter]) / 10_000)
+            raise_to.append(f"--max-cost {Decimal(cents) / 100:.2f}")
+        else:
+            raise_to.append(f"--max-images {needed[meter]}")
     rid = run_id  # checked when the run was made: nothing to escape
+    goes_on = f"imagepipe resume {rid} {' '.join(raise_to)} goes on"
     if exc.meter == MICRO_USD:
-        # rounded up to the cent: a cap that finishes the run, not one a cent short
-        cents = math.ceil(Decimal(needed) / 10_000)
-        goes_on = f"{Decimal(cents) / 100:.2f}"
         return CapReached(
-            f"budget reached: {format_usd(exc.spent)} spent of {format_usd(exc.cap)}; "
-            f"imagepipe resume {rid} --max-cost {goes_on} goes on"
+            f"budget reached: {format_usd(exc.spent)} spent of {format_usd(exc.cap)}; {goes_on}"
         )
     return CapReached(
-        f"image cap reached: {exc.spent} of {exc.cap} images made or paid for; "
-        f"imagepipe resume {rid} --max-images {needed} goes on"
+        f"image cap reached: {exc.spent} of {exc.cap} images made or paid for; {goes_on}"
     )

@@ -173,7 +173,7 @@ async def stopped_at_cap(store: Store, run_id: str, reached: SpendingCapReached)
     reserve = reservation(spec.provider, spec.options, spec.templates, _prices())
     reserve = await with_image_cap(store, run_id, reserve)
     pending = [c for c in await store.children(run_id) if not c.settled]
-    return cap_reached(reached, run_id, pending, reserve)
+    return cap_reached(reached, run_id, pending, reserve, await store.spending(run_id))
 
 
 def run_options(run_id: str, invocation: Invocation) -> dict[str, Any]:

@@ -348,3 +348,21 @@ def test_an_image_cap_holds_for_the_free_simulated_provider_too(db_path: Path) -
     assert states(db_path, "sim") == {"resolved": 4, "pending": 2}
     assert imagepipe(db_path, "resume", "sim", "--max-images", "6").returncode == 0
     assert states(db_path, "sim") == {"resolved": 6}
+
+
+def test_the_cap_that_goes_on_names_every_cap_the_rest_would_reach(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    """Stopped at its cost cap with an image cap too: raising the cost alone only reached
+    the image cap next (a second stop, a second command); the line names both."""
+    args = run_args("both", tmp_path / "img", "--max-cost", "0.03", "--max-images", "3", "-c", "1")
+    capped = imagepipe(db_path, *args)
+    assert capped.returncode == 3, capped.stderr
+    assert capped.stderr.endswith(
+        "imagepipe resume both --max-cost 0.07 --max-images 6 goes on\n"
+    ), capped.stderr
+    assert openai_fake.paid_creates == 2
+
+    resumed = imagepipe(db_path, "resume", "both", "--max-cost", "0.07", "--max-images", "6")
+    assert resumed.returncode == 0, resumed.stderr
+    assert openai_fake.paid_creates == 6
