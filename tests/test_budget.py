@@ -366,3 +366,32 @@ def test_the_cap_that_goes_on_names_every_cap_the_rest_would_reach(
     resumed = imagepipe(db_path, "resume", "both", "--max-cost", "0.07", "--max-images", "6")
     assert resumed.returncode == 0, resumed.stderr
     assert openai_fake.paid_creates == 6
+
+
+def test_a_dry_run_says_what_its_caps_allow_and_refuses_what_run_refuses(
+    openai_fake: OpenAIFake, db_path: Path, tmp_path: Path
+) -> None:
+    """A dry run with --max-cost on a model without a price planned the run (exit 0) that
+    run refuses (exit 2); with a price, it said nothing of where the cap stops the run."""
+    out = tmp_path / "img"
+    unknown = imagepipe(db_path, *run_args("d", out, "-o", "model", "gpt-image-9",
+                                           "--max-cost", "5", "--dry-run"))  # fmt: skip
+    assert (unknown.returncode, unknown.stderr.count("\n")) == (2, 1), unknown.stderr
+    assert "--max-cost needs a price" in unknown.stderr
+
+    planned = imagepipe(db_path, *run_args("d", out, "-n", "4", "--max-cost", "0.05", "--dry-run"))
+    assert planned.returncode == 0, planned.stderr
+    assert (
+        "  cap:      --max-cost $0.0500: about 4 of 12 branches fit at their worst case, "
+        "then the run stops (exit 3)\n"
+    ) in planned.stdout
+    both = imagepipe(db_path, *run_args("d", out, "--max-cost", "0.05", "--max-images", "3",
+                                        "--dry-run", "--json"))  # fmt: skip
+    assert json.loads(both.stdout)["cap"] == {
+        "max_cost_micro_usd": 50_000,
+        "max_images": 3,
+        "branches_that_fit": 3,
+    }
+    assert sum(openai_fake.requests.values()) == 0
+    assert not db_path.exists()
+    assert not out.exists()
