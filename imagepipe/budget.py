@@ -25,6 +25,7 @@ from typing import Any
 from imagepipe.cost import format_usd, worst_case_attempt
 from imagepipe.durable import PromiseRecord, Store
 from imagepipe.durable.errors import SpendingCapReached
+from imagepipe.durable.records import Spending
 from imagepipe.errors import BadInput, CapReached
 from imagepipe.prices import CURRENCY, FREE_PROVIDERS, PriceTable, micros
 from imagepipe.runs.model import BranchArgs
@@ -44,6 +45,10 @@ __all__ = [
 #: the meters a run's spending is counted on
 MICRO_USD, IMAGES = "micro_usd", "images"
 
+#: the most a cap may be on any meter: what both stores' 64-bit integers hold with room to
+#: spare (10**18 micro-dollars: a trillion dollars)
+MOST = 10**18
+
 #: ``5``, ``5.50``, ``$5``, ``5 USD``, ``USD 5``
 _AMOUNT = re.compile(r"^\s*(?:\$|([A-Za-z]{3})\s*)?\s*([^\s$A-Za-z]+)\s*([A-Za-z]{3})?\s*$")
 
@@ -58,24 +63,33 @@ class Caps:
     def validate(self) -> None:
         if self.max_images is not None and self.max_images < 0:
             raise BadInput(f"--max-images must be 0 or more, not {self.max_images}")
+        if self.max_images is not None and self.max_images > MOST:
+            raise BadInput(f"--max-images must be at most {MOST}, not {self.max_images}")
 
     @property
     def given(self) -> bool:
         return self.max_cost is not None or self.max_images is not None
 
-    def check_priced(self, provider: str, options: Mapping[str, Any], prices: PriceTable) -> None:
+    def check_priced(
+        self,
+        provider: str,
+        options: Mapping[str, Any],
+        prices: PriceTable,
+        *,
+        whose: str = "--max-cost",
+    ) -> None:
         """A cost cap needs a price: a model whose price is unknown is refused (the user
-        may give it one in the prices file)."""
+        may give it one in the prices file). ``whose``: the cap, as the line names it."""
         if self.max_cost is None or provider in FREE_PROVIDERS:
             return
         if worst_case_attempt(provider, options, "", prices) is None:
             model = options.get("model")
             raise BadInput(
-                f"--max-cost needs a price, and the price of {provider} model "
+                f"{whose} needs a price, and the price of {provider} model "
                 f"{quoted(str(model))} is unknown: give it one in the prices file "
                 "(see docs/guides/costs.md)"
                 if model is not None
-                else f"--max-cost needs a price, and {provider}'s price is unknown: give it "
+                else f"{whose} needs a price, and {provider}'s price is unknown: give it "
                 "one in the prices file (see docs/guides/costs.md)"
             )
 
@@ -104,6 +118,10 @@ def parse_max_cost(text: str) -> int:
     if not amount.is_finite() or amount < 0:
         raise BadInput(
             f"--max-cost must be a number of US dollars, 0 or more (5, 2.50), not {quoted(text)}"
+        )
+    if micros(amount) > MOST:
+        raise BadInput(
+            f"--max-cost must be at most {MOST // 1_000_000} dollars, not {quoted(text)}"
         )
     return micros(amount)
 
@@ -149,23 +167,38 @@ def cap_reached(
     run_id: str,
     pending: Sequence[PromiseRecord],
     reserve: Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None,
+    spending: Mapping[str, Spending] | None = None,
 ) -> CapReached:
-    """The one line for a run stopped at a cap: what it spent of what, and the cap with
-    which ``resume`` would finish the ``pending`` branches (each at its worst case)."""
-    needed = exc.spent
+    """The one line for a run stopped at a cap: what it spent of what, and the caps with
+    which ``resume`` would finish the ``pending`` branches (each at its worst case): the
+    one reached, and any other of the run's ``spending`` caps they would reach next."""
+    meters = {exc.meter: Spending(exc.cap, exc.spent)}
+    for meter, spent in (spending or {}).items():
+        if meter != exc.meter and spent.limit is not None:
+            meters[meter] = spent
+    needed = {meter: spent.spent for meter, spent in meters.items()}
     for branch in pending:
         if reserve is not None:
-            needed += reserve(branch.func, branch.args).get(exc.meter, 0)
+            units = reserve(branch.func, branch.args)
+            for meter in needed:
+                needed[meter] += units.get(meter, 0)
+    raise_to = []
+    for meter in (MICRO_USD, IMAGES):
+        cap = meters.get(meter)
+        if cap is None or (meter != exc.meter and cap.allows(needed[meter] - cap.spent)):
+            continue  # not capped, or the pending branches fit in it
+        if meter == MICRO_USD:
+            # rounded up to the cent: a cap that finishes the run, not one a cent short
+            cents = math.ceil(Decimal(needed[meter]) / 10_000)
+            raise_to.append(f"--max-cost {Decimal(cents) / 100:.2f}")
+        else:
+            raise_to.append(f"--max-images {needed[meter]}")
     rid = run_id  # checked when the run was made: nothing to escape
+    goes_on = f"imagepipe resume {rid} {' '.join(raise_to)} goes on"
     if exc.meter == MICRO_USD:
-        # rounded up to the cent: a cap that finishes the run, not one a cent short
-        cents = math.ceil(Decimal(needed) / 10_000)
-        goes_on = f"{Decimal(cents) / 100:.2f}"
         return CapReached(
-            f"budget reached: {format_usd(exc.spent)} spent of {format_usd(exc.cap)}; "
-            f"imagepipe resume {rid} --max-cost {goes_on} goes on"
+            f"budget reached: {format_usd(exc.spent)} spent of {format_usd(exc.cap)}; {goes_on}"
         )
     return CapReached(
-        f"image cap reached: {exc.spent} of {exc.cap} images made or paid for; "
-        f"imagepipe resume {rid} --max-images {needed} goes on"
+        f"image cap reached: {exc.spent} of {exc.cap} images made or paid for; {goes_on}"
     )

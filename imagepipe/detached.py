@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe import settings
-from imagepipe.budget import with_image_cap
+from imagepipe.budget import Caps, with_image_cap
 from imagepipe.durable import (
     BranchOutcome,
     ErrorInfo,
@@ -55,6 +55,7 @@ from imagepipe.execution import (
     WORKFLOW,
     RunSetup,
     check_same_spec,
+    check_stored_cost_cap,
     checked_caps,
     execution_for,
     image_dir,
@@ -165,6 +166,8 @@ def _refusing_job(error: ImageDirUnusable) -> BranchJob[None]:
 
 def _job_maker(store: Store, invocation: Invocation) -> Callable[[PromiseRecord], Any]:
     async def job_for(root: PromiseRecord) -> BranchJob[Any]:
+        # a cost cap this worker cannot price would not hold here: stop (exit 2)
+        await check_stored_cost_cap(store, root, Caps())
         try:
             execution = execution_for(root, invocation)
         except ImageDirUnusable as exc:

@@ -48,6 +48,11 @@ class DryRun:
     #: seconds the run would take at least; None when that cannot be known
     seconds: float | None
     time_basis: str
+    #: the caps given (micro-dollars, images) and how many branches surely fit in them,
+    #: each at its worst case; None without a cap
+    max_cost: int | None = None
+    max_images: int | None = None
+    fits: int | None = None
 
     @property
     def requests(self) -> int:
@@ -74,6 +79,13 @@ class DryRun:
                 "concurrency": self.concurrency,
                 "basis": self.time_basis,
             },
+            "cap": None
+            if self.fits is None
+            else {
+                "max_cost_micro_usd": self.max_cost,
+                "max_images": self.max_images,
+                "branches_that_fit": self.fits,
+            },
         }
 
     def lines(self) -> list[str]:
@@ -90,6 +102,17 @@ class DryRun:
             lines.append(f"  prices:   {self.price.source} ({self.price.date or 'no date'})")
         when = "unknown" if self.seconds is None else f"at least {_duration(self.seconds)}"
         lines.append(f"  time:     {when} ({self.time_basis})")
+        if self.fits is not None:
+            given = [f"--max-cost {format_usd(self.max_cost)}"] if self.max_cost is not None else []
+            given += [f"--max-images {self.max_images}"] if self.max_images is not None else []
+            if self.fits >= self.branches:
+                said = "every branch fits, each at its worst case"
+            else:
+                said = (
+                    f"about {self.fits:,} of {self.branches:,} branches fit at their worst "
+                    "case, then the run stops (exit 3)"
+                )
+            lines.append(f"  cap:      {', '.join(given)}: {said}")
         return [escape_control(line) for line in lines]
 
 
@@ -142,8 +165,10 @@ def plan_run(
     worst = CostRange(None, None)
     latency_ms = longest_ms = 0
     branches = 0
+    worst_cases: list[tuple[int, int]] = []  # (an attempt's worst case, branches), in order
     for text, style, count in sent_prompts(spec):
         one = attempt_range(spec.provider, spec.options, text, prices)
+        worst_cases.append((one.high or 0, count))
         total = total + one.times(count)
         worst = one if branches == 0 else _widen(worst, one)
         branches += count
@@ -153,6 +178,7 @@ def plan_run(
             latency_ms += count * ms
             longest_ms = max(longest_ms, ms)
     seconds, basis = _time(spec, invocation, branches, concurrency, latency_ms, longest_ms)
+    caps = invocation.caps()
     return DryRun(
         run_id,
         spec,
@@ -165,7 +191,24 @@ def plan_run(
         invocation.rpm,
         seconds,
         basis,
+        caps.max_cost,
+        caps.max_images,
+        _fits(caps.max_cost, caps.max_images, worst_cases) if caps.given else None,
     )
+
+
+def _fits(max_cost: int | None, max_images: int | None, worst_cases: list[tuple[int, int]]) -> int:
+    """About how many branches fit in the caps, each at its worst case, in the run's order (a
+    price known: a cost cap on an unknown one is refused before)."""
+    fits, left = 0, max_cost
+    for worst, count in worst_cases:
+        fitting = count if left is None or not worst else min(count, left // worst)
+        fits += fitting
+        if left is not None:
+            left -= fitting * worst
+        if fitting < count:
+            break
+    return fits if max_images is None else min(fits, max_images)
 
 
 def _widen(a: CostRange, b: CostRange) -> CostRange:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imagepipe import settings
-from imagepipe.budget import Caps, cap_reached, reservation, with_image_cap
+from imagepipe.budget import MICRO_USD, Caps, cap_reached, reservation, with_image_cap
 from imagepipe.durable import (
     DurableError,
     PromiseRecord,
@@ -59,6 +59,7 @@ __all__ = [
     "WORKFLOW",
     "RunSetup",
     "check_same_spec",
+    "check_stored_cost_cap",
     "checked_caps",
     "execution_for",
     "image_dir",
@@ -140,6 +141,23 @@ def checked_caps(spec: RunSpec, invocation: Invocation) -> Caps:
     return caps
 
 
+async def check_stored_cost_cap(store: Store, root: PromiseRecord, caps: Caps) -> None:
+    """A cost cap stored with the run needs a price in this process too: without one its
+    attempts would reserve images only, and the cap would not hold (a prices file that
+    names the model without its quality, a worker's own file). Bad input, before this
+    command writes anything; a cap this command gives is checked by :func:`checked_caps`."""
+    if caps.max_cost is not None:
+        return
+    stored = (await store.spending(root.id)).get(MICRO_USD)
+    if stored is None or stored.limit is None:
+        return
+    spec = RunSpec.from_stored(root.args)
+    whose = f"the --max-cost stored with run {quoted(root.id)}"
+    Caps(max_cost=stored.limit).check_priced(
+        spec.provider, spec.options, current_prices(), whose=whose
+    )
+
+
 async def stopped_at_cap(store: Store, run_id: str, reached: SpendingCapReached) -> CapReached:
     """The one line for a run stopped at a spending cap, with the cap that would finish
     its pending branches at their worst case."""
@@ -148,7 +166,7 @@ async def stopped_at_cap(store: Store, run_id: str, reached: SpendingCapReached)
     reserve = reservation(spec.provider, spec.options, spec.templates, _prices())
     reserve = await with_image_cap(store, run_id, reserve)
     pending = [c for c in await store.children(run_id) if not c.settled]
-    return cap_reached(reached, run_id, pending, reserve)
+    return cap_reached(reached, run_id, pending, reserve, await store.spending(run_id))
 
 
 def run_options(run_id: str, invocation: Invocation) -> dict[str, Any]:

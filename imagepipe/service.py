@@ -32,6 +32,7 @@ from imagepipe.errors import UnknownRun
 from imagepipe.execution import (
     WORKFLOW,
     check_same_spec,
+    check_stored_cost_cap,
     checked_caps,
     execution_for,
     image_dir,
@@ -105,6 +106,7 @@ def start_run(
             if root.parent_id is not None or root.func != WORKFLOW:
                 raise UnknownRun(run_id, store.where)
             check_same_spec(run_id, RunSpec.from_stored(root.args), spec)
+            await check_stored_cost_cap(store, root, caps)
             await caps.store(store, run_id)
             if root.settled:
                 await reconcile_run_images(store, root)
@@ -133,6 +135,7 @@ def resume_run(
             async with opened_store(url, create=False, write=True) as store:
                 root = await read_root(store, run_id)
                 caps = checked_caps(RunSpec.from_stored(root.args), invocation)
+                await check_stored_cost_cap(store, root, caps)
                 await caps.store(store, run_id)
                 reopen = retry_failed and root.state == "rejected"
                 if root.settled and not reopen:

@@ -301,7 +301,9 @@ def test_dry_run_json_has_the_documented_shape(openai_fake: OpenAIFake, db_path:
         "cost_per_image",
         "price_source",
         "time",
+        "cap",
     }
+    assert data["cap"] is None  # no --max-cost nor --max-images
     assert (data["dry_run"], data["branches"], data["requests"]) == (True, 3, 3)
     assert data["max_requests"] == 15
     assert data["options"] == {"model": "gpt-image-1", "size": "1024x1536"}

@@ -356,7 +356,9 @@ def print_dry_run(
         validate_run_id(run_id)
     spec.validate()
     invocation.validate()
-    plan = plan_run(run_id, spec_for_dry_run(spec, invocation), invocation, prices)
+    spec = spec_for_dry_run(spec, invocation)
+    invocation.caps().check_priced(spec.provider, spec.options, prices)  # as run refuses it
+    plan = plan_run(run_id, spec, invocation, prices)
     if json_out:
         import json
 

@@ -209,7 +209,14 @@ class Lanes:
                     value = await waited_out(
                         self._retry, call, before_wait=before_sleep, sleep=self._sleep
                     )
-                except DurableError:
+                except DurableError as exc:
+                    if (
+                        reserved
+                        and isinstance(exc, DrainRun)
+                        and getattr(exc.__cause__, "unpaid", False)
+                    ):
+                        # an account-wide error the provider answered: nothing to pay for
+                        await self._settle_cost(promise_id, current, dict.fromkeys(reserved, 0))
                     raise
                 except Exception as exc:
                     assert step is not None  # made by call() before anything it runs

@@ -174,12 +174,17 @@ class ProviderError(Exception):
         self.status = status
         self.code = code
 
+    #: the attempt's paid request succeeded before this error (an image made, then its
+    #: download failed): billed, whatever this error's status
+    billed = False
+
     @property
     def unpaid(self) -> bool:
         """The provider answered with an error status: it made nothing and bills nothing
         (a spending cap gives the attempt's reservation back). A timeout, a dropped
-        connection or an answer that could not be used may have been paid."""
-        return self.status is not None and self.status >= 400
+        connection or an answer that could not be used may have been paid, and so has an
+        attempt whose paid request succeeded before the error (``billed``)."""
+        return not self.billed and self.status is not None and self.status >= 400
 
 
 class TransientProviderError(ProviderError):
@@ -197,7 +202,11 @@ class ProviderConnectionError(TransientProviderError):
 class CannotConnect(ProviderConnectionError):
     """No connection could be made (refused, the host not found, no route): retryable
     once, but a base URL that every request fails to reach so is the set-up's fault
-    (:class:`BaseURLUnusable`)."""
+    (:class:`BaseURLUnusable`). Nothing was sent, so nothing is billed."""
+
+    @property
+    def unpaid(self) -> bool:
+        return not self.billed
 
 
 class ServerError(TransientProviderError):
@@ -276,6 +285,12 @@ class BaseURLUnusable(AccountError):
     (connection refused, or its host not found, for several requests in a row)."""
 
     fix = "check the provider's base URL"
+
+    @property
+    def unpaid(self) -> bool:
+        cause = self.__cause__
+        refused = isinstance(cause, CannotConnect) and cause.unpaid
+        return (refused and not self.billed) or super().unpaid
 
 
 class RateLimitPatienceExceeded(AccountError):

@@ -129,7 +129,11 @@ class OpenAIProvider(HTTPProvider):
             if not isinstance(url, str):
                 raise _shape("data[0].url", "a string", url)
             source_url = url
-            data = await self.download(source_url)
+            try:
+                data = await self.download(source_url)
+            except ProviderError as exc:
+                exc.billed = True  # the image was made: a failed download does not unbill it
+                raise
         else:
             raise ProviderProtocolError("the provider's answer has neither b64_json nor url")
         return provider_image(

@@ -213,16 +213,24 @@ class ReplicateProvider(HTTPProvider):
                 self.create_prediction, model=opts.model, input=self._input(request)
             )
             waiter = _Waiter(self, created)
-            prediction = await steps.run(
-                waiter.wait_for_prediction, prediction_id=str(created["id"])
-            )
+            try:
+                prediction = await steps.run(
+                    waiter.wait_for_prediction, prediction_id=str(created["id"])
+                )
+            except ProviderError as exc:
+                exc.billed = True  # the prediction was created: it runs, and bills
+                raise
             if prediction["status"] == "succeeded":
                 break
             if waiter.ran:
                 raise _ended(prediction, self.options.poll_timeout)
         prediction_id = str(prediction["id"])
         url = _first_output(prediction)
-        data = await self.download(url)
+        try:
+            data = await self.download(url)
+        except ProviderError as exc:
+            exc.billed = True  # the prediction succeeded: a failed download does not unbill it
+            raise
         metrics = prediction.get("metrics")
         seed = self._input(request).get("seed")
         return ProviderImage(

@@ -76,15 +76,15 @@ class OpenAIFake(FakeServer):
             return self.error(400, "this fake makes one image", "invalid_value", None)
         key = request.headers.get("idempotency-key")
         with self.lock:
-            if key is not None and key in self._by_key:
-                return self._make(*self._by_key[key])  # replayed, not paid again
-            self.paid_creates += 1
-            self.paid_by_prompt[prompt] += 1
-            n = next(self._ids)
-            created = int(time.time())
-            if key is not None:
-                self._by_key[key] = (n, created, prompt, body)
-        return self._make(n, created, prompt, body)
+            made = None if key is None else self._by_key.get(key)
+            if made is None:
+                self.paid_creates += 1
+                self.paid_by_prompt[prompt] += 1
+                made = (next(self._ids), int(time.time()), prompt, body)
+                if key is not None:
+                    self._by_key[key] = made
+        # a replay is not paid again; made outside the lock, which _make takes for a URL
+        return self._make(*made)
 
     def _make(self, n: int, created: int, prompt: str, body: dict[str, Any]) -> Answer:
         big = self.big_image
