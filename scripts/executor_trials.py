@@ -29,6 +29,7 @@ wheel the tests use) for ``crash_trials.py --postgres``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,12 +320,24 @@ class FreshImagesOpenAIFake(OpenAIFake):
 
 
 @dataclass
-class FileTakeoverSummary:
+class Tally:
+    """Trials run, those that found nothing wrong, and what the others found."""
+
     trials: int = 0
     ok: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def count(self, problems: list[str]) -> None:
+        """One more trial, ok if it found no ``problems``."""
+        self.trials += 1
+        self.ok += not problems
+        self.problems += problems
+
+
+@dataclass
+class FileTakeoverSummary(Tally):
     #: trials whose files did not match the store after the old owner continued
     verify_failed: int = 0
-    problems: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         return (
@@ -337,22 +350,24 @@ def file_takeover_trials(count: int, seed: int, db: str, workdir: Path) -> FileT
     summary = FileTakeoverSummary()
     rng = random.Random(seed)
     fake = FreshImagesOpenAIFake(api_key="sk-trials")
-    fake.add_fault(Fault.slow(ANSWER_AFTER), times=-1)  # every create answers this late
-    fake.start()
-    try:
+    with answering_late(fake, ANSWER_AFTER):  # every create answers this late
         for n in range(count):
-            summary.trials += 1
             run_id = f"files-{seed}-{n}-{rng.randint(0, 1 << 30)}"
             problems = _one_file_takeover(rng, fake, StoreReader(db), db, workdir, run_id)
-            if any("verify" in p for p in problems):
-                summary.verify_failed += 1
-            if problems:
-                summary.problems += problems
-            else:
-                summary.ok += 1
+            summary.verify_failed += any("verify" in p for p in problems)
+            summary.count(problems)
+    return summary
+
+
+@contextlib.contextmanager
+def answering_late(fake: OpenAIFake, seconds: float) -> Iterator[None]:
+    """``fake`` serving while the block runs, every create answered ``seconds`` late."""
+    fake.add_fault(Fault.slow(seconds), times=-1)
+    fake.start()
+    try:
+        yield
     finally:
         fake.stop()
-    return summary
 
 
 def _one_file_takeover(
@@ -429,13 +444,10 @@ class BillingOpenAIFake(FreshImagesOpenAIFake):
 
 
 @dataclass
-class CapSummary:
-    trials: int = 0
-    ok: int = 0
+class CapSummary(Tally):
     kills: int = 0
     #: the most any trial's fake billed, as a share of its cap
     highest: float = 0.0
-    problems: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         return (
@@ -448,19 +460,10 @@ def cap_trials(count: int, seed: int, db: str, workdir: Path) -> CapSummary:
     summary = CapSummary()
     rng = random.Random(seed)
     fake = BillingOpenAIFake(api_key="sk-trials")
-    fake.add_fault(Fault.slow(0.4), times=-1)  # requests in flight when the kills come
-    fake.start()
-    try:
+    with answering_late(fake, 0.4):  # requests in flight when the kills come
         for n in range(count):
-            summary.trials += 1
             run_id = f"cap-{seed}-{n}-{rng.randint(0, 1 << 30)}"
-            problems = _one_cap_trial(rng, fake, db, workdir, run_id, summary)
-            if problems:
-                summary.problems += problems
-            else:
-                summary.ok += 1
-    finally:
-        fake.stop()
+            summary.count(_one_cap_trial(rng, fake, db, workdir, run_id, summary))
     return summary
 
 
