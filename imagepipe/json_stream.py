@@ -33,6 +33,15 @@ def _array(items: Iterator[Any]) -> Iterator[str]:
     yield "["
     separator = ""
     while batch := list(itertools.islice(items, _BATCH)):
-        yield separator + ", ".join(map(json.dumps, batch))
+        yield separator + items_encoded_in_one_call(batch)
         separator = ", "
     yield "]"
+
+
+def items_encoded_in_one_call(batch: list[Any]) -> str:
+    """The items of ``batch`` as ``json.dumps`` writes them in an array, separated by
+    ``", "``: the array encoded by one call, its brackets left out. One call a thousand
+    items rather than one an item (each call sets the C encoder up again): ``show --json``
+    of a resolved 50,000-branch run takes 506 ms of CPU so, 549 ms with a call an item
+    (0.92x; ``farm-bench``, interleaved medians of 8)."""
+    return json.dumps(batch)[1:-1]
