@@ -28,7 +28,7 @@ from imagepipe.durable.errors import SpendingCapReached
 from imagepipe.durable.records import Spending
 from imagepipe.errors import BadInput, CapReached
 from imagepipe.prices import CURRENCY, FREE_PROVIDERS, PriceTable, micros
-from imagepipe.runs.model import BranchArgs
+from imagepipe.runs.model import BranchArgs, Invocation
 from imagepipe.styles import render
 from imagepipe.text import quoted
 
@@ -37,6 +37,7 @@ __all__ = [
     "MICRO_USD",
     "Caps",
     "cap_reached",
+    "caps_of",
     "parse_max_cost",
     "reservation",
     "with_image_cap",
@@ -99,6 +100,14 @@ class Caps:
             await store.set_spending_limit(run_id, MICRO_USD, self.max_cost)
         if self.max_images is not None:
             await store.set_spending_limit(run_id, IMAGES, self.max_images)
+
+
+def caps_of(invocation: Invocation) -> Caps:
+    """The caps an invocation gives, checked: bad input otherwise."""
+    max_cost = None if invocation.max_cost is None else parse_max_cost(invocation.max_cost)
+    caps = Caps(max_cost, invocation.max_images)
+    caps.validate()
+    return caps
 
 
 def parse_max_cost(text: str) -> int:

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from imagepipe.budget import caps_of
 from imagepipe.cost import CostRange, attempt_range, format_usd
 from imagepipe.prices import ModelPrice, PriceTable
 from imagepipe.runs.model import DEFAULT_MAX_ATTEMPTS, Invocation, RunSpec
@@ -178,7 +179,7 @@ def plan_run(
             latency_ms += count * ms
             longest_ms = max(longest_ms, ms)
     seconds, basis = _time(spec, invocation, branches, concurrency, latency_ms, longest_ms)
-    caps = invocation.caps()
+    caps = caps_of(invocation)
     return DryRun(
         run_id,
         spec,

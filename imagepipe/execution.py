@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imagepipe import settings
-from imagepipe.budget import MICRO_USD, Caps, cap_reached, reservation, with_image_cap
+from imagepipe.budget import (
+    MICRO_USD,
+    Caps,
+    cap_reached,
+    caps_of,
+    reservation,
+    with_image_cap,
+)
 from imagepipe.durable import (
     DurableError,
     PromiseRecord,
@@ -135,7 +142,7 @@ def with_provider(spec: RunSpec, invocation: Invocation) -> RunSpec:
 def checked_caps(spec: RunSpec, invocation: Invocation) -> Caps:
     """This command's spending caps for the run, checked before anything is written: a
     cost cap on a model whose price is unknown is bad input."""
-    caps = invocation.caps()
+    caps = caps_of(invocation)
     if caps.max_cost is not None:
         caps.check_priced(spec.provider, spec.options, current_prices())
     return caps

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 
 from imagepipe import settings
-from imagepipe.budget import with_image_cap
+from imagepipe.budget import caps_of, with_image_cap
 from imagepipe.durable import (
     BranchOutcome,
     Execution,
@@ -129,6 +129,7 @@ def resume_run(
     With ``retry_failed``, a failed run's rejected branches are set back to pending first
     (their attempt history stays) and run again."""
     invocation.validate()
+    caps_of(invocation)  # a bad cap is bad input before the store is opened
 
     async def resume() -> RunOutcome:
         try:

@@ -86,12 +86,12 @@ async def test_an_executed_runs_branches_read_from_its_handles_are_the_branches(
         return RunOutcome("run", "failed", spec, branches, wall_ms=5, created_at=1.0)
 
     as_list, as_view = outcome(listed), outcome(launched)
-    assert "".join(result_json(as_view)) == "".join(result_json(as_list))
-    assert "".join(show_json(as_view)) == "".join(show_json(as_list))
+    assert "".join(result_json(as_view, {})) == "".join(result_json(as_list, {}))
+    assert "".join(show_json(as_view, {})) == "".join(show_json(as_list, {}))
     assert as_view.sequential_ms == _resolved_sum(1_000)
     assert len(as_view.failures) == 4
     assert len(as_view.images) == 996
-    assert json.loads("".join(result_json(as_view)))["images"][0]["style"] == "x"
+    assert json.loads("".join(result_json(as_view, {})))["images"][0]["style"] == "x"
 
 
 def _resolved_sum(count: int) -> int:

@@ -349,6 +349,7 @@ def print_dry_run(
 ) -> None:
     """``run --dry-run``: the run checked as ``run`` checks it, planned, printed; no
     store opened, no folder made, nothing sent (see :mod:`imagepipe.dryrun`)."""
+    from imagepipe.budget import caps_of
     from imagepipe.dryrun import plan_run, spec_for_dry_run
     from imagepipe.runs.model import validate_run_id
 
@@ -357,7 +358,7 @@ def print_dry_run(
     spec.validate()
     invocation.validate()
     spec = spec_for_dry_run(spec, invocation)
-    invocation.caps().check_priced(spec.provider, spec.options, prices)  # as run refuses it
+    caps_of(invocation).check_priced(spec.provider, spec.options, prices)  # as run refuses it
     plan = plan_run(run_id, spec, invocation, prices)
     if json_out:
         import json
@@ -433,10 +434,11 @@ def execute_and_report(
     from imagepipe.runs.reporting import QuietReporter
 
     if json_out:
+        from imagepipe.run_costs import cost_json
         from imagepipe.runs.json_output import result_json
 
         outcome = call(QuietReporter())
-        write_lines(result_json(outcome))
+        write_lines(result_json(outcome, cost_json(outcome, attempts=False)))
     else:
         from imagepipe.render import print_outcome
         from imagepipe.ui import LiveReporter, PlainReporter

@@ -73,9 +73,11 @@ def show(
         history = [a for a in outcome.history if a.promise_id in {b.id for b in chosen}]
         outcome = dataclasses.replace(outcome, branches=chosen, history=history)
     if json_out:
+        from imagepipe.run_costs import cost_json
         from imagepipe.runs.json_output import show_json
 
-        write_lines(show_json(outcome))
+        # ``show`` has read the attempts' history: its failed attempts are counted
+        write_lines(show_json(outcome, cost_json(outcome, attempts=True)))
     else:
         from imagepipe.render import print_show  # rich: only for a table
 

@@ -8,7 +8,7 @@ list of dicts and one large string at once.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from imagepipe.cost import cost_json_of
@@ -18,8 +18,9 @@ from imagepipe.runs.outcome import BranchRow, RunOutcome, RunSummary, duration_m
 __all__ = ["list_json", "result_json", "show_json"]
 
 
-def result_json(outcome: RunOutcome) -> Iterator[str]:
-    """The ``run --json`` / ``resume --json`` document, as pieces of text."""
+def result_json(outcome: RunOutcome, cost: Mapping[str, Any]) -> Iterator[str]:
+    """The ``run --json`` / ``resume --json`` document, as pieces of text; ``cost`` is the
+    run's (:func:`imagepipe.run_costs.cost_json`)."""
     images = (_image_item(row) for row in outcome.view.rows() if row.state == "resolved")
     return json_chunks(
         {
@@ -29,20 +30,20 @@ def result_json(outcome: RunOutcome) -> Iterator[str]:
             "images": (item for item in images if item is not None),
             "wall_ms": outcome.wall_ms,
             "sequential_ms": outcome.sequential_ms,
-            "cost": _cost(outcome, attempts=False),
+            "cost": cost,
         }
     )
 
 
-def show_json(outcome: RunOutcome) -> Iterator[str]:
-    """The ``show --json`` document, as pieces of text."""
+def show_json(outcome: RunOutcome, cost: Mapping[str, Any]) -> Iterator[str]:
+    """The ``show --json`` document, as pieces of text; ``cost`` is the run's, its failed
+    attempts counted (:func:`imagepipe.run_costs.cost_json`)."""
     return json_chunks(
         {
             "id": outcome.id,
             "state": outcome.state,
             "prompt": outcome.spec.prompt,
-            # ``show`` has read the attempts' history: failed attempts are counted
-            "cost": _cost(outcome, attempts=True),
+            "cost": cost,
             "branches": map(_show_item, outcome.view.rows()),
         }
     )
@@ -51,12 +52,6 @@ def show_json(outcome: RunOutcome) -> Iterator[str]:
 def list_json(runs: Iterable[RunSummary]) -> str:
     """The ``list --json`` document: an array, one object a run."""
     return json.dumps([_summary_item(summary) for summary in runs])
-
-
-def _cost(outcome: RunOutcome, *, attempts: bool) -> dict[str, Any]:
-    from imagepipe.run_costs import cost_json  # prices are read only for a report
-
-    return cost_json(outcome, attempts=attempts)
 
 
 def _image_item(row: BranchRow) -> dict[str, Any] | None:

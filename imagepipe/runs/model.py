@@ -18,15 +18,12 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from imagepipe.durable import ErrorInfo, Handle, PromiseRecord, bind_args
 from imagepipe.errors import BadInput
 from imagepipe.styles import validate_style
 from imagepipe.text import quoted
-
-if TYPE_CHECKING:
-    from imagepipe.budget import Caps
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -210,17 +207,8 @@ class Invocation:
     max_cost: str | None = None
     max_images: int | None = None
 
-    def caps(self) -> Caps:
-        """The caps given, checked: bad input otherwise."""
-        from imagepipe.budget import Caps, parse_max_cost
-
-        max_cost = None if self.max_cost is None else parse_max_cost(self.max_cost)
-        caps = Caps(max_cost, self.max_images)
-        caps.validate()
-        return caps
-
     def validate(self) -> None:
-        self.caps()
+        """The settings checked (the caps are, by :func:`imagepipe.budget.caps_of`)."""
         if self.max_attempts is not None and self.max_attempts < 1:
             raise BadInput(f"--max-attempts must be at least 1, not {self.max_attempts}")
         if self.concurrency is not None and self.concurrency < 1:
