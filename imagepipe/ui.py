@@ -36,6 +36,7 @@ from imagepipe.durable.events import (
     PromiseRejectedEvent,
     PromiseReplayed,
     PromiseResolved,
+    RunDraining,
 )
 from imagepipe.runs.model import BranchArgs, image_location
 from imagepipe.runs.reporting import RunInfo
@@ -69,6 +70,18 @@ STATES = tuple(STATE_STYLE)
 def failure_line(func: str, error: ErrorInfo, delay: float) -> str:
     """The reference's log line for a retry."""
     return f"Function '{func}' failed with '{error.message}' (retrying in {delay:g} secs)"
+
+
+def draining_line(event: RunDraining) -> str:
+    """What the user sees while a run that must stop lets its requests in flight end."""
+    waiting = (
+        f"waiting for the {event.in_flight} requests in flight"
+        if event.in_flight != 1
+        else "waiting for the request in flight"
+    )
+    if not event.in_flight:
+        waiting = "nothing in flight"
+    return f"Stopping, no new request: {event.reason}; {waiting}"
 
 
 @dataclass(slots=True)
@@ -403,6 +416,9 @@ class PlainReporter:
         self._say(f"{label:<{self.width + 3}} {message}")
 
     def on_event(self, event: Event) -> None:
+        if isinstance(event, RunDraining):
+            self._say(draining_line(event))
+            return
         if isinstance(event, PromiseQueued | PromiseReplayed):
             self.labels[event.id] = BranchArgs.read(event.args).label
             self.width = max(self.width, len(self.labels[event.id]))
@@ -453,6 +469,9 @@ class LiveReporter:
         self.board.started = time.monotonic()
 
     def on_event(self, event: Event) -> None:
+        if isinstance(event, RunDraining):  # the run's, not a branch's: above the table
+            self.console.print(Text(escape_control(draining_line(event)), style="yellow"))
+            return
         self.board.apply(event)
         if isinstance(event, AttemptFailed) and event.retry_in is not None:
             line = failure_line(event.func, event.error, event.retry_in)

@@ -159,13 +159,15 @@ def test_the_requests_in_flight_end_and_are_recorded_the_rest_left_pending(
     try:
         openai_fake.wait_for(lambda: openai_fake.requests["create"] == 3, timeout=60)
         answer.set()
-        _out, err = proc.communicate(timeout=120)
+        printed, err = proc.communicate(timeout=120)
     finally:
         answer.set()
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 78, err
+    if how == "run":  # the user is told why nothing new starts while the others finish
+        assert "Stopping, no new request: " in printed
     assert "fix it, then `imagepipe resume f1`" in err
     assert err.count("\n") == 1
     assert openai_fake.requests["create"] == 3

@@ -15,6 +15,7 @@ __all__ = [
     "PromiseRejectedEvent",
     "PromiseReplayed",
     "PromiseResolved",
+    "RunDraining",
 ]
 
 
@@ -73,6 +74,15 @@ class PromiseRejectedEvent:
     attempts: int
 
 
+@dataclass(frozen=True, slots=True)
+class RunDraining:
+    """The run stops (``reason``): no attempt starts from now on, and it ends once the
+    ``in_flight`` attempts under way have ended and been recorded."""
+
+    reason: str
+    in_flight: int
+
+
 Event = (
     PromiseQueued
     | PromiseReplayed
@@ -80,4 +90,5 @@ Event = (
     | AttemptFailed
     | PromiseResolved
     | PromiseRejectedEvent
+    | RunDraining
 )

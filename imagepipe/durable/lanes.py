@@ -41,6 +41,7 @@ from imagepipe.durable.events import (
     AttemptStarted,
     PromiseRejectedEvent,
     PromiseResolved,
+    RunDraining,
 )
 from imagepipe.durable.records import ErrorInfo, Settled
 from imagepipe.durable.retry import RetryPolicy, retry_failed, waited_out
@@ -357,6 +358,7 @@ class Lanes:
         if self._draining is None:
             self._draining = stop
             self._slots.close()
+            self._state.emit(RunDraining(str(stop), self._attempting))
         self._check_drained()
 
     def _check_drained(self) -> None:
