@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from imagepipe.cost import format_usd, worst_case_attempt
@@ -50,6 +50,8 @@ MICRO_USD, IMAGES = "micro_usd", "images"
 #: spare (10**18 micro-dollars: a trillion dollars)
 MOST = 10**18
 
+#: a number of dollars: ``5``, ``5.50``, ``.5``
+_DOLLARS = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 #: ``5``, ``5.50``, ``$5``, ``5 USD``, ``USD 5``
 _AMOUNT = re.compile(r"^\s*(?:\$|([A-Za-z]{3})\s*)?\s*([^\s$A-Za-z]+)\s*([A-Za-z]{3})?\s*$")
 
@@ -120,10 +122,9 @@ def parse_max_cost(text: str) -> int:
         raise BadInput(
             f"--max-cost is in {CURRENCY}, not {quoted(currency)}: give a number of dollars"
         )
-    try:
-        amount = Decimal(found.group(2)) if found else Decimal("nan")
-    except InvalidOperation:
-        amount = Decimal("nan")
+    number = found.group(2) if found else ""
+    # plain ASCII digits: Decimal also reads "1_000", "٥" and "５", which nobody means here
+    amount = Decimal(number) if _DOLLARS.fullmatch(number) else Decimal("nan")
     if not amount.is_finite() or amount < 0:
         raise BadInput(
             f"--max-cost must be a number of US dollars, 0 or more (5, 2.50), not {quoted(text)}"

@@ -129,6 +129,9 @@ def test_a_killed_run_never_exceeds_its_cap_across_resumes(
         ("nan", "--max-cost must be a number of US dollars, 0 or more"),
         ("five", "--max-cost must be a number of US dollars, 0 or more"),
         ("5 EUR", "--max-cost is in USD, not 'EUR'"),
+        ("1_000", "--max-cost must be a number of US dollars, 0 or more"),
+        ("\u0665", "--max-cost must be a number of US dollars, 0 or more"),
+        ("\uff15", "--max-cost must be a number of US dollars, 0 or more"),
     ],
 )
 def test_a_bad_max_cost_is_one_line_and_writes_nothing(
