@@ -104,6 +104,10 @@ def run_spending(outcome: RunOutcome, prices: PriceTable | None, *, attempts: bo
         for index, branch_id, started, state in _attempt_counts(outcome):
             errors = failures.get(branch_id, [])
             unended = max(started - len(errors) - (state == "resolved"), 0)
+            if unended and outcome.attempt_costs:
+                # the spending ledger knows what some of these cost: a request the provider
+                # refused (an account-wide error, say) gave its reservation back
+                unended = _unended_unpaid_left_out(outcome, branch_id, started, state, unended)
             if not errors and not unended:
                 continue
             if prices is None:
@@ -113,6 +117,23 @@ def run_spending(outcome: RunOutcome, prices: PriceTable | None, *, attempts: bo
             for error in [*errors, *[None] * unended]:
                 failed.append(failed_attempt_cost(error, spec.provider, spec.options, text, prices))
     return spending(_resolved_values(outcome), failed)
+
+
+def _unended_unpaid_left_out(
+    outcome: RunOutcome, branch_id: str, started: int, state: str, unended: int
+) -> int:
+    """How many of a branch's ``unended`` attempts (started, neither failed nor resolved)
+    may have been paid: those the spending ledger holds at a cost of 0 are not."""
+    failed = {a.attempt for a in outcome.history if a.promise_id == branch_id}
+    last = started if state == "resolved" else None
+    unpaid = sum(
+        1
+        for attempt in range(1, started + 1)
+        if attempt not in failed
+        and attempt != last
+        and outcome.attempt_costs.get((branch_id, attempt)) == 0
+    )
+    return max(unended - unpaid, 0)
 
 
 def _attempt_counts(outcome: RunOutcome) -> Iterable[tuple[int, str, int, str]]:

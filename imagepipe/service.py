@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 
 from imagepipe import settings
-from imagepipe.budget import caps_of, with_image_cap
+from imagepipe.budget import MICRO_USD, caps_of, with_image_cap
 from imagepipe.durable import (
     BranchOutcome,
     Execution,
@@ -158,7 +158,10 @@ def show_run(url: str, run_id: str) -> RunOutcome:
                 root = await read_root(store, run_id)
                 outcome = await _stored_outcome(store, root)
                 history = await store.failed_attempts(run_id)
-                return dataclasses.replace(outcome, history=history)
+                # an attempt whose outcome the store does not hold (it never failed nor
+                # resolved) may have been paid: the ledger knows whether it was
+                costs = await store.attempt_costs(run_id, MICRO_USD)
+                return dataclasses.replace(outcome, history=history, attempt_costs=costs)
         except StoreMissing as missing:
             raise UnknownRun(run_id, missing.where) from None
 

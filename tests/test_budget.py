@@ -240,6 +240,9 @@ def test_a_refused_key_gives_back_what_its_attempts_reserved(
     )  # fmt: skip
     assert stopped.returncode == 78, stopped.stderr
     assert spending_rows(db_path)["images"] == (2, 0)
+    # nor does show count them among the attempts that may have been paid
+    spent = json.loads(imagepipe(db_path, "show", "key", "--json").stdout)["cost"]["spent"]
+    assert (spent["failed_attempts"], spent["failed_attempts_micro_usd"]) == (0, 0)
 
     resumed = imagepipe(db_path, "resume", "key")
     assert resumed.returncode == 0, resumed.stderr

@@ -251,6 +251,11 @@ class Statements:
             f"UPDATE {reservations} SET cost = :cost WHERE promise_id = :id"
             " AND attempt = :attempt AND meter = :meter AND cost IS NULL RETURNING reserved"
         )
+        self.attempt_costs = sql(
+            f"SELECT r.promise_id, r.attempt, r.cost FROM {reservations} r"
+            f" JOIN {promises} p ON p.id = r.promise_id"
+            " WHERE p.parent_id = :parent AND r.meter = :meter"
+        )
 
         # -- reads
         self.get = sql(f"SELECT {PROMISE_COLUMNS} FROM {promises} WHERE id = :id")
@@ -644,6 +649,11 @@ class SQLStore(Store):
     async def spending(self, run_id: str) -> dict[str, Spending]:
         rows = await self._fetchall(self.sql.spending, {"run": run_id})
         return {meter: Spending(limit=cap, spent=spent) for meter, cap, spent in rows}
+
+    async def attempt_costs(self, run_id: str, meter: str) -> dict[tuple[str, int], int | None]:
+        params = {"parent": run_id, "meter": meter}
+        rows = await self._fetchall(self.sql.attempt_costs, params)
+        return {(promise_id, attempt): cost for promise_id, attempt, cost in rows}
 
     async def reserve_attempt(
         self,

@@ -102,6 +102,11 @@ class SpendingStore(ABC):
         """What the run may spend and has spent, by meter (only meters capped or used)."""
 
     @abstractmethod
+    async def attempt_costs(self, run_id: str, meter: str) -> dict[tuple[str, int], int | None]:
+        """What each reserved attempt of the run's branches cost on ``meter``, by (branch
+        id, attempt): its actual cost once known, else None (its reservation counted)."""
+
+    @abstractmethod
     async def reserve_attempt(
         self,
         fence: Fence | None,

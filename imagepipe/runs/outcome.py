@@ -233,6 +233,9 @@ class RunOutcome:
     executed: bool = True
     #: failed attempts of every branch, oldest first (filled in by ``show``)
     history: list[AttemptRecord] = field(default_factory=list)
+    #: what each attempt that reserved against the run's spending cost in micro-dollars,
+    #: by (branch id, attempt), None while unknown (filled in by ``show``)
+    attempt_costs: Mapping[tuple[str, int], int | None] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         # Short on purpose: asyncio formats the main task's result (this object) while

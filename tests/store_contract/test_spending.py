@@ -121,3 +121,13 @@ async def test_every_meter_must_fit_and_a_refusal_writes_none_of_them(store: Sto
     assert await attempts(store, "run.1") == 0
     await store.settle_cost(None, "run", "run.0", 1, {"usd": 40})  # images: stays counted
     assert await store.spending("run") == {"usd": Spending(None, 40), "images": Spending(1, 1)}
+
+
+async def test_each_reserved_attempt_says_what_it_cost_once_known(store: Store) -> None:
+    await a_run(store)
+    await store.reserve_attempt(None, "run", "run.0", 1, USD100)
+    await store.reserve_attempt(None, "run", "run.1", 1, {"usd": 100, "images": 1})
+    await store.settle_cost(None, "run", "run.0", 1, {"usd": 0})
+    assert await store.attempt_costs("run", "usd") == {("run.0", 1): 0, ("run.1", 1): None}
+    assert await store.attempt_costs("run", "images") == {("run.1", 1): None}
+    assert await store.attempt_costs("other", "usd") == {}
