@@ -52,7 +52,7 @@ from imagepipe.files import (
     remove_temporaries,
 )
 from imagepipe.pipeline import IMAGE_RUN, Deps, recorded_images
-from imagepipe.prices import PriceTable, current_prices
+from imagepipe.prices import current_prices, prices_if_readable
 from imagepipe.providers.base import ProviderError
 from imagepipe.providers.contract import ProviderClass, ProviderSettings
 from imagepipe.providers.options import ProviderOptions, build_options, identity
@@ -170,7 +170,7 @@ async def stopped_at_cap(store: Store, run_id: str, reached: SpendingCapReached)
     its pending branches at their worst case."""
     root = await read_root(store, run_id)
     spec = RunSpec.from_stored(root.args)
-    reserve = reservation(spec.provider, spec.options, spec.templates, _prices())
+    reserve = reservation(spec.provider, spec.options, spec.templates, prices_if_readable())
     reserve = await with_image_cap(store, run_id, reserve)
     pending = [c for c in await store.children(run_id) if not c.settled]
     return cap_reached(reached, run_id, pending, reserve, await store.spending(run_id))
@@ -322,17 +322,8 @@ def execution_for(root: PromiseRecord, invocation: Invocation) -> RunSetup:
             time_scale=invocation.time_scale,
         ),
         default_concurrency=int(provider_class.default_concurrency),
-        reserve=reservation(spec.provider, spec.options, spec.templates, _prices()),
+        reserve=reservation(spec.provider, spec.options, spec.templates, prices_if_readable()),
     )
-
-
-def _prices() -> PriceTable | None:
-    """Today's prices; None when the user's file is broken (checked by the commands before
-    they start: a file broken since then leaves the price unknown, reserving images only)."""
-    try:
-        return current_prices()
-    except BadInput:
-        return None
 
 
 def _check_credentials(provider_class: ProviderClass, options: ProviderOptions) -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "current_prices",
     "load_prices",
     "micros",
+    "prices_if_readable",
     "user_prices_path",
 ]
 
@@ -296,6 +297,16 @@ def current_prices() -> PriceTable:
         _cache.clear()
         _cache[key] = load_prices()
     return _cache[key]
+
+
+def prices_if_readable() -> PriceTable | None:
+    """:func:`current_prices`, or None when the user's file is broken: for what runs after
+    the commands have checked it (a report still shows what was spent, which is stored; a
+    run reserves images only where the price is unknown)."""
+    try:
+        return current_prices()
+    except BadInput:
+        return None
 
 
 def _merged(builtin: Mapping[str, Any], user: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -26,8 +26,7 @@ from imagepipe.cost import (
 )
 from imagepipe.durable import Store
 from imagepipe.durable.records import RootRecord
-from imagepipe.errors import BadInput
-from imagepipe.prices import CURRENCY, FREE_PROVIDERS, PriceTable, current_prices
+from imagepipe.prices import CURRENCY, FREE_PROVIDERS, PriceTable, prices_if_readable
 from imagepipe.runs.model import Branch, BranchArgs, RunSpec
 from imagepipe.runs.outcome import RunOutcome, StoredBranches
 from imagepipe.styles import render
@@ -42,15 +41,6 @@ __all__ = [
     "spent_cell",
     "stored_spending",
 ]
-
-
-def _prices() -> PriceTable | None:
-    """Today's prices; None when the user's file is broken (a report still shows what was
-    spent: that is stored)."""
-    try:
-        return current_prices()
-    except BadInput:
-        return None
 
 
 def _sent(spec: RunSpec, args: BranchArgs) -> str:
@@ -149,7 +139,7 @@ def _attempt_counts(outcome: RunOutcome) -> Iterable[tuple[int, str, int, str]]:
 def cost_json(outcome: RunOutcome, *, attempts: bool) -> dict[str, Any]:
     """The ``cost`` key of ``run --json`` and (``attempts``: failed ones counted)
     ``show --json``."""
-    prices = _prices()
+    prices = prices_if_readable()
     return {
         "currency": CURRENCY,
         "estimated": run_estimate(outcome.spec, prices).to_json(),
@@ -162,7 +152,7 @@ def cost_line(outcome: RunOutcome, *, attempts: bool) -> str | None:
     that costs nothing (the simulated one: its demo output stays as it was)."""
     if outcome.spec.provider in FREE_PROVIDERS:
         return None
-    prices = _prices()
+    prices = prices_if_readable()
     estimate = run_estimate(outcome.spec, prices)
     if estimate.low == estimate.high:
         estimated = format_usd(estimate.low)
