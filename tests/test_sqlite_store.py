@@ -38,7 +38,7 @@ def previous_main_store(path: Path) -> Path:
 async def test_schema_is_versioned(db_path: Path) -> None:
     await (await open_store(str(db_path))).close()
     with sqlite3.connect(db_path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 

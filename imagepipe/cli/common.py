@@ -267,6 +267,18 @@ _EXECUTION_OPTIONS: dict[str, tuple[Any, Any]] = {
             show_default=False,
         ),
     ),
+    "batch": (
+        bool | None,
+        typer.Option(
+            "--batch/--no-batch",
+            help="--batch: send the branches through the provider's Batch API (openai, "
+            "GPT Image models): half the price, results within 24 hours; the command "
+            "returns once the batches are created, and `imagepipe watch ID` or `imagepipe "
+            "resume ID` collects them. On resume, --no-batch runs the branches no batch "
+            "holds one by one instead [default: the run's own way].",
+            show_default=False,
+        ),
+    ),
 }
 
 
@@ -310,6 +322,7 @@ def make_invocation(
     rpm: int | None = None,
     max_cost: str | None = None,
     max_images: int | None = None,
+    batch: bool | None = None,
 ) -> "Invocation":
     from imagepipe.runs.model import Invocation
     from imagepipe.settings import check_provider_settings, time_scale
@@ -325,6 +338,7 @@ def make_invocation(
         rpm=rpm,
         max_cost=max_cost,
         max_images=max_images,
+        batch=batch,
     )
 
 

@@ -34,6 +34,7 @@ def merged(batches: Sequence[WriteBatch]) -> WriteBatch:
             starts=only.starts,
             failures=only.failures,
             settlements=only.settlements,
+            notes=only.notes,
         )
     out = WriteBatch()
     for batch in batches:
@@ -42,6 +43,7 @@ def merged(batches: Sequence[WriteBatch]) -> WriteBatch:
         out.starts += batch.starts
         out.failures += batch.failures
         out.settlements += batch.settlements
+        out.notes += batch.notes
     return out
 
 

@@ -33,6 +33,7 @@ from imagepipe.durable.records import (
     ErrorInfo,
     Fence,
     NewPromise,
+    Note,
     PromiseState,
     Settled,
     Settlement,
@@ -133,6 +134,11 @@ class GroupCommit:
     def reopen(self, promise_id: str) -> Committed:
         """Set a rejected promise back to pending (its history stays)."""
         self._batch.reopens.append(promise_id)
+        return self._next_commit()
+
+    def note(self, run_id: str, key: str, value: Any) -> Committed:
+        """Write run ``run_id``'s note ``key`` (a JSON value), replacing what it held."""
+        self._batch.notes.append(Note(run_id, key, canonical_json(value), time.time()))
         return self._next_commit()
 
     def start_attempt(self, promise_id: str, attempt: int) -> Committed:

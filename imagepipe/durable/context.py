@@ -8,6 +8,14 @@ fan out before anything has finished. Awaiting a handle gives the value or raise
 of branches under the concurrency limit (see :mod:`.lanes`). Inside a child,
 ``await step.run(fn, **kwargs)`` is a durable sub-step ``<child>.<n>`` (see :mod:`.steps`).
 
+A workflow may also hold a child without running it: ``ctx.promise(fn, **kwargs)`` creates
+(or finds) it as ``begin_run`` does, and the app settles it with :meth:`RunContext.settle`
+when its outcome arrives from elsewhere (a provider's batch answers many at once). Its
+attempts are started with :meth:`RunContext.start_attempts`, many in one transaction, with
+their worst-case cost reserved. The run itself has durable steps, :meth:`RunContext.step`,
+whose results are stored as the run's notes (``await ctx.step("upload", fn, **kwargs)``
+runs ``fn`` once), and notes of progress that are overwritten (:meth:`RunContext.note`).
+
 Replay is re-execution: to resume a run, call the same workflow again with a fresh
 context on the same store. Children already settled are returned from the store without
 running; pending ones run, continuing their durable attempt count. Arguments are compared
@@ -20,12 +28,13 @@ that check has passed: until then the group commit is held.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
-from imagepipe.durable.commit import BatchSink, GroupCommit
-from imagepipe.durable.errors import DrainRun
+from imagepipe.durable.commit import BatchSink, Committed, GroupCommit
+from imagepipe.durable.errors import DrainRun, SpendingCapReached
 from imagepipe.durable.events import PromiseQueued, PromiseReplayed
 from imagepipe.durable.lanes import AttemptTimeout, Lanes
 from imagepipe.durable.lease import LeaseKeeper
@@ -87,6 +96,8 @@ class RunContext(Generic[D]):
         self._stored: dict[int, PromiseRecord] = {}
         #: every child launched, in order; each holds its outcome once settled
         self.launched: list[Handle[Any]] = []
+        #: the run's notes as stored (read by :meth:`load`) and as written since
+        self._notes: dict[str, Any] = {}
 
     # -- before the workflow -------------------------------------------------------
 
@@ -96,6 +107,7 @@ class RunContext(Generic[D]):
         rejected children (and the run) are set back to pending first (``retry``)."""
         children = await self.store.children(self.run_id)
         self._stored = {r.seq: r for r in children if r.seq is not None}
+        self._notes = await self.store.notes(self.run_id)
         self._state.replay.stored = len(self._stored)
         commit = self._state.commit
         if self._stored:
@@ -140,6 +152,19 @@ class RunContext(Generic[D]):
 
     def begin_run(self, fn: Callable[..., Awaitable[T]], /, **kwargs: Any) -> Handle[T]:
         """Create (or find) the next child promise and start it; return its handle."""
+        return self._launch(fn, kwargs, run=True)
+
+    def promise(self, fn: Callable[..., Awaitable[T]], /, **kwargs: Any) -> Handle[T]:
+        """Create (or find) the next child promise as :meth:`begin_run` does (the same id,
+        replay check and events) but do not run it: its outcome comes from elsewhere, and
+        the app records it with :meth:`settle`. As Resonate's ``ctx.promise()``, a promise
+        completed from outside; a later invocation may run the same child with
+        :meth:`begin_run` instead (its call is the same)."""
+        return self._launch(fn, kwargs, run=False)
+
+    def _launch(
+        self, fn: Callable[..., Awaitable[T]], kwargs: dict[str, Any], *, run: bool
+    ) -> Handle[T]:
         replay, state = self._state.replay, self._state
         seq = replay.next_seq
         replay.next_seq += 1
@@ -171,7 +196,8 @@ class RunContext(Generic[D]):
             return handle
         if state.listening:
             state.emit(PromiseQueued(handle.id, func, handle.args, handle.attempts))
-        self._lanes.launch(handle, fn, kwargs, failures)
+        if run:
+            self._lanes.launch(handle, fn, kwargs, failures)
         return handle
 
     def adopt(self, record: PromiseRecord, fn: Callable[..., Awaitable[T]]) -> Handle[T]:
@@ -190,6 +216,86 @@ class RunContext(Generic[D]):
             NewPromise(promise_id, self.run_id, seq, func, encode_args(kwargs), time.time())
         )
         return Handle(self._state, promise_id, func, kwargs, stored=False)
+
+    # -- children the app settles (see :meth:`promise`) --------------------------------
+
+    async def start_attempts(
+        self, attempts: Sequence[tuple[Handle[Any], int]], units: Mapping[str, int]
+    ) -> None:
+        """Start attempt ``n`` of each held child in ``attempts``, with ``units`` reserved
+        for each on the run's meters, in one transaction: a group paid together (a
+        provider's batch) is reserved whole before it is sent. A child already at its
+        attempt is left as it is, so a step repeated after a kill reserves nothing twice.
+        :class:`~.errors.SpendingCapReached` if they do not fit a cap (nothing written)."""
+        if not attempts:
+            return
+        fence = await self._state.commit.durable()
+        numbers = {handle.id: n for handle, n in attempts}
+        refused = await self.store.reserve_attempts(fence, self.run_id, numbers, units)
+        if refused is not None:
+            meter, spending = refused
+            assert spending.limit is not None, "only a cap refuses a reservation"
+            needed = units[meter] * len(attempts)
+            raise SpendingCapReached(self.run_id, meter, spending.spent, spending.limit, needed)
+        for handle, n in attempts:
+            handle.attempts = max(handle.attempts, n)
+
+    def fail_attempt(self, handle: Handle[Any], started_at: float, error: ErrorInfo) -> Committed:
+        """Record that the current attempt of a held child failed (``error``): it stays
+        pending, and its next attempt may be started."""
+        return self._state.commit.fail_attempt(handle.id, handle.attempts, started_at, error)
+
+    async def settle_costs(self, costs: Sequence[tuple[Handle[Any], Mapping[str, int]]]) -> None:
+        """What the current attempt of each held child actually cost replaces its
+        reservation, meter by meter, in one transaction."""
+        if costs:
+            fence = await self._state.commit.durable()
+            items = [(handle.id, handle.attempts, cost) for handle, cost in costs]
+            await self.store.settle_costs(fence, self.run_id, items)
+
+    def settle(
+        self,
+        handle: Handle[Any],
+        *,
+        value: Any = None,
+        error: ErrorInfo | None = None,
+        after_recorded: Callable[[], object] | None = None,
+    ) -> None:
+        """Resolve a held child with ``value`` (or reject it with ``error``) after its
+        current attempt, as a branch that ran would be: the settlement joins the group
+        commit, and once it is durable the handle settles, ``after_recorded()`` runs (only
+        if this settlement is the one the store recorded), and listeners hear of it.
+        :meth:`settle_all` waits for it."""
+        effects = None if after_recorded is None else [after_recorded]
+        self._lanes.settle_held(handle, value, error, effects)
+
+    # -- the run's own steps and notes -----------------------------------------------
+
+    async def step(self, key: str, fn: Callable[..., Awaitable[T]], /, **kwargs: Any) -> T:
+        """Run ``fn(**kwargs)`` once as the run's durable step ``key``: its result (a JSON
+        value) is stored as the run's note ``key`` before this returns, and returned from
+        there, without calling ``fn``, by every later invocation. For what the run does
+        once for many children: a provider's batch created, so that a resume collects it
+        instead of paying for a second one."""
+        if key in self._notes:
+            stored: T = _copy(self._notes[key])
+            return stored
+        result = await fn(**kwargs)
+        await self.note(key, result)
+        fresh: T = _copy(self._notes[key])
+        return fresh
+
+    async def note(self, key: str, value: Any) -> None:
+        """Store ``value`` (a JSON value) as the run's note ``key``, replacing what it held;
+        return once durable. For progress a report shows (a batch's latest status)."""
+        written = self._state.commit.note(self.run_id, key, value)
+        await asyncio.shield(written)  # a cancelled caller must not cancel the shared commit
+        self._notes[key] = json.loads(json.dumps(value))
+
+    @property
+    def notes(self) -> Mapping[str, Any]:
+        """The run's notes: as stored when this invocation began, and as written since."""
+        return self._notes
 
     # -- the run's own promise and fan-in helpers ----------------------------------
 
@@ -227,6 +333,11 @@ class RunContext(Generic[D]):
     async def close(self) -> None:
         """Wait for the commit under way, if any: nothing of this context outlives it."""
         await self._state.commit.close()
+
+
+def _copy(value: Any) -> Any:
+    """A JSON value the caller may change without changing the one kept here."""
+    return json.loads(json.dumps(value))
 
 
 def _reopened(record: PromiseRecord) -> PromiseRecord:

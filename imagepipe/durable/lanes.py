@@ -273,6 +273,19 @@ class Lanes:
         self._write_settlement(handle, value, None, current, cause=None, effects=effects)
         return holding
 
+    def settle_held(
+        self,
+        handle: Handle[Any],
+        value: Any,
+        error: ErrorInfo | None,
+        effects: list[Callable[[], object]] | None,
+    ) -> None:
+        """Settle a child that no lane runs (``RunContext.promise``) as a lane settles its
+        branch: written to the group commit, announced (its effects run first) once
+        durable, and waited for by :meth:`wait_idle`."""
+        cause = None if error is None else _StoredError(error.message)
+        self._write_settlement(handle, value, error, handle.attempts, cause=cause, effects=effects)
+
     def _write_settlement(
         self,
         handle: Handle[Any],

@@ -562,4 +562,5 @@ def _runs_written(batch: WriteBatch) -> set[str]:
     ids += [f.id.rpartition(".")[0] or f.id for f in batch.failures]
     ids += [s.id.rpartition(".")[0] or s.id for s in batch.settlements]
     ids += [i.rpartition(".")[0] or i for i in batch.reopens]
+    ids += [n.run_id for n in batch.notes]
     return set(ids)

@@ -1,13 +1,17 @@
 """The PostgreSQL store's schema: numbered migrations, applied in order, each once.
 
 Everything lives in its own schema, ``imagepipe``, so that the store can share a database
-with other programs' tables. Schema (version 2), the same model as SQLite's version 3::
+with other programs' tables. Schema (version 5), the same model as SQLite's version 7::
 
     imagepipe.schema_version(version)                                     -- one row
     imagepipe.promises(id PK, parent_id, seq, func, args JSON, options JSON, state,
-                       value JSON, error JSON, attempts, failures, created_at, settled_at)
+                       value JSON, error JSON, attempts, failures, created_at, settled_at,
+                       child_counts JSON)
     imagepipe.attempts(promise_id, attempt, started_at, finished_at, error JSON)
     imagepipe.leases(key PK, owner, pid, host, heartbeat_at, epoch)
+    imagepipe.spending(run_id, meter, cap, spent)
+    imagepipe.reservations(promise_id, attempt, meter, reserved, cost)
+    imagepipe.notes(run_id, key, value JSON, updated_at)
 
 JSON columns are ``text``, not ``jsonb``: the core writes canonical JSON text and compares
 it (a lost settlement is told apart by its exact text), and ``jsonb`` would respace it and
@@ -118,9 +122,27 @@ _MIGRATION_4 = (
     )""",
 )
 
+#: A run's notes: JSON values by key that an app keeps beside a run's promises (the results
+#: of its run-level steps, the latest progress it observed).
+_MIGRATION_5 = (
+    """CREATE TABLE imagepipe.notes (
+        run_id text COLLATE "C" NOT NULL,
+        key text COLLATE "C" NOT NULL,
+        value text NOT NULL,
+        updated_at double precision NOT NULL,
+        PRIMARY KEY (run_id, key)
+    )""",
+)
+
 #: Migration N (the N-th entry) turns schema version N-1 into N: statements run in order,
 #: in the migrating transaction. Append only; never edit a released one.
-MIGRATIONS: Sequence[Sequence[str]] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3, _MIGRATION_4)
+MIGRATIONS: Sequence[Sequence[str]] = (
+    _MIGRATION_1,
+    _MIGRATION_2,
+    _MIGRATION_3,
+    _MIGRATION_4,
+    _MIGRATION_5,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

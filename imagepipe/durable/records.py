@@ -32,6 +32,7 @@ __all__ = [
     "Fence",
     "Lease",
     "NewPromise",
+    "Note",
     "PromiseRecord",
     "PromiseState",
     "RootRecord",
@@ -358,6 +359,18 @@ class AttemptStart:
 
 
 @dataclass(frozen=True, slots=True)
+class Note:
+    """A run's note ``key`` holds ``value_json`` from now on: what an app keeps beside a
+    run's promises (the result of a run-level step, the latest progress it observed),
+    written in the same fenced transactions as they are."""
+
+    run_id: str
+    key: str
+    value_json: str
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptFailure:
     """Attempt ``attempt`` of a promise failed: kept as history; the promise stays pending."""
 
@@ -385,9 +398,9 @@ class WriteBatch:
 
     Applied in this order, which keeps every promise's history in order: reopens (a
     rejected promise back to pending), creates, attempt starts, failed attempts,
-    settlements. A batch with a ``fence`` is refused whole when the lease's epoch has moved
-    on; a create whose id exists, or a start of a promise that is not pending, refuses it
-    whole too (:class:`~imagepipe.durable.errors.StoreConflict`)."""
+    settlements, then the run's notes. A batch with a ``fence`` is refused whole when the
+    lease's epoch has moved on; a create whose id exists, or a start of a promise that is
+    not pending, refuses it whole too (:class:`~imagepipe.durable.errors.StoreConflict`)."""
 
     fence: Fence | None = None
     reopens: list[str] = field(default_factory=list)
@@ -395,6 +408,8 @@ class WriteBatch:
     starts: list[AttemptStart] = field(default_factory=list)
     failures: list[AttemptFailure] = field(default_factory=list)
     settlements: list[Settlement] = field(default_factory=list)
+    #: a run's notes, written (or overwritten) after everything else
+    notes: list[Note] = field(default_factory=list)
 
     def __len__(self) -> int:
         return (
@@ -403,4 +418,5 @@ class WriteBatch:
             + len(self.starts)
             + len(self.failures)
             + len(self.settlements)
+            + len(self.notes)
         )

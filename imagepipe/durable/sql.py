@@ -246,6 +246,10 @@ class Statements:
             f"INSERT INTO {reservations} (promise_id, attempt, meter, reserved)"
             " VALUES (:id, :attempt, :meter, :units)"
         )
+        self.pending_attempts_of = sql(
+            f"SELECT id, attempts FROM {promises} WHERE {d.one_of('id', 'ids')}"
+            f" AND state = 'pending' ORDER BY id{d.update_lock}"
+        )
         self.start_reserved = sql(f"UPDATE {promises} SET attempts = :attempt WHERE id = :id")
         self.cost = sql(
             f"UPDATE {reservations} SET cost = :cost WHERE promise_id = :id"
@@ -256,6 +260,15 @@ class Statements:
             f" JOIN {promises} p ON p.id = r.promise_id"
             " WHERE p.parent_id = :parent AND r.meter = :meter"
         )
+
+        # -- a run's notes
+        notes = d.table("notes")
+        self.write_note = sql(
+            f"INSERT INTO {notes} (run_id, key, value, updated_at)"
+            " VALUES (:run_id, :key, :value_json, :updated_at) ON CONFLICT (run_id, key)"
+            " DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
+        )
+        self.notes = sql(f"SELECT key, value FROM {notes} WHERE run_id = :run ORDER BY key")
 
         # -- reads
         self.get = sql(f"SELECT {PROMISE_COLUMNS} FROM {promises} WHERE id = :id")
@@ -502,6 +515,8 @@ class SQLStore(Store):
             settled = await tx.send_many(sql.settle, _params(batch.settlements))
             ids = sql.dialect.list_param([s.id for s in batch.settlements])
             await tx.send(sql.keep_counts, {"ids": ids})
+        if batch.notes:
+            await tx.send_many(sql.write_note, _params(batch.notes))
         await tx.check()
         if settled is None or settled.rowcount == len(batch.settlements):
             return {}
@@ -564,6 +579,11 @@ class SQLStore(Store):
             for parent_id, state, n in await self._fetchall(sql.counts, {"ids": ids}):
                 counts[parent_id][state] = n
         return [root_from_row(row, counts.get(row[0]), self.where) for row in rows]
+
+    async def notes(self, run_id: str) -> dict[str, Any]:
+        rows = await self._fetchall(self.sql.notes, {"run": run_id})
+        where = f"{self.where}, the notes of {run_id!r},"
+        return {key: decode_json(value, key, where) for key, value in rows}
 
     async def failed_attempts(self, parent_id: str) -> list[AttemptRecord]:
         rows = await self._fetchall(self.sql.failed_attempts, {"parent": parent_id})
@@ -663,28 +683,45 @@ class SQLStore(Store):
         attempt: int,
         units: Mapping[str, int],
     ) -> tuple[str, Spending] | None:
+        return await self.reserve_attempts(fence, run_id, {promise_id: attempt}, units)
+
+    async def reserve_attempts(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        attempts: Mapping[str, int],
+        units: Mapping[str, int],
+    ) -> tuple[str, Spending] | None:
         sql = self.sql
 
         async def reserve(tx: Tx) -> None:
             await self._check_fence(tx, fence)
-            row = await tx.fetchone(sql.pending_attempts, {"id": promise_id})
-            if row is None:
-                raise StoreConflict(self.where, f"holds no pending promise {promise_id!r}")
-            if row[0] >= attempt:
-                return  # started before, with its reservation
+            ids = sql.dialect.list_param(sorted(attempts))
+            rows = await tx.fetchall(sql.pending_attempts_of, {"ids": ids})
+            started: dict[str, int] = {row[0]: row[1] for row in rows}
+            missing = sorted(set(attempts) - set(started))
+            if missing:
+                raise StoreConflict(self.where, f"holds no pending promise {missing[0]!r}")
+            # started before (a call repeated after a lost connection): reserved then
+            new = [(p, n) for p, n in sorted(attempts.items()) if started[p] < n]
+            if not new:
+                return
             for meter, needed in sorted(units.items()):  # locked in one order: no deadlock
                 # locked: the workers that reserve on one run's meter take turns here
                 await tx.send(sql.meter_row, {"run": run_id, "meter": meter})
                 found = await tx.fetchone(sql.meter, {"run": run_id, "meter": meter})
                 cap, spent = found if found else (None, 0)
                 spending = Spending(limit=cap, spent=spent)
-                if not spending.allows(needed):
+                if not spending.allows(needed * len(new)):
                     raise _CapReached(meter, spending)  # nothing of this call is kept
             for meter, needed in units.items():
-                params = {"run": run_id, "meter": meter, "units": needed}
+                params = {"run": run_id, "meter": meter, "units": needed * len(new)}
                 await tx.send(sql.spend, params)
-                await tx.send(sql.reserve, {**params, "id": promise_id, "attempt": attempt})
-            await tx.send(sql.start_reserved, {"id": promise_id, "attempt": attempt})
+                await tx.send_many(
+                    sql.reserve,
+                    [{"id": p, "attempt": n, "meter": meter, "units": needed} for p, n in new],
+                )
+            await tx.send_many(sql.start_reserved, [{"id": p, "attempt": n} for p, n in new])
 
         try:
             await self._in_transaction(reserve)
@@ -700,16 +737,27 @@ class SQLStore(Store):
         attempt: int,
         cost: Mapping[str, int],
     ) -> None:
+        await self.settle_costs(fence, run_id, [(promise_id, attempt, cost)])
+
+    async def settle_costs(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        costs: Sequence[tuple[str, int, Mapping[str, int]]],
+    ) -> None:
         sql = self.sql
 
         async def settle(tx: Tx) -> None:
             await self._check_fence(tx, fence)
-            for meter, actual in cost.items():
-                params = {"id": promise_id, "attempt": attempt, "meter": meter}
-                row = await tx.fetchone(sql.cost, {**params, "cost": actual})
-                if row is not None:  # the reservation gives way to the actual cost
-                    units = actual - row[0]
-                    await tx.send(sql.spend, {"run": run_id, "meter": meter, "units": units})
+            change: dict[str, int] = {}
+            for promise_id, attempt, cost in costs:
+                for meter, actual in cost.items():
+                    params = {"id": promise_id, "attempt": attempt, "meter": meter}
+                    row = await tx.fetchone(sql.cost, {**params, "cost": actual})
+                    if row is not None:  # the reservation gives way to the actual cost
+                        change[meter] = change.get(meter, 0) + actual - row[0]
+            for meter, units in sorted(change.items()):
+                await tx.send(sql.spend, {"run": run_id, "meter": meter, "units": units})
 
         await self._in_transaction(settle)
 

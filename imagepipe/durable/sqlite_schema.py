@@ -1,6 +1,6 @@
 """The SQLite store's schema: numbered migrations, applied in order, each once.
 
-Schema (version 6)::
+Schema (version 7)::
 
     promises(id PK, parent_id, seq, func, args JSON, options JSON, state, value JSON,
              error JSON, attempts, failures, created_at, settled_at, child_counts JSON)
@@ -9,6 +9,7 @@ Schema (version 6)::
     leases(key PK, owner, pid, host, heartbeat_at, epoch)                 -- who executes
     spending(run_id, meter, cap, spent)                     -- a run's caps, what it spent
     reservations(promise_id, attempt, meter, reserved, cost)   -- each paid attempt's part
+    notes(run_id, key, value JSON, updated_at)      -- what an app keeps beside a run
 
 ``PRAGMA user_version`` is the schema version and ``PRAGMA application_id`` marks the file
 as imagepipe's. Migration N turns version N-1 into N; a released one is never edited (they
@@ -168,6 +169,15 @@ def _migration_6(db: sqlite3.Connection) -> None:
     )
 
 
+def _migration_7(db: sqlite3.Connection) -> None:
+    """A run's notes: JSON values by key that an app keeps beside a run's promises (the
+    results of its run-level steps, the latest progress it observed)."""
+    db.execute(
+        "CREATE TABLE notes (run_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,"
+        " updated_at REAL NOT NULL, PRIMARY KEY (run_id, key))"
+    )
+
+
 #: Migration N turns schema version N-1 into N. Append only; never edit a released one.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
@@ -176,5 +186,6 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -24,6 +24,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from imagepipe.durable.errors import LeaseLost
 from imagepipe.durable.records import (
@@ -122,6 +123,20 @@ class SpendingStore(ABC):
         its spending, and nothing is written."""
 
     @abstractmethod
+    async def reserve_attempts(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        attempts: Mapping[str, int],
+        units: Mapping[str, int],
+    ) -> tuple[str, Spending] | None:
+        """:meth:`reserve_attempt` for many promises at once, all or nothing: start attempt
+        ``attempts[promise_id]`` of each, with ``units`` reserved for each on each meter,
+        in one transaction (a promise started at that attempt before is left as it is).
+        How a group of requests that are paid together (a provider's batch) is reserved
+        before it is sent."""
+
+    @abstractmethod
     async def settle_cost(
         self,
         fence: Fence | None,
@@ -132,6 +147,15 @@ class SpendingStore(ABC):
     ) -> None:
         """What attempt ``attempt`` of ``promise_id`` actually cost on each meter replaces
         its reservation there (once: a repeated call changes nothing)."""
+
+    @abstractmethod
+    async def settle_costs(
+        self,
+        fence: Fence | None,
+        run_id: str,
+        costs: Sequence[tuple[str, int, Mapping[str, int]]],
+    ) -> None:
+        """:meth:`settle_cost` of many (promise id, attempt, cost) in one transaction."""
 
 
 class Promises(ABC):
@@ -172,6 +196,10 @@ class Promises(ABC):
     @abstractmethod
     async def children(self, parent_id: str) -> list[PromiseRecord]:
         """The children of a promise in launch order."""
+
+    @abstractmethod
+    async def notes(self, run_id: str) -> dict[str, Any]:
+        """The notes of run ``run_id`` by key (``WriteBatch.notes`` writes them)."""
 
     # -- leases --------------------------------------------------------------------------
 

@@ -206,6 +206,8 @@ class Invocation:
     #: with it (None: keep the stored ones)
     max_cost: str | None = None
     max_images: int | None = None
+    #: ``--batch`` (True) or ``--no-batch`` (False); None: the run's own way
+    batch: bool | None = None
 
     def validate(self) -> None:
         """The settings checked (the caps are, by :func:`imagepipe.budget.caps_of`)."""
