@@ -141,16 +141,23 @@ def reservation(
     options: Mapping[str, Any],
     templates: Mapping[str, str],
     prices: PriceTable | None,
+    *,
+    batch: bool = False,
 ) -> Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None:
     """What an attempt of a branch reserves before it starts: one image, and its worst
-    case in micro-dollars where the price is known. None for a free provider."""
+    case in micro-dollars where the price is known (at the batch rate with ``batch``).
+    None for a free provider."""
     if provider in FREE_PROVIDERS:
         return None
 
     def worst_case(func: str, kwargs: Mapping[str, Any]) -> Mapping[str, int]:
         args = BranchArgs.read(kwargs)
         sent = render(templates.get(args.style, "{prompt}"), args.prompt, args.style)
-        high = None if prices is None else worst_case_attempt(provider, options, sent, prices)
+        high = (
+            None
+            if prices is None
+            else worst_case_attempt(provider, options, sent, prices, batch=batch)
+        )
         return {IMAGES: 1} if high is None else {IMAGES: 1, MICRO_USD: high}
 
     return worst_case

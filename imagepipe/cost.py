@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from imagepipe.prices import CURRENCY, FREE_PROVIDERS, MICRO, ModelPrice, PriceTable, micros
+from imagepipe.prices import (
+    BATCH_RATES,
+    CURRENCY,
+    FREE_PROVIDERS,
+    MICRO,
+    ModelPrice,
+    PriceTable,
+    micros,
+)
 
 __all__ = [
     "FREE",
@@ -37,6 +45,7 @@ __all__ = [
     "CostRange",
     "Spending",
     "attempt_range",
+    "batch_rate",
     "cost_json_of",
     "failed_attempt_cost",
     "format_usd",
@@ -169,25 +178,35 @@ def image_cost(
     model: str | None,
     usage: Mapping[str, Any] | None,
     prices: PriceTable,
+    *,
+    batch: bool = False,
 ) -> Cost:
-    """What an attempt that returned an image cost (see the module's docstring)."""
+    """What an attempt that returned an image cost (see the module's docstring); with
+    ``batch``, at the provider's batch rate (:data:`~imagepipe.prices.BATCH_RATES`)."""
     if provider in FREE_PROVIDERS:
         return FREE
     price = prices.get(provider, model) or prices.get(provider, options.get("model"))
     if price is None:
         return UNKNOWN
+    rate = batch_rate(provider) if batch else Decimal(1)
+    suffix = " (batch)" if batch else ""
     if price.bills_tokens and usage:
         tokens = _token_cost(price, usage)
         if tokens is not None:
-            return Cost(micros(tokens), "usage")
+            return Cost(micros(tokens * rate), "usage" + suffix)
     images = _image_prices(price, options)
     if images:
         # unset quality, several prices: the highest, as the provider's default may be it
-        return Cost(micros(max(images)), "per-image")
+        return Cost(micros(max(images) * rate), "per-image" + suffix)
     seconds = _seconds(usage.get("predict_time")) if usage else None
     if price.per_second is not None and seconds is not None:
-        return Cost(micros(price.per_second * seconds), "predict-time")
+        return Cost(micros(price.per_second * seconds * rate), "predict-time" + suffix)
     return UNKNOWN
+
+
+def batch_rate(provider: str) -> Decimal:
+    """The share of its synchronous price that ``provider``'s batch mode charges."""
+    return BATCH_RATES.get(provider, Decimal(1))
 
 
 def _count(value: Any) -> int | None:
@@ -225,7 +244,12 @@ def _token_cost(price: ModelPrice, usage: Mapping[str, Any]) -> Decimal | None:
 
 
 def attempt_range(
-    provider: str, options: Mapping[str, Any], prompt: str, prices: PriceTable
+    provider: str,
+    options: Mapping[str, Any],
+    prompt: str,
+    prices: PriceTable,
+    *,
+    batch: bool = False,
 ) -> CostRange:
     """What one paid attempt for ``prompt`` (the text sent) may cost, low to high.
 
@@ -235,9 +259,16 @@ def attempt_range(
     prompt's text tokens: none at the low end, one a byte of UTF-8 at the high end (a
     byte-level tokenizer makes no more). Per-image models: the price of the quality and
     size. Per-second models: the row's ``seconds`` times the price per second; unknown
-    without them."""
+    without them. With ``batch``, at the provider's batch rate."""
     if provider in FREE_PROVIDERS:
         return CostRange(0, 0)
+    if batch:
+        rate = batch_rate(provider)
+        full = attempt_range(provider, options, prompt, prices)
+        return CostRange(
+            None if full.low is None else int(full.low * rate),
+            None if full.high is None else -int(-full.high * rate),  # rounded up
+        )
     price = prices.get(provider, options.get("model"))
     if price is None:
         return UNKNOWN_RANGE
@@ -258,11 +289,16 @@ def attempt_range(
 
 
 def worst_case_attempt(
-    provider: str, options: Mapping[str, Any], prompt: str, prices: PriceTable
+    provider: str,
+    options: Mapping[str, Any],
+    prompt: str,
+    prices: PriceTable,
+    *,
+    batch: bool = False,
 ) -> int | None:
     """The most one paid attempt for ``prompt`` may cost, in micro-dollars; None when the
     price is unknown (what a spending cap must reserve before the attempt starts)."""
-    return attempt_range(provider, options, prompt, prices).high
+    return attempt_range(provider, options, prompt, prices, batch=batch).high
 
 
 def _rounding(figure: Decimal) -> Decimal:

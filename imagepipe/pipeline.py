@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Protocol, TypedDict
 
 from imagepipe.cost import UNKNOWN, image_cost
 from imagepipe.durable import (
@@ -42,11 +42,14 @@ from imagepipe.styles import render
 
 __all__ = [
     "IMAGE_RUN",
+    "BatchMode",
     "Deps",
     "ImageValue",
     "PipelineResult",
+    "branch_request",
     "generate_image",
     "image_pipeline",
+    "image_value",
     "recorded_images",
 ]
 
@@ -61,6 +64,8 @@ class Deps:
     templates: Mapping[str, str] = field(default_factory=dict)
     #: where the images go
     out_dir: Path | None = None
+    #: how the branches go through a provider's batch mode; None: one request each
+    batches: BatchMode | None = None
 
 
 class ImageValue(TypedDict, total=False):
@@ -85,12 +90,46 @@ class ImageValue(TypedDict, total=False):
     usage: dict[str, Any] | None
     #: what the attempt cost (:meth:`imagepipe.cost.Cost.to_json`); none when it was free
     cost: dict[str, Any]
+    #: the provider's batch that made it, if one did
+    batch: str
 
 
 class PipelineResult(TypedDict):
     prompt: str
     images: list[ImageValue]
     total_ms: int
+
+
+class BatchMode(Protocol):
+    """How a run's branches go through a provider's batch mode
+    (:class:`imagepipe.batches.driver.BatchDriver`): it gets the run's held branches,
+    sends them, and settles each with its result as it collects them."""
+
+    async def drive(self, ctx: RunContext[Deps], handles: Sequence[Handle[ImageValue]]) -> None: ...
+
+
+def branch_request(
+    deps: Deps,
+    branch_id: str,
+    attempt: int,
+    prompt: str,
+    style: str,
+    variation: int = 0,
+    crash: bool = False,
+) -> ProviderRequest:
+    """What the provider is asked for a branch: its style's template applied to its
+    prompt, keyed by the branch's durable id."""
+    template = deps.templates.get(style, "{prompt}")
+    return ProviderRequest(
+        prompt=render(template, prompt, style),
+        idempotency_key=branch_id,
+        attempt=attempt,
+        options=deps.options,
+        style=style,
+        variation=variation,
+        subject=prompt,
+        crash=crash,
+    )
 
 
 async def generate_image(
@@ -109,23 +148,39 @@ async def generate_image(
     run drains and stops (:class:`~imagepipe.durable.errors.DrainRun`), this branch and
     the ones not started left pending, for a ``resume`` once it is fixed."""
     deps = step.deps
-    template = deps.templates.get(style, "{prompt}")
-    request = ProviderRequest(
-        prompt=render(template, prompt, style),
-        idempotency_key=step.id,
-        attempt=step.attempt,
-        options=deps.options,
-        style=style,
-        variation=variation,
-        subject=prompt,
-        crash=crash,
-    )
+    request = branch_request(deps, step.id, step.attempt, prompt, style, variation, crash)
     started = time.perf_counter()
     try:
         image = await deps.provider.generate(request, step)
     except AccountError as exc:
         raise DrainRun(exc.message) from exc
     elapsed_ms = round((time.perf_counter() - started) * 1000)
+    value, promote = await image_value(
+        deps, step.id, image, style, variation, prompt_index, elapsed_ms=elapsed_ms
+    )
+    if promote is not None:
+        # a failed rename leaves it staged, for the next reconciliation to promote
+        step.after_recorded(promote)
+    if value.get("cost", {}).get("micro_usd") is not None:
+        step.cost = {"micro_usd": value["cost"]["micro_usd"]}  # replaces its reservation
+    return value
+
+
+async def image_value(
+    deps: Deps,
+    branch_id: str,
+    image: ProviderImage,
+    style: str,
+    variation: int,
+    prompt_index: int | None,
+    *,
+    elapsed_ms: int = 0,
+    batch_id: str | None = None,
+) -> tuple[ImageValue, Callable[[], object] | None]:
+    """What a branch that got ``image`` stores, with its image written under a staged
+    name; and what makes the staged file the final one, to run once the value is
+    recorded (None: no file). ``batch_id``: the provider's batch that made it (priced at
+    the batch rate)."""
     value: ImageValue = {
         "style": style,
         "variation": variation,
@@ -137,21 +192,25 @@ async def generate_image(
     }
     if prompt_index is not None:
         value["prompt_index"] = prompt_index
+    if batch_id is not None:
+        value["batch"] = batch_id
+    promote = None
     if image.data:
-        value.update(await _stage(step, image, deps.out_dir, style, variation, prompt_index))
+        staged, promote = await _stage(
+            branch_id, image, deps.out_dir, style, variation, prompt_index
+        )
+        value.update(staged)
     else:
         value["path"] = None
     for key in ("seed", "revised_prompt", "usage"):
         if getattr(image, key) is not None:
             value[key] = getattr(image, key)
     if deps.provider.name not in FREE_PROVIDERS:  # a free image's value holds no cost
-        value["cost"] = _cost(deps, image)
-        if value["cost"]["micro_usd"] is not None:  # replaces its reservation (imagepipe.budget)
-            step.cost = {"micro_usd": value["cost"]["micro_usd"]}
-    return value
+        value["cost"] = _cost(deps, image, batch=batch_id is not None)
+    return value, promote
 
 
-def _cost(deps: Deps, image: ProviderImage) -> dict[str, Any]:
+def _cost(deps: Deps, image: ProviderImage, *, batch: bool) -> dict[str, Any]:
     """What the image cost, as its value stores it (see :mod:`imagepipe.cost`). A prices
     file broken since the run was checked leaves the cost unknown, not the image lost."""
     try:
@@ -159,21 +218,22 @@ def _cost(deps: Deps, image: ProviderImage) -> dict[str, Any]:
     except BadInput:
         return UNKNOWN.to_json()
     options = identity(deps.options)
-    return image_cost(deps.provider.name, options, image.model, image.usage, prices).to_json()
+    provider = deps.provider.name
+    return image_cost(provider, options, image.model, image.usage, prices, batch=batch).to_json()
 
 
 async def _stage(
-    step: Step[Deps],
+    branch_id: str,
     image: ProviderImage,
     out_dir: Path | None,
     style: str,
     variation: int,
     index: int | None,
-) -> Any:
+) -> tuple[Any, Callable[[], object]]:
     """Write the image under a staged name (in a thread: fsync blocks) and describe its
-    final file, which it becomes once the store has recorded this value: a process that was
-    taken over meanwhile has its record refused, and never replaces the file of the process
-    that took over (see :mod:`imagepipe.files`).
+    final file, which it becomes once the store has recorded this value (the returned
+    callable renames it): a process that was taken over meanwhile has its record refused,
+    and never replaces the file of the process that took over (see :mod:`imagepipe.files`).
 
     A disk that refuses the write stops the run, the branch left pending: retrying would
     pay the provider again for an image that cannot be kept."""
@@ -186,12 +246,11 @@ async def _stage(
         staged = await asyncio.to_thread(stage_image, out_dir, name, image.data)
     except OSError as exc:
         raise StopRun(
-            f"cannot write the image of {step.id} to {str(out_dir)!r}: "
+            f"cannot write the image of {branch_id} to {str(out_dir)!r}: "
             f"{exc.strerror or type(exc).__name__}"
         ) from exc
-    # a failed rename leaves it staged, for the next reconciliation to promote
-    step.after_recorded(functools.partial(promote, staged["staged"], staged["path"]))
-    return {key: value for key, value in staged.items() if key != "staged"}
+    described = {key: value for key, value in staged.items() if key != "staged"}
+    return described, functools.partial(promote, staged["staged"], staged["path"])
 
 
 async def image_pipeline(
@@ -207,13 +266,16 @@ async def image_pipeline(
 ) -> PipelineResult:
     # Fan-out: start every generation at once; begin_run returns a handle immediately.
     # A prompt file's row may name its own style and count; its index names its branches.
+    # Through a batch, the branches are held (ctx.promise): the batch's results settle them.
+    batches = None if ctx.deps is None else ctx.deps.batches  # None: a detached run planned
+    launch = ctx.begin_run if batches is None else ctx.promise
     handles: list[Handle[ImageValue]] = []
     for index, row in enumerate(prompts or [{"prompt": prompt}]):
         rows_index = {"prompt_index": index} if prompts else {}
         for style in [row["style"]] if row.get("style") else styles:
             for variation in range(row.get("variations") or variations):
                 handles.append(
-                    ctx.begin_run(
+                    launch(
                         generate_image,
                         prompt=row["prompt"],
                         style=style,
@@ -222,6 +284,8 @@ async def image_pipeline(
                         **rows_index,
                     )
                 )
+    if batches is not None:
+        await batches.drive(ctx, handles)
 
     # Fan-in: wait for each result. A failing branch is retried on its own meanwhile.
     images: list[ImageValue] = []

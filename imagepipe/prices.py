@@ -45,6 +45,7 @@ from imagepipe.errors import BadInput
 from imagepipe.text import quoted
 
 __all__ = [
+    "BATCH_RATES",
     "CURRENCY",
     "FREE_PROVIDERS",
     "MICRO",
@@ -62,6 +63,10 @@ CURRENCY = "USD"
 MICRO = 1_000_000
 #: providers whose images cost nothing
 FREE_PROVIDERS = frozenset({"simulated"})
+#: what a provider's Batch API charges, as a share of its synchronous price: OpenAI's
+#: batches are "50% off" the same model's price (OpenAI's Batch API guide; the GPT Image
+#: models' batch mode as announced, read 2026-12-07)
+BATCH_RATES: Mapping[str, Decimal] = {"openai": Decimal("0.5")}
 
 _TODAY = "2026-12-07"
 _GPT_IMAGE_1 = "https://developers.openai.com/ja-JP/api/docs/models/gpt-image-1"

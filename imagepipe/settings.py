@@ -21,6 +21,10 @@
 - ``IMAGEPIPE_RATE_LIMIT_PATIENCE``: seconds (0 to 86400) a run waits for a provider's
   rate limit to let a request through; rate-limit waits do not count as failed attempts,
   this bounds them instead (default 600).
+- ``IMAGEPIPE_BATCH_SIZE``: requests in one provider batch at most (1 to the provider's
+  limit, 50,000 for OpenAI; default that limit). Smaller batches finish sooner.
+- ``IMAGEPIPE_MAX_BATCHES``: batches one run may create at most (default 100): a run
+  that would need more is refused before anything is sent.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from imagepipe.errors import BadInput
 from imagepipe.text import quoted
 
 __all__ = [
+    "batch_size",
     "busy_timeout",
     "check_provider_settings",
     "coordinated_backoff",
     "db_reconnect",
     "default_db_path",
     "lease_timeout",
+    "max_batches",
     "rate_limit_patience",
     "time_scale",
 ]
@@ -109,3 +115,23 @@ def coordinated_backoff() -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise BadInput(f"IMAGEPIPE_COORDINATED_BACKOFF must be 0 or 1, not {quoted(raw)}")
+
+
+def _count(name: str, default: int, maximum: int) -> int:
+    """A whole number from 1 to ``maximum`` (``default`` when unset)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
+        raise BadInput(f"{name} must be a whole number from 1 to {maximum:,}, not {quoted(raw)}")
+    return int(raw)
+
+
+def batch_size(limit: int) -> int:
+    """Requests in one provider batch at most, within the provider's ``limit``."""
+    return _count("IMAGEPIPE_BATCH_SIZE", limit, maximum=limit)
+
+
+def max_batches() -> int:
+    """Batches one run may create at most."""
+    return _count("IMAGEPIPE_MAX_BATCHES", 100, maximum=10_000)

@@ -98,6 +98,8 @@ class RunContext(Generic[D]):
         self.launched: list[Handle[Any]] = []
         #: the run's notes as stored (read by :meth:`load`) and as written since
         self._notes: dict[str, Any] = {}
+        #: each held child's call and stored failures, until it settles or is run here
+        self._held: dict[str, tuple[Callable[..., Awaitable[Any]], dict[str, Any], int]] = {}
 
     # -- before the workflow -------------------------------------------------------
 
@@ -198,6 +200,8 @@ class RunContext(Generic[D]):
             state.emit(PromiseQueued(handle.id, func, handle.args, handle.attempts))
         if run:
             self._lanes.launch(handle, fn, kwargs, failures)
+        else:
+            self._held[handle.id] = (fn, kwargs, failures)
         return handle
 
     def adopt(self, record: PromiseRecord, fn: Callable[..., Awaitable[T]]) -> Handle[T]:
@@ -219,26 +223,36 @@ class RunContext(Generic[D]):
 
     # -- children the app settles (see :meth:`promise`) --------------------------------
 
+    def run_held(self, handle: Handle[Any]) -> None:
+        """Run a held child here after all, as :meth:`begin_run` would have (its stored
+        attempts and failures continued): its outcome will not come from elsewhere."""
+        fn, kwargs, failures = self._held.pop(handle.id)
+        self._lanes.launch(handle, fn, kwargs, failures)
+
     async def start_attempts(
-        self, attempts: Sequence[tuple[Handle[Any], int]], units: Mapping[str, int]
+        self, attempts: Sequence[tuple[Handle[Any], int, Mapping[str, int]]]
     ) -> None:
-        """Start attempt ``n`` of each held child in ``attempts``, with ``units`` reserved
-        for each on the run's meters, in one transaction: a group paid together (a
+        """For each (held child, attempt number, units), start that attempt with ``units``
+        reserved on the run's meters, all in one transaction: a group paid together (a
         provider's batch) is reserved whole before it is sent. A child already at its
         attempt is left as it is, so a step repeated after a kill reserves nothing twice.
         :class:`~.errors.SpendingCapReached` if they do not fit a cap (nothing written)."""
         if not attempts:
             return
         fence = await self._state.commit.durable()
-        numbers = {handle.id: n for handle, n in attempts}
-        refused = await self.store.reserve_attempts(fence, self.run_id, numbers, units)
+        items = [(handle.id, n, units) for handle, n, units in attempts]
+        refused = await self.store.reserve_attempts(fence, self.run_id, items)
         if refused is not None:
             meter, spending = refused
             assert spending.limit is not None, "only a cap refuses a reservation"
-            needed = units[meter] * len(attempts)
+            needed = sum(units.get(meter, 0) for _, _, units in attempts)
             raise SpendingCapReached(self.run_id, meter, spending.spent, spending.limit, needed)
-        for handle, n in attempts:
+        for handle, n, _ in attempts:
             handle.attempts = max(handle.attempts, n)
+
+    async def durable(self) -> None:
+        """Wait until every write made so far (settlements, notes) is committed."""
+        await self._state.commit.durable()
 
     def fail_attempt(self, handle: Handle[Any], started_at: float, error: ErrorInfo) -> Committed:
         """Record that the current attempt of a held child failed (``error``): it stays
@@ -267,6 +281,7 @@ class RunContext(Generic[D]):
         if this settlement is the one the store recorded), and listeners hear of it.
         :meth:`settle_all` waits for it."""
         effects = None if after_recorded is None else [after_recorded]
+        self._held.pop(handle.id, None)
         self._lanes.settle_held(handle, value, error, effects)
 
     # -- the run's own steps and notes -----------------------------------------------

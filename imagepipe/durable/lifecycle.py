@@ -270,10 +270,12 @@ class _Unexecuted:
 
 
 class _Planner:
-    """Stands in for a :class:`~.context.RunContext`: records calls, executes nothing."""
+    """Stands in for a :class:`~.context.RunContext`: records calls, executes nothing. It
+    has no dependencies (``deps`` is None): nothing runs."""
 
     def __init__(self) -> None:
         self.planned: list[_Planned] = []
+        self.deps = None
 
     def begin_run(self, fn: Callable[..., Awaitable[Any]], /, **kwargs: Any) -> _Unexecuted:
         self.planned.append(_Planned(fn, kwargs))

@@ -683,45 +683,50 @@ class SQLStore(Store):
         attempt: int,
         units: Mapping[str, int],
     ) -> tuple[str, Spending] | None:
-        return await self.reserve_attempts(fence, run_id, {promise_id: attempt}, units)
+        return await self.reserve_attempts(fence, run_id, [(promise_id, attempt, units)])
 
     async def reserve_attempts(
         self,
         fence: Fence | None,
         run_id: str,
-        attempts: Mapping[str, int],
-        units: Mapping[str, int],
+        attempts: Sequence[tuple[str, int, Mapping[str, int]]],
     ) -> tuple[str, Spending] | None:
         sql = self.sql
 
         async def reserve(tx: Tx) -> None:
             await self._check_fence(tx, fence)
-            ids = sql.dialect.list_param(sorted(attempts))
+            ids = sql.dialect.list_param(sorted({item[0] for item in attempts}))
             rows = await tx.fetchall(sql.pending_attempts_of, {"ids": ids})
             started: dict[str, int] = {row[0]: row[1] for row in rows}
-            missing = sorted(set(attempts) - set(started))
+            missing = sorted({item[0] for item in attempts} - set(started))
             if missing:
                 raise StoreConflict(self.where, f"holds no pending promise {missing[0]!r}")
             # started before (a call repeated after a lost connection): reserved then
-            new = [(p, n) for p, n in sorted(attempts.items()) if started[p] < n]
-            if not new:
-                return
-            for meter, needed in sorted(units.items()):  # locked in one order: no deadlock
+            new = [item for item in attempts if started[item[0]] < item[1]]
+            needed: dict[str, int] = {}
+            for _, _, units in new:
+                for meter, count in units.items():
+                    needed[meter] = needed.get(meter, 0) + count
+            for meter, total in sorted(needed.items()):  # locked in one order: no deadlock
                 # locked: the workers that reserve on one run's meter take turns here
                 await tx.send(sql.meter_row, {"run": run_id, "meter": meter})
                 found = await tx.fetchone(sql.meter, {"run": run_id, "meter": meter})
                 cap, spent = found if found else (None, 0)
                 spending = Spending(limit=cap, spent=spent)
-                if not spending.allows(needed * len(new)):
+                if not spending.allows(total):
                     raise _CapReached(meter, spending)  # nothing of this call is kept
-            for meter, needed in units.items():
-                params = {"run": run_id, "meter": meter, "units": needed * len(new)}
-                await tx.send(sql.spend, params)
-                await tx.send_many(
-                    sql.reserve,
-                    [{"id": p, "attempt": n, "meter": meter, "units": needed} for p, n in new],
-                )
-            await tx.send_many(sql.start_reserved, [{"id": p, "attempt": n} for p, n in new])
+            for meter, total in needed.items():
+                await tx.send(sql.spend, {"run": run_id, "meter": meter, "units": total})
+            reserved = [
+                {"id": promise_id, "attempt": attempt, "meter": meter, "units": count}
+                for promise_id, attempt, units in new
+                for meter, count in units.items()
+            ]
+            if reserved:
+                await tx.send_many(sql.reserve, reserved)
+            if new:
+                starts = [{"id": promise_id, "attempt": attempt} for promise_id, attempt, _ in new]
+                await tx.send_many(sql.start_reserved, starts)
 
         try:
             await self._in_transaction(reserve)

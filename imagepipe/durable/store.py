@@ -127,12 +127,12 @@ class SpendingStore(ABC):
         self,
         fence: Fence | None,
         run_id: str,
-        attempts: Mapping[str, int],
-        units: Mapping[str, int],
+        attempts: Sequence[tuple[str, int, Mapping[str, int]]],
     ) -> tuple[str, Spending] | None:
-        """:meth:`reserve_attempt` for many promises at once, all or nothing: start attempt
-        ``attempts[promise_id]`` of each, with ``units`` reserved for each on each meter,
-        in one transaction (a promise started at that attempt before is left as it is).
+        """:meth:`reserve_attempt` for many promises at once, all or nothing: for each
+        (promise id, attempt, units), start that attempt with ``units`` reserved on each
+        meter, in one transaction, every cap checked against their sum (a promise started
+        at that attempt before is left as it is, its reservation made then).
         How a group of requests that are paid together (a provider's batch) is reserved
         before it is sent."""
 
