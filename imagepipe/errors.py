@@ -12,11 +12,15 @@ Exit codes (also in docs/reference/exit-codes.md):
 2     bad input: arguments, unknown run id, reused id, unusable ``--db`` path
 3     the run stopped at its spending cap (``--max-cost``, ``--max-images``), its
       unfinished branches pending; raise the cap with resume
+4     a provider's batch ended without running some branches (it expired, was
+      cancelled, or failed its validation): they are pending; ``resume`` sends them in a
+      new batch, ``resume --no-batch`` runs them one by one
 65    the stored run does not match what the code produces now (non-determinism)
 74    the store, or the run's image folder, cannot be read or written (read-only, disk
       full, corrupt, newer)
 75    the run or the store is busy in another process, or the store's server stayed
-      unreachable; try again later
+      unreachable, or a provider's batch could not be sent, polled or read; try again
+      later
 78    the provider met an error of the account or the set-up (a refused key, no credit
       left, an unknown model, a base URL that cannot be used): the run stopped after the
       requests in flight, its unfinished branches pending; fix it, then resume
@@ -36,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AccountStopped",
     "BadInput",
+    "BatchTrouble",
+    "BatchUnfinished",
     "CapReached",
     "CredentialsRejected",
     "ImagepipeError",
@@ -209,6 +215,39 @@ class CapReached(ImagepipeError):
     resume."""
 
     exit_code = 3
+
+
+class BatchUnfinished(ImagepipeError):
+    """A provider's batch ended without running some of the run's branches (it expired,
+    was cancelled, or failed its validation): nothing was paid for them, and they are
+    pending. The user decides how they go on: in a new batch, or one by one."""
+
+    exit_code = 4
+
+    def __init__(self, run_id: str, count: int, why: str) -> None:
+        rid = escape_control(run_id)
+        super().__init__(
+            f"run {quoted(run_id)}: {count} branch{'es' if count != 1 else ''} not run "
+            f"({escape_control(why)}), pending and not paid for; `imagepipe resume {rid}` "
+            f"sends them in a new batch, `imagepipe resume {rid} --no-batch` runs them one "
+            "by one"
+        )
+        self.run_id = run_id
+
+
+class BatchTrouble(ImagepipeError):
+    """A provider's batch could not be sent, polled or read (an answer not of the
+    documented shape, a batch the provider no longer knows): the run is pending, and
+    nothing recorded is lost."""
+
+    exit_code = 75
+
+    def __init__(self, run_id: str, what: str) -> None:
+        super().__init__(
+            f"run {quoted(run_id)} stopped, pending: {escape_control(what)}; "
+            f"`imagepipe resume {escape_control(run_id)}` goes on from there"
+        )
+        self.run_id = run_id
 
 
 class Interrupted(ImagepipeError):

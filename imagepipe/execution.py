@@ -72,6 +72,7 @@ __all__ = [
     "image_dir",
     "image_dir_of",
     "opened_store",
+    "provider_settings",
     "read_root",
     "reconcile_outcomes",
     "reconcile_run_images",
@@ -296,6 +297,8 @@ class RunSetup:
     default_concurrency: int
     #: what an attempt reserves against the run's spending caps (None: a free provider)
     reserve: Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None = None
+    #: the same, for an attempt sent in a provider's batch (at its batch rate)
+    batch_reserve: Callable[[str, Mapping[str, Any]], Mapping[str, int]] | None = None
 
 
 def execution_for(root: PromiseRecord, invocation: Invocation) -> RunSetup:
@@ -310,7 +313,8 @@ def execution_for(root: PromiseRecord, invocation: Invocation) -> RunSetup:
     max_attempts = invocation.max_attempts or int(
         root.options.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
     )
-    provider = provider_class.create(options, _settings(invocation))
+    provider = provider_class.create(options, provider_settings(invocation))
+    prices = prices_if_readable()
     return RunSetup(
         spec=spec,
         deps=Deps(provider, options, spec.templates, out_dir),
@@ -322,7 +326,8 @@ def execution_for(root: PromiseRecord, invocation: Invocation) -> RunSetup:
             time_scale=invocation.time_scale,
         ),
         default_concurrency=int(provider_class.default_concurrency),
-        reserve=reservation(spec.provider, spec.options, spec.templates, prices_if_readable()),
+        reserve=reservation(spec.provider, spec.options, spec.templates, prices),
+        batch_reserve=reservation(spec.provider, spec.options, spec.templates, prices, batch=True),
     )
 
 
@@ -349,7 +354,7 @@ def _invocation_options(
     return build_options(provider_class.Options, spec.provider, pairs)
 
 
-def _settings(invocation: Invocation) -> ProviderSettings:
+def provider_settings(invocation: Invocation) -> ProviderSettings:
     """What of this invocation the provider is built with (not the run's identity)."""
     return ProviderSettings(
         time_scale=invocation.time_scale,

@@ -13,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from imagepipe import settings
+from imagepipe.batches.driver import BatchesSubmitted
+from imagepipe.batches.setup import BATCH, batch_mode_of, driver_for
 from imagepipe.budget import MICRO_USD, caps_of, with_image_cap
 from imagepipe.durable import (
     BranchOutcome,
@@ -38,6 +41,7 @@ from imagepipe.execution import (
     image_dir,
     image_dir_of,
     opened_store,
+    provider_settings,
     read_root,
     reconcile_run_images,
     run_command,
@@ -56,6 +60,7 @@ from imagepipe.files import (
 )
 from imagepipe.pipeline import IMAGE_RUN
 from imagepipe.run_costs import stored_spending
+from imagepipe.runs.batches import RunBatches
 from imagepipe.runs.model import Invocation, RunSpec, validate_run_id
 from imagepipe.runs.outcome import (
     LaunchedBranches,
@@ -73,9 +78,13 @@ __all__ = ["fix_run_images", "list_runs", "resume_run", "show_run", "start_run"]
 
 
 async def _stored_outcome(store: Store, root: PromiseRecord) -> RunOutcome:
-    """A run that nothing executed in this invocation, as stored."""
+    """A run that nothing executed in this invocation, as stored (with its batches)."""
     branches = StoredBranches(await ChildColumns.collect(store.where, store.child_rows(root.id)))
-    return run_outcome(root, branches, wall_ms=0, executed=False)
+    outcome = run_outcome(root, branches, wall_ms=0, executed=False)
+    if root.options.get(BATCH) is True:
+        batches = RunBatches.from_notes(await store.notes(root.id))
+        outcome = dataclasses.replace(outcome, batches=batches)
+    return outcome
 
 
 # -- commands ------------------------------------------------------------------------
@@ -88,6 +97,12 @@ def start_run(
     validate_run_id(run_id)
     spec.validate()
     invocation.validate()
+    if invocation.batch:  # before the key is checked: a provider without one says so
+        from imagepipe.batches.setup import check_batchable
+        from imagepipe.dryrun import spec_for_dry_run  # its options, without the key check
+
+        options = _built_options(spec_for_dry_run(spec, invocation), invocation)
+        check_batchable(spec.provider, options, spec.branch_count)
     spec = with_provider(spec, invocation)
     caps = checked_caps(spec, invocation)
 
@@ -100,8 +115,11 @@ def start_run(
         async with opened_store(url, create=True, write=True) as store:
             if await store.get(run_id) is None:
                 claim_image_dir(image_dir(invocation.out_dir or default_image_dir(run_id)), run_id)
+            options = run_options(run_id, invocation)
+            if invocation.batch:
+                options[BATCH] = True  # the run's own way: its resumes send batches too
             root, created = await record_run(
-                store, run_id, IMAGE_RUN, spec.kwargs(), options=run_options(run_id, invocation)
+                store, run_id, IMAGE_RUN, spec.kwargs(), options=options
             )
             if root.parent_id is not None or root.func != WORKFLOW:
                 raise UnknownRun(run_id, store.where)
@@ -236,7 +254,11 @@ async def _execute_stored(
         from imagepipe.detached import execute_detached  # the worker machinery: only here
 
         return await execute_detached(store, root, invocation, reporter, reopen=reopen)
-    return await _execute(store, root, invocation, reporter, resumed=resumed, reopen=reopen)
+    # a run sent in batches returns once they are created; a resume collects them
+    follow = resumed or not invocation.batch
+    return await _execute(
+        store, root, invocation, reporter, resumed=resumed, reopen=reopen, follow=follow
+    )
 
 
 async def _execute(
@@ -247,11 +269,27 @@ async def _execute(
     *,
     resumed: bool,
     reopen: bool = False,
+    follow: bool = True,
 ) -> RunOutcome:
     """The run itself, executed here by the core's run lifecycle (under the run's lease);
     once it has settled, its image folder is tidied while this process still holds it."""
     execution = execution_for(root, invocation)
     spec, provider = execution.spec, execution.deps.provider
+    batch = batch_mode_of(root.options, invocation)
+    driver = driver_for(
+        root,
+        spec.provider,
+        execution.deps.options,
+        provider_settings(invocation),
+        batch=batch,
+        follow=follow,
+        submit=True,
+        out_dir=execution.deps.out_dir,
+        reserve=await with_image_cap(store, root.id, execution.batch_reserve) if batch else None,
+        on_progress=reporter.on_batches,
+        time_scale=invocation.time_scale,
+    )
+    deps = execution.deps if driver is None else dataclasses.replace(execution.deps, batches=driver)
 
     def started() -> None:
         reporter.run_started(RunInfo(root.id, spec, resumed, execution.retry.max_attempts))
@@ -276,7 +314,7 @@ async def _execute(
             store,
             root,
             IMAGE_RUN,
-            execution.deps,
+            deps,
             how,
             reopen=reopen,
             on_started=started,
@@ -284,8 +322,23 @@ async def _execute(
         )
     except SpendingCapReached as reached:
         raise await stopped_at_cap(store, root.id, reached) from None
+    except BatchesSubmitted:
+        return await _stored_outcome(store, root)
     finally:
         await provider.aclose()
+        client = getattr(driver, "client", None)
+        if client is not None:
+            await client.aclose()
     wall_ms = round((time.perf_counter() - begun) * 1000)
     branches = LaunchedBranches(executed.branches)
     return run_outcome(executed.root, branches, wall_ms=wall_ms, executed=True)
+
+
+def _built_options(spec: RunSpec, invocation: Invocation) -> Any:
+    """The provider options of ``spec`` as this invocation would build them."""
+    from imagepipe.providers.options import build_options
+    from imagepipe.providers.registry import get_provider_class
+
+    provider_class = get_provider_class(spec.provider)
+    pairs = [(k, str(v)) for k, v in spec.options.items()] + list(invocation.option_pairs)
+    return build_options(provider_class.Options, spec.provider, pairs)

@@ -38,6 +38,7 @@ from imagepipe.durable.events import (
     PromiseResolved,
     RunDraining,
 )
+from imagepipe.runs.batches import GroupProgress, RunBatches
 from imagepipe.runs.model import BranchArgs, image_location
 from imagepipe.runs.reporting import RunInfo
 from imagepipe.text import escape_control, quoted
@@ -394,6 +395,47 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def batch_line(group: GroupProgress, now: float | None = None) -> str:
+    """One line for a run's provider batch: its status, counts and age of its 24 hours."""
+    counts = group.counts
+    line = (
+        f"Batch {group.batch_id or '(not created)'} ({group.requests:,} requests): {group.status}"
+    )
+    if group.sent:
+        line += f", {counts['completed']:,} done, {counts['failed']:,} failed"
+    age = group.age(now)
+    if age is not None and not group.collected:
+        line += f", {_hours(age)} of its 24 h"
+    if group.collected:
+        done = group.collected
+        line += (
+            f"; collected: {done.get('resolved', 0)} images, {done.get('rejected', 0)} "
+            f"rejected, {done.get('unfinished', 0)} not run"
+        )
+    return line
+
+
+def _hours(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+class BatchLines:
+    """The lines of a run's batches that changed since they were last told."""
+
+    def __init__(self) -> None:
+        self._told: dict[int, str] = {}
+
+    def changed(self, batches: RunBatches) -> list[str]:
+        lines = []
+        for group in batches:
+            key = f"{group.status}{group.counts}{group.collected}"
+            if self._told.get(group.group) != key:
+                self._told[group.group] = key
+                lines.append(batch_line(group))
+        return lines
+
+
 class PlainReporter:
     """One line per event, no escape codes: ``[cartoon]   Done: https://...``."""
 
@@ -401,6 +443,11 @@ class PlainReporter:
         self.console = console
         self.labels: dict[str, str] = {}
         self.width = 0
+        self._batches = BatchLines()
+
+    def on_batches(self, batches: RunBatches) -> None:
+        for line in self._batches.changed(batches):
+            self._say(line)
 
     def run_started(self, info: RunInfo) -> None:
         what = "Resuming" if info.resumed else "Started"
@@ -455,6 +502,11 @@ class LiveReporter:
             redirect_stdout=False,
             redirect_stderr=False,
         )
+        self._batches = BatchLines()
+
+    def on_batches(self, batches: RunBatches) -> None:  # above the table: they change seldom
+        for line in self._batches.changed(batches):
+            self.console.print(Text(escape_control(line), style="cyan"))
 
     def __enter__(self) -> LiveReporter:
         self.live.start()

@@ -96,6 +96,9 @@ class OpenAIProvider(HTTPProvider):
     Options: ClassVar[type[ProviderOptions]] = OpenAIOptions
     default_concurrency: ClassVar[int] = 4
     guarantee: ClassVar[str] = "at least once"
+    #: its batch mode (``run --batch``): a :class:`~imagepipe.providers.openai_batch.
+    #: BatchProvider`, as ``module:Class`` (loaded only for a batch run)
+    batch_mode: ClassVar[str] = "imagepipe.providers.openai_batch:OpenAIBatchClient"
     key_variable: ClassVar[str] = "OPENAI_API_KEY"
     base_url_variable: ClassVar[str] = "OPENAI_BASE_URL"
     default_base_url: ClassVar[str] = DEFAULT_BASE_URL

@@ -21,7 +21,7 @@ import functools
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from imagepipe.errors import BadInput
 from imagepipe.providers.base import one_line
@@ -41,6 +41,8 @@ __all__ = [
     "ProviderInfo",
     "ProviderLoadError",
     "UnknownProvider",
+    "batch_refusal",
+    "get_batch_class",
     "get_provider_class",
     "list_providers",
     "parse_options",
@@ -165,6 +167,33 @@ def get_provider_class(name: str) -> ProviderClass:
         detail = one_line(f"{type(exc).__name__}: {exc}", 200)
         raise ProviderLoadError(f"provider {name!r} cannot be loaded: {detail}") from exc
     return _check(name, ep, cls)
+
+
+def get_batch_class(name: str) -> Any | None:
+    """The batch mode of provider ``name`` (a class following
+    :class:`~imagepipe.providers.openai_batch.BatchProvider`), or None if it has none. A
+    provider class names it in an optional ``batch_mode = "module:Class"`` attribute, so
+    that a plugin (Gemini's batch mode, say) brings its own."""
+    path = getattr(get_provider_class(name), "batch_mode", None)
+    if not isinstance(path, str):
+        return None
+    module_name, _, class_name = path.partition(":")
+    try:
+        import importlib
+
+        return getattr(importlib.import_module(module_name), class_name)
+    except Exception as exc:  # a broken plugin must not take the CLI down with a traceback
+        detail = one_line(f"{type(exc).__name__}: {exc}", 200)
+        raise ProviderLoadError(f"the batch mode of {name!r} cannot be loaded: {detail}") from exc
+
+
+def batch_refusal(name: str, options: ProviderOptions) -> str | None:
+    """Why a run of provider ``name`` with ``options`` cannot go through a batch, or None."""
+    cls = get_batch_class(name)
+    if cls is None:
+        return f"provider {name!r} has no batch mode (--batch works with: openai)"
+    refusal = getattr(cls, "refusal", None)
+    return refusal(options) if callable(refusal) else None
 
 
 def _info(name: str, cls: ProviderClass, plugin: str | None) -> ProviderInfo:

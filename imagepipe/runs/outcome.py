@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, overload
 from imagepipe.durable import ErrorInfo, Handle
 from imagepipe.durable.records import AttemptRecord
 from imagepipe.errors import StoreFailed
+from imagepipe.runs.batches import RunBatches
 from imagepipe.runs.model import Branch, RunSpec
 from imagepipe.text import quoted
 
@@ -236,6 +237,8 @@ class RunOutcome:
     #: what each attempt that reserved against the run's spending cost in micro-dollars,
     #: by (branch id, attempt), None while unknown (filled in by ``show``)
     attempt_costs: Mapping[tuple[str, int], int | None] = field(default_factory=dict)
+    #: the provider batches of a run sent through them (None: it never was)
+    batches: RunBatches | None = None
 
     def __repr__(self) -> str:
         # Short on purpose: asyncio formats the main task's result (this object) while

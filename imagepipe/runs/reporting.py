@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from imagepipe.durable.events import Event
+from imagepipe.runs.batches import RunBatches
 from imagepipe.runs.model import RunSpec
 
 __all__ = ["QuietReporter", "Reporter", "RunInfo"]
@@ -31,11 +32,17 @@ class Reporter(Protocol):
         """Where the core's events go; None for a reporter that ignores them."""
         ...
 
+    @property
+    def on_batches(self) -> Callable[[RunBatches], None] | None:
+        """Where a run's provider batches go whenever they change; None to ignore them."""
+        ...
+
 
 class QuietReporter:
     """Reports nothing; ``on_event`` is None so the core does not even build events."""
 
     on_event = None
+    on_batches = None
 
     def run_started(self, info: RunInfo) -> None:
         pass

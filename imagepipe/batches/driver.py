@@ -1,0 +1,444 @@
+"""A run's branches through a provider's batch mode, as durable steps of the run.
+
+The workflow (:func:`imagepipe.pipeline.image_pipeline`) holds the run's branches
+(``ctx.promise``) and hands them to :meth:`BatchDriver.drive`, which:
+
+1. **sends** the groups an earlier invocation planned but did not finish sending;
+2. **plans** the pending branches that no group holds (``submit``): grouped within the
+   provider's limits, within the run's spending caps, and noted (``batch.plan.<p>``)
+   before anything is sent, so that a branch belongs to one group for good;
+3. **sends** each new group, each step a durable step of the run (its result noted before
+   the next begins): the input file written, its attempts started with their worst case
+   reserved against the caps, the file uploaded (or found, if a killed process uploaded it
+   without noting it), the batch created (or found likewise);
+4. returns there unless it ``follow``\\ s: then it **polls** the open batches at a polite
+   interval that backs off while nothing changes, and **collects** each that has ended:
+   the output and error files are streamed line by line, each line settling its branch
+   as a synchronous attempt would (the image written under a staged name, the value
+   recorded, then the file renamed), and the branches the batch did not run go back to
+   pending with the group's ``collected`` note, in one transaction.
+
+A collection killed midway is read again from the start: a branch already settled is
+skipped, so none is recorded twice. :class:`OneByOne` is what ``resume --no-batch`` hands
+the workflow instead: it drops the groups never sent and runs the free branches here.
+See docs/internals/batch.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from imagepipe.durable import ErrorInfo, Handle, RunContext
+from imagepipe.durable.errors import DrainRun, SpendingCapReached
+from imagepipe.errors import BadInput, BatchTrouble, BatchUnfinished
+from imagepipe.pipeline import Deps, ImageValue, branch_request, image_value
+from imagepipe.providers.base import AccountError, ProviderError
+from imagepipe.providers.openai_batch import (
+    BatchInfo,
+    BatchProvider,
+    group_lines,
+    write_input_file,
+)
+from imagepipe.runs.batches import RunBatches, group_key, plan_key
+
+__all__ = ["BatchDriver", "BatchesSubmitted", "OneByOne", "Reserve"]
+
+T = TypeVar("T")
+
+#: what an attempt of a branch reserves against the run's caps (see :mod:`imagepipe.budget`)
+Reserve = Callable[[str, Mapping[str, Any]], Mapping[str, int]]
+#: what a branch the batch did not bill gives back: its whole reservation
+_NOTHING = {"micro_usd": 0, "images": 0}
+#: lines collected between two waits for their records to be durable
+_LINES_A_COMMIT = 256
+
+
+class BatchesSubmitted(Exception):
+    """``run --batch`` is done: every group is sent. Carries the run's batches."""
+
+    def __init__(self, batches: RunBatches) -> None:
+        super().__init__("batches submitted")
+        self.batches = batches
+
+
+@dataclass
+class BatchDriver:
+    """Sends, polls and collects a run's batches (see the module's docstring)."""
+
+    client: BatchProvider
+    #: where input files are written before their upload
+    folder: Path
+    #: plan and send the pending branches that no group holds
+    submit: bool
+    #: poll and collect until no batch is open
+    follow: bool
+    #: an attempt's reservation, at the batch rate (None: a free provider)
+    reserve: Reserve | None = None
+    #: requests in one batch at most
+    batch_size: int = 50_000
+    #: batches the run may create at most
+    max_batches: int = 100
+    #: seconds between polls: the first, and the most it backs off to
+    poll_first: float = 10.0
+    poll_most: float = 300.0
+    #: told of the run's batches whenever they change
+    on_progress: Callable[[RunBatches], None] | None = None
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    #: retries of a step that met a transient error (a 5xx, a timeout)
+    step_attempts: int = 5
+    _capped: SpendingCapReached | None = field(default=None, init=False)
+
+    async def drive(self, ctx: RunContext[Deps], handles: Sequence[Handle[ImageValue]]) -> None:
+        by_id = {handle.id: handle for handle in handles}
+        try:
+            for group in self._batches(ctx).unsent:
+                await self._send(ctx, group.group, group.members, by_id)
+            if self.submit:
+                await self._plan_and_send(ctx, handles, by_id)
+            self._report(ctx)
+            if not self.follow:
+                raise BatchesSubmitted(self._batches(ctx))
+            await self._follow(ctx, by_id)
+        except AccountError as exc:
+            raise DrainRun(exc.message) from exc
+        except ProviderError as exc:
+            raise BatchTrouble(ctx.run_id, exc.message) from exc
+        await ctx.durable()  # every settlement announced: the handles know their outcome
+        left = [h for h in handles if not h.settled]
+        if not left:
+            return
+        if self._capped is not None:
+            raise self._capped
+        raise BatchUnfinished(ctx.run_id, len(left), self._why_unfinished(ctx))
+
+    # -- planning and sending --------------------------------------------------------
+
+    async def _plan_and_send(
+        self,
+        ctx: RunContext[Deps],
+        handles: Sequence[Handle[ImageValue]],
+        by_id: Mapping[str, Handle[ImageValue]],
+    ) -> None:
+        batches = self._batches(ctx)
+        free = [h for h in handles if not h.settled and not batches.holds(h.id)]
+        if not free:
+            return
+        chosen = await self._within_caps(ctx, free)
+        deps = ctx.deps
+        lines = (self.client.request_line(_request(deps, h, h.attempts + 1)) for h in chosen)
+        grouped: list[list[tuple[str, int]]] = [
+            [(line.custom_id, by_id[line.custom_id].attempts + 1) for line in group]
+            for group in group_lines(
+                lines, max_requests=self.batch_size, max_bytes=self.client.max_file_bytes
+            )
+        ]
+        first = batches.next_group
+        if first + len(grouped) > self.max_batches:
+            raise BadInput(
+                f"{len(chosen):,} requests need {len(grouped)} more batches, and run "
+                f"{ctx.run_id} may have {self.max_batches} in all (IMAGEPIPE_MAX_BATCHES); "
+                "nothing was sent"
+            )
+        # From this note on, each branch belongs to its group: no replay regroups them.
+        await ctx.note(plan_key(batches.plans), {"first": first, "groups": grouped})
+        for offset, members in enumerate(grouped):
+            await self._send(ctx, first + offset, members, by_id)
+
+    async def _within_caps(
+        self, ctx: RunContext[Deps], free: list[Handle[ImageValue]]
+    ) -> list[Handle[ImageValue]]:
+        """The first of ``free`` whose worst cases fit in what the caps leave; the rest
+        wait (the run stops at its cap once the batches are collected)."""
+        if self.reserve is None:
+            return free
+        spending = await ctx.store.spending(ctx.run_id)
+        left = {m: s.limit - s.spent for m, s in spending.items() if s.limit is not None}
+        if not left:
+            return free
+        chosen: list[Handle[ImageValue]] = []
+        for handle in free:
+            units = self.reserve(handle.func, handle.args)
+            over = next((m for m in left if units.get(m, 0) > left[m]), None)
+            if over is not None:
+                spent = spending[over]
+                assert spent.limit is not None
+                self._capped = SpendingCapReached(
+                    ctx.run_id, over, spent.limit - left[over], spent.limit, units[over]
+                )
+                break
+            for meter in left:
+                left[meter] -= units.get(meter, 0)
+            chosen.append(handle)
+        if not chosen and self._capped is not None:
+            raise self._capped
+        return chosen
+
+    async def _send(
+        self,
+        ctx: RunContext[Deps],
+        group: int,
+        members: Sequence[tuple[str, int]],
+        by_id: Mapping[str, Handle[ImageValue]],
+    ) -> None:
+        """Group ``group``'s steps, each noted before the next: its file, its attempts
+        started (their worst cases reserved), its upload, its batch."""
+        client, run_id = self.client, ctx.run_id
+        deps = ctx.deps
+        name = f"{run_id}.g{group}.jsonl"
+        path = self.folder / name
+        held = [(by_id[branch], attempt) for branch, attempt in members]
+
+        async def write() -> dict[str, Any]:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lines = [client.request_line(_request(deps, h, n)) for h, n in held]
+            written = await asyncio.to_thread(write_input_file, path, lines)
+            return {
+                "name": name,
+                "requests": written.requests,
+                "bytes": written.bytes,
+                "sha256": written.sha256,
+                "written_at": int(time.time()),
+            }
+
+        file = await ctx.step(group_key(group, "file"), write)
+        reserve = self.reserve
+        await ctx.start_attempts(
+            [(h, n, reserve(h.func, h.args) if reserve else {}) for h, n in held]
+        )
+
+        async def upload() -> dict[str, Any]:
+            # an earlier process may have uploaded it and been killed before noting it
+            found = await client.find_upload(name, not_before=int(file["written_at"]) - 3600)
+            if found is None or found.bytes != file["bytes"]:
+                if not path.exists():  # removed since: the same lines again
+                    await write()
+                found = await client.upload_file(path, filename=name)
+            return {"file_id": found.id, "bytes": found.bytes, "created_at": found.created_at}
+
+        stored = await ctx.step(group_key(group, "upload"), self._retried, step=upload)
+
+        async def create() -> dict[str, Any]:
+            # one file makes one batch: an earlier process may have made it, unnoted
+            file_id = str(stored["file_id"])
+            since = int(stored["created_at"]) - 3600
+            found = await client.find_batch(file_id, not_before=since)
+            if found is None:
+                metadata = {"imagepipe_run": run_id[:512], "imagepipe_group": str(group)}
+                found = await client.create_batch(file_id, metadata=metadata)
+            return found.as_json()
+
+        await ctx.step(group_key(group, "created"), self._retried, step=create)
+        with contextlib.suppress(OSError):
+            path.unlink()  # the provider has it, and the batch is made of it
+
+    async def _retried(self, step: Callable[[], Awaitable[T]]) -> T:
+        """``step()``, again after a transient error (a 5xx, a timeout), with back-off."""
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.step_attempts),
+            wait=wait_exponential(multiplier=self.poll_first / 10, max=self.poll_most),
+            retry=retry_if_exception(_transient),
+            sleep=self.sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await step()
+        raise AssertionError("tenacity returns or raises")  # pragma: no cover
+
+    # -- polling and collecting --------------------------------------------------------
+
+    async def _follow(self, ctx: RunContext[Deps], by_id: Mapping[str, Handle[ImageValue]]) -> None:
+        delay = self.poll_first
+        while True:
+            batches = self._batches(ctx)
+            if not batches.open:
+                return
+            changed = False
+            for group in batches.open:
+                assert group.batch_id is not None
+                try:
+                    info = await self.client.get_batch(group.batch_id)
+                except ProviderError as exc:
+                    if not _transient(exc):
+                        raise
+                    continue  # polled again after the back-off
+                if _progress(info) != _progress_of(group.batch):
+                    await ctx.note(
+                        group_key(group.group, "status"),
+                        {"batch": info.as_json(), "polled_at": time.time()},
+                    )
+                    changed = True
+                if info.terminal:
+                    await self._collect(ctx, group.group, group.members, info, by_id)
+                    changed = True
+            if changed:
+                self._report(ctx)
+                delay = self.poll_first
+                continue
+            await self.sleep(delay)
+            delay = min(delay * 1.5, self.poll_most)
+
+    async def _collect(
+        self,
+        ctx: RunContext[Deps],
+        group: int,
+        members: Sequence[tuple[str, int]],
+        info: BatchInfo,
+        by_id: Mapping[str, Handle[ImageValue]],
+    ) -> None:
+        """Settle the group's branches from the batch's files, line by line; the branches
+        the batch did not run go back to pending."""
+        mine = {b: by_id[b] for b, _ in members if b in by_id and not by_id[b].settled}
+        seen: set[str] = set()
+        unfinished: list[Handle[ImageValue]] = []
+        costs: list[tuple[Handle[Any], Mapping[str, int]]] = []
+        resolved = rejected = 0
+        async for result in self.client.results(info):
+            handle = mine.get(result.custom_id)
+            if handle is None or result.custom_id in seen:
+                continue  # settled before (a collection read again), or not this run's
+            seen.add(result.custom_id)
+            if result.image is not None:
+                value, promote = await _value(ctx.deps, handle, result.image, info.id)
+                ctx.settle(handle, value=value, after_recorded=promote)
+                paid = value.get("cost", {}).get("micro_usd")
+                costs.append((handle, {} if paid is None else {"micro_usd": paid}))
+                resolved += 1
+            elif result.error is not None:
+                ctx.settle(handle, error=ErrorInfo.from_exception(result.error))
+                costs.append((handle, _NOTHING))
+                rejected += 1
+            else:
+                unfinished.append(handle)
+            if len(costs) >= _LINES_A_COMMIT:
+                await ctx.settle_costs(costs)
+                costs = []
+                await ctx.durable()  # memory stays flat: the records keep up with the lines
+        await ctx.settle_costs(costs)
+        unfinished += [h for b, h in mine.items() if b not in seen]
+        await ctx.settle_costs([(h, _NOTHING) for h in unfinished])
+        error = ErrorInfo("BatchUnfinished", _why(info), retryable=True)
+        started_at = float(info.created_at or time.time())
+        for handle in unfinished:  # written with the note below, in one transaction
+            ctx.fail_attempt(handle, started_at, error)
+        collected = {
+            "status": info.status,
+            "resolved": resolved,
+            "rejected": rejected,
+            "unfinished": len(unfinished),
+            "at": time.time(),
+        }
+        await ctx.note(group_key(group, "collected"), collected)
+        if info.input_file_id:
+            with contextlib.suppress(ProviderError):
+                await self.client.delete_file(info.input_file_id)  # its batch has ended
+
+    # -- what the driver tells -----------------------------------------------------------
+
+    def _batches(self, ctx: RunContext[Deps]) -> RunBatches:
+        return RunBatches.from_notes(ctx.notes)
+
+    def _report(self, ctx: RunContext[Deps]) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self._batches(ctx))
+
+    def _why_unfinished(self, ctx: RunContext[Deps]) -> str:
+        ended = [g for g in self._batches(ctx) if g.collected and g.collected.get("unfinished")]
+        if not ended:
+            return "no batch holds them"
+        last = ended[-1]
+        return f"batch {last.batch_id} {last.collected.get('status') if last.collected else ''}"
+
+
+@dataclass
+class OneByOne:
+    """What ``resume --no-batch`` hands a batch run's workflow: the groups never sent are
+    dropped (an uploaded file deleted), and every branch that no open batch holds runs
+    here, one request each."""
+
+    client: BatchProvider | None
+
+    async def drive(self, ctx: RunContext[Deps], handles: Sequence[Handle[ImageValue]]) -> None:
+        batches = RunBatches.from_notes(ctx.notes)
+        if batches.open:
+            raise BadInput(open_batches_refusal(ctx.run_id, batches))
+        for group in batches.unsent:
+            file_id = (group.upload or {}).get("file_id")
+            if file_id and self.client is not None:
+                with contextlib.suppress(ProviderError):
+                    await self.client.delete_file(str(file_id))
+            await ctx.note(group_key(group.group, "dropped"), {"at": time.time()})
+        for handle in handles:
+            if not handle.settled:
+                ctx.run_held(handle)
+
+
+def open_batches_refusal(run_id: str, batches: RunBatches) -> str:
+    """Why ``resume --no-batch`` cannot run now: batches that may still run its branches."""
+    ids = ", ".join(str(g.batch_id) for g in batches.open)
+    return (
+        f"run {run_id} has open batches ({ids}) that may still run its branches: let them "
+        f"end (imagepipe watch {run_id}) or cancel them (imagepipe cancel {run_id}) first"
+    )
+
+
+def _request(deps: Deps, handle: Handle[Any], attempt: int) -> Any:
+    args = handle.args
+    return branch_request(
+        deps,
+        handle.id,
+        attempt,
+        args["prompt"],
+        args["style"],
+        args.get("variation", 0),
+        args.get("crash", False),
+    )
+
+
+async def _value(
+    deps: Deps, handle: Handle[Any], image: Any, batch_id: str
+) -> tuple[ImageValue, Callable[[], object] | None]:
+    args = handle.args
+    return await image_value(
+        deps,
+        handle.id,
+        image,
+        args["style"],
+        args.get("variation", 0),
+        args.get("prompt_index"),
+        batch_id=batch_id,
+    )
+
+
+def _transient(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, ProviderError)
+        and not isinstance(exc, AccountError)
+        and bool(getattr(exc, "retryable", False))
+    )
+
+
+def _progress(info: BatchInfo) -> tuple[str, int, int, int]:
+    return (info.status, info.counts.total, info.counts.completed, info.counts.failed)
+
+
+def _progress_of(batch: Mapping[str, Any] | None) -> tuple[str, int, int, int] | None:
+    if batch is None:
+        return None
+    return _progress(BatchInfo.from_json(batch))
+
+
+def _why(info: BatchInfo) -> str:
+    """Why a batch did not run a request, in one line."""
+    why = f"batch {info.id} {info.status}"
+    if info.errors:
+        why += f": {info.errors[0].message}"
+    return why
