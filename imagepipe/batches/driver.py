@@ -297,6 +297,10 @@ class BatchDriver:
         """Settle the group's branches from the batch's files, line by line; the branches
         the batch did not run go back to pending."""
         mine = {b: by_id[b] for b, _ in members if b in by_id and not by_id[b].settled}
+        # A collection killed midway may have recorded branches but not what they cost:
+        # their reservations give way to it now (a cost already settled is left alone).
+        before = [by_id[b] for b, _ in members if b in by_id and by_id[b].settled]
+        await ctx.settle_costs([(h, _cost_of(h)) for h in before])
         seen: set[str] = set()
         unfinished: list[Handle[ImageValue]] = []
         costs: list[tuple[Handle[Any], Mapping[str, int]]] = []
@@ -309,8 +313,7 @@ class BatchDriver:
             if result.image is not None:
                 value, promote = await _value(ctx.deps, handle, result.image, info.id)
                 ctx.settle(handle, value=value, after_recorded=promote)
-                paid = value.get("cost", {}).get("micro_usd")
-                costs.append((handle, {} if paid is None else {"micro_usd": paid}))
+                costs.append((handle, _paid(value)))
                 resolved += 1
             elif result.error is not None:
                 ctx.settle(handle, error=ErrorInfo.from_exception(result.error))
@@ -416,6 +419,19 @@ async def _value(
         args.get("prompt_index"),
         batch_id=batch_id,
     )
+
+
+def _paid(value: Mapping[str, Any]) -> Mapping[str, int]:
+    """What a branch resolved from a batch's line cost (nothing known: its reservation)."""
+    paid = value.get("cost", {}).get("micro_usd")
+    return {} if paid is None else {"micro_usd": paid}
+
+
+def _cost_of(handle: Handle[Any]) -> Mapping[str, int]:
+    """What a branch a batch settled cost: its image's price, or nothing if rejected."""
+    if handle.state == "resolved" and isinstance(handle.value, Mapping):
+        return _paid(handle.value)
+    return _NOTHING
 
 
 def _transient(exc: BaseException) -> bool:
