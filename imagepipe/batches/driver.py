@@ -45,9 +45,9 @@ from imagepipe.providers.openai_batch import (
     group_lines,
     write_input_file,
 )
-from imagepipe.runs.batches import RunBatches, group_key, plan_key
+from imagepipe.runs.batches import BatchesSubmitted, RunBatches, group_key, plan_key
 
-__all__ = ["BatchDriver", "BatchesSubmitted", "OneByOne", "Reserve"]
+__all__ = ["BatchDriver", "OneByOne", "Reserve"]
 
 T = TypeVar("T")
 
@@ -57,14 +57,6 @@ Reserve = Callable[[str, Mapping[str, Any]], Mapping[str, int]]
 _NOTHING = {"micro_usd": 0, "images": 0}
 #: lines collected between two waits for their records to be durable
 _LINES_A_COMMIT = 256
-
-
-class BatchesSubmitted(Exception):
-    """``run --batch`` is done: every group is sent. Carries the run's batches."""
-
-    def __init__(self, batches: RunBatches) -> None:
-        super().__init__("batches submitted")
-        self.batches = batches
 
 
 @dataclass
