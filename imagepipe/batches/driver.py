@@ -39,7 +39,7 @@ from imagepipe.durable.errors import DrainRun, SpendingCapReached
 from imagepipe.errors import BadInput, BatchTrouble, BatchUnfinished
 from imagepipe.pipeline import Deps, ImageValue, branch_request, image_value
 from imagepipe.providers.base import AccountError, ProviderError
-from imagepipe.providers.openai_batch import (
+from imagepipe.providers.batch import (
     BatchInfo,
     BatchProvider,
     group_lines,

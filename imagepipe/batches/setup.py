@@ -79,10 +79,10 @@ def driver_for(
     used any."""
     from imagepipe.batches.driver import BatchDriver, OneByOne  # only for a batch run
 
+    if not batch and root.options.get(BATCH) is not True:
+        return None  # a run that never used a batch: nothing to load
     cls = get_batch_class(provider)
     if not batch:
-        if root.options.get(BATCH) is not True:
-            return None
         client = None if cls is None else cls.create(options, provider_settings)
         return OneByOne(client)
     if cls is None:
