@@ -14,6 +14,7 @@ uploaded file left behind.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -26,6 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
+from postgres_server import PostgresServer
 
 from tests.fakes.common import Fault
 from tests.fakes.openai_batch_server import OpenAIBatchFake
@@ -46,11 +48,15 @@ class BatchRun:
     """One batch run of the real CLI against the fake: how it is started and resumed."""
 
     fake: OpenAIBatchFake
-    db: Path
+    #: the store: a SQLite file, or a PostgreSQL URL
+    db: str
+    #: one SQL statement on the store, its rows (table names in ``{s}``: the schema)
+    query: Query
     out: Path
     run_id: str
     variations: int = 2
     batch_size: int = 50_000
+    extra_env: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
     @property
@@ -58,11 +64,14 @@ class BatchRun:
         return len(STYLES) * self.variations
 
     def env(self) -> dict[str, str]:
-        return cli_env(
-            self.db,
+        env = cli_env(
+            Path(self.db),
             IMAGEPIPE_TIME_SCALE="0.01",
             IMAGEPIPE_BATCH_SIZE=str(self.batch_size),
+            **self.extra_env,
         )
+        env["IMAGEPIPE_DB"] = self.db  # a PostgreSQL URL is no path
+        return env
 
     def run_args(self) -> list[str]:
         styles = [arg for style in STYLES for arg in ("-s", style)]
@@ -132,11 +141,27 @@ def instant(fake: OpenAIBatchFake) -> None:
     fake.stall_at = None
 
 
+Query = Callable[[str], list[tuple[Any, ...]]]
+
+
+def sqlite_query(db: Path) -> Query:
+    def query(statement: str) -> list[tuple[Any, ...]]:
+        if not db.exists():
+            return []
+        conn = sqlite3.connect(db)
+        try:
+            return conn.execute(statement.format(s="")).fetchall()
+        finally:
+            conn.close()
+
+    return query
+
+
 @pytest.fixture
 def batch_run(
     openai_batch_fake: OpenAIBatchFake, db_path: Path, tmp_path: Path
 ) -> Iterator[BatchRun]:
-    run = BatchRun(openai_batch_fake, db_path, tmp_path / "out", "br1")
+    run = BatchRun(openai_batch_fake, str(db_path), sqlite_query(db_path), tmp_path / "out", "br1")
     yield run
     for proc in run.procs:
         if proc.poll() is None:
@@ -147,40 +172,33 @@ def batch_run(
 # -------------------------------------------------------------------- what is checked
 
 
-def branch_rows(db: Path, run_id: str) -> list[tuple[str, str, Any, int]]:
+def branch_rows(run: BatchRun) -> list[tuple[str, str, Any, int]]:
     """(id, state, value, attempts) of each branch of the run."""
-    conn = sqlite3.connect(db)
-    try:
-        rows = conn.execute(
-            "SELECT id, state, value, attempts FROM promises WHERE parent_id = ? "
-            "AND func = 'generate_image' ORDER BY id",
-            (run_id,),
-        ).fetchall()
-    finally:
-        conn.close()
-    return [(pid, state, json.loads(value) if value else None, n) for pid, state, value, n in rows]
+    rows = run.query(
+        "SELECT id, state, value, attempts FROM {s}promises WHERE parent_id = "
+        f"'{run.run_id}' AND func = 'generate_image' ORDER BY id"
+    )
+    return [(pid, state, _json(value), n) for pid, state, value, n in rows]
 
 
-def resolved_count(db: Path, run_id: str) -> int:
-    if not db.exists():
-        return 0
-    return sum(1 for _, state, _, _ in branch_rows(db, run_id) if state == "resolved")
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
 
 
-def spending(db: Path, run_id: str) -> tuple[int, list[tuple[str, int, int | None]]]:
+def resolved_count(run: BatchRun) -> int:
+    return sum(1 for _, state, _, _ in branch_rows(run) if state == "resolved")
+
+
+def spending(run: BatchRun) -> tuple[int, list[tuple[str, int, int | None]]]:
     """The run's micro-USD spent, and each reservation's (branch, reserved, actual cost)."""
-    conn = sqlite3.connect(db)
-    try:
-        (spent,) = conn.execute(
-            "SELECT spent FROM spending WHERE run_id = ? AND meter = 'micro_usd'", (run_id,)
-        ).fetchone()
-        reservations = conn.execute(
-            "SELECT promise_id, reserved, cost FROM reservations WHERE meter = 'micro_usd' "
-            "ORDER BY promise_id, attempt"
-        ).fetchall()
-    finally:
-        conn.close()
-    return spent, reservations
+    ((spent,),) = run.query(
+        f"SELECT spent FROM {{s}}spending WHERE run_id = '{run.run_id}' AND meter = 'micro_usd'"
+    )
+    reservations = run.query(
+        "SELECT promise_id, reserved, cost FROM {s}reservations WHERE meter = 'micro_usd' "
+        "ORDER BY promise_id, attempt"
+    )
+    return spent, [(pid, reserved, cost) for pid, reserved, cost in reservations]
 
 
 def images_on_disk(out: Path) -> set[Path]:
@@ -197,7 +215,7 @@ def assert_every_image_once(run: BatchRun) -> dict[str, dict[str, Any]]:
     its cost the batch's; at the fake: no branch in two batches, one batch an input file,
     every uploaded file made a batch or was deleted. Returns the branches' values."""
     fake = run.fake
-    rows = branch_rows(run.db, run.run_id)
+    rows = branch_rows(run)
     assert len(rows) == run.branches
     assert [(pid, state) for pid, state, _, _ in rows] == [
         (pid, "resolved") for pid, _, _, _ in rows
@@ -219,7 +237,7 @@ def assert_every_image_once(run: BatchRun) -> dict[str, dict[str, Any]]:
     for upload in fake.uploads:
         assert upload.file_id in creates or upload.file_id in fake.deleted, upload
     # paid once, at the batch's price: each reservation gave way to the actual cost
-    spent, reservations = spending(run.db, run.run_id)
+    spent, reservations = spending(run)
     costs = {pid: value["cost"]["micro_usd"] for pid, value in values.items()}
     assert all("batch" in value["cost"]["basis"] for value in values.values())
     assert [(pid, cost) for pid, _, cost in reservations] == sorted(costs.items())
@@ -235,7 +253,7 @@ def test_a_batch_run_submits_then_resume_collects_every_image_once(batch_run: Ba
     submitted = batch_run.submit()
     assert "batch_1" in submitted.stdout or fake.created, submitted.stdout
     assert len(fake.created) == 1
-    assert resolved_count(batch_run.db, batch_run.run_id) == 0
+    assert resolved_count(batch_run) == 0
     fake.clock.advance(LONG_ENOUGH)
     done = batch_run.resume()
     assert done.returncode == 0, done.stderr
@@ -264,7 +282,9 @@ def test_kill_before_a_group_file_is_noted_then_resume(batch_run: BatchRun) -> N
 
 
 def test_kill_while_the_upload_is_held_then_resume(batch_run: BatchRun) -> None:
-    """The file written and noted; the upload sent but not yet received by the fake."""
+    """The file written and noted; the upload sent, and held by the fake when the
+    process is killed. Released, the fake stores it (as a provider finishes a request
+    whose client went away): the resume finds it and uploads nothing again."""
     fake = batch_run.fake
     release = threading.Event()
     fake.add_fault(Fault.held(release), endpoint="upload")
@@ -275,6 +295,7 @@ def test_kill_while_the_upload_is_held_then_resume(batch_run: BatchRun) -> None:
         release.set()
     fake.wait_idle()
     batch_run.finish()
+    assert len(fake.uploads) == 1
     assert_every_image_once(batch_run)
 
 
@@ -314,7 +335,7 @@ def test_kill_while_polling_then_resume(batch_run: BatchRun) -> None:
     finally:
         release.set()
     fake.wait_idle()
-    assert resolved_count(batch_run.db, batch_run.run_id) == 0
+    assert resolved_count(batch_run) == 0
     batch_run.finish()
     assert len(fake.created) == 1
     assert_every_image_once(batch_run)
@@ -334,8 +355,8 @@ def test_kill_halfway_through_the_output_download_then_resume(batch_run: BatchRu
     proc = batch_run.start("resume", batch_run.run_id)
     try:
         fake.wait_for(lambda: fake.streamed["content"] >= 110_000 or proc.poll() is not None, 60)
-        wait_until(lambda: resolved_count(batch_run.db, batch_run.run_id) >= 1 or bool(proc.poll()))
-        recorded = resolved_count(batch_run.db, batch_run.run_id)
+        wait_until(lambda: resolved_count(batch_run) >= 1 or bool(proc.poll()))
+        recorded = resolved_count(batch_run)
         assert 1 <= recorded < batch_run.branches
         assert proc.poll() is None
         proc.send_signal(signal.SIGKILL)
@@ -365,7 +386,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
 
 def settled(run: BatchRun) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """The run's resolved branches (their values) and its pending ones."""
-    rows = branch_rows(run.db, run.run_id)
+    rows = branch_rows(run)
     assert {state for _, state, _, _ in rows} <= {"resolved", "pending"}
     done = {pid: value for pid, state, value, _ in rows if state == "resolved"}
     return done, [pid for pid, state, _, _ in rows if state == "pending"]
@@ -406,7 +427,7 @@ def test_an_expired_batch_gives_its_finished_images_and_the_rest_go_on(
     for value in done.values():
         assert value["batch"] == old
         assert value["cost"]["basis"] == "usage (batch)"
-    spent, _ = spending(batch_run.db, batch_run.run_id)
+    spent, _ = spending(batch_run)
     assert spent == sum(v["cost"]["micro_usd"] for v in done.values())  # the others: 0
 
     instant(fake)
@@ -428,7 +449,7 @@ def test_an_expired_batch_gives_its_finished_images_and_the_rest_go_on(
         assert len(fake.created) == 1  # no new batch
         assert fake.requests["create"] == 2  # the 2 left, one request each
         assert all("batch" not in after[pid]["cost"]["basis"] for pid in left)
-    spent, _ = spending(batch_run.db, batch_run.run_id)
+    spent, _ = spending(batch_run)
     assert spent == sum(v["cost"]["micro_usd"] for v in after.values())
 
 
@@ -470,3 +491,108 @@ def test_a_cancelled_batch_gives_its_finished_images_and_leaves_the_rest_pending
     batches_of = fake.batches_of()
     assert all(len(batches_of[pid]) == 1 for pid in done)
     assert all(len(batches_of[pid]) == 2 for pid in left)
+
+
+# ----------------------------------------------------------- workers on PostgreSQL
+
+
+def test_two_workers_collect_a_batch_run_on_postgresql_and_one_takes_over_from_a_killed_one(
+    openai_batch_fake: OpenAIBatchFake,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    tmp_path: Path,
+    procs: list[subprocess.Popen[str]],
+) -> None:
+    """``run --batch`` returns; two ``imagepipe worker`` processes poll the run's batch,
+    one of them holding the run. It is killed halfway through the output file, once some
+    of its lines are recorded: the other takes the run over when its lease lapses, reads
+    the file again, and finishes the run with every image once."""
+    fake = openai_batch_fake
+
+    def query(statement: str) -> list[tuple[Any, ...]]:
+        return postgres_server.execute(postgres_url, statement.format(s="imagepipe."))
+
+    run = BatchRun(
+        fake,
+        postgres_url,
+        query,
+        tmp_path / "out",
+        "pw1",
+        variations=4,
+        extra_env={"IMAGEPIPE_LEASE_TIMEOUT": "3"},
+        procs=procs,
+    )
+    fake.image_bytes = 20_000  # ~27 KB of base64 a line: the file is ~215 KB
+    run.submit()
+    assert len(fake.created) == 1
+    release = threading.Event()
+    fake.content_hold = (110_000, release)  # after about 4 of the 8 lines
+    fake.clock.advance(LONG_ENOUGH)
+    workers = {proc.pid: proc for proc in (run.start("worker"), run.start("worker"))}
+
+    def holder() -> int | None:
+        held = f"SELECT pid FROM {{s}}leases WHERE key = '{run.run_id}' AND owner IS NOT NULL"
+        rows = query(held)
+        return rows[0][0] if rows else None
+
+    try:
+        fake.wait_for(lambda: fake.streamed["content"] >= 110_000, timeout=60)
+        wait_until(lambda: resolved_count(run) >= 1)
+        first = holder()
+        assert first in workers
+        assert 1 <= resolved_count(run) < run.branches
+        workers[first].send_signal(signal.SIGKILL)
+        workers[first].wait()
+    finally:
+        release.set()
+    fake.content_hold = None
+    (other,) = set(workers) - {first}
+    wait_until(
+        lambda: (
+            query(f"SELECT state FROM {{s}}promises WHERE id = '{run.run_id}'") == [("resolved",)]
+        )
+    )
+    assert workers[other].poll() is None  # it took the run over, and goes on working
+    assert fake.requests["content"] == 2  # the file read again from the start
+    assert_every_image_once(run)
+    workers[other].send_signal(signal.SIGINT)
+    _, err = workers[other].communicate(timeout=60)
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------ a large output file
+
+
+def run_measured(argv: list[str], env: dict[str, str], log: Path) -> tuple[int, int]:
+    """Run ``argv`` to its end: (its exit code, its peak resident memory in bytes, as the
+    kernel counted it for this one child)."""
+    with open(log, "wb") as out:
+        actions = [(os.POSIX_SPAWN_DUP2, out.fileno(), 1), (os.POSIX_SPAWN_DUP2, out.fileno(), 2)]
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions)
+        _, status, usage = os.wait4(pid, 0)
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024  # KiB on Linux
+
+
+@pytest.mark.slow
+def test_a_gigabyte_output_file_is_collected_with_flat_memory(batch_run: BatchRun) -> None:
+    """400 lines of a 2 MB image each (1.07 GB of output file): the collecting
+    ``imagepipe resume`` holds about a line at a time, so its peak memory stays far below
+    the file's size (and near what a small run takes)."""
+    fake = batch_run.fake
+    batch_run.variations = 200  # 2 styles: 400 branches
+    fake.image_bytes = 2_000_000
+    batch_run.submit()
+    fake.clock.advance(LONG_ENOUGH)
+    argv = cli_argv("resume", batch_run.run_id)
+    log = batch_run.out.parent / "resume.log"
+    started = time.monotonic()
+    code, peak = run_measured(argv, batch_run.env(), log)
+    took = time.monotonic() - started
+    assert code == 0, log.read_text()[-2000:]
+    size = fake.streamed["content"]
+    assert size >= 1_000_000_000
+    print(f"\ncollected {size / 1e9:.2f} GB in {took:.1f} s, peak RSS {peak / 1e6:.0f} MB")
+    assert peak < 200_000_000, peak
+    values = assert_every_image_once(batch_run)
+    for value in values.values():
+        Path(value["path"]).unlink()  # 800 MB of images: not kept for pytest's history
