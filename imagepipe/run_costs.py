@@ -32,10 +32,13 @@ from imagepipe.runs.outcome import RunOutcome, StoredBranches
 from imagepipe.styles import render
 
 __all__ = [
+    "batch_estimates",
     "branch_cost",
     "cost_json",
     "cost_line",
     "image_micro_usd",
+    "is_batch_run",
+    "range_text",
     "run_estimate",
     "run_spending",
     "spent_cell",
@@ -47,8 +50,9 @@ def _sent(spec: RunSpec, args: BranchArgs) -> str:
     return render(spec.templates.get(args.style, "{prompt}"), args.prompt, args.style)
 
 
-def run_estimate(spec: RunSpec, prices: PriceTable | None) -> CostRange:
-    """What the run's branches cost at one paid attempt each, at today's prices."""
+def run_estimate(spec: RunSpec, prices: PriceTable | None, *, batch: bool = False) -> CostRange:
+    """What the run's branches cost at one paid attempt each, at today's prices (with
+    ``batch``, at the provider's batch rate)."""
     if spec.provider in FREE_PROVIDERS:
         return CostRange(0, 0)
     if prices is None:
@@ -57,8 +61,23 @@ def run_estimate(spec: RunSpec, prices: PriceTable | None) -> CostRange:
 
     total = CostRange(0, 0)
     for text, _style, count in sent_prompts(spec):
-        total = total + attempt_range(spec.provider, spec.options, text, prices).times(count)
+        one = attempt_range(spec.provider, spec.options, text, prices, batch=batch)
+        total = total + one.times(count)
     return total
+
+
+def batch_estimates(outcome: RunOutcome) -> tuple[CostRange, CostRange]:
+    """A run sent in batches: its estimate at batch prices, and one by one."""
+    prices = prices_if_readable()
+    return (
+        run_estimate(outcome.spec, prices, batch=True),
+        run_estimate(outcome.spec, prices),
+    )
+
+
+def is_batch_run(outcome: RunOutcome) -> bool:
+    """Whether the run went through a provider's batches: its estimate is at batch prices."""
+    return outcome.batches is not None
 
 
 def _states(outcome: RunOutcome) -> Iterable[str]:
@@ -142,7 +161,7 @@ def cost_json(outcome: RunOutcome, *, attempts: bool) -> dict[str, Any]:
     prices = prices_if_readable()
     return {
         "currency": CURRENCY,
-        "estimated": run_estimate(outcome.spec, prices).to_json(),
+        "estimated": run_estimate(outcome.spec, prices, batch=is_batch_run(outcome)).to_json(),
         "spent": run_spending(outcome, prices, attempts=attempts).to_json(),
     }
 
@@ -153,13 +172,18 @@ def cost_line(outcome: RunOutcome, *, attempts: bool) -> str | None:
     if outcome.spec.provider in FREE_PROVIDERS:
         return None
     prices = prices_if_readable()
-    estimate = run_estimate(outcome.spec, prices)
-    if estimate.low == estimate.high:
-        estimated = format_usd(estimate.low)
-    else:
-        estimated = f"{format_usd(estimate.low)} to {format_usd(estimate.high)}"
+    batch = is_batch_run(outcome)
+    estimated = range_text(run_estimate(outcome.spec, prices, batch=batch))
     spent = run_spending(outcome, prices, attempts=attempts)
-    return f"Cost: {spent.line()} (estimated {estimated})"
+    at = " at batch prices" if batch else ""
+    return f"Cost: {spent.line()} (estimated {estimated}{at})"
+
+
+def range_text(estimate: CostRange) -> str:
+    """``$0.0315`` or ``$0.0315 to $0.5033``."""
+    if estimate.low == estimate.high:
+        return format_usd(estimate.low)
+    return f"{format_usd(estimate.low)} to {format_usd(estimate.high)}"
 
 
 def branch_cost(branch: Branch) -> str | None:

@@ -448,13 +448,17 @@ def execute_and_report(
     from imagepipe.runs.reporting import QuietReporter
 
     if json_out:
-        from imagepipe.run_costs import cost_json
-        from imagepipe.runs.json_output import result_json
+        from imagepipe.run_costs import batch_estimates, cost_json
+        from imagepipe.runs.json_output import result_json, submitted_json
 
         outcome = call(QuietReporter())
-        write_lines(result_json(outcome, cost_json(outcome, attempts=False)))
+        if outcome.submitted:  # run --batch: its batches are created, nothing to show yet
+            write_lines(submitted_json(outcome, *batch_estimates(outcome)))
+        else:
+            write_lines(result_json(outcome, cost_json(outcome, attempts=False)))
     else:
-        from imagepipe.render import print_outcome
+        from imagepipe.render import print_outcome, print_submitted
+        from imagepipe.run_costs import batch_estimates
         from imagepipe.ui import LiveReporter, PlainReporter
 
         console = make_console(no_color)
@@ -465,7 +469,10 @@ def execute_and_report(
                 outcome = call(live)
         else:
             outcome = call(PlainReporter(console))
-        print_outcome(console, outcome)
+        if outcome.submitted:
+            print_submitted(console, outcome, *batch_estimates(outcome))
+        else:
+            print_outcome(console, outcome)
     if outcome.state == "failed":
         failed = outcome.failures
         first = failed[0]
