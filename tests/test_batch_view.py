@@ -179,3 +179,45 @@ def test_the_live_table_draws_the_runs_batches_with_it(
 def _dump(db: Path) -> list[str]:
     with sqlite3.connect(db) as connection:
         return list(connection.iterdump())
+
+
+# -- --dry-run --batch --------------------------------------------------------------
+
+
+def test_a_dry_run_with_batch_shows_both_estimates_and_how_many_batches(
+    openai_batch_fake: OpenAIBatchFake, db_path: Path
+) -> None:
+    low, high = one_by_one_estimate(db_path, *BATCH_RUN)
+    planned = ok(db_path, "run", *BATCH_RUN, "--dry-run", IMAGEPIPE_BATCH_SIZE="4")
+    assert f"  cost:     {format_usd(low)} to {format_usd(high)} one by one" in planned
+    batch = f"{format_usd(half(low, up=False))} to {format_usd(half(high, up=True))}"
+    assert f"  batch:    {batch} in 2 batches of at most 4 requests" in planned
+    plan = as_json(db_path, "run", *BATCH_RUN, "--dry-run")
+    assert plan["cost"]["high_micro_usd"] == high
+    assert plan["batch"]["batches"] == 1
+    assert plan["batch"]["batch_size"] == 50_000
+    assert plan["batch"]["cost"]["low_micro_usd"] == half(low, up=False)
+    assert about_half(plan["batch"]["cost"]["high_micro_usd"], high)
+    assert openai_batch_fake.uploads == []
+    assert openai_batch_fake.created == []
+    assert not db_path.exists()
+
+
+def test_a_dry_run_with_batch_refuses_what_run_batch_refuses(
+    openai_batch_fake: OpenAIBatchFake, db_path: Path
+) -> None:
+    refusals = [
+        (("a kite", "--batch"), {}),  # the simulated provider has no batch mode
+        (("a kite", "-p", "openai", "-o", "model", "dall-e-3", "--batch"), {}),
+        (BATCH_RUN, {"IMAGEPIPE_BATCH_SIZE": "2", "IMAGEPIPE_MAX_BATCHES": "2"}),  # 3 needed
+    ]
+    for args, env in refusals:
+        real = imagepipe(db_path, "run", *args, **env)
+        for extra in ([], ["--json"]):
+            dry = imagepipe(db_path, "run", *args, "--dry-run", *extra, **env)
+            assert (dry.returncode, dry.stdout, dry.stderr) == (2, "", real.stderr)
+        assert real.returncode == 2
+        assert real.stderr.count("\n") == 1
+    assert openai_batch_fake.uploads == []
+    assert openai_batch_fake.created == []
+    assert not db_path.exists()
