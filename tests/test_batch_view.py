@@ -221,3 +221,78 @@ def test_a_dry_run_with_batch_refuses_what_run_batch_refuses(
     assert openai_batch_fake.uploads == []
     assert openai_batch_fake.created == []
     assert not db_path.exists()
+
+
+# -- cancel ---------------------------------------------------------------------------
+
+
+def test_cancel_stops_the_open_batches_and_leaves_the_branches_pending(
+    openai_batch_fake: OpenAIBatchFake, db_path: Path
+) -> None:
+    fake = openai_batch_fake
+    ok(db_path, "run", *BATCH_RUN, "--id", "c1")
+    batch = fake.created[0].batch_id
+    fake.clock.advance(1 + 5)  # validated, halfway through its requests
+    before = _dump(db_path)
+    said = ok(db_path, "cancel", "c1")
+    assert f"Batch {batch} (6 requests): cancelling" in said
+    assert "imagepipe resume c1" in said
+    assert fake.batch(batch)["status"] == "cancelling"
+    assert _dump(db_path) == before  # the store is not written: no lease, no note
+    assert as_json(db_path, "show", "c1")["state"] == "pending"
+
+    fake.clock.advance(1)  # cancelled, with what it finished
+    resumed = imagepipe(db_path, "resume", "c1")
+    assert resumed.returncode == 4, resumed.stderr
+    assert "not run" in resumed.stderr
+    assert resumed.stderr.count("\n") == 1
+    data = as_json(db_path, "show", "c1")
+    states = [branch["state"] for branch in data["branches"]]
+    done = fake.batch(batch)["request_counts"]["completed"]
+    assert 0 < done < 6
+    assert (states.count("resolved"), states.count("pending")) == (done, 6 - done)
+    # nothing open any more: cancel says so and exits 0
+    assert ok(db_path, "cancel", "c1") == "Run c1 has no open batch: nothing to cancel.\n"
+    assert as_json(db_path, "cancel", "c1") == {"id": "c1", "cancelled": []}
+
+
+def test_cancel_does_not_wait_for_a_resume_that_follows_the_run(
+    openai_batch_fake: OpenAIBatchFake, db_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A resume polling the run holds its lease; cancel needs none, and the resume sees
+    the batch cancelled on its next poll (exit 4)."""
+    fake = openai_batch_fake
+    ok(db_path, "run", *BATCH_RUN, "--id", "c2")
+    follower = subprocess.Popen(
+        cli_argv("resume", "c2"),
+        env=cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    procs.append(follower)
+    assert follower.stdout is not None
+    assert follower.stdout.readline().startswith("Resuming run c2")  # it holds the run
+    data = as_json(db_path, "cancel", "c2")
+    [group] = data["cancelled"]
+    assert (group["batch_id"], group["status"]) == (fake.created[0].batch_id, "cancelling")
+    fake.clock.advance(1)  # cancelled before it ran anything
+    _, stderr = follower.communicate(timeout=60)
+    assert follower.returncode == 4, stderr
+    assert "6 branches not run" in stderr
+
+
+def test_cancel_of_an_unknown_run_or_without_the_key_is_one_line_exit_2(
+    openai_batch_fake: OpenAIBatchFake, db_path: Path
+) -> None:
+    ok(db_path, "run", *BATCH_RUN, "--id", "c3")
+    unknown = imagepipe(db_path, "cancel", "nope")
+    assert (unknown.returncode, unknown.stdout) == (2, "")
+    assert unknown.stderr == f"error: no run with id 'nope' in {db_path}\n"
+    no_key = imagepipe(db_path, "cancel", "c3", OPENAI_API_KEY="")
+    assert (no_key.returncode, no_key.stdout) == (2, "")
+    assert no_key.stderr.startswith("error: no API key: set OPENAI_API_KEY")
+    assert no_key.stderr.count("\n") == 1
+    assert openai_batch_fake.batch(openai_batch_fake.created[0].batch_id)["status"] == (
+        "validating"
+    )
