@@ -110,7 +110,7 @@ class DryRun:
                 "max_images": self.max_images,
                 "branches_that_fit": self.fits,
             },
-            "batch": None if self.batch is None else self.batch.to_json(),
+            **({} if self.batch is None else {"batch": self.batch.to_json()}),
         }
 
     def lines(self) -> list[str]:

@@ -123,8 +123,18 @@ def run_spending(outcome: RunOutcome, prices: PriceTable | None, *, attempts: bo
                 failed += [None] * (len(errors) + unended)
                 continue
             text = _sent(spec, outcome.branches[index].args)  # built only for these
-            for error in [*errors, *[None] * unended]:
+            for error in errors:
                 failed.append(failed_attempt_cost(error, spec.provider, spec.options, text, prices))
+            # an attempt in a batch that is open (or about to be sent) is paid, if at all,
+            # at the batch price
+            held = outcome.batches is not None and outcome.batches.holds(branch_id)
+            for _ in range(unended):
+                cost = (
+                    attempt_range(spec.provider, spec.options, text, prices, batch=True).high
+                    if held
+                    else failed_attempt_cost(None, spec.provider, spec.options, text, prices)
+                )
+                failed.append(cost)
     return spending(_resolved_values(outcome), failed)
 
 

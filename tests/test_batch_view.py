@@ -127,6 +127,10 @@ def test_show_has_a_line_per_batch_with_its_age_and_the_estimate_at_batch_prices
     assert (group["batch_id"], group["status"], group["requests"]) == (batch, "validating", 6)
     assert 3 * 3600 + 5 * 60 + 30 <= group["age_seconds"] < 4 * 3600
     assert about_half(data["cost"]["estimated"]["high_micro_usd"], high)
+    # each branch's attempt is in the open batch: it may be paid, at the batch price
+    spent = data["cost"]["spent"]
+    assert spent["failed_attempts"] == 6
+    assert spent["failed_attempts_micro_usd"] == data["cost"]["estimated"]["high_micro_usd"]
 
     openai_batch_fake.clock.advance(3 * 3600 + 5 * 60 + 30 + TO_COMPLETED)
     ok(db_path, "resume", "s1")  # collects the six images
