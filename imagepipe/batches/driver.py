@@ -228,6 +228,7 @@ class BatchDriver:
         await ctx.step(group_key(group, "created"), self._retried, step=create)
         with contextlib.suppress(OSError):
             path.unlink()  # the provider has it, and the batch is made of it
+            self.folder.rmdir()  # the last one: no empty folder among the images
 
     async def _retried(self, step: Callable[[], Awaitable[T]]) -> T:
         """``step()``, again after a transient error (a 5xx, a timeout), with back-off."""
