@@ -25,7 +25,7 @@ from imagepipe.runs.batches import GroupProgress, RunBatches
 from imagepipe.runs.model import Invocation, RunSpec
 
 if TYPE_CHECKING:
-    from imagepipe.providers.openai_batch import BatchProvider
+    from imagepipe.providers.batch import BatchProvider
 
 __all__ = ["cancel_batches"]
 

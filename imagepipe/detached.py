@@ -10,6 +10,7 @@ options (keys from the worker's own environment), and settle the root with the l
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe import settings
+from imagepipe.batches.setup import BATCH
 from imagepipe.budget import Caps, with_image_cap
 from imagepipe.durable import (
     BranchOutcome,
@@ -30,7 +32,7 @@ from imagepipe.durable import (
     bind_args,
     record_run,
 )
-from imagepipe.durable.errors import DrainRun, SpendingCapReached
+from imagepipe.durable.errors import DrainRun, LeaseHeld, SpendingCapReached
 from imagepipe.durable.events import (
     AttemptStarted,
     Event,
@@ -40,12 +42,16 @@ from imagepipe.durable.events import (
     PromiseResolved,
 )
 from imagepipe.durable.lifecycle import reopen_run
+from imagepipe.durable.records import RootRecord
 from imagepipe.durable.retry import RetryPolicy
 from imagepipe.durable.tasks import owned_tasks
 from imagepipe.durable.worker import WORKER_PREFIX, BranchJob, Worker, WorkerStats
 from imagepipe.errors import (
     AccountStopped,
     BadInput,
+    BatchTrouble,
+    BatchUnfinished,
+    CapReached,
     ImagepipeError,
     Interrupted,
     StoreUnreachable,
@@ -57,6 +63,7 @@ from imagepipe.execution import (
     check_same_spec,
     check_stored_cost_cap,
     checked_caps,
+    execute_here,
     execution_for,
     image_dir,
     opened_store,
@@ -70,6 +77,7 @@ from imagepipe.execution import (
 )
 from imagepipe.files import ImageDirUnusable, claim_image_dir
 from imagepipe.pipeline import IMAGE_RUN, Deps, generate_image, summarize_run
+from imagepipe.runs.batches import RunBatches
 from imagepipe.runs.model import (
     DEFAULT_MAX_ATTEMPTS,
     Branch,
@@ -78,7 +86,7 @@ from imagepipe.runs.model import (
     validate_run_id,
 )
 from imagepipe.runs.outcome import RunOutcome
-from imagepipe.runs.reporting import Reporter, RunInfo
+from imagepipe.runs.reporting import QuietReporter, Reporter, RunInfo
 
 __all__ = [
     "WorkerInfo",
@@ -183,10 +191,20 @@ def _idle_poll() -> float:
 
 
 def run_worker(
-    url: str, invocation: Invocation, *, once: bool, on_lost: Callable[[str], None]
+    url: str,
+    invocation: Invocation,
+    *,
+    once: bool,
+    on_lost: Callable[[str], None],
+    on_batch_stop: Callable[[str], None] | None = None,
 ) -> WorkerStats:
     """Claim and run branches of detached runs; with ``once``, until none is pending.
     A run's spending caps are its own (given to ``run`` or ``resume``), not a worker's.
+
+    Beside them, the worker collects the batches of runs sent through a provider's batch
+    mode (``run --batch``) as ``resume`` would, one process per run at a time (the run's
+    lease): ``on_batch_stop`` is told, in one line, why it stopped following one (its
+    batches left branches unrun, a batch could not be read...).
 
     A provider's error of the account or the set-up (a refused key...) stops the worker
     once its requests in flight have ended (:class:`~imagepipe.errors.AccountStopped`,
@@ -211,7 +229,17 @@ def run_worker(
                 poll=_idle_poll(),
             )
             try:
-                return await worker.run()
+                async with owned_tasks() as tasks:
+                    collector = tasks.create_task(
+                        _collect_batch_runs(
+                            store, invocation, once=once, on_stop=on_batch_stop or _ignore
+                        ),
+                        name="worker:batches",
+                    )
+                    stats = await worker.run()
+                    if not once:
+                        collector.cancel()
+                return stats
             except SpendingCapReached as reached:
                 raise await stopped_at_cap(store, reached.run_id, reached) from None
             except DrainRun as exc:
@@ -235,15 +263,96 @@ def run_worker(
         raise stopped from None
 
 
+def _ignore(line: str) -> None:
+    pass
+
+
+async def _collect_batch_runs(
+    store: Store, invocation: Invocation, *, once: bool, on_stop: Callable[[str], None]
+) -> None:
+    """A worker's part in runs sent in batches: follow each pending one whose batches are
+    open (or planned and unsent) and that no live process holds, collecting them as
+    ``resume`` does, each in a task of its own. With ``once``, until no such run is left.
+    An account-wide error or a store failure stops the worker; anything else that ends a
+    run's collection is told to ``on_stop`` and the worker goes on."""
+    following: dict[str, asyncio.Task[None]] = {}
+    stale_after = settings.lease_timeout()
+    try:
+        while True:
+            for run_id, task in list(following.items()):
+                if task.done():
+                    del following[run_id]
+                    task.result()  # what must stop the worker is raised here
+            for root in await _batch_runs_to_collect(store, stale_after):
+                if root.id not in following:
+                    following[root.id] = asyncio.create_task(
+                        _follow_batches(store, root.id, invocation, on_stop),
+                        name=f"worker:batches:{root.id}",
+                    )
+            if once and not following:
+                return
+            await asyncio.sleep(_idle_poll() * 5)
+    finally:
+        for task in following.values():
+            task.cancel()
+        await asyncio.gather(*following.values(), return_exceptions=True)
+
+
+async def _batch_runs_to_collect(store: Store, stale_after: float) -> list[RootRecord]:
+    """Pending runs sent in batches, with a batch open or unsent, that nobody holds."""
+    found = []
+    for root in await store.roots():
+        if root.state != "pending" or root.func != WORKFLOW or root.options.get(BATCH) is not True:
+            continue
+        batches = RunBatches.from_notes(await store.notes(root.id))
+        if not (batches.open or batches.unsent):
+            continue
+        holder = await store.lease_holder(root.id)
+        if holder is None or holder.age > stale_after:
+            found.append(root)
+    return found
+
+
+async def _follow_batches(
+    store: Store, run_id: str, invocation: Invocation, on_stop: Callable[[str], None]
+) -> None:
+    """Collect one run's batches here until they have all ended (or another process
+    holds the run)."""
+    root = await store.get(run_id)
+    if root is None or root.settled:
+        return
+    try:
+        await execute_here(
+            store, root, invocation, QuietReporter(), resumed=True, follow=True, submit=False
+        )
+    except LeaseHeld:
+        return  # another process follows it
+    except (BatchUnfinished, BatchTrouble, CapReached, BadInput) as exc:
+        on_stop(exc.message)
+
+
 def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -> RunOutcome:
     """Report a run that other processes execute, until its root settles: woken by each
     write on PostgreSQL (LISTEN/NOTIFY), polling every ``poll`` seconds on SQLite. The
-    outcome is the run as stored then."""
+    outcome is the run as stored then. A run sent in batches that no other process
+    follows is followed here: its batches polled and collected, as ``resume`` does, but
+    no new batch sent."""
 
     async def watch() -> RunOutcome:
         try:
             async with opened_store(url, create=False, write=False) as store:
                 root = await read_root(store, run_id)
+                if root.options.get(BATCH) is not True or root.settled:
+                    return await _follow(store, root, reporter, resumed=False, poll=poll)
+            # a run sent in batches is collected by whoever follows it: this process,
+            # unless another holds it (then the run's notes tell its batches' progress)
+            async with opened_store(url, create=False, write=True) as store:
+                root = await read_root(store, run_id)
+                invocation = Invocation(time_scale=settings.time_scale())
+                with contextlib.suppress(LeaseHeld):
+                    return await execute_here(
+                        store, root, invocation, reporter, resumed=True, submit=False
+                    )
                 return await _follow(store, root, reporter, resumed=False, poll=poll)
         except StoreMissing as missing:
             raise UnknownRun(run_id, missing.where) from None
@@ -281,6 +390,8 @@ async def _follow(
             if listening is not None:
                 for event in _changes(children, seen):
                     listening(event)
+        if reporter.on_batches is not None and root.options.get(BATCH) is True:
+            reporter.on_batches(RunBatches.from_notes(await store.notes(run_id)))
         root = await read_root(store, run_id)
         if root.settled:
             children = await store.children(run_id)

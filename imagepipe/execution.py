@@ -18,12 +18,14 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from imagepipe import settings
+from imagepipe.batches.setup import BATCH, batch_mode_of, driver_for
 from imagepipe.budget import (
     MICRO_USD,
     Caps,
@@ -33,14 +35,18 @@ from imagepipe.budget import (
     with_image_cap,
 )
 from imagepipe.durable import (
+    BranchOutcome,
     DurableError,
+    Execution,
     PromiseRecord,
     RetryPolicy,
     Store,
     StoreOptions,
+    execute_run,
     open_store,
 )
 from imagepipe.durable.errors import SpendingCapReached
+from imagepipe.durable.records import ChildColumns
 from imagepipe.errors import BadInput, CapReached, Interrupted, RunConflict, UnknownRun, from_core
 from imagepipe.files import (
     ReconcileReport,
@@ -57,8 +63,10 @@ from imagepipe.providers.base import ProviderError
 from imagepipe.providers.contract import ProviderClass, ProviderSettings
 from imagepipe.providers.options import ProviderOptions, build_options, identity
 from imagepipe.providers.registry import get_provider_class
+from imagepipe.runs.batches import BatchesSubmitted, RunBatches
 from imagepipe.runs.model import DEFAULT_MAX_ATTEMPTS, Branch, Invocation, RunSpec
-from imagepipe.runs.outcome import RunOutcome, run_state
+from imagepipe.runs.outcome import LaunchedBranches, RunOutcome, StoredBranches, run_state
+from imagepipe.runs.reporting import Reporter, RunInfo
 from imagepipe.styles import templates_for
 from imagepipe.text import quoted
 
@@ -68,6 +76,7 @@ __all__ = [
     "check_same_spec",
     "check_stored_cost_cap",
     "checked_caps",
+    "execute_here",
     "execution_for",
     "image_dir",
     "image_dir_of",
@@ -80,6 +89,7 @@ __all__ = [
     "run_options",
     "run_outcome",
     "stopped_at_cap",
+    "stored_outcome",
     "tidy_after_execution",
     "with_provider",
 ]
@@ -418,3 +428,94 @@ def tidy_after_execution(
 def image_dir(path: str | Path) -> Path:
     """Where a run's images go, made absolute (the store may be read from elsewhere)."""
     return Path(path).expanduser().absolute()
+
+
+# -- executing a run here ------------------------------------------------------------
+
+
+async def stored_outcome(store: Store, root: PromiseRecord) -> RunOutcome:
+    """A run that nothing executed in this invocation, as stored (with its batches)."""
+    branches = StoredBranches(await ChildColumns.collect(store.where, store.child_rows(root.id)))
+    outcome = run_outcome(root, branches, wall_ms=0, executed=False)
+    if root.options.get(BATCH) is True:
+        batches = RunBatches.from_notes(await store.notes(root.id))
+        outcome = dataclasses.replace(outcome, batches=batches)
+    return outcome
+
+
+async def execute_here(
+    store: Store,
+    root: PromiseRecord,
+    invocation: Invocation,
+    reporter: Reporter,
+    *,
+    resumed: bool,
+    reopen: bool = False,
+    follow: bool = True,
+    submit: bool = True,
+) -> RunOutcome:
+    """The run itself, executed here by the core's run lifecycle (under the run's lease);
+    once it has settled, its image folder is tidied while this process still holds it.
+
+    A run through batches sends its unsent groups and (with ``submit``) plans new ones for
+    its free branches, then (with ``follow``) polls and collects its batches; without
+    ``follow`` it returns as stored once every batch is created."""
+    execution = execution_for(root, invocation)
+    spec, provider = execution.spec, execution.deps.provider
+    batch = batch_mode_of(root.options, invocation)
+    driver = driver_for(
+        root,
+        spec.provider,
+        execution.deps.options,
+        provider_settings(invocation),
+        batch=batch,
+        follow=follow,
+        submit=submit,
+        out_dir=execution.deps.out_dir,
+        reserve=await with_image_cap(store, root.id, execution.batch_reserve) if batch else None,
+        on_progress=reporter.on_batches,
+        time_scale=invocation.time_scale,
+    )
+    deps = execution.deps if driver is None else dataclasses.replace(execution.deps, batches=driver)
+
+    def started() -> None:
+        reporter.run_started(RunInfo(root.id, spec, resumed, execution.retry.max_attempts))
+
+    def tidy(branches: Sequence[BranchOutcome]) -> None:
+        # every branch is settled and this process holds the run: finish what kills left
+        # in the image folder (staged files recorded but not renamed, orphans)
+        outcomes = ((b.state, b.value) for b in branches)
+        tidy_after_execution(root.id, execution.deps.out_dir, outcomes)
+
+    how = Execution(
+        retry=execution.retry,
+        concurrency=invocation.concurrency or execution.default_concurrency,
+        attempt_timeout=invocation.attempt_timeout,
+        lease_timeout=settings.lease_timeout(),
+        on_event=reporter.on_event,
+        cost_of_attempt=await with_image_cap(store, root.id, execution.reserve),
+    )
+    begun = time.perf_counter()
+    try:
+        executed = await execute_run(
+            store,
+            root,
+            IMAGE_RUN,
+            deps,
+            how,
+            reopen=reopen,
+            on_started=started,
+            on_settled=tidy,
+        )
+    except SpendingCapReached as reached:
+        raise await stopped_at_cap(store, root.id, reached) from None
+    except BatchesSubmitted:
+        return await stored_outcome(store, root)
+    finally:
+        await provider.aclose()
+        client = getattr(driver, "client", None)
+        if client is not None:
+            await client.aclose()
+    wall_ms = round((time.perf_counter() - begun) * 1000)
+    branches = LaunchedBranches(executed.branches)
+    return run_outcome(executed.root, branches, wall_ms=wall_ms, executed=True)

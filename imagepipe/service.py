@@ -11,44 +11,33 @@ a URL (a plain path is a SQLite file). What the commands share with :mod:`imagep
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Sequence
 from typing import Any
 
-from imagepipe import settings
-from imagepipe.batches.driver import BatchesSubmitted
-from imagepipe.batches.setup import BATCH, batch_mode_of, driver_for
-from imagepipe.budget import MICRO_USD, caps_of, with_image_cap
+from imagepipe.batches.setup import BATCH
+from imagepipe.budget import MICRO_USD, caps_of
 from imagepipe.durable import (
-    BranchOutcome,
-    Execution,
     PromiseRecord,
     Store,
     StoreMissing,
-    execute_run,
     record_run,
 )
-from imagepipe.durable.errors import SpendingCapReached
 from imagepipe.durable.lifecycle import is_detached
-from imagepipe.durable.records import ChildColumns, RootRecord
+from imagepipe.durable.records import RootRecord
 from imagepipe.errors import UnknownRun
 from imagepipe.execution import (
     WORKFLOW,
     check_same_spec,
     check_stored_cost_cap,
     checked_caps,
-    execution_for,
+    execute_here,
     image_dir,
     image_dir_of,
     opened_store,
-    provider_settings,
     read_root,
     reconcile_run_images,
     run_command,
     run_options,
-    run_outcome,
-    stopped_at_cap,
-    tidy_after_execution,
+    stored_outcome,
     with_provider,
 )
 from imagepipe.files import (
@@ -63,28 +52,16 @@ from imagepipe.run_costs import stored_spending
 from imagepipe.runs.batches import RunBatches
 from imagepipe.runs.model import Invocation, RunSpec, validate_run_id
 from imagepipe.runs.outcome import (
-    LaunchedBranches,
     RunOutcome,
     RunSummary,
-    StoredBranches,
     run_state,
 )
-from imagepipe.runs.reporting import Reporter, RunInfo
+from imagepipe.runs.reporting import Reporter
 
 __all__ = ["fix_run_images", "list_runs", "resume_run", "show_run", "start_run"]
 
 
 # -- the store -----------------------------------------------------------------------
-
-
-async def _stored_outcome(store: Store, root: PromiseRecord) -> RunOutcome:
-    """A run that nothing executed in this invocation, as stored (with its batches)."""
-    branches = StoredBranches(await ChildColumns.collect(store.where, store.child_rows(root.id)))
-    outcome = run_outcome(root, branches, wall_ms=0, executed=False)
-    if root.options.get(BATCH) is True:
-        batches = RunBatches.from_notes(await store.notes(root.id))
-        outcome = dataclasses.replace(outcome, batches=batches)
-    return outcome
 
 
 # -- commands ------------------------------------------------------------------------
@@ -128,7 +105,7 @@ def start_run(
             await caps.store(store, run_id)
             if root.settled:
                 await reconcile_run_images(store, root)
-                return await _stored_outcome(store, root)
+                return await stored_outcome(store, root)
             return await _execute_stored(store, root, invocation, reporter, resumed=not created)
 
     return run_command(start, run_id, executes=True)
@@ -159,7 +136,7 @@ def resume_run(
                 reopen = retry_failed and root.state == "rejected"
                 if root.settled and not reopen:
                     await reconcile_run_images(store, root)
-                    return await _stored_outcome(store, root)
+                    return await stored_outcome(store, root)
                 return await _execute_stored(
                     store, root, invocation, reporter, resumed=True, reopen=reopen
                 )
@@ -174,7 +151,7 @@ def show_run(url: str, run_id: str) -> RunOutcome:
         try:
             async with opened_store(url, create=False, write=False) as store:
                 root = await read_root(store, run_id)
-                outcome = await _stored_outcome(store, root)
+                outcome = await stored_outcome(store, root)
                 history = await store.failed_attempts(run_id)
                 # an attempt whose outcome the store does not hold (it never failed nor
                 # resolved) may have been paid: the ledger knows whether it was
@@ -265,82 +242,9 @@ async def _execute_stored(
         return await execute_detached(store, root, invocation, reporter, reopen=reopen)
     # a run sent in batches returns once they are created; a resume collects them
     follow = resumed or not invocation.batch
-    return await _execute(
+    return await execute_here(
         store, root, invocation, reporter, resumed=resumed, reopen=reopen, follow=follow
     )
-
-
-async def _execute(
-    store: Store,
-    root: PromiseRecord,
-    invocation: Invocation,
-    reporter: Reporter,
-    *,
-    resumed: bool,
-    reopen: bool = False,
-    follow: bool = True,
-) -> RunOutcome:
-    """The run itself, executed here by the core's run lifecycle (under the run's lease);
-    once it has settled, its image folder is tidied while this process still holds it."""
-    execution = execution_for(root, invocation)
-    spec, provider = execution.spec, execution.deps.provider
-    batch = batch_mode_of(root.options, invocation)
-    driver = driver_for(
-        root,
-        spec.provider,
-        execution.deps.options,
-        provider_settings(invocation),
-        batch=batch,
-        follow=follow,
-        submit=True,
-        out_dir=execution.deps.out_dir,
-        reserve=await with_image_cap(store, root.id, execution.batch_reserve) if batch else None,
-        on_progress=reporter.on_batches,
-        time_scale=invocation.time_scale,
-    )
-    deps = execution.deps if driver is None else dataclasses.replace(execution.deps, batches=driver)
-
-    def started() -> None:
-        reporter.run_started(RunInfo(root.id, spec, resumed, execution.retry.max_attempts))
-
-    def tidy(branches: Sequence[BranchOutcome]) -> None:
-        # every branch is settled and this process holds the run: finish what kills left
-        # in the image folder (staged files recorded but not renamed, orphans)
-        outcomes = ((b.state, b.value) for b in branches)
-        tidy_after_execution(root.id, execution.deps.out_dir, outcomes)
-
-    how = Execution(
-        retry=execution.retry,
-        concurrency=invocation.concurrency or execution.default_concurrency,
-        attempt_timeout=invocation.attempt_timeout,
-        lease_timeout=settings.lease_timeout(),
-        on_event=reporter.on_event,
-        cost_of_attempt=await with_image_cap(store, root.id, execution.reserve),
-    )
-    begun = time.perf_counter()
-    try:
-        executed = await execute_run(
-            store,
-            root,
-            IMAGE_RUN,
-            deps,
-            how,
-            reopen=reopen,
-            on_started=started,
-            on_settled=tidy,
-        )
-    except SpendingCapReached as reached:
-        raise await stopped_at_cap(store, root.id, reached) from None
-    except BatchesSubmitted:
-        return await _stored_outcome(store, root)
-    finally:
-        await provider.aclose()
-        client = getattr(driver, "client", None)
-        if client is not None:
-            await client.aclose()
-    wall_ms = round((time.perf_counter() - begun) * 1000)
-    branches = LaunchedBranches(executed.branches)
-    return run_outcome(executed.root, branches, wall_ms=wall_ms, executed=True)
 
 
 def _built_options(spec: RunSpec, invocation: Invocation) -> Any:

@@ -314,9 +314,9 @@ def test_lines_are_grouped_within_the_count_and_byte_limits() -> None:
     assert [len(g) for g in by_bytes] == [3, 3, 3, 1]
     assert [line for group in by_bytes for line in group] == lines
     with pytest.raises(ValueError, match="more than one line"):
-        list(group_lines([lines[0], lines[0]]))
+        list(group_lines([lines[0], lines[0]], max_requests=100, max_bytes=10_000))
     with pytest.raises(InvalidRequest, match="more than a batch file may hold"):
-        list(group_lines(lines, max_bytes=50))
+        list(group_lines(lines, max_requests=100, max_bytes=50))
 
 
 async def test_an_upload_and_a_batch_the_fake_got_are_found_after_a_kill(

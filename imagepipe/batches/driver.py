@@ -39,15 +39,15 @@ from imagepipe.durable.errors import DrainRun, SpendingCapReached
 from imagepipe.errors import BadInput, BatchTrouble, BatchUnfinished
 from imagepipe.pipeline import Deps, ImageValue, branch_request, image_value
 from imagepipe.providers.base import AccountError, ProviderError
-from imagepipe.providers.openai_batch import (
+from imagepipe.providers.batch import (
     BatchInfo,
     BatchProvider,
     group_lines,
     write_input_file,
 )
-from imagepipe.runs.batches import RunBatches, group_key, plan_key
+from imagepipe.runs.batches import BatchesSubmitted, RunBatches, group_key, plan_key
 
-__all__ = ["BatchDriver", "BatchesSubmitted", "OneByOne", "Reserve"]
+__all__ = ["BatchDriver", "OneByOne", "Reserve"]
 
 T = TypeVar("T")
 
@@ -57,14 +57,6 @@ Reserve = Callable[[str, Mapping[str, Any]], Mapping[str, int]]
 _NOTHING = {"micro_usd": 0, "images": 0}
 #: lines collected between two waits for their records to be durable
 _LINES_A_COMMIT = 256
-
-
-class BatchesSubmitted(Exception):
-    """``run --batch`` is done: every group is sent. Carries the run's batches."""
-
-    def __init__(self, batches: RunBatches) -> None:
-        super().__init__("batches submitted")
-        self.batches = batches
 
 
 @dataclass
@@ -236,6 +228,7 @@ class BatchDriver:
         await ctx.step(group_key(group, "created"), self._retried, step=create)
         with contextlib.suppress(OSError):
             path.unlink()  # the provider has it, and the batch is made of it
+            self.folder.rmdir()  # the last one: no empty folder among the images
 
     async def _retried(self, step: Callable[[], Awaitable[T]]) -> T:
         """``step()``, again after a transient error (a 5xx, a timeout), with back-off."""

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagepipe import settings
-from imagepipe.batches.driver import BatchDriver, OneByOne, Reserve
 from imagepipe.durable import PromiseRecord
 from imagepipe.errors import BadInput
 from imagepipe.providers.contract import ProviderSettings
@@ -23,6 +22,9 @@ from imagepipe.providers.options import ProviderOptions
 from imagepipe.providers.registry import batch_refusal, get_batch_class
 from imagepipe.runs.batches import RunBatches
 from imagepipe.runs.model import Invocation
+
+if TYPE_CHECKING:
+    from imagepipe.batches.driver import BatchDriver, OneByOne, Reserve
 
 __all__ = ["BATCH", "batch_mode_of", "check_batchable", "driver_for"]
 
@@ -75,10 +77,12 @@ def driver_for(
     (``submit``) and collect (``follow``) the run's batches; :class:`OneByOne` for a run
     that has used batches but goes on one request at a time; None for a run that never
     used any."""
+    from imagepipe.batches.driver import BatchDriver, OneByOne  # only for a batch run
+
+    if not batch and root.options.get(BATCH) is not True:
+        return None  # a run that never used a batch: nothing to load
     cls = get_batch_class(provider)
     if not batch:
-        if root.options.get(BATCH) is not True:
-            return None
         client = None if cls is None else cls.create(options, provider_settings)
         return OneByOne(client)
     if cls is None:

@@ -40,7 +40,8 @@ def worker(
 
     Claims up to --concurrency branches at a time under leases it renews; a branch whose
     worker died is claimed again once its lease lapses (IMAGEPIPE_LEASE_TIMEOUT). The
-    provider and its options come from each run; keys from this worker's environment."""
+    provider and its options come from each run; keys from this worker's environment.
+    It also collects the batches of runs sent with `run --batch` (one process a run)."""
     from imagepipe.detached import run_worker
 
     def lost(branch_id: str) -> None:
@@ -50,8 +51,11 @@ def worker(
             file=sys.stderr,
         )
 
+    def batch_stop(line: str) -> None:
+        print(f"worker: {escape_control(line)}", file=sys.stderr)
+
     check_prices()  # a broken prices file: exit 2 before any branch is claimed
-    stats = run_worker(store_url(db), invocation, once=once, on_lost=lost)
+    stats = run_worker(store_url(db), invocation, once=once, on_lost=lost, on_batch_stop=batch_stop)
     print(
         f"worker {socket.gethostname()}: {stats.claimed} branches claimed, "
         f"{stats.resolved} resolved, {stats.rejected} rejected, {stats.lost} lost; "
@@ -66,7 +70,10 @@ def watch(
     quiet: QuietOption = False,
     no_color: NoColorOption = False,
 ) -> None:
-    """Follow a run that other processes execute, until it settles (its exit code)."""
+    """Follow a run that other processes execute, until it settles (its exit code).
+
+    A run sent with `run --batch` that nobody else follows is collected here: its batches
+    polled and their results recorded as they end (no new batch is sent)."""
     from imagepipe.detached import watch_run
 
     path = store_url(db)

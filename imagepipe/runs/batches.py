@@ -27,7 +27,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DAY", "PREFIX", "GroupProgress", "RunBatches", "group_key", "plan_key"]
+__all__ = [
+    "DAY",
+    "PREFIX",
+    "BatchesSubmitted",
+    "GroupProgress",
+    "RunBatches",
+    "group_key",
+    "plan_key",
+]
 
 #: every note of a run's batches starts with this
 PREFIX = "batch."
@@ -194,3 +202,11 @@ class RunBatches:
 
     def to_json(self, now: float | None = None) -> list[dict[str, Any]]:
         return [g.to_json(now) for g in self.groups]
+
+
+class BatchesSubmitted(Exception):
+    """``run --batch`` is done: every group is sent. Carries the run's batches."""
+
+    def __init__(self, batches: RunBatches) -> None:
+        super().__init__("batches submitted")
+        self.batches = batches

@@ -131,3 +131,67 @@ async def test_each_reserved_attempt_says_what_it_cost_once_known(store: Store) 
     assert await store.attempt_costs("run", "usd") == {("run.0", 1): 0, ("run.1", 1): None}
     assert await store.attempt_costs("run", "images") == {("run.1", 1): None}
     assert await store.attempt_costs("other", "usd") == {}
+
+
+async def test_a_group_is_reserved_whole_or_not_at_all(store: Store) -> None:
+    """A provider's batch is paid together: its attempts start together, or none does."""
+    await a_run(store, branches=4)
+    await store.set_spending_limit("run", "usd", 350)
+    group = [(f"run.{i}", 1, USD100) for i in range(4)]
+    refused = await store.reserve_attempts(None, "run", group)
+    assert refused == ("usd", Spending(350, 0)), "400 does not fit in 350"
+    assert [await attempts(store, f"run.{i}") for i in range(4)] == [0, 0, 0, 0]
+    assert await store.spending("run") == {"usd": Spending(350, 0)}
+    assert await store.reserve_attempts(None, "run", group[:3]) is None
+    assert [await attempts(store, f"run.{i}") for i in range(4)] == [1, 1, 1, 0]
+    assert await store.spending("run") == {"usd": Spending(350, 300)}
+    # repeated after a kill: the started ones reserve nothing twice, the new one fits
+    assert await store.reserve_attempts(None, "run", group[:3]) is None
+    assert await store.spending("run") == {"usd": Spending(350, 300)}
+    assert await store.reserve_attempt(None, "run", "run.3", 1, {"usd": 50}) is None
+    assert await store.spending("run") == {"usd": Spending(350, 350)}
+
+
+async def test_a_group_of_actual_costs_replaces_their_reservations_once(store: Store) -> None:
+    await a_run(store, branches=3)
+    group = [(f"run.{i}", 1, {"usd": 100, "images": 1}) for i in range(3)]
+    assert await store.reserve_attempts(None, "run", group) is None
+    costs = [("run.0", 1, {"usd": 50}), ("run.1", 1, {"usd": 0, "images": 0})]
+    await store.settle_costs(None, "run", costs)
+    await store.settle_costs(None, "run", costs)  # collected again: changes nothing
+    spent = await store.spending("run")
+    assert spent == {"usd": Spending(None, 150), "images": Spending(None, 2)}
+    assert await store.attempt_costs("run", "usd") == {
+        ("run.0", 1): 50,
+        ("run.1", 1): 0,
+        ("run.2", 1): None,
+    }
+
+
+async def test_a_run_s_notes_are_written_with_its_batches_and_overwritten(
+    store: Store,
+) -> None:
+    from imagepipe.durable.records import Note
+
+    await a_run(store, branches=1)
+    await store.apply(WriteBatch(notes=[Note("run", "plan", '{"groups":[["run.0"]]}', 1.0)]))
+    await store.apply(WriteBatch(notes=[Note("run", "status", '"validating"', 2.0)]))
+    await store.apply(WriteBatch(notes=[Note("run", "status", '"completed"', 3.0)]))
+    assert await store.notes("run") == {"plan": {"groups": [["run.0"]]}, "status": "completed"}
+    assert await store.notes("another") == {}
+
+
+async def test_a_stale_fence_writes_no_note(store: Store) -> None:
+    from imagepipe.durable.records import Note
+
+    await a_run(store, branches=1)
+    first = await store.acquire_lease(
+        Lease("run", "a", 1, "h"), stale_after=0.0, holder_gone=lambda _: True
+    )
+    await store.acquire_lease(
+        Lease("run", "b", 2, "h"), stale_after=0.0, holder_gone=lambda _: True
+    )
+    note = Note("run", "created", '{"id":"batch_1"}', 1.0)
+    with pytest.raises(LeaseLost):
+        await store.apply(WriteBatch(fence=Fence("run", first.epoch), notes=[note]))
+    assert await store.notes("run") == {}
