@@ -133,7 +133,8 @@ def test_show_has_a_line_per_batch_with_its_age_and_the_estimate_at_batch_prices
     assert spent["failed_attempts_micro_usd"] == data["cost"]["estimated"]["high_micro_usd"]
 
     openai_batch_fake.clock.advance(3 * 3600 + 5 * 60 + 30 + TO_COMPLETED)
-    ok(db_path, "resume", "s1")  # collects the six images
+    resumed = ok(db_path, "resume", "s1")  # collects the six images
+    assert f"(estimated {estimate} at batch prices)" in resumed
     shown = ok(db_path, "show", "s1")
     assert (
         f"Batch {batch} (6 requests): completed, 6 done, 0 failed; collected: 6 images, "
@@ -157,7 +158,9 @@ def test_list_sums_up_each_batch_run_in_a_few_words(
     assert _dump(db_path) == before  # reading a run's batches writes nothing
 
     openai_batch_fake.clock.advance(TO_COMPLETED)
-    ok(db_path, "resume", "l1")
+    resumed = as_json(db_path, "resume", "l1")
+    assert resumed["state"] == "resolved"
+    assert [group["status"] for group in resumed["batches"]] == ["completed"]
     assert re.search(r"l1\s+resolved\s+6/6\s+1 batch: completed 6/6", ok(db_path, "list"))
 
 
