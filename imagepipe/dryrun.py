@@ -205,12 +205,14 @@ def plan_run(
     batch_total = CostRange(0, 0)
     batch_worst = CostRange(None, None)
     for text, style, count in sent_prompts(spec):
+        by_batch = None
         if invocation.batch:
             by_batch = attempt_range(spec.provider, spec.options, text, prices, batch=True)
             batch_total = batch_total + by_batch.times(count)
             batch_worst = by_batch if branches == 0 else _widen(batch_worst, by_batch)
         one = attempt_range(spec.provider, spec.options, text, prices)
-        worst_cases.append((one.high or 0, count))
+        # what the caps hold back for a branch: its worst case, in a batch at batch prices
+        worst_cases.append(((by_batch or one).high or 0, count))
         total = total + one.times(count)
         worst = one if branches == 0 else _widen(worst, one)
         branches += count

@@ -70,6 +70,14 @@ def print_submitted(
         *(f"  {escape_control(batch_line(group))}" for group in batches),
         f"Estimated cost: {range_text(estimate)} at batch prices "
         f"({range_text(one_by_one)} one by one).",
+        *(
+            [
+                f"{waiting:,} branches not sent: their worst case does not fit in the run's "
+                "caps; once the batches are collected the run stops at its cap (exit 3)."
+            ]
+            if (waiting := outcome.not_sent)
+            else []
+        ),
         f"Follow it: imagepipe watch {run_id}",
         f"or come back any time: imagepipe resume {run_id} collects what the batches have done",
     ]

@@ -210,6 +210,23 @@ def test_a_dry_run_with_batch_shows_both_estimates_and_how_many_batches(
     assert not db_path.exists()
 
 
+def test_a_dry_run_with_batch_and_a_cap_says_what_run_batch_sends(
+    openai_batch_fake: OpenAIBatchFake, db_path: Path
+) -> None:
+    """A batch's requests are reserved at their batch worst case: twice as many fit in a
+    cap as one by one, and run --batch sends what the dry run said."""
+    capped = (*BATCH_RUN, "--max-cost", "0.30")
+    one_by_one = ok(db_path, "run", *[a for a in capped if a != "--batch"], "--dry-run")
+    assert "about 1 of 6 branches fit at their worst case" in one_by_one
+    planned = ok(db_path, "run", *capped, "--dry-run")
+    assert "about 3 of 6 branches fit at their worst case" in planned
+    out = ok(db_path, "run", *capped, "--id", "m1")
+    assert "Run m1: 3 requests sent in 1 batch" in out
+    assert "3 branches not sent: their worst case does not fit in the run's caps" in out
+    assert len(openai_batch_fake.created[0].custom_ids) == 3
+    assert as_json(db_path, "run", *capped, "--id", "m2")["not_sent"] == 3
+
+
 def test_a_dry_run_with_batch_refuses_what_run_batch_refuses(
     openai_batch_fake: OpenAIBatchFake, db_path: Path
 ) -> None:

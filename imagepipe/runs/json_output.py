@@ -49,6 +49,7 @@ def submitted_json(
             "state": outcome.state,
             "prompt": outcome.spec.prompt,
             "batches": (outcome.batches or RunBatches()).to_json(),
+            "not_sent": outcome.not_sent,
             "estimate": {"batch": estimate.to_json(), "one_by_one": one_by_one.to_json()},
             "follow": [f"imagepipe watch {outcome.id}", f"imagepipe resume {outcome.id}"],
         }

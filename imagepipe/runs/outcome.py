@@ -252,6 +252,15 @@ class RunOutcome:
         return not self.executed and self.state == "pending" and bool(self.batches)
 
     @property
+    def not_sent(self) -> int:
+        """Of a run sent in batches: its pending branches that no batch holds (their worst
+        case did not fit in the run's caps)."""
+        batches = self.batches
+        if batches is None:
+            return 0
+        return sum(1 for r in self.view.rows() if r.state == "pending" and not batches.holds(r.id))
+
+    @property
     def view(self) -> BranchView:
         """The branches, read the way their source reads fastest."""
         branches = self.branches
