@@ -117,9 +117,10 @@ def test_show_has_a_line_per_batch_with_its_age_and_the_estimate_at_batch_prices
     ok(db_path, "run", *BATCH_RUN, "--id", "s1")
     batch = openai_batch_fake.created[0].batch_id
     shown = ok(db_path, "show", "s1")
-    assert (
-        f"Batch {batch} (6 requests): validating, 0 done, 0 failed, 3 h 05 min of its 24 h"
-    ) in shown
+    assert f"Batch {batch} (6 requests): validating, 0 done, 0 failed, 3 h " in shown
+    age = re.search(r"validating, 0 done, 0 failed, 3 h (\d\d) min of its 24 h", shown)
+    assert age is not None, shown
+    assert int(age.group(1)) >= 5  # 05, or later on a slow machine
     estimate = f"{format_usd(half(low, up=False))} to {format_usd(half(high, up=True))}"
     assert f"(estimated {estimate} at batch prices)" in shown
     data = as_json(db_path, "show", "s1")
