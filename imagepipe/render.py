@@ -73,7 +73,8 @@ def print_submitted(
         *(
             [
                 f"{waiting:,} branches not sent: their worst case does not fit in the run's "
-                "caps; once the batches are collected the run stops at its cap (exit 3)."
+                "caps; once the batches are collected (at their actual cost), those that fit "
+                "then are sent, and the run stops at its cap (exit 3)."
             ]
             if (waiting := outcome.not_sent)
             else []
