@@ -40,8 +40,8 @@ def test_a_capped_batch_run_sends_what_fits_and_plans_again_once_collected(
     # each poll of resume finds the batch it polls further on, whatever the machine's speed
     openai_batch_fake.clock = FakeClock(rate=1000)
     out = tmp_path / "img"
-    run = imagepipe(db_path, "run", "a lighthouse", "-p", "openai", *LOW, "-n", "2",
-                    "--batch", "--id", "capped", "--max-cost", "0.017", "--out", str(out))  # fmt: skip
+    run = imagepipe(db_path, "run", "a lighthouse", "-p", "openai", *LOW, "-n", "2", "--batch",
+                    "--id", "capped", "--max-cost", "0.017", "--out", str(out))  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert [len(c.custom_ids) for c in openai_batch_fake.created] == [2]
 
@@ -64,9 +64,11 @@ def test_a_capped_batch_run_sends_what_fits_and_plans_again_once_collected(
 def test_a_batch_cap_that_fits_no_request_sends_nothing(
     openai_batch_fake: OpenAIBatchFake, db_path: Path, tmp_path: Path
 ) -> None:
+    out = tmp_path / "img"
     run = imagepipe(db_path, "run", "a lighthouse", "-p", "openai", *LOW, "--batch",
-                    "--id", "tiny", "--max-cost", "0.005", "--out", str(tmp_path / "img"))  # fmt: skip
+                    "--id", "tiny", "--max-cost", "0.005", "--out", str(out))  # fmt: skip
     assert run.returncode == 3, run.stderr
     assert run.stderr.startswith("error: budget reached: $0.00 spent of $0.0050;")
     assert "imagepipe resume tiny --max-cost 0.02 goes on" in run.stderr  # 3 x $0.0058
-    assert openai_batch_fake.uploads == [] and openai_batch_fake.created == []
+    assert openai_batch_fake.uploads == []
+    assert openai_batch_fake.created == []
