@@ -143,7 +143,8 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
         )
     if outcome.executed:
         console.print(f"Wall time: {outcome.wall_ms}ms (parallel execution)", markup=False)
-    console.print(f"Sequential would: {outcome.sequential_ms}ms", markup=False)
+    if outcome.batches is None:  # a batch's images have no time of their own
+        console.print(f"Sequential would: {outcome.sequential_ms}ms", markup=False)
     replayed = sum(b.replayed for b in outcome.images)
     if outcome.executed and replayed:
         console.print(

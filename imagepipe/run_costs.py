@@ -11,6 +11,7 @@ gallery and the export call it for their one line or key each.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -104,6 +105,7 @@ def run_spending(outcome: RunOutcome, prices: PriceTable | None, *, attempts: bo
         images = sum(1 for state in _states(outcome) if state == "resolved")
         return Spending(0, images, 0, 0, 0, 0)
     failed: list[int | None] = []
+    batched: list[int] = []
     if attempts:
         spec = outcome.spec
         failures: dict[str, list[str | None]] = {}
@@ -125,17 +127,18 @@ def run_spending(outcome: RunOutcome, prices: PriceTable | None, *, attempts: bo
             text = _sent(spec, outcome.branches[index].args)  # built only for these
             for error in errors:
                 failed.append(failed_attempt_cost(error, spec.provider, spec.options, text, prices))
-            # an attempt in a batch that is open (or about to be sent) is paid, if at all,
-            # at the batch price
+            # an attempt in a batch that is open (or about to be sent) has not run yet: it
+            # is paid once it does, at the batch price
             held = outcome.batches is not None and outcome.batches.holds(branch_id)
             for _ in range(unended):
-                cost = (
-                    attempt_range(spec.provider, spec.options, text, prices, batch=True).high
-                    if held
-                    else failed_attempt_cost(None, spec.provider, spec.options, text, prices)
-                )
-                failed.append(cost)
-    return spending(_resolved_values(outcome), failed)
+                if held:
+                    batch = attempt_range(spec.provider, spec.options, text, prices, batch=True)
+                    batched.append(batch.high or 0)
+                else:
+                    cost = failed_attempt_cost(None, spec.provider, spec.options, text, prices)
+                    failed.append(cost)
+    found = spending(_resolved_values(outcome), failed)
+    return dataclasses.replace(found, batched_micro_usd=sum(batched), batched=len(batched))
 
 
 def _unended_unpaid_left_out(

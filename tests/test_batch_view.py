@@ -15,7 +15,7 @@ from typing import Any
 import pexpect
 
 from imagepipe.cost import format_usd
-from tests.fakes.openai_batch_server import OpenAIBatchFake
+from tests.fakes.openai_batch_server import FakeClock, OpenAIBatchFake
 
 from conftest import cli_argv, cli_env
 
@@ -128,10 +128,14 @@ def test_show_has_a_line_per_batch_with_its_age_and_the_estimate_at_batch_prices
     assert (group["batch_id"], group["status"], group["requests"]) == (batch, "validating", 6)
     assert 3 * 3600 + 5 * 60 + 30 <= group["age_seconds"] < 4 * 3600
     assert about_half(data["cost"]["estimated"]["high_micro_usd"], high)
-    # each branch's attempt is in the open batch: it may be paid, at the batch price
+    # each branch's attempt is in the open batch: not a failed attempt, but a request that
+    # will be paid once it runs, at the batch price
     spent = data["cost"]["spent"]
-    assert spent["failed_attempts"] == 6
-    assert spent["failed_attempts_micro_usd"] == data["cost"]["estimated"]["high_micro_usd"]
+    assert spent["failed_attempts"] == 0
+    assert spent["open_batch_requests"] == 6
+    assert spent["open_batch_micro_usd"] == data["cost"]["estimated"]["high_micro_usd"]
+    worst = format_usd(half(high, up=True))
+    assert f"up to {worst} more for 6 requests in open batches" in shown, shown
 
     openai_batch_fake.clock.advance(3 * 3600 + 5 * 60 + 30 + TO_COMPLETED)
     resumed = ok(db_path, "resume", "s1")  # collects the six images
@@ -168,9 +172,14 @@ def test_list_sums_up_each_batch_run_in_a_few_words(
 def test_the_live_table_draws_the_runs_batches_with_it(
     openai_batch_fake: OpenAIBatchFake, db_path: Path
 ) -> None:
+    ok(db_path, "run", *BATCH_RUN, "--id", "t1")
+    batch = openai_batch_fake.created[0].batch_id
+    # from now on the fake's batches run 1,000 fake seconds a second: each poll of watch
+    # finds its batch further on, whatever the machine's speed
+    openai_batch_fake.clock = FakeClock(rate=1000)
     environment = cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01", TERM="xterm-256color")
     environment.pop("NO_COLOR", None)
-    argv = cli_argv("run", *BATCH_RUN, "--id", "t1")
+    argv = cli_argv("watch", "t1")
     child = pexpect.spawn(
         argv[0], argv[1:], env=environment, dimensions=(40, 160), encoding="utf-8", timeout=60
     )
@@ -178,10 +187,9 @@ def test_the_live_table_draws_the_runs_batches_with_it(
     child.close()
     assert child.exitstatus == 0, child.before
     screen = ANSI.sub("", str(child.before))
-    batch = openai_batch_fake.created[0].batch_id
     # the last frame the live view drew (from its header on) has the batch's line in it
     frame = screen[screen.rindex("t1  'a lighthouse'") :]
-    assert f"Batch {batch} (6 requests): validating" in frame.split("style")[0]
+    assert f"Batch {batch} (6 requests): completed, 6 done" in frame.split("style")[0]
 
 
 def _dump(db: Path) -> list[str]:
