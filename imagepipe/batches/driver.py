@@ -91,12 +91,21 @@ class BatchDriver:
         try:
             for group in self._batches(ctx).unsent:
                 await self._send(ctx, group.group, group.members, by_id)
-            if self.submit:
-                await self._plan_and_send(ctx, handles, by_id)
-            self._report(ctx)
-            if not self.follow:
-                raise BatchesSubmitted(self._batches(ctx))
-            await self._follow(ctx, by_id)
+            while True:
+                self._capped = None
+                if self.submit:
+                    await self._plan_and_send(ctx, handles, by_id)
+                if not self.follow:  # the command says what it sent (no progress to tell)
+                    batches = self._batches(ctx)
+                    if self._capped is not None and not batches.open:
+                        raise self._capped  # not one request fits: nothing to follow
+                    raise BatchesSubmitted(batches)
+                self._report(ctx)
+                collected = await self._follow(ctx, by_id)
+                # a batch's actual cost is below its worst case: what a cap held back
+                # may fit now
+                if not (self.submit and self._capped is not None and collected):
+                    break
         except AccountError as exc:
             raise DrainRun(exc.message) from exc
         except ProviderError as exc:
@@ -146,7 +155,8 @@ class BatchDriver:
         self, ctx: RunContext[Deps], free: list[Handle[ImageValue]]
     ) -> list[Handle[ImageValue]]:
         """The first of ``free`` whose worst cases fit in what the caps leave; the rest
-        wait (the run stops at its cap once the batches are collected)."""
+        wait: the run stops at its cap once the open batches are collected (their actual
+        costs may leave room, for the next invocation)."""
         if self.reserve is None:
             return free
         spending = await ctx.store.spending(ctx.run_id)
@@ -167,8 +177,6 @@ class BatchDriver:
             for meter in left:
                 left[meter] -= units.get(meter, 0)
             chosen.append(handle)
-        if not chosen and self._capped is not None:
-            raise self._capped
         return chosen
 
     async def _send(
@@ -228,6 +236,7 @@ class BatchDriver:
         await ctx.step(group_key(group, "created"), self._retried, step=create)
         with contextlib.suppress(OSError):
             path.unlink()  # the provider has it, and the batch is made of it
+            self.folder.rmdir()  # the last one: no empty folder among the images
 
     async def _retried(self, step: Callable[[], Awaitable[T]]) -> T:
         """``step()``, again after a transient error (a 5xx, a timeout), with back-off."""
@@ -247,12 +256,14 @@ class BatchDriver:
 
     # -- polling and collecting --------------------------------------------------------
 
-    async def _follow(self, ctx: RunContext[Deps], by_id: Mapping[str, Handle[ImageValue]]) -> None:
+    async def _follow(self, ctx: RunContext[Deps], by_id: Mapping[str, Handle[ImageValue]]) -> int:
+        """Poll and collect until no batch is open; how many were collected."""
         delay = self.poll_first
+        collected = 0
         while True:
             batches = self._batches(ctx)
             if not batches.open:
-                return
+                return collected
             changed = False
             for group in batches.open:
                 assert group.batch_id is not None
@@ -270,6 +281,7 @@ class BatchDriver:
                     changed = True
                 if info.terminal:
                     await self._collect(ctx, group.group, group.members, info, by_id)
+                    collected += 1
                     changed = True
             if changed:
                 self._report(ctx)

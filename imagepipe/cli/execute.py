@@ -142,6 +142,10 @@ def run(
         invocation = dataclasses.replace(invocation, out_dir=out)
     path, chosen_id = store_url(db), new_run_id() if run_id is None else run_id
     if detach:
+        if invocation.batch:
+            raise BadInput(
+                "--batch and --detach: choose one (workers collect a batch run's results too)"
+            )
         from imagepipe.detached import detach_run
 
         print(detach_run(path, chosen_id, spec, invocation))
