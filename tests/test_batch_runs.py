@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from postgres_server import PostgresServer
 
@@ -452,24 +451,21 @@ def test_an_expired_batch_gives_its_finished_images_and_the_rest_go_on(
     assert spent == sum(v["cost"]["micro_usd"] for v in after.values())
 
 
-def cancel(run: BatchRun) -> None:
-    """Cancel the run's open batches through the fake's own API (until ``imagepipe cancel``)."""
-    for created in run.fake.created:
-        answer = httpx.post(
-            f"{run.fake.url}/batches/{created.batch_id}/cancel",
-            headers={"Authorization": f"Bearer {run.fake.api_key}"},
-        )
-        assert answer.status_code == 200, answer.text
-
-
 def test_a_cancelled_batch_gives_its_finished_images_and_leaves_the_rest_pending(
     batch_run: BatchRun,
 ) -> None:
+    """``imagepipe cancel`` while the batch has run 2 of its 4 requests: the resume
+    collects those 2 and exits 4 for the others, which the next resume sends in a new
+    batch (the 2 done stay in the cancelled one only)."""
     fake = batch_run.fake
     batch_run.submit()
     (batch_id,) = [created.batch_id for created in fake.created]
     fake.clock.advance(1 + 5)  # validated, then half of its 10 s of running: 2 of 4 done
-    cancel(batch_run)
+    cancelled = batch_run.cli("cancel", batch_run.run_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert batch_id in cancelled.stdout
+    assert fake.requests["batch_cancel"] == 1
+    assert resolved_count(batch_run) == 0  # nothing of the run changed in the store
     fake.clock.advance(LONG_ENOUGH)
     assert fake.batch(batch_id)["status"] == "cancelled"
     first = batch_run.resume()
