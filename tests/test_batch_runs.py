@@ -279,6 +279,30 @@ def test_kill_before_a_group_file_is_noted_then_resume(batch_run: BatchRun) -> N
     assert_every_image_once(batch_run)
 
 
+def test_a_file_half_written_by_a_killed_process_is_not_left_behind(batch_run: BatchRun) -> None:
+    """A kill inside the file's write (which no request of the fake can hold) leaves what
+    it had written under a temporary name beside the file, and the step not noted: the
+    resume writes the file again, and removes that half-written one."""
+    fake = batch_run.fake
+    batch_run.batch_size = 2
+    release = threading.Event()
+    fake.add_fault(Fault.held(release), endpoint="file_list")
+    proc = batch_run.start(*batch_run.run_args())
+    try:
+        batch_run.kill_when(proc, lambda: fake.requests["file_list"] >= 1)
+    finally:
+        release.set()
+    fake.wait_idle()
+    # what a kill while group 1's file was being written leaves (write_input_file's
+    # temporary name): its first line and a half
+    written = (batch_run.out / ".batches" / "br1.g0.jsonl").read_bytes()
+    half = batch_run.out / ".batches" / ".br1.g1.jsonl.0123456789ab.tmp"
+    half.write_bytes(written[: len(written) * 3 // 4])
+    batch_run.finish()
+    assert not half.exists()
+    assert_every_image_once(batch_run)
+
+
 def test_kill_while_the_upload_is_held_then_resume(batch_run: BatchRun) -> None:
     """The file written and noted; the upload sent, and held by the fake when the
     process is killed. Released, the fake stores it (as a provider finishes a request
