@@ -45,7 +45,13 @@ from imagepipe.providers.batch import (
     group_lines,
     write_input_file,
 )
-from imagepipe.runs.batches import BatchesSubmitted, RunBatches, group_key, plan_key
+from imagepipe.runs.batches import (
+    BatchesSubmitted,
+    GroupProgress,
+    RunBatches,
+    group_key,
+    plan_key,
+)
 
 __all__ = ["BatchDriver", "OneByOne", "Reserve"]
 
@@ -372,20 +378,55 @@ class OneByOne:
     here, one request each."""
 
     client: BatchProvider | None
+    #: where the input files were written (a dropped group's is removed)
+    folder: Path | None = None
 
     async def drive(self, ctx: RunContext[Deps], handles: Sequence[Handle[ImageValue]]) -> None:
         batches = RunBatches.from_notes(ctx.notes)
         if batches.open:
             raise BadInput(open_batches_refusal(ctx.run_id, batches))
-        for group in batches.unsent:
-            file_id = (group.upload or {}).get("file_id")
-            if file_id and self.client is not None:
-                with contextlib.suppress(ProviderError):
-                    await self.client.delete_file(str(file_id))
-            await ctx.note(group_key(group.group, "dropped"), {"at": time.time()})
+        try:
+            # A process killed between the provider's create and its note left a batch
+            # that runs these branches: running them here too would pay for them twice.
+            made = [await self._unnoted_batch(group) for group in batches.unsent]
+            if any(made):
+                raise BadInput(unnoted_batches_refusal(ctx.run_id, [b for b in made if b]))
+            for group in batches.unsent:
+                await self._delete_upload(group)
+                await ctx.note(group_key(group.group, "dropped"), {"at": time.time()})
+                if self.folder is not None and group.file is not None:
+                    with contextlib.suppress(OSError):
+                        (self.folder / str(group.file["name"])).unlink()
+        except AccountError as exc:
+            raise DrainRun(exc.message) from exc
+        except ProviderError as exc:
+            raise BatchTrouble(ctx.run_id, exc.message) from exc
         for handle in handles:
             if not handle.settled:
                 ctx.run_held(handle)
+
+    async def _unnoted_batch(self, group: GroupProgress) -> str | None:
+        """The id of the batch made of ``group``'s uploaded file that no note records."""
+        upload = group.upload
+        if upload is None or self.client is None:
+            return None  # the create comes after the upload's note: none was made
+        since = int(upload["created_at"]) - 3600
+        found = await self.client.find_batch(str(upload["file_id"]), not_before=since)
+        return None if found is None else found.id
+
+    async def _delete_upload(self, group: GroupProgress) -> None:
+        """Delete ``group``'s file at the provider: the one noted, or one a killed process
+        uploaded without noting it."""
+        if self.client is None:
+            return
+        file_id = (group.upload or {}).get("file_id")
+        if file_id is None and group.file is not None:
+            since = int(group.file["written_at"]) - 3600
+            found = await self.client.find_upload(str(group.file["name"]), not_before=since)
+            file_id = None if found is None else found.id
+        if file_id is not None:
+            with contextlib.suppress(ProviderError):
+                await self.client.delete_file(str(file_id))
 
 
 def open_batches_refusal(run_id: str, batches: RunBatches) -> str:
@@ -394,6 +435,16 @@ def open_batches_refusal(run_id: str, batches: RunBatches) -> str:
     return (
         f"run {run_id} has open batches ({ids}) that may still run its branches: let them "
         f"end (imagepipe watch {run_id}) or cancel them (imagepipe cancel {run_id}) first"
+    )
+
+
+def unnoted_batches_refusal(run_id: str, batch_ids: Sequence[str]) -> str:
+    """Why ``resume --no-batch`` cannot run now: batches a killed process created."""
+    ids = ", ".join(batch_ids)
+    return (
+        f"run {run_id} has batches at the provider ({ids}) that a killed process created "
+        f"and that may still run its branches: `imagepipe resume {run_id}` collects them "
+        "first"
     )
 
 
