@@ -333,6 +333,29 @@ def test_kill_after_the_fake_got_the_upload_before_it_was_noted(batch_run: Batch
     assert_every_image_once(batch_run)
 
 
+def test_an_upload_a_killed_process_made_is_deleted_when_the_run_goes_on_one_by_one(
+    batch_run: BatchRun,
+) -> None:
+    """Killed after the fake stored the upload, before the batch: ``resume --no-batch``
+    drops the unsent group, deletes its file at the provider, and runs every branch one
+    request at a time."""
+    fake = batch_run.fake
+    fake.add_fault(Fault.paid_then_hang(), endpoint="upload")
+    proc = batch_run.start(*batch_run.run_args())
+    batch_run.kill_when(proc, lambda: len(fake.uploads) == 1)
+    fake.clear_faults()
+    done = batch_run.resume("--no-batch")
+    assert done.returncode == 0, done.stderr
+    (upload,) = fake.uploads
+    assert fake.deleted == [upload.file_id]
+    assert fake.created == []
+    assert fake.requests["create"] == batch_run.branches
+    rows = branch_rows(batch_run)
+    assert [state for _, state, _, _ in rows] == ["resolved"] * batch_run.branches
+    assert images_on_disk(batch_run.out) == {Path(value["path"]) for _, _, value, _ in rows}
+    assert not list((batch_run.out / ".batches").glob("*"))
+
+
 def test_kill_after_the_fake_created_the_batch_before_it_was_noted(batch_run: BatchRun) -> None:
     """The fake created the batch and never answered: the resume finds that batch and
     creates no second one from the same file."""
@@ -343,6 +366,34 @@ def test_kill_after_the_fake_created_the_batch_before_it_was_noted(batch_run: Ba
     batch_run.finish()
     assert len(fake.created) == 1
     assert len(fake.uploads) == 1
+    assert_every_image_once(batch_run)
+
+
+def test_resume_no_batch_refuses_while_a_batch_a_killed_process_created_may_run(
+    batch_run: BatchRun,
+) -> None:
+    """Killed after the fake created the batch, before it was noted: the batch runs the
+    branches at the provider, so ``resume --no-batch`` must not run them one by one too
+    (paying twice). It refuses, in one line naming the batch, and changes nothing; a
+    plain resume then collects the batch."""
+    fake = batch_run.fake
+    fake.add_fault(Fault.paid_then_hang(), endpoint="batch_create")
+    proc = batch_run.start(*batch_run.run_args())
+    batch_run.kill_when(proc, lambda: len(fake.created) == 1)
+    fake.clear_faults()
+    (batch_id,) = [created.batch_id for created in fake.created]
+    notes = "SELECT key, value FROM {s}notes ORDER BY key"
+    before = batch_run.query(notes)
+    refused = batch_run.resume("--no-batch")
+    assert refused.returncode == 2, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert batch_id in lines[0]
+    assert fake.requests["create"] == 0  # not one branch paid a second time
+    assert batch_run.query(notes) == before
+    assert resolved_count(batch_run) == 0
+    batch_run.finish()
+    assert len(fake.created) == 1
     assert_every_image_once(batch_run)
 
 
