@@ -223,6 +223,8 @@ def assert_every_image_once(run: BatchRun) -> dict[str, dict[str, Any]]:
     paths = {Path(value["path"]) for value in values.values()}
     assert len(paths) == run.branches
     assert images_on_disk(run.out) == paths
+    staging = run.out / ".imagepipe" / "staging"  # imagepipe.files.STATE_DIR, STAGING_DIR
+    assert not list(staging.glob("*")), list(staging.glob("*"))
     # the input files are the provider's once their batch is made
     assert not list((run.out / ".batches").glob("*")), list((run.out / ".batches").glob("*"))
     # at the fake: each branch in exactly one batch, the one its value came from
