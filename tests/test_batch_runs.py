@@ -618,12 +618,14 @@ def test_two_workers_collect_a_batch_run_on_postgresql_and_one_takes_over_from_a
     finally:
         release.set()
     fake.content_hold = None
+    killed_at = time.monotonic()
     (other,) = set(workers) - {first}
     wait_until(
         lambda: (
             query(f"SELECT state FROM {{s}}promises WHERE id = '{run.run_id}'") == [("resolved",)]
         )
     )
+    print(f"\ntaken over in {time.monotonic() - killed_at:.2f} s")
     assert workers[other].poll() is None  # it took the run over, and goes on working
     assert fake.requests["content"] == 2  # the file read again from the start
     assert_every_image_once(run)
