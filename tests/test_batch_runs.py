@@ -447,6 +447,35 @@ def test_kill_halfway_through_the_output_download_then_resume(batch_run: BatchRu
     assert_every_image_once(batch_run)
 
 
+def test_kill_a_watch_collecting_halfway_through_the_download_then_watch_again(
+    batch_run: BatchRun,
+) -> None:
+    """``imagepipe watch`` collects a batch run that nobody else follows: killed halfway
+    through the output file, a second ``watch`` reads it again and ends with the run."""
+    fake = batch_run.fake
+    batch_run.variations = 4
+    fake.image_bytes = 20_000
+    batch_run.submit()
+    fake.clock.advance(LONG_ENOUGH)
+    release = threading.Event()
+    fake.content_hold = (110_000, release)
+    proc = batch_run.start("watch", batch_run.run_id)
+    try:
+        fake.wait_for(lambda: fake.streamed["content"] >= 110_000 or proc.poll() is not None, 60)
+        wait_until(lambda: resolved_count(batch_run) >= 1 or proc.poll() is not None)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        release.set()
+    fake.content_hold = None
+    fake.wait_idle()
+    again = batch_run.cli("watch", batch_run.run_id)
+    assert again.returncode == 0, again.stderr
+    assert fake.requests["content"] == 2
+    assert_every_image_once(batch_run)
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
     """Wait for something the fake does not see (a record in the store): re-checked
     every 20 ms, the timeout only a guard against a hang."""
