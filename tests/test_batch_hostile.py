@@ -1,0 +1,135 @@
+"""``run --batch`` attacked as a hostile user would, through the real CLI against the
+loopback Files and Batches fake (whose clock moves only when a test moves it).
+
+1. ``resume --batch`` (and ``retry --batch``) of a run not started with ``--batch`` is
+   refused in one line, exit 2, the store unchanged, nothing sent: before, a detached or
+   dall-e run was silently run one by one at the full price, or sent in a batch that a
+   later plain ``resume`` ignored, paying for every branch a second time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+from tests.fakes.openai_batch_server import OpenAIBatchFake
+
+from conftest import cli_argv, cli_env
+
+pytest_plugins = ["tests.fakes.plugin"]
+
+
+def imagepipe(db: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """One ``imagepipe`` process against the fake (its URL and key from the fixture)."""
+    extra = {k: os.environ[k] for k in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
+    return subprocess.run(
+        cli_argv(*args),
+        env=cli_env(db, IMAGEPIPE_TIME_SCALE="0.01", **(extra | env)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def one_line(stderr: str) -> str:
+    assert stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return stderr.strip()
+
+
+def store_digest(db: Path) -> str:
+    """Every row of every table the runs use (not the leases' heartbeats)."""
+    conn = sqlite3.connect(db)
+    try:
+        tables = ("promises", "attempts", "notes", "spending", "reservations")
+        rows = {t: sorted(map(repr, conn.execute(f"SELECT * FROM {t}"))) for t in tables}
+    finally:
+        conn.close()
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+def states(db: Path, run_id: str) -> dict[str, str]:
+    conn = sqlite3.connect(db)
+    try:
+        found = conn.execute(
+            "SELECT id, state FROM promises WHERE parent_id = ? ORDER BY id", (run_id,)
+        ).fetchall()
+    finally:
+        conn.close()
+    return dict(found)
+
+
+def openai_run(run_id: str, out: Path, *more: str) -> list[str]:
+    return ["run", "a lighthouse", "-p", "openai", "--id", run_id, "--out", str(out), *more]
+
+
+def instant(fake: OpenAIBatchFake) -> None:
+    """Each batch ends as soon as it is created (nothing waits on the clock)."""
+    fake.validating_seconds = fake.in_progress_seconds = fake.finalizing_seconds = 0.0
+
+
+# -- 1. --batch on resume of a run started without it -----------------------------------
+
+
+def test_resume_batch_of_a_detached_run_is_refused_and_sends_nothing(
+    db_path: Path, tmp_path: Path, openai_batch_fake: OpenAIBatchFake
+) -> None:
+    detached = imagepipe(db_path, *openai_run("d", tmp_path / "img", "--detach", "-q"))
+    assert detached.returncode == 0, detached.stderr
+    before = store_digest(db_path)
+
+    done = imagepipe(db_path, "resume", "d", "--batch")
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--batch" in one_line(done.stderr)
+    assert "not started with --batch" in done.stderr
+    assert store_digest(db_path) == before
+    assert sum(openai_batch_fake.requests.values()) == 0  # no image paid at the full price
+
+
+def test_resume_batch_of_a_dall_e_run_is_refused_and_sends_nothing(
+    db_path: Path, tmp_path: Path, openai_batch_fake: OpenAIBatchFake
+) -> None:
+    """A model without a batch mode is refused by ``run --batch``; a pending run of it
+    must not get round that with ``resume --batch``."""
+    instant(openai_batch_fake)  # before the fix, the batch it sent ended at once
+    args = openai_run("d3", tmp_path / "img", "-o", "model", "dall-e-3", "-q")
+    refused_key = imagepipe(db_path, *args, OPENAI_API_KEY="sk-wrong")
+    assert refused_key.returncode == 78, refused_key.stderr  # the run is pending
+    before = store_digest(db_path)
+    asked = sum(openai_batch_fake.requests.values())
+
+    done = imagepipe(db_path, "resume", "d3", "--batch")
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    one_line(done.stderr)
+    assert store_digest(db_path) == before
+    assert sum(openai_batch_fake.requests.values()) == asked
+    assert openai_batch_fake.uploads == []
+
+
+def test_resume_batch_of_a_plain_run_never_pays_twice(
+    db_path: Path, tmp_path: Path, openai_batch_fake: OpenAIBatchFake
+) -> None:
+    """Before: ``resume --batch`` sent the batch but the run was not marked as a batch
+    run, so the next plain ``resume`` ran every branch again at the full price beside the
+    open batch (and never collected it)."""
+    instant(openai_batch_fake)
+    refused_key = imagepipe(db_path, *openai_run("p", tmp_path / "img", "-q"), OPENAI_API_KEY="x")
+    assert refused_key.returncode == 78, refused_key.stderr
+    before = store_digest(db_path)
+
+    for again in (["resume", "p"], openai_run("p", tmp_path / "img")):
+        switched = imagepipe(db_path, *again, "--batch", "-q")
+        assert switched.returncode == 2, switched.stdout + switched.stderr
+        assert "not started with --batch" in one_line(switched.stderr)
+        assert store_digest(db_path) == before
+
+    plain = imagepipe(db_path, "resume", "p", "-q")
+    assert plain.returncode == 0, plain.stderr
+    paid_one_by_one = openai_batch_fake.paid_creates
+    assert paid_one_by_one == 3
+    assert openai_batch_fake.created == []  # no batch paid beside them
