@@ -5,6 +5,9 @@ loopback Files and Batches fake (whose clock moves only when a test moves it).
    refused in one line, exit 2, the store unchanged, nothing sent: before, a detached or
    dall-e run was silently run one by one at the full price, or sent in a batch that a
    later plain ``resume`` ignored, paying for every branch a second time.
+2. A run sent in batches under a ``--max-cost`` that held some branches back collects its
+   open batch on ``resume``: before, every ``resume`` stopped at the cap (counted with the
+   open batch's reservation) and never read the batch that was paid for.
 """
 
 from __future__ import annotations
@@ -133,3 +136,26 @@ def test_resume_batch_of_a_plain_run_never_pays_twice(
     paid_one_by_one = openai_batch_fake.paid_creates
     assert paid_one_by_one == 3
     assert openai_batch_fake.created == []  # no batch paid beside them
+
+
+# -- 2. --max-cost -------------------------------------------------------------------
+
+
+def test_a_capped_batch_run_collects_its_open_batch_on_resume(
+    db_path: Path, tmp_path: Path, openai_batch_fake: OpenAIBatchFake
+) -> None:
+    """$0.10 holds one image's worst case at the batch rate ($0.0839), so the first batch
+    has one request; each image then costs $0.0055, so the cap holds all three."""
+    instant(openai_batch_fake)
+    sent = imagepipe(db_path, *openai_run("cap", tmp_path / "img", "--batch", "--max-cost", "0.1"))
+    assert sent.returncode == 0, sent.stderr
+    assert [len(c.custom_ids) for c in openai_batch_fake.created] == [1]
+
+    done = imagepipe(db_path, "resume", "cap", "-q")
+
+    assert done.returncode == 0, done.stderr
+    assert set(states(db_path, "cap").values()) == {"resolved"}
+    # every branch in exactly one batch, and none paid one by one
+    assert sorted(openai_batch_fake.batches_of()) == ["cap.0", "cap.1", "cap.2"]
+    assert all(len(b) == 1 for b in openai_batch_fake.batches_of().values())
+    assert openai_batch_fake.paid_creates == 0
