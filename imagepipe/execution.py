@@ -176,12 +176,15 @@ async def check_stored_cost_cap(store: Store, root: PromiseRecord, caps: Caps) -
     )
 
 
-async def stopped_at_cap(store: Store, run_id: str, reached: SpendingCapReached) -> CapReached:
+async def stopped_at_cap(
+    store: Store, run_id: str, reached: SpendingCapReached, *, batch: bool = False
+) -> CapReached:
     """The one line for a run stopped at a spending cap, with the cap that would finish
-    its pending branches at their worst case."""
+    its pending branches at their worst case (at the batch rate for a ``batch`` run)."""
     root = await read_root(store, run_id)
     spec = RunSpec.from_stored(root.args)
-    reserve = reservation(spec.provider, spec.options, spec.templates, prices_if_readable())
+    prices = prices_if_readable()
+    reserve = reservation(spec.provider, spec.options, spec.templates, prices, batch=batch)
     reserve = await with_image_cap(store, run_id, reserve)
     pending = [c for c in await store.children(run_id) if not c.settled]
     return cap_reached(reached, run_id, pending, reserve, await store.spending(run_id))
@@ -508,7 +511,7 @@ async def execute_here(
             on_settled=tidy,
         )
     except SpendingCapReached as reached:
-        raise await stopped_at_cap(store, root.id, reached) from None
+        raise await stopped_at_cap(store, root.id, reached, batch=batch) from None
     except BatchesSubmitted:
         return await stored_outcome(store, root)
     finally:

@@ -22,7 +22,9 @@ non-zero if any trial broke a rule. The test suite runs a short form of it.
 
 Then it runs the job trials (kills between the durable sub-steps of a job-style provider)
 and the takeover trials of ``scripts/job_trials.py``, and the resume-beside-workers,
-takeover-with-files and cap trials of ``scripts/executor_trials.py``, one summary line each.
+takeover-with-files and cap trials of ``scripts/executor_trials.py``, and the batch trials of
+``scripts/batch_trials.py`` (kills of runs sent through the Batch API fake), one summary
+line each.
 
 The kill trials and the executor trials run on SQLite (a file in the work directory), or
 on PostgreSQL: ``--db postgresql://...`` (runs are added to that database), or
@@ -30,7 +32,8 @@ on PostgreSQL: ``--db postgresql://...`` (runs are added to that database), or
 job and takeover trials of ``job_trials.py`` always use SQLite.
 
     python scripts/crash_trials.py [--trials 100] [--jobs 10] [--takeovers 5] [--beside 5]
-                                   [--file-takeovers 3] [--caps 5] [--seed 1] [--workers 2]
+                                   [--file-takeovers 3] [--caps 5] [--batch 5] [--seed 1]
+                                   [--workers 2]
                                    [--db URL | --postgres] [--keep DIR]
 """
 
@@ -363,6 +366,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=5,
         help="kill trials of runs under --max-cost against the billing OpenAI fake (default 5)",
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=5,
+        help="kill trials of runs sent through the Batch API fake (default 5)",
+    )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--db", metavar="URL", help="the store of the kill trials (PostgreSQL)")
     where.add_argument(
@@ -416,15 +425,19 @@ def _all_trials(args: argparse.Namespace, db: str, workdir: Path) -> int:
     beside = beside_trials(args.beside, args.seed, db, workdir)
     files = file_takeover_trials(args.file_takeovers, args.seed, db, workdir)
     caps = cap_trials(args.caps, args.seed, db, workdir)
+    from batch_trials import batch_trials
+
+    batches = batch_trials(args.batch, args.seed, workdir, db if "://" in db else None)
     problems = jobs.problems + takeovers.problems + beside.problems + files.problems
-    for problem in problems + caps.problems:
+    for problem in problems + caps.problems + batches.problems:
         print(f"FAILED: {problem}", file=sys.stderr)
     print(jobs.line())
     print(takeovers.line())
     print(beside.line())
     print(files.line())
     print(caps.line())
-    summaries = (jobs, takeovers, beside, files, caps)
+    print(batches.line())
+    summaries = (jobs, takeovers, beside, files, caps, batches)
     all_ok = ok == len(results) and all(s.ok == s.trials for s in summaries)
     return 0 if all_ok else 1
 

@@ -32,7 +32,7 @@ def test_short_crash_trials_find_no_lost_or_repeated_work(tmp_path: Path) -> Non
     proc = trials(
         tmp_path,
         *("--trials", "10", "--jobs", "3", "--takeovers", "1", "--seed", "11"),
-        *("--beside", "1", "--file-takeovers", "0", "--caps", "1"),
+        *("--beside", "1", "--file-takeovers", "0", "--caps", "1", "--batch", "1"),
     )
     assert proc.returncode == 0, proc.stderr
     match = re.fullmatch(
@@ -55,6 +55,9 @@ def test_short_crash_trials_find_no_lost_or_repeated_work(tmp_path: Path) -> Non
     assert takeovers == "1/1 takeover trials ok (old owner exit 75, no writes after)"
     assert_beside_ok(summary(proc, "resume-beside-workers trials"))
     assert summary(proc, "cap trials").startswith("1/1 cap trials ok")
+    batches = summary(proc, "batch trials")
+    assert batches.startswith("1/1 batch trials ok"), batches
+    assert "no branch in two batches, no input file left" in batches
 
 
 def assert_beside_ok(line: str) -> None:

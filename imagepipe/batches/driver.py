@@ -85,30 +85,27 @@ class BatchDriver:
     #: retries of a step that met a transient error (a 5xx, a timeout)
     step_attempts: int = 5
     _capped: SpendingCapReached | None = field(default=None, init=False)
-    #: the branches the caps held back from this invocation's last planning
-    _held_back: list[Handle[ImageValue]] = field(default_factory=list, init=False)
 
     async def drive(self, ctx: RunContext[Deps], handles: Sequence[Handle[ImageValue]]) -> None:
         by_id = {handle.id: handle for handle in handles}
         try:
             for group in self._batches(ctx).unsent:
                 await self._send(ctx, group.group, group.members, by_id)
-            if self.submit:
-                await self._plan_and_send(ctx, handles, by_id)
-            self._report(ctx)
-            if not self.follow:
-                if self._capped is not None and not self._batches(ctx).open:
-                    raise self._capped
-                raise BatchesSubmitted(self._batches(ctx))
-            await self._follow(ctx, by_id)
-            while self._capped is not None and self.submit:
-                # the batches collected gave back what their reservations held above
-                # what was paid: the branches the cap held back may fit now
-                held_back, self._capped = self._held_back, None
-                if not await self._plan_and_send(ctx, held_back, by_id):
-                    break
+            while True:
+                self._capped = None
+                if self.submit:
+                    await self._plan_and_send(ctx, handles, by_id)
                 self._report(ctx)
-                await self._follow(ctx, by_id)
+                if not self.follow:
+                    batches = self._batches(ctx)
+                    if self._capped is not None and not batches.open:
+                        raise self._capped  # not one request fits: nothing to follow
+                    raise BatchesSubmitted(batches)
+                collected = await self._follow(ctx, by_id)
+                # a batch's actual cost is below its worst case: what a cap held back
+                # may fit now
+                if not (self.submit and self._capped is not None and collected):
+                    break
         except AccountError as exc:
             raise DrainRun(exc.message) from exc
         except ProviderError as exc:
@@ -128,16 +125,12 @@ class BatchDriver:
         ctx: RunContext[Deps],
         handles: Sequence[Handle[ImageValue]],
         by_id: Mapping[str, Handle[ImageValue]],
-    ) -> bool:
-        """Plan and send the free branches of ``handles`` within the caps; whether any
-        was sent."""
+    ) -> None:
         batches = self._batches(ctx)
         free = [h for h in handles if not h.settled and not batches.holds(h.id)]
         if not free:
-            return False
+            return
         chosen = await self._within_caps(ctx, free)
-        if not chosen:
-            return False
         deps = ctx.deps
         lines = (self.client.request_line(_request(deps, h, h.attempts + 1)) for h in chosen)
         grouped: list[list[tuple[str, int]]] = [
@@ -157,15 +150,13 @@ class BatchDriver:
         await ctx.note(plan_key(batches.plans), {"first": first, "groups": grouped})
         for offset, members in enumerate(grouped):
             await self._send(ctx, first + offset, members, by_id)
-        return True
 
     async def _within_caps(
         self, ctx: RunContext[Deps], free: list[Handle[ImageValue]]
     ) -> list[Handle[ImageValue]]:
         """The first of ``free`` whose worst cases fit in what the caps leave; the rest
-        wait (:attr:`_held_back`): once the open batches are collected, what they paid
-        may leave room for them, else the run stops at its cap."""
-        self._held_back = []
+        wait: the run stops at its cap once the open batches are collected (their actual
+        costs may leave room, for the next invocation)."""
         if self.reserve is None:
             return free
         spending = await ctx.store.spending(ctx.run_id)
@@ -182,7 +173,6 @@ class BatchDriver:
                 self._capped = SpendingCapReached(
                     ctx.run_id, over, spent.limit - left[over], spent.limit, units[over]
                 )
-                self._held_back = free[len(chosen) :]
                 break
             for meter in left:
                 left[meter] -= units.get(meter, 0)
@@ -266,12 +256,14 @@ class BatchDriver:
 
     # -- polling and collecting --------------------------------------------------------
 
-    async def _follow(self, ctx: RunContext[Deps], by_id: Mapping[str, Handle[ImageValue]]) -> None:
+    async def _follow(self, ctx: RunContext[Deps], by_id: Mapping[str, Handle[ImageValue]]) -> int:
+        """Poll and collect until no batch is open; how many were collected."""
         delay = self.poll_first
+        collected = 0
         while True:
             batches = self._batches(ctx)
             if not batches.open:
-                return
+                return collected
             changed = False
             for group in batches.open:
                 assert group.batch_id is not None
@@ -289,6 +281,7 @@ class BatchDriver:
                     changed = True
                 if info.terminal:
                     await self._collect(ctx, group.group, group.members, info, by_id)
+                    collected += 1
                     changed = True
             if changed:
                 self._report(ctx)
