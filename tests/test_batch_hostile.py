@@ -159,3 +159,30 @@ def test_a_capped_batch_run_collects_its_open_batch_on_resume(
     assert sorted(openai_batch_fake.batches_of()) == ["cap.0", "cap.1", "cap.2"]
     assert all(len(b) == 1 for b in openai_batch_fake.batches_of().values())
     assert openai_batch_fake.paid_creates == 0
+
+
+def test_a_resume_stopped_at_the_cap_writes_no_empty_batch_plan(
+    db_path: Path, tmp_path: Path, openai_batch_fake: OpenAIBatchFake
+) -> None:
+    """$0.085 holds one image's worst case ($0.0839) and, once it cost $0.0055, not a
+    second one: each resume stops at the cap. Before: each noted an empty planning
+    (``batch.plan.<p>`` with no group), so the store grew by a note a resume."""
+    instant(openai_batch_fake)
+    args = openai_run("cap", tmp_path / "img", "--batch", "--max-cost", "0.085")
+    assert imagepipe(db_path, *args).returncode == 0
+    first = imagepipe(db_path, "resume", "cap", "-q")
+    assert first.returncode == 3, first.stderr
+    assert states(db_path, "cap") == {"cap.0": "resolved", "cap.1": "pending", "cap.2": "pending"}
+    before = store_digest(db_path)
+
+    again = imagepipe(db_path, "resume", "cap", "-q")
+
+    assert again.returncode == 3, again.stderr
+    assert "budget reached" in one_line(again.stderr)
+    assert store_digest(db_path) == before
+    conn = sqlite3.connect(db_path)
+    try:
+        plans = conn.execute("SELECT value FROM notes WHERE key LIKE 'batch.plan.%'").fetchall()
+    finally:
+        conn.close()
+    assert len(plans) == 1, plans

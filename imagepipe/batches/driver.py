@@ -131,6 +131,8 @@ class BatchDriver:
         if not free:
             return
         chosen = await self._within_caps(ctx, free)
+        if not chosen:
+            return  # not one fits the caps: no planning to note
         deps = ctx.deps
         lines = (self.client.request_line(_request(deps, h, h.attempts + 1)) for h in chosen)
         grouped: list[list[tuple[str, int]]] = [
