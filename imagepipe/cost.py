@@ -343,6 +343,10 @@ class Spending:
     failed_attempts: int
     #: failed attempts that may have been paid at an unknown price
     unknown_failed: int
+    #: the worst case of the requests in open batches (not run yet: paid once they are),
+    #: and how many there are
+    batched_micro_usd: int = 0
+    batched: int = 0
 
     @property
     def micro_usd(self) -> int:
@@ -361,6 +365,8 @@ class Spending:
             "failed_attempts_micro_usd": self.failed_micro_usd,
             "failed_attempts": self.failed_attempts,
             "unknown_failed_attempts": self.unknown_failed,
+            "open_batch_requests": self.batched,
+            "open_batch_micro_usd": self.batched_micro_usd,
         }
 
     def line(self) -> str:
@@ -375,6 +381,9 @@ class Spending:
             text += " that may have been paid"
             if self.unknown_failed:
                 text += f" ({self.unknown_failed} at an unknown price)"
+        if self.batched:
+            more = format_usd(self.batched_micro_usd)
+            text += f"; up to {more} more for {self.batched} requests in open batches"
         return text
 
 

@@ -8,7 +8,8 @@ ask for the provider's key either: the estimate needs none.
 - branches and requests: one paid request a branch when nothing fails; at most
   ``--max-attempts`` a branch when every attempt fails;
 - cost: one paid attempt a branch, low to high (:func:`imagepipe.cost.attempt_range`);
-  unknown when the model's price is;
+  unknown when the model's price is; with ``--batch``, also at the provider's batch prices,
+  and in how many batches;
 - time: under ``--rpm R``, the requests spaced 60/R s apart; the simulated provider's
   own latencies over ``--concurrency``. A real provider's limit depends on the account,
   which nothing here can know: without ``--rpm`` its time is unknown. Times are real
@@ -30,7 +31,27 @@ from imagepipe.runs.model import DEFAULT_MAX_ATTEMPTS, Invocation, RunSpec
 from imagepipe.styles import render, templates_for
 from imagepipe.text import escape_control
 
-__all__ = ["DryRun", "plan_run", "sent_prompts", "spec_for_dry_run"]
+__all__ = ["BatchPlan", "DryRun", "plan_run", "sent_prompts", "spec_for_dry_run"]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How ``run --batch`` would send the run: in how many of the provider's batches, and
+    at what cost at its batch prices."""
+
+    batches: int
+    #: requests in one batch at most (``IMAGEPIPE_BATCH_SIZE``, within the provider's limit)
+    size: int
+    cost: CostRange
+    per_image: CostRange
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "batch_size": self.size,
+            "cost": self.cost.to_json(),
+            "cost_per_image": self.per_image.to_json(),
+        }
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,8 @@ class DryRun:
     max_cost: int | None = None
     max_images: int | None = None
     fits: int | None = None
+    #: with ``--batch``: the run sent in the provider's batches
+    batch: BatchPlan | None = None
 
     @property
     def requests(self) -> int:
@@ -87,6 +110,7 @@ class DryRun:
                 "max_images": self.max_images,
                 "branches_that_fit": self.fits,
             },
+            **({} if self.batch is None else {"batch": self.batch.to_json()}),
         }
 
     def lines(self) -> list[str]:
@@ -97,12 +121,23 @@ class DryRun:
             f"  run:      {self.branches:,} branches, {self.requests:,} requests "
             f"(up to {self.requests * self.max_attempts:,} if every attempt failed)",
             f"  provider: {spec.provider}" + (f" ({options})" if options else ""),
-            f"  cost:     {_range(self.cost)} (a paid attempt: {_range(self.per_image)})",
+            f"  cost:     {_range(self.cost)}{' one by one' if self.batch else ''} "
+            f"(a paid attempt: {_range(self.per_image)})",
         ]
+        batch = self.batch
+        if batch is not None:
+            many = "batch" if batch.batches == 1 else "batches"
+            lines.append(
+                f"  batch:    {_range(batch.cost)} in {batch.batches:,} {many} of at most "
+                f"{batch.size:,} requests (a paid attempt: {_range(batch.per_image)})"
+            )
         if self.price is not None and self.price.source:
             lines.append(f"  prices:   {self.price.source} ({self.price.date or 'no date'})")
-        when = "unknown" if self.seconds is None else f"at least {_duration(self.seconds)}"
-        lines.append(f"  time:     {when} ({self.time_basis})")
+        if batch is not None:
+            lines.append("  time:     up to 24 h (the batches' completion window)")
+        else:
+            when = "unknown" if self.seconds is None else f"at least {_duration(self.seconds)}"
+            lines.append(f"  time:     {when} ({self.time_basis})")
         if self.fits is not None:
             given = [f"--max-cost {format_usd(self.max_cost)}"] if self.max_cost is not None else []
             given += [f"--max-images {self.max_images}"] if self.max_images is not None else []
@@ -167,9 +202,17 @@ def plan_run(
     latency_ms = longest_ms = 0
     branches = 0
     worst_cases: list[tuple[int, int]] = []  # (an attempt's worst case, branches), in order
+    batch_total = CostRange(0, 0)
+    batch_worst = CostRange(None, None)
     for text, style, count in sent_prompts(spec):
+        by_batch = None
+        if invocation.batch:
+            by_batch = attempt_range(spec.provider, spec.options, text, prices, batch=True)
+            batch_total = batch_total + by_batch.times(count)
+            batch_worst = by_batch if branches == 0 else _widen(batch_worst, by_batch)
         one = attempt_range(spec.provider, spec.options, text, prices)
-        worst_cases.append((one.high or 0, count))
+        # what the caps hold back for a branch: its worst case, in a batch at batch prices
+        worst_cases.append(((by_batch or one).high or 0, count))
         total = total + one.times(count)
         worst = one if branches == 0 else _widen(worst, one)
         branches += count
@@ -195,7 +238,21 @@ def plan_run(
         caps.max_cost,
         caps.max_images,
         _fits(caps.max_cost, caps.max_images, worst_cases) if caps.given else None,
+        _batch_plan(spec.provider, branches, batch_total, batch_worst)
+        if invocation.batch
+        else None,
     )
+
+
+def _batch_plan(provider: str, branches: int, cost: CostRange, per_image: CostRange) -> BatchPlan:
+    """The run in ``provider``'s batches (its batch mode checked before: it has one)."""
+    from imagepipe import settings
+    from imagepipe.providers.registry import get_batch_class
+
+    cls = get_batch_class(provider)
+    assert cls is not None, "a provider without a batch mode is refused before"
+    size = settings.batch_size(int(cls.max_requests))
+    return BatchPlan(math.ceil(branches / size), size, cost, per_image)
 
 
 def _fits(max_cost: int | None, max_images: int | None, worst_cases: list[tuple[int, int]]) -> int:

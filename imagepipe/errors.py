@@ -19,8 +19,8 @@ Exit codes (also in docs/reference/exit-codes.md):
 74    the store, or the run's image folder, cannot be read or written (read-only, disk
       full, corrupt, newer)
 75    the run or the store is busy in another process, or the store's server stayed
-      unreachable, or a provider's batch could not be sent, polled or read; try again
-      later
+      unreachable, or a provider's batch could not be sent, polled, read or cancelled;
+      try again later
 78    the provider met an error of the account or the set-up (a refused key, no credit
       left, an unknown model, a base URL that cannot be used): the run stopped after the
       requests in flight, its unfinished branches pending; fix it, then resume
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AccountStopped",
     "BadInput",
+    "BatchCancelFailed",
     "BatchTrouble",
     "BatchUnfinished",
     "CapReached",
@@ -248,6 +249,21 @@ class BatchTrouble(ImagepipeError):
             f"`imagepipe resume {escape_control(run_id)}` goes on from there"
         )
         self.run_id = run_id
+
+
+class BatchCancelFailed(ImagepipeError):
+    """``imagepipe cancel``: the provider did not cancel one of the run's batches (exit 75;
+    78 for an error of the account or the set-up, a refused key say). The store is
+    unchanged; the batches cancelled before it stay cancelled."""
+
+    exit_code = 75
+
+    def __init__(self, run_id: str, batch_id: str, what: str, exit_code: int) -> None:
+        super().__init__(
+            f"run {quoted(run_id)}: batch {quoted(batch_id)} was not cancelled: "
+            f"{escape_control(what)}; `imagepipe cancel {escape_control(run_id)}` tries again"
+        )
+        self.exit_code = exit_code
 
 
 class Interrupted(ImagepipeError):

@@ -521,4 +521,8 @@ async def execute_here(
             await client.aclose()
     wall_ms = round((time.perf_counter() - begun) * 1000)
     branches = LaunchedBranches(executed.branches)
-    return run_outcome(executed.root, branches, wall_ms=wall_ms, executed=True)
+    outcome = run_outcome(executed.root, branches, wall_ms=wall_ms, executed=True)
+    if root.options.get(BATCH) is True:  # reported with its batches, estimated at their price
+        batches = RunBatches.from_notes(await store.notes(root.id))
+        outcome = dataclasses.replace(outcome, batches=batches)
+    return outcome

@@ -5,18 +5,23 @@ from __future__ import annotations
 import itertools
 import time
 from pathlib import PurePath
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from imagepipe.run_costs import branch_cost, cost_line, spent_cell
+from imagepipe.run_costs import branch_cost, cost_line, range_text, spent_cell
+from imagepipe.runs.batches import RunBatches
 from imagepipe.runs.model import Branch, image_location
 from imagepipe.runs.outcome import RunOutcome, RunSummary, duration_ms
 from imagepipe.text import escape_control
-from imagepipe.ui import Board, Row, board_renderable
+from imagepipe.ui import Board, Row, batch_line, batches_summary, board_renderable
 
-__all__ = ["print_outcome", "print_run_list", "print_show", "speedup_line"]
+if TYPE_CHECKING:
+    from imagepipe.cost import CostRange
+
+__all__ = ["print_outcome", "print_run_list", "print_show", "print_submitted", "speedup_line"]
 
 RUN_STATE_STYLE = {"resolved": "green", "failed": "bold red", "pending": "magenta"}
 
@@ -48,6 +53,36 @@ def _results_shown(outcome: RunOutcome) -> list[Branch]:
 
 def _seq(branch: Branch) -> int:
     return int(branch.id.rsplit(".", 1)[1])
+
+
+def print_submitted(
+    console: Console, outcome: RunOutcome, estimate: CostRange, one_by_one: CostRange
+) -> None:
+    """``run --batch``: the batches it created, what they are estimated to cost (at batch
+    prices, beside one by one) and how to follow the run."""
+    run_id = escape_control(outcome.id)
+    batches = outcome.batches or RunBatches()
+    requests = sum(group.requests for group in batches)
+    count = len(batches.groups)
+    say = [
+        f"Run {run_id}: {requests:,} requests sent in {count} batch{'es' if count != 1 else ''}"
+        " (results within 24 hours, at batch prices).",
+        *(f"  {escape_control(batch_line(group))}" for group in batches),
+        f"Estimated cost: {range_text(estimate)} at batch prices "
+        f"({range_text(one_by_one)} one by one).",
+        *(
+            [
+                f"{waiting:,} branches not sent: their worst case does not fit in the run's "
+                "caps; once the batches are collected (at their actual cost), those that fit "
+                "then are sent, and the run stops at its cap (exit 3)."
+            ]
+            if (waiting := outcome.not_sent)
+            else []
+        ),
+        f"Follow it: imagepipe watch {run_id}",
+        f"or come back any time: imagepipe resume {run_id} collects what the batches have done",
+    ]
+    console.print("\n".join(say), markup=False, highlight=False, soft_wrap=True)
 
 
 def print_outcome(console: Console, outcome: RunOutcome) -> None:
@@ -108,7 +143,8 @@ def print_outcome(console: Console, outcome: RunOutcome) -> None:
         )
     if outcome.executed:
         console.print(f"Wall time: {outcome.wall_ms}ms (parallel execution)", markup=False)
-    console.print(f"Sequential would: {outcome.sequential_ms}ms", markup=False)
+    if outcome.batches is None:  # a batch's images have no time of their own
+        console.print(f"Sequential would: {outcome.sequential_ms}ms", markup=False)
     replayed = sum(b.replayed for b in outcome.images)
     if outcome.executed and replayed:
         console.print(
@@ -170,6 +206,11 @@ def print_show(console: Console, outcome: RunOutcome) -> None:
     console.print(
         Text(escape_control(f"provider: {spec.provider}" + (f" ({options})" if options else "")))
     )
+    if outcome.batches:
+        console.print(Text("Batches:", style="bold"))
+        for group in outcome.batches:
+            line = f"  {escape_control(batch_line(group))}"
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(board_renderable(board, live=False))
     files = [b for b in outcome.branches if b.value and b.value.get("path")]
     if files:
@@ -207,7 +248,9 @@ def print_run_list(console: Console, runs: list[RunSummary]) -> None:
         console.print('No runs yet. Start one with: imagepipe run "a prompt"', markup=False)
         return
     table = Table(box=None, header_style="bold")
-    for name in ("id", "state", "branches", "cost", "created", "prompt"):
+    batched = any(run.batches for run in runs)  # the column only when a run has batches
+    columns = ("id", "state", "branches", *(["batches"] if batched else []), "cost", "created")
+    for name in (*columns, "prompt"):
         table.add_column(name, no_wrap=name != "prompt", overflow="ellipsis")
     for run in runs:
         total = sum(run.counts.values())
@@ -221,6 +264,7 @@ def print_run_list(console: Console, runs: list[RunSummary]) -> None:
             Text(escape_control(run.id)),  # Text: no rich markup in stored strings
             Text(run.state, RUN_STATE_STYLE.get(run.state, "")),
             branches,
+            *([Text(batches_summary(run.batches) if run.batches else "")] if batched else []),
             spent_cell(run.spent),
             created,
             Text(prompt),

@@ -11,6 +11,7 @@ gallery and the export call it for their one line or key each.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,10 +33,13 @@ from imagepipe.runs.outcome import RunOutcome, StoredBranches
 from imagepipe.styles import render
 
 __all__ = [
+    "batch_estimates",
     "branch_cost",
     "cost_json",
     "cost_line",
     "image_micro_usd",
+    "is_batch_run",
+    "range_text",
     "run_estimate",
     "run_spending",
     "spent_cell",
@@ -47,8 +51,9 @@ def _sent(spec: RunSpec, args: BranchArgs) -> str:
     return render(spec.templates.get(args.style, "{prompt}"), args.prompt, args.style)
 
 
-def run_estimate(spec: RunSpec, prices: PriceTable | None) -> CostRange:
-    """What the run's branches cost at one paid attempt each, at today's prices."""
+def run_estimate(spec: RunSpec, prices: PriceTable | None, *, batch: bool = False) -> CostRange:
+    """What the run's branches cost at one paid attempt each, at today's prices (with
+    ``batch``, at the provider's batch rate)."""
     if spec.provider in FREE_PROVIDERS:
         return CostRange(0, 0)
     if prices is None:
@@ -57,8 +62,23 @@ def run_estimate(spec: RunSpec, prices: PriceTable | None) -> CostRange:
 
     total = CostRange(0, 0)
     for text, _style, count in sent_prompts(spec):
-        total = total + attempt_range(spec.provider, spec.options, text, prices).times(count)
+        one = attempt_range(spec.provider, spec.options, text, prices, batch=batch)
+        total = total + one.times(count)
     return total
+
+
+def batch_estimates(outcome: RunOutcome) -> tuple[CostRange, CostRange]:
+    """A run sent in batches: its estimate at batch prices, and one by one."""
+    prices = prices_if_readable()
+    return (
+        run_estimate(outcome.spec, prices, batch=True),
+        run_estimate(outcome.spec, prices),
+    )
+
+
+def is_batch_run(outcome: RunOutcome) -> bool:
+    """Whether the run went through a provider's batches: its estimate is at batch prices."""
+    return outcome.batches is not None
 
 
 def _states(outcome: RunOutcome) -> Iterable[str]:
@@ -85,6 +105,7 @@ def run_spending(outcome: RunOutcome, prices: PriceTable | None, *, attempts: bo
         images = sum(1 for state in _states(outcome) if state == "resolved")
         return Spending(0, images, 0, 0, 0, 0)
     failed: list[int | None] = []
+    batched: list[int] = []
     if attempts:
         spec = outcome.spec
         failures: dict[str, list[str | None]] = {}
@@ -104,9 +125,20 @@ def run_spending(outcome: RunOutcome, prices: PriceTable | None, *, attempts: bo
                 failed += [None] * (len(errors) + unended)
                 continue
             text = _sent(spec, outcome.branches[index].args)  # built only for these
-            for error in [*errors, *[None] * unended]:
+            for error in errors:
                 failed.append(failed_attempt_cost(error, spec.provider, spec.options, text, prices))
-    return spending(_resolved_values(outcome), failed)
+            # an attempt in a batch that is open (or about to be sent) has not run yet: it
+            # is paid once it does, at the batch price
+            held = outcome.batches is not None and outcome.batches.holds(branch_id)
+            for _ in range(unended):
+                if held:
+                    batch = attempt_range(spec.provider, spec.options, text, prices, batch=True)
+                    batched.append(batch.high or 0)
+                else:
+                    cost = failed_attempt_cost(None, spec.provider, spec.options, text, prices)
+                    failed.append(cost)
+    found = spending(_resolved_values(outcome), failed)
+    return dataclasses.replace(found, batched_micro_usd=sum(batched), batched=len(batched))
 
 
 def _unended_unpaid_left_out(
@@ -142,7 +174,7 @@ def cost_json(outcome: RunOutcome, *, attempts: bool) -> dict[str, Any]:
     prices = prices_if_readable()
     return {
         "currency": CURRENCY,
-        "estimated": run_estimate(outcome.spec, prices).to_json(),
+        "estimated": run_estimate(outcome.spec, prices, batch=is_batch_run(outcome)).to_json(),
         "spent": run_spending(outcome, prices, attempts=attempts).to_json(),
     }
 
@@ -153,13 +185,18 @@ def cost_line(outcome: RunOutcome, *, attempts: bool) -> str | None:
     if outcome.spec.provider in FREE_PROVIDERS:
         return None
     prices = prices_if_readable()
-    estimate = run_estimate(outcome.spec, prices)
-    if estimate.low == estimate.high:
-        estimated = format_usd(estimate.low)
-    else:
-        estimated = f"{format_usd(estimate.low)} to {format_usd(estimate.high)}"
+    batch = is_batch_run(outcome)
+    estimated = range_text(run_estimate(outcome.spec, prices, batch=batch))
     spent = run_spending(outcome, prices, attempts=attempts)
-    return f"Cost: {spent.line()} (estimated {estimated})"
+    at = " at batch prices" if batch else ""
+    return f"Cost: {spent.line()} (estimated {estimated}{at})"
+
+
+def range_text(estimate: CostRange) -> str:
+    """``$0.0315`` or ``$0.0315 to $0.5033``."""
+    if estimate.low == estimate.high:
+        return format_usd(estimate.low)
+    return f"{format_usd(estimate.low)} to {format_usd(estimate.high)}"
 
 
 def branch_cost(branch: Branch) -> str | None:

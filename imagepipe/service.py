@@ -22,6 +22,7 @@ from imagepipe.durable import (
     record_run,
 )
 from imagepipe.durable.lifecycle import is_detached
+from imagepipe.durable.records import RootRecord
 from imagepipe.errors import UnknownRun
 from imagepipe.execution import (
     WORKFLOW,
@@ -48,6 +49,7 @@ from imagepipe.files import (
 )
 from imagepipe.pipeline import IMAGE_RUN
 from imagepipe.run_costs import stored_spending
+from imagepipe.runs.batches import RunBatches
 from imagepipe.runs.model import Invocation, RunSpec, validate_run_id
 from imagepipe.runs.outcome import (
     RunOutcome,
@@ -188,12 +190,20 @@ def fix_run_images(url: str, run_id: str) -> ReconcileReport:
     return run_command(fix, run_id)
 
 
+async def _batches_of(store: Store, root: RootRecord) -> RunBatches | None:
+    """The batches of a run sent through a provider's batches (its notes: one read)."""
+    if root.options.get(BATCH) is not True:
+        return None
+    return RunBatches.from_notes(await store.notes(root.id))
+
+
 def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
     async def listing() -> list[RunSummary]:
         try:
             async with opened_store(url, create=False, write=False) as store:
                 roots = [r for r in await store.roots(limit) if r.func == WORKFLOW]
                 spent = [await stored_spending(store, r) for r in roots]
+                batches = [await _batches_of(store, r) for r in roots]
         except StoreMissing:
             return []
         return [
@@ -204,8 +214,9 @@ def list_runs(url: str, limit: int | None = None) -> list[RunSummary]:
                 r.created_at,
                 r.counts,
                 cost,
+                groups,
             )
-            for r, cost in zip(roots, spent, strict=True)
+            for r, cost, groups in zip(roots, spent, batches, strict=True)
         ]
 
     return run_command(listing, None)

@@ -49,6 +49,8 @@ __all__ = [
     "LiveReporter",
     "PlainReporter",
     "Row",
+    "batch_line",
+    "batches_summary",
     "board_renderable",
 ]
 
@@ -115,6 +117,8 @@ class Board:
     settled_log: list[tuple[float, int]] = field(default_factory=list)
     #: for a run over a prompt file: each prompt's branches counted by state
     groups: dict[int, Counter[str]] = field(default_factory=dict)
+    #: a run sent through a provider's batches: its batches as last polled
+    batches: RunBatches | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -296,6 +300,8 @@ def board_renderable(
                 f"[dim]{mode} · {len(board.rows)} branches · max {info.max_attempts} attempts[/]"
             )
         )
+    if board.batches:
+        parts.append(_batch_lines(board.batches))
     total = len(board.rows)
     if total <= FULL_TABLE_LIMIT:
         parts.append(_table(list(board.rows.values()), now, live))
@@ -415,6 +421,35 @@ def batch_line(group: GroupProgress, now: float | None = None) -> str:
     return line
 
 
+BATCH_LINES_SHOWN = 8
+
+
+def _batch_lines(batches: RunBatches) -> Text:
+    """A line per batch of the run (the open ones first, at most a few), redrawn with the
+    table as they are polled."""
+    groups = sorted(batches, key=lambda g: not g.open)
+    lines = [Text(escape_control(batch_line(g)), style="cyan") for g in groups[:BATCH_LINES_SHOWN]]
+    if len(groups) > BATCH_LINES_SHOWN:
+        rest = len(groups) - BATCH_LINES_SHOWN
+        lines.append(Text(f"… and {rest} more: {batches_summary(batches)}", style="dim"))
+    return Text("\n", no_wrap=True, overflow="ellipsis").join(lines)
+
+
+def batches_summary(batches: RunBatches) -> str:
+    """A run's batches in a few words: ``2 batches: in_progress 40/120`` (requests done of
+    all), or ``3 batches: 1 completed, 2 in_progress 70/180`` when their statuses differ."""
+    groups = batches.groups
+    statuses = Counter(g.status for g in groups)
+    done = sum(g.counts["completed"] for g in groups)
+    total = sum(g.requests for g in groups)
+    if len(statuses) == 1:
+        said = next(iter(statuses))
+    else:
+        said = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
+    many = "batch" if len(groups) == 1 else "batches"
+    return escape_control(f"{len(groups)} {many}: {said} {done:,}/{total:,}")
+
+
 def _hours(seconds: float) -> str:
     minutes = int(seconds // 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
@@ -502,11 +537,9 @@ class LiveReporter:
             redirect_stdout=False,
             redirect_stderr=False,
         )
-        self._batches = BatchLines()
 
-    def on_batches(self, batches: RunBatches) -> None:  # above the table: they change seldom
-        for line in self._batches.changed(batches):
-            self.console.print(Text(escape_control(line), style="cyan"))
+    def on_batches(self, batches: RunBatches) -> None:  # drawn with the table, updated
+        self.board.batches = batches
 
     def __enter__(self) -> LiveReporter:
         self.live.start()

@@ -55,6 +55,7 @@ def test_every_command_and_option_is_in_the_reference() -> None:
         "worker",
         "watch",
         "workers",
+        "cancel",
     }
     missing = []
     for name, command in commands.items():

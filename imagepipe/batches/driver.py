@@ -95,12 +95,12 @@ class BatchDriver:
                 self._capped = None
                 if self.submit:
                     await self._plan_and_send(ctx, handles, by_id)
-                self._report(ctx)
-                if not self.follow:
+                if not self.follow:  # the command says what it sent (no progress to tell)
                     batches = self._batches(ctx)
                     if self._capped is not None and not batches.open:
                         raise self._capped  # not one request fits: nothing to follow
                     raise BatchesSubmitted(batches)
+                self._report(ctx)
                 collected = await self._follow(ctx, by_id)
                 # a batch's actual cost is below its worst case: what a cap held back
                 # may fit now

@@ -4,6 +4,7 @@
 - :mod:`.execute` — ``run``, ``resume``, ``retry``: commands that execute a run
 - :mod:`.inspect` — ``list``, ``show``, ``db-path``: commands that only read
 - :mod:`.workers` — ``worker``, ``watch``, ``workers``: detached runs on many processes
+- :mod:`.batches` — ``cancel``: a run's provider batches
 """
 
 import gc
@@ -11,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from imagepipe.cli import catalog, execute, inspect, publish, workers
+from imagepipe.cli import batches, catalog, execute, inspect, publish, workers
 from imagepipe.cli.common import app
 
 __all__ = ["app", "main"]
@@ -21,6 +22,7 @@ inspect.register(app)
 catalog.register(app)
 publish.register(app)
 workers.register(app)
+batches.register(app)
 
 
 def _version(value: bool) -> None:

@@ -372,6 +372,14 @@ def print_dry_run(
     spec.validate()
     invocation.validate()
     spec = spec_for_dry_run(spec, invocation)
+    if invocation.batch:  # refused as run refuses it: no batch mode, too many batches
+        from imagepipe.batches.setup import check_batchable
+        from imagepipe.providers.options import build_options
+        from imagepipe.providers.registry import get_provider_class
+
+        pairs = [(k, str(v)) for k, v in spec.options.items()] + list(invocation.option_pairs)
+        options = build_options(get_provider_class(spec.provider).Options, spec.provider, pairs)
+        check_batchable(spec.provider, options, spec.branch_count)
     caps_of(invocation).check_priced(spec.provider, spec.options, prices)  # as run refuses it
     plan = plan_run(run_id, spec, invocation, prices)
     if json_out:
@@ -448,13 +456,17 @@ def execute_and_report(
     from imagepipe.runs.reporting import QuietReporter
 
     if json_out:
-        from imagepipe.run_costs import cost_json
-        from imagepipe.runs.json_output import result_json
+        from imagepipe.run_costs import batch_estimates, cost_json
+        from imagepipe.runs.json_output import result_json, submitted_json
 
         outcome = call(QuietReporter())
-        write_lines(result_json(outcome, cost_json(outcome, attempts=False)))
+        if outcome.submitted:  # run --batch: its batches are created, nothing to show yet
+            write_lines(submitted_json(outcome, *batch_estimates(outcome)))
+        else:
+            write_lines(result_json(outcome, cost_json(outcome, attempts=False)))
     else:
-        from imagepipe.render import print_outcome
+        from imagepipe.render import print_outcome, print_submitted
+        from imagepipe.run_costs import batch_estimates
         from imagepipe.ui import LiveReporter, PlainReporter
 
         console = make_console(no_color)
@@ -465,7 +477,10 @@ def execute_and_report(
                 outcome = call(live)
         else:
             outcome = call(PlainReporter(console))
-        print_outcome(console, outcome)
+        if outcome.submitted:
+            print_submitted(console, outcome, *batch_estimates(outcome))
+        else:
+            print_outcome(console, outcome)
     if outcome.state == "failed":
         failed = outcome.failures
         first = failed[0]

@@ -31,7 +31,11 @@ def worker(
     db: DbOption = None,
     once: Annotated[
         bool,
-        typer.Option("--once", help="Exit once no detached run is left pending (tests, cron)."),
+        typer.Option(
+            "--once",
+            help="Exit once no detached run is left pending and no batch run has a batch "
+            "open (tests, cron).",
+        ),
     ] = False,
     *,
     invocation: "Invocation",

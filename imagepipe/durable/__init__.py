@@ -12,7 +12,10 @@ What an app needs is exported here; events are in :mod:`.events`, every error in
 - :mod:`.sqlite` — the SQLite backend (WAL, numbered migrations in :mod:`.sqlite_schema`)
 - :mod:`.records` — promises, errors as stored, write batches, fences; arguments by name
 - :mod:`.commit` — group commit: many writes, one transaction, nothing reported early
-- :mod:`.context` — :class:`RunContext` with ``begin_run(fn, **kwargs)`` and replay
+- :mod:`.context` — :class:`RunContext` with ``begin_run(fn, **kwargs)`` and replay;
+  ``promise(fn, **kwargs)`` for a child settled from outside (``settle``), attempts started
+  many at once with their reservations (``start_attempts``), and the run's own durable
+  steps and notes (``step``, ``note``)
 - :mod:`.steps` — handles, steps and durable sub-steps (``await step.run(fn, **kwargs)``)
 - :mod:`.retry` — the retry policy as data, run by tenacity
 - :mod:`.lanes` — the tasks that run branches, each a chain of them; settlements complete

@@ -1,4 +1,5 @@
-"""The JSON that ``run --json``, ``show --json`` and ``list --json`` print.
+"""The JSON that ``run --json`` (``run --batch --json``), ``show --json`` and ``list --json``
+print.
 
 Each shape is built here from the outcome, item by item, and written by the one streaming
 writer (:func:`imagepipe.json_stream.json_chunks`): a run of 100,000 images is never a
@@ -11,11 +12,12 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from imagepipe.cost import cost_json_of
+from imagepipe.cost import CostRange, cost_json_of
 from imagepipe.json_stream import json_chunks
+from imagepipe.runs.batches import RunBatches
 from imagepipe.runs.outcome import BranchRow, RunOutcome, RunSummary, duration_ms, iso_time
 
-__all__ = ["list_json", "result_json", "show_json"]
+__all__ = ["list_json", "result_json", "show_json", "submitted_json"]
 
 
 def result_json(outcome: RunOutcome, cost: Mapping[str, Any]) -> Iterator[str]:
@@ -31,6 +33,25 @@ def result_json(outcome: RunOutcome, cost: Mapping[str, Any]) -> Iterator[str]:
             "wall_ms": outcome.wall_ms,
             "sequential_ms": outcome.sequential_ms,
             "cost": cost,
+            **_batches_item(outcome.batches),
+        }
+    )
+
+
+def submitted_json(
+    outcome: RunOutcome, estimate: CostRange, one_by_one: CostRange
+) -> Iterator[str]:
+    """The ``run --batch --json`` document: the run, the batches it created, what they are
+    estimated to cost (at batch prices, and one by one) and how to follow the run."""
+    return json_chunks(
+        {
+            "id": outcome.id,
+            "state": outcome.state,
+            "prompt": outcome.spec.prompt,
+            "batches": (outcome.batches or RunBatches()).to_json(),
+            "not_sent": outcome.not_sent,
+            "estimate": {"batch": estimate.to_json(), "one_by_one": one_by_one.to_json()},
+            "follow": [f"imagepipe watch {outcome.id}", f"imagepipe resume {outcome.id}"],
         }
     )
 
@@ -44,6 +65,7 @@ def show_json(outcome: RunOutcome, cost: Mapping[str, Any]) -> Iterator[str]:
             "state": outcome.state,
             "prompt": outcome.spec.prompt,
             "cost": cost,
+            **_batches_item(outcome.batches),
             "branches": map(_show_item, outcome.view.rows()),
         }
     )
@@ -88,4 +110,11 @@ def _summary_item(summary: RunSummary) -> dict[str, Any]:
         "prompt": summary.prompt,
         "created_at": iso_time(summary.created_at),
         "cost": None if summary.spent is None else summary.spent.to_json(),
+        **_batches_item(summary.batches),
     }
+
+
+def _batches_item(batches: RunBatches | None) -> dict[str, Any]:
+    """The ``batches`` key of a run sent through a provider's batches: each batch's
+    status, counts and age (:meth:`GroupProgress.to_json`); none for any other run."""
+    return {} if batches is None else {"batches": batches.to_json()}

@@ -246,6 +246,21 @@ class RunOutcome:
         return f"RunOutcome(id={self.id!r}, state={self.state!r}, branches={len(self.branches)})"
 
     @property
+    def submitted(self) -> bool:
+        """Sent in batches by this invocation, which returned once they were created
+        (``run --batch``): the run is pending and its batches are at the provider."""
+        return not self.executed and self.state == "pending" and bool(self.batches)
+
+    @property
+    def not_sent(self) -> int:
+        """Of a run sent in batches: its pending branches that no batch holds (their worst
+        case did not fit in the run's caps)."""
+        batches = self.batches
+        if batches is None:
+            return 0
+        return sum(1 for r in self.view.rows() if r.state == "pending" and not batches.holds(r.id))
+
+    @property
     def view(self) -> BranchView:
         """The branches, read the way their source reads fastest."""
         branches = self.branches
@@ -273,6 +288,8 @@ class RunSummary:
     counts: dict[str, int]
     #: what its images cost (:class:`imagepipe.cost.Spending`)
     spent: Spending | None = None
+    #: the provider batches of a run sent through them (None: it never was)
+    batches: RunBatches | None = None
 
 
 def iso_time(ts: float) -> str:
