@@ -186,3 +186,46 @@ def test_a_resume_stopped_at_the_cap_writes_no_empty_batch_plan(
     finally:
         conn.close()
     assert len(plans) == 1, plans
+
+
+# -- 3. who follows a run -------------------------------------------------------------
+
+
+def lease_holder_pid(db: Path, run_id: str) -> int | None:
+    conn = sqlite3.connect(db)
+    try:
+        found = conn.execute("SELECT pid FROM leases WHERE key = ?", (run_id,)).fetchone()
+    finally:
+        conn.close()
+    return None if found is None else int(found[0])
+
+
+def test_a_follower_holds_the_run_before_its_first_poll_so_a_resume_is_busy(
+    db_path: Path,
+    tmp_path: Path,
+    openai_batch_fake: OpenAIBatchFake,
+    procs: list[subprocess.Popen[str]],
+) -> None:
+    """Before: a process following a batch took the run's lease only at its first write
+    (a status that changed, a line collected), so a ``watch``, a ``resume`` and a worker
+    all polled the same batch at once and each downloaded its output (twice the gigabytes
+    for one collection); the losers learnt they were busy only then."""
+    fake = openai_batch_fake
+    sent = imagepipe(db_path, *openai_run("f", tmp_path / "img", "--batch", "-q"))
+    assert sent.returncode == 0, sent.stderr
+    env = cli_env(db_path, IMAGEPIPE_TIME_SCALE="0.01")
+    env |= {k: os.environ[k] for k in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
+    watch = subprocess.Popen(cli_argv("watch", "f"), env=env, text=True, stdout=subprocess.PIPE)
+    procs.append(watch)
+    fake.wait_for(lambda: fake.requests["batch_get"] >= 2, timeout=60)  # it follows the batch
+
+    assert lease_holder_pid(db_path, "f") == watch.pid
+    busy = imagepipe(db_path, "resume", "f", "-q")
+    assert busy.returncode == 75, busy.stderr
+    assert f"process {watch.pid}" in one_line(busy.stderr)
+
+    fake.clock.advance(100)  # the batch ends: the watch alone collects it
+    watch.communicate(timeout=60)
+    assert watch.returncode == 0
+    assert set(states(db_path, "f").values()) == {"resolved"}
+    assert fake.requests["content"] == 1

@@ -260,6 +260,10 @@ class BatchDriver:
 
     async def _follow(self, ctx: RunContext[Deps], by_id: Mapping[str, Handle[ImageValue]]) -> int:
         """Poll and collect until no batch is open; how many were collected."""
+        # The run's lease before the first poll (it is taken with the first write, and
+        # polls that see no change write nothing): one follower polls and downloads, and
+        # any other is told at once that the run is busy.
+        await ctx.durable()
         delay = self.poll_first
         collected = 0
         while True:
