@@ -229,3 +229,29 @@ def test_a_follower_holds_the_run_before_its_first_poll_so_a_resume_is_busy(
     assert watch.returncode == 0
     assert set(states(db_path, "f").values()) == {"resolved"}
     assert fake.requests["content"] == 1
+
+
+# -- 4. what show says was paid ---------------------------------------------------------
+
+
+def test_show_counts_no_cost_for_the_requests_an_expired_batch_did_not_run(
+    db_path: Path, tmp_path: Path, openai_batch_fake: OpenAIBatchFake
+) -> None:
+    """Before: the attempts a batch did not run (``BatchUnfinished``: given back whole,
+    paid nothing) were shown as 'up to $0.3355 more for 2 failed attempts that may have
+    been paid', each at its synchronous worst case."""
+    fake = openai_batch_fake
+    fake.stall_at, fake.window_seconds = 1, 100.0  # one request runs, then it expires
+    sent = imagepipe(db_path, *openai_run("x", tmp_path / "img", "--batch", "-q"))
+    assert sent.returncode == 0, sent.stderr
+    fake.clock.advance(200)
+    collected = imagepipe(db_path, "resume", "x", "-q")
+    assert collected.returncode == 4, collected.stderr
+    assert sorted(states(db_path, "x").values()) == ["pending", "pending", "resolved"]
+
+    shown = imagepipe(db_path, "show", "x")
+
+    assert shown.returncode == 0, shown.stderr
+    [cost] = [line for line in shown.stdout.splitlines() if line.startswith("Cost: ")]
+    assert cost.startswith("Cost: $0.0055 for 1 image"), cost
+    assert "may have been paid" not in cost, cost
