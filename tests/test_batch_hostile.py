@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+from tests.fakes.common import Fault
 from tests.fakes.openai_batch_server import OpenAIBatchFake
 
 from conftest import cli_argv, cli_env
@@ -255,3 +256,27 @@ def test_show_counts_no_cost_for_the_requests_an_expired_batch_did_not_run(
     [cost] = [line for line in shown.stdout.splitlines() if line.startswith("Cost: ")]
     assert cost.startswith("Cost: $0.0055 for 1 image"), cost
     assert "may have been paid" not in cost, cost
+
+
+# -- 5. a worker and a batch it cannot collect -------------------------------------------
+
+
+def test_a_worker_does_not_download_again_and_again_a_batch_it_cannot_read(
+    db_path: Path, tmp_path: Path, openai_batch_fake: OpenAIBatchFake
+) -> None:
+    """Before: a worker whose collection of a run stopped (a line of the output that is
+    not JSON, a batch the provider no longer knows, no key) picked the run up again at its
+    next look for work, about once a second: the whole output file downloaded again each
+    time, the same line printed each time, and ``worker --once`` never exited."""
+    fake = openai_batch_fake
+    sent = imagepipe(db_path, *openai_run("w", tmp_path / "img", "--batch", "-q"))
+    assert sent.returncode == 0, sent.stderr
+    fake.clock.advance(100)  # the batch has ended
+    fake.add_fault(Fault.answer(b"not json\n"), endpoint="content", times=1_000_000)
+
+    once = imagepipe(db_path, "worker", "--once")
+
+    assert once.returncode == 0, once.stderr
+    assert "line 1 of the provider's batch file is not JSON" in one_line(once.stderr)
+    assert fake.requests["content"] == 1
+    assert set(states(db_path, "w").values()) == {"pending"}
