@@ -280,3 +280,67 @@ def test_a_worker_does_not_download_again_and_again_a_batch_it_cannot_read(
     assert "line 1 of the provider's batch file is not JSON" in one_line(once.stderr)
     assert fake.requests["content"] == 1
     assert set(states(db_path, "w").values()) == {"pending"}
+
+
+# -- 6. resume --no-batch after a kill in the middle of sending ---------------------------
+
+
+def killed_in(
+    db: Path, out: Path, fake: OpenAIBatchFake, endpoint: str, fault: Fault, *more: str
+) -> None:
+    """``run --batch`` SIGKILLed while ``endpoint`` holds its request with ``fault``."""
+    fake.add_fault(fault, endpoint=endpoint)
+    env = cli_env(db, IMAGEPIPE_TIME_SCALE="0.01")
+    env |= {k: os.environ[k] for k in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
+    argv = cli_argv(*openai_run("k", out, "--batch", *more))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        fake.wait_for(lambda: fake.requests[endpoint] >= 1, timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    fake.clear_faults()
+
+
+def test_no_batch_after_a_kill_once_the_provider_made_the_batch_never_pays_twice(
+    db_path: Path, tmp_path: Path, openai_batch_fake: OpenAIBatchFake
+) -> None:
+    """Killed after the provider created the batch, before it was noted: a plain
+    ``resume`` finds it (``find_batch``), but ``resume --no-batch`` dropped the group
+    without looking, deleted the batch's input file and paid for every branch a second
+    time one by one while the batch ran."""
+    fake = openai_batch_fake
+    killed_in(db_path, tmp_path / "img", fake, "batch_create", Fault.paid_then_hang())
+    assert len(fake.created) == 1
+
+    refused = imagepipe(db_path, "resume", "k", "--no-batch", "-q")
+
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"open batches ({fake.created[0].batch_id})" in one_line(refused.stderr)
+    assert fake.paid_creates == 0
+    assert fake.deleted == []
+    fake.clock.advance(100)  # the batch ends: resume collects it
+    done = imagepipe(db_path, "resume", "k", "-q")
+    assert done.returncode == 0, done.stderr
+    assert set(states(db_path, "k").values()) == {"resolved"}
+    assert fake.paid_creates == 0
+    assert sorted(fake.batches_of()) == ["k.0", "k.1", "k.2"]
+    assert len(fake.created) == 1
+
+
+def test_no_batch_gives_back_what_a_dropped_group_reserved(
+    db_path: Path, tmp_path: Path, openai_batch_fake: OpenAIBatchFake
+) -> None:
+    """Killed during the upload, after the group's attempts reserved their batch worst
+    case ($0.2515): ``resume --no-batch`` dropped the group but kept its reservations, so
+    the run stopped at a $0.60 cap that three images one by one ($0.5031 at worst) fit."""
+    fake = openai_batch_fake
+    killed_in(db_path, tmp_path / "img", fake, "upload", Fault.hanging(), "--max-cost", "0.6")
+    assert fake.uploads == []
+
+    done = imagepipe(db_path, "resume", "k", "--no-batch", "-q")
+
+    assert done.returncode == 0, done.stderr
+    assert set(states(db_path, "k").values()) == {"resolved"}
+    assert fake.paid_creates == 3
+    assert fake.created == []

@@ -371,12 +371,19 @@ class BatchDriver:
 @dataclass
 class OneByOne:
     """What ``resume --no-batch`` hands a batch run's workflow: the groups never sent are
-    dropped (an uploaded file deleted), and every branch that no open batch holds runs
-    here, one request each."""
+    dropped (an uploaded file deleted, their reservations given back), unless a killed
+    process created a batch of one (then it is open, and this refuses), and every branch
+    that no open batch holds runs here, one request each."""
 
     client: BatchProvider | None
 
     async def drive(self, ctx: RunContext[Deps], handles: Sequence[Handle[ImageValue]]) -> None:
+        try:
+            await self._found_unnoted(ctx)
+        except AccountError as exc:
+            raise DrainRun(exc.message) from exc
+        except ProviderError as exc:
+            raise BatchTrouble(ctx.run_id, exc.message) from exc
         batches = RunBatches.from_notes(ctx.notes)
         if batches.open:
             raise BadInput(open_batches_refusal(ctx.run_id, batches))
@@ -386,9 +393,34 @@ class OneByOne:
                 with contextlib.suppress(ProviderError):
                     await self.client.delete_file(str(file_id))
             await ctx.note(group_key(group.group, "dropped"), {"at": time.time()})
+        # A dropped group's attempts were started with their batch reservations, and
+        # nothing was sent: given back (again after a kill: each is given back once).
+        by_id = {handle.id: handle for handle in handles}
+        started = [
+            (by_id[branch], _NOTHING)
+            for group in RunBatches.from_notes(ctx.notes)
+            if group.dropped
+            for branch, attempt in group.members
+            if branch in by_id and not by_id[branch].settled and by_id[branch].attempts == attempt
+        ]
+        await ctx.settle_costs(started)
         for handle in handles:
             if not handle.settled:
                 ctx.run_held(handle)
+
+    async def _found_unnoted(self, ctx: RunContext[Deps]) -> None:
+        """Note the batch that a killed process created from an unsent group's file
+        without noting it: it runs, so its branches are not run here too."""
+        if self.client is None:
+            return
+        for group in RunBatches.from_notes(ctx.notes).unsent:
+            upload = group.upload or {}
+            if not upload.get("file_id"):
+                continue
+            since = int(upload.get("created_at") or 0) - 3600
+            found = await self.client.find_batch(str(upload["file_id"]), not_before=since)
+            if found is not None:
+                await ctx.note(group_key(group.group, "created"), found.as_json())
 
 
 def open_batches_refusal(run_id: str, batches: RunBatches) -> str:
