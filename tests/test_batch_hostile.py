@@ -344,3 +344,25 @@ def test_no_batch_gives_back_what_a_dropped_group_reserved(
     assert set(states(db_path, "k").values()) == {"resolved"}
     assert fake.paid_creates == 3
     assert fake.created == []
+
+
+# -- 7. a transient error while collecting ----------------------------------------------
+
+
+def test_a_5xx_on_the_download_is_tried_again_as_a_5xx_on_the_upload_is(
+    db_path: Path, tmp_path: Path, openai_batch_fake: OpenAIBatchFake
+) -> None:
+    """Before: one 503 on the output file's download stopped ``resume`` (and ``watch``, and
+    the worker's collection) with exit 75, where the upload, the create and the polls
+    try a transient error again."""
+    fake = openai_batch_fake
+    sent = imagepipe(db_path, *openai_run("t", tmp_path / "img", "--batch", "-q"))
+    assert sent.returncode == 0, sent.stderr
+    fake.clock.advance(100)
+    fake.add_fault(Fault.server_error(503), endpoint="content", times=1)
+
+    done = imagepipe(db_path, "resume", "t", "-q")
+
+    assert done.returncode == 0, done.stderr
+    assert set(states(db_path, "t").values()) == {"resolved"}
+    assert fake.requests["content"] == 2

@@ -286,7 +286,8 @@ class BatchDriver:
                     )
                     changed = True
                 if info.terminal:
-                    await self._collect(ctx, group.group, group.members, info, by_id)
+                    collect = self._collector(ctx, group.group, group.members, info, by_id)
+                    await self._retried(collect)
                     collected += 1
                     changed = True
             if changed:
@@ -295,6 +296,23 @@ class BatchDriver:
                 continue
             await self.sleep(delay)
             delay = min(delay * 1.5, self.poll_most)
+
+    def _collector(
+        self,
+        ctx: RunContext[Deps],
+        group: int,
+        members: Sequence[tuple[str, int]],
+        info: BatchInfo,
+        by_id: Mapping[str, Handle[ImageValue]],
+    ) -> Callable[[], Awaitable[None]]:
+        """:meth:`_collect` as a step that a transient error (a 5xx, a timeout) repeats:
+        each reading starts from the top and skips the branches settled by the last."""
+
+        async def collect() -> None:
+            await ctx.durable()  # the settlements of a reading cut short are known
+            await self._collect(ctx, group, members, info, by_id)
+
+        return collect
 
     async def _collect(
         self,
