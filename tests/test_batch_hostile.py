@@ -366,3 +366,25 @@ def test_a_5xx_on_the_download_is_tried_again_as_a_5xx_on_the_upload_is(
     assert done.returncode == 0, done.stderr
     assert set(states(db_path, "t").values()) == {"resolved"}
     assert fake.requests["content"] == 2
+
+
+def test_no_batch_leaves_no_input_file_of_a_dropped_group_among_the_images(
+    db_path: Path, tmp_path: Path, openai_batch_fake: OpenAIBatchFake
+) -> None:
+    """Before: the input file written for a group that ``resume --no-batch`` dropped
+    (up to 200 MB of the run's requests) stayed in ``<images>/.batches/`` once the run
+    was done."""
+    fake = openai_batch_fake
+    images = tmp_path / "img"
+    killed_in(db_path, images, fake, "upload", Fault.hanging())
+    assert (images / ".batches" / "k.g0.jsonl").exists()
+
+    done = imagepipe(db_path, "resume", "k", "--no-batch", "-q")
+
+    assert done.returncode == 0, done.stderr
+    assert not (images / ".batches").exists()
+    assert sorted(p.name for p in images.glob("*.png")) == [
+        "abstract.png",
+        "cartoon.png",
+        "photorealistic.png",
+    ]

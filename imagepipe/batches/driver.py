@@ -88,6 +88,8 @@ class BatchDriver:
 
     async def drive(self, ctx: RunContext[Deps], handles: Sequence[Handle[ImageValue]]) -> None:
         by_id = {handle.id: handle for handle in handles}
+        await ctx.durable()  # the run's lease: no other process writes its input files
+        tidy_input_files(self.folder, ctx.run_id, self._batches(ctx))
         try:
             for group in self._batches(ctx).unsent:
                 await self._send(ctx, group.group, group.members, by_id)
@@ -192,7 +194,7 @@ class BatchDriver:
         started (their worst cases reserved), its upload, its batch."""
         client, run_id = self.client, ctx.run_id
         deps = ctx.deps
-        name = f"{run_id}.g{group}.jsonl"
+        name = input_file_name(run_id, group)
         path = self.folder / name
         held = [(by_id[branch], attempt) for branch, attempt in members]
 
@@ -394,6 +396,8 @@ class OneByOne:
     that no open batch holds runs here, one request each."""
 
     client: BatchProvider | None
+    #: where the run's input files were written
+    folder: Path
 
     async def drive(self, ctx: RunContext[Deps], handles: Sequence[Handle[ImageValue]]) -> None:
         try:
@@ -411,6 +415,7 @@ class OneByOne:
                 with contextlib.suppress(ProviderError):
                     await self.client.delete_file(str(file_id))
             await ctx.note(group_key(group.group, "dropped"), {"at": time.time()})
+        tidy_input_files(self.folder, ctx.run_id, RunBatches.from_notes(ctx.notes))
         # A dropped group's attempts were started with their batch reservations, and
         # nothing was sent: given back (again after a kill: each is given back once).
         by_id = {handle.id: handle for handle in handles}
@@ -439,6 +444,27 @@ class OneByOne:
             found = await self.client.find_batch(str(upload["file_id"]), not_before=since)
             if found is not None:
                 await ctx.note(group_key(group.group, "created"), found.as_json())
+
+
+def input_file_name(run_id: str, group: int) -> str:
+    """The name of group ``group``'s input file, here and at the provider."""
+    return f"{run_id}.g{group}.jsonl"
+
+
+def tidy_input_files(folder: Path, run_id: str, batches: RunBatches) -> None:
+    """Remove from ``folder`` (the run's own, under its image folder) the input files of
+    the groups that no longer need one (their batch created, or the group dropped) and
+    the temporary files of a write that a kill cut short; the folder too, once empty.
+    Only under the run's lease: nothing else writes there then."""
+    if not folder.is_dir():
+        return
+    done = {input_file_name(run_id, g.group) for g in batches if g.sent or g.dropped}
+    for entry in folder.iterdir():
+        if entry.name in done or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only if empty: no empty folder among the images
 
 
 def open_batches_refusal(run_id: str, batches: RunBatches) -> str:

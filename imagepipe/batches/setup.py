@@ -101,7 +101,7 @@ def driver_for(
     cls = get_batch_class(provider)
     if not batch:
         client = None if cls is None else cls.create(options, provider_settings)
-        return OneByOne(client)
+        return OneByOne(client, folder=out_dir / ".batches")
     if cls is None:
         raise BadInput(f"--batch: provider {provider!r} has no batch mode")
     client = cls.create(options, provider_settings)
