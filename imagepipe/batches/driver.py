@@ -88,8 +88,6 @@ class BatchDriver:
 
     async def drive(self, ctx: RunContext[Deps], handles: Sequence[Handle[ImageValue]]) -> None:
         by_id = {handle.id: handle for handle in handles}
-        await ctx.durable()  # the run's lease: no other process writes its input files
-        tidy_input_files(self.folder, ctx.run_id, self._batches(ctx))
         try:
             for group in self._batches(ctx).unsent:
                 await self._send(ctx, group.group, group.members, by_id)
@@ -266,6 +264,8 @@ class BatchDriver:
         # polls that see no change write nothing): one follower polls and downloads, and
         # any other is told at once that the run is busy.
         await ctx.durable()
+        # holding the run, nothing else writes its input files: those no longer needed go
+        tidy_input_files(self.folder, ctx.run_id, self._batches(ctx))
         delay = self.poll_first
         collected = 0
         while True:
