@@ -66,6 +66,8 @@ NOT_BILLED = frozenset(
         "RateLimited",
         "ServerError",
         "BranchRejected",
+        # a request that its batch did not run (expired, cancelled, failed validation)
+        "BatchUnfinished",
     }
 )
 _MILLION = Decimal(1_000_000)

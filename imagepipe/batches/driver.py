@@ -131,6 +131,8 @@ class BatchDriver:
         if not free:
             return
         chosen = await self._within_caps(ctx, free)
+        if not chosen:
+            return  # not one fits the caps: no planning to note
         deps = ctx.deps
         lines = (self.client.request_line(_request(deps, h, h.attempts + 1)) for h in chosen)
         grouped: list[list[tuple[str, int]]] = [
@@ -190,7 +192,7 @@ class BatchDriver:
         started (their worst cases reserved), its upload, its batch."""
         client, run_id = self.client, ctx.run_id
         deps = ctx.deps
-        name = f"{run_id}.g{group}.jsonl"
+        name = input_file_name(run_id, group)
         path = self.folder / name
         held = [(by_id[branch], attempt) for branch, attempt in members]
 
@@ -258,6 +260,12 @@ class BatchDriver:
 
     async def _follow(self, ctx: RunContext[Deps], by_id: Mapping[str, Handle[ImageValue]]) -> int:
         """Poll and collect until no batch is open; how many were collected."""
+        # The run's lease before the first poll (it is taken with the first write, and
+        # polls that see no change write nothing): one follower polls and downloads, and
+        # any other is told at once that the run is busy.
+        await ctx.durable()
+        # holding the run, nothing else writes its input files: those no longer needed go
+        tidy_input_files(self.folder, ctx.run_id, self._batches(ctx))
         delay = self.poll_first
         collected = 0
         while True:
@@ -280,7 +288,8 @@ class BatchDriver:
                     )
                     changed = True
                 if info.terminal:
-                    await self._collect(ctx, group.group, group.members, info, by_id)
+                    collect = self._collector(ctx, group.group, group.members, info, by_id)
+                    await self._retried(collect)
                     collected += 1
                     changed = True
             if changed:
@@ -289,6 +298,23 @@ class BatchDriver:
                 continue
             await self.sleep(delay)
             delay = min(delay * 1.5, self.poll_most)
+
+    def _collector(
+        self,
+        ctx: RunContext[Deps],
+        group: int,
+        members: Sequence[tuple[str, int]],
+        info: BatchInfo,
+        by_id: Mapping[str, Handle[ImageValue]],
+    ) -> Callable[[], Awaitable[None]]:
+        """:meth:`_collect` as a step that a transient error (a 5xx, a timeout) repeats:
+        each reading starts from the top and skips the branches settled by the last."""
+
+        async def collect() -> None:
+            await ctx.durable()  # the settlements of a reading cut short are known
+            await self._collect(ctx, group, members, info, by_id)
+
+        return collect
 
     async def _collect(
         self,
@@ -365,12 +391,21 @@ class BatchDriver:
 @dataclass
 class OneByOne:
     """What ``resume --no-batch`` hands a batch run's workflow: the groups never sent are
-    dropped (an uploaded file deleted), and every branch that no open batch holds runs
-    here, one request each."""
+    dropped (an uploaded file deleted, their reservations given back), unless a killed
+    process created a batch of one (then it is open, and this refuses), and every branch
+    that no open batch holds runs here, one request each."""
 
     client: BatchProvider | None
+    #: where the run's input files were written
+    folder: Path
 
     async def drive(self, ctx: RunContext[Deps], handles: Sequence[Handle[ImageValue]]) -> None:
+        try:
+            await self._found_unnoted(ctx)
+        except AccountError as exc:
+            raise DrainRun(exc.message) from exc
+        except ProviderError as exc:
+            raise BatchTrouble(ctx.run_id, exc.message) from exc
         batches = RunBatches.from_notes(ctx.notes)
         if batches.open:
             raise BadInput(open_batches_refusal(ctx.run_id, batches))
@@ -380,9 +415,56 @@ class OneByOne:
                 with contextlib.suppress(ProviderError):
                     await self.client.delete_file(str(file_id))
             await ctx.note(group_key(group.group, "dropped"), {"at": time.time()})
+        tidy_input_files(self.folder, ctx.run_id, RunBatches.from_notes(ctx.notes))
+        # A dropped group's attempts were started with their batch reservations, and
+        # nothing was sent: given back (again after a kill: each is given back once).
+        by_id = {handle.id: handle for handle in handles}
+        started = [
+            (by_id[branch], _NOTHING)
+            for group in RunBatches.from_notes(ctx.notes)
+            if group.dropped
+            for branch, attempt in group.members
+            if branch in by_id and not by_id[branch].settled and by_id[branch].attempts == attempt
+        ]
+        await ctx.settle_costs(started)
         for handle in handles:
             if not handle.settled:
                 ctx.run_held(handle)
+
+    async def _found_unnoted(self, ctx: RunContext[Deps]) -> None:
+        """Note the batch that a killed process created from an unsent group's file
+        without noting it: it runs, so its branches are not run here too."""
+        if self.client is None:
+            return
+        for group in RunBatches.from_notes(ctx.notes).unsent:
+            upload = group.upload or {}
+            if not upload.get("file_id"):
+                continue
+            since = int(upload.get("created_at") or 0) - 3600
+            found = await self.client.find_batch(str(upload["file_id"]), not_before=since)
+            if found is not None:
+                await ctx.note(group_key(group.group, "created"), found.as_json())
+
+
+def input_file_name(run_id: str, group: int) -> str:
+    """The name of group ``group``'s input file, here and at the provider."""
+    return f"{run_id}.g{group}.jsonl"
+
+
+def tidy_input_files(folder: Path, run_id: str, batches: RunBatches) -> None:
+    """Remove from ``folder`` (the run's own, under its image folder) the input files of
+    the groups that no longer need one (their batch created, or the group dropped) and
+    the temporary files of a write that a kill cut short; the folder too, once empty.
+    Only under the run's lease: nothing else writes there then."""
+    if not folder.is_dir():
+        return
+    done = {input_file_name(run_id, g.group) for g in batches if g.sent or g.dropped}
+    for entry in folder.iterdir():
+        if entry.name in done or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only if empty: no empty folder among the images
 
 
 def open_batches_refusal(run_id: str, batches: RunBatches) -> str:
