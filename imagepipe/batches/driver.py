@@ -329,6 +329,8 @@ class BatchDriver:
         mine = {b: by_id[b] for b, _ in members if b in by_id and not by_id[b].settled}
         seen: set[str] = set()
         unfinished: list[Handle[ImageValue]] = []
+        #: the retryable errors of branches that go back to pending for them
+        retry: dict[str, ErrorInfo] = {}
         costs: list[tuple[Handle[Any], Mapping[str, int]]] = []
         resolved = rejected = 0
         async for result in self.client.results(info):
@@ -342,6 +344,11 @@ class BatchDriver:
                 paid = value.get("cost", {}).get("micro_usd")
                 costs.append((handle, {} if paid is None else {"micro_usd": paid}))
                 resolved += 1
+            elif result.error is not None and getattr(result.error, "retryable", False):
+                # a 429, a 5xx, a timeout: a synchronous attempt would be retried, so the
+                # branch goes back to pending with its error (nothing was billed)
+                retry[handle.id] = ErrorInfo.from_exception(result.error)
+                unfinished.append(handle)
             elif result.error is not None:
                 ctx.settle(handle, error=ErrorInfo.from_exception(result.error))
                 costs.append((handle, _NOTHING))
@@ -358,12 +365,13 @@ class BatchDriver:
         error = ErrorInfo("BatchUnfinished", _why(info), retryable=True)
         started_at = float(info.created_at or time.time())
         for handle in unfinished:  # written with the note below, in one transaction
-            ctx.fail_attempt(handle, started_at, error)
+            ctx.fail_attempt(handle, started_at, retry.get(handle.id, error))
         collected = {
             "status": info.status,
             "resolved": resolved,
             "rejected": rejected,
             "unfinished": len(unfinished),
+            "retryable": len(retry),
             "at": time.time(),
         }
         await ctx.note(group_key(group, "collected"), collected)
@@ -385,7 +393,11 @@ class BatchDriver:
         if not ended:
             return "no batch holds them"
         last = ended[-1]
-        return f"batch {last.batch_id} {last.collected.get('status') if last.collected else ''}"
+        done = last.collected or {}
+        why = f"batch {last.batch_id} {done.get('status', '')}"
+        if done.get("retryable"):
+            why += f", {done['retryable']} with an error worth retrying"
+        return why
 
 
 @dataclass
