@@ -66,6 +66,8 @@ NOT_BILLED = frozenset(
         "RateLimited",
         "ServerError",
         "BranchRejected",
+        # a request that its batch did not run (expired, cancelled, failed validation)
+        "BatchUnfinished",
     }
 )
 _MILLION = Decimal(1_000_000)
@@ -372,7 +374,8 @@ class Spending:
     def line(self) -> str:
         """``$0.1260 for 3 images (1 of unknown cost); up to $0.1670 more for 1 failed
         attempt that may have been paid``."""
-        text = f"{format_usd(self.images_micro_usd)} for {self.images} images"
+        images = "1 image" if self.images == 1 else f"{self.images} images"
+        text = f"{format_usd(self.images_micro_usd)} for {images}"
         if self.unknown_images:
             text += f" ({self.unknown_images} of unknown cost, not counted)"
         if self.failed_attempts:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe import settings
-from imagepipe.batches.setup import BATCH
+from imagepipe.batches.setup import BATCH, POLL_FIRST, POLL_MOST
 from imagepipe.budget import Caps, with_image_cap
 from imagepipe.durable import (
     BranchOutcome,
@@ -274,16 +274,30 @@ async def _collect_batch_runs(
     open (or planned and unsent) and that no live process holds, collecting them as
     ``resume`` does, each in a task of its own. With ``once``, until no such run is left.
     An account-wide error or a store failure stops the worker; anything else that ends a
-    run's collection is told to ``on_stop`` and the worker goes on."""
-    following: dict[str, asyncio.Task[None]] = {}
+    run's collection is told to ``on_stop`` and the worker goes on: it follows that run
+    again only after a wait that doubles each time (from the first poll's to the longest),
+    and with ``once`` not at all (what stopped it, an output line that cannot be read, a
+    batch the provider no longer knows, would stop it again)."""
+    following: dict[str, asyncio.Task[bool]] = {}
+    #: runs whose following stopped: (loop time from which to follow again, the wait)
+    resting: dict[str, tuple[float, float]] = {}
+    first, most = POLL_FIRST * invocation.time_scale, POLL_MOST * invocation.time_scale
     stale_after = settings.lease_timeout()
+    loop = asyncio.get_running_loop()
     try:
         while True:
             for run_id, task in list(following.items()):
                 if task.done():
                     del following[run_id]
-                    task.result()  # what must stop the worker is raised here
+                    if task.result():  # what must stop the worker is raised here
+                        wait = min(most, 2 * resting.get(run_id, (0.0, first / 2))[1])
+                        resting[run_id] = (loop.time() + wait, wait)
+                    else:
+                        resting.pop(run_id, None)
             for root in await _batch_runs_to_collect(store, stale_after):
+                rest = resting.get(root.id)
+                if rest is not None and (once or loop.time() < rest[0]):
+                    continue
                 if root.id not in following:
                     following[root.id] = asyncio.create_task(
                         _follow_batches(store, root.id, invocation, on_stop),
@@ -315,20 +329,22 @@ async def _batch_runs_to_collect(store: Store, stale_after: float) -> list[RootR
 
 async def _follow_batches(
     store: Store, run_id: str, invocation: Invocation, on_stop: Callable[[str], None]
-) -> None:
+) -> bool:
     """Collect one run's batches here until they have all ended (or another process
-    holds the run)."""
+    holds the run); True if the collection stopped short (told to ``on_stop``)."""
     root = await store.get(run_id)
     if root is None or root.settled:
-        return
+        return False
     try:
         await execute_here(
             store, root, invocation, QuietReporter(), resumed=True, follow=True, submit=False
         )
     except LeaseHeld:
-        return  # another process follows it
+        return False  # another process follows it
     except (BatchUnfinished, BatchTrouble, CapReached, BadInput) as exc:
         on_stop(exc.message)
+        return True
+    return False
 
 
 def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -> RunOutcome:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from imagepipe.batches.setup import BATCH
+from imagepipe.batches.setup import BATCH, check_same_way
 from imagepipe.budget import MICRO_USD, caps_of
 from imagepipe.durable import (
     PromiseRecord,
@@ -101,6 +101,7 @@ def start_run(
             if root.parent_id is not None or root.func != WORKFLOW:
                 raise UnknownRun(run_id, store.where)
             check_same_spec(run_id, RunSpec.from_stored(root.args), spec)
+            check_same_way(run_id, root.options, invocation)
             await check_stored_cost_cap(store, root, caps)
             await caps.store(store, run_id)
             if root.settled:
@@ -130,6 +131,7 @@ def resume_run(
         try:
             async with opened_store(url, create=False, write=True) as store:
                 root = await read_root(store, run_id)
+                check_same_way(run_id, root.options, invocation)
                 caps = checked_caps(RunSpec.from_stored(root.args), invocation)
                 await check_stored_cost_cap(store, root, caps)
                 await caps.store(store, run_id)

@@ -137,6 +137,8 @@ class BatchDriver:
         if not free:
             return
         chosen = await self._within_caps(ctx, free)
+        if not chosen:
+            return  # not one fits the caps: no planning to note
         deps = ctx.deps
         lines = (self.client.request_line(_request(deps, h, h.attempts + 1)) for h in chosen)
         grouped: list[list[tuple[str, int]]] = [
@@ -196,7 +198,7 @@ class BatchDriver:
         started (their worst cases reserved), its upload, its batch."""
         client, run_id = self.client, ctx.run_id
         deps = ctx.deps
-        name = f"{run_id}.g{group}.jsonl"
+        name = input_file_name(run_id, group)
         path = self.folder / name
         held = [(by_id[branch], attempt) for branch, attempt in members]
 
@@ -264,6 +266,12 @@ class BatchDriver:
 
     async def _follow(self, ctx: RunContext[Deps], by_id: Mapping[str, Handle[ImageValue]]) -> int:
         """Poll and collect until no batch is open; how many were collected."""
+        # The run's lease before the first poll (it is taken with the first write, and
+        # polls that see no change write nothing): one follower polls and downloads, and
+        # any other is told at once that the run is busy.
+        await ctx.durable()
+        # holding the run, nothing else writes its input files: those no longer needed go
+        tidy_input_files(self.folder, ctx.run_id, self._batches(ctx))
         delay = self.poll_first
         collected = 0
         while True:
@@ -286,7 +294,8 @@ class BatchDriver:
                     )
                     changed = True
                 if info.terminal:
-                    await self._collect(ctx, group.group, group.members, info, by_id)
+                    collect = self._collector(ctx, group.group, group.members, info, by_id)
+                    await self._retried(collect)
                     collected += 1
                     changed = True
             if changed:
@@ -295,6 +304,23 @@ class BatchDriver:
                 continue
             await self.sleep(delay)
             delay = min(delay * 1.5, self.poll_most)
+
+    def _collector(
+        self,
+        ctx: RunContext[Deps],
+        group: int,
+        members: Sequence[tuple[str, int]],
+        info: BatchInfo,
+        by_id: Mapping[str, Handle[ImageValue]],
+    ) -> Callable[[], Awaitable[None]]:
+        """:meth:`_collect` as a step that a transient error (a 5xx, a timeout) repeats:
+        each reading starts from the top and skips the branches settled by the last."""
+
+        async def collect() -> None:
+            await ctx.durable()  # the settlements of a reading cut short are known
+            await self._collect(ctx, group, members, info, by_id)
+
+        return collect
 
     async def _collect(
         self,
@@ -313,6 +339,8 @@ class BatchDriver:
         await ctx.settle_costs([(h, _cost_of(h)) for h in before])
         seen: set[str] = set()
         unfinished: list[Handle[ImageValue]] = []
+        #: the retryable errors of branches that go back to pending for them
+        retry: dict[str, ErrorInfo] = {}
         costs: list[tuple[Handle[Any], Mapping[str, int]]] = []
         resolved = rejected = 0
         async for result in self.client.results(info):
@@ -325,6 +353,11 @@ class BatchDriver:
                 ctx.settle(handle, value=value, after_recorded=promote)
                 costs.append((handle, _paid(value)))
                 resolved += 1
+            elif result.error is not None and getattr(result.error, "retryable", False):
+                # a 429, a 5xx, a timeout: a synchronous attempt would be retried, so the
+                # branch goes back to pending with its error (nothing was billed)
+                retry[handle.id] = ErrorInfo.from_exception(result.error)
+                unfinished.append(handle)
             elif result.error is not None:
                 ctx.settle(handle, error=ErrorInfo.from_exception(result.error))
                 costs.append((handle, _NOTHING))
@@ -341,12 +374,13 @@ class BatchDriver:
         error = ErrorInfo("BatchUnfinished", _why(info), retryable=True)
         started_at = float(info.created_at or time.time())
         for handle in unfinished:  # written with the note below, in one transaction
-            ctx.fail_attempt(handle, started_at, error)
+            ctx.fail_attempt(handle, started_at, retry.get(handle.id, error))
         collected = {
             "status": info.status,
             "resolved": resolved,
             "rejected": rejected,
             "unfinished": len(unfinished),
+            "retryable": len(retry),
             "at": time.time(),
         }
         await ctx.note(group_key(group, "collected"), collected)
@@ -368,65 +402,101 @@ class BatchDriver:
         if not ended:
             return "no batch holds them"
         last = ended[-1]
-        return f"batch {last.batch_id} {last.collected.get('status') if last.collected else ''}"
+        done = last.collected or {}
+        why = f"batch {last.batch_id} {done.get('status', '')}"
+        if done.get("retryable"):
+            why += f", {done['retryable']} with an error worth retrying"
+        return why
 
 
 @dataclass
 class OneByOne:
     """What ``resume --no-batch`` hands a batch run's workflow: the groups never sent are
-    dropped (an uploaded file deleted), and every branch that no open batch holds runs
-    here, one request each."""
+    dropped (an uploaded file deleted, their reservations given back), unless a killed
+    process created a batch of one (then it is open, and this refuses), and every branch
+    that no open batch holds runs here, one request each."""
 
     client: BatchProvider | None
-    #: where the input files were written (a dropped group's is removed)
-    folder: Path | None = None
+    #: where the run's input files were written
+    folder: Path
 
     async def drive(self, ctx: RunContext[Deps], handles: Sequence[Handle[ImageValue]]) -> None:
-        batches = RunBatches.from_notes(ctx.notes)
-        if batches.open:
-            raise BadInput(open_batches_refusal(ctx.run_id, batches))
         try:
-            # A process killed between the provider's create and its note left a batch
-            # that runs these branches: running them here too would pay for them twice.
-            made = [await self._unnoted_batch(group) for group in batches.unsent]
-            if any(made):
-                raise BadInput(unnoted_batches_refusal(ctx.run_id, [b for b in made if b]))
-            for group in batches.unsent:
-                await self._delete_upload(group)
-                await ctx.note(group_key(group.group, "dropped"), {"at": time.time()})
-                if self.folder is not None and group.file is not None:
-                    with contextlib.suppress(OSError):
-                        (self.folder / str(group.file["name"])).unlink()
+            await self._found_unnoted(ctx)
         except AccountError as exc:
             raise DrainRun(exc.message) from exc
         except ProviderError as exc:
             raise BatchTrouble(ctx.run_id, exc.message) from exc
+        batches = RunBatches.from_notes(ctx.notes)
+        if batches.open:
+            raise BadInput(open_batches_refusal(ctx.run_id, batches))
+        for group in batches.unsent:
+            await self._delete_upload(group)
+            await ctx.note(group_key(group.group, "dropped"), {"at": time.time()})
+        tidy_input_files(self.folder, ctx.run_id, RunBatches.from_notes(ctx.notes))
+        # A dropped group's attempts were started with their batch reservations, and
+        # nothing was sent: given back (again after a kill: each is given back once).
+        by_id = {handle.id: handle for handle in handles}
+        started = [
+            (by_id[branch], _NOTHING)
+            for group in RunBatches.from_notes(ctx.notes)
+            if group.dropped
+            for branch, attempt in group.members
+            if branch in by_id and not by_id[branch].settled and by_id[branch].attempts == attempt
+        ]
+        await ctx.settle_costs(started)
         for handle in handles:
             if not handle.settled:
                 ctx.run_held(handle)
 
-    async def _unnoted_batch(self, group: GroupProgress) -> str | None:
-        """The id of the batch made of ``group``'s uploaded file that no note records."""
-        upload = group.upload
-        if upload is None or self.client is None:
-            return None  # the create comes after the upload's note: none was made
-        since = int(upload["created_at"]) - 3600
-        found = await self.client.find_batch(str(upload["file_id"]), not_before=since)
-        return None if found is None else found.id
-
     async def _delete_upload(self, group: GroupProgress) -> None:
         """Delete ``group``'s file at the provider: the one noted, or one a killed process
-        uploaded without noting it."""
+        uploaded without noting it (found by its name, as the upload step finds it)."""
         if self.client is None:
             return
-        file_id = (group.upload or {}).get("file_id")
-        if file_id is None and group.file is not None:
-            since = int(group.file["written_at"]) - 3600
-            found = await self.client.find_upload(str(group.file["name"]), not_before=since)
-            file_id = None if found is None else found.id
-        if file_id is not None:
-            with contextlib.suppress(ProviderError):
+        with contextlib.suppress(ProviderError):
+            file_id = (group.upload or {}).get("file_id")
+            if file_id is None and group.file is not None:
+                since = int(group.file.get("written_at") or 0) - 3600
+                found = await self.client.find_upload(str(group.file["name"]), not_before=since)
+                file_id = None if found is None else found.id
+            if file_id is not None:
                 await self.client.delete_file(str(file_id))
+
+    async def _found_unnoted(self, ctx: RunContext[Deps]) -> None:
+        """Note the batch that a killed process created from an unsent group's file
+        without noting it: it runs, so its branches are not run here too."""
+        if self.client is None:
+            return
+        for group in RunBatches.from_notes(ctx.notes).unsent:
+            upload = group.upload or {}
+            if not upload.get("file_id"):
+                continue
+            since = int(upload.get("created_at") or 0) - 3600
+            found = await self.client.find_batch(str(upload["file_id"]), not_before=since)
+            if found is not None:
+                await ctx.note(group_key(group.group, "created"), found.as_json())
+
+
+def input_file_name(run_id: str, group: int) -> str:
+    """The name of group ``group``'s input file, here and at the provider."""
+    return f"{run_id}.g{group}.jsonl"
+
+
+def tidy_input_files(folder: Path, run_id: str, batches: RunBatches) -> None:
+    """Remove from ``folder`` (the run's own, under its image folder) the input files of
+    the groups that no longer need one (their batch created, or the group dropped) and
+    the temporary files of a write that a kill cut short; the folder too, once empty.
+    Only under the run's lease: nothing else writes there then."""
+    if not folder.is_dir():
+        return
+    done = {input_file_name(run_id, g.group) for g in batches if g.sent or g.dropped}
+    for entry in folder.iterdir():
+        if entry.name in done or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only if empty: no empty folder among the images
 
 
 def open_batches_refusal(run_id: str, batches: RunBatches) -> str:
@@ -435,16 +505,6 @@ def open_batches_refusal(run_id: str, batches: RunBatches) -> str:
     return (
         f"run {run_id} has open batches ({ids}) that may still run its branches: let them "
         f"end (imagepipe watch {run_id}) or cancel them (imagepipe cancel {run_id}) first"
-    )
-
-
-def unnoted_batches_refusal(run_id: str, batch_ids: Sequence[str]) -> str:
-    """Why ``resume --no-batch`` cannot run now: batches a killed process created."""
-    ids = ", ".join(batch_ids)
-    return (
-        f"run {run_id} has batches at the provider ({ids}) that a killed process created "
-        f"and that may still run its branches: `imagepipe resume {run_id}` collects them "
-        "first"
     )
 
 

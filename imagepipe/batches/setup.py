@@ -5,6 +5,7 @@ written, and the driver the workflow is handed.
   ``--batch``/``--no-batch``, else the run's own way (stored with it)
 - :func:`check_batchable` — ``--batch`` with a provider or model that has no batch mode,
   or more requests than the run's batches may hold: one line, exit 2, nothing written
+- :func:`check_same_way` — ``--batch`` on a stored run that was not started with it
 - :func:`driver_for` — the :class:`~.driver.BatchDriver` (or :class:`~.driver.OneByOne`)
 """
 
@@ -22,11 +23,12 @@ from imagepipe.providers.options import ProviderOptions
 from imagepipe.providers.registry import batch_refusal, get_batch_class
 from imagepipe.runs.batches import RunBatches
 from imagepipe.runs.model import Invocation
+from imagepipe.text import quoted
 
 if TYPE_CHECKING:
     from imagepipe.batches.driver import BatchDriver, OneByOne, Reserve
 
-__all__ = ["BATCH", "batch_mode_of", "check_batchable", "driver_for"]
+__all__ = ["BATCH", "batch_mode_of", "check_batchable", "check_same_way", "driver_for"]
 
 #: the root option that says a run's own way is through batches
 BATCH = "batch"
@@ -56,6 +58,21 @@ def check_batchable(provider: str, options: ProviderOptions, branches: int) -> N
         raise BadInput(
             f"--batch: {branches:,} requests need {needed} batches of at most {size:,}, and a "
             f"run may have {allowed} (IMAGEPIPE_MAX_BATCHES); nothing was sent"
+        )
+
+
+def check_same_way(run_id: str, root_options: Mapping[str, Any], invocation: Invocation) -> None:
+    """:class:`BadInput` for ``--batch`` on a stored run that was not started with it.
+
+    A run's way is stored when it starts, and everything that picks a run up reads it
+    there (a plain ``resume``, ``watch``, the workers): a batch sent by one ``resume
+    --batch`` would be left uncollected while the next ``resume`` paid for its branches
+    again one by one. A detached run's workers, too, run its branches one by one; and a
+    provider or model without a batch mode can only be started without ``--batch``."""
+    if invocation.batch and root_options.get(BATCH) is not True:
+        raise BadInput(
+            f"--batch: run {quoted(run_id)} was not started with --batch, and a run keeps "
+            "the way it started: resume it without --batch, or start a new run with --batch"
         )
 
 

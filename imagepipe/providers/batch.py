@@ -14,7 +14,6 @@ plugin's), and the input and output files' lines.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import os
 import secrets
@@ -322,11 +321,7 @@ def group_lines(
 def write_input_file(path: Path, lines: Iterable[RequestLine]) -> InputFile:
     """Write ``lines`` to ``path`` atomically: to a temporary file beside it, fsynced,
     then renamed over ``path`` (and the folder fsynced). After a kill there is either the
-    whole file or none under ``path``, and perhaps a temporary one, which the next write
-    of ``path`` removes (one process writes a run's files: it holds the run)."""
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
+    whole file or none under ``path``."""
     digest = hashlib.sha256()
     count = size = 0
     temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")

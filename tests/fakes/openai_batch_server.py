@@ -269,6 +269,11 @@ class OpenAIBatchFake(OpenAIFake):
         with self.lock:
             self._line_faults[prompt] = fault if fault is not None else Fault.content_policy()
 
+    def heal_prompt(self, prompt: str) -> None:
+        """Requests for ``prompt`` succeed again (in the batches created from now on)."""
+        with self.lock:
+            self._line_faults.pop(prompt, None)
+
     def batches_of(self) -> dict[str, list[str]]:
         """The batches each custom_id was sent in, in the order they were created."""
         found: dict[str, list[str]] = {}
