@@ -110,7 +110,7 @@ def test_racing_runs_with_one_id_never_run_each_others_prompt(
     template = tmp_path / "template.db"
     assert cli(template, "run", "warm-up", "--id", "w", "--json").returncode == 0
     checkpointed_bytes(template)
-    outcomes: list[tuple[int, bytes, int, bytes, bytes, str]] = []
+    outcomes: list[tuple[int, bytes, bytes, int, bytes, bytes, str]] = []
     for wave in range(RACES // AT_ONCE):
         dbs = [tmp_path / f"race-{wave}-{i}.db" for i in range(AT_ONCE)]
         for db in dbs:
@@ -134,16 +134,18 @@ def test_racing_runs_with_one_id_never_run_each_others_prompt(
                 time.sleep(0.02)
             time.sleep(0.2)
         for db, (fox, whale) in zip(dbs, started, strict=True):
-            fox_out, _ = fox.communicate(timeout=60)
+            fox_out, fox_err = fox.communicate(timeout=60)
             whale_out, whale_err = whale.communicate(timeout=60)
             conn = sqlite3.connect(db)
             args = conn.execute("SELECT args FROM promises WHERE id = 'S'").fetchone()[0]
             conn.close()
-            outcomes.append((fox.returncode, fox_out, whale.returncode, whale_out, whale_err, args))
+            outcomes.append(
+                (fox.returncode, fox_out, fox_err, whale.returncode, whale_out, whale_err, args)
+            )
 
-    for fox_code, fox_out, whale_code, whale_out, whale_err, stored_args in outcomes:
+    for fox_code, fox_out, fox_err, whale_code, whale_out, whale_err, stored_args in outcomes:
         if "a red fox" in stored_args:
-            assert fox_code == 0
+            assert fox_code == 0, fox_err
             assert json.loads(fox_out)["prompt"] == "a red fox"
             # the whale lost: refused as a conflict (2) or busy (75), never the fox's run
             assert whale_code in (2, 75), (whale_code, whale_err)
