@@ -260,10 +260,9 @@ def test_a_batch_run_submits_then_resume_collects_every_image_once(batch_run: Ba
     assert_every_image_once(batch_run)
 
 
-def test_kill_before_a_group_file_is_noted_then_resume(batch_run: BatchRun) -> None:
-    """Two groups: the first one's first call to the provider (looking for an upload a
-    killed process made) is held, so the second group's input file is neither written nor
-    noted when the process is killed; the first's is written but not uploaded."""
+def kill_while_the_first_group_looks_for_its_upload(batch_run: BatchRun) -> None:
+    """Run two groups of two; hold the first group's first call to the provider (looking
+    for an upload a killed process made), kill the run there, then let the fake go."""
     fake = batch_run.fake
     batch_run.batch_size = 2
     release = threading.Event()
@@ -274,6 +273,14 @@ def test_kill_before_a_group_file_is_noted_then_resume(batch_run: BatchRun) -> N
     finally:
         release.set()
     fake.wait_idle()
+
+
+def test_kill_before_a_group_file_is_noted_then_resume(batch_run: BatchRun) -> None:
+    """Two groups: the first one's first call to the provider (looking for an upload a
+    killed process made) is held, so the second group's input file is neither written nor
+    noted when the process is killed; the first's is written but not uploaded."""
+    fake = batch_run.fake
+    kill_while_the_first_group_looks_for_its_upload(batch_run)
     assert fake.uploads == []
     assert [p.name for p in (batch_run.out / ".batches").glob("*")] == ["br1.g0.jsonl"]
     batch_run.finish()
@@ -286,15 +293,7 @@ def test_a_file_half_written_by_a_killed_process_is_not_left_behind(batch_run: B
     it had written under a temporary name beside the file, and the step not noted: the
     resume writes the file again, and removes that half-written one."""
     fake = batch_run.fake
-    batch_run.batch_size = 2
-    release = threading.Event()
-    fake.add_fault(Fault.held(release), endpoint="file_list")
-    proc = batch_run.start(*batch_run.run_args())
-    try:
-        batch_run.kill_when(proc, lambda: fake.requests["file_list"] >= 1)
-    finally:
-        release.set()
-    fake.wait_idle()
+    kill_while_the_first_group_looks_for_its_upload(batch_run)
     # what a kill while group 1's file was being written leaves (write_input_file's
     # temporary name): its first line and a half
     written = (batch_run.out / ".batches" / "br1.g0.jsonl").read_bytes()
