@@ -292,7 +292,6 @@ def test_a_file_half_written_by_a_killed_process_is_not_left_behind(batch_run: B
     """A kill inside the file's write (which no request of the fake can hold) leaves what
     it had written under a temporary name beside the file, and the step not noted: the
     resume writes the file again, and removes that half-written one."""
-    fake = batch_run.fake
     kill_while_the_first_group_looks_for_its_upload(batch_run)
     # what a kill while group 1's file was being written leaves (write_input_file's
     # temporary name): its first line and a half
