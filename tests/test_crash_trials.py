@@ -82,7 +82,8 @@ def test_kill_trials_on_postgresql_find_no_lost_or_repeated_work(
     proc = trials(
         tmp_path,
         *("--trials", "4", "--jobs", "0", "--takeovers", "0", "--seed", "12"),
-        *("--beside", "1", "--file-takeovers", "0", "--caps", "0", "--db", postgres_url),
+        *("--beside", "1", "--file-takeovers", "0", "--caps", "0", "--batch", "0"),
+        *("--db", postgres_url),
     )
     assert proc.returncode == 0, proc.stderr
     line = summary(proc, "trials")
@@ -99,7 +100,7 @@ def test_a_stale_owner_continued_after_a_takeover_leaves_the_files_as_stored(
     proc = trials(
         tmp_path,
         *("--trials", "0", "--jobs", "0", "--takeovers", "0", "--seed", "13"),
-        *("--beside", "0", "--file-takeovers", "1", "--caps", "0"),
+        *("--beside", "0", "--file-takeovers", "1", "--caps", "0", "--batch", "0"),
     )
     line = summary(proc, "takeover-with-files trials")
     assert line.startswith("1/1 takeover-with-files trials ok"), proc.stderr

@@ -371,6 +371,11 @@ class BatchDriver:
         await ctx.settle_costs(costs)
         unfinished += [h for b, h in mine.items() if b not in seen]
         await ctx.settle_costs([(h, _NOTHING) for h in unfinished])
+        if info.input_file_id:
+            # its batch has ended: deleted before the group is noted as collected, so a
+            # kill in between leaves it for the next collection to delete, not for ever
+            with contextlib.suppress(ProviderError):
+                await self.client.delete_file(info.input_file_id)
         error = ErrorInfo("BatchUnfinished", _why(info), retryable=True)
         started_at = float(info.created_at or time.time())
         for handle in unfinished:  # written with the note below, in one transaction
@@ -384,9 +389,6 @@ class BatchDriver:
             "at": time.time(),
         }
         await ctx.note(group_key(group, "collected"), collected)
-        if info.input_file_id:
-            with contextlib.suppress(ProviderError):
-                await self.client.delete_file(info.input_file_id)  # its batch has ended
 
     # -- what the driver tells -----------------------------------------------------------
 
