@@ -367,7 +367,13 @@ def watch_run(url: str, run_id: str, reporter: Reporter, *, poll: float = 0.2) -
                 invocation = Invocation(time_scale=settings.time_scale())
                 with contextlib.suppress(LeaseHeld):
                     return await execute_here(
-                        store, root, invocation, reporter, resumed=True, submit=False
+                        store,
+                        root,
+                        invocation,
+                        reporter,
+                        resumed=True,
+                        submit=False,
+                        following=True,
                     )
                 return await _follow(store, root, reporter, resumed=False, poll=poll)
         except StoreMissing as missing:

@@ -456,6 +456,7 @@ async def execute_here(
     reopen: bool = False,
     follow: bool = True,
     submit: bool = True,
+    following: bool = False,
 ) -> RunOutcome:
     """The run itself, executed here by the core's run lifecycle (under the run's lease);
     once it has settled, its image folder is tidied while this process still holds it.
@@ -482,7 +483,8 @@ async def execute_here(
     deps = execution.deps if driver is None else dataclasses.replace(execution.deps, batches=driver)
 
     def started() -> None:
-        reporter.run_started(RunInfo(root.id, spec, resumed, execution.retry.max_attempts))
+        info = RunInfo(root.id, spec, resumed, execution.retry.max_attempts, following=following)
+        reporter.run_started(info)
 
     def tidy(branches: Sequence[BranchOutcome]) -> None:
         # every branch is settled and this process holds the run: finish what kills left

@@ -292,7 +292,8 @@ def board_renderable(
     parts: list[RenderableType] = []
     info = board.info
     if info is not None:
-        mode = "resume" if info.resumed else ("crash mode" if info.spec.crash else "run")
+        mode = "watch" if info.following else "resume" if info.resumed else "run"
+        mode = "crash mode" if mode == "run" and info.spec.crash else mode
         parts.append(
             Text.from_markup(
                 f"[bold]{escape(escape_control(info.id))}[/]  "
@@ -485,7 +486,7 @@ class PlainReporter:
             self._say(line)
 
     def run_started(self, info: RunInfo) -> None:
-        what = "Resuming" if info.resumed else "Started"
+        what = "Following" if info.following else "Resuming" if info.resumed else "Started"
         self._say(f"{what} run {info.id}: {quoted(info.spec.prompt)}")
         self._say(f"If interrupted, resume with: imagepipe resume {info.id}")
 

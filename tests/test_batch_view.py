@@ -190,6 +190,7 @@ def test_the_live_table_draws_the_runs_batches_with_it(
     # the last frame the live view drew (from its header on) has the batch's line in it
     frame = screen[screen.rindex("t1  'a lighthouse'") :]
     assert f"Batch {batch} (6 requests): completed, 6 done" in frame.split("style")[0]
+    assert frame.startswith("t1  'a lighthouse'  watch · "), frame[:80]  # not "resume"
 
 
 def _dump(db: Path) -> list[str]:

@@ -22,6 +22,8 @@ class RunInfo:
     spec: RunSpec
     resumed: bool
     max_attempts: int
+    #: ``watch`` follows a run another command started (it collects its batches)
+    following: bool = False
 
 
 class Reporter(Protocol):
