@@ -122,6 +122,18 @@ class BatchRun:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
 
+    def kill_while_held(self, endpoint: str, *args: str) -> None:
+        """Run ``imagepipe *args`` with the fake holding its first request to ``endpoint``,
+        SIGKILL it there, then let the fake finish what it holds."""
+        release = threading.Event()
+        self.fake.add_fault(Fault.held(release), endpoint=endpoint)
+        proc = self.start(*args)
+        try:
+            self.kill_when(proc, lambda: self.fake.requests[endpoint] >= 1)
+        finally:
+            release.set()
+        self.fake.wait_idle()
+
     def finish(self) -> subprocess.CompletedProcess[str]:
         """Resume until done, every batch ending at once: those made so far (the clock
         moved past them) and those the resume makes (no time spent in any phase)."""
@@ -263,16 +275,8 @@ def test_a_batch_run_submits_then_resume_collects_every_image_once(batch_run: Ba
 def kill_while_the_first_group_looks_for_its_upload(batch_run: BatchRun) -> None:
     """Run two groups of two; hold the first group's first call to the provider (looking
     for an upload a killed process made), kill the run there, then let the fake go."""
-    fake = batch_run.fake
     batch_run.batch_size = 2
-    release = threading.Event()
-    fake.add_fault(Fault.held(release), endpoint="file_list")
-    proc = batch_run.start(*batch_run.run_args())
-    try:
-        batch_run.kill_when(proc, lambda: fake.requests["file_list"] >= 1)
-    finally:
-        release.set()
-    fake.wait_idle()
+    batch_run.kill_while_held("file_list", *batch_run.run_args())
 
 
 def test_kill_before_a_group_file_is_noted_then_resume(batch_run: BatchRun) -> None:
@@ -308,14 +312,7 @@ def test_kill_while_the_upload_is_held_then_resume(batch_run: BatchRun) -> None:
     process is killed. Released, the fake stores it (as a provider finishes a request
     whose client went away): the resume finds it and uploads nothing again."""
     fake = batch_run.fake
-    release = threading.Event()
-    fake.add_fault(Fault.held(release), endpoint="upload")
-    proc = batch_run.start(*batch_run.run_args())
-    try:
-        batch_run.kill_when(proc, lambda: fake.requests["upload"] >= 1)
-    finally:
-        release.set()
-    fake.wait_idle()
+    batch_run.kill_while_held("upload", *batch_run.run_args())
     batch_run.finish()
     assert len(fake.uploads) == 1
     assert_every_image_once(batch_run)
@@ -400,14 +397,7 @@ def test_resume_no_batch_refuses_while_a_batch_a_killed_process_created_may_run(
 def test_kill_while_polling_then_resume(batch_run: BatchRun) -> None:
     fake = batch_run.fake
     batch_run.submit()
-    release = threading.Event()
-    fake.add_fault(Fault.held(release), endpoint="batch_get")
-    proc = batch_run.start("resume", batch_run.run_id)
-    try:
-        batch_run.kill_when(proc, lambda: fake.requests["batch_get"] >= 1)
-    finally:
-        release.set()
-    fake.wait_idle()
+    batch_run.kill_while_held("batch_get", "resume", batch_run.run_id)
     assert resolved_count(batch_run) == 0
     batch_run.finish()
     assert len(fake.created) == 1
