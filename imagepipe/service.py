@@ -11,7 +11,6 @@ a URL (a plain path is a SQLite file). What the commands share with :mod:`imagep
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from imagepipe.batches.setup import BATCH, check_same_way
 from imagepipe.budget import MICRO_USD, caps_of
@@ -75,11 +74,10 @@ def start_run(
     spec.validate()
     invocation.validate()
     if invocation.batch:  # before the key is checked: a provider without one says so
-        from imagepipe.batches.setup import check_batchable
+        from imagepipe.batches.setup import check_spec_batchable
         from imagepipe.dryrun import spec_for_dry_run  # its options, without the key check
 
-        options = _built_options(spec_for_dry_run(spec, invocation), invocation)
-        check_batchable(spec.provider, options, spec.branch_count)
+        check_spec_batchable(spec_for_dry_run(spec, invocation), invocation)
     spec = with_provider(spec, invocation)
     caps = checked_caps(spec, invocation)
 
@@ -247,13 +245,3 @@ async def _execute_stored(
     return await execute_here(
         store, root, invocation, reporter, resumed=resumed, reopen=reopen, follow=follow
     )
-
-
-def _built_options(spec: RunSpec, invocation: Invocation) -> Any:
-    """The provider options of ``spec`` as this invocation would build them."""
-    from imagepipe.providers.options import build_options
-    from imagepipe.providers.registry import get_provider_class
-
-    provider_class = get_provider_class(spec.provider)
-    pairs = [(k, str(v)) for k, v in spec.options.items()] + list(invocation.option_pairs)
-    return build_options(provider_class.Options, spec.provider, pairs)

@@ -19,16 +19,23 @@ from imagepipe import settings
 from imagepipe.durable import PromiseRecord
 from imagepipe.errors import BadInput
 from imagepipe.providers.contract import ProviderSettings
-from imagepipe.providers.options import ProviderOptions
-from imagepipe.providers.registry import batch_refusal, get_batch_class
+from imagepipe.providers.options import ProviderOptions, build_options
+from imagepipe.providers.registry import batch_refusal, get_batch_class, get_provider_class
 from imagepipe.runs.batches import RunBatches
-from imagepipe.runs.model import Invocation
+from imagepipe.runs.model import Invocation, RunSpec
 from imagepipe.text import quoted
 
 if TYPE_CHECKING:
     from imagepipe.batches.driver import BatchDriver, OneByOne, Reserve
 
-__all__ = ["BATCH", "batch_mode_of", "check_batchable", "check_same_way", "driver_for"]
+__all__ = [
+    "BATCH",
+    "batch_mode_of",
+    "check_batchable",
+    "check_same_way",
+    "check_spec_batchable",
+    "driver_for",
+]
 
 #: the root option that says a run's own way is through batches
 BATCH = "batch"
@@ -74,6 +81,15 @@ def check_same_way(run_id: str, root_options: Mapping[str, Any], invocation: Inv
             f"--batch: run {quoted(run_id)} was not started with --batch, and a run keeps "
             "the way it started: resume it without --batch, or start a new run with --batch"
         )
+
+
+def check_spec_batchable(spec: RunSpec, invocation: Invocation) -> None:
+    """:func:`check_batchable` for the run ``spec`` describes, as ``run --batch`` (and its
+    ``--dry-run``) would make it: its identity options with this invocation's ``-o``."""
+    provider_class = get_provider_class(spec.provider)
+    pairs = [(k, str(v)) for k, v in spec.options.items()] + list(invocation.option_pairs)
+    options = build_options(provider_class.Options, spec.provider, pairs)
+    check_batchable(spec.provider, options, spec.branch_count)
 
 
 def driver_for(

@@ -373,13 +373,9 @@ def print_dry_run(
     invocation.validate()
     spec = spec_for_dry_run(spec, invocation)
     if invocation.batch:  # refused as run refuses it: no batch mode, too many batches
-        from imagepipe.batches.setup import check_batchable
-        from imagepipe.providers.options import build_options
-        from imagepipe.providers.registry import get_provider_class
+        from imagepipe.batches.setup import check_spec_batchable
 
-        pairs = [(k, str(v)) for k, v in spec.options.items()] + list(invocation.option_pairs)
-        options = build_options(get_provider_class(spec.provider).Options, spec.provider, pairs)
-        check_batchable(spec.provider, options, spec.branch_count)
+        check_spec_batchable(spec, invocation)
     caps_of(invocation).check_priced(spec.provider, spec.options, prices)  # as run refuses it
     plan = plan_run(run_id, spec, invocation, prices)
     if json_out:
