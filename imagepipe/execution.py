@@ -439,11 +439,16 @@ def image_dir(path: str | Path) -> Path:
 async def stored_outcome(store: Store, root: PromiseRecord) -> RunOutcome:
     """A run that nothing executed in this invocation, as stored (with its batches)."""
     branches = StoredBranches(await ChildColumns.collect(store.where, store.child_rows(root.id)))
-    outcome = run_outcome(root, branches, wall_ms=0, executed=False)
-    if root.options.get(BATCH) is True:
-        batches = RunBatches.from_notes(await store.notes(root.id))
-        outcome = dataclasses.replace(outcome, batches=batches)
-    return outcome
+    return await _with_batches(store, root, run_outcome(root, branches, wall_ms=0, executed=False))
+
+
+async def _with_batches(store: Store, root: PromiseRecord, outcome: RunOutcome) -> RunOutcome:
+    """``outcome`` with the run's batches (read from its notes) if it was sent in batches:
+    reported with them, and estimated at their price."""
+    if root.options.get(BATCH) is not True:
+        return outcome
+    batches = RunBatches.from_notes(await store.notes(root.id))
+    return dataclasses.replace(outcome, batches=batches)
 
 
 async def execute_here(
@@ -524,7 +529,4 @@ async def execute_here(
     wall_ms = round((time.perf_counter() - begun) * 1000)
     branches = LaunchedBranches(executed.branches)
     outcome = run_outcome(executed.root, branches, wall_ms=wall_ms, executed=True)
-    if root.options.get(BATCH) is True:  # reported with its batches, estimated at their price
-        batches = RunBatches.from_notes(await store.notes(root.id))
-        outcome = dataclasses.replace(outcome, batches=batches)
-    return outcome
+    return await _with_batches(store, root, outcome)
